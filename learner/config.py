@@ -1,0 +1,196 @@
+"""The run config: a typed schema (every field says what it is), YAML files and dotted `key=value` overrides.
+
+Unknown keys and wrong types are rejected with a message naming the key; nothing runs on a config it cannot read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from proxmodel.config import ModelConfig, Strict
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; the message names the key and the fix."""
+
+
+class DataConfig(Strict):
+    kind: Literal["scenes"] = Field("scenes", description="scenes: the built-in synthetic captioned scenes")
+    seed: int = Field(0, description="seed of the scene stream (scene i is a pure function of (seed, i))")
+    omit_prob: float = Field(0.3, ge=0, le=1, description="chance a caption leaves out a size/position/background")
+
+
+class PretrainConfig(Strict):
+    iterations: int = Field(2000, ge=1, description="optimiser steps")
+    batch_size: int = Field(32, ge=1, description="images per step (per learner rank)")
+    lr: float = Field(5e-4, gt=0, description="AdamW learning rate (linear warm-up, then constant)")
+    warmup: int = Field(100, ge=0, description="learning-rate warm-up steps")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, gt=0, description="gradient-norm clipping")
+    step_candidates: list[int] = Field(
+        [5, 10], min_length=1, description="sampler step counts N whose (t, lam) pairs are trained (weights N^1/3)"
+    )
+    l1_warmup_frac: float = Field(0.33, ge=0, lt=1, description="fraction of training with the L1 loss")
+    zeta0: float = Field(1.0, gt=0, description="proximal-matching zeta of the first stage; the second uses zeta0/2")
+    log_every: int = Field(10, ge=1, description="log losses to MLflow every this many steps")
+    sample_steps: int = Field(5, ge=1, description="sampler steps for the final sample grid")
+
+
+class GrpoConfig(Strict):
+    iterations: int = Field(30, ge=1, description="rollout + update iterations")
+    prompts_per_iteration: int = Field(8, ge=1, description="prompts P drawn per iteration")
+    group_size: int = Field(8, ge=2, description="images G sampled per prompt (the group of the advantage)")
+    steps: int = Field(5, ge=2, description="hybrid-sampler steps N (a trajectory has N-1 policy log-probs)")
+    eta: float = Field(1.0, gt=0, description="noise scale of the stochastic sampler (1 = the method)")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, gt=0, description="gradient-norm clipping")
+    clip_range: float = Field(
+        1e-3, gt=0, description="PPO clip range of the policy ratio (log-probs are MEANS over dimensions)"
+    )
+    adv_eps: float = Field(1e-4, gt=0, description="added to the group std when normalising advantages")
+    prompt_seed: int = Field(1, description="seed of the training prompt stream (scene captions)")
+    eval_prompts: int = Field(8, ge=1, description="held-out prompts for the final sample grid")
+
+
+class RewardSpec(Strict):
+    name: str = Field(description="a registered reward (see rewards.available())")
+    weight: float = Field(1.0, description="weight in the summed reward")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the reward's constructor")
+
+
+class ActorResources(Strict):
+    count: int = Field(1, ge=1, description="how many actors of this kind")
+    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per actor")
+    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs per actor (fractions allowed)")
+
+
+class RewardActorConfig(ActorResources):
+    batch_size: int = Field(64, ge=1, description="images scored per reward-model call")
+    timeout_s: float = Field(120.0, gt=0, description="a scoring call slower than this is retried elsewhere")
+    retries: int = Field(2, ge=0, description="extra attempts on other reward actors after a failure")
+
+
+class ActorsConfig(Strict):
+    rollout: ActorResources = Field(default_factory=ActorResources)
+    reward: RewardActorConfig = Field(default_factory=lambda: RewardActorConfig(num_cpus=0.5))
+    learner: ActorResources = Field(default_factory=ActorResources)
+    torch_threads: int = Field(0, ge=0, description="torch threads in each actor; 0 = all cores of the machine")
+
+
+class DeepSpeedConfig(Strict):
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage of the learner")
+    bf16: bool = Field(False, description="bf16 mixed precision in the learner (log-probs stay float32)")
+
+
+class RedisConfig(Strict):
+    url: Optional[str] = Field(
+        None, description="redis://host:port/db of a Redis server; null = an embedded one on a private unix socket"
+    )
+    password_env: str = Field("PROXRL_REDIS_PASSWORD", description="environment variable holding the password")
+
+
+class RayConfig(Strict):
+    address: Optional[str] = Field(None, description="a Ray cluster to join; null = RAY_ADDRESS or a local Ray")
+
+
+class MlflowConfig(Strict):
+    tracking_uri: Optional[str] = Field(
+        None, description="MLflow store; null = MLFLOW_TRACKING_URI or sqlite:///mlflow.db in the working directory"
+    )
+    experiment: str = Field("proxrl", description="MLflow experiment name")
+
+
+class RunConfig(Strict):
+    seed: int = Field(0, description="global seed (model init, noise, prompts)")
+    run_dir: Optional[str] = Field(None, description="the run's directory; null = runs/<mode>-<time>")
+    init_from: Optional[str] = Field(
+        None,
+        description="checkpoint folder to start from ('builtin:NAME' = shipped with ProxRL); "
+        "null = from scratch (pretrain) or builtin:scenes-base (grpo). Its config.json sets the architecture.",
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
+    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="compositional")], min_length=1)
+    actors: ActorsConfig = Field(default_factory=ActorsConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    @model_validator(mode="after")
+    def _check_rewards(self) -> "RunConfig":
+        from rewards import available
+
+        names = [r.name for r in self.rewards]
+        unknown = sorted(set(names) - set(available()))
+        if unknown:
+            raise ValueError(f"unknown reward(s) {unknown}; registered rewards are {available()}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"a reward is listed twice in rewards: {names}")
+        return self
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"command-line argument {item!r} is not a key=value override (e.g. grpo.iterations=5).")
+    key, raw = item.split("=", 1)
+    if not key:
+        raise ConfigError(f"override {item!r} has no key; write it as section.key=value.")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else None
+
+
+def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
+    """Read `path` (default: the embedded default), apply dotted overrides, validate."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist. Pass an existing YAML file with --config, e.g. configs/smoke.yaml.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid UTF-8 YAML ({e}). Fix the file and run again.") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values at the top level.")
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for depth, k in enumerate(keys[:-1]):
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {item!r}: {'.'.join(keys[: depth + 1])} is a value, not a section, so it has no key "
+                    f"{keys[depth + 1]!r}. Check the key against {path}."
+                )
+            node = child
+        node[keys[-1]] = value
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_explain(e, path)) from None
+
+
+def _explain(error: ValidationError, path: Path) -> str:
+    lines = []
+    for err in error.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{key}': no such setting exists. Remove it or fix its spelling.")
+        else:
+            lines.append(f"config key '{key}': {err['msg']} (got {err.get('input')!r}).")
+    return (
+        f"The config ({path} plus command-line overrides) is invalid: " + " ".join(lines)
+        + " Every valid key and its meaning is in learner/config.py and configs/default.yaml."
+    )
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,81 @@
+"""The DeepSpeed engine every mode trains through: process-group setup, ZeRO config, full weights out.
+
+Device-agnostic: on a machine without CUDA it selects DeepSpeed's CPU accelerator and the gloo backend; with GPUs
+it uses nccl. The client optimizer is plain torch AdamW, which needs no compiled op.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Callable, Optional
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402  (DS_ACCELERATOR must be set before the import)
+import torch.distributed as dist  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def init_distributed(rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1", master_port: Optional[int] = None) -> None:
+    """Join (or create) the process group; a no-op if this process already has one."""
+    if dist.is_available() and dist.is_initialized():
+        return
+    os.environ.update(
+        MASTER_ADDR=master_addr,
+        MASTER_PORT=str(master_port or free_port()),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank if world_size == 1 else int(os.environ.get("LOCAL_RANK", rank))),
+        WORLD_SIZE=str(world_size),
+    )
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+
+
+def build_engine(
+    model: torch.nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    grad_clip: float,
+    zero_stage: int,
+    bf16: bool,
+    grad_accum: int = 1,
+    micro_batch: int = 1,
+    lr_lambda: Optional[Callable[[int], float]] = None,
+):
+    """A DeepSpeed engine around `model` with AdamW; the lr follows `lr_lambda(step)` (x lr) if given."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda) if lr_lambda else None
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    return engine
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The full fp32 weights on CPU, gathered once from ZeRO-3 shards if need be."""
+    module = engine.module
+    if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}

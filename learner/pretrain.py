@@ -1,0 +1,74 @@
+"""Pretraining mode: the learner's DeepSpeed engine with the proximal-matching loss on captioned images."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from learner.config import RunConfig
+from learner.engine import build_engine, device, init_distributed
+from learner.evaluation import evaluate, save_grid
+from learner.tracking import Tracker
+from proxmodel.losses import LossSchedule, make_training_pairs
+from proxmodel.model import ProxT2I, load_model, save_model
+from proxmodel.schedule import VPSchedule
+from rewards import build as build_reward
+from rewards.scenes import scene_batch, scene_prompts
+
+EVAL_SEED_OFFSET = 10_000_000  # held-out scenes/prompts start here in every scene stream
+
+
+def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path | None) -> dict:
+    pc = cfg.pretrain
+    torch.manual_seed(cfg.seed)
+    init_distributed()
+    model = load_model(init_from) if init_from else ProxT2I(cfg.model)
+    mc = model.cfg
+    engine = build_engine(
+        model, lr=pc.lr, weight_decay=pc.weight_decay, grad_clip=pc.grad_clip,
+        zero_stage=cfg.deepspeed.zero_stage, bf16=cfg.deepspeed.bf16, micro_batch=pc.batch_size,
+        lr_lambda=lambda s: min(1.0, (s + 1) / max(1, pc.warmup)),
+    )
+    dev = device()
+    schedule = VPSchedule()
+    losses = LossSchedule(pc.iterations, pc.l1_warmup_frac, pc.zeta0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start, loss_value = time.time(), float("nan")
+    bar = tqdm(range(pc.iterations), desc="pretrain", unit="step", dynamic_ncols=True)
+    for step in bar:
+        images, captions = scene_batch(cfg.data.seed, step * pc.batch_size, pc.batch_size, mc.image_size, cfg.data.omit_prob)
+        x0 = torch.from_numpy(images).to(dev) * 2.0 - 1.0
+        y, t, lam, xi = make_training_pairs(x0, schedule, pc.step_candidates, gen)
+        eps = engine(y, t, lam, tokens=model.tokenize(captions, dev))
+        loss = losses.loss(step, eps, xi)
+        engine.backward(loss)
+        engine.step()
+        loss_value = loss.item()
+        if step % pc.log_every == 0 or step == pc.iterations - 1:
+            kind, zeta = losses.stage(step)
+            elapsed = time.time() - start
+            tracker.metrics(
+                {f"loss_{kind}": loss_value, "loss": loss_value, "zeta": zeta, "lr": engine.get_lr()[0],
+                 "samples_per_s": (step + 1) * pc.batch_size / elapsed},
+                step=step,
+            )
+            bar.set_postfix(loss=f"{loss_value:.4f}", stage=kind)
+    wall = time.time() - start
+    checkpoint = save_model(engine.module, run_dir / "checkpoint")
+
+    prompts = scene_prompts(cfg.data.seed, EVAL_SEED_OFFSET, 16, cfg.data.omit_prob)
+    rewards = {r.name: build_reward(r.name, **r.options) for r in cfg.rewards}
+    images, scores = evaluate(engine.module, prompts, pc.sample_steps, cfg.seed, rewards)
+    tracker.image(save_grid(images, run_dir / "samples.png"), "samples.png")
+    tracker.metrics({f"eval_reward_{k}": v for k, v in scores.items()}, step=pc.iterations)
+    return {
+        "iterations": pc.iterations,
+        "wall_time_s": wall,
+        "samples_per_s": pc.iterations * pc.batch_size / wall,
+        "checkpoint": str(checkpoint.resolve()),
+        "loss_final": loss_value,
+        "eval_reward": scores,
+    }

@@ -1,0 +1,34 @@
+"""The model's own typed config: what `config.json` beside a checkpoint holds (architecture only)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys and wrong types are errors, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TextConfig(Strict):
+    max_length: int = Field(32, ge=4, description="tokens per caption (CLIP BPE, incl. start/end tokens)")
+    width: int = Field(64, ge=8, description="hidden size of the trainable text transformer")
+    layers: int = Field(2, ge=1, description="transformer layers")
+    heads: int = Field(4, ge=1, description="attention heads")
+
+
+class ModelConfig(Strict):
+    kind: Literal["prox"] = Field("prox", description="prox: a learned conditional proximal operator")
+    image_size: int = Field(32, ge=8, description="side of the square images, in pixels")
+    channels: int = Field(3, ge=1, description="image channels")
+    base_channels: int = Field(32, ge=8, description="U-Net channels at the top level")
+    channel_mults: list[int] = Field([1, 2, 2], min_length=1, description="channel multiplier per U-Net level")
+    layers_per_block: int = Field(1, ge=1, description="ResNet blocks per U-Net level")
+    attention_levels: list[int] = Field(
+        [2], description="U-Net levels (0 = top) with text cross-attention; others are plain ResNet blocks"
+    )
+    attention_head_dim: int = Field(16, ge=4, description="channels per attention head")
+    text: TextConfig = Field(default_factory=TextConfig)

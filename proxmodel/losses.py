@@ -1,0 +1,62 @@
+"""Proximal matching (method.md sec. 4): the loss whose minimiser tends to the MAP denoiser, i.e. the prox."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from proxmodel.schedule import VPSchedule, sample_train_pairs
+
+
+def proximal_matching_loss(pred: torch.Tensor, target: torch.Tensor, zeta: float) -> torch.Tensor:
+    """mean_i [1 - exp(-||a_i - b_i||^2 / (d zeta^2))], d the data dimension of one sample."""
+    mse = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    return (1.0 - torch.exp(-mse / (zeta * zeta))).mean()
+
+
+def l1_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (pred.float() - target.float()).abs().mean()
+
+
+@dataclass(frozen=True)
+class LossSchedule:
+    """L1 warm-up for `l1_frac` of training, then proximal matching with zeta0, then zeta0/2 (equal halves)."""
+
+    total_steps: int
+    l1_frac: float
+    zeta0: float
+
+    def stage(self, step: int) -> tuple[str, float]:
+        """('l1', 0) or ('pm', zeta) at optimiser step `step` (0-based)."""
+        warm = int(self.l1_frac * self.total_steps)
+        if step < warm:
+            return "l1", 0.0
+        half = warm + (self.total_steps - warm) // 2
+        return "pm", self.zeta0 if step < half else self.zeta0 / 2
+
+    def loss(self, step: int, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        kind, zeta = self.stage(step)
+        return l1_loss(pred, target) if kind == "l1" else proximal_matching_loss(pred, target, zeta)
+
+
+def make_training_pairs(
+    x0: torch.Tensor,
+    schedule: VPSchedule,
+    step_candidates: list[int],
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, t, lam, xi) with x_t = sqrt(alpha_t) x0 + sqrt(1 - alpha_t) xi', y = x_t + sqrt(lam) xi.
+
+    The prox target is x_t; under prox = y - sqrt(lam) eps the regression target of eps is xi.
+    """
+    b = x0.shape[0]
+    t, lam = sample_train_pairs(schedule, step_candidates, b, generator)
+    t, lam = t.to(x0.device), lam.to(x0.device)
+    view = (-1,) + (1,) * (x0.dim() - 1)
+    alpha = schedule.alpha(t).view(view)
+    xi_t = torch.randn(x0.shape, generator=generator).to(x0.device)
+    xi = torch.randn(x0.shape, generator=generator).to(x0.device)
+    x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * xi_t
+    y = x_t + lam.sqrt().view(view) * xi
+    return y, t, lam, xi

@@ -1,0 +1,157 @@
+"""The conditional proximal operator prox_theta(y; t, lam, c) = y - sqrt(lam) eps_theta(y; t, lam, c).
+
+Backbone: diffusers' UNet2DConditionModel with text cross-attention, the sinusoidal embedding of t in its time slot
+and that of lam in its class-embedding slot, concatenated (`class_embeddings_concat`), each scaled x1000 as in
+ProxDM. Text: open_clip's CLIP BPE tokenizer (its vocabulary ships with the package) and a small trainable CLIP text
+transformer (transformers' CLIPTextModel, the same class a pretrained CLIP text encoder loads into).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from proxmodel.config import ModelConfig
+
+EMBED_SCALE = 1000.0  # t and lam are embedded as sinusoids of 1000 t and 1000 lam (ProxDM)
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class CaptionTokenizer:
+    """CLIP BPE tokens of fixed length (open_clip's tokenizer; its BPE vocabulary ships inside the package)."""
+
+    def __init__(self, max_length: int):
+        from open_clip.tokenizer import SimpleTokenizer
+
+        self.max_length = max_length
+        self._tok = SimpleTokenizer(context_length=max_length)
+        self.vocab_size = len(self._tok.encoder)
+
+    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
+        return self._tok(list(captions), context_length=self.max_length)
+
+
+class ProxT2I(nn.Module):
+    """eps_theta(y; t, lam, c), and the prox built from it."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = CaptionTokenizer(cfg.text.max_length)
+        tc = cfg.text
+        self.text = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=self.tokenizer.vocab_size,
+                hidden_size=tc.width,
+                intermediate_size=4 * tc.width,
+                num_hidden_layers=tc.layers,
+                num_attention_heads=tc.heads,
+                max_position_embeddings=tc.max_length,
+                projection_dim=tc.width,
+            )
+        )
+        channels = [cfg.base_channels * m for m in cfg.channel_mults]
+        levels = range(len(channels))
+        attn = set(cfg.attention_levels)
+        down = [("CrossAttnDownBlock2D" if i in attn else "DownBlock2D") for i in levels]
+        up = [("CrossAttnUpBlock2D" if i in attn else "UpBlock2D") for i in reversed(levels)]
+        # diffusers' `attention_head_dim` argument of this class is, for historical reasons, the number of heads.
+        heads = [max(1, c // cfg.attention_head_dim) for c in channels]
+        self.unet = UNet2DConditionModel(
+            sample_size=cfg.image_size,
+            in_channels=cfg.channels,
+            out_channels=cfg.channels,
+            down_block_types=tuple(down),
+            up_block_types=tuple(up),
+            mid_block_type="UNetMidBlock2DCrossAttn" if attn else None,
+            block_out_channels=tuple(channels),
+            layers_per_block=cfg.layers_per_block,
+            norm_num_groups=min(8, cfg.base_channels),
+            cross_attention_dim=tc.width,
+            attention_head_dim=tuple(heads),
+            class_embed_type="timestep",
+            class_embeddings_concat=True,
+        )
+
+    def tokenize(self, captions: Sequence[str], device: torch.device | str = "cpu") -> torch.Tensor:
+        return self.tokenizer(captions).to(device)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-token text features [B, L, width] for cross-attention."""
+        return self.text(input_ids=tokens).last_hidden_state
+
+    def forward(
+        self,
+        y: torch.Tensor,
+        t: torch.Tensor,
+        lam: torch.Tensor,
+        tokens: Optional[torch.Tensor] = None,
+        context: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """eps_theta(y; t, lam, c). Give either caption `tokens` or their precomputed `context`."""
+        if context is None:
+            context = self.encode_text(tokens)
+        # Input preconditioning (a design choice): y = x_t + sqrt(lam) xi has variance about 1 + lam.
+        scale = torch.rsqrt(1.0 + lam).view(-1, *([1] * (y.dim() - 1)))
+        out = self.unet(
+            y * scale,
+            t * EMBED_SCALE,
+            encoder_hidden_states=context,
+            class_labels=lam * EMBED_SCALE,
+            return_dict=False,
+        )
+        return out[0]
+
+
+def prox_fn(model: nn.Module, **condition):
+    """prox(y, t, lam) = y - sqrt(lam) eps for a fixed caption condition (`tokens=` or `context=`).
+
+    `model` is a ProxT2I or anything that forwards like one, e.g. the DeepSpeed engine wrapping it.
+    """
+
+    def prox(y: torch.Tensor, t: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        eps = model(y, t, lam, **condition)
+        return y - lam.sqrt().view(-1, *([1] * (y.dim() - 1))) * eps
+
+    return prox
+
+
+def save_model(model: ProxT2I, directory: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write `model.safetensors` + `config.json` to `directory` (created if needed)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "proxrl"})
+    (directory / CONFIG_FILE).write_text(json.dumps(model.cfg.model_dump(), indent=2) + "\n")
+    return directory
+
+
+def load_model(directory: str | Path) -> ProxT2I:
+    """Build a ProxT2I from `config.json` and load `model.safetensors` (weights only, no pickle)."""
+    directory = Path(directory)
+    cfg_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    for p in (cfg_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"checkpoint {directory} has no {p.name}. A ProxRL checkpoint is a folder with {CONFIG_FILE} and "
+                f"{WEIGHTS_FILE}, as written by `python -m learner.main --mode pretrain` (its summary.json names it)."
+            )
+    try:
+        cfg = ModelConfig.model_validate_json(cfg_path.read_text())
+        model = ProxT2I(cfg)
+        state = load_file(str(weights_path))
+    except Exception as e:  # corrupt or foreign files: say which and what to do
+        raise ValueError(
+            f"checkpoint {directory} could not be read ({type(e).__name__}: {e}). Re-export it with "
+            f"`python -m learner.main --mode pretrain` or point init_from at another checkpoint folder."
+        ) from e
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model

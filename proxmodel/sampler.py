@@ -1,0 +1,137 @@
+"""The proximal HYBRID sampler and its policy view (method.md sec. 2 and 3).
+
+One step function, `hybrid_step`, is shared by evaluation, rollouts and the learner's log-prob recomputation,
+so the three can never disagree. A trajectory is described by its auxiliary (pre-prox) states y_N..y_1:
+
+    y_N     = (1 + gamma_N / 2) x_N + sqrt(gamma_N) z_N,            x_N ~ N(0, I)   (independent of theta)
+    x_{k-1} = prox_theta(y_k; t_{k-1}, lam = gamma_k, c)
+    y_{k-1} = (1 + gamma_{k-1} / 2) x_{k-1} + eta sqrt(gamma_{k-1}) z_{k-1}           (the policy's action)
+    x_0     = prox_theta(y_1; 0, gamma_1, c)                                          (deterministic given y_1)
+
+so pi_theta(y_{k-1} | y_k, c) = N((1 + gamma_{k-1}/2) prox_theta(y_k; ...), eta^2 gamma_{k-1} I). eta = 1 is the
+method; eta = 0 is the deterministic sampler. Log-probs are computed in float32 and REDUCED BY THE MEAN over data
+dimensions (as Flow-GRPO does), so a clip range for the policy ratio must be small (about 1e-4..1e-2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from proxmodel.schedule import StepGrid
+
+# prox(y, t, lam) -> x: t and lam are float tensors of shape [B].
+ProxFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class StepOutput:
+    x: torch.Tensor  # prox output x_{k-1}
+    y: Optional[torch.Tensor]  # next auxiliary state y_{k-1} (None after the last step)
+    log_prob: Optional[torch.Tensor]  # [B] mean-over-dims log pi(y_{k-1} | y_k), float32 (None if deterministic/last)
+    mean: Optional[torch.Tensor]  # policy mean of y_{k-1}
+
+
+def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, var: float) -> torch.Tensor:
+    """Per-sample log N(value; mean, var I), averaged over all non-batch dimensions, in float32."""
+    diff = value.float() - mean.float()
+    per_dim = -(diff * diff) / (2.0 * var) - 0.5 * math.log(2.0 * math.pi * var)
+    return per_dim.flatten(1).mean(dim=1)
+
+
+def hybrid_step(
+    prox: ProxFn,
+    y: torch.Tensor,
+    grid: StepGrid,
+    k: int,
+    *,
+    eta: float = 1.0,
+    noise: Optional[torch.Tensor] = None,
+    y_next: Optional[torch.Tensor] = None,
+) -> StepOutput:
+    """Step k (N..1) of the hybrid sampler, from y_k.
+
+    Either draws y_{k-1} with `noise` (z_{k-1}; zero/None with eta=0 gives the deterministic sampler) or, when
+    `y_next` is given, scores that recorded action under the current prox (the learner's recomputation).
+    """
+    batch = y.shape[0]
+    t_prev = torch.full((batch,), grid.t_at(k - 1), dtype=torch.float32, device=y.device)
+    lam = torch.full((batch,), grid.gamma_at(k), dtype=torch.float32, device=y.device)
+    x = prox(y, t_prev, lam)
+    if k == 1:
+        return StepOutput(x=x, y=None, log_prob=None, mean=None)
+    gamma_prev = grid.gamma_at(k - 1)
+    mean = (1.0 + gamma_prev / 2.0) * x
+    if y_next is None:
+        if eta == 0.0:
+            return StepOutput(x=x, y=mean, log_prob=None, mean=mean)
+        if noise is None:
+            raise ValueError("a stochastic step needs its noise z_{k-1}; pass noise= or eta=0")
+        y_next = mean + eta * math.sqrt(gamma_prev) * noise
+    if eta == 0.0:
+        raise ValueError("a recorded action has no density under the deterministic sampler (eta=0)")
+    log_prob = gaussian_log_prob(y_next, mean, eta * eta * gamma_prev)
+    return StepOutput(x=x, y=y_next, log_prob=log_prob, mean=mean)
+
+
+def initial_state(x_n: torch.Tensor, z_n: torch.Tensor, grid: StepGrid, eta: float = 1.0) -> torch.Tensor:
+    """y_N from x_N ~ N(0, I): the first forward half-step, independent of theta."""
+    gamma_n = grid.gamma_at(grid.steps)
+    return (1.0 + gamma_n / 2.0) * x_n + eta * math.sqrt(gamma_n) * z_n
+
+
+@dataclass
+class Trajectory:
+    """What the policy did: auxiliary states y_N..y_1 ([B, N, ...], index 0 is y_N), images x_0, log-probs."""
+
+    states: torch.Tensor
+    images: torch.Tensor
+    log_probs: Optional[torch.Tensor]  # [B, N-1]: log pi(y_{k-1} | y_k) for k = N..2; None if deterministic
+
+
+@torch.no_grad()
+def sample_hybrid(
+    prox: ProxFn,
+    shape: tuple[int, ...],
+    grid: StepGrid,
+    *,
+    eta: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    device: torch.device | str = "cpu",
+) -> Trajectory:
+    """Run the hybrid sampler for len(grid) steps from x_N ~ N(0, I), recording the trajectory."""
+    n = grid.steps
+
+    def draw() -> torch.Tensor:
+        return torch.randn(shape, generator=generator, device=device)
+
+    y = initial_state(draw(), draw(), grid, eta)
+    states, log_probs = [y], []
+    for k in range(n, 0, -1):
+        noise = draw() if (k > 1 and eta != 0.0) else None
+        out = hybrid_step(prox, y, grid, k, eta=eta, noise=noise)
+        if k == 1:
+            images = out.x
+        else:
+            y = out.y
+            states.append(y)
+            if out.log_prob is not None:
+                log_probs.append(out.log_prob)
+    return Trajectory(
+        states=torch.stack(states, dim=1),
+        images=images,
+        log_probs=torch.stack(log_probs, dim=1) if log_probs else None,
+    )
+
+
+def trajectory_log_probs(prox: ProxFn, states: torch.Tensor, grid: StepGrid, eta: float = 1.0) -> torch.Tensor:
+    """Re-score a recorded trajectory (states [B, N, ...]) under `prox`: [B, N-1] log-probs, with gradients."""
+    n = grid.steps
+    out = []
+    for i, k in enumerate(range(n, 1, -1)):
+        step = hybrid_step(prox, states[:, i], grid, k, eta=eta, y_next=states[:, i + 1])
+        out.append(step.log_prob)
+    return torch.stack(out, dim=1)

@@ -1,0 +1,72 @@
+"""The variance-preserving forward process and the step grids the proximal sampler walks (method.md sec. 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class VPSchedule:
+    """dX = -1/2 beta(t) X dt + sqrt(beta(t)) dW with beta(t) linear on t in [0, 1]."""
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+
+    def beta(self, t: torch.Tensor | float) -> torch.Tensor | float:
+        return self.beta_min + (self.beta_max - self.beta_min) * t
+
+    def beta_integral(self, a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor | float:
+        """Exact int_a^b beta(s) ds (the step size gamma of the step from a to b)."""
+        return self.beta_min * (b - a) + 0.5 * (self.beta_max - self.beta_min) * (b * b - a * a)
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """alpha(t) = exp(-int_0^t beta): the signal power left at time t."""
+        return torch.exp(-self.beta_integral(torch.zeros_like(t), t))
+
+    def grid(self, steps: int) -> "StepGrid":
+        if steps < 1:
+            raise ValueError(f"a sampler needs at least 1 step, got steps={steps}")
+        t = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+        gamma = self.beta_integral(t[:-1], t[1:])
+        return StepGrid(t=t, gamma=gamma)
+
+
+@dataclass(frozen=True)
+class StepGrid:
+    """Uniform grid 0 = t_0 < ... < t_N = 1 with gamma[k-1] = int_{t_{k-1}}^{t_k} beta (float64, indexed k-1)."""
+
+    t: torch.Tensor
+    gamma: torch.Tensor
+
+    @property
+    def steps(self) -> int:
+        return len(self.gamma)
+
+    def t_at(self, k: int) -> float:
+        return float(self.t[k])
+
+    def gamma_at(self, k: int) -> float:
+        """gamma_k for k in 1..N."""
+        return float(self.gamma[k - 1])
+
+
+def sample_train_pairs(
+    schedule: VPSchedule,
+    step_candidates: list[int],
+    batch: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw (t, lam) exactly as the hybrid sampler will query them (method.md sec. 4).
+
+    N ~ candidates with weights N^(1/3); t uniform on {0, 1/N, ..., 1 - 1/N}; lam = int_t^{t + 1/N} beta.
+    """
+    cands = torch.tensor(step_candidates, dtype=torch.float64)
+    weights = cands ** (1.0 / 3.0)
+    n = cands[torch.multinomial(weights / weights.sum(), batch, replacement=True, generator=generator)]
+    k = torch.floor(torch.rand(batch, generator=generator, dtype=torch.float64) * n)
+    t = k / n
+    lam = schedule.beta_integral(t, t + 1.0 / n)
+    return t.float(), lam.float()
+

@@ -1,0 +1,54 @@
+"""One interface for every reward model, and a registry so a new reward is one file that registers a name."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+
+class RewardModel:
+    """score(images [B, 3, H, W] in [0, 1], prompts) -> float32 tensor [B]; higher is better."""
+
+    name: str = ""
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def weighted_sum(scores: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """The mixed reward: sum of weight x score over the configured reward models (each [B])."""
+    return sum(weights[name] * scores[name].float() for name in weights)
+
+
+_REGISTRY: dict[str, Callable[..., RewardModel]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a reward model constructible by `name` from configs."""
+
+    def wrap(cls):
+        if name in _REGISTRY:
+            raise ValueError(f"reward {name!r} is registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available() -> list[str]:
+    _import_builtin()
+    return sorted(_REGISTRY)
+
+
+def build(name: str, **options) -> RewardModel:
+    _import_builtin()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown reward {name!r}; registered rewards are {sorted(_REGISTRY)}")
+    return _REGISTRY[name](**options)
+
+
+def _import_builtin() -> None:
+    # Importing a module runs its @register; the built-in ones live beside this file.
+    from rewards import compositional  # noqa: F401

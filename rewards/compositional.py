@@ -1,0 +1,137 @@
+"""The compositional verifier of the synthetic scenes: the fraction of a caption's stated attributes that hold.
+
+Pixels are classified to the nearest palette colour; the most common class is the background. Each stated object
+is looked for in its stated quadrant (or, with no position stated, in the quadrant holding most of its colour):
+its largest foreground component decides colour (majority class), size (bounding-box extent) and shape (best
+overlap with each shape drawn in that box).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from rewards.base import RewardModel, register
+from rewards.scenes import (
+    BACKGROUNDS,
+    OBJECT_COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZE_FRACTION,
+    Scene,
+    SceneObject,
+    parse_caption,
+    quadrant_centre,
+    shape_mask,
+)
+
+PALETTE_NAMES = list(BACKGROUNDS) + list(OBJECT_COLOURS)
+PALETTE = np.array([BACKGROUNDS.get(n) or OBJECT_COLOURS[n] for n in PALETTE_NAMES], dtype=np.float32)
+
+
+def _quadrant_slices(position: str, side: int) -> tuple[slice, slice]:
+    half = side // 2
+    cx, cy = quadrant_centre(position, side)
+    rows = slice(0, half) if cy < half else slice(half, side)
+    cols = slice(0, half) if cx < half else slice(half, side)
+    return rows, cols
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    sizes = ndimage.sum(mask, labels, index=range(1, count + 1))
+    return labels == (1 + int(np.argmax(sizes)))
+
+
+def verify(image: np.ndarray, scene: Scene) -> float:
+    """Fraction in [0, 1] of the attributes stated in `scene` that hold in `image` ([3, H, W] in [0, 1])."""
+    side = image.shape[-1]
+    pixels = image.transpose(1, 2, 0).reshape(-1, 3)
+    classes = np.argmin(((pixels[:, None, :] - PALETTE[None]) ** 2).sum(-1), axis=1).reshape(side, side)
+    background = int(np.bincount(classes.ravel(), minlength=len(PALETTE)).argmax())
+    foreground = classes != background
+
+    small_px = SIZE_FRACTION["small"] * side
+    large_px = SIZE_FRACTION["large"] * side
+    min_area = 0.2 * small_px * small_px
+
+    held, stated = 0, 0
+    if scene.background is not None:
+        stated += 1
+        held += PALETTE_NAMES[background] == scene.background
+
+    for obj in scene.objects:
+        attrs = [a for a in ("colour", "shape", "size", "position") if getattr(obj, a) is not None]
+        stated += len(attrs)
+        region = _find_object(obj, classes, foreground, side)
+        if region is None:
+            continue
+        rows, cols, blob = region
+        if blob.sum() < min_area:
+            continue
+        if obj.position is not None:
+            held += 1
+        colour_class = int(np.bincount(classes[rows, cols][blob], minlength=len(PALETTE)).argmax())
+        if obj.colour is not None:
+            held += PALETTE_NAMES[colour_class] == obj.colour
+        ys, xs = np.nonzero(blob)
+        extent = max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)
+        if obj.size is not None:
+            held += ("small" if extent < (small_px + large_px) / 2 else "large") == obj.size
+        if obj.shape is not None:
+            held += _best_shape(blob, ys, xs, extent) == obj.shape
+    return held / max(stated, 1)
+
+
+def _find_object(obj: SceneObject, classes: np.ndarray, foreground: np.ndarray, side: int):
+    if obj.position is not None:
+        candidates = [obj.position]
+    else:
+        candidates = list(POSITIONS)
+    best, best_score = None, -1
+    for position in candidates:
+        rows, cols = _quadrant_slices(position, side)
+        blob = _largest_component(foreground[rows, cols])
+        if obj.colour is not None and len(candidates) > 1:
+            score = int((classes[rows, cols][blob] == PALETTE_NAMES.index(obj.colour)).sum())
+        else:
+            score = int(blob.sum())
+        if score > best_score:
+            best, best_score = (rows, cols, blob), score
+    return best
+
+
+def _best_shape(blob: np.ndarray, ys: np.ndarray, xs: np.ndarray, extent: int) -> str:
+    cy = (ys.min() + ys.max() + 1) / 2.0
+    cx = (xs.min() + xs.max() + 1) / 2.0
+    h, w = blob.shape
+    best, best_iou = SHAPES[0], -1.0
+    for shape in SHAPES:
+        template = shape_mask(shape, int(extent), cx, cy, max(h, w))[:h, :w]
+        iou = (template & blob).sum() / max((template | blob).sum(), 1)
+        if iou > best_iou:
+            best, best_iou = shape, iou
+    return best
+
+
+@register("compositional")
+class CompositionalReward(RewardModel):
+    """Rewards an image by how many of its caption's stated attributes (scene grammar) it shows."""
+
+    def __init__(self) -> None:
+        self._parsed: dict[str, Scene] = {}
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        arr = images.detach().float().clamp(0, 1).cpu().numpy()
+        out = []
+        for image, prompt in zip(arr, prompts):
+            scene = self._parsed.get(prompt)
+            if scene is None:
+                scene = self._parsed[prompt] = parse_caption(prompt)
+            out.append(verify(image, scene))
+        return torch.tensor(out, dtype=torch.float32)

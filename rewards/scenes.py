@@ -1,0 +1,173 @@
+"""Synthetic captioned scenes: a seeded renderer and the caption grammar its verifier parses.
+
+A scene is a background colour and one or two objects (colour, shape, size, quadrant). Captions state every
+attribute or leave some out ("a red circle, on a white background"), so prompts range from coarse to fine-grained:
+
+    a small red triangle at the top left and a large blue circle at the bottom right, on a white background
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+OBJECT_COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (1.0, 0.0, 0.0),
+    "green": (0.0, 1.0, 0.0),
+    "blue": (0.0, 0.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0),
+    "cyan": (0.0, 1.0, 1.0),
+    "magenta": (1.0, 0.0, 1.0),
+}
+BACKGROUNDS: dict[str, tuple[float, float, float]] = {
+    "white": (1.0, 1.0, 1.0),
+    "black": (0.0, 0.0, 0.0),
+    "gray": (0.5, 0.5, 0.5),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("small", "large")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+# Object extent (side of its bounding box) as a fraction of the image side.
+SIZE_FRACTION = {"small": 0.25, "large": 0.4375}
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    colour: Optional[str] = None
+    shape: Optional[str] = None
+    size: Optional[str] = None
+    position: Optional[str] = None
+
+    def phrase(self) -> str:
+        words = ["a"] + [w for w in (self.size, self.colour) if w] + [self.shape or "shape"]
+        if self.position:
+            words += ["at the", self.position]
+        return " ".join(words)
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: Optional[str] = None
+    objects: tuple[SceneObject, ...] = field(default_factory=tuple)
+
+    def caption(self) -> str:
+        text = " and ".join(o.phrase() for o in self.objects)
+        if self.background:
+            text += f", on a {self.background} background"
+        return text
+
+    def attribute_count(self) -> int:
+        per_object = sum(sum(v is not None for v in (o.colour, o.shape, o.size, o.position)) for o in self.objects)
+        return per_object + (self.background is not None)
+
+
+def random_scene(rng: np.random.Generator, omit_prob: float = 0.0) -> tuple[Scene, Scene]:
+    """A fully specified scene (to render) and its caption's view of it (some attributes omitted)."""
+    count = int(rng.integers(1, 3))
+    quadrants = rng.permutation(len(POSITIONS))[:count]
+    background = str(rng.choice(list(BACKGROUNDS)))
+    objects = tuple(
+        SceneObject(
+            colour=str(rng.choice(list(OBJECT_COLOURS))),
+            shape=str(rng.choice(SHAPES)),
+            size=str(rng.choice(SIZES)),
+            position=POSITIONS[q],
+        )
+        for q in quadrants
+    )
+    full = Scene(background=background, objects=objects)
+
+    def keep(value: str) -> Optional[str]:
+        return None if rng.random() < omit_prob else value
+
+    # Colour and shape are always stated: they name the object; size, position and background may be left out.
+    stated = Scene(
+        background=keep(background),
+        objects=tuple(SceneObject(o.colour, o.shape, keep(o.size), keep(o.position)) for o in objects),
+    )
+    return full, stated
+
+
+def shape_mask(shape: str, size_px: int, cx: float, cy: float, side: int) -> np.ndarray:
+    """Boolean [side, side] mask of a shape whose bounding box is size_px wide, centred at (cx, cy)."""
+    yy, xx = np.mgrid[0:side, 0:side] + 0.5  # pixel centres
+    half = size_px / 2.0
+    dx, dy = xx - cx, yy - cy
+    if shape == "square":
+        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    if shape == "circle":
+        return dx * dx + dy * dy <= half * half
+    if shape == "triangle":  # apex up, base down
+        rel = (dy + half) / (2 * half)  # 0 at the apex row, 1 at the base
+        return (rel >= 0) & (rel <= 1) & (np.abs(dx) <= rel * half)
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def quadrant_centre(position: str, side: int) -> tuple[float, float]:
+    vertical, horizontal = position.split()
+    cx = side * (0.25 if horizontal == "left" else 0.75)
+    cy = side * (0.25 if vertical == "top" else 0.75)
+    return cx, cy
+
+
+def render(scene: Scene, side: int, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    """Render a fully specified scene as float32 [3, side, side] in [0, 1], with a little positional jitter."""
+    image = np.empty((side, side, 3), dtype=np.float32)
+    image[:] = BACKGROUNDS[scene.background]
+    for obj in scene.objects:
+        size_px = max(3, round(SIZE_FRACTION[obj.size] * side))
+        cx, cy = quadrant_centre(obj.position, side)
+        if rng is not None:
+            slack = max(0.0, (side / 2 - size_px) / 2 - 0.5)
+            cx += rng.uniform(-slack, slack)
+            cy += rng.uniform(-slack, slack)
+        image[shape_mask(obj.shape, size_px, cx, cy, side)] = OBJECT_COLOURS[obj.colour]
+    return image.transpose(2, 0, 1).copy()
+
+
+_OBJECT_RE = re.compile(
+    r"^a(?: (?P<size>small|large))?(?: (?P<colour>\w+))? (?P<shape>\w+)(?: at the (?P<position>(?:top|bottom) (?:left|right)))?$"
+)
+
+
+def parse_caption(caption: str) -> Scene:
+    """Invert Scene.caption(). Raises ValueError on text outside the grammar."""
+    text = caption.strip().lower()
+    background = None
+    match = re.search(r", on an? (\w+) background$", text)
+    if match:
+        background = match.group(1)
+        text = text[: match.start()]
+    objects = []
+    for part in text.split(" and "):
+        m = _OBJECT_RE.match(part.strip())
+        if not m:
+            raise ValueError(f"caption part {part!r} is not in the scene grammar")
+        obj = SceneObject(m["colour"], m["shape"], m["size"], m["position"])
+        if obj.colour is not None and obj.colour not in OBJECT_COLOURS:
+            raise ValueError(f"unknown colour {obj.colour!r} in {caption!r}")
+        if obj.shape not in SHAPES:
+            raise ValueError(f"unknown shape {obj.shape!r} in {caption!r}")
+        objects.append(obj)
+    if background is not None and background not in BACKGROUNDS:
+        raise ValueError(f"unknown background {background!r} in {caption!r}")
+    return Scene(background=background, objects=tuple(objects))
+
+
+def scene_batch(seed: int, start: int, count: int, side: int, omit_prob: float = 0.3) -> tuple[np.ndarray, list[str]]:
+    """Images [count, 3, side, side] in [0, 1] and captions of scenes start..start+count-1 of stream `seed`."""
+    images, captions = [], []
+    for index in range(start, start + count):
+        rng = np.random.default_rng([seed, index])
+        full, stated = random_scene(rng, omit_prob)
+        images.append(render(full, side, rng))
+        captions.append(stated.caption())
+    return np.stack(images), captions
+
+
+def scene_prompts(seed: int, start: int, count: int, omit_prob: float = 0.3) -> list[str]:
+    """Captions alone (no rendering) of the same scene stream: the GRPO prompt set."""
+    return [random_scene(np.random.default_rng([seed, i]), omit_prob)[1].caption() for i in range(start, start + count)]

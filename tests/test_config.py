@@ -1,0 +1,40 @@
+import pytest
+
+from learner.config import ConfigError, load_config, DEFAULT_CONFIG, CONFIG_DIR
+
+
+def test_shipped_configs_validate():
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        load_config(path)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(DEFAULT_CONFIG, ["grpo.iterations=3", "deepspeed.zero_stage=3", "model.channel_mults=[1,2]"])
+    assert cfg.grpo.iterations == 3 and cfg.deepspeed.zero_stage == 3 and cfg.model.channel_mults == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("nonexistent.key=1", "unknown config key 'nonexistent'"),
+        ("grpo.nonexistent=1", "unknown config key 'grpo.nonexistent'"),
+        ("grpo.iterations=many", "'grpo.iterations'"),
+        ("deepspeed.zero_stage=4", "'deepspeed.zero_stage'"),
+        ("seed.x=1", "seed is a value, not a section"),
+        ("justaword", "not a key=value override"),
+        ("rewards=[{name: nope}]", "unknown reward"),
+    ],
+)
+def test_bad_input_names_the_problem(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(DEFAULT_CONFIG, [override])
+    assert fragment in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"\xff\xfe: [")
+    with pytest.raises(ConfigError, match="not valid UTF-8 YAML"):
+        load_config(bad)

@@ -1,0 +1,97 @@
+"""The invariants of method.md sec. 5 for the hybrid sampler as a policy."""
+
+import math
+
+import pytest
+import torch
+
+from proxmodel.model import prox_fn
+from proxmodel.sampler import hybrid_step, initial_state, sample_hybrid, trajectory_log_probs
+from proxmodel.schedule import VPSchedule
+
+G = 4
+
+
+def _setup(model, prompt="a small red circle at the top left, on a white background"):
+    tokens = model.tokenize([prompt] * G)
+    with torch.no_grad():
+        context = model.encode_text(tokens)
+    c = model.cfg
+    return tokens, context, (G, c.channels, c.image_size, c.image_size)
+
+
+@pytest.mark.parametrize("steps", [2, 5])
+def test_log_probs_are_the_gaussian_density_of_the_drawn_noise(tiny_model, steps):
+    tokens, context, shape = _setup(tiny_model)
+    grid = VPSchedule().grid(steps)
+    eta = 0.7
+    traj = sample_hybrid(prox_fn(tiny_model.eval(), context=context), shape, grid, eta=eta,
+                         generator=torch.Generator().manual_seed(3))
+    # Replay the generator: x_N, z_N, then z_{k-1} for k = N..2.
+    gen = torch.Generator().manual_seed(3)
+    torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    d = math.prod(shape[1:])
+    for i, k in enumerate(range(steps, 1, -1)):
+        z = torch.randn(shape, generator=gen)
+        var = eta**2 * grid.gamma_at(k - 1)
+        density = torch.distributions.Normal(0.0, math.sqrt(var)).log_prob(math.sqrt(var) * z)
+        expected = density.flatten(1).sum(1) / d
+        assert torch.allclose(traj.log_probs[:, i], expected, atol=1e-5), f"step k={k}"
+    assert traj.log_probs.shape == (G, steps - 1)
+    assert traj.states.shape == (G, steps, *shape[1:])
+
+
+def test_first_on_policy_ratio_is_exactly_one(tiny_model):
+    """Rollout (eval, no grad) and learner recomputation (train, grad) give bit-identical log-probs."""
+    tokens, context, shape = _setup(tiny_model)
+    grid = VPSchedule().grid(4)
+    traj = sample_hybrid(prox_fn(tiny_model.eval(), context=context), shape, grid,
+                         generator=torch.Generator().manual_seed(0))
+    tiny_model.train()
+    recomputed = trajectory_log_probs(prox_fn(tiny_model, tokens=tokens), traj.states, grid)
+    assert recomputed.requires_grad
+    ratio = torch.exp(recomputed - traj.log_probs)
+    assert torch.equal(ratio, torch.ones_like(ratio))
+    # ...and it is not a coincidence of a constant: a perturbed model moves the ratio.
+    with torch.no_grad():
+        next(tiny_model.unet.parameters()).add_(0.05)
+    moved = trajectory_log_probs(prox_fn(tiny_model, tokens=tokens), traj.states, grid)
+    with torch.no_grad():
+        next(tiny_model.unet.parameters()).sub_(0.05)
+    assert not torch.equal(moved, traj.log_probs)
+
+
+def test_zero_noise_reproduces_the_deterministic_sampler(tiny_model):
+    tokens, context, shape = _setup(tiny_model)
+    grid = VPSchedule().grid(5)
+    prox = prox_fn(tiny_model.eval(), context=context)
+    det = sample_hybrid(prox, shape, grid, eta=0.0, generator=torch.Generator().manual_seed(1))
+    assert det.log_probs is None
+    # An independent writing of the deterministic hybrid sampler: x_{k-1} = prox((1 + gamma_k/2) x_k).
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=gen)
+    with torch.no_grad():
+        for k in range(5, 0, -1):
+            gk = grid.gamma_at(k)
+            x = prox((1 + gk / 2) * x, torch.full((G,), grid.t_at(k - 1)), torch.full((G,), gk))
+    assert torch.allclose(det.images, x, atol=1e-6)
+    # The stochastic sampler tends to it as the noise goes to zero.
+    near = sample_hybrid(prox, shape, grid, eta=1e-6, generator=torch.Generator().manual_seed(1))
+    far = sample_hybrid(prox, shape, grid, eta=0.5, generator=torch.Generator().manual_seed(1))
+    assert (near.images - det.images).abs().max() < 1e-4
+    assert (far.images - det.images).abs().max() > 1e-2
+
+
+def test_one_step_function_serves_sampling_and_scoring(tiny_model):
+    tokens, context, shape = _setup(tiny_model)
+    grid = VPSchedule().grid(3)
+    prox = prox_fn(tiny_model.eval(), context=context)
+    y = initial_state(torch.randn(shape), torch.randn(shape), grid)
+    with torch.no_grad():
+        drawn = hybrid_step(prox, y, grid, 3, noise=torch.randn(shape))
+        scored = hybrid_step(prox, y, grid, 3, y_next=drawn.y)
+        last = hybrid_step(prox, y, grid, 1)
+    assert torch.equal(drawn.log_prob, scored.log_prob)
+    assert last.y is None and last.log_prob is None
+    with pytest.raises(ValueError):
+        hybrid_step(prox, y, grid, 3)  # stochastic without noise

@@ -1,0 +1,47 @@
+import math
+
+import pytest
+import torch
+from scipy.integrate import quad
+
+from proxmodel.schedule import VPSchedule, sample_train_pairs
+
+
+@pytest.mark.parametrize("steps", [1, 5, 10, 37, 1000])
+def test_gamma_matches_numerical_integration(steps):
+    sched = VPSchedule()
+    grid = sched.grid(steps)
+    for k in range(1, steps + 1, max(1, steps // 7)):
+        a, b = grid.t_at(k - 1), grid.t_at(k)
+        numeric, _ = quad(lambda s: sched.beta(s), a, b)
+        assert grid.gamma_at(k) == pytest.approx(numeric, rel=1e-12, abs=1e-14)
+    assert float(grid.gamma.sum()) == pytest.approx(sched.beta_min + 0.5 * (sched.beta_max - sched.beta_min))
+
+
+def test_gamma_matches_the_papers_anchor_values():
+    # method.md: with beta_max = 20, gamma_N is about 3.6 for N = 5 and 1.9 for N = 10.
+    sched = VPSchedule()
+    assert sched.grid(5).gamma_at(5) == pytest.approx(3.602, abs=1e-9)
+    assert sched.grid(10).gamma_at(10) == pytest.approx(1.9005, abs=1e-9)
+
+
+def test_alpha_is_exp_of_minus_the_beta_integral():
+    sched = VPSchedule()
+    t = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
+    expected = [math.exp(-quad(sched.beta, 0, float(x))[0]) for x in t]
+    assert torch.allclose(sched.alpha(t), torch.tensor(expected, dtype=torch.float64), rtol=1e-12)
+
+
+def test_training_pairs_are_exactly_the_sampler_queries():
+    sched = VPSchedule()
+    gen = torch.Generator().manual_seed(0)
+    t, lam = sample_train_pairs(sched, [5, 10], 4000, gen)
+    queried = set()
+    for n in (5, 10):
+        g = sched.grid(n)
+        queried |= {(round(g.t_at(k - 1), 6), round(g.gamma_at(k), 5)) for k in range(1, n + 1)}
+    drawn = {(round(float(a), 6), round(float(b), 5)) for a, b in zip(t, lam)}
+    assert drawn <= queried
+    assert len(drawn) == len(queried)  # every query is trained
+    with pytest.raises(ValueError):
+        sched.grid(0)
