@@ -40,6 +40,7 @@ class PretrainConfig(Strict):
     l1_warmup_frac: float = Field(0.33, ge=0, lt=1, description="fraction of training with the L1 loss")
     zeta0: float = Field(1.0, gt=0, description="proximal-matching zeta of the first stage; the second uses zeta0/2")
     log_every: int = Field(10, ge=1, description="log losses to MLflow every this many steps")
+    checkpoint_every: int = Field(500, ge=1, description="overwrite run_dir/checkpoint every this many steps")
     sample_steps: int = Field(5, ge=1, description="sampler steps for the final sample grid")
 
 

@@ -56,6 +56,8 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
                 step=step,
             )
             bar.set_postfix(loss=f"{loss_value:.4f}", stage=kind)
+        if (step + 1) % pc.checkpoint_every == 0:
+            save_model(engine.module, run_dir / "checkpoint")
     wall = time.time() - start
     checkpoint = save_model(engine.module, run_dir / "checkpoint")
 

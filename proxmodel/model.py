@@ -9,6 +9,7 @@ transformer (transformers' CLIPTextModel, the same class a pretrained CLIP text 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -101,14 +102,15 @@ class ProxT2I(nn.Module):
             context = self.encode_text(tokens)
         # Input preconditioning (a design choice): y = x_t + sqrt(lam) xi has variance about 1 + lam.
         scale = torch.rsqrt(1.0 + lam).view(-1, *([1] * (y.dim() - 1)))
+        dtype = self.unet.conv_in.weight.dtype  # bf16 under mixed precision; eps comes back in float32
         out = self.unet(
-            y * scale,
+            (y * scale).to(dtype),
             t * EMBED_SCALE,
-            encoder_hidden_states=context,
+            encoder_hidden_states=context.to(dtype),
             class_labels=lam * EMBED_SCALE,
             return_dict=False,
         )
-        return out[0]
+        return out[0].float()
 
 
 def prox_fn(model: nn.Module, **condition):
@@ -125,12 +127,15 @@ def prox_fn(model: nn.Module, **condition):
 
 
 def save_model(model: ProxT2I, directory: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write `model.safetensors` + `config.json` to `directory` (created if needed)."""
+    """Write `model.safetensors` + `config.json` to `directory`; each file is replaced atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "proxrl"})
-    (directory / CONFIG_FILE).write_text(json.dumps(model.cfg.model_dump(), indent=2) + "\n")
+    weights_tmp, config_tmp = directory / (WEIGHTS_FILE + ".tmp"), directory / (CONFIG_FILE + ".tmp")
+    save_file(state, str(weights_tmp), metadata={"format": "proxrl"})
+    config_tmp.write_text(json.dumps(model.cfg.model_dump(), indent=2) + "\n")
+    os.replace(weights_tmp, directory / WEIGHTS_FILE)
+    os.replace(config_tmp, directory / CONFIG_FILE)
     return directory
 
 

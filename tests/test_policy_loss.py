@@ -1,0 +1,52 @@
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from learner.policy_loss import clipped_policy_loss, group_advantages
+from rewards import weighted_sum
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-10, 10), min_size=2, max_size=16), st.floats(-5, 5), st.floats(0.1, 10))
+def test_advantages_are_normalised_and_invariant_to_affine_rewards(rewards, shift, scale):
+    r = torch.tensor(rewards, dtype=torch.float64)
+    a = group_advantages(r, eps=1e-6)
+    if float(r.std(unbiased=False)) > 1e-3:
+        assert abs(float(a.mean())) < 1e-6
+        assert abs(float(a.std(unbiased=False)) - 1) < 1e-3
+        b = group_advantages(r * scale + shift, eps=1e-6)
+        assert torch.allclose(a, b, atol=1e-3)
+
+
+def test_equal_rewards_give_zero_advantage_per_group():
+    r = torch.tensor([[0.5, 0.5, 0.5], [0.0, 1.0, 0.5]])
+    a = group_advantages(r, eps=1e-4)
+    assert torch.equal(a[0], torch.zeros(3))
+    assert a[1, 1] > 0 > a[1, 0]
+
+
+def test_on_policy_gradient_is_the_policy_gradient():
+    """At ratio 1 the clipped surrogate's gradient is -mean(A * grad log pi)."""
+    lp = torch.randn(6, requires_grad=True)
+    adv = torch.randn(6)
+    loss, stats = clipped_policy_loss(lp, lp.detach(), adv, clip_range=1e-4)
+    loss.backward()
+    assert torch.allclose(lp.grad, -adv / 6)
+    assert float(stats["ratio_max_dev"]) == 0.0 and float(stats["clip_frac"]) == 0.0
+
+
+def test_clipping_stops_the_gradient_beyond_the_trust_region():
+    old = torch.zeros(4)
+    lp = torch.tensor([0.5, 0.5, -0.5, -0.5], requires_grad=True)  # ratios far outside 1 +- 0.1
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    loss, stats = clipped_policy_loss(lp, old, adv, clip_range=0.1)
+    loss.backward()
+    # Positive advantage with ratio > 1 + c and negative advantage with ratio < 1 - c are clipped: no gradient.
+    assert lp.grad[0] == 0 and lp.grad[3] == 0
+    assert lp.grad[1] != 0 and lp.grad[2] != 0
+    assert float(stats["clip_frac"]) == 1.0
+
+
+def test_weighted_sum_of_rewards():
+    scores = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.5, 1.0])}
+    assert torch.allclose(weighted_sum(scores, {"a": 0.7, "b": 0.3}), torch.tensor([0.85, 0.3]))
