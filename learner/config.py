@@ -41,14 +41,14 @@ class PretrainConfig(Strict):
     zeta0: float = Field(1.0, gt=0, description="proximal-matching zeta of the first stage; the second uses zeta0/2")
     log_every: int = Field(10, ge=1, description="log losses to MLflow every this many steps")
     checkpoint_every: int = Field(500, ge=1, description="overwrite run_dir/checkpoint every this many steps")
-    sample_steps: int = Field(5, ge=1, description="sampler steps for the final sample grid")
+    sample_steps: int = Field(10, ge=1, description="sampler steps for the final sample grid")
 
 
 class GrpoConfig(Strict):
     iterations: int = Field(30, ge=1, description="rollout + update iterations")
-    prompts_per_iteration: int = Field(8, ge=1, description="prompts P drawn per iteration")
+    prompts_per_iteration: int = Field(6, ge=1, description="prompts P drawn per iteration")
     group_size: int = Field(8, ge=2, description="images G sampled per prompt (the group of the advantage)")
-    steps: int = Field(5, ge=2, description="hybrid-sampler steps N (a trajectory has N-1 policy log-probs)")
+    steps: int = Field(10, ge=2, description="hybrid-sampler steps N (a trajectory has N-1 policy log-probs)")
     eta: float = Field(1.0, gt=0, description="noise scale of the stochastic sampler (1 = the method)")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
@@ -56,9 +56,12 @@ class GrpoConfig(Strict):
     clip_range: float = Field(
         1e-3, gt=0, description="PPO clip range of the policy ratio (log-probs are MEANS over dimensions)"
     )
+    kl_coef: float = Field(
+        0.0, ge=0, description="weight of the closed-form per-step KL to the frozen starting policy (0 = off)"
+    )
     adv_eps: float = Field(1e-4, gt=0, description="added to the group std when normalising advantages")
     prompt_seed: int = Field(1, description="seed of the training prompt stream (scene captions)")
-    eval_prompts: int = Field(8, ge=1, description="held-out prompts for the final sample grid")
+    eval_prompts: int = Field(32, ge=1, description="held-out prompts scored before and after training (fixed noise)")
 
 
 class RewardSpec(Strict):

@@ -1,4 +1,4 @@
-"""Evaluation shared by both modes: the deterministic sampler on held-out prompts, rewards, a sample grid."""
+"""Evaluation shared by both modes: the sampler with fixed noise on held-out prompts, rewards, a sample grid."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from rewards.base import RewardModel
 
 
 @torch.no_grad()
-def generate(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta: float = 0.0) -> torch.Tensor:
-    """Images in [0, 1], [B, C, H, W], from the hybrid sampler (deterministic by default)."""
+def generate(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta: float = 1.0) -> torch.Tensor:
+    """Images in [0, 1], [B, C, H, W], from the hybrid sampler with the noise of `seed` (eta=0: deterministic)."""
     was_training = model.training
     model.eval()
     context = model.encode_text(model.tokenize(prompts))
@@ -46,7 +46,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, upscale: int = 4)
     return img
 
 
-def evaluate(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, rewards: dict[str, RewardModel]):
-    """(images, {reward name: mean score}) for the deterministic sampler on `prompts`."""
-    images = generate(model, prompts, steps, seed)
+def evaluate(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, rewards: dict[str, RewardModel], eta: float = 1.0):
+    """(images, {reward name: mean score}) on `prompts` with fixed noise (the same seed gives the same draws)."""
+    images = generate(model, prompts, steps, seed, eta)
     return images, {name: float(r.score(images, prompts).mean()) for name, r in rewards.items()}

@@ -26,7 +26,7 @@ from learner.policy_loss import clipped_policy_loss, group_advantages
 from learner.pretrain import EVAL_SEED_OFFSET
 from learner.tracking import Tracker
 from proxmodel.model import load_model, prox_fn, save_model
-from proxmodel.sampler import hybrid_step
+from proxmodel.sampler import gaussian_kl, hybrid_step
 from proxmodel.schedule import VPSchedule
 from rewards import build as build_reward
 from rewards.scenes import scene_prompts
@@ -57,6 +57,8 @@ class GrpoLearner:
         )
         self.stream = ExperienceStream(stream_address, run_id)
         self.version = 0
+        # The frozen starting policy, for the KL term (kept only when it is used).
+        self.reference = load_model(checkpoint).eval().requires_grad_(False) if g.kl_coef > 0 else None
 
     def train(self, iteration: int, n_groups: int) -> dict:
         g = self.cfg.grpo
@@ -78,11 +80,22 @@ class GrpoLearner:
         for j, k in enumerate(range(self.grid.steps, 1, -1)):
             # Recompute log pi(y_{k-1} | y_k) group by group: the same batch shapes as the rollout, so the
             # first on-policy ratio is exactly 1.
-            log_probs = torch.cat([
-                hybrid_step(prox_fn(self.engine, tokens=tok), s[:, j], self.grid, k, eta=g.eta, y_next=s[:, j + 1]).log_prob
+            steps = [
+                hybrid_step(prox_fn(self.engine, tokens=tok), s[:, j], self.grid, k, eta=g.eta, y_next=s[:, j + 1])
                 for tok, s in zip(tokens, states)
-            ])
+            ]
+            log_probs = torch.cat([st.log_prob for st in steps])
             loss, stats = clipped_policy_loss(log_probs, old_log_probs[:, j], advantages, g.clip_range)
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref_means = [
+                        hybrid_step(prox_fn(self.reference, tokens=tok), s[:, j], self.grid, k, eta=g.eta, y_next=s[:, j + 1]).mean
+                        for tok, s in zip(tokens, states)
+                    ]
+                var = g.eta**2 * self.grid.gamma_at(k - 1)
+                kl = torch.cat([gaussian_kl(st.mean, ref, var) for st, ref in zip(steps, ref_means)]).mean()
+                loss = loss + g.kl_coef * kl
+                stats["kl"] = kl.detach()
             self.engine.backward(loss)
             self.engine.step()
             for name, value in {"loss": loss.detach(), **stats}.items():
@@ -175,7 +188,7 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path) -
 
         eval_prompts = scene_prompts(g.prompt_seed, EVAL_SEED_OFFSET, g.eval_prompts, cfg.data.omit_prob)
         eval_rewards = {r.name: build_reward(r.name, **r.options) for r in cfg.rewards}
-        _, before = evaluate(load_model(init_from), eval_prompts, g.steps, cfg.seed, eval_rewards)
+        _, before = evaluate(load_model(init_from), eval_prompts, g.steps, cfg.seed, eval_rewards, g.eta)
         tracker.metrics({f"eval_reward_{k}": v for k, v in before.items()}, step=0)
 
         history, written_total, dropped_total = [], 0, 0
@@ -214,7 +227,7 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path) -
         stream_entries, stream_pending = stream.length(), stream.pending()
         if stream_pending:
             raise RuntimeError(f"{stream_pending} stream entries were never acknowledged")
-        images, after = evaluate(load_model(checkpoint), eval_prompts, g.steps, cfg.seed, eval_rewards)
+        images, after = evaluate(load_model(checkpoint), eval_prompts, g.steps, cfg.seed, eval_rewards, g.eta)
         tracker.metrics({f"eval_reward_{k}": v for k, v in after.items()}, step=g.iterations)
         tracker.image(save_grid(images, run_dir / "samples.png"), "samples.png")
         if not history:

@@ -42,6 +42,12 @@ def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, var: float) -> to
     return per_dim.flatten(1).mean(dim=1)
 
 
+def gaussian_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, var: float) -> torch.Tensor:
+    """KL(N(mean_p, var I) || N(mean_q, var I)) per sample, averaged over dimensions like the log-probs, float32."""
+    diff = mean_p.float() - mean_q.float()
+    return (diff * diff).flatten(1).mean(dim=1) / (2.0 * var)
+
+
 def hybrid_step(
     prox: ProxFn,
     y: torch.Tensor,

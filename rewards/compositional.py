@@ -1,9 +1,11 @@
 """The compositional verifier of the synthetic scenes: the fraction of a caption's stated attributes that hold.
 
-Pixels are classified to the nearest palette colour; the most common class is the background. Each stated object
-is looked for in its stated quadrant (or, with no position stated, in the quadrant holding most of its colour):
-its largest foreground component decides colour (majority class), size (bounding-box extent) and shape (best
-overlap with each shape drawn in that box).
+Pixels are classified to the nearest palette colour; the most common class is the background, and it counts only
+if it covers at least half the image. Each stated object is looked for in its stated quadrant (or, with no position
+stated, in the quadrant holding most of its colour): its largest foreground component is the object only if it is
+big enough and mostly one colour; then that colour, its size (bounding-box extent) and its shape (the best overlap
+with each shape drawn in that box, if the overlap is good) are checked. The purity and overlap thresholds make
+speckle noise worthless: a policy cannot earn reward with images that only have the right colour statistics.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from rewards.scenes import (
     quadrant_centre,
     shape_mask,
 )
+
+MIN_BACKGROUND = 0.5  # the background covers at least half the image (objects cover at most 38% in the data)
+MIN_PURITY = 0.75  # an object's component is at least this fraction one colour
+MIN_SHAPE_IOU = 0.6  # a shape is recognised only with at least this overlap with its template
 
 PALETTE_NAMES = list(BACKGROUNDS) + list(OBJECT_COLOURS)
 PALETTE = np.array([BACKGROUNDS.get(n) or OBJECT_COLOURS[n] for n in PALETTE_NAMES], dtype=np.float32)
@@ -59,11 +65,12 @@ def verify(image: np.ndarray, scene: Scene) -> float:
     small_px = SIZE_FRACTION["small"] * side
     large_px = SIZE_FRACTION["large"] * side
     min_area = 0.2 * small_px * small_px
+    counts = np.bincount(classes.ravel(), minlength=len(PALETTE))
 
     held, stated = 0, 0
     if scene.background is not None:
         stated += 1
-        held += PALETTE_NAMES[background] == scene.background
+        held += PALETTE_NAMES[background] == scene.background and counts[background] >= MIN_BACKGROUND * side * side
 
     for obj in scene.objects:
         attrs = [a for a in ("colour", "shape", "size", "position") if getattr(obj, a) is not None]
@@ -74,9 +81,12 @@ def verify(image: np.ndarray, scene: Scene) -> float:
         rows, cols, blob = region
         if blob.sum() < min_area:
             continue
+        colour_counts = np.bincount(classes[rows, cols][blob], minlength=len(PALETTE))
+        colour_class = int(colour_counts.argmax())
+        if colour_counts[colour_class] < MIN_PURITY * blob.sum():
+            continue  # a speckled mixture of colours is not an object
         if obj.position is not None:
             held += 1
-        colour_class = int(np.bincount(classes[rows, cols][blob], minlength=len(PALETTE)).argmax())
         if obj.colour is not None:
             held += PALETTE_NAMES[colour_class] == obj.colour
         ys, xs = np.nonzero(blob)
@@ -106,15 +116,15 @@ def _find_object(obj: SceneObject, classes: np.ndarray, foreground: np.ndarray, 
     return best
 
 
-def _best_shape(blob: np.ndarray, ys: np.ndarray, xs: np.ndarray, extent: int) -> str:
+def _best_shape(blob: np.ndarray, ys: np.ndarray, xs: np.ndarray, extent: int) -> str | None:
     cy = (ys.min() + ys.max() + 1) / 2.0
     cx = (xs.min() + xs.max() + 1) / 2.0
     h, w = blob.shape
-    best, best_iou = SHAPES[0], -1.0
+    best, best_iou = None, MIN_SHAPE_IOU
     for shape in SHAPES:
         template = shape_mask(shape, int(extent), cx, cy, max(h, w))[:h, :w]
         iou = (template & blob).sum() / max((template | blob).sum(), 1)
-        if iou > best_iou:
+        if iou >= best_iou:
             best, best_iou = shape, iou
     return best
 

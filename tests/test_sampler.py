@@ -95,3 +95,14 @@ def test_one_step_function_serves_sampling_and_scoring(tiny_model):
     assert last.y is None and last.log_prob is None
     with pytest.raises(ValueError):
         hybrid_step(prox, y, grid, 3)  # stochastic without noise
+
+
+def test_closed_form_kl_matches_the_log_prob_difference_in_expectation():
+    from proxmodel.sampler import gaussian_kl, gaussian_log_prob
+
+    gen = torch.Generator().manual_seed(0)
+    mean_p, mean_q, var = torch.randn(1, 64, generator=gen), torch.randn(1, 64, generator=gen), 0.7
+    samples = mean_p + math.sqrt(var) * torch.randn(20000, 64, generator=gen)
+    monte_carlo = (gaussian_log_prob(samples, mean_p, var) - gaussian_log_prob(samples, mean_q, var)).mean()
+    assert float(gaussian_kl(mean_p, mean_q, var)) == pytest.approx(float(monte_carlo), rel=0.02)
+    assert float(gaussian_kl(mean_p, mean_p, var)) == 0.0

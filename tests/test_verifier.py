@@ -53,3 +53,20 @@ def test_reward_interface_and_bad_captions():
         parse_caption("a photograph of a cat")
     with pytest.raises(KeyError, match="registered rewards"):
         build("no-such-reward")
+
+
+def test_noise_cannot_earn_reward():
+    """Speckle of palette colours (what a reward-hacking policy drifts to) scores about nothing."""
+    from rewards.compositional import PALETTE
+
+    rng = np.random.default_rng(0)
+    _, captions = scene_batch(seed=9, start=0, count=100, side=32)
+    uniform = [PALETTE[rng.integers(0, len(PALETTE), (32, 32))].transpose(2, 0, 1) for _ in captions]
+    assert np.mean([verify(im, parse_caption(c)) for im, c in zip(uniform, captions)]) < 0.02
+    # Speckle on a dominant background still earns at most the background attribute.
+    speckled = []
+    for caption in captions:
+        classes = rng.integers(0, len(PALETTE), (32, 32))
+        classes[rng.random((32, 32)) < 0.6] = 0
+        speckled.append(verify(PALETTE[classes].transpose(2, 0, 1), parse_caption(caption)))
+    assert np.mean(speckled) < 0.1
