@@ -12,7 +12,7 @@ import torch
 from actors.reward import RewardClient, set_threads
 from actors.stream import ExperienceStream, RedisAddress
 from proxmodel.model import load_model, prox_fn
-from proxmodel.sampler import sample_hybrid
+from proxmodel.sampler import Trajectory, sample_hybrid
 from proxmodel.schedule import VPSchedule
 from rewards import weighted_sum
 
@@ -20,6 +20,22 @@ from rewards import weighted_sum
 def group_seed(seed: int, iteration: int, prompt_index: int) -> int:
     """A distinct, reproducible noise seed per (run seed, iteration, prompt)."""
     return int(np.random.SeedSequence([seed, iteration, prompt_index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def group_entry(prompt: str, prompt_index: int, iteration: int, version: int, eta: float, traj: Trajectory,
+                per_model: dict[str, torch.Tensor], total: torch.Tensor) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The stream entry of one finished group: JSON metadata and the tensors the learner needs."""
+    meta = {
+        "prompt": prompt,
+        "prompt_index": int(prompt_index),
+        "iteration": int(iteration),
+        "policy_version": int(version),
+        "steps": int(traj.states.shape[1]),
+        "eta": eta,
+    }
+    tensors = {"states": traj.states, "log_probs": traj.log_probs, "reward": total}
+    tensors.update({f"reward/{name}": v for name, v in per_model.items()})
+    return meta, tensors
 
 
 class RolloutActor:
@@ -80,16 +96,7 @@ class RolloutActor:
             if not all(math.isfinite(v) for v in total.tolist()):
                 dropped += 1
                 continue
-            meta = {
-                "prompt": prompt,
-                "prompt_index": int(index),
-                "iteration": int(iteration),
-                "policy_version": self.version,
-                "steps": self.grid.steps,
-                "eta": self.eta,
-            }
-            tensors = {"states": traj.states, "log_probs": traj.log_probs, "reward": total}
-            tensors.update({f"reward/{name}": v for name, v in per_model.items()})
+            meta, tensors = group_entry(prompt, index, iteration, self.version, self.eta, traj, per_model, total)
             written.append(self.stream.add(meta, tensors))
         return {
             "groups": len(written),

@@ -126,7 +126,7 @@ def _redis_server_binary() -> str:
 def encode_group(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[str, bytes]:
     return {
         "meta": json.dumps(meta).encode(),
-        "tensors": st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}),
+        "tensors": st_save({k: v.detach().cpu().clone() for k, v in tensors.items()}),  # clone: no shared storage
     }
 
 
@@ -134,18 +134,22 @@ def decode_group(fields: dict[bytes, bytes]) -> tuple[dict, dict[str, torch.Tens
     return json.loads(fields[b"meta"]), st_load(fields[b"tensors"])
 
 
+def learner_group(rank: int) -> str:
+    """Each learner rank reads every entry through its own consumer group, so all ranks see the whole batch."""
+    return f"learner-{rank}"
+
+
 class ExperienceStream:
-    """Producer and consumer sides of one run's stream (`proxrl:<run>:experience`, consumer group `learner`)."""
+    """Producer and consumer sides of one run's stream (`proxrl:<run>:experience`), read through consumer `group`."""
 
-    GROUP = "learner"
-
-    def __init__(self, address: RedisAddress, run_id: str):
+    def __init__(self, address: RedisAddress, run_id: str, group: str = learner_group(0)):
         self.client = address.connect()
         self.key = f"proxrl:{run_id}:experience"
+        self.group = group
 
     def create(self) -> None:
         try:
-            self.client.xgroup_create(self.key, self.GROUP, id="0", mkstream=True)
+            self.client.xgroup_create(self.key, self.group, id="0", mkstream=True)
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
@@ -159,7 +163,7 @@ class ExperienceStream:
         deadline = time.monotonic() + timeout_s
         while len(out) < count:
             left_ms = int(max(1, (deadline - time.monotonic()) * 1000))
-            reply = self.client.xreadgroup(self.GROUP, consumer, {self.key: ">"}, count=count - len(out), block=left_ms)
+            reply = self.client.xreadgroup(self.group, consumer, {self.key: ">"}, count=count - len(out), block=left_ms)
             for _, entries in reply or []:
                 for entry_id, fields in entries:
                     meta, tensors = decode_group(fields)
@@ -169,10 +173,10 @@ class ExperienceStream:
         return out
 
     def ack(self, entry_ids: list[str]) -> int:
-        return int(self.client.xack(self.key, self.GROUP, *entry_ids)) if entry_ids else 0
+        return int(self.client.xack(self.key, self.group, *entry_ids)) if entry_ids else 0
 
     def pending(self) -> int:
-        return int(self.client.xpending(self.key, self.GROUP)["pending"])
+        return int(self.client.xpending(self.key, self.group)["pending"])
 
     def length(self) -> int:
         return int(self.client.xlen(self.key))

@@ -59,7 +59,24 @@ class GrpoConfig(Strict):
     kl_coef: float = Field(
         0.0, ge=0, description="weight of the closed-form per-step KL to the frozen starting policy (0 = off)"
     )
-    adv_eps: float = Field(1e-4, gt=0, description="added to the group std when normalising advantages")
+    adv_eps: float = Field(1e-4, gt=0, description="added to the std when normalising advantages")
+    adv_clip: float = Field(5.0, ge=0, description="bound on |advantage| (0 = no bound)")
+    advantage_std: Literal["group", "global", "prompt"] = Field(
+        "group", description="normalise by each group's std, one std over the batch, or per-prompt running stats"
+    )
+    reward_aggregation: Literal["reward", "advantage"] = Field(
+        "reward", description="normalise the weighted reward sum, or sum weighted per-reward advantages"
+    )
+    prompt_stats_buffer: int = Field(32, ge=2, description="rewards remembered per prompt (advantage_std: prompt)")
+    prompt_stats_min_count: int = Field(16, ge=2, description="below this many, a prompt uses its group's stats")
+    drop_zero_std_groups: bool = Field(True, description="skip groups whose rewards are all equal (no signal)")
+    train_step_window: Optional[list[int]] = Field(
+        None, description="sampler transitions to train, 0 = the first (noisiest); null = all N-1"
+    )
+    train_step_fraction: float = Field(
+        1.0, gt=0, le=1, description="random fraction of the window trained each iteration (timestep subsampling)"
+    )
+    updates_per_batch: int = Field(1, ge=1, description="optimiser steps per batch; after the first the ratio != 1")
     prompt_seed: int = Field(1, description="seed of the training prompt stream (scene captions)")
     eval_prompts: int = Field(32, ge=1, description="held-out prompts scored before and after training (fixed noise)")
 
@@ -85,8 +102,13 @@ class RewardActorConfig(ActorResources):
 class ActorsConfig(Strict):
     rollout: ActorResources = Field(default_factory=ActorResources)
     reward: RewardActorConfig = Field(default_factory=lambda: RewardActorConfig(num_cpus=0.5))
-    learner: ActorResources = Field(default_factory=ActorResources)
-    torch_threads: int = Field(0, ge=0, description="torch threads in each actor; 0 = all cores of the machine")
+    learner: ActorResources = Field(
+        default_factory=ActorResources, description="count = DeepSpeed ranks, one Ray actor each, in a placement group"
+    )
+    torch_threads: int = Field(
+        0, ge=0, description="torch threads in each actor; 0 = all cores. Rollout and learner use the same count, "
+        "so on CPU they run the same kernels and the first on-policy ratio is exactly 1",
+    )
 
 
 class DeepSpeedConfig(Strict):
@@ -130,6 +152,15 @@ class RunConfig(Strict):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    @model_validator(mode="after")
+    def _check_learner_ranks(self) -> "RunConfig":
+        if self.grpo.prompts_per_iteration < self.actors.learner.count:
+            raise ValueError(
+                f"grpo.prompts_per_iteration ({self.grpo.prompts_per_iteration}) must be at least the number of "
+                f"learner ranks actors.learner.count ({self.actors.learner.count}): each rank trains whole groups"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_rewards(self) -> "RunConfig":

@@ -19,13 +19,13 @@ from tqdm import tqdm
 
 from actors.reward import RewardActor, set_threads
 from actors.rollout import RolloutActor
-from actors.stream import EmbeddedRedis, ExperienceStream, RedisAddress
+from actors.stream import EmbeddedRedis, ExperienceStream, RedisAddress, learner_group
 from learner.config import ConfigError, RunConfig
 from learner.evaluation import evaluate, save_grid
-from learner.policy_loss import clipped_policy_loss, group_advantages
+from learner.policy_loss import PromptStats, clipped_policy_loss, compute_advantages, select_train_steps
 from learner.pretrain import EVAL_SEED_OFFSET
 from learner.tracking import Tracker
-from proxmodel.model import load_model, prox_fn, save_model
+from proxmodel.model import load_model, prox_fn, save_state
 from proxmodel.sampler import gaussian_kl, hybrid_step
 from proxmodel.schedule import VPSchedule
 from rewards import build as build_reward
@@ -39,93 +39,168 @@ ACTOR_ENV_KEYS = (
 
 
 class GrpoLearner:
-    """One DeepSpeed rank of the policy learner (a Ray actor)."""
+    """One DeepSpeed rank of the policy learner (a Ray actor).
 
-    def __init__(self, checkpoint: str, cfg_json: str, stream_address: RedisAddress, run_id: str):
+    Every rank reads the whole batch through its own consumer group, computes the same advantages, and trains its
+    shard of the groups (rank r takes groups r, r + world, ...). Each rank's loss is scaled so DeepSpeed's gradient
+    average equals the mean over all trajectories: the update does not depend on the number of ranks.
+    """
+
+    def __init__(self, checkpoint: str, cfg_json: str, stream_address: RedisAddress, run_id: str,
+                 rank: int = 0, world_size: int = 1, master_port: int | None = None):
         from learner.engine import build_engine, init_distributed
 
         self.cfg = RunConfig.model_validate_json(cfg_json)
         g = self.cfg.grpo
         set_threads(self.cfg.actors.torch_threads)
-        init_distributed()
+        init_distributed(rank, world_size, master_port=master_port)
+        self.rank, self.world = rank, world_size
         self.model = load_model(checkpoint)
         self.grid = VPSchedule().grid(g.steps)
-        # One micro-batch per sampler step with a log-prob: the optimiser steps once per iteration.
+        self.step_rng = torch.Generator().manual_seed(self.cfg.seed)
+        n_train = len(select_train_steps(g.steps - 1, g.train_step_window, g.train_step_fraction, torch.Generator()))
+        # One micro-batch per trained sampler transition: one optimiser step per pass over the batch.
         self.engine = build_engine(
             self.model, lr=g.lr, weight_decay=g.weight_decay, grad_clip=g.grad_clip,
-            zero_stage=self.cfg.deepspeed.zero_stage, bf16=self.cfg.deepspeed.bf16, grad_accum=g.steps - 1,
+            zero_stage=self.cfg.deepspeed.zero_stage, bf16=self.cfg.deepspeed.bf16, grad_accum=n_train,
         )
-        self.stream = ExperienceStream(stream_address, run_id)
+        self.stream = ExperienceStream(stream_address, run_id, group=learner_group(rank))
         self.version = 0
+        self.weights = {r.name: r.weight for r in self.cfg.rewards}
+        self.prompt_stats = PromptStats(g.prompt_stats_buffer, g.prompt_stats_min_count)
         # The frozen starting policy, for the KL term (kept only when it is used).
         self.reference = load_model(checkpoint).eval().requires_grad_(False) if g.kl_coef > 0 else None
 
     def train(self, iteration: int, n_groups: int) -> dict:
         g = self.cfg.grpo
-        entries = self.stream.read(consumer="rank0", count=n_groups)
+        entries = self.stream.read(consumer=f"rank{self.rank}", count=n_groups)
         ids = [entry_id for entry_id, _, _ in entries]
         metas = [meta for _, meta, _ in entries]
         for meta in metas:
             if meta["steps"] != self.grid.steps or meta["eta"] != g.eta:
                 raise RuntimeError(f"stream entry from a sampler with steps={meta['steps']}, eta={meta['eta']}; "
                                    f"this learner trains steps={self.grid.steps}, eta={g.eta}")
-        states = [t["states"] for _, _, t in entries]  # each [G, N, C, H, W]
-        old_log_probs = torch.cat([t["log_probs"] for _, _, t in entries])  # [P*G, N-1]
-        rewards = torch.stack([t["reward"] for _, _, t in entries])  # [P, G]
-        advantages = group_advantages(rewards, g.adv_eps).flatten()
-        tokens = [self.model.tokenize([m["prompt"]] * s.shape[0]) for m, s in zip(metas, states)]
+        prompts = [m["prompt"] for m in metas]
+        rewards = {name: torch.stack([t[f"reward/{name}"] for _, _, t in entries]) for name in self.weights}
+        total = torch.stack([t["reward"] for _, _, t in entries])  # [P, G]
+        advantages = compute_advantages(
+            rewards, self.weights, prompts, aggregation=g.reward_aggregation, std=g.advantage_std,
+            eps=g.adv_eps, clip=g.adv_clip, prompt_stats=self.prompt_stats,
+        )
+        kept = list(range(len(entries)))
+        if g.drop_zero_std_groups:
+            informative = [i for i in kept if float(total[i].std()) > 0]
+            kept = informative if len(informative) >= self.world else kept  # every rank needs a group
+        shard = kept[self.rank :: self.world]
+        n_total = sum(entries[i][2]["states"].shape[0] for i in kept)
+        batch = [
+            (self.model.tokenize([prompts[i]] * entries[i][2]["states"].shape[0]), entries[i][2]["states"],
+             entries[i][2]["log_probs"], advantages[i])
+            for i in shard
+        ]
 
         self.engine.train()
-        totals: dict[str, float] = {}
-        for j, k in enumerate(range(self.grid.steps, 1, -1)):
-            # Recompute log pi(y_{k-1} | y_k) group by group: the same batch shapes as the rollout, so the
-            # first on-policy ratio is exactly 1.
-            steps = [
-                hybrid_step(prox_fn(self.engine, tokens=tok), s[:, j], self.grid, k, eta=g.eta, y_next=s[:, j + 1])
-                for tok, s in zip(tokens, states)
-            ]
-            log_probs = torch.cat([st.log_prob for st in steps])
-            loss, stats = clipped_policy_loss(log_probs, old_log_probs[:, j], advantages, g.clip_range)
-            if self.reference is not None:
-                with torch.no_grad():
-                    ref_means = [
-                        hybrid_step(prox_fn(self.reference, tokens=tok), s[:, j], self.grid, k, eta=g.eta, y_next=s[:, j + 1]).mean
-                        for tok, s in zip(tokens, states)
-                    ]
-                var = g.eta**2 * self.grid.gamma_at(k - 1)
-                kl = torch.cat([gaussian_kl(st.mean, ref, var) for st, ref in zip(steps, ref_means)]).mean()
-                loss = loss + g.kl_coef * kl
-                stats["kl"] = kl.detach()
-            self.engine.backward(loss)
-            self.engine.step()
-            for name, value in {"loss": loss.detach(), **stats}.items():
-                v = float(value)
-                totals[name] = max(totals.get(name, v), v) if name == "ratio_max_dev" else totals.get(name, 0.0) + v / (self.grid.steps - 1)
+        sums: dict[str, list[float]] = {}
+        for _ in range(g.updates_per_batch):
+            for j in select_train_steps(g.steps - 1, g.train_step_window, g.train_step_fraction, self.step_rng):
+                loss, stats = self._transition_loss(batch, j, n_total)
+                self.engine.backward(loss)
+                self.engine.step()
+                for name, value in {"loss": loss.detach(), **stats}.items():
+                    sums.setdefault(name, []).append(float(value))
         acked = self.stream.ack(ids)
         if acked != len(ids):
             raise RuntimeError(f"acknowledged {acked} of {len(ids)} stream entries")
         lags = [self.version - m["policy_version"] for m in metas]
         self.version += 1
-        out = {
-            **totals,
-            "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std(unbiased=False)),
-            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-            "groups": len(ids),
-            "acked": acked,
-            "policy_lag_max": max(lags),
-        }
-        for name in [k[len("reward/"):] for k in entries[0][2] if k.startswith("reward/")]:
-            out[f"reward_{name}"] = float(torch.stack([t[f"reward/{name}"] for _, _, t in entries]).mean())
+        out = {name: (max(v) if name == "ratio_max_dev" else sum(v) / len(v)) for name, v in sums.items()}
+        out.update(
+            reward_mean=float(total.mean()),
+            reward_std=float(total.std(unbiased=False)),
+            grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
+            groups=len(ids),
+            groups_trained=len(kept),
+            acked=acked,
+            policy_lag_max=max(lags),
+            **{f"reward_{name}": float(r.mean()) for name, r in rewards.items()},
+        )
         return out
 
+    def _transition_loss(self, batch, j: int, n_total: int) -> tuple[torch.Tensor, dict]:
+        """Clipped policy loss (+ KL) of transition j (step k = N - j) over this rank's groups, scaled for ranks.
+
+        Log-probs are recomputed group by group, in the rollout's batch shapes, so the first on-policy ratio is
+        exactly 1.
+        """
+        g, k = self.cfg.grpo, self.grid.steps - j
+        steps = [
+            hybrid_step(prox_fn(self.engine, tokens=tok), s[:, j], self.grid, k, eta=g.eta, y_next=s[:, j + 1])
+            for tok, s, _, _ in batch
+        ]
+        log_probs = torch.cat([st.log_prob for st in steps])
+        old = torch.cat([lp[:, j] for _, _, lp, _ in batch])
+        adv = torch.cat([a for _, _, _, a in batch])
+        loss, stats = clipped_policy_loss(log_probs, old, adv, g.clip_range)
+        if self.reference is not None:
+            with torch.no_grad():
+                ref = [
+                    hybrid_step(prox_fn(self.reference, tokens=tok), s[:, j], self.grid, k, eta=g.eta, y_next=s[:, j + 1]).mean
+                    for tok, s, _, _ in batch
+                ]
+            var = g.eta**2 * self.grid.gamma_at(k - 1)
+            kl = torch.cat([gaussian_kl(st.mean, r, var) for st, r in zip(steps, ref)]).mean()
+            loss = loss + g.kl_coef * kl
+            stats["kl"] = kl.detach()
+        # clipped_policy_loss averages over this shard; DeepSpeed averages over ranks: rescale to the global mean.
+        return loss * (len(adv) * self.world / n_total), stats
+
     def publish(self) -> tuple[dict[str, torch.Tensor], int]:
+        """Full weights and version (every rank must call it: ZeRO-3 gathers collectively)."""
         from learner.engine import full_state_dict
 
         return full_state_dict(self.engine), self.version
 
-    def save(self, directory: str) -> str:
-        return str(save_model(self.engine.module, directory).resolve())
+    def save(self, directory: str) -> str | None:
+        """Rank 0 writes the checkpoint (every rank must call it under ZeRO-3)."""
+        from learner.engine import full_state_dict
+
+        state = full_state_dict(self.engine)
+        return str(save_state(state, self.model.cfg, directory).resolve()) if self.rank == 0 else None
+
+
+class LearnerGroup:
+    """The learner ranks: Ray actors in one placement group (packed where the cluster allows)."""
+
+    def __init__(self, ray, cfg: RunConfig, checkpoint: str, address: RedisAddress, run_id: str):
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from learner.engine import free_port
+
+        self.ray = ray
+        spec = cfg.actors.learner
+        bundle = {"CPU": spec.num_cpus, **({"GPU": spec.num_gpus} if spec.num_gpus else {})}
+        self.placement = placement_group([bundle] * spec.count, strategy="PACK")
+        ray.get(self.placement.ready(), timeout=600)
+        port = free_port()
+        self.ranks = [
+            ray.remote(GrpoLearner).options(
+                num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=r),
+            ).remote(checkpoint, cfg.model_dump_json(), address, run_id, r, spec.count, port)
+            for r in range(spec.count)
+        ]
+
+    def call(self, method: str, *args, num_returns: int = 1) -> list:
+        """Call `method` on every rank (collectives need all of them); one result (ref) per rank."""
+        return [getattr(rank, method).options(num_returns=num_returns).remote(*args) for rank in self.ranks]
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for rank in self.ranks:
+            self.ray.kill(rank)
+        remove_placement_group(self.placement)
 
 
 def _start_ray(cfg: RunConfig):
@@ -143,7 +218,7 @@ def _start_ray(cfg: RunConfig):
             ) from e
         return ray, False
     a = cfg.actors
-    needed = a.rollout.count * a.rollout.num_cpus + a.reward.count * a.reward.num_cpus + a.learner.num_cpus
+    needed = a.rollout.count * a.rollout.num_cpus + a.reward.count * a.reward.num_cpus + a.learner.count * a.learner.num_cpus
     ray.init(
         num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
         include_dashboard=False,
@@ -167,17 +242,16 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path) -
         address = redis_server.address
     ray, started_ray = None, False
     try:
-        stream = ExperienceStream(address, tracker.run_id)
-        stream.create()
+        streams = [ExperienceStream(address, tracker.run_id, learner_group(r)) for r in range(a.learner.count)]
+        for stream in streams:
+            stream.create()
         ray, started_ray = _start_ray(cfg)
         reward_actors = [
             ray.remote(RewardActor).options(num_cpus=a.reward.num_cpus, num_gpus=a.reward.num_gpus)
             .remote(rewards_cfg, a.reward.batch_size, a.torch_threads)
             for _ in range(a.reward.count)
         ]
-        learner = ray.remote(GrpoLearner).options(num_cpus=a.learner.num_cpus, num_gpus=a.learner.num_gpus).remote(
-            str(init_from), cfg.model_dump_json(), address, tracker.run_id
-        )
+        learners = LearnerGroup(ray, cfg, str(init_from), address, tracker.run_id)
         rollouts = [
             ray.remote(RolloutActor).options(num_cpus=a.rollout.num_cpus, num_gpus=a.rollout.num_gpus).remote(
                 str(init_from), g.steps, g.group_size, g.eta, reward_actors, weights,
@@ -208,9 +282,11 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path) -
             if groups == 0:
                 tracker.metrics({"groups_dropped": dropped}, step=it)
                 continue
-            metrics = ray.get(learner.train.remote(it, groups))
-            state, version = learner.publish.options(num_returns=2).remote()
-            version = ray.get([r.set_weights.remote(state, version) for r in rollouts])[0]
+            metrics = ray.get(learners.call("train", it, groups))[0]
+            published = learners.call("publish", num_returns=2)
+            state, version = published[0]  # every rank gathers (ZeRO-3); rank 0's copy is broadcast
+            ray.get([v for _, v in published] + [r.set_weights.remote(state, version) for r in rollouts])
+            version = ray.get(version)
             t2 = time.time()
             images = groups * g.group_size
             metrics.update(
@@ -223,8 +299,8 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path) -
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
         wall = time.time() - start
 
-        checkpoint = Path(ray.get(learner.save.remote(str(run_dir / "checkpoint"))))
-        stream_entries, stream_pending = stream.length(), stream.pending()
+        checkpoint = Path(ray.get(learners.call("save", str(run_dir / "checkpoint")))[0])
+        stream_entries, stream_pending = streams[0].length(), sum(s.pending() for s in streams)
         if stream_pending:
             raise RuntimeError(f"{stream_pending} stream entries were never acknowledged")
         images, after = evaluate(load_model(checkpoint), eval_prompts, g.steps, cfg.seed, eval_rewards, g.eta)
@@ -243,7 +319,7 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path) -
             "eval_reward_after": after,
             "groups_written": written_total,
             "groups_dropped": dropped_total,
-            "stream": {"key": stream.key, "entries": stream_entries, "pending": stream_pending},
+            "stream": {"key": streams[0].key, "entries": stream_entries, "pending": stream_pending},
         }
     finally:
         if ray is not None and started_ray:

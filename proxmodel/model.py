@@ -128,12 +128,18 @@ def prox_fn(model: nn.Module, **condition):
 
 def save_model(model: ProxT2I, directory: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Write `model.safetensors` + `config.json` to `directory`; each file is replaced atomically."""
+    return save_state(model.state_dict(), model.cfg, directory, dtype)
+
+
+def save_state(state: dict[str, torch.Tensor], cfg: ModelConfig, directory: str | Path,
+               dtype: torch.dtype = torch.float32) -> Path:
+    """save_model for a full state dict held apart from its module (e.g. gathered from ZeRO-3 shards)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
     weights_tmp, config_tmp = directory / (WEIGHTS_FILE + ".tmp"), directory / (CONFIG_FILE + ".tmp")
-    save_file(state, str(weights_tmp), metadata={"format": "proxrl"})
-    config_tmp.write_text(json.dumps(model.cfg.model_dump(), indent=2) + "\n")
+    save_file(tensors, str(weights_tmp), metadata={"format": "proxrl"})
+    config_tmp.write_text(json.dumps(cfg.model_dump(), indent=2) + "\n")
     os.replace(weights_tmp, directory / WEIGHTS_FILE)
     os.replace(config_tmp, directory / CONFIG_FILE)
     return directory

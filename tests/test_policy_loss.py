@@ -50,3 +50,46 @@ def test_clipping_stops_the_gradient_beyond_the_trust_region():
 def test_weighted_sum_of_rewards():
     scores = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.5, 1.0])}
     assert torch.allclose(weighted_sum(scores, {"a": 0.7, "b": 0.3}), torch.tensor([0.85, 0.3]))
+
+
+def test_advantage_options():
+    from learner.policy_loss import PromptStats, compute_advantages
+
+    a = {"a": torch.tensor([[0.0, 1.0], [0.0, 0.5]]), "b": torch.tensor([[1.0, 1.0], [0.0, 4.0]])}
+    w = {"a": 1.0, "b": 0.5}
+    prompts = ["p", "q"]
+    # Sum the rewards, then normalise each group.
+    reward_aggr = compute_advantages(a, w, prompts, aggregation="reward", eps=0.0)
+    total = torch.tensor([[0.5, 1.5], [0.0, 2.5]])
+    assert torch.allclose(reward_aggr, group_advantages(total, 0.0))
+    # Normalise each reward, then sum: a constant reward (b in group 0) contributes nothing.
+    adv_aggr = compute_advantages(a, w, prompts, aggregation="advantage", eps=1e-12)
+    assert torch.allclose(adv_aggr[0], torch.tensor([-1.0, 1.0]))
+    assert torch.allclose(adv_aggr[1], torch.tensor([-1.5, 1.5]))
+    # One std over the batch keeps the groups' relative scales.
+    glob = compute_advantages({"a": total}, {"a": 1.0}, prompts, std="global", eps=0.0)
+    assert torch.allclose(glob, (total - total.mean(1, keepdim=True)) / total.std(unbiased=False))
+    # Clipping bounds |A|.
+    assert compute_advantages({"a": total}, {"a": 1.0}, prompts, std="global", eps=0.0, clip=0.5).abs().max() == 0.5
+    # Per-prompt running stats: the group's own stats until min_count rewards are seen, then the history's.
+    stats = PromptStats(buffer=4, min_count=4)
+    first = compute_advantages({"a": torch.tensor([[0.0, 1.0]])}, {"a": 1.0}, ["p"], std="prompt", prompt_stats=stats)
+    assert torch.allclose(first, group_advantages(torch.tensor([[0.0, 1.0]]), 1e-4))
+    second = compute_advantages({"a": torch.tensor([[1.0, 1.0]])}, {"a": 1.0}, ["p"], std="prompt", prompt_stats=stats)
+    assert torch.allclose(second, torch.full((1, 2), 0.25 / (0.4330127 + 1e-4)), atol=1e-5)
+    assert stats.state() == {"total|p": [0.0, 1.0, 1.0, 1.0]}
+
+
+def test_train_step_selection():
+    from learner.policy_loss import select_train_steps
+
+    gen = torch.Generator().manual_seed(0)
+    assert select_train_steps(9, None, 1.0, gen) == list(range(9))
+    assert select_train_steps(9, [0, 1, 2], 1.0, gen) == [0, 1, 2]
+    picks = [tuple(select_train_steps(9, None, 0.34, gen)) for _ in range(50)]
+    assert all(len(p) == 3 and len(set(p)) == 3 and all(0 <= j < 9 for j in p) for p in picks)
+    assert len(set(picks)) > 10  # a fresh subset each iteration
+    import pytest
+
+    with pytest.raises(ValueError, match="selects none"):
+        select_train_steps(4, [7], 1.0, gen)

@@ -1,0 +1,38 @@
+"""A GRPO batch on a real stream, made the way rollout actors make it (shared by the learner tests)."""
+
+import torch
+
+from actors.rollout import group_entry
+from actors.stream import ExperienceStream, learner_group
+from proxmodel.model import load_model, prox_fn
+from proxmodel.sampler import sample_hybrid
+from proxmodel.schedule import VPSchedule
+
+PROMPTS = [
+    "a small red circle at the top left, on a white background",
+    "a large blue square at the bottom right, on a black background",
+    "a green triangle, on a gray background",
+    "a small yellow circle at the top right and a large cyan square at the bottom left",
+]
+
+
+def write_batch(checkpoint, address, run_id, *, steps, group_size, eta=1.0, ranks=1, rewards=None, seed=0):
+    """Sample one group per prompt with the checkpoint's policy and stream it; returns the per-group rewards."""
+    model = load_model(checkpoint).eval()
+    grid = VPSchedule().grid(steps)
+    c = model.cfg
+    gen = torch.Generator().manual_seed(seed)
+    streams = [ExperienceStream(address, run_id, learner_group(r)) for r in range(ranks)]
+    for s in streams:
+        s.create()
+    out = []
+    for i, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            context = model.encode_text(model.tokenize([prompt] * group_size))
+        traj = sample_hybrid(prox_fn(model, context=context), (group_size, c.channels, c.image_size, c.image_size),
+                             grid, eta=eta, generator=gen)
+        reward = rewards[i] if rewards is not None else torch.rand(group_size, generator=gen)
+        meta, tensors = group_entry(prompt, i, 0, 0, eta, traj, {"compositional": reward}, reward)
+        streams[0].add(meta, tensors)
+        out.append(reward)
+    return out

@@ -1,0 +1,82 @@
+"""The GRPO learner in this process: a real DeepSpeed engine (gloo, one rank) reading a real Redis stream."""
+
+import json
+
+import pytest
+import torch
+
+from actors.stream import EmbeddedRedis
+from learner.config import RunConfig
+from learner.grpo import GrpoLearner
+from proxmodel.model import save_model
+from tests.grpo_batch import PROMPTS, write_batch
+
+STEPS, G = 3, 4
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model, tmp_path_factory):
+    return str(save_model(tiny_model, tmp_path_factory.mktemp("ckpt") / "c"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Rollouts and learner must run the same kernels for the first ratio to be exactly 1: on CPU that means the
+    # same torch thread count (the learner sets actors.torch_threads=1).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture()
+def server():
+    with EmbeddedRedis() as s:
+        yield s
+
+
+def make_learner(checkpoint, server, run_id, **grpo):
+    cfg = RunConfig.model_validate({
+        "grpo": {"steps": STEPS, "group_size": G, "prompts_per_iteration": len(PROMPTS), "lr": 1e-3, **grpo},
+        "actors": {"torch_threads": 1},
+    })
+    return GrpoLearner(checkpoint, cfg.model_dump_json(), server.address, run_id)
+
+
+def test_one_update_is_on_policy_and_acknowledges_the_batch(checkpoint, server):
+    write_batch(checkpoint, server.address, "a", steps=STEPS, group_size=G)
+    learner = make_learner(checkpoint, server, "a")
+    before = {k: v.clone() for k, v in learner.publish()[0].items()}
+    metrics = learner.train(0, len(PROMPTS))
+    assert metrics["ratio_max_dev"] == 0.0 and metrics["clip_frac"] == 0.0
+    assert metrics["acked"] == len(PROMPTS) and learner.stream.pending() == 0
+    after, version = learner.publish()
+    assert version == 1
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_several_updates_per_batch_go_off_policy_and_clip(checkpoint, server):
+    write_batch(checkpoint, server.address, "b", steps=STEPS, group_size=G)
+    learner = make_learner(checkpoint, server, "b", updates_per_batch=3, clip_range=1e-6)
+    metrics = learner.train(0, len(PROMPTS))
+    assert metrics["ratio_max_dev"] > 0.0  # the later passes see a moved policy
+    assert 0.0 < metrics["clip_frac"] <= 2 / 3 + 1e-6  # never on the first pass
+    assert learner.engine.global_steps == 3
+
+
+def test_kl_to_the_reference_is_zero_first_then_positive(checkpoint, server):
+    write_batch(checkpoint, server.address, "c", steps=STEPS, group_size=G)
+    learner = make_learner(checkpoint, server, "c", kl_coef=0.5, updates_per_batch=2)
+    metrics = learner.train(0, len(PROMPTS))
+    assert metrics["kl"] > 0.0  # mean over passes: 0 on the first, positive on the second
+
+
+def test_zero_std_groups_are_dropped_and_step_window_limits_the_transitions(checkpoint, server):
+    flat = torch.full((G,), 0.5)
+    rewards = [flat, torch.tensor([0.0, 1.0, 0.5, 0.25]), flat, torch.tensor([1.0, 0.0, 0.0, 0.0])]
+    write_batch(checkpoint, server.address, "d", steps=STEPS, group_size=G, rewards=rewards)
+    learner = make_learner(checkpoint, server, "d", train_step_window=[1])
+    metrics = learner.train(0, len(PROMPTS))
+    assert metrics["groups"] == 4 and metrics["groups_trained"] == 2
+    assert learner.engine.global_steps == 1 and learner.engine.gradient_accumulation_steps() == 1
+    json.dumps(metrics)  # plain numbers, ready for MLflow
