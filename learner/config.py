@@ -77,8 +77,15 @@ class GrpoConfig(Strict):
         1.0, gt=0, le=1, description="random fraction of the window trained each iteration (timestep subsampling)"
     )
     updates_per_batch: int = Field(1, ge=1, description="optimiser steps per batch; after the first the ratio != 1")
+    max_staleness: int = Field(
+        0, ge=0, description="async mode: rollouts may run this many policy versions ahead of the learner "
+        "(0 = synchronous); older groups are skipped by the learner"
+    )
     prompt_seed: int = Field(1, description="seed of the training prompt stream (scene captions)")
-    eval_prompts: int = Field(32, ge=1, description="held-out prompts scored before and after training (fixed noise)")
+    eval_prompts: int = Field(32, ge=1, description="held-out prompts scored at each evaluation (fixed noise)")
+    eval_every: int = Field(
+        10, ge=0, description="evaluate (rewards, sample grid, hacking monitors) every K iterations; 0 = start and end only"
+    )
 
 
 class RewardSpec(Strict):

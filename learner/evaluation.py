@@ -11,14 +11,14 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from proxmodel.model import ProxT2I, prox_fn
-from proxmodel.sampler import sample_hybrid
+from proxmodel.sampler import Trajectory, gaussian_kl, hybrid_step, sample_hybrid
 from proxmodel.schedule import VPSchedule
 from rewards.base import RewardModel
 
 
 @torch.no_grad()
-def generate(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta: float = 1.0) -> torch.Tensor:
-    """Images in [0, 1], [B, C, H, W], from the hybrid sampler with the noise of `seed` (eta=0: deterministic)."""
+def sample(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta: float = 1.0) -> Trajectory:
+    """The hybrid sampler's trajectory for `prompts` with the noise of `seed` (eta=0: deterministic)."""
     was_training = model.training
     model.eval()
     context = model.encode_text(model.tokenize(prompts))
@@ -29,7 +29,12 @@ def generate(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta:
         VPSchedule().grid(steps), eta=eta, generator=gen,
     )
     model.train(was_training)
-    return to_unit(traj.images)
+    return traj
+
+
+def generate(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta: float = 1.0) -> torch.Tensor:
+    """Images in [0, 1], [B, C, H, W], from the hybrid sampler with the noise of `seed` (eta=0: deterministic)."""
+    return to_unit(sample(model, prompts, steps, seed, eta).images)
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -50,3 +55,31 @@ def evaluate(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, rewa
     """(images, {reward name: mean score}) on `prompts` with fixed noise (the same seed gives the same draws)."""
     images = generate(model, prompts, steps, seed, eta)
     return images, {name: float(r.score(images, prompts).mean()) for name, r in rewards.items()}
+
+
+@torch.no_grad()
+def hacking_monitors(model: ProxT2I, reference: ProxT2I, prompts: Sequence[str], steps: int, seed: int,
+                     eta: float, group: int) -> dict[str, float]:
+    """Reward-hacking monitors on `group` fixed-noise samples per prompt.
+
+    diversity: per-pixel std across a group, averaged (collapse drives it to 0); saturation: mean HSV saturation
+    (over-saturation drives it to 1); kl_ref: mean per-step KL between the policy and the reference on the
+    policy's own trajectories (drift).
+    """
+    texts = [p for p in prompts for _ in range(group)]
+    traj = sample(model, texts, steps, seed, eta)
+    images = to_unit(traj.images)
+    diversity = images.reshape(len(prompts), group, -1).std(dim=1).mean()
+    brightest, darkest = images.max(dim=1).values, images.min(dim=1).values
+    saturation = ((brightest - darkest) / brightest.clamp_min(1e-6)).mean()
+    tokens = model.tokenize(texts)
+    policy = prox_fn(model.eval(), context=model.encode_text(tokens))
+    ref = prox_fn(reference.eval(), context=reference.encode_text(tokens))
+    grid = VPSchedule().grid(steps)
+    kls = []
+    for j, k in enumerate(range(steps, 1, -1)):
+        y, y_next = traj.states[:, j], traj.states[:, j + 1]
+        mean = hybrid_step(policy, y, grid, k, eta=eta, y_next=y_next).mean
+        mean_ref = hybrid_step(ref, y, grid, k, eta=eta, y_next=y_next).mean
+        kls.append(gaussian_kl(mean, mean_ref, eta**2 * grid.gamma_at(k - 1)).mean())
+    return {"diversity": float(diversity), "saturation": float(saturation), "kl_ref": float(torch.stack(kls).mean())}

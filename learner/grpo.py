@@ -11,7 +11,9 @@ One iteration:
 from __future__ import annotations
 
 import os
+import shutil
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -21,7 +23,7 @@ from actors.reward import RewardActor, set_threads
 from actors.rollout import RolloutActor
 from actors.stream import EmbeddedRedis, ExperienceStream, RedisAddress, learner_group
 from learner.config import ConfigError, RunConfig
-from learner.evaluation import evaluate, save_grid
+from learner.evaluation import evaluate, hacking_monitors, save_grid
 from learner.policy_loss import PromptStats, clipped_policy_loss, compute_advantages, select_train_steps
 from learner.pretrain import EVAL_SEED_OFFSET
 from learner.tracking import Tracker
@@ -87,10 +89,15 @@ class GrpoLearner:
             rewards, self.weights, prompts, aggregation=g.reward_aggregation, std=g.advantage_std,
             eps=g.adv_eps, clip=g.adv_clip, prompt_stats=self.prompt_stats,
         )
-        kept = list(range(len(entries)))
+        lags = [self.version - m["policy_version"] for m in metas]
+        kept = [i for i, lag in enumerate(lags) if lag <= g.max_staleness]  # the staleness bound
         if g.drop_zero_std_groups:
             informative = [i for i in kept if float(total[i].std()) > 0]
             kept = informative if len(informative) >= self.world else kept  # every rank needs a group
+        if len(kept) < self.world:  # too little fresh data for every rank: no update this time
+            self.stream.ack(ids)
+            return {"groups": len(ids), "groups_trained": 0, "groups_stale": len(ids) - len(kept),
+                    "policy_lag_max": max(lags), "reward_mean": float(total.mean())}
         shard = kept[self.rank :: self.world]
         n_total = sum(entries[i][2]["states"].shape[0] for i in kept)
         batch = [
@@ -111,7 +118,6 @@ class GrpoLearner:
         acked = self.stream.ack(ids)
         if acked != len(ids):
             raise RuntimeError(f"acknowledged {acked} of {len(ids)} stream entries")
-        lags = [self.version - m["policy_version"] for m in metas]
         self.version += 1
         out = {name: (max(v) if name == "ratio_max_dev" else sum(v) / len(v)) for name, v in sums.items()}
         out.update(
@@ -120,8 +126,10 @@ class GrpoLearner:
             grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
             groups=len(ids),
             groups_trained=len(kept),
+            groups_stale=sum(lag > g.max_staleness for lag in lags),
             acked=acked,
             policy_lag_max=max(lags),
+            policy_lag_trained_max=max(lags[i] for i in kept),
             **{f"reward_{name}": float(r.mean()) for name, r in rewards.items()},
         )
         return out
@@ -262,19 +270,42 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path) -
 
         eval_prompts = scene_prompts(g.prompt_seed, EVAL_SEED_OFFSET, g.eval_prompts, cfg.data.omit_prob)
         eval_rewards = {r.name: build_reward(r.name, **r.options) for r in cfg.rewards}
-        _, before = evaluate(load_model(init_from), eval_prompts, g.steps, cfg.seed, eval_rewards, g.eta)
-        tracker.metrics({f"eval_reward_{k}": v for k, v in before.items()}, step=0)
+        reference = load_model(init_from)
+
+        def run_eval(model, step: int) -> dict[str, float]:
+            """Held-out rewards (fixed noise, and the deterministic sampler), monitors and a grid, at `step`."""
+            images, scores = evaluate(model, eval_prompts, g.steps, cfg.seed, eval_rewards, g.eta)
+            _, det = evaluate(model, eval_prompts, g.steps, cfg.seed, eval_rewards, eta=0.0)
+            monitors = hacking_monitors(model, reference, eval_prompts[:4], g.steps, cfg.seed, g.eta, g.group_size)
+            tracker.metrics({**{f"eval_reward_{k}": v for k, v in scores.items()},
+                             **{f"eval_det_reward_{k}": v for k, v in det.items()},
+                             **{f"monitor_{k}": v for k, v in monitors.items()}}, step=step)
+            tracker.image(save_grid(images, run_dir / "samples" / f"step{step:05d}.png"), f"samples/step{step:05d}.png")
+            return scores
+
+        before = run_eval(reference, 0)
 
         history, written_total, dropped_total = [], 0, 0
         start = time.time()
         bar = tqdm(range(g.iterations), desc="grpo", unit="it", dynamic_ncols=True)
-        for it in bar:
-            t0 = time.time()
+        def launch(it: int) -> list:
+            """Start iteration `it`'s rollouts; each actor runs them after the calls already queued on it."""
             first = it * g.prompts_per_iteration
             prompts = scene_prompts(g.prompt_seed, first, g.prompts_per_iteration, cfg.data.omit_prob)
             indices = list(range(first, first + g.prompts_per_iteration))
             shards = [(prompts[i :: len(rollouts)], indices[i :: len(rollouts)]) for i in range(len(rollouts))]
-            results = ray.get([r.rollout.remote(p, idx, it, cfg.seed) for r, (p, idx) in zip(rollouts, shards) if p])
+            return [r.rollout.remote(p, idx, it, cfg.seed) for r, (p, idx) in zip(rollouts, shards) if p]
+
+        # Async mode: up to max_staleness iterations of rollouts run ahead of the learner. A rollout actor runs
+        # its calls in order, so new weights reach it only between two whole batches, never inside a group.
+        in_flight: deque[list] = deque()
+        weight_updates: list = []
+        for it in bar:
+            t0 = time.time()
+            while len(in_flight) <= g.max_staleness and it + len(in_flight) < g.iterations:
+                in_flight.append(launch(it + len(in_flight)))
+            results = ray.get(in_flight.popleft())
+            ray.get(weight_updates)  # surface a failed weight update; these finished before the rollouts did
             groups = sum(r["groups"] for r in results)
             dropped = sum(r["dropped"] for r in results)
             written_total, dropped_total = written_total + groups, dropped_total + dropped
@@ -285,8 +316,8 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path) -
             metrics = ray.get(learners.call("train", it, groups))[0]
             published = learners.call("publish", num_returns=2)
             state, version = published[0]  # every rank gathers (ZeRO-3); rank 0's copy is broadcast
-            ray.get([v for _, v in published] + [r.set_weights.remote(state, version) for r in rollouts])
-            version = ray.get(version)
+            weight_updates = [r.set_weights.remote(state, version) for r in rollouts]
+            version = ray.get([v for _, v in published])[0]
             t2 = time.time()
             images = groups * g.group_size
             metrics.update(
@@ -295,6 +326,10 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path) -
                 sample_s=max(r["sample_s"] for r in results), reward_s=max(r["reward_s"] for r in results),
             )
             tracker.metrics(metrics, step=it)
+            if g.eval_every and (it + 1) % g.eval_every == 0 and it + 1 < g.iterations:
+                current = load_model(init_from)
+                current.load_state_dict(ray.get(state))
+                run_eval(current, it + 1)
             history.append(metrics["reward_mean"])
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
         wall = time.time() - start
@@ -303,9 +338,9 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path) -
         stream_entries, stream_pending = streams[0].length(), sum(s.pending() for s in streams)
         if stream_pending:
             raise RuntimeError(f"{stream_pending} stream entries were never acknowledged")
-        images, after = evaluate(load_model(checkpoint), eval_prompts, g.steps, cfg.seed, eval_rewards, g.eta)
-        tracker.metrics({f"eval_reward_{k}": v for k, v in after.items()}, step=g.iterations)
-        tracker.image(save_grid(images, run_dir / "samples.png"), "samples.png")
+        after = run_eval(load_model(checkpoint), g.iterations)
+        shutil.copyfile(run_dir / "samples" / f"step{g.iterations:05d}.png", run_dir / "samples.png")
+        tracker.artifact(run_dir / "samples.png")
         if not history:
             raise RuntimeError(f"every group of every iteration was dropped ({dropped_total} groups): check the rewards")
         return {

@@ -14,14 +14,15 @@ import time
 from pathlib import Path
 
 # Nothing may be fetched from a model hub at run time; library telemetry stays off.
-for _key, _value in {
+OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "RAY_USAGE_STATS_ENABLED": "0",
     "TOKENIZERS_PARALLELISM": "false",
-}.items():
+}
+for _key, _value in OFFLINE_ENV.items():
     os.environ.setdefault(_key, _value)
 
 from learner.config import ConfigError, RunConfig, dump_config, load_config  # noqa: E402

@@ -51,4 +51,4 @@ def build(name: str, **options) -> RewardModel:
 
 def _import_builtin() -> None:
     # Importing a module runs its @register; the built-in ones live beside this file.
-    from rewards import compositional  # noqa: F401
+    from rewards import compositional, jpeg  # noqa: F401

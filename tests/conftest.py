@@ -1,20 +1,9 @@
-import os
+from learner.main import OFFLINE_ENV  # noqa: F401  (importing it sets the offline, no-telemetry environment)
 
-# Tests never reach a model hub and never phone home; DeepSpeed uses its CPU accelerator where there is no GPU.
-for key, value in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(key, value)
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from proxmodel.config import ModelConfig, TextConfig  # noqa: E402
+from proxmodel.config import ModelConfig, TextConfig
 
 
 @pytest.fixture(scope="session")

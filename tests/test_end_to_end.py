@@ -90,6 +90,14 @@ def test_grpo_end_to_end_acks_every_entry_and_logs_every_iteration(pretrained, s
     rewards = mlflow.get_metric_history(run.info.run_id, "reward_mean")
     assert sorted(m.step for m in rewards) == list(range(iterations))
     assert rewards[0].value == pytest.approx(summary["reward_first"])
+    # Two rewards are mixed (0.7 compositional + 0.3 JPEG compressibility): each has its own curve.
+    per_model = {name: {m.step: m.value for m in mlflow.get_metric_history(run.info.run_id, f"reward_{name}")}
+                 for name in ("compositional", "jpeg_compressibility")}
+    for name, curve in per_model.items():
+        assert sorted(curve) == list(range(iterations)), name
+    for step in range(iterations):
+        mixed = 0.7 * per_model["compositional"][step] + 0.3 * per_model["jpeg_compressibility"][step]
+        assert {m.step: m.value for m in rewards}[step] == pytest.approx(mixed, abs=1e-5)
     # On-policy (one optimiser step per batch): the policy ratio is exactly 1, through Ray, Redis and DeepSpeed.
     assert all(m.value == 0.0 for m in mlflow.get_metric_history(run.info.run_id, "ratio_max_dev"))
     assert all(m.value == 0.0 for m in mlflow.get_metric_history(run.info.run_id, "policy_lag_max"))
@@ -104,3 +112,20 @@ def test_unknown_config_key_fails_fast_naming_it(tmp_path):
     assert "nonexistent" in proc.stderr and "unknown config key" in proc.stderr
     assert not (tmp_path / "r").exists()  # nothing started, nothing written
     assert time.monotonic() - start < 60
+
+
+def test_async_grpo_respects_the_staleness_bound(pretrained, store):
+    root, uri = store
+    proc = run_cli(
+        "--mode", "grpo", "--config", str(SMOKE), f"run_dir={root / 'async'}", f"mlflow.tracking_uri={uri}",
+        f"init_from={pretrained['checkpoint']}", "grpo.max_staleness=1", "grpo.iterations=3", "grpo.eval_every=0",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(Path(last_line(proc)).read_text())
+    assert summary["stream"]["pending"] == 0 and summary["stream"]["entries"] == summary["groups_written"] == 6
+    mlflow = MlflowClient(uri)
+    lag = {m.step: m.value for m in mlflow.get_metric_history(summary["mlflow_run_id"], "policy_lag_trained_max")}
+    # Iteration 0 trains on the starting policy's data; after that rollouts run one version ahead, never more.
+    assert lag == {0: 0.0, 1: 1.0, 2: 1.0}
+    stale = mlflow.get_metric_history(summary["mlflow_run_id"], "groups_stale")
+    assert [m.value for m in stale] == [0.0, 0.0, 0.0]

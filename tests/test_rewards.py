@@ -1,0 +1,24 @@
+import torch
+
+from rewards import available, build
+from rewards.scenes import scene_batch
+
+
+def test_registry_lists_the_builtin_rewards():
+    assert {"compositional", "jpeg_compressibility", "jpeg_incompressibility"} <= set(available())
+
+
+def test_jpeg_rewards_order_flat_above_noisy_and_are_deterministic():
+    flat = torch.full((2, 3, 32, 32), 0.5)
+    noisy = torch.rand((2, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    images = torch.cat([flat, noisy])
+    compress, incompress = build("jpeg_compressibility"), build("jpeg_incompressibility")
+    c = compress.score(images, [""] * 4)
+    assert c.dtype == torch.float32 and c.shape == (4,)
+    assert bool((c[:2] > c[2:].max()).all())
+    assert torch.equal(incompress.score(images, [""] * 4), -c)
+    assert torch.equal(compress.score(images, [""] * 4), c)
+    # Scenes (flat colours) compress better than noise, worse than a blank image.
+    scenes, captions = scene_batch(seed=0, start=0, count=4, side=32)
+    s = compress.score(torch.from_numpy(scenes), captions)
+    assert bool((s < c[:2].min()).all()) and bool((s > c[2:].max()).all())
