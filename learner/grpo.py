@@ -285,9 +285,6 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path) -
 
         before = run_eval(reference, 0)
 
-        history, written_total, dropped_total = [], 0, 0
-        start = time.time()
-        bar = tqdm(range(g.iterations), desc="grpo", unit="it", dynamic_ncols=True)
         def launch(it: int) -> list:
             """Start iteration `it`'s rollouts; each actor runs them after the calls already queued on it."""
             first = it * g.prompts_per_iteration
@@ -300,6 +297,9 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path) -
         # its calls in order, so new weights reach it only between two whole batches, never inside a group.
         in_flight: deque[list] = deque()
         weight_updates: list = []
+        history, written_total, dropped_total = [], 0, 0
+        start = time.time()
+        bar = tqdm(range(g.iterations), desc="grpo", unit="it", dynamic_ncols=True)
         for it in bar:
             t0 = time.time()
             while len(in_flight) <= g.max_staleness and it + len(in_flight) < g.iterations:
