@@ -30,9 +30,6 @@ class RewardActor:
                 out[name].append(model.score(chunk, texts).float().cpu())
         return {name: torch.cat(parts) for name, parts in out.items()}
 
-    def ping(self) -> bool:
-        return True
-
 
 class RewardClient:
     """Sends a scoring request to one reward actor; on an error or a timeout, retries on the next one."""

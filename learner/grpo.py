@@ -23,6 +23,7 @@ from actors.reward import RewardActor, set_threads
 from actors.rollout import RolloutActor
 from actors.stream import EmbeddedRedis, ExperienceStream, RedisAddress, learner_group
 from learner.config import ConfigError, RunConfig
+from learner.env import OFFLINE_ENV
 from learner.evaluation import evaluate, hacking_monitors, save_grid
 from learner.policy_loss import PromptStats, clipped_policy_loss, compute_advantages, select_train_steps
 from learner.pretrain import EVAL_SEED_OFFSET
@@ -34,10 +35,7 @@ from rewards import build as build_reward
 from rewards.scenes import scene_prompts
 
 # Environment every actor needs: offline hubs, no telemetry, CPU DeepSpeed where there is no GPU.
-ACTOR_ENV_KEYS = (
-    "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "MLFLOW_DISABLE_TELEMETRY",
-    "TOKENIZERS_PARALLELISM", "DS_ACCELERATOR",
-)
+ACTOR_ENV_KEYS = (*OFFLINE_ENV, "DS_ACCELERATOR")
 
 
 class GrpoLearner:

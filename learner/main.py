@@ -8,24 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-# Nothing may be fetched from a model hub at run time; library telemetry stays off.
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-for _key, _value in OFFLINE_ENV.items():
-    os.environ.setdefault(_key, _value)
-
-from learner.config import ConfigError, RunConfig, dump_config, load_config  # noqa: E402
+from learner import env  # noqa: F401  (sets the offline, no-telemetry environment first)
+from learner.config import ConfigError, RunConfig, dump_config, load_config
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "proxmodel" / "weights"

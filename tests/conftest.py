@@ -1,4 +1,4 @@
-from learner.main import OFFLINE_ENV  # noqa: F401  (importing it sets the offline, no-telemetry environment)
+from learner import env  # noqa: F401  (importing it sets the offline, no-telemetry environment)
 
 import pytest
 import torch
