@@ -39,6 +39,17 @@ def resolve_checkpoint(ref: str | None) -> Path | None:
     return path
 
 
+def check_rewards(cfg: RunConfig) -> None:
+    """Every reward's weights and options are checked here, before any actor or model starts."""
+    from rewards.base import preflight
+
+    for i, spec in enumerate(cfg.rewards):
+        try:
+            preflight(spec.name, spec.options)
+        except (FileNotFoundError, ValueError, TypeError) as e:
+            raise ConfigError(f"rewards[{i}] ({spec.name}): {e}") from None
+
+
 def prepare_run_dir(cfg: RunConfig, mode: str) -> Path:
     run_dir = Path(cfg.run_dir or f"runs/{mode}-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve()
     if (run_dir / "summary.json").exists():
@@ -66,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_rewards(cfg)
         init_ref = cfg.init_from or (GRPO_DEFAULT_INIT if args.mode == "grpo" else None)
         init_from = resolve_checkpoint(init_ref)
         run_dir = prepare_run_dir(cfg, args.mode)

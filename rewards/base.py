@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Sequence
 
 import torch
@@ -49,6 +50,16 @@ def build(name: str, **options) -> RewardModel:
     return _REGISTRY[name](**options)
 
 
+def preflight(name: str, options: dict) -> None:
+    """Check a reward's files and options without loading it (a reward class may define `preflight(**options)`)."""
+    _import_builtin()
+    cls = _REGISTRY[name]
+    inspect.signature(cls).bind(**options)  # unknown or missing options fail here, not inside an actor
+    check = getattr(cls, "preflight", None)
+    if check is not None:
+        check(**options)
+
+
 def _import_builtin() -> None:
     # Importing a module runs its @register; the built-in ones live beside this file.
-    from rewards import compositional, jpeg  # noqa: F401
+    from rewards import clip_score, compositional, jpeg  # noqa: F401

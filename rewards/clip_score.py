@@ -1,0 +1,68 @@
+"""CLIP score: 100 x cosine similarity of open_clip's image and text embeddings, from a local open_clip folder.
+
+The folder is what open_clip calls `local-dir:` and what its hub repositories hold: `open_clip_config.json`
+(model_cfg + preprocess_cfg) and `open_clip_model.safetensors` (or `.bin`). Images go through open_clip's own
+preprocessing transform, so scores match the reference pipeline exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from rewards.base import RewardModel, register
+
+CONFIG_FILE = "open_clip_config.json"
+WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_model.bin")
+SOURCE = (
+    "an open_clip model repository on the Hugging Face hub, e.g. laion/CLIP-ViT-B-32-laion2B-s34B-b79K "
+    "(download open_clip_config.json and open_clip_model.safetensors on a machine with internet)"
+)
+
+
+@register("clip_score")
+class ClipScore(RewardModel):
+    """100 x cos(image, caption) under an open_clip model loaded from a local folder (`options.path`)."""
+
+    def __init__(self, path: str, batch_size: int = 32, device: str = "cpu"):
+        import open_clip
+
+        self.preflight(path)
+        folder = Path(path).expanduser().resolve()
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", device=device)
+        self.model.eval()
+        self.tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+        self.device, self.batch_size = device, batch_size
+
+    @staticmethod
+    def preflight(path: str | None = None, **_) -> None:
+        """Fail before any actor starts if the weights are not where the config says."""
+        folder = Path(path).expanduser() if path else None
+        missing = [] if folder and folder.is_dir() else [f"the folder {folder}"]
+        if not missing:
+            if not (folder / CONFIG_FILE).is_file():
+                missing.append(str(folder / CONFIG_FILE))
+            if not any((folder / w).is_file() for w in WEIGHT_FILES):
+                missing.append(f"{folder / WEIGHT_FILES[0]} (or {', '.join(WEIGHT_FILES[1:])})")
+        if missing:
+            raise FileNotFoundError(
+                f"the clip_score reward needs its weights: missing {'; '.join(missing)}. Get them from {SOURCE}, "
+                f"put both files in one folder and set that folder as the reward's options.path in the config "
+                f"(rewards: [{{name: clip_score, options: {{path: /models/clip}}}}])."
+            )
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        arr = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        out = []
+        for i in range(0, len(arr), self.batch_size):
+            pixels = torch.stack([self.preprocess(Image.fromarray(a)) for a in arr[i : i + self.batch_size]])
+            tokens = self.tokenizer(list(prompts[i : i + self.batch_size]))
+            image_emb = self.model.encode_image(pixels.to(self.device), normalize=True)
+            text_emb = self.model.encode_text(tokens.to(self.device), normalize=True)
+            out.append(100.0 * (image_emb * text_emb).sum(dim=-1).float().cpu())
+        return torch.cat(out)

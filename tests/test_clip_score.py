@@ -1,0 +1,76 @@
+"""CLIP score through a small open_clip model of the real architecture, saved the way open_clip hub repos are."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from rewards import build
+from rewards.base import preflight
+from rewards.scenes import scene_batch
+
+TINY = {
+    "model_cfg": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    },
+    "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
+}
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clip")
+    (folder / "open_clip_config.json").write_text(json.dumps(TINY))
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**TINY["model_cfg"])
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def test_scores_equal_open_clips_own_pipeline(clip_dir):
+    images, captions = scene_batch(seed=2, start=0, count=5, side=32)
+    images = torch.from_numpy(images)
+    reward = build("clip_score", path=str(clip_dir), batch_size=2)
+    scores = reward.score(images, captions)
+    assert scores.shape == (5,) and scores.dtype == torch.float32 and bool(scores.abs().le(100).all())
+    # The reference: open_clip's own model, transform and tokenizer, loaded independently.
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{clip_dir}")
+    pil = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for im in images]
+    with torch.no_grad():
+        img = model.eval().encode_image(torch.stack([preprocess(p) for p in pil]), normalize=True)
+        txt = model.encode_text(tokenizer(captions), normalize=True)
+    assert torch.allclose(scores, 100 * (img * txt).sum(-1), atol=1e-4)
+    assert torch.equal(reward.score(images, captions), scores)  # deterministic
+
+
+def test_missing_weights_name_the_files_the_source_and_the_key(clip_dir, tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        preflight("clip_score", {"path": str(tmp_path)})
+    message = str(info.value)
+    for fragment in ("open_clip_config.json", "open_clip_model.safetensors", "Hugging Face",
+                     "options.path"):
+        assert fragment in message
+    with pytest.raises(TypeError):
+        preflight("clip_score", {"path": str(clip_dir), "no_such_option": 1})
+    preflight("clip_score", {"path": str(clip_dir)})  # all there: no error
+
+
+def test_cli_fails_before_any_actor_starts(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "learner.main", "--mode", "grpo", "--config", "configs/smoke.yaml",
+         "rewards=[{name: clip_score, options: {path: /nonexistent/clip}}]", f"run_dir={tmp_path / 'r'}"],
+        cwd=root, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "rewards[0] (clip_score)" in proc.stderr and "options.path" in proc.stderr
+    assert "Ray" not in proc.stderr and not (tmp_path / "r").exists()
