@@ -62,4 +62,4 @@ def preflight(name: str, options: dict) -> None:
 
 def _import_builtin() -> None:
     # Importing a module runs its @register; the built-in ones live beside this file.
-    from rewards import clip_score, compositional, jpeg  # noqa: F401
+    from rewards import aesthetic, clip_score, compositional, jpeg  # noqa: F401

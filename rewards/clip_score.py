@@ -24,45 +24,65 @@ SOURCE = (
 )
 
 
+def check_open_clip_folder(path: str | None, reward: str, key: str = "path") -> None:
+    """Raise FileNotFoundError naming what is missing, where to get it and the config key to set."""
+    folder = Path(path).expanduser() if path else None
+    missing = [] if folder and folder.is_dir() else [f"the folder {folder}"]
+    if not missing:
+        if not (folder / CONFIG_FILE).is_file():
+            missing.append(str(folder / CONFIG_FILE))
+        if not any((folder / w).is_file() for w in WEIGHT_FILES):
+            missing.append(f"{folder / WEIGHT_FILES[0]} (or {', '.join(WEIGHT_FILES[1:])})")
+    if missing:
+        raise FileNotFoundError(
+            f"the {reward} reward needs its CLIP weights: missing {'; '.join(missing)}. Get them from {SOURCE}, "
+            f"put both files in one folder and set that folder as the reward's options.{key} in the config "
+            f"(rewards: [{{name: {reward}, options: {{{key}: /models/clip}}}}])."
+        )
+
+
+class OpenClipLocal:
+    """An open_clip model, its preprocessing transform and tokenizer, from a `local-dir:` folder."""
+
+    def __init__(self, path: str, device: str = "cpu"):
+        import open_clip
+
+        folder = Path(path).expanduser().resolve()
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", device=device)
+        self.model.eval()
+        self.tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+        self.device = device
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised embeddings of images [B, 3, H, W] in [0, 1], through open_clip's own transform."""
+        arr = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        pixels = torch.stack([self.preprocess(Image.fromarray(a)) for a in arr])
+        return self.model.encode_image(pixels.to(self.device), normalize=True).float()
+
+    @torch.no_grad()
+    def text_features(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.model.encode_text(self.tokenizer(list(texts)).to(self.device), normalize=True).float()
+
+
 @register("clip_score")
 class ClipScore(RewardModel):
     """100 x cos(image, caption) under an open_clip model loaded from a local folder (`options.path`)."""
 
     def __init__(self, path: str, batch_size: int = 32, device: str = "cpu"):
-        import open_clip
-
         self.preflight(path)
-        folder = Path(path).expanduser().resolve()
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", device=device)
-        self.model.eval()
-        self.tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
-        self.device, self.batch_size = device, batch_size
+        self.clip = OpenClipLocal(path, device)
+        self.batch_size = batch_size
 
     @staticmethod
     def preflight(path: str | None = None, **_) -> None:
         """Fail before any actor starts if the weights are not where the config says."""
-        folder = Path(path).expanduser() if path else None
-        missing = [] if folder and folder.is_dir() else [f"the folder {folder}"]
-        if not missing:
-            if not (folder / CONFIG_FILE).is_file():
-                missing.append(str(folder / CONFIG_FILE))
-            if not any((folder / w).is_file() for w in WEIGHT_FILES):
-                missing.append(f"{folder / WEIGHT_FILES[0]} (or {', '.join(WEIGHT_FILES[1:])})")
-        if missing:
-            raise FileNotFoundError(
-                f"the clip_score reward needs its weights: missing {'; '.join(missing)}. Get them from {SOURCE}, "
-                f"put both files in one folder and set that folder as the reward's options.path in the config "
-                f"(rewards: [{{name: clip_score, options: {{path: /models/clip}}}}])."
-            )
+        check_open_clip_folder(path, "clip_score")
 
-    @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        arr = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
         out = []
-        for i in range(0, len(arr), self.batch_size):
-            pixels = torch.stack([self.preprocess(Image.fromarray(a)) for a in arr[i : i + self.batch_size]])
-            tokens = self.tokenizer(list(prompts[i : i + self.batch_size]))
-            image_emb = self.model.encode_image(pixels.to(self.device), normalize=True)
-            text_emb = self.model.encode_text(tokens.to(self.device), normalize=True)
-            out.append(100.0 * (image_emb * text_emb).sum(dim=-1).float().cpu())
+        for i in range(0, len(prompts), self.batch_size):
+            image = self.clip.image_features(images[i : i + self.batch_size])
+            text = self.clip.text_features(prompts[i : i + self.batch_size])
+            out.append(100.0 * (image * text).sum(dim=-1).cpu())
         return torch.cat(out)

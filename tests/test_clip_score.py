@@ -74,3 +74,25 @@ def test_cli_fails_before_any_actor_starts(tmp_path):
     assert proc.returncode == 2
     assert "rewards[0] (clip_score)" in proc.stderr and "options.path" in proc.stderr
     assert "Ray" not in proc.stderr and not (tmp_path / "r").exists()
+
+
+def test_aesthetic_head_on_clip_features(clip_dir, tmp_path):
+    from rewards.aesthetic import aesthetic_head
+
+    torch.manual_seed(1)
+    head = aesthetic_head(TINY["model_cfg"]["embed_dim"])
+    head_file = tmp_path / "head.pth"
+    torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, head_file)  # the released file's layout
+    images, _ = scene_batch(seed=3, start=0, count=4, side=32)
+    images = torch.from_numpy(images)
+    reward = build("aesthetic", clip_path=str(clip_dir), head_path=str(head_file), batch_size=3)
+    scores = reward.score(images, [""] * 4)
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
+    pil = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for im in images]
+    with torch.no_grad():
+        expected = head.eval()(model.eval().encode_image(torch.stack([preprocess(p) for p in pil]), normalize=True))
+    assert torch.allclose(scores, expected.squeeze(-1), atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="options.head_path"):
+        preflight("aesthetic", {"clip_path": str(clip_dir), "head_path": str(tmp_path / "nope.pth")})
+    with pytest.raises(FileNotFoundError, match="options.clip_path"):
+        preflight("aesthetic", {"clip_path": str(tmp_path / "none"), "head_path": str(head_file)})
