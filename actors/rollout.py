@@ -11,7 +11,7 @@ import torch
 
 from actors.reward import RewardClient, set_threads
 from actors.stream import ExperienceStream, RedisAddress
-from proxmodel.model import load_model, prox_fn
+from proxmodel.model import load_model, prox_fn, to_unit
 from proxmodel.sampler import Trajectory, sample_hybrid
 from proxmodel.schedule import VPSchedule
 from rewards import weighted_sum
@@ -83,7 +83,7 @@ class RolloutActor:
             trajectories.append(sample_hybrid(prox_fn(self.model, context=context), shape, self.grid, eta=self.eta, generator=gen))
         t1 = time.perf_counter()
 
-        images = torch.cat([((tr.images + 1) / 2).clamp(0, 1) for tr in trajectories])
+        images = torch.cat([to_unit(tr.images) for tr in trajectories])
         texts = [p for p in prompts for _ in range(self.group_size)]
         scores = self.rewards.score(images, texts)
         t2 = time.perf_counter()

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from proxmodel.model import ProxT2I, prox_fn
+from proxmodel.model import ProxT2I, prox_fn, to_unit
 from proxmodel.sampler import Trajectory, gaussian_kl, hybrid_step, sample_hybrid
 from proxmodel.schedule import VPSchedule
 from rewards.base import RewardModel
@@ -35,11 +35,6 @@ def sample(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta: f
 def generate(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta: float = 1.0) -> torch.Tensor:
     """Images in [0, 1], [B, C, H, W], from the hybrid sampler with the noise of `seed` (eta=0: deterministic)."""
     return to_unit(sample(model, prompts, steps, seed, eta).images)
-
-
-def to_unit(x: torch.Tensor) -> torch.Tensor:
-    """Model space [-1, 1] to image space [0, 1]."""
-    return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, upscale: int = 4) -> Image.Image:

@@ -295,6 +295,7 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path) -
         # its calls in order, so new weights reach it only between two whole batches, never inside a group.
         in_flight: deque[list] = deque()
         weight_updates: list = []
+        current = None  # the model evaluated every eval_every iterations
         history, written_total, dropped_total = [], 0, 0
         start = time.time()
         bar = tqdm(range(g.iterations), desc="grpo", unit="it", dynamic_ncols=True)
@@ -325,7 +326,7 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path) -
             )
             tracker.metrics(metrics, step=it)
             if g.eval_every and (it + 1) % g.eval_every == 0 and it + 1 < g.iterations:
-                current = load_model(init_from)
+                current = current or load_model(init_from)
                 current.load_state_dict(ray.get(state))
                 run_eval(current, it + 1)
             history.append(metrics["reward_mean"])

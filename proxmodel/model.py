@@ -113,6 +113,11 @@ class ProxT2I(nn.Module):
         return out[0].float()
 
 
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """Model space [-1, 1] to image space [0, 1] (what rewards score)."""
+    return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
 def prox_fn(model: nn.Module, **condition):
     """prox(y, t, lam) = y - sqrt(lam) eps for a fixed caption condition (`tokens=` or `context=`).
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 
@@ -15,6 +16,11 @@ class RewardModel:
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError
+
+
+def to_uint8_images(images: torch.Tensor) -> np.ndarray:
+    """[B, 3, H, W] floats in [0, 1] to uint8 [B, H, W, 3], as PIL and image codecs take them."""
+    return (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
 def weighted_sum(scores: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:

@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
-from rewards.base import RewardModel, register
+from rewards.base import RewardModel, register, to_uint8_images
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_model.bin")
@@ -56,7 +55,7 @@ class OpenClipLocal:
     @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised embeddings of images [B, 3, H, W] in [0, 1], through open_clip's own transform."""
-        arr = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        arr = to_uint8_images(images)
         pixels = torch.stack([self.preprocess(Image.fromarray(a)) for a in arr])
         return self.model.encode_image(pixels.to(self.device), normalize=True).float()
 

@@ -5,16 +5,15 @@ from __future__ import annotations
 import io
 from typing import Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
-from rewards.base import RewardModel, register
+from rewards.base import RewardModel, register, to_uint8_images
 
 
 def jpeg_kilobytes(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
     """Size in kB of each image ([B, 3, H, W] in [0, 1]) as a JPEG at `quality`."""
-    arr = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    arr = to_uint8_images(images)
     sizes = []
     for image in arr:
         buffer = io.BytesIO()
