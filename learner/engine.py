@@ -19,9 +19,10 @@ import deepspeed  # noqa: E402  (DS_ACCELERATOR must be set before the import)
 import torch.distributed as dist  # noqa: E402
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` ("" = every interface) right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -30,14 +31,17 @@ def device() -> torch.device:
 
 
 def init_distributed(rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1", master_port: Optional[int] = None) -> None:
-    """Join (or create) the process group; a no-op if this process already has one."""
+    """Join (or create) the process group; a no-op if this process already has one.
+
+    LOCAL_RANK is 0: under Ray each rank is an actor that sees only the GPU(s) Ray gave it, as cuda:0.
+    """
     if dist.is_available() and dist.is_initialized():
         return
     os.environ.update(
         MASTER_ADDR=master_addr,
         MASTER_PORT=str(master_port or free_port()),
         RANK=str(rank),
-        LOCAL_RANK=str(rank if world_size == 1 else int(os.environ.get("LOCAL_RANK", rank))),
+        LOCAL_RANK="0",
         WORLD_SIZE=str(world_size),
     )
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)

@@ -10,7 +10,6 @@ One iteration:
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections import deque
@@ -19,11 +18,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from actors.checkpoint import load_checkpoint, pack
 from actors.reward import RewardActor, set_threads
 from actors.rollout import RolloutActor
-from actors.stream import EmbeddedRedis, ExperienceStream, RedisAddress, learner_group
-from learner.config import ConfigError, RunConfig
-from learner.env import OFFLINE_ENV
+from actors.stream import ExperienceStream, RedisAddress, learner_group
+from learner.config import RunConfig
+from learner.cluster import ensure_resources, start_ray, stream_server
 from learner.evaluation import evaluate, hacking_monitors, save_grid
 from learner.policy_loss import PromptStats, clipped_policy_loss, compute_advantages, select_train_steps
 from learner.pretrain import EVAL_SEED_OFFSET
@@ -34,9 +34,6 @@ from proxmodel.schedule import VPSchedule
 from rewards import build as build_reward
 from rewards.scenes import scene_prompts
 
-# Environment every actor needs: offline hubs, no telemetry, CPU DeepSpeed where there is no GPU.
-ACTOR_ENV_KEYS = (*OFFLINE_ENV, "DS_ACCELERATOR")
-
 
 class GrpoLearner:
     """One DeepSpeed rank of the policy learner (a Ray actor).
@@ -46,16 +43,16 @@ class GrpoLearner:
     average equals the mean over all trajectories: the update does not depend on the number of ranks.
     """
 
-    def __init__(self, checkpoint: str, cfg_json: str, stream_address: RedisAddress, run_id: str,
-                 rank: int = 0, world_size: int = 1, master_port: int | None = None):
+    def __init__(self, checkpoint: str | dict[str, bytes], cfg_json: str, stream_address: RedisAddress, run_id: str,
+                 rank: int = 0, world_size: int = 1, master: tuple[str, int] | None = None):
         from learner.engine import build_engine, init_distributed
 
         self.cfg = RunConfig.model_validate_json(cfg_json)
         g = self.cfg.grpo
         set_threads(self.cfg.actors.torch_threads)
-        init_distributed(rank, world_size, master_port=master_port)
+        init_distributed(rank, world_size, *(master or ()))
         self.rank, self.world = rank, world_size
-        self.model = load_model(checkpoint)
+        self.model = load_checkpoint(checkpoint)
         self.grid = VPSchedule().grid(g.steps)
         self.step_rng = torch.Generator().manual_seed(self.cfg.seed)
         n_train = len(select_train_steps(g.steps - 1, g.train_step_window, g.train_step_fraction, torch.Generator()))
@@ -69,7 +66,7 @@ class GrpoLearner:
         self.weights = {r.name: r.weight for r in self.cfg.rewards}
         self.prompt_stats = PromptStats(g.prompt_stats_buffer, g.prompt_stats_min_count)
         # The frozen starting policy, for the KL term (kept only when it is used).
-        self.reference = load_model(checkpoint).eval().requires_grad_(False) if g.kl_coef > 0 else None
+        self.reference = load_checkpoint(checkpoint).eval().requires_grad_(False) if g.kl_coef > 0 else None
 
     def train(self, iteration: int, n_groups: int) -> dict:
         g = self.cfg.grpo
@@ -166,34 +163,37 @@ class GrpoLearner:
 
         return full_state_dict(self.engine), self.version
 
-    def save(self, directory: str) -> str | None:
-        """Rank 0 writes the checkpoint (every rank must call it under ZeRO-3)."""
-        from learner.engine import full_state_dict
 
-        state = full_state_dict(self.engine)
-        return str(save_state(state, self.model.cfg, directory).resolve()) if self.rank == 0 else None
+def _rendezvous_address() -> tuple[str, int]:
+    import ray
+
+    from learner.engine import free_port
+
+    ip = ray.util.get_node_ip_address()
+    return ip, free_port(ip)
 
 
 class LearnerGroup:
     """The learner ranks: Ray actors in one placement group (packed where the cluster allows)."""
 
-    def __init__(self, ray, cfg: RunConfig, checkpoint: str, address: RedisAddress, run_id: str):
+    def __init__(self, ray, cfg: RunConfig, checkpoint: str | dict[str, bytes], address: RedisAddress, run_id: str):
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from learner.engine import free_port
 
         self.ray = ray
         spec = cfg.actors.learner
         bundle = {"CPU": spec.num_cpus, **({"GPU": spec.num_gpus} if spec.num_gpus else {})}
         self.placement = placement_group([bundle] * spec.count, strategy="PACK")
         ray.get(self.placement.ready(), timeout=600)
-        port = free_port()
+
+        def in_bundle(r: int) -> PlacementGroupSchedulingStrategy:
+            return PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=r)
+
+        # Rank 0's node hosts the process-group rendezvous: its cluster IP and a port free there.
+        master = ray.get(ray.remote(_rendezvous_address).options(num_cpus=0, scheduling_strategy=in_bundle(0)).remote())
         self.ranks = [
-            ray.remote(GrpoLearner).options(
-                num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=r),
-            ).remote(checkpoint, cfg.model_dump_json(), address, run_id, r, spec.count, port)
+            ray.remote(GrpoLearner).options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, scheduling_strategy=in_bundle(r))
+            .remote(checkpoint, cfg.model_dump_json(), address, run_id, r, spec.count, master)
             for r in range(spec.count)
         ]
 
@@ -209,58 +209,30 @@ class LearnerGroup:
         remove_placement_group(self.placement)
 
 
-def _start_ray(cfg: RunConfig):
-    import ray
-
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    env = {k: os.environ[k] for k in ACTOR_ENV_KEYS if k in os.environ}
-    if address:
-        try:
-            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
-        except Exception as e:  # noqa: BLE001 - any failure to connect gets the same advice
-            raise ConfigError(
-                f"cannot join the Ray cluster at {address!r} ({type(e).__name__}: {e}). Start it with `ray start "
-                f"--head` or `ray up deploy/cluster.yaml`, or unset RAY_ADDRESS / ray.address to run locally."
-            ) from e
-        return ray, False
-    a = cfg.actors
-    needed = a.rollout.count * a.rollout.num_cpus + a.reward.count * a.reward.num_cpus + a.learner.count * a.learner.num_cpus
-    ray.init(
-        num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": env},
-        log_to_driver=True,
-    )
-    return ray, True
-
-
 def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path) -> dict:
     g, a = cfg.grpo, cfg.actors
     rewards_cfg = [r.model_dump() for r in cfg.rewards]
     weights = {r.name: r.weight for r in cfg.rewards}
 
-    if cfg.redis.url:
-        redis_server = None
-        address = RedisAddress(url=cfg.redis.url, password=os.environ.get(cfg.redis.password_env))
-    else:
-        redis_server = EmbeddedRedis()
-        address = redis_server.address
-    ray, started_ray = None, False
+    ray, started_ray = start_ray(cfg)
+    redis_server = None
     try:
+        ensure_resources(ray, cfg)
+        address, redis_server = stream_server(cfg, on_cluster=not started_ray)
         streams = [ExperienceStream(address, tracker.run_id, learner_group(r)) for r in range(a.learner.count)]
         for stream in streams:
             stream.create()
-        ray, started_ray = _start_ray(cfg)
+        # The starting weights travel through the object store: actors on other nodes need no shared filesystem.
+        packed = ray.put(pack(init_from))
         reward_actors = [
             ray.remote(RewardActor).options(num_cpus=a.reward.num_cpus, num_gpus=a.reward.num_gpus)
             .remote(rewards_cfg, a.reward.batch_size, a.torch_threads)
             for _ in range(a.reward.count)
         ]
-        learners = LearnerGroup(ray, cfg, str(init_from), address, tracker.run_id)
+        learners = LearnerGroup(ray, cfg, packed, address, tracker.run_id)
         rollouts = [
             ray.remote(RolloutActor).options(num_cpus=a.rollout.num_cpus, num_gpus=a.rollout.num_gpus).remote(
-                str(init_from), g.steps, g.group_size, g.eta, reward_actors, weights,
+                packed, g.steps, g.group_size, g.eta, reward_actors, weights,
                 a.reward.timeout_s, a.reward.retries, address, tracker.run_id, a.torch_threads,
             )
             for _ in range(a.rollout.count)
@@ -333,7 +305,10 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path) -
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
         wall = time.time() - start
 
-        checkpoint = Path(ray.get(learners.call("save", str(run_dir / "checkpoint")))[0])
+        # The driver writes the final checkpoint from the gathered weights: no learner node needs run_dir.
+        final = learners.call("publish", num_returns=2)
+        checkpoint = save_state(ray.get(final[0][0]), reference.cfg, run_dir / "checkpoint").resolve()
+        ray.get([v for _, v in final])
         stream_entries, stream_pending = streams[0].length(), sum(s.pending() for s in streams)
         if stream_pending:
             raise RuntimeError(f"{stream_pending} stream entries were never acknowledged")
@@ -356,7 +331,7 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path) -
             "stream": {"key": streams[0].key, "entries": stream_entries, "pending": stream_pending},
         }
     finally:
-        if ray is not None and started_ray:
+        if started_ray:
             ray.shutdown()
         if redis_server is not None:
             redis_server.close()

@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             from learner.grpo import run_grpo
 
             result = run_grpo(cfg, run_dir, tracker, init_from)
+    except ConfigError as e:  # found once the cluster is known (e.g. not enough GPUs): advice, not a traceback
+        tracker.finish("FAILED")
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except BaseException:
         tracker.finish("FAILED")
         raise

@@ -53,3 +53,17 @@ def test_payloads_are_not_pickles(server):
 def test_unreachable_redis_gives_advice():
     with pytest.raises(ConnectionError, match="redis.url"):
         RedisAddress(url="redis://127.0.0.1:1/0").connect()
+
+
+def test_cluster_mode_listens_on_the_given_address_only_with_the_given_password():
+    with EmbeddedRedis(host="127.0.0.1", password="from-the-environment") as s:
+        assert s.socket is None and s.address.url.startswith("redis://127.0.0.1:")
+        client = s.address.connect()
+        assert client.config_get("bind")["bind"] == "127.0.0.1"
+        assert client.config_get("unixsocket")["unixsocket"] == ""
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(s.address.url).ping()
+        stream = ExperienceStream(s.address, "t")
+        stream.create()
+        stream.add({"prompt": "x"}, {"a": torch.ones(2)})
+        assert torch.equal(stream.read("rank0", count=1, timeout_s=5)[0][2]["a"], torch.ones(2))

@@ -1,0 +1,76 @@
+"""Running on a cluster: actors fit the nodes or the run fails with advice; checkpoints need no shared filesystem."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from actors.checkpoint import load_packed, pack
+from learner.cluster import actor_bundles, describe_shortfall, unplaced
+from learner.config import load_config
+from proxmodel.model import save_model
+
+GPU_NODE = {"CPU": 8.0, "GPU": 4.0}
+CPU_NODE = {"CPU": 16.0}
+
+
+def bundles(**overrides):
+    return actor_bundles(load_config(None, [f"actors.{k}={v}" for k, v in overrides.items()]).actors)
+
+
+def test_actors_are_packed_per_node_not_against_the_cluster_total():
+    # Four learner ranks with 2 GPUs each need 8 GPUs; two 4-GPU nodes hold them, one 8-CPU node cannot.
+    b = bundles(**{"learner.count": 4, "learner.num_gpus": 2, "rollout.num_gpus": 0, "reward.num_gpus": 0})
+    assert unplaced(b, [GPU_NODE, GPU_NODE, CPU_NODE]) == []
+    # The same total of GPUs split over four 2-GPU nodes also holds them; a 3-GPU actor fits none of them.
+    assert unplaced(b, [{"CPU": 8.0, "GPU": 2.0}] * 4 + [CPU_NODE]) == []
+    big = bundles(**{"learner.count": 1, "learner.num_gpus": 3})
+    left = unplaced(big, [{"CPU": 8.0, "GPU": 2.0}] * 4)
+    assert [kind for kind, _ in left] == ["learner"]
+
+
+def test_fractional_gpus_share_a_device():
+    b = bundles(**{"reward.count": 4, "reward.num_gpus": 0.25, "rollout.count": 2, "rollout.num_gpus": 0.5})
+    assert unplaced(b, [{"CPU": 16.0, "GPU": 2.0}]) == []
+    # One GPU: the two rollout halves fill it (largest first), the four reward quarters are left over.
+    assert [kind for kind, _ in unplaced(b, [{"CPU": 16.0, "GPU": 1.0}])] == ["reward"] * 4
+
+
+def test_shortfall_message_names_what_is_missing_and_the_fix():
+    b = bundles(**{"rollout.count": 2, "rollout.num_gpus": 1})
+    message = describe_shortfall(b, [{"CPU": 2.0}])
+    assert "2 rollout actor(s) needing {'CPU': 1.0, 'GPU': 1.0}" in message
+    assert "the cluster has 2 CPUs and 0 GPUs on 1 node(s)" in message
+    for fix in ("actors.<kind>.count", "max_workers", "ray.resource_wait_s"):
+        assert fix in message
+
+
+def test_a_run_asking_for_a_gpu_on_a_cpu_machine_fails_before_any_actor(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "learner.main", "--mode", "grpo", "--config", "configs/smoke.yaml",
+         "actors.rollout.num_gpus=1", f"run_dir={run_dir}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "1 rollout actor(s) needing {'CPU': 1.0, 'GPU': 1.0} each cannot be placed" in proc.stderr
+    assert not (run_dir / "summary.json").exists()
+
+
+def test_packed_checkpoint_loads_the_same_model(tiny_model, tmp_path):
+    folder = save_model(tiny_model, tmp_path / "ckpt")
+    packed = pack(folder)
+    assert set(packed) == {"config.json", "model.safetensors"}
+    loaded = load_packed(packed)
+    for (name, a), b in zip(tiny_model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_packed_checkpoint_cannot_write_outside_its_folder(tiny_model, tmp_path):
+    packed = pack(save_model(tiny_model, tmp_path / "ckpt"))
+    packed["../../escaped.json"] = b"{}"
+    with pytest.raises(ValueError, match="outside its folder"):
+        load_packed(packed)
