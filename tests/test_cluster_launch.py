@@ -10,6 +10,7 @@ that Ray session is left. ~/.bashrc and ~/.ray/auth_token are restored as they w
 import getpass
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -103,9 +104,27 @@ def local_cluster_config(key: Path, name: str) -> dict:
     return cfg
 
 
+def processes() -> list[str]:
+    """Every process's full command line (ps would cut long ones)."""
+    lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            lines.append(f"{cmdline.parent.name} " + cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:  # the process ended while we looked
+            pass
+    return lines
+
+
+def head_session(gcs_port: int = 6379) -> str:
+    """The Ray session of the GCS listening on `gcs_port` (other Ray instances on this machine are not ours)."""
+    for line in processes():
+        if "gcs_server" in line and f"--gcs_server_port={gcs_port}" in line:
+            return re.search(r"session_[0-9_-]+", line).group(0)
+    raise AssertionError(f"ray up reported success but no GCS listens on port {gcs_port}")
+
+
 def session_processes(session: str) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
-    return [line for line in out if session in line]
+    return [line for line in processes() if session in line]
 
 
 def test_ray_up_runs_the_smoke_grpo_job_and_ray_down_leaves_nothing(sshd, home_files, tmp_path):
@@ -116,8 +135,7 @@ def test_ray_up_runs_the_smoke_grpo_job_and_ray_down_leaves_nothing(sshd, home_f
     session = None
     try:
         run([RAY, "up", "-y", "--no-config-cache", str(config)], 600, **env)
-        session = Path("/tmp/ray/session_latest").resolve().name
-        assert session_processes(session), "ray up reported success but no process of its session runs"
+        session = head_session()
         run_dir = tmp_path / "run"
         job = run([
             RAY, "job", "submit", "--address", "http://127.0.0.1:8265", "--",
