@@ -81,7 +81,10 @@ class GrpoConfig(Strict):
         0, ge=0, description="async mode: rollouts may run this many policy versions ahead of the learner "
         "(0 = synchronous); older groups are skipped by the learner"
     )
-    prompt_seed: int = Field(1, description="seed of the training prompt stream (scene captions)")
+    prompt_file: Optional[str] = Field(
+        None, description="UTF-8 text file, one prompt per line (eval_prompts of them held out); null = scene captions"
+    )
+    prompt_seed: int = Field(1, description="seed of the prompt stream (scene captions, or the file's shuffles)")
     eval_prompts: int = Field(32, ge=1, description="held-out prompts scored at each evaluation (fixed noise)")
     eval_every: int = Field(
         10, ge=0, description="evaluate (rewards, sample grid, hacking monitors) every K iterations; 0 = start and end only"

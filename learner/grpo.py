@@ -26,13 +26,12 @@ from learner.config import RunConfig
 from learner.cluster import ensure_resources, start_ray, stream_server
 from learner.evaluation import evaluate, hacking_monitors, save_grid
 from learner.policy_loss import PromptStats, clipped_policy_loss, compute_advantages, select_train_steps
-from learner.pretrain import EVAL_SEED_OFFSET
+from learner.prompts import prompt_source
 from learner.tracking import Tracker
 from proxmodel.model import load_model, prox_fn, save_state
 from proxmodel.sampler import gaussian_kl, hybrid_step
 from proxmodel.schedule import VPSchedule
 from rewards import build as build_reward
-from rewards.scenes import scene_prompts
 
 
 class GrpoLearner:
@@ -238,7 +237,8 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path) -
             for _ in range(a.rollout.count)
         ]
 
-        eval_prompts = scene_prompts(g.prompt_seed, EVAL_SEED_OFFSET, g.eval_prompts, cfg.data.omit_prob)
+        prompt_stream = prompt_source(cfg)
+        eval_prompts = prompt_stream.held_out(g.eval_prompts)
         eval_rewards = {r.name: build_reward(r.name, **r.options) for r in cfg.rewards}
         reference = load_model(init_from)
 
@@ -258,7 +258,7 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path) -
         def launch(it: int) -> list:
             """Start iteration `it`'s rollouts; each actor runs them after the calls already queued on it."""
             first = it * g.prompts_per_iteration
-            prompts = scene_prompts(g.prompt_seed, first, g.prompts_per_iteration, cfg.data.omit_prob)
+            prompts = prompt_stream.train(first, g.prompts_per_iteration)
             indices = list(range(first, first + g.prompts_per_iteration))
             shards = [(prompts[i :: len(rollouts)], indices[i :: len(rollouts)]) for i in range(len(rollouts))]
             return [r.rollout.remote(p, idx, it, cfg.seed) for r, (p, idx) in zip(rollouts, shards) if p]

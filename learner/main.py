@@ -14,6 +14,7 @@ from pathlib import Path
 
 from learner import env  # noqa: F401  (sets the offline, no-telemetry environment first)
 from learner.config import ConfigError, RunConfig, dump_config, load_config
+from learner.prompts import prompt_source
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "proxmodel" / "weights"
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         check_rewards(cfg)
+        if args.mode == "grpo":
+            prompt_source(cfg)  # reads and checks a prompt file before anything starts
         init_ref = cfg.init_from or (GRPO_DEFAULT_INIT if args.mode == "grpo" else None)
         init_from = resolve_checkpoint(init_ref)
         run_dir = prepare_run_dir(cfg, args.mode)
