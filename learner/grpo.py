@@ -10,6 +10,7 @@ One iteration:
 
 from __future__ import annotations
 
+import copy
 import shutil
 import time
 from collections import deque
@@ -209,130 +210,142 @@ class LearnerGroup:
 
 
 def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path) -> dict:
-    g, a = cfg.grpo, cfg.actors
-    rewards_cfg = [r.model_dump() for r in cfg.rewards]
-    weights = {r.name: r.weight for r in cfg.rewards}
-
+    """DESIGN.md's data flow: start Ray and the stream, start the actors, iterate, write the final checkpoint."""
     ray, started_ray = start_ray(cfg)
     redis_server = None
     try:
         ensure_resources(ray, cfg)
         address, redis_server = stream_server(cfg, on_cluster=not started_ray)
-        streams = [ExperienceStream(address, tracker.run_id, learner_group(r)) for r in range(a.learner.count)]
-        for stream in streams:
-            stream.create()
-        # The starting weights travel through the object store: actors on other nodes need no shared filesystem.
-        packed = ray.put(pack(init_from))
-        reward_actors = [
-            ray.remote(RewardActor).options(num_cpus=a.reward.num_cpus, num_gpus=a.reward.num_gpus)
-            .remote(rewards_cfg, a.reward.batch_size, a.torch_threads)
-            for _ in range(a.reward.count)
-        ]
-        learners = LearnerGroup(ray, cfg, packed, address, tracker.run_id)
-        rollouts = [
-            ray.remote(RolloutActor).options(num_cpus=a.rollout.num_cpus, num_gpus=a.rollout.num_gpus).remote(
-                packed, g.steps, g.group_size, g.eta, reward_actors, weights,
-                a.reward.timeout_s, a.reward.retries, address, tracker.run_id, a.torch_threads,
-            )
-            for _ in range(a.rollout.count)
-        ]
-
-        prompt_stream = prompt_source(cfg)
-        eval_prompts = prompt_stream.held_out(g.eval_prompts)
-        eval_rewards = {r.name: build_reward(r.name, **r.options) for r in cfg.rewards}
-        reference = load_model(init_from)
-
-        def run_eval(model, step: int) -> dict[str, float]:
-            """Held-out rewards (fixed noise, and the deterministic sampler), monitors and a grid, at `step`."""
-            images, scores = evaluate(model, eval_prompts, g.steps, cfg.seed, eval_rewards, g.eta)
-            _, det = evaluate(model, eval_prompts, g.steps, cfg.seed, eval_rewards, eta=0.0)
-            monitors = hacking_monitors(model, reference, eval_prompts[:4], g.steps, cfg.seed, g.eta, g.group_size)
-            tracker.metrics({**{f"eval_reward_{k}": v for k, v in scores.items()},
-                             **{f"eval_det_reward_{k}": v for k, v in det.items()},
-                             **{f"monitor_{k}": v for k, v in monitors.items()}}, step=step)
-            tracker.image(save_grid(images, run_dir / "samples" / f"step{step:05d}.png"), f"samples/step{step:05d}.png")
-            return scores
-
-        before = run_eval(reference, 0)
-
-        def launch(it: int) -> list:
-            """Start iteration `it`'s rollouts; each actor runs them after the calls already queued on it."""
-            first = it * g.prompts_per_iteration
-            prompts = prompt_stream.train(first, g.prompts_per_iteration)
-            indices = list(range(first, first + g.prompts_per_iteration))
-            shards = [(prompts[i :: len(rollouts)], indices[i :: len(rollouts)]) for i in range(len(rollouts))]
-            return [r.rollout.remote(p, idx, it, cfg.seed) for r, (p, idx) in zip(rollouts, shards) if p]
-
-        # Async mode: up to max_staleness iterations of rollouts run ahead of the learner. A rollout actor runs
-        # its calls in order, so new weights reach it only between two whole batches, never inside a group.
-        in_flight: deque[list] = deque()
-        weight_updates: list = []
-        current = None  # the model evaluated every eval_every iterations
-        history, written_total, dropped_total = [], 0, 0
-        start = time.time()
-        bar = tqdm(range(g.iterations), desc="grpo", unit="it", dynamic_ncols=True)
-        for it in bar:
-            t0 = time.time()
-            while len(in_flight) <= g.max_staleness and it + len(in_flight) < g.iterations:
-                in_flight.append(launch(it + len(in_flight)))
-            results = ray.get(in_flight.popleft())
-            ray.get(weight_updates)  # surface a failed weight update; these finished before the rollouts did
-            groups = sum(r["groups"] for r in results)
-            dropped = sum(r["dropped"] for r in results)
-            written_total, dropped_total = written_total + groups, dropped_total + dropped
-            t1 = time.time()
-            if groups == 0:
-                tracker.metrics({"groups_dropped": dropped}, step=it)
-                continue
-            metrics = ray.get(learners.call("train", it, groups))[0]
-            published = learners.call("publish", num_returns=2)
-            state, version = published[0]  # every rank gathers (ZeRO-3); rank 0's copy is broadcast
-            weight_updates = [r.set_weights.remote(state, version) for r in rollouts]
-            version = ray.get([v for _, v in published])[0]
-            t2 = time.time()
-            images = groups * g.group_size
-            metrics.update(
-                groups_dropped=dropped, rollout_s=t1 - t0, update_s=t2 - t1,
-                samples_per_s=images / (t2 - t0), policy_version=version,
-                sample_s=max(r["sample_s"] for r in results), reward_s=max(r["reward_s"] for r in results),
-            )
-            tracker.metrics(metrics, step=it)
-            if g.eval_every and (it + 1) % g.eval_every == 0 and it + 1 < g.iterations:
-                current = current or load_model(init_from)
-                current.load_state_dict(ray.get(state))
-                run_eval(current, it + 1)
-            history.append(metrics["reward_mean"])
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
-        wall = time.time() - start
-
-        # The driver writes the final checkpoint from the gathered weights: no learner node needs run_dir.
-        final = learners.call("publish", num_returns=2)
-        checkpoint = save_state(ray.get(final[0][0]), reference.cfg, run_dir / "checkpoint").resolve()
-        ray.get([v for _, v in final])
-        stream_entries, stream_pending = streams[0].length(), sum(s.pending() for s in streams)
-        if stream_pending:
-            raise RuntimeError(f"{stream_pending} stream entries were never acknowledged")
-        after = run_eval(load_model(checkpoint), g.iterations)
-        shutil.copyfile(run_dir / "samples" / f"step{g.iterations:05d}.png", run_dir / "samples.png")
-        tracker.artifact(run_dir / "samples.png")
-        if not history:
-            raise RuntimeError(f"every group of every iteration was dropped ({dropped_total} groups): check the rewards")
-        return {
-            "iterations": g.iterations,
-            "wall_time_s": wall,
-            "samples_per_s": written_total * g.group_size / wall,
-            "checkpoint": str(checkpoint),
-            "reward_first": history[0],
-            "reward_last": history[-1],
-            "eval_reward_before": before,
-            "eval_reward_after": after,
-            "groups_written": written_total,
-            "groups_dropped": dropped_total,
-            "stream": {"key": streams[0].key, "entries": stream_entries, "pending": stream_pending},
-        }
+        run = GrpoRun(ray, cfg, run_dir, tracker, init_from, address)
+        return run.finish(run.iterate())
     finally:
         if started_ray:
             ray.shutdown()
         if redis_server is not None:
             redis_server.close()
 
+
+class GrpoRun:
+    """One GRPO run's actors, prompt stream and evaluation, driven from the driver process."""
+
+    def __init__(self, ray, cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path, address: RedisAddress):
+        g, a = cfg.grpo, cfg.actors
+        self.ray, self.cfg, self.run_dir, self.tracker = ray, cfg, run_dir, tracker
+        self.streams = [ExperienceStream(address, tracker.run_id, learner_group(r)) for r in range(a.learner.count)]
+        for stream in self.streams:
+            stream.create()
+        # The starting weights travel through the object store: actors on other nodes need no shared filesystem.
+        packed = ray.put(pack(init_from))
+        rewards_cfg = [r.model_dump() for r in cfg.rewards]
+        reward_actors = [
+            ray.remote(RewardActor).options(num_cpus=a.reward.num_cpus, num_gpus=a.reward.num_gpus)
+            .remote(rewards_cfg, a.reward.batch_size, a.torch_threads)
+            for _ in range(a.reward.count)
+        ]
+        self.learners = LearnerGroup(ray, cfg, packed, address, tracker.run_id)
+        weights = {r.name: r.weight for r in cfg.rewards}
+        self.rollouts = [
+            ray.remote(RolloutActor).options(num_cpus=a.rollout.num_cpus, num_gpus=a.rollout.num_gpus).remote(
+                packed, g.steps, g.group_size, g.eta, reward_actors, weights,
+                a.reward.timeout_s, a.reward.retries, address, tracker.run_id, a.torch_threads,
+            )
+            for _ in range(a.rollout.count)
+        ]
+        self.prompts = prompt_source(cfg)
+        self.eval_prompts = self.prompts.held_out(g.eval_prompts)
+        self.eval_rewards = {r.name: build_reward(r.name, **r.options) for r in cfg.rewards}
+        self.reference = load_model(init_from)
+        self.before = self.evaluate(self.reference, 0)
+
+    def evaluate(self, model, step: int) -> dict[str, float]:
+        """Held-out rewards (fixed noise, and the deterministic sampler), monitors and a grid, at `step`."""
+        g, seed, prompts = self.cfg.grpo, self.cfg.seed, self.eval_prompts
+        images, scores = evaluate(model, prompts, g.steps, seed, self.eval_rewards, g.eta)
+        _, det = evaluate(model, prompts, g.steps, seed, self.eval_rewards, eta=0.0)
+        monitors = hacking_monitors(model, self.reference, prompts[:4], g.steps, seed, g.eta, g.group_size)
+        self.tracker.metrics({**{f"eval_reward_{k}": v for k, v in scores.items()},
+                              **{f"eval_det_reward_{k}": v for k, v in det.items()},
+                              **{f"monitor_{k}": v for k, v in monitors.items()}}, step=step)
+        grid = save_grid(images, self.run_dir / "samples" / f"step{step:05d}.png")
+        self.tracker.image(grid, f"samples/step{step:05d}.png")
+        return scores
+
+    def launch(self, it: int) -> list:
+        """Start iteration `it`'s rollouts; each actor runs them after the calls already queued on it."""
+        n = self.cfg.grpo.prompts_per_iteration
+        prompts, indices = self.prompts.train(it * n, n), list(range(it * n, (it + 1) * n))
+        k = len(self.rollouts)
+        shards = [(prompts[i::k], indices[i::k]) for i in range(k)]
+        return [r.rollout.remote(p, idx, it, self.cfg.seed) for r, (p, idx) in zip(self.rollouts, shards) if p]
+
+    def iterate(self) -> dict:
+        """The iterations: rollouts (up to max_staleness ahead), one update per batch, weights out, evaluations."""
+        ray, g, tracker = self.ray, self.cfg.grpo, self.tracker
+        # A rollout actor runs its calls in order, so new weights reach it only between two whole batches.
+        in_flight: deque[list] = deque()
+        weight_updates: list = []
+        current = None  # the model evaluated every eval_every iterations
+        history, written, dropped_total = [], 0, 0
+        start = time.time()
+        bar = tqdm(range(g.iterations), desc="grpo", unit="it", dynamic_ncols=True)
+        for it in bar:
+            t0 = time.time()
+            while len(in_flight) <= g.max_staleness and it + len(in_flight) < g.iterations:
+                in_flight.append(self.launch(it + len(in_flight)))
+            results = ray.get(in_flight.popleft())
+            ray.get(weight_updates)  # surface a failed weight update; these finished before the rollouts did
+            groups = sum(r["groups"] for r in results)
+            dropped = sum(r["dropped"] for r in results)
+            written, dropped_total = written + groups, dropped_total + dropped
+            t1 = time.time()
+            if groups == 0:
+                tracker.metrics({"groups_dropped": dropped}, step=it)
+                continue
+            metrics = ray.get(self.learners.call("train", it, groups))[0]
+            published = self.learners.call("publish", num_returns=2)
+            state, version = published[0]  # every rank gathers (ZeRO-3); rank 0's copy is broadcast
+            weight_updates = [r.set_weights.remote(state, version) for r in self.rollouts]
+            version = ray.get([v for _, v in published])[0]
+            t2 = time.time()
+            metrics.update(
+                groups_dropped=dropped, rollout_s=t1 - t0, update_s=t2 - t1,
+                samples_per_s=groups * g.group_size / (t2 - t0), policy_version=version,
+                sample_s=max(r["sample_s"] for r in results), reward_s=max(r["reward_s"] for r in results),
+            )
+            tracker.metrics(metrics, step=it)
+            if g.eval_every and (it + 1) % g.eval_every == 0 and it + 1 < g.iterations:
+                current = current or copy.deepcopy(self.reference)
+                current.load_state_dict(ray.get(state))
+                self.evaluate(current, it + 1)
+            history.append(metrics["reward_mean"])
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
+        if not history:
+            raise RuntimeError(f"every group of every iteration was dropped ({dropped_total} groups): check the rewards")
+        return {"wall_time_s": time.time() - start, "history": history, "written": written, "dropped": dropped_total}
+
+    def finish(self, loop: dict) -> dict:
+        """Write the final checkpoint from the gathered weights (no learner node needs run_dir) and evaluate it."""
+        g = self.cfg.grpo
+        final = self.learners.call("publish", num_returns=2)
+        checkpoint = save_state(self.ray.get(final[0][0]), self.reference.cfg, self.run_dir / "checkpoint").resolve()
+        self.ray.get([v for _, v in final])
+        entries, pending = self.streams[0].length(), sum(s.pending() for s in self.streams)
+        if pending:
+            raise RuntimeError(f"{pending} stream entries were never acknowledged")
+        after = self.evaluate(load_model(checkpoint), g.iterations)
+        shutil.copyfile(self.run_dir / "samples" / f"step{g.iterations:05d}.png", self.run_dir / "samples.png")
+        self.tracker.artifact(self.run_dir / "samples.png")
+        history, wall = loop["history"], loop["wall_time_s"]
+        return {
+            "iterations": g.iterations,
+            "wall_time_s": wall,
+            "samples_per_s": loop["written"] * g.group_size / wall,
+            "checkpoint": str(checkpoint),
+            "reward_first": history[0],
+            "reward_last": history[-1],
+            "eval_reward_before": self.before,
+            "eval_reward_after": after,
+            "groups_written": loop["written"],
+            "groups_dropped": loop["dropped"],
+            "stream": {"key": self.streams[0].key, "entries": entries, "pending": pending},
+        }
