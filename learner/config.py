@@ -42,6 +42,20 @@ class PretrainConfig(Strict):
     log_every: int = Field(10, ge=1, description="log losses to MLflow every this many steps")
     checkpoint_every: int = Field(500, ge=1, description="overwrite run_dir/checkpoint every this many steps")
     sample_steps: int = Field(10, ge=1, description="sampler steps for the final sample grid")
+    cfg_dropout: float = Field(
+        0.1, ge=0, le=1, description="chance a training caption is replaced by the empty caption (for guidance)"
+    )
+    ema_decay: float = Field(
+        0.999, ge=0, lt=1, description="EMA decay of the weights; evaluation and the exported checkpoint use the "
+        "average (0 = off)"
+    )
+    score_t_min: float = Field(
+        1e-3, gt=0, lt=1, description="kind score: training times t ~ U(score_t_min, 1) (the samplers stop there)"
+    )
+    eval_sampler: Optional[Literal["hybrid", "backward", "sde", "ode", "ddim"]] = Field(
+        None, description="sampler of the final sample grid; null = hybrid (kind prox) or ddim (kind score)"
+    )
+    eval_guidance: float = Field(1.0, ge=0, description="classifier-free guidance scale w of the final samples")
 
 
 class GrpoConfig(Strict):

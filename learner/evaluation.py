@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -11,30 +11,58 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from proxmodel.model import ProxT2I, prox_fn, to_unit
-from proxmodel.sampler import Trajectory, gaussian_kl, hybrid_step, sample_hybrid
+from proxmodel.sampler import Trajectory, Variant, gaussian_kl, hybrid_step, sample_hybrid
+from proxmodel.score import eps_fn, sample_ddim, sample_score
 from proxmodel.schedule import VPSchedule
 from rewards.base import RewardModel
 
 
+PROX_SAMPLERS = ("hybrid", "backward")
+SCORE_SAMPLERS = ("sde", "ode", "ddim")
+
+
 @torch.no_grad()
-def sample(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta: float = 1.0) -> Trajectory:
-    """The hybrid sampler's trajectory for `prompts` with the noise of `seed` (eta=0: deterministic)."""
+def sample(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta: float = 1.0,
+           variant: Variant = "hybrid", guidance: float = 1.0) -> Trajectory:
+    """The prox sampler's trajectory for `prompts` with the noise of `seed` (eta=0: deterministic)."""
     was_training = model.training
     model.eval()
     context = model.encode_text(model.tokenize(prompts))
     cfg = model.cfg
     gen = torch.Generator().manual_seed(seed)
     traj = sample_hybrid(
-        prox_fn(model, context=context), (len(prompts), cfg.channels, cfg.image_size, cfg.image_size),
-        VPSchedule().grid(steps), eta=eta, generator=gen,
+        prox_fn(model, guidance, context=context), (len(prompts), cfg.channels, cfg.image_size, cfg.image_size),
+        VPSchedule().grid(steps), eta=eta, generator=gen, variant=variant,
     )
     model.train(was_training)
     return traj
 
 
-def generate(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta: float = 1.0) -> torch.Tensor:
-    """Images in [0, 1], [B, C, H, W], from the hybrid sampler with the noise of `seed` (eta=0: deterministic)."""
-    return to_unit(sample(model, prompts, steps, seed, eta).images)
+@torch.no_grad()
+def generate(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta: float = 1.0,
+             sampler: Optional[str] = None, guidance: float = 1.0) -> torch.Tensor:
+    """Images in [0, 1], [B, C, H, W], with the noise of `seed` (eta=0: deterministic prox/SDE sampler).
+
+    `sampler`: hybrid | backward for a prox model, sde | ode | ddim for a score model; None = hybrid or ddim.
+    """
+    kind = model.cfg.kind
+    allowed = PROX_SAMPLERS if kind == "prox" else SCORE_SAMPLERS
+    sampler = sampler or allowed[0 if kind == "prox" else 2]
+    if sampler not in allowed:
+        raise ValueError(f"sampler {sampler!r} does not apply to a {kind} model; use one of {allowed}")
+    if kind == "prox":
+        return to_unit(sample(model, prompts, steps, seed, eta, sampler, guidance).images)
+    was_training = model.training
+    model.eval()
+    cfg = model.cfg
+    eps = eps_fn(model, guidance, context=model.encode_text(model.tokenize(prompts)))
+    shape, gen = (len(prompts), cfg.channels, cfg.image_size, cfg.image_size), torch.Generator().manual_seed(seed)
+    if sampler == "ddim":
+        out = sample_ddim(eps, shape, steps, generator=gen)
+    else:
+        out = sample_score(eps, shape, steps, method=sampler, eta=eta, generator=gen)
+    model.train(was_training)
+    return to_unit(out.images)
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, upscale: int = 4) -> Image.Image:
@@ -46,9 +74,10 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, upscale: int = 4)
     return img
 
 
-def evaluate(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, rewards: dict[str, RewardModel], eta: float = 1.0):
+def evaluate(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, rewards: dict[str, RewardModel],
+             eta: float = 1.0, sampler: Optional[str] = None, guidance: float = 1.0):
     """(images, {reward name: mean score}) on `prompts` with fixed noise (the same seed gives the same draws)."""
-    images = generate(model, prompts, steps, seed, eta)
+    images = generate(model, prompts, steps, seed, eta, sampler, guidance)
     return images, {name: float(r.score(images, prompts).mean()) for name, r in rewards.items()}
 
 

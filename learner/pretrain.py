@@ -1,4 +1,9 @@
-"""Pretraining mode: the learner's DeepSpeed engine with the proximal-matching loss on captioned images."""
+"""Pretraining mode: the learner's DeepSpeed engine on captioned images.
+
+kind prox: the proximal-matching loss schedule on (y, t, lam) pairs; kind score: the eps-MSE loss of the score
+baseline at t ~ U(t_min, 1). Captions are dropped (empty) with probability cfg_dropout for classifier-free guidance;
+an EMA of the weights (if on) is what evaluation samples from and what the checkpoint holds.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +15,29 @@ from tqdm import tqdm
 
 from learner.config import RunConfig
 from learner.engine import build_engine, device, init_distributed
+from learner.ema import ema_metadata, make_ema, update_ema
 from learner.evaluation import evaluate, save_grid
 from learner.tracking import Tracker
-from proxmodel.losses import LossSchedule, make_training_pairs
-from proxmodel.model import ProxT2I, load_model, save_model
+from proxmodel.losses import LossSchedule, make_score_pairs, make_training_pairs, mse_loss
+from proxmodel.model import ProxT2I, load_model, save_model, save_state
 from proxmodel.schedule import VPSchedule
 from rewards import build as build_reward
 from rewards.scenes import scene_batch, scene_prompts
 
 EVAL_SEED_OFFSET = 10_000_000  # held-out scenes/prompts start here in every scene stream
+
+
+def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
+    """Each caption replaced by the empty caption with probability p (classifier-free guidance training)."""
+    keep = torch.rand(len(captions), generator=generator) >= p
+    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+def export(engine, ema, decay: float, directory: Path) -> Path:
+    """Write the checkpoint sampling uses: the EMA weights (with their update count) if EMA is on, else the live ones."""
+    if ema is None:
+        return save_model(engine.module, directory)
+    return save_state(ema.module.state_dict(), engine.module.cfg, directory, metadata=ema_metadata(ema, decay))
 
 
 def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path | None) -> dict:
@@ -27,6 +46,7 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
     init_distributed()
     model = load_model(init_from) if init_from else ProxT2I(cfg.model)
     mc = model.cfg
+    ema = make_ema(model, pc.ema_decay)  # before DeepSpeed sees the model: a full copy under any ZeRO stage
     engine = build_engine(
         model, lr=pc.lr, weight_decay=pc.weight_decay, grad_clip=pc.grad_clip,
         zero_stage=cfg.deepspeed.zero_stage, bf16=cfg.deepspeed.bf16, micro_batch=pc.batch_size,
@@ -41,14 +61,21 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
     for step in bar:
         images, captions = scene_batch(cfg.data.seed, step * pc.batch_size, pc.batch_size, mc.image_size, cfg.data.omit_prob)
         x0 = torch.from_numpy(images).to(dev) * 2.0 - 1.0
-        y, t, lam, xi = make_training_pairs(x0, schedule, pc.step_candidates, gen)
+        captions = drop_captions(captions, pc.cfg_dropout, gen)
+        if mc.kind == "score":
+            y, t, xi = make_score_pairs(x0, schedule, pc.score_t_min, gen)
+            lam = torch.zeros_like(t)
+        else:
+            y, t, lam, xi = make_training_pairs(x0, schedule, pc.step_candidates, gen)
         eps = engine(y, t, lam, tokens=model.tokenize(captions, dev))
-        loss = losses.loss(step, eps, xi)
+        loss = mse_loss(eps, xi) if mc.kind == "score" else losses.loss(step, eps, xi)
         engine.backward(loss)
         engine.step()
+        if ema is not None:
+            update_ema(ema, engine)
         loss_value = loss.item()
         if step % pc.log_every == 0 or step == pc.iterations - 1:
-            kind, zeta = losses.stage(step)
+            kind, zeta = ("mse", 0.0) if mc.kind == "score" else losses.stage(step)
             elapsed = time.time() - start
             tracker.metrics(
                 {f"loss_{kind}": loss_value, "loss": loss_value, "zeta": zeta, "lr": engine.get_lr()[0],
@@ -57,13 +84,15 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
             )
             bar.set_postfix(loss=f"{loss_value:.4f}", stage=kind)
         if (step + 1) % pc.checkpoint_every == 0:
-            save_model(engine.module, run_dir / "checkpoint")
+            export(engine, ema, pc.ema_decay, run_dir / "checkpoint")
     wall = time.time() - start
-    checkpoint = save_model(engine.module, run_dir / "checkpoint")
+    checkpoint = export(engine, ema, pc.ema_decay, run_dir / "checkpoint")
 
     prompts = scene_prompts(cfg.data.seed, EVAL_SEED_OFFSET, 16, cfg.data.omit_prob)
     rewards = {r.name: build_reward(r.name, **r.options) for r in cfg.rewards}
-    images, scores = evaluate(engine.module, prompts, pc.sample_steps, cfg.seed, rewards)
+    sampled = ema.module if ema is not None else engine.module
+    images, scores = evaluate(sampled, prompts, pc.sample_steps, cfg.seed, rewards,
+                              sampler=pc.eval_sampler, guidance=pc.eval_guidance)
     tracker.image(save_grid(images, run_dir / "samples.png"), "samples.png")
     tracker.metrics({f"eval_reward_{k}": v for k, v in scores.items()}, step=pc.iterations)
     return {

@@ -21,7 +21,10 @@ class TextConfig(Strict):
 
 
 class ModelConfig(Strict):
-    kind: Literal["prox"] = Field("prox", description="prox: a learned conditional proximal operator")
+    kind: Literal["prox", "score"] = Field(
+        "prox", description="prox: a learned conditional proximal operator; score: the same backbone as an "
+        "eps-prediction score model conditioned on t only (its lam input is held at 0), the baseline"
+    )
     image_size: int = Field(32, ge=8, description="side of the square images, in pixels")
     channels: int = Field(3, ge=1, description="image channels")
     base_channels: int = Field(32, ge=8, description="U-Net channels at the top level")

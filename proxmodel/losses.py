@@ -15,6 +15,11 @@ def proximal_matching_loss(pred: torch.Tensor, target: torch.Tensor, zeta: float
     return (1.0 - torch.exp(-mse / (zeta * zeta))).mean()
 
 
+def mse_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The score baseline's eps-MSE (its minimiser is the posterior mean of the noise: the MMSE denoiser)."""
+    return (pred.float() - target.float()).pow(2).mean()
+
+
 def l1_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).abs().mean()
 
@@ -60,3 +65,15 @@ def make_training_pairs(
     x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * xi_t
     y = x_t + lam.sqrt().view(view) * xi
     return y, t, lam, xi
+
+
+def make_score_pairs(
+    x0: torch.Tensor, schedule: VPSchedule, t_min: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, t, eps) with t ~ U(t_min, 1) and x_t = sqrt(alpha_t) x0 + sqrt(1 - alpha_t) eps: the score baseline's data."""
+    b = x0.shape[0]
+    t = (t_min + (1.0 - t_min) * torch.rand(b, generator=generator)).to(x0.device)
+    view = (-1,) + (1,) * (x0.dim() - 1)
+    alpha = schedule.alpha(t).view(view)
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+    return alpha.sqrt() * x0 + (1 - alpha).sqrt() * eps, t, eps

@@ -2,7 +2,8 @@
 
 Backbone: diffusers' UNet2DConditionModel with text cross-attention, the sinusoidal embedding of t in its time slot
 and that of lam in its class-embedding slot, concatenated (`class_embeddings_concat`), each scaled x1000 as in
-ProxDM. Text: open_clip's CLIP BPE tokenizer (its vocabulary ships with the package) and a small trainable CLIP text
+ProxDM. With `kind: score` the same backbone is the score baseline eps_theta(x_t; t, c): its lam input is held at 0.
+Classifier-free guidance (method.md sec. 4) mixes the conditional and empty-caption outputs. Text: open_clip's CLIP BPE tokenizer (its vocabulary ships with the package) and a small trainable CLIP text
 transformer (transformers' CLIPTextModel, the same class a pretrained CLIP text encoder loads into).
 """
 
@@ -100,6 +101,8 @@ class ProxT2I(nn.Module):
         """eps_theta(y; t, lam, c). Give either caption `tokens` or their precomputed `context`."""
         if context is None:
             context = self.encode_text(tokens)
+        if self.cfg.kind == "score":
+            lam = torch.zeros_like(t)  # the score baseline is conditioned on t only
         # Input preconditioning (a design choice): y = x_t + sqrt(lam) xi has variance about 1 + lam.
         scale = torch.rsqrt(1.0 + lam).view(-1, *([1] * (y.dim() - 1)))
         dtype = self.unet.conv_in.weight.dtype  # bf16 under mixed precision; eps comes back in float32
@@ -118,14 +121,37 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
-def prox_fn(model: nn.Module, **condition):
-    """prox(y, t, lam) = y - sqrt(lam) eps for a fixed caption condition (`tokens=` or `context=`).
+def empty_condition(model: nn.Module, condition: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The empty-caption condition of the same kind and batch as `condition` (`tokens=` or `context=`)."""
+    base: ProxT2I = getattr(model, "module", model)  # a DeepSpeed engine wraps the ProxT2I
+    (kind, value), = condition.items()
+    tokens = base.tokenize([""] * value.shape[0], value.device)
+    return {"tokens": tokens} if kind == "tokens" else {"context": base.encode_text(tokens)}
 
-    `model` is a ProxT2I or anything that forwards like one, e.g. the DeepSpeed engine wrapping it.
+
+def guided_eps(model: nn.Module, y: torch.Tensor, t: torch.Tensor, lam: torch.Tensor, guidance: float,
+               **condition) -> torch.Tensor:
+    """eps_hat = eps(., empty) + w (eps(., c) - eps(., empty)); w = 1 is the plain conditional eps (one forward).
+
+    The conditional and empty-caption halves go through the network as one batch.
+    """
+    if guidance == 1.0:
+        return model(y, t, lam, **condition)
+    (kind, value), = condition.items()
+    both = {kind: torch.cat([empty_condition(model, condition)[kind], value])}
+    eps_empty, eps_cond = model(torch.cat([y, y]), torch.cat([t, t]), torch.cat([lam, lam]), **both).chunk(2)
+    return eps_empty + guidance * (eps_cond - eps_empty)
+
+
+def prox_fn(model: nn.Module, guidance: float = 1.0, **condition):
+    """prox(y, t, lam) = y - sqrt(lam) eps_hat for a fixed caption condition (`tokens=` or `context=`).
+
+    `model` is a ProxT2I or anything that forwards like one, e.g. the DeepSpeed engine wrapping it; `guidance` is
+    the classifier-free guidance scale w (1 = no guidance).
     """
 
     def prox(y: torch.Tensor, t: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        eps = model(y, t, lam, **condition)
+        eps = guided_eps(model, y, t, lam, guidance, **condition)
         return y - lam.sqrt().view(-1, *([1] * (y.dim() - 1))) * eps
 
     return prox
@@ -137,13 +163,13 @@ def save_model(model: ProxT2I, directory: str | Path, dtype: torch.dtype = torch
 
 
 def save_state(state: dict[str, torch.Tensor], cfg: ModelConfig, directory: str | Path,
-               dtype: torch.dtype = torch.float32) -> Path:
-    """save_model for a full state dict held apart from its module (e.g. gathered from ZeRO-3 shards)."""
+               dtype: torch.dtype = torch.float32, metadata: Optional[dict[str, str]] = None) -> Path:
+    """save_model for a full state dict held apart from its module (e.g. gathered from ZeRO-3 shards or an EMA)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
     weights_tmp, config_tmp = directory / (WEIGHTS_FILE + ".tmp"), directory / (CONFIG_FILE + ".tmp")
-    save_file(tensors, str(weights_tmp), metadata={"format": "proxrl"})
+    save_file(tensors, str(weights_tmp), metadata={"format": "proxrl", **(metadata or {})})
     config_tmp.write_text(json.dumps(cfg.model_dump(), indent=2) + "\n")
     os.replace(weights_tmp, directory / WEIGHTS_FILE)
     os.replace(config_tmp, directory / CONFIG_FILE)

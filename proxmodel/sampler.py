@@ -1,7 +1,8 @@
-"""The proximal HYBRID sampler and its policy view (method.md sec. 2 and 3).
+"""The proximal samplers, HYBRID and fully BACKWARD, and their policy view (method.md sec. 2 and 3).
 
 One step function, `hybrid_step`, is shared by evaluation, rollouts and the learner's log-prob recomputation,
-so the three can never disagree. A trajectory is described by its auxiliary (pre-prox) states y_N..y_1:
+so the three can never disagree. A trajectory is described by its auxiliary (pre-prox) states y_N..y_1. For the
+hybrid sampler (the default, `variant="hybrid"`):
 
     y_N     = (1 + gamma_N / 2) x_N + sqrt(gamma_N) z_N,            x_N ~ N(0, I)   (independent of theta)
     x_{k-1} = prox_theta(y_k; t_{k-1}, lam = gamma_k, c)
@@ -9,7 +10,12 @@ so the three can never disagree. A trajectory is described by its auxiliary (pre
     x_0     = prox_theta(y_1; 0, gamma_1, c)                                          (deterministic given y_1)
 
 so pi_theta(y_{k-1} | y_k, c) = N((1 + gamma_{k-1}/2) prox_theta(y_k; ...), eta^2 gamma_{k-1} I). eta = 1 is the
-method; eta = 0 is the deterministic sampler. Log-probs are computed in float32 and REDUCED BY THE MEAN over data
+method; eta = 0 is the deterministic sampler. The fully backward sampler (`variant="backward"`, only for grids
+with every gamma_k < 2) differs only in the forward half-step and the prox's lam:
+
+    y_k = (x_k + eta sqrt(gamma_k) z_k) / (1 - gamma_k / 2),   lam_k = gamma_k / (1 - gamma_k / 2),
+
+so its policy has mean prox / (1 - gamma/2) and variance eta^2 gamma / (1 - gamma/2)^2. Log-probs are computed in float32 and REDUCED BY THE MEAN over data
 dimensions (as Flow-GRPO does), so a clip range for the policy ratio must be small (about 1e-4..1e-2).
 """
 
@@ -17,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 
@@ -25,6 +31,42 @@ from proxmodel.schedule import StepGrid
 
 # prox(y, t, lam) -> x: t and lam are float tensors of shape [B].
 ProxFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Variant = Literal["hybrid", "backward"]
+BACKWARD_MAX_GAMMA = 2.0  # the backward half-step divides by 1 - gamma/2
+
+
+@dataclass(frozen=True)
+class HalfStep:
+    """y = scale * x + noise_std * z, then x' = prox(y; lam): the coefficients of one step of a prox sampler."""
+
+    scale: float
+    noise_std: float
+    lam: float
+
+
+def half_step(grid: StepGrid, k: int, variant: Variant = "hybrid") -> HalfStep:
+    """The forward half-step into y_k and the prox's lam for step k (method.md sec. 2)."""
+    gamma = grid.gamma_at(k)
+    if variant == "hybrid":
+        return HalfStep(scale=1.0 + gamma / 2.0, noise_std=math.sqrt(gamma), lam=gamma)
+    if variant == "backward":
+        check_backward_grid(grid)
+        shrink = 1.0 - gamma / 2.0
+        return HalfStep(scale=1.0 / shrink, noise_std=math.sqrt(gamma) / shrink, lam=gamma / shrink)
+    raise ValueError(f"unknown prox sampler variant {variant!r}; use 'hybrid' or 'backward'")
+
+
+def check_backward_grid(grid: StepGrid) -> None:
+    """The fully backward sampler needs every gamma_k < 2; say which step counts satisfy that."""
+    worst = float(grid.gamma.max())
+    if worst >= BACKWARD_MAX_GAMMA:
+        n_min = grid.schedule.min_steps_below(BACKWARD_MAX_GAMMA)
+        raise ValueError(
+            f"the fully backward prox sampler needs every step size gamma_k < {BACKWARD_MAX_GAMMA:g}, but this "
+            f"{grid.steps}-step grid has max gamma = {worst:.3f}. Use N >= {n_min} steps with this schedule "
+            f"(beta_min={grid.schedule.beta_min:g}, beta_max={grid.schedule.beta_max:g}), or the hybrid sampler, "
+            f"which has no step-size limit."
+        )
 
 
 @dataclass
@@ -57,36 +99,38 @@ def hybrid_step(
     eta: float = 1.0,
     noise: Optional[torch.Tensor] = None,
     y_next: Optional[torch.Tensor] = None,
+    variant: Variant = "hybrid",
 ) -> StepOutput:
-    """Step k (N..1) of the hybrid sampler, from y_k.
+    """Step k (N..1) of the hybrid (or fully backward) prox sampler, from y_k.
 
     Either draws y_{k-1} with `noise` (z_{k-1}; zero/None with eta=0 gives the deterministic sampler) or, when
     `y_next` is given, scores that recorded action under the current prox (the learner's recomputation).
     """
     batch = y.shape[0]
     t_prev = torch.full((batch,), grid.t_at(k - 1), dtype=torch.float32, device=y.device)
-    lam = torch.full((batch,), grid.gamma_at(k), dtype=torch.float32, device=y.device)
+    lam = torch.full((batch,), half_step(grid, k, variant).lam, dtype=torch.float32, device=y.device)
     x = prox(y, t_prev, lam)
     if k == 1:
         return StepOutput(x=x, y=None, log_prob=None, mean=None)
-    gamma_prev = grid.gamma_at(k - 1)
-    mean = (1.0 + gamma_prev / 2.0) * x
+    nxt = half_step(grid, k - 1, variant)
+    mean = nxt.scale * x
     if y_next is None:
         if eta == 0.0:
             return StepOutput(x=x, y=mean, log_prob=None, mean=mean)
         if noise is None:
             raise ValueError("a stochastic step needs its noise z_{k-1}; pass noise= or eta=0")
-        y_next = mean + eta * math.sqrt(gamma_prev) * noise
+        y_next = mean + eta * nxt.noise_std * noise
     if eta == 0.0:
         raise ValueError("a recorded action has no density under the deterministic sampler (eta=0)")
-    log_prob = gaussian_log_prob(y_next, mean, eta * eta * gamma_prev)
+    log_prob = gaussian_log_prob(y_next, mean, (eta * nxt.noise_std) ** 2)
     return StepOutput(x=x, y=y_next, log_prob=log_prob, mean=mean)
 
 
-def initial_state(x_n: torch.Tensor, z_n: torch.Tensor, grid: StepGrid, eta: float = 1.0) -> torch.Tensor:
+def initial_state(x_n: torch.Tensor, z_n: torch.Tensor, grid: StepGrid, eta: float = 1.0,
+                  variant: Variant = "hybrid") -> torch.Tensor:
     """y_N from x_N ~ N(0, I): the first forward half-step, independent of theta."""
-    gamma_n = grid.gamma_at(grid.steps)
-    return (1.0 + gamma_n / 2.0) * x_n + eta * math.sqrt(gamma_n) * z_n
+    first = half_step(grid, grid.steps, variant)
+    return first.scale * x_n + eta * first.noise_std * z_n
 
 
 @dataclass
@@ -107,18 +151,19 @@ def sample_hybrid(
     eta: float = 1.0,
     generator: Optional[torch.Generator] = None,
     device: torch.device | str = "cpu",
+    variant: Variant = "hybrid",
 ) -> Trajectory:
-    """Run the hybrid sampler for len(grid) steps from x_N ~ N(0, I), recording the trajectory."""
+    """Run the hybrid (or fully backward) sampler for len(grid) steps from x_N ~ N(0, I), recording the trajectory."""
     n = grid.steps
 
     def draw() -> torch.Tensor:
         return torch.randn(shape, generator=generator, device=device)
 
-    y = initial_state(draw(), draw(), grid, eta)
+    y = initial_state(draw(), draw(), grid, eta, variant)
     states, log_probs = [y], []
     for k in range(n, 0, -1):
         noise = draw() if (k > 1 and eta != 0.0) else None
-        out = hybrid_step(prox, y, grid, k, eta=eta, noise=noise)
+        out = hybrid_step(prox, y, grid, k, eta=eta, noise=noise, variant=variant)
         if k == 1:
             images = out.x
         else:
@@ -133,11 +178,12 @@ def sample_hybrid(
     )
 
 
-def trajectory_log_probs(prox: ProxFn, states: torch.Tensor, grid: StepGrid, eta: float = 1.0) -> torch.Tensor:
+def trajectory_log_probs(prox: ProxFn, states: torch.Tensor, grid: StepGrid, eta: float = 1.0,
+                         variant: Variant = "hybrid") -> torch.Tensor:
     """Re-score a recorded trajectory (states [B, N, ...]) under `prox`: [B, N-1] log-probs, with gradients."""
     n = grid.steps
     out = []
     for i, k in enumerate(range(n, 1, -1)):
-        step = hybrid_step(prox, states[:, i], grid, k, eta=eta, y_next=states[:, i + 1])
+        step = hybrid_step(prox, states[:, i], grid, k, eta=eta, y_next=states[:, i + 1], variant=variant)
         out.append(step.log_prob)
     return torch.stack(out, dim=1)

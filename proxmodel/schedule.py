@@ -30,7 +30,14 @@ class VPSchedule:
             raise ValueError(f"a sampler needs at least 1 step, got steps={steps}")
         t = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
         gamma = self.beta_integral(t[:-1], t[1:])
-        return StepGrid(t=t, gamma=gamma)
+        return StepGrid(t=t, gamma=gamma, schedule=self)
+
+    def min_steps_below(self, bound: float, limit: int = 100_000) -> int:
+        """The smallest N whose uniform grid has every gamma_k < bound (the last step, near t = 1, is the largest)."""
+        for n in range(1, limit + 1):
+            if self.beta_integral(1.0 - 1.0 / n, 1.0) < bound:
+                return n
+        raise ValueError(f"no grid of at most {limit} steps has every gamma_k < {bound}")
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class StepGrid:
 
     t: torch.Tensor
     gamma: torch.Tensor
+    schedule: VPSchedule = VPSchedule()
 
     @property
     def steps(self) -> int:

@@ -1,4 +1,4 @@
-"""The invariants of method.md sec. 5 for the hybrid sampler as a policy."""
+"""The invariants of method.md sec. 5 for the prox samplers (hybrid and fully backward) as policies, and guidance."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from proxmodel.model import prox_fn
-from proxmodel.sampler import hybrid_step, initial_state, sample_hybrid, trajectory_log_probs
+from proxmodel.sampler import half_step, hybrid_step, initial_state, sample_hybrid, trajectory_log_probs
 from proxmodel.schedule import VPSchedule
 
 G = 4
@@ -20,20 +20,28 @@ def _setup(model, prompt="a small red circle at the top left, on a white backgro
     return tokens, context, (G, c.channels, c.image_size, c.image_size)
 
 
-@pytest.mark.parametrize("steps", [2, 5])
-def test_log_probs_are_the_gaussian_density_of_the_drawn_noise(tiny_model, steps):
+def standard_normal_prox(y, t, lam):
+    """The exact prox of -lam log N(0, I): data N(0, I) stay N(0, I) under the VP process, so p_t = N(0, I)."""
+    return y / (1 + lam.view(-1, *([1] * (y.dim() - 1))))
+
+
+@pytest.mark.parametrize("variant,steps", [("hybrid", 2), ("hybrid", 5), ("backward", 10)])
+def test_log_probs_are_the_gaussian_density_of_the_drawn_noise(tiny_model, variant, steps):
     tokens, context, shape = _setup(tiny_model)
     grid = VPSchedule().grid(steps)
     eta = 0.7
-    traj = sample_hybrid(prox_fn(tiny_model.eval(), context=context), shape, grid, eta=eta,
-                         generator=torch.Generator().manual_seed(3))
+    # The untrained net diverges under the backward sampler (|y| ~ 1e4: float32 rounding dominates); the exact prox
+    # of N(0, I) keeps the states O(1) so the check is about the log-prob bookkeeping.
+    prox = prox_fn(tiny_model.eval(), context=context) if variant == "hybrid" else standard_normal_prox
+    traj = sample_hybrid(prox, shape, grid, eta=eta, generator=torch.Generator().manual_seed(3), variant=variant)
     # Replay the generator: x_N, z_N, then z_{k-1} for k = N..2.
     gen = torch.Generator().manual_seed(3)
     torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
     d = math.prod(shape[1:])
     for i, k in enumerate(range(steps, 1, -1)):
         z = torch.randn(shape, generator=gen)
-        var = eta**2 * grid.gamma_at(k - 1)
+        gamma = grid.gamma_at(k - 1)
+        var = eta**2 * (gamma if variant == "hybrid" else gamma / (1 - gamma / 2) ** 2)  # method.md sec. 3
         density = torch.distributions.Normal(0.0, math.sqrt(var)).log_prob(math.sqrt(var) * z)
         expected = density.flatten(1).sum(1) / d
         assert torch.allclose(traj.log_probs[:, i], expected, atol=1e-5), f"step k={k}"
@@ -41,21 +49,22 @@ def test_log_probs_are_the_gaussian_density_of_the_drawn_noise(tiny_model, steps
     assert traj.states.shape == (G, steps, *shape[1:])
 
 
-def test_first_on_policy_ratio_is_exactly_one(tiny_model):
+@pytest.mark.parametrize("variant,steps", [("hybrid", 4), ("backward", 10)])
+def test_first_on_policy_ratio_is_exactly_one(tiny_model, variant, steps):
     """Rollout (eval, no grad) and learner recomputation (train, grad) give bit-identical log-probs."""
     tokens, context, shape = _setup(tiny_model)
-    grid = VPSchedule().grid(4)
+    grid = VPSchedule().grid(steps)
     traj = sample_hybrid(prox_fn(tiny_model.eval(), context=context), shape, grid,
-                         generator=torch.Generator().manual_seed(0))
+                         generator=torch.Generator().manual_seed(0), variant=variant)
     tiny_model.train()
-    recomputed = trajectory_log_probs(prox_fn(tiny_model, tokens=tokens), traj.states, grid)
+    recomputed = trajectory_log_probs(prox_fn(tiny_model, tokens=tokens), traj.states, grid, variant=variant)
     assert recomputed.requires_grad
     ratio = torch.exp(recomputed - traj.log_probs)
     assert torch.equal(ratio, torch.ones_like(ratio))
     # ...and it is not a coincidence of a constant: a perturbed model moves the ratio.
     with torch.no_grad():
         next(tiny_model.unet.parameters()).add_(0.05)
-    moved = trajectory_log_probs(prox_fn(tiny_model, tokens=tokens), traj.states, grid)
+    moved = trajectory_log_probs(prox_fn(tiny_model, tokens=tokens), traj.states, grid, variant=variant)
     with torch.no_grad():
         next(tiny_model.unet.parameters()).sub_(0.05)
     assert not torch.equal(moved, traj.log_probs)
@@ -106,3 +115,51 @@ def test_closed_form_kl_matches_the_log_prob_difference_in_expectation():
     monte_carlo = (gaussian_log_prob(samples, mean_p, var) - gaussian_log_prob(samples, mean_q, var)).mean()
     assert float(gaussian_kl(mean_p, mean_q, var)) == pytest.approx(float(monte_carlo), rel=0.02)
     assert float(gaussian_kl(mean_p, mean_p, var)) == 0.0
+
+
+def test_backward_zero_noise_is_the_deterministic_backward_sampler():
+    shape = (G, 3, 4, 4)
+    grid = VPSchedule().grid(10)
+    prox = standard_normal_prox  # an untrained net diverges under the backward sampler (see above)
+    det = sample_hybrid(prox, shape, grid, eta=0.0, generator=torch.Generator().manual_seed(1), variant="backward")
+    # Independently: x_{k-1} = prox(x_k / (1 - gamma_k/2); t_{k-1}, lam = gamma_k / (1 - gamma_k/2)).
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=gen)
+    with torch.no_grad():
+        for k in range(10, 0, -1):
+            gk = grid.gamma_at(k)
+            x = prox(x / (1 - gk / 2), torch.full((G,), grid.t_at(k - 1)), torch.full((G,), gk / (1 - gk / 2)))
+    assert torch.allclose(det.images, x, atol=1e-6)
+    near = sample_hybrid(prox, shape, grid, eta=1e-6, generator=torch.Generator().manual_seed(1), variant="backward")
+    assert (near.images - det.images).abs().max() < 1e-4
+
+
+def test_backward_sampler_refuses_large_steps_and_names_the_step_counts_that_work():
+    schedule = VPSchedule()
+    n_min = schedule.min_steps_below(2.0)
+    assert float(schedule.grid(n_min).gamma.max()) < 2.0 <= float(schedule.grid(n_min - 1).gamma.max())
+    assert n_min == 10  # method.md: gamma_N is about 1.9 at N = 10 with beta_max = 20
+    with pytest.raises(ValueError, match=f"N >= {n_min}"):
+        half_step(schedule.grid(5), 1, "backward")  # even a small step of a bad grid: the grid is refused whole
+    gentle = VPSchedule(beta_max=5.0)  # gamma_N = 2.55 at N = 1, 1.89 at N = 2
+    with pytest.raises(ValueError, match="N >= 2"):
+        half_step(gentle.grid(1), 1, "backward")
+    assert gentle.min_steps_below(2.0) == 2 and half_step(gentle.grid(2), 2, "backward").lam > 0
+
+
+def test_guidance_one_is_the_plain_prox_and_other_scales_follow_the_formula(tiny_model):
+    tokens, context, shape = _setup(tiny_model)
+    tiny_model.eval()
+    y, t, lam = torch.randn(shape), torch.full((G,), 0.3), torch.full((G,), 0.8)
+    with torch.no_grad():
+        plain = prox_fn(tiny_model, context=context)(y, t, lam)
+        assert torch.equal(prox_fn(tiny_model, 1.0, context=context)(y, t, lam), plain)
+        assert torch.equal(prox_fn(tiny_model, 1.0, tokens=tokens)(y, t, lam), plain)
+        empty = prox_fn(tiny_model, tokens=tiny_model.tokenize([""] * G))(y, t, lam)
+        w = 3.0
+        guided = prox_fn(tiny_model, w, context=context)(y, t, lam)
+        # prox = y - sqrt(lam) (eps_u + w (eps_c - eps_u)) = prox_u + w (prox_c - prox_u): from separate forwards.
+        assert torch.allclose(guided, empty + w * (plain - empty), atol=1e-5)
+        assert torch.allclose(prox_fn(tiny_model, w, tokens=tokens)(y, t, lam), guided, atol=1e-5)
+        assert torch.allclose(prox_fn(tiny_model, 0.0, context=context)(y, t, lam), empty, atol=1e-5)
+        assert (guided - plain).abs().max() > 1e-3

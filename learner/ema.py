@@ -1,0 +1,45 @@
+"""Exponential moving average of the weights in pretraining (method.md sec. 4), via torch's AveragedModel.
+
+The average is a full fp32 copy of the model made BEFORE DeepSpeed wraps it, so it holds whole tensors under every
+ZeRO stage. ZeRO-1/2 keep the full parameters on every rank, so the update reads them directly; under ZeRO-3 the
+shards are gathered for the update (every rank keeps the same full average). bf16 parameters are cast to the
+average's fp32 before the lerp. Update rule: e_1 = p_1, e_k = decay e_{k-1} + (1 - decay) p_k.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from typing import Optional
+
+import deepspeed
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+
+def make_ema(model: nn.Module, decay: float) -> Optional[AveragedModel]:
+    """An fp32 EMA of `model` (call before DeepSpeed partitions it); None when decay is 0 (EMA off)."""
+    if decay == 0.0:
+        return None
+    lerp = get_ema_multi_avg_fn(decay)
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        lerp(averaged, [p.to(averaged[0].dtype) for p in current], n_averaged)
+
+    ema = AveragedModel(copy.deepcopy(model).float(), multi_avg_fn=update, use_buffers=True)
+    return ema.eval().requires_grad_(False)
+
+
+def update_ema(ema: AveragedModel, engine) -> None:
+    """Fold the engine's current weights into the average (gathering ZeRO-3 shards if need be)."""
+    module = engine.module
+    zero3 = getattr(engine, "zero_optimization_stage", lambda: 0)() == 3
+    gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None) if zero3 else nullcontext()
+    with gather:
+        ema.update_parameters(module)
+
+
+def ema_metadata(ema: AveragedModel, decay: float) -> dict[str, str]:
+    """What a checkpoint written from the average records about it."""
+    return {"ema_decay": str(decay), "ema_updates": str(int(ema.n_averaged))}

@@ -1,0 +1,87 @@
+"""EMA of the pretraining weights through a real DeepSpeed engine: arithmetic, export, caption dropout."""
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from learner.ema import make_ema, update_ema
+from learner.engine import build_engine, init_distributed
+from learner.pretrain import drop_captions, export
+from proxmodel.model import WEIGHTS_FILE, ProxT2I, load_model
+
+DECAY = 0.9
+
+
+def _engine(model):
+    init_distributed()
+    return build_engine(model, lr=0.05, weight_decay=0.0, grad_clip=1.0, zero_stage=2, bf16=False, micro_batch=4)
+
+
+def _train_step(engine, model_input):
+    loss = engine(model_input).pow(2).mean()
+    engine.backward(loss)
+    engine.step()
+
+
+def test_ema_follows_the_closed_form_through_deepspeed_steps():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = make_ema(model, DECAY)
+    engine = _engine(model)
+    history = []
+    for _ in range(5):
+        _train_step(engine, torch.randn(4, 3))
+        update_ema(ema, engine)
+        history.append({k: v.detach().clone() for k, v in engine.module.state_dict().items()})
+    # e_1 = p_1, e_k = d e_{k-1} + (1 - d) p_k  =>  e_K = d^(K-1) p_1 + sum_{k=2..K} (1 - d) d^(K-k) p_k.
+    last = len(history)
+    for name, averaged in ema.module.state_dict().items():
+        expected = DECAY ** (last - 1) * history[0][name]
+        for k in range(2, last + 1):
+            expected = expected + (1 - DECAY) * DECAY ** (last - k) * history[k - 1][name]
+        assert torch.allclose(averaged, expected, atol=1e-6), name
+        assert not torch.allclose(averaged, history[-1][name])  # it lags the live weights
+    assert int(ema.n_averaged) == last
+
+
+def test_ema_off_and_bf16_parameters():
+    assert make_ema(torch.nn.Linear(2, 2), 0.0) is None
+    live = torch.nn.Linear(2, 2)
+    ema = make_ema(live, 0.5)
+    ema.update_parameters(live)
+    ema.update_parameters(live.to(torch.bfloat16))  # DeepSpeed bf16 keeps bf16 weights; the average stays fp32
+    assert ema.module.weight.dtype == torch.float32
+    assert torch.allclose(ema.module.weight, live.weight.float(), atol=1e-2)
+
+
+def test_exported_checkpoint_holds_the_ema_weights(tiny_model_config, tmp_path):
+    torch.manual_seed(0)
+    model = ProxT2I(tiny_model_config)
+    ema = make_ema(model, DECAY)
+    engine = _engine(model)
+    tokens = model.tokenize(["a small red circle"] * 4)
+    for _ in range(3):
+        y, t = torch.randn(4, 3, 8, 8), torch.rand(4)
+        loss = engine(y, t, t, tokens=tokens).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        update_ema(ema, engine)
+    path = export(engine, ema, DECAY, tmp_path / "checkpoint")
+    loaded = load_model(path).state_dict()
+    live = engine.module.state_dict()
+    moved = 0
+    for name, averaged in ema.module.state_dict().items():
+        assert torch.equal(loaded[name], averaged), name
+        moved += not torch.equal(loaded[name], live[name])
+    assert moved > 0  # the export is the average, not the live weights
+    with safe_open(str(path / WEIGHTS_FILE), "pt") as f:
+        assert f.metadata()["ema_updates"] == "3" and float(f.metadata()["ema_decay"]) == DECAY
+
+
+def test_caption_dropout_rate():
+    captions = ["a caption"] * 20000
+    dropped = drop_captions(captions, 0.1, torch.Generator().manual_seed(0))
+    rate = sum(c == "" for c in dropped) / len(captions)
+    assert rate == pytest.approx(0.1, abs=4 * (0.1 * 0.9 / len(captions)) ** 0.5)  # 4 standard errors
+    assert set(dropped) == {"", "a caption"}
+    assert drop_captions(captions[:50], 0.0, torch.Generator()) == captions[:50]
