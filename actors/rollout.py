@@ -12,9 +12,9 @@ import torch
 from actors.checkpoint import load_checkpoint
 from actors.reward import RewardClient, set_threads
 from actors.stream import ExperienceStream, RedisAddress
-from proxmodel.model import prox_fn, to_unit
-from proxmodel.sampler import Trajectory, sample_hybrid
-from proxmodel.schedule import VPSchedule
+from proxmodel.model import to_unit
+from proxmodel.policy import Policy
+from proxmodel.sampler import Trajectory
 from rewards import weighted_sum
 
 
@@ -23,7 +23,7 @@ def group_seed(seed: int, iteration: int, prompt_index: int) -> int:
     return int(np.random.SeedSequence([seed, iteration, prompt_index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def group_entry(prompt: str, prompt_index: int, iteration: int, version: int, eta: float, traj: Trajectory,
+def group_entry(prompt: str, prompt_index: int, iteration: int, version: int, policy: Policy, traj: Trajectory,
                 per_model: dict[str, torch.Tensor], total: torch.Tensor) -> tuple[dict, dict[str, torch.Tensor]]:
     """The stream entry of one finished group: JSON metadata and the tensors the learner needs."""
     meta = {
@@ -31,8 +31,10 @@ def group_entry(prompt: str, prompt_index: int, iteration: int, version: int, et
         "prompt_index": int(prompt_index),
         "iteration": int(iteration),
         "policy_version": int(version),
+        "kind": policy.kind,
         "steps": int(traj.states.shape[1]),
-        "eta": eta,
+        "eta": policy.eta,
+        "guidance": policy.guidance,
     }
     tensors = {"states": traj.states, "log_probs": traj.log_probs, "reward": total}
     tensors.update({f"reward/{name}": v for name, v in per_model.items()})
@@ -48,6 +50,7 @@ class RolloutActor:
         steps: int,
         group_size: int,
         eta: float,
+        guidance: float,
         reward_actors: list,
         reward_weights: dict[str, float],
         reward_timeout_s: float,
@@ -58,8 +61,8 @@ class RolloutActor:
     ):
         set_threads(torch_threads)
         self.model = load_checkpoint(checkpoint).eval()
-        self.grid = VPSchedule().grid(steps)
-        self.group_size, self.eta = group_size, eta
+        self.policy = Policy.of(self.model, steps, eta, guidance)
+        self.group_size = group_size
         self.rewards = RewardClient(reward_actors, reward_timeout_s, reward_retries)
         self.weights = reward_weights
         self.stream = ExperienceStream(stream_address, run_id)
@@ -81,7 +84,7 @@ class RolloutActor:
             tokens = self.model.tokenize([prompt] * self.group_size)
             context = self.model.encode_text(tokens)
             gen = torch.Generator().manual_seed(group_seed(seed, iteration, index))
-            trajectories.append(sample_hybrid(prox_fn(self.model, context=context), shape, self.grid, eta=self.eta, generator=gen))
+            trajectories.append(self.policy.sample(self.model, {"context": context}, shape, gen))
         t1 = time.perf_counter()
 
         images = torch.cat([to_unit(tr.images) for tr in trajectories])
@@ -97,7 +100,7 @@ class RolloutActor:
             if not all(math.isfinite(v) for v in total.tolist()):
                 dropped += 1
                 continue
-            meta, tensors = group_entry(prompt, index, iteration, self.version, self.eta, traj, per_model, total)
+            meta, tensors = group_entry(prompt, index, iteration, self.version, self.policy, traj, per_model, total)
             written.append(self.stream.add(meta, tensors))
         return {
             "groups": len(written),

@@ -64,6 +64,10 @@ class GrpoConfig(Strict):
     group_size: int = Field(8, ge=2, description="images G sampled per prompt (the group of the advantage)")
     steps: int = Field(10, ge=2, description="hybrid-sampler steps N (a trajectory has N-1 policy log-probs)")
     eta: float = Field(1.0, gt=0, description="noise scale of the stochastic sampler (1 = the method)")
+    guidance: float = Field(
+        1.0, ge=0, description="classifier-free guidance scale w of the rollouts (1 = none); the learner re-scores "
+        "actions under the same guided network, so the policy is the guided sampler",
+    )
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0, description="gradient-norm clipping")

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from proxmodel.model import ProxT2I, prox_fn, to_unit
-from proxmodel.sampler import Trajectory, Variant, gaussian_kl, hybrid_step, sample_hybrid
+from proxmodel.model import ProxT2I, to_unit
+from proxmodel.policy import Policy
+from proxmodel.sampler import Trajectory, Variant, gaussian_kl
 from proxmodel.score import eps_fn, sample_ddim, sample_score
-from proxmodel.schedule import VPSchedule
 from rewards.base import RewardModel
 
 
@@ -24,15 +24,14 @@ SCORE_SAMPLERS = ("sde", "ode", "ddim")
 @torch.no_grad()
 def sample(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta: float = 1.0,
            variant: Variant = "hybrid", guidance: float = 1.0) -> Trajectory:
-    """The prox sampler's trajectory for `prompts` with the noise of `seed` (eta=0: deterministic)."""
+    """The model's policy trajectory (prox sampler, or Euler-Maruyama for a score model) with the noise of `seed`."""
     was_training = model.training
     model.eval()
     context = model.encode_text(model.tokenize(prompts))
     cfg = model.cfg
-    gen = torch.Generator().manual_seed(seed)
-    traj = sample_hybrid(
-        prox_fn(model, guidance, context=context), (len(prompts), cfg.channels, cfg.image_size, cfg.image_size),
-        VPSchedule().grid(steps), eta=eta, generator=gen, variant=variant,
+    traj = Policy.of(model, steps, eta, guidance, variant).sample(
+        model, {"context": context}, (len(prompts), cfg.channels, cfg.image_size, cfg.image_size),
+        torch.Generator().manual_seed(seed),
     )
     model.train(was_training)
     return traj
@@ -83,27 +82,24 @@ def evaluate(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, rewa
 
 @torch.no_grad()
 def hacking_monitors(model: ProxT2I, reference: ProxT2I, prompts: Sequence[str], steps: int, seed: int,
-                     eta: float, group: int) -> dict[str, float]:
+                     eta: float, group: int, guidance: float = 1.0) -> dict[str, float]:
     """Reward-hacking monitors on `group` fixed-noise samples per prompt.
 
     diversity: per-pixel std across a group, averaged (collapse drives it to 0); saturation: mean HSV saturation
     (over-saturation drives it to 1); kl_ref: mean per-step KL between the policy and the reference on the
-    policy's own trajectories (drift).
+    policy's own trajectories (drift), the same closed form the learner's KL term uses.
     """
     texts = [p for p in prompts for _ in range(group)]
-    traj = sample(model, texts, steps, seed, eta)
+    traj = sample(model, texts, steps, seed, eta, guidance=guidance)
     images = to_unit(traj.images)
     diversity = images.reshape(len(prompts), group, -1).std(dim=1).mean()
     brightest, darkest = images.max(dim=1).values, images.min(dim=1).values
     saturation = ((brightest - darkest) / brightest.clamp_min(1e-6)).mean()
     tokens = model.tokenize(texts)
-    policy = prox_fn(model.eval(), context=model.encode_text(tokens))
-    ref = prox_fn(reference.eval(), context=reference.encode_text(tokens))
-    grid = VPSchedule().grid(steps)
+    policy = Policy.of(model, steps, eta, guidance)
     kls = []
-    for j, k in enumerate(range(steps, 1, -1)):
-        y, y_next = traj.states[:, j], traj.states[:, j + 1]
-        mean = hybrid_step(policy, y, grid, k, eta=eta, y_next=y_next).mean
-        mean_ref = hybrid_step(ref, y, grid, k, eta=eta, y_next=y_next).mean
-        kls.append(gaussian_kl(mean, mean_ref, eta**2 * grid.gamma_at(k - 1)).mean())
+    for j in range(steps - 1):
+        mine = policy.transition(model.eval(), {"tokens": tokens}, traj.states, j)
+        ref = policy.transition(reference.eval(), {"tokens": tokens}, traj.states, j)
+        kls.append(gaussian_kl(mine.mean, ref.mean, mine.var).mean())
     return {"diversity": float(diversity), "saturation": float(saturation), "kl_ref": float(torch.stack(kls).mean())}

@@ -29,9 +29,9 @@ from learner.evaluation import evaluate, hacking_monitors, save_grid
 from learner.policy_loss import PromptStats, clipped_policy_loss, compute_advantages, select_train_steps
 from learner.prompts import prompt_source
 from learner.tracking import Tracker
-from proxmodel.model import load_model, prox_fn, save_state
-from proxmodel.sampler import gaussian_kl, hybrid_step
-from proxmodel.schedule import VPSchedule
+from proxmodel.model import load_model, save_state
+from proxmodel.policy import Policy
+from proxmodel.sampler import gaussian_kl
 from rewards import build as build_reward
 
 
@@ -53,7 +53,7 @@ class GrpoLearner:
         init_distributed(rank, world_size, *(master or ()))
         self.rank, self.world = rank, world_size
         self.model = load_checkpoint(checkpoint)
-        self.grid = VPSchedule().grid(g.steps)
+        self.policy = Policy.of(self.model, g.steps, g.eta, g.guidance)
         self.step_rng = torch.Generator().manual_seed(self.cfg.seed)
         n_train = len(select_train_steps(g.steps - 1, g.train_step_window, g.train_step_fraction, torch.Generator()))
         # One micro-batch per trained sampler transition: one optimiser step per pass over the batch.
@@ -73,10 +73,11 @@ class GrpoLearner:
         entries = self.stream.read(consumer=f"rank{self.rank}", count=n_groups)
         ids = [entry_id for entry_id, _, _ in entries]
         metas = [meta for _, meta, _ in entries]
+        mine = {"kind": self.policy.kind, "steps": g.steps, "eta": g.eta, "guidance": g.guidance}
         for meta in metas:
-            if meta["steps"] != self.grid.steps or meta["eta"] != g.eta:
-                raise RuntimeError(f"stream entry from a sampler with steps={meta['steps']}, eta={meta['eta']}; "
-                                   f"this learner trains steps={self.grid.steps}, eta={g.eta}")
+            theirs = {key: meta.get(key) for key in mine}
+            if theirs != mine:
+                raise RuntimeError(f"stream entry from a sampler with {theirs}; this learner trains {mine}")
         prompts = [m["prompt"] for m in metas]
         rewards = {name: torch.stack([t[f"reward/{name}"] for _, _, t in entries]) for name in self.weights}
         total = torch.stack([t["reward"] for _, _, t in entries])  # [P, G]
@@ -130,28 +131,21 @@ class GrpoLearner:
         return out
 
     def _transition_loss(self, batch, j: int, n_total: int) -> tuple[torch.Tensor, dict]:
-        """Clipped policy loss (+ KL) of transition j (step k = N - j) over this rank's groups, scaled for ranks.
+        """Clipped policy loss (+ KL) of transition j (0 = the noisiest) over this rank's groups, scaled for ranks.
 
         Log-probs are recomputed group by group, in the rollout's batch shapes, so the first on-policy ratio is
         exactly 1.
         """
-        g, k = self.cfg.grpo, self.grid.steps - j
-        steps = [
-            hybrid_step(prox_fn(self.engine, tokens=tok), s[:, j], self.grid, k, eta=g.eta, y_next=s[:, j + 1])
-            for tok, s, _, _ in batch
-        ]
+        g = self.cfg.grpo
+        steps = [self.policy.transition(self.engine, {"tokens": tok}, s, j) for tok, s, _, _ in batch]
         log_probs = torch.cat([st.log_prob for st in steps])
         old = torch.cat([lp[:, j] for _, _, lp, _ in batch])
         adv = torch.cat([a for _, _, _, a in batch])
         loss, stats = clipped_policy_loss(log_probs, old, adv, g.clip_range)
         if self.reference is not None:
             with torch.no_grad():
-                ref = [
-                    hybrid_step(prox_fn(self.reference, tokens=tok), s[:, j], self.grid, k, eta=g.eta, y_next=s[:, j + 1]).mean
-                    for tok, s, _, _ in batch
-                ]
-            var = g.eta**2 * self.grid.gamma_at(k - 1)
-            kl = torch.cat([gaussian_kl(st.mean, r, var) for st, r in zip(steps, ref)]).mean()
+                ref = [self.policy.transition(self.reference, {"tokens": tok}, s, j).mean for tok, s, _, _ in batch]
+            kl = torch.cat([gaussian_kl(st.mean, r, st.var) for st, r in zip(steps, ref)]).mean()
             loss = loss + g.kl_coef * kl
             stats["kl"] = kl.detach()
         # clipped_policy_loss averages over this shard; DeepSpeed averages over ranks: rescale to the global mean.
@@ -246,7 +240,7 @@ class GrpoRun:
         weights = {r.name: r.weight for r in cfg.rewards}
         self.rollouts = [
             ray.remote(RolloutActor).options(num_cpus=a.rollout.num_cpus, num_gpus=a.rollout.num_gpus).remote(
-                packed, g.steps, g.group_size, g.eta, reward_actors, weights,
+                packed, g.steps, g.group_size, g.eta, g.guidance, reward_actors, weights,
                 a.reward.timeout_s, a.reward.retries, address, tracker.run_id, a.torch_threads,
             )
             for _ in range(a.rollout.count)
@@ -260,9 +254,12 @@ class GrpoRun:
     def evaluate(self, model, step: int) -> dict[str, float]:
         """Held-out rewards (fixed noise, and the deterministic sampler), monitors and a grid, at `step`."""
         g, seed, prompts = self.cfg.grpo, self.cfg.seed, self.eval_prompts
-        images, scores = evaluate(model, prompts, g.steps, seed, self.eval_rewards, g.eta)
-        _, det = evaluate(model, prompts, g.steps, seed, self.eval_rewards, eta=0.0)
-        monitors = hacking_monitors(model, self.reference, prompts[:4], g.steps, seed, g.eta, g.group_size)
+        # The policy's own sampler with fixed noise, and its deterministic twin (the prox sampler at zero noise;
+        # for a score model the probability-flow ODE).
+        stochastic, deterministic = ("hybrid", "hybrid") if model.cfg.kind == "prox" else ("sde", "ode")
+        images, scores = evaluate(model, prompts, g.steps, seed, self.eval_rewards, g.eta, stochastic, g.guidance)
+        _, det = evaluate(model, prompts, g.steps, seed, self.eval_rewards, 0.0, deterministic, g.guidance)
+        monitors = hacking_monitors(model, self.reference, prompts[:4], g.steps, seed, g.eta, g.group_size, g.guidance)
         self.tracker.metrics({**{f"eval_reward_{k}": v for k, v in scores.items()},
                               **{f"eval_det_reward_{k}": v for k, v in det.items()},
                               **{f"monitor_{k}": v for k, v in monitors.items()}}, step=step)

@@ -4,9 +4,8 @@ import torch
 
 from actors.rollout import group_entry
 from actors.stream import ExperienceStream, learner_group
-from proxmodel.model import load_model, prox_fn
-from proxmodel.sampler import sample_hybrid
-from proxmodel.schedule import VPSchedule
+from proxmodel.model import load_model
+from proxmodel.policy import Policy
 
 PROMPTS = [
     "a small red circle at the top left, on a white background",
@@ -16,10 +15,11 @@ PROMPTS = [
 ]
 
 
-def write_batch(checkpoint, address, run_id, *, steps, group_size, eta=1.0, ranks=1, rewards=None, seed=0):
+def write_batch(checkpoint, address, run_id, *, steps, group_size, eta=1.0, guidance=1.0, ranks=1, rewards=None,
+                seed=0):
     """Sample one group per prompt with the checkpoint's policy and stream it; returns the per-group rewards."""
     model = load_model(checkpoint).eval()
-    grid = VPSchedule().grid(steps)
+    policy = Policy.of(model, steps, eta, guidance)
     c = model.cfg
     gen = torch.Generator().manual_seed(seed)
     streams = [ExperienceStream(address, run_id, learner_group(r)) for r in range(ranks)]
@@ -29,10 +29,9 @@ def write_batch(checkpoint, address, run_id, *, steps, group_size, eta=1.0, rank
     for i, prompt in enumerate(PROMPTS):
         with torch.no_grad():
             context = model.encode_text(model.tokenize([prompt] * group_size))
-        traj = sample_hybrid(prox_fn(model, context=context), (group_size, c.channels, c.image_size, c.image_size),
-                             grid, eta=eta, generator=gen)
+        traj = policy.sample(model, {"context": context}, (group_size, c.channels, c.image_size, c.image_size), gen)
         reward = rewards[i] if rewards is not None else torch.rand(group_size, generator=gen)
-        meta, tensors = group_entry(prompt, i, 0, 0, eta, traj, {"compositional": reward}, reward)
+        meta, tensors = group_entry(prompt, i, 0, 0, policy, traj, {"compositional": reward}, reward)
         streams[0].add(meta, tensors)
         out.append(reward)
     return out

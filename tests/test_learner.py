@@ -80,3 +80,28 @@ def test_zero_std_groups_are_dropped_and_step_window_limits_the_transitions(chec
     assert metrics["groups"] == 4 and metrics["groups_trained"] == 2
     assert learner.engine.global_steps == 1 and learner.engine.gradient_accumulation_steps() == 1
     json.dumps(metrics)  # plain numbers, ready for MLflow
+
+
+@pytest.fixture(scope="module")
+def score_checkpoint(tiny_model_config, tmp_path_factory):
+    from proxmodel.model import ProxT2I
+
+    torch.manual_seed(3)
+    model = ProxT2I(tiny_model_config.model_copy(update={"kind": "score"}))
+    return str(save_model(model, tmp_path_factory.mktemp("score") / "c"))
+
+
+def test_score_policy_baseline_trains_on_policy_with_kl_and_guidance(score_checkpoint, server):
+    """The DDPO-style baseline: a score model's Euler-Maruyama chain through the same learner, CFG and KL included."""
+    write_batch(score_checkpoint, server.address, "s", steps=STEPS, group_size=G, guidance=2.0)
+    learner = make_learner(score_checkpoint, server, "s", guidance=2.0, kl_coef=0.5, updates_per_batch=2)
+    metrics = learner.train(0, len(PROMPTS))
+    assert metrics["acked"] == len(PROMPTS) and learner.stream.pending() == 0
+    assert metrics["kl"] > 0  # averaged over the two updates: 0 on the first, positive after it
+
+
+def test_learner_refuses_entries_from_another_sampler(checkpoint, server):
+    write_batch(checkpoint, server.address, "m", steps=STEPS, group_size=G, guidance=3.0)
+    learner = make_learner(checkpoint, server, "m")
+    with pytest.raises(RuntimeError, match="'guidance': 3.0"):
+        learner.train(0, len(PROMPTS))

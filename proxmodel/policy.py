@@ -1,0 +1,92 @@
+"""A model's stochastic sampler seen as an RL policy: a chain of Gaussian transitions between recorded states.
+
+- kind prox: the hybrid (or fully backward) prox sampler over its auxiliary states y_N..y_1 (method.md sec. 3);
+  the image is prox(y_1; 0, gamma_1), deterministic given y_1.
+- kind score: Euler-Maruyama over x at tau_{N-1} = 1, ..., tau_0 = t_min (the DDPO / Flow-GRPO view of a score
+  model); the image is the final denoising step from x at tau_0.
+
+Either way a trajectory has N states ([B, N, ...]), N-1 transitions with Gaussian log-probs ([B, N-1], means over
+dimensions, float32) and N network evaluations. Rollouts, the learner's recomputation and evaluation all call
+`Policy.sample` / `Policy.transition`, so they can never disagree; classifier-free guidance (`guidance` w) is part of
+the policy, so a guided rollout is scored under the same guided network by the learner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+from torch import nn
+
+from proxmodel.model import prox_fn
+from proxmodel.sampler import Trajectory, Variant, half_step, hybrid_step, sample_hybrid
+from proxmodel.schedule import VPSchedule
+from proxmodel.score import denoise, eps_fn, score_times, sde_step
+
+Kind = Literal["prox", "score"]
+
+
+@dataclass(frozen=True)
+class Transition:
+    mean: torch.Tensor  # the policy's mean of the next state
+    log_prob: torch.Tensor  # [B] log-density of the recorded next state, mean over dimensions, float32
+    var: float  # the transition's variance per dimension (for the closed-form KL)
+
+
+@dataclass(frozen=True)
+class Policy:
+    kind: Kind
+    steps: int
+    eta: float = 1.0
+    guidance: float = 1.0
+    variant: Variant = "hybrid"  # prox only: hybrid or fully backward
+
+    @classmethod
+    def of(cls, model: nn.Module, steps: int, eta: float = 1.0, guidance: float = 1.0,
+           variant: Variant = "hybrid") -> "Policy":
+        """The policy of `model` (a ProxT2I, or a DeepSpeed engine around one)."""
+        return cls(getattr(model, "module", model).cfg.kind, steps, eta, guidance, variant)
+
+    @property
+    def grid(self):
+        return VPSchedule().grid(self.steps)
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, condition: dict[str, torch.Tensor], shape: tuple[int, ...],
+               generator: Optional[torch.Generator] = None, device: torch.device | str = "cpu") -> Trajectory:
+        """One trajectory per row of `condition` (`tokens=` or `context=`), with noise from `generator`."""
+        if self.kind == "prox":
+            return sample_hybrid(prox_fn(model, self.guidance, **condition), shape, self.grid, eta=self.eta,
+                                 generator=generator, device=device, variant=self.variant)
+        eps = eps_fn(model, self.guidance, **condition)
+        times = score_times(self.steps).tolist()
+        x = torch.randn(shape, generator=generator, device=device)
+        states, log_probs = [x], []
+        for t, t_next in zip(times[:0:-1], times[-2::-1]):
+            noise = torch.randn(shape, generator=generator, device=device) if self.eta != 0.0 else None
+            step = sde_step(eps, x, t, t_next, eta=self.eta, noise=noise)
+            x = step.x
+            states.append(x)
+            if step.log_prob is not None:
+                log_probs.append(step.log_prob)
+        return Trajectory(states=torch.stack(states, dim=1), images=denoise(eps, x, times[0]),
+                          log_probs=torch.stack(log_probs, dim=1) if log_probs else None)
+
+    def transition(self, model: nn.Module, condition: dict[str, torch.Tensor], states: torch.Tensor,
+                   j: int) -> Transition:
+        """Transition j (0 = the noisiest) of recorded `states` [B, N, ...] re-scored under `model` (with grad)."""
+        if not 0 <= j < self.steps - 1:
+            raise IndexError(f"transition {j} of a {self.steps}-step policy (it has {self.steps - 1})")
+        if self.kind == "prox":
+            k = self.steps - j
+            out = hybrid_step(prox_fn(model, self.guidance, **condition), states[:, j], self.grid, k, eta=self.eta,
+                              y_next=states[:, j + 1], variant=self.variant)
+            var = (self.eta * half_step(self.grid, k - 1, self.variant).noise_std) ** 2
+            return Transition(out.mean, out.log_prob, var)
+        times = score_times(self.steps).tolist()
+        t, t_next = times[self.steps - 1 - j], times[self.steps - 2 - j]
+        out = sde_step(eps_fn(model, self.guidance, **condition), states[:, j], t, t_next, eta=self.eta,
+                       x_next=states[:, j + 1])
+        var = self.eta**2 * float(VPSchedule().beta(t)) * (t - t_next)
+        return Transition(out.mean, out.log_prob, var)

@@ -1,0 +1,65 @@
+"""The sampler as a policy, for both model kinds: what a rollout records is exactly what the learner re-scores."""
+
+import pytest
+import torch
+
+from proxmodel.model import ProxT2I
+from proxmodel.policy import Policy
+from proxmodel.sampler import gaussian_log_prob
+from proxmodel.score import eps_fn, sample_score
+
+G, STEPS = 3, 4
+
+
+@pytest.fixture(scope="module", params=["prox", "score"])
+def model(request, tiny_model_config):
+    torch.manual_seed(2)
+    return ProxT2I(tiny_model_config.model_copy(update={"kind": request.param})).eval()
+
+
+def shape_of(model):
+    cfg = model.cfg
+    return (G, cfg.channels, cfg.image_size, cfg.image_size)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.5])
+def test_recorded_log_probs_equal_the_learners_recomputation(model, guidance):
+    """Rollout (no grad, context) and learner (grad, tokens) agree bit for bit: the on-policy ratio is exactly 1."""
+    policy = Policy.of(model, STEPS, guidance=guidance)
+    tokens = model.tokenize(["a red circle", "a blue square", ""])
+    traj = policy.sample(model, {"context": model.encode_text(tokens)}, shape_of(model), torch.Generator().manual_seed(0))
+    assert traj.states.shape == (G, STEPS, *shape_of(model)[1:]) and traj.log_probs.shape == (G, STEPS - 1)
+    model.train()
+    try:
+        for j in range(STEPS - 1):
+            step = policy.transition(model, {"tokens": tokens}, traj.states, j)
+            assert step.log_prob.requires_grad
+            assert torch.equal(step.log_prob.detach(), traj.log_probs[:, j]), f"transition {j}"
+            # the variance it reports is the one its log-prob uses, so the closed-form KL is consistent
+            expected = gaussian_log_prob(traj.states[:, j + 1], step.mean.detach(), step.var)
+            assert torch.allclose(step.log_prob.detach(), expected, atol=1e-6)
+    finally:
+        model.eval()
+
+
+def test_score_policy_samples_exactly_the_euler_maruyama_baseline(tiny_model_config):
+    model = ProxT2I(tiny_model_config.model_copy(update={"kind": "score"})).eval()
+    tokens = model.tokenize(["a green triangle"] * G)
+    traj = Policy.of(model, STEPS).sample(model, {"tokens": tokens}, shape_of(model), torch.Generator().manual_seed(5))
+    baseline = sample_score(eps_fn(model, tokens=tokens), shape_of(model), STEPS, method="sde",
+                            generator=torch.Generator().manual_seed(5))
+    assert torch.equal(traj.images, baseline.images) and torch.equal(traj.log_probs, baseline.log_probs)
+
+
+def test_zero_noise_policy_is_deterministic_and_has_no_log_probs(model):
+    tokens = model.tokenize(["a red circle"] * G)
+    policy = Policy.of(model, STEPS, eta=0.0)
+    a = policy.sample(model, {"tokens": tokens}, shape_of(model), torch.Generator().manual_seed(0))
+    b = policy.sample(model, {"tokens": tokens}, shape_of(model), torch.Generator().manual_seed(0))
+    assert a.log_probs is None and torch.equal(a.images, b.images)
+
+
+def test_transition_index_is_checked(model):
+    states = torch.zeros(G, STEPS, *shape_of(model)[1:])
+    with pytest.raises(IndexError, match="has 3"):
+        Policy.of(model, STEPS).transition(model, {"tokens": model.tokenize([""] * G)}, states, STEPS - 1)
