@@ -254,7 +254,8 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path) -
         ray, started_ray = _start_ray(cfg)
         reward_actors = [
             ray.remote(RewardActor).options(num_cpus=a.reward.num_cpus, num_gpus=a.reward.num_gpus)
-            .remote(rewards_cfg, a.reward.batch_size, a.torch_threads)
+            .remote(rewards_cfg, a.reward.batch_size, a.torch_threads, address if a.reward.cache else None,
+                    a.reward.cache_ttl_s)
             for _ in range(a.reward.count)
         ]
         learners = LearnerGroup(ray, cfg, str(init_from), address, tracker.run_id)
