@@ -242,3 +242,29 @@ def test_weighted_mix_of_preference_rewards(pickscore_dir, hps_checkpoint):
     mixed = weighted_sum({"pickscore": pick, "hpsv2": hps}, {"pickscore": 0.05, "hpsv2": 2.0})
     assert torch.allclose(mixed, 0.05 * pick + 2.0 * hps)
     assert torch.equal(weighted_sum({"pickscore": pick, "hpsv2": hps}, {"hpsv2": 1.0}), hps)
+
+
+def test_check_command_scores_generated_images(pickscore_dir, capsys):
+    from rewards.check import main
+
+    assert main(["pickscore", f"model={pickscore_dir}", "--images", "2", "--side", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "loaded pickscore" in out and "ms per image" in out and len(out.strip().splitlines()) == 4
+    assert main(["pickscore", f"model={pickscore_dir / 'missing'}"]) == 2
+    assert "yuvalkirstain/PickScore_v1" in capsys.readouterr().err
+    assert main(["no_such_reward"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["image_reward", "hpsv2", "pickscore"])
+def test_real_size_models_load_from_released_layouts(name, tmp_path):
+    """Full-size random-weight models (4-5 GB RSS each), saved as released and loaded through the reward class."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from reward_costs import prepare
+
+    options = prepare(name, tmp_path)
+    reward = build(name, **options)
+    images, captions = scenes(2, side=64)
+    scores = reward.score(images, captions)
+    assert scores.shape == (2,) and bool(torch.isfinite(scores).all())
+    assert torch.equal(reward.score(images, captions), scores)
