@@ -30,7 +30,8 @@ class ScoreCache:
     @staticmethod
     def keys(spec: dict, images: torch.Tensor, prompts: Sequence[str]) -> list[str]:
         """One key per image: sha256 of the reward spec, of the image's exact values and of the prompt."""
-        model = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        model = json.dumps([spec["name"], spec.get("options", {})], sort_keys=True, default=str)  # not the weight
+        model = hashlib.sha256(model.encode()).hexdigest()[:16]
         pixels = images.detach().float().cpu().contiguous()
         out = []
         for image, prompt in zip(pixels, prompts):

@@ -47,7 +47,7 @@ class HPSv2(RewardModel):
             image_mean=None, image_std=None, light_augmentation=True, aug_cfg={}, output_dict=True,
             with_score_predictor=False, with_region_predictor=False,
         )
-        state = torch.load(Path(checkpoint).expanduser(), map_location="cpu", weights_only=True)
+        state = torch.load(Path(checkpoint).expanduser(), map_location="cpu", weights_only=True, mmap=True)
         self.model.load_state_dict(state.get("state_dict", state))
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(architecture)

@@ -17,7 +17,7 @@ from PIL import Image
 from rewards import compat
 from rewards.base import RewardModel, register, to_uint8_images
 
-TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json")
+SCORING_PREFIXES = ("blip.visual_encoder.", "blip.text_encoder.", "mlp.")
 
 
 def check_imagereward_files(checkpoint: str | None, med_config: str | None, tokenizer: str | None) -> None:
@@ -49,9 +49,10 @@ class ImageRewardScore(RewardModel):
         module, _ = compat.imagereward_modules()
         with compat.blip_tokenizer_from(Path(tokenizer).expanduser()):
             self.model = module.ImageReward(med_config=str(Path(med_config).expanduser()), device=device)
-        state = torch.load(Path(checkpoint).expanduser(), map_location="cpu", weights_only=True)
-        # strict=False as ImageReward.load does: the released file also carries unused BLIP buffers.
-        missing = self.model.load_state_dict(state, strict=False).missing_keys
+        state = torch.load(Path(checkpoint).expanduser(), map_location="cpu", weights_only=True, mmap=True)
+        # strict=False as ImageReward.load does; but every weight scoring uses must be in the file.
+        missing = [k for k in self.model.load_state_dict(state, strict=False).missing_keys
+                   if k.startswith(SCORING_PREFIXES) and not k.endswith("position_ids")]
         if missing:
             raise ValueError(f"{checkpoint} is not an ImageReward checkpoint: it lacks {missing[:5]} ...")
         self.model.to(device).eval()

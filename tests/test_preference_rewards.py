@@ -268,3 +268,11 @@ def test_real_size_models_load_from_released_layouts(name, tmp_path):
     scores = reward.score(images, captions)
     assert scores.shape == (2,) and bool(torch.isfinite(scores).all())
     assert torch.equal(reward.score(images, captions), scores)
+
+
+def test_image_reward_rejects_a_checkpoint_without_its_weights(imagereward_files, tmp_path):
+    state = torch.load(imagereward_files["checkpoint"], weights_only=True)
+    wrong = tmp_path / "other.pt"
+    torch.save({k: v for k, v in state.items() if not k.startswith("mlp.")}, wrong)
+    with pytest.raises(ValueError, match="mlp.layers"):
+        build("image_reward", **{**imagereward_files, "checkpoint": str(wrong)})
