@@ -6,6 +6,9 @@ Both packages pin versions that conflict with this environment (see docs/rewards
 hpsv2 1.2.0
   H1. Its wheel and sdist lack the CLIP BPE vocabulary its tokenizer opens at import; the identical file ships in
       open_clip and is copied beside hpsv2's tokenizer once.
+  H2. Its factory.py has a stray `from turtle import forward` (unused); turtle needs tkinter, which many Pythons
+      lack (Debian's python3 without python3-tk). Where turtle cannot be imported, an empty stand-in is present
+      for that one import only.
 image-reward 1.5 (written for transformers 4.x)
   I1. Its package __init__ imports training and baseline code (ReFL: accelerate, datasets, diffusers training utils;
       CLIP/aesthetic baselines: OpenAI's `clip`) that scoring never uses: the modules that score are imported
@@ -72,6 +75,15 @@ def ensure_hpsv2_vocab() -> Path:
 def hpsv2_open_clip() -> types.ModuleType:
     """hpsv2's fork of open_clip (`hpsv2.src.open_clip`): factory, transforms and tokenizer."""
     ensure_hpsv2_vocab()
+    try:
+        importlib.import_module("turtle")
+    except ImportError:  # H2: Python built without tkinter (e.g. Debian's python3 without python3-tk)
+        sys.modules["turtle"] = types.ModuleType("turtle")
+        sys.modules["turtle"].forward = None
+        try:
+            return importlib.import_module("hpsv2.src.open_clip")
+        finally:
+            del sys.modules["turtle"]
     return importlib.import_module("hpsv2.src.open_clip")
 
 

@@ -78,3 +78,11 @@ def test_i5_text_encoder_initialises_like_transformers_4():
     model = BertModel(config, add_pooling_layer=False)
     weight = model.encoder.layer[0].attention.self.query.weight
     assert abs(weight.std().item() - 0.02) < 0.004 and model.encoder.layer[0].attention.self.query.bias.abs().max() == 0
+
+
+def test_h2_hpsv2_imports_on_a_python_without_tkinter():
+    code = ("import sys; sys.modules['tkinter'] = None; from rewards import compat; "  # None: import tkinter fails
+            "oc = compat.hpsv2_open_clip(); print(callable(oc.create_model_and_transforms), 'turtle' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["True", "False"]  # imported, and the stand-in is gone afterwards
