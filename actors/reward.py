@@ -2,33 +2,91 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from typing import Sequence
+from typing import Optional, Sequence
 
 import ray
 import torch
 
+from actors.stream import RedisAddress
 from rewards import build
 
 log = logging.getLogger(__name__)
 
 
-class RewardActor:
-    """Holds the configured reward models; scores images in batches of at most `batch_size`."""
+class ScoreCache:
+    """Scores on Redis under (reward name + options, image hash, prompt): a repeated request is not rescored.
 
-    def __init__(self, specs: list[dict], batch_size: int, torch_threads: int = 0):
+    Values are JSON floats (a float32 survives the round trip exactly); nothing is pickled.
+    """
+
+    PREFIX = "proxrl:reward:"
+
+    def __init__(self, address: RedisAddress, ttl_s: int):
+        self.client, self.ttl_s = address.connect(), ttl_s
+
+    @staticmethod
+    def keys(spec: dict, images: torch.Tensor, prompts: Sequence[str]) -> list[str]:
+        """One key per image: sha256 of the reward spec, of the image's exact values and of the prompt."""
+        model = json.dumps([spec["name"], spec.get("options", {})], sort_keys=True, default=str)  # not the weight
+        model = hashlib.sha256(model.encode()).hexdigest()[:16]
+        pixels = images.detach().float().cpu().contiguous()
+        out = []
+        for image, prompt in zip(pixels, prompts):
+            digest = hashlib.sha256(str(tuple(image.shape)).encode() + image.numpy().tobytes()).hexdigest()
+            text = hashlib.sha256(prompt.encode()).hexdigest()
+            out.append(f"{ScoreCache.PREFIX}{spec['name']}:{model}:{digest}:{text}")
+        return out
+
+    def get(self, keys: list[str]) -> list[Optional[float]]:
+        return [None if v is None else json.loads(v) for v in self.client.mget(keys)]
+
+    def put(self, keys: list[str], scores: torch.Tensor) -> None:
+        with self.client.pipeline(transaction=False) as pipe:
+            for key, value in zip(keys, scores.tolist()):
+                pipe.set(key, json.dumps(value), ex=self.ttl_s)
+            pipe.execute()
+
+
+class RewardActor:
+    """Holds the configured reward models; scores images in batches of at most `batch_size`.
+
+    With `cache` (a Redis address), scores already on Redis are reused and only the rest are computed.
+    """
+
+    def __init__(self, specs: list[dict], batch_size: int, torch_threads: int = 0,
+                 cache: Optional[RedisAddress] = None, cache_ttl_s: int = 86400):
         set_threads(torch_threads)
+        self.specs = {s["name"]: s for s in specs}
         self.models = {s["name"]: build(s["name"], **s.get("options", {})) for s in specs}
         self.batch_size = batch_size
+        self.cache = ScoreCache(cache, cache_ttl_s) if cache is not None else None
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """{reward name: float32 scores [B]} for images [B, 3, H, W] in [0, 1]."""
-        out: dict[str, list[torch.Tensor]] = {name: [] for name in self.models}
-        for i in range(0, len(prompts), self.batch_size):
-            chunk, texts = images[i : i + self.batch_size], list(prompts[i : i + self.batch_size])
-            for name, model in self.models.items():
-                out[name].append(model.score(chunk, texts).float().cpu())
-        return {name: torch.cat(parts) for name, parts in out.items()}
+        prompts = list(prompts)
+        return {name: self._score_one(name, images, prompts) for name in self.models}
+
+    def _score_one(self, name: str, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        if self.cache is None:
+            return self._compute(name, images, prompts)
+        keys = self.cache.keys(self.specs[name], images, prompts)
+        cached = self.cache.get(keys)
+        scores = torch.tensor([float("nan") if v is None else v for v in cached], dtype=torch.float32)
+        todo = [i for i, v in enumerate(cached) if v is None]
+        if todo:
+            fresh = self._compute(name, images[todo], [prompts[i] for i in todo])
+            scores[todo] = fresh
+            self.cache.put([keys[i] for i in todo], fresh)
+        return scores
+
+    def _compute(self, name: str, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        model = self.models[name]
+        parts = [model.score(images[i : i + self.batch_size], prompts[i : i + self.batch_size]).float().cpu()
+                 for i in range(0, len(prompts), self.batch_size)]
+        return torch.cat(parts)
 
 
 class RewardClient:

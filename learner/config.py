@@ -125,6 +125,11 @@ class RewardActorConfig(ActorResources):
     batch_size: int = Field(64, ge=1, description="images scored per reward-model call")
     timeout_s: float = Field(120.0, gt=0, description="a scoring call slower than this is retried elsewhere")
     retries: int = Field(2, ge=0, description="extra attempts on other reward actors after a failure")
+    cache: bool = Field(
+        False, description="keep scores on the run's Redis under (reward, image hash, prompt) and reuse them "
+        "instead of rescoring (worth it for slow rewards and repeated images, e.g. evaluation with fixed noise)"
+    )
+    cache_ttl_s: int = Field(86400, ge=1, description="seconds a cached score is kept")
 
 
 class ActorsConfig(Strict):

@@ -233,7 +233,8 @@ class GrpoRun:
         rewards_cfg = [r.model_dump() for r in cfg.rewards]
         reward_actors = [
             ray.remote(RewardActor).options(num_cpus=a.reward.num_cpus, num_gpus=a.reward.num_gpus)
-            .remote(rewards_cfg, a.reward.batch_size, a.torch_threads)
+            .remote(rewards_cfg, a.reward.batch_size, a.torch_threads, address if a.reward.cache else None,
+                    a.reward.cache_ttl_s)
             for _ in range(a.reward.count)
         ]
         self.learners = LearnerGroup(ray, cfg, packed, address, tracker.run_id)

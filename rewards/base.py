@@ -60,12 +60,12 @@ def preflight(name: str, options: dict) -> None:
     """Check a reward's files and options without loading it (a reward class may define `preflight(**options)`)."""
     _import_builtin()
     cls = _REGISTRY[name]
-    inspect.signature(cls).bind(**options)  # unknown or missing options fail here, not inside an actor
     check = getattr(cls, "preflight", None)
     if check is not None:
-        check(**options)
+        check(**options)  # first: a missing file's message names the file, its source and the option to set
+    inspect.signature(cls).bind(**options)  # unknown or missing options fail here, not inside an actor
 
 
 def _import_builtin() -> None:
     # Importing a module runs its @register; the built-in ones live beside this file.
-    from rewards import aesthetic, clip_score, compositional, jpeg  # noqa: F401
+    from rewards import aesthetic, clip_score, compositional, hps, image_reward, jpeg, pickscore  # noqa: F401

@@ -4,7 +4,7 @@ import pytest
 import ray
 import torch
 
-from actors.reward import RewardActor, RewardClient
+from actors.reward import RewardActor, RewardClient, ScoreCache
 from rewards.scenes import scene_batch
 
 SPECS = [{"name": "compositional"}, {"name": "jpeg_compressibility", "options": {"quality": 90}}]
@@ -33,3 +33,43 @@ def test_batched_scores_match_local_scoring_and_survive_a_dead_actor(actors):
     assert torch.equal(again["compositional"], local["compositional"])
     with pytest.raises(RuntimeError, match="reward attempts failed"):
         RewardClient([dead], timeout_s=30, retries=1).score(images, captions)
+
+
+def test_redis_cache_reuses_scores_and_scores_only_misses():
+    from actors.stream import EmbeddedRedis
+
+    images, captions = scene_batch(seed=6, start=0, count=6, side=32)
+    images = torch.from_numpy(images)
+    with EmbeddedRedis() as redis_server:
+        actor = RewardActor(SPECS, batch_size=4, cache=redis_server.address)
+        scored: list[int] = []  # images each call to the JPEG model received
+        model = actor.models["jpeg_compressibility"]
+        original = model.score
+        model.score = lambda im, pr: scored.append(len(pr)) or original(im, pr)
+        first = actor.score(images[:4], captions[:4])  # all misses
+        assert scored == [4]
+        again = actor.score(images[:4], captions[:4])  # all hits: the model is not called
+        assert scored == [4]
+        for name in first:
+            assert torch.equal(again[name], first[name])  # float32 survives the JSON round trip exactly
+        mixed = actor.score(images, captions)  # 4 hits, 2 misses: only the misses are scored
+        assert scored == [4, 2]
+        assert torch.equal(mixed["jpeg_compressibility"], RewardActor(SPECS, 64).score(images, captions)["jpeg_compressibility"])
+        actor.score(images[:1], captions[1:2])  # same image, another prompt: a miss
+        assert scored == [4, 2, 1]
+        # Another actor on the same Redis (e.g. a second reward actor) reuses the scores...
+        other = RewardActor(SPECS, batch_size=4, cache=redis_server.address)
+        other_model = other.models["jpeg_compressibility"]
+        other_original = other_model.score
+        other_model.score = lambda im, pr: scored.append(-len(pr)) or other_original(im, pr)
+        other.score(images, captions)
+        assert scored == [4, 2, 1]
+        # ...but a reward with other options is another model: a miss.
+        changed = RewardActor([{"name": "jpeg_compressibility", "options": {"quality": 50}}], 4,
+                              cache=redis_server.address)
+        assert set(ScoreCache.keys(changed.specs["jpeg_compressibility"], images, captions)).isdisjoint(
+            ScoreCache.keys(actor.specs["jpeg_compressibility"], images, captions))
+        reweighted = {**actor.specs["jpeg_compressibility"], "weight": 3.0}  # the weight is not part of the key
+        assert ScoreCache.keys(reweighted, images, captions) == ScoreCache.keys(actor.specs["jpeg_compressibility"], images, captions)
+        keys = redis_server.address.connect().keys(ScoreCache.PREFIX + "*")
+        assert len(keys) == 2 * 7  # two rewards x (6 images + 1 new prompt), nothing else
