@@ -50,10 +50,14 @@ def available() -> list[str]:
 
 
 def build(name: str, **options) -> RewardModel:
+    """The reward `name`; one that takes a `device` gets this process's GPU if it has one and none was given."""
     _import_builtin()
     if name not in _REGISTRY:
         raise KeyError(f"unknown reward {name!r}; registered rewards are {sorted(_REGISTRY)}")
-    return _REGISTRY[name](**options)
+    cls = _REGISTRY[name]
+    if "device" not in options and "device" in inspect.signature(cls).parameters:
+        options["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    return cls(**options)
 
 
 def preflight(name: str, options: dict) -> None:
