@@ -95,6 +95,10 @@ class GrpoConfig(Strict):
         1.0, gt=0, le=1, description="random fraction of the window trained each iteration (timestep subsampling)"
     )
     updates_per_batch: int = Field(1, ge=1, description="optimiser steps per batch; after the first the ratio != 1")
+    time_limit_s: Optional[float] = Field(
+        None, gt=0, description="stop launching rollouts after this many seconds of training (the iterations in "
+        "flight are still trained); null = run all iterations",
+    )
     max_staleness: int = Field(
         0, ge=0, description="async mode: rollouts may run this many policy versions ahead of the learner "
         "(0 = synchronous); older groups are skipped by the learner"

@@ -285,11 +285,17 @@ class GrpoRun:
         current = None  # the model evaluated every eval_every iterations
         history, written, dropped_total = [], 0, 0
         start = time.time()
+        deadline = start + g.time_limit_s if g.time_limit_s else float("inf")
+        done = 0
         bar = tqdm(range(g.iterations), desc="grpo", unit="it", dynamic_ncols=True)
         for it in bar:
             t0 = time.time()
-            while len(in_flight) <= g.max_staleness and it + len(in_flight) < g.iterations:
+            while (len(in_flight) <= g.max_staleness and it + len(in_flight) < g.iterations
+                   and (t0 < deadline or it + len(in_flight) == 0)):  # at least one iteration, whatever the limit
                 in_flight.append(self.launch(it + len(in_flight)))
+            if not in_flight:  # out of time, and every launched iteration has been trained
+                break
+            done = it + 1
             results = ray.get(in_flight.popleft())
             ray.get(weight_updates)  # surface a failed weight update; these finished before the rollouts did
             groups = sum(r["groups"] for r in results)
@@ -319,7 +325,8 @@ class GrpoRun:
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
         if not history:
             raise RuntimeError(f"every group of every iteration was dropped ({dropped_total} groups): check the rewards")
-        return {"wall_time_s": time.time() - start, "history": history, "written": written, "dropped": dropped_total}
+        return {"wall_time_s": time.time() - start, "history": history, "written": written, "dropped": dropped_total,
+                "iterations": done}
 
     def finish(self, loop: dict) -> dict:
         """Write the final checkpoint from the gathered weights (no learner node needs run_dir) and evaluate it."""
@@ -330,12 +337,13 @@ class GrpoRun:
         entries, pending = self.streams[0].length(), sum(s.pending() for s in self.streams)
         if pending:
             raise RuntimeError(f"{pending} stream entries were never acknowledged")
-        after = self.evaluate(load_model(checkpoint), g.iterations)
-        shutil.copyfile(self.run_dir / "samples" / f"step{g.iterations:05d}.png", self.run_dir / "samples.png")
+        done = loop["iterations"]
+        after = self.evaluate(load_model(checkpoint), done)
+        shutil.copyfile(self.run_dir / "samples" / f"step{done:05d}.png", self.run_dir / "samples.png")
         self.tracker.artifact(self.run_dir / "samples.png")
         history, wall = loop["history"], loop["wall_time_s"]
         return {
-            "iterations": g.iterations,
+            "iterations": done,
             "wall_time_s": wall,
             "samples_per_s": loop["written"] * g.group_size / wall,
             "checkpoint": str(checkpoint),

@@ -129,3 +129,17 @@ def test_async_grpo_respects_the_staleness_bound(pretrained, store):
     assert lag == {0: 0.0, 1: 1.0, 2: 1.0}
     stale = mlflow.get_metric_history(summary["mlflow_run_id"], "groups_stale")
     assert [m.value for m in stale] == [0.0, 0.0, 0.0]
+
+
+def test_time_limit_stops_launching_and_trains_what_is_in_flight(pretrained, store):
+    root, uri = store
+    proc = run_cli(
+        "--mode", "grpo", "--config", str(SMOKE), f"run_dir={root / 'timed'}", f"mlflow.tracking_uri={uri}",
+        f"init_from={pretrained['checkpoint']}", "grpo.iterations=100", "grpo.time_limit_s=0.000001",
+        "grpo.eval_every=0",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(Path(last_line(proc)).read_text())
+    assert summary["iterations"] == 1 and summary["groups_written"] == 2
+    assert summary["stream"]["pending"] == 0
+    assert (root / "timed" / "samples" / "step00001.png").is_file()
