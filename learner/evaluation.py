@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from proxmodel.model import ProxT2I, prox_fn, to_unit
+from proxmodel.model import ProxT2I, prox_fn
 from proxmodel.sampler import Trajectory, gaussian_kl, hybrid_step, sample_hybrid
 from proxmodel.schedule import VPSchedule
 from rewards.base import RewardModel
@@ -22,11 +22,10 @@ def sample(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta: f
     was_training = model.training
     model.eval()
     context = model.encode_text(model.tokenize(prompts))
-    cfg = model.cfg
     gen = torch.Generator().manual_seed(seed)
     traj = sample_hybrid(
-        prox_fn(model, context=context), (len(prompts), cfg.channels, cfg.image_size, cfg.image_size),
-        VPSchedule().grid(steps), eta=eta, generator=gen,
+        prox_fn(model, context=context), model.sample_shape(len(prompts)), VPSchedule().grid(steps), eta=eta,
+        generator=gen,
     )
     model.train(was_training)
     return traj
@@ -34,7 +33,7 @@ def sample(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta: f
 
 def generate(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta: float = 1.0) -> torch.Tensor:
     """Images in [0, 1], [B, C, H, W], from the hybrid sampler with the noise of `seed` (eta=0: deterministic)."""
-    return to_unit(sample(model, prompts, steps, seed, eta).images)
+    return model.to_images(sample(model, prompts, steps, seed, eta).images)
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, upscale: int = 4) -> Image.Image:
@@ -63,7 +62,7 @@ def hacking_monitors(model: ProxT2I, reference: ProxT2I, prompts: Sequence[str],
     """
     texts = [p for p in prompts for _ in range(group)]
     traj = sample(model, texts, steps, seed, eta)
-    images = to_unit(traj.images)
+    images = model.to_images(traj.images)
     diversity = images.reshape(len(prompts), group, -1).std(dim=1).mean()
     brightest, darkest = images.max(dim=1).values, images.min(dim=1).values
     saturation = ((brightest - darkest) / brightest.clamp_min(1e-6)).mean()
