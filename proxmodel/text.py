@@ -113,7 +113,7 @@ def _clip(cfg: TextConfig) -> tuple[Tokenizer, nn.Module]:
 
     folder = _folder(cfg)
     _require(
-        folder, [("config.json",), ("model.safetensors",), ("vocab.json",), ("merges.txt",)], "clip",
+        folder, [("config.json",), ("model.safetensors",), ("tokenizer.json", "vocab.json")], "clip",
         "Save them with CLIPTextModel.save_pretrained(folder) and CLIPTokenizer.save_pretrained(folder), or download "
         "the text_encoder/ and tokenizer/ files of a hub repository (e.g. openai/clip-vit-base-patch32) into one folder.",
     )
