@@ -101,7 +101,7 @@ def digits_source(cfg: DataConfig, size: int, channels: int) -> IndexedSource:
     tf = image_transform(size, channels)
     # 0..16 ink intensities -> dark ink on white paper, as a person writes them.
     paper = (255 - digits.images * (255 / 16)).round().astype(np.uint8)
-    loaders = [lambda a=a: tf(Image.fromarray(a, mode="L")) for a in paper]
+    loaders = [lambda a=a: tf(Image.fromarray(a)) for a in paper]
     captions = [f"a handwritten digit {int(k)}" for k in digits.target]
     return IndexedSource(loaders, captions, cfg.seed, cfg.holdout)
 
