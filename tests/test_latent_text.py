@@ -111,7 +111,6 @@ def test_a_deepspeed_pretrain_step_trains_in_latent_space_and_leaves_frozen_part
     assert samples.shape == (2, 3, 16, 16) and samples.min() >= 0 and samples.max() <= 1
 
 
-@pytest.mark.slow
 def test_pretrain_and_sample_in_latent_space_on_digits(vae_dir, tmp_path):
     """The whole pretrain command (DeepSpeed, MLflow) on digits in a VAE's latent space."""
     from learner.main import main
