@@ -12,7 +12,6 @@ import torch
 from actors.checkpoint import load_checkpoint
 from actors.reward import RewardClient, set_threads
 from actors.stream import ExperienceStream, RedisAddress
-from proxmodel.model import to_unit
 from proxmodel.policy import Policy
 from proxmodel.sampler import Trajectory
 from rewards import weighted_sum
@@ -77,8 +76,7 @@ class RolloutActor:
     def rollout(self, prompts: Sequence[str], prompt_indices: Sequence[int], iteration: int, seed: int) -> dict:
         """Sample, score and stream one group per prompt. Groups with a non-finite reward are dropped, and counted."""
         t0 = time.perf_counter()
-        cfg = self.model.cfg
-        shape = (self.group_size, cfg.channels, cfg.image_size, cfg.image_size)
+        shape = self.model.sample_shape(self.group_size)
         trajectories = []
         for prompt, index in zip(prompts, prompt_indices):
             tokens = self.model.tokenize([prompt] * self.group_size)
@@ -87,7 +85,7 @@ class RolloutActor:
             trajectories.append(self.policy.sample(self.model, {"context": context}, shape, gen))
         t1 = time.perf_counter()
 
-        images = torch.cat([to_unit(tr.images) for tr in trajectories])
+        images = torch.cat([self.model.to_images(tr.images) for tr in trajectories])
         texts = [p for p in prompts for _ in range(self.group_size)]
         scores = self.rewards.score(images, texts)
         t2 = time.perf_counter()

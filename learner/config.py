@@ -22,9 +22,31 @@ class ConfigError(Exception):
 
 
 class DataConfig(Strict):
-    kind: Literal["scenes"] = Field("scenes", description="scenes: the built-in synthetic captioned scenes")
-    seed: int = Field(0, description="seed of the scene stream (scene i is a pure function of (seed, i))")
-    omit_prob: float = Field(0.3, ge=0, le=1, description="chance a caption leaves out a size/position/background")
+    kind: Literal["scenes", "digits", "folder", "webdataset"] = Field(
+        "scenes", description="scenes: the built-in synthetic captioned scenes; digits: scikit-learn's 1797 "
+        "handwritten digits ('a handwritten digit k'); folder: image files with same-stem .txt captions under "
+        "data.path; webdataset: tar shards (key.jpg/png/webp + key.txt [+ key.json], the LAION layout) at data.path",
+    )
+    path: Optional[str] = Field(
+        None, description="folder: the image folder; webdataset: a folder of .tar shards, one .tar, or a brace "
+        "pattern like /data/shards/{00000..00099}.tar",
+    )
+    seed: int = Field(0, description="seed of the data order (scenes: scene i is a pure function of (seed, i))")
+    omit_prob: float = Field(0.3, ge=0, le=1, description="scenes: chance a caption leaves out a size/position/background")
+    holdout: float = Field(
+        0.1, ge=0, lt=1, description="digits, folder: fraction held out of training (fixed by seed); evaluation "
+        "prompts are its captions",
+    )
+    cursor: int = Field(
+        0, ge=0, description="index in the data stream of the first training sample; a pretrain run's summary.json "
+        "gives data_cursor, the value that continues where it stopped",
+    )
+
+    @model_validator(mode="after")
+    def _check_path(self) -> "DataConfig":
+        if self.kind in ("folder", "webdataset") and not self.path:
+            raise ValueError(f"data.kind={self.kind} reads its files from data.path; set data.path=/your/data")
+        return self
 
 
 class PretrainConfig(Strict):

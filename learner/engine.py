@@ -60,7 +60,8 @@ def build_engine(
     lr_lambda: Optional[Callable[[int], float]] = None,
 ):
     """A DeepSpeed engine around `model` with AdamW; the lr follows `lr_lambda(step)` (x lr) if given."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # frozen parts (a pretrained encoder) stay out
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda) if lr_lambda else None
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,

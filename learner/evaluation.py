@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from proxmodel.model import ProxT2I, to_unit
+from proxmodel.model import ProxT2I
 from proxmodel.policy import Policy
 from proxmodel.sampler import Trajectory, Variant, gaussian_kl
 from proxmodel.score import eps_fn, sample_ddim, sample_score
@@ -28,10 +28,8 @@ def sample(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta: f
     was_training = model.training
     model.eval()
     context = model.encode_text(model.tokenize(prompts))
-    cfg = model.cfg
     traj = Policy.of(model, steps, eta, guidance, variant).sample(
-        model, {"context": context}, (len(prompts), cfg.channels, cfg.image_size, cfg.image_size),
-        torch.Generator().manual_seed(seed),
+        model, {"context": context}, model.sample_shape(len(prompts)), torch.Generator().manual_seed(seed),
     )
     model.train(was_training)
     return traj
@@ -50,18 +48,17 @@ def generate(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta:
     if sampler not in allowed:
         raise ValueError(f"sampler {sampler!r} does not apply to a {kind} model; use one of {allowed}")
     if kind == "prox":
-        return to_unit(sample(model, prompts, steps, seed, eta, sampler, guidance).images)
+        return model.to_images(sample(model, prompts, steps, seed, eta, sampler, guidance).images)
     was_training = model.training
     model.eval()
-    cfg = model.cfg
     eps = eps_fn(model, guidance, context=model.encode_text(model.tokenize(prompts)))
-    shape, gen = (len(prompts), cfg.channels, cfg.image_size, cfg.image_size), torch.Generator().manual_seed(seed)
+    shape, gen = model.sample_shape(len(prompts)), torch.Generator().manual_seed(seed)
     if sampler == "ddim":
         out = sample_ddim(eps, shape, steps, generator=gen)
     else:
         out = sample_score(eps, shape, steps, method=sampler, eta=eta, generator=gen)
     model.train(was_training)
-    return to_unit(out.images)
+    return model.to_images(out.images)
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, upscale: int = 4) -> Image.Image:
@@ -91,7 +88,7 @@ def hacking_monitors(model: ProxT2I, reference: ProxT2I, prompts: Sequence[str],
     """
     texts = [p for p in prompts for _ in range(group)]
     traj = sample(model, texts, steps, seed, eta, guidance=guidance)
-    images = to_unit(traj.images)
+    images = model.to_images(traj.images)
     diversity = images.reshape(len(prompts), group, -1).std(dim=1).mean()
     brightest, darkest = images.max(dim=1).values, images.min(dim=1).values
     saturation = ((brightest - darkest) / brightest.clamp_min(1e-6)).mean()

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from learner.config import RunConfig
+from learner.data import build_source
 from learner.engine import build_engine, device, init_distributed
 from learner.ema import ema_metadata, make_ema, update_ema
 from learner.evaluation import evaluate, save_grid
@@ -22,9 +23,6 @@ from proxmodel.losses import LossSchedule, make_score_pairs, make_training_pairs
 from proxmodel.model import ProxT2I, load_model, save_model, save_state
 from proxmodel.schedule import VPSchedule
 from rewards import build as build_reward
-from rewards.scenes import scene_batch, scene_prompts
-
-EVAL_SEED_OFFSET = 10_000_000  # held-out scenes/prompts start here in every scene stream
 
 
 def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
@@ -47,6 +45,7 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
     model = load_model(init_from) if init_from else ProxT2I(cfg.model)
     mc = model.cfg
     ema = make_ema(model, pc.ema_decay)  # before DeepSpeed sees the model: a full copy under any ZeRO stage
+    source = build_source(cfg.data, mc.image_size, mc.channels)
     engine = build_engine(
         model, lr=pc.lr, weight_decay=pc.weight_decay, grad_clip=pc.grad_clip,
         zero_stage=cfg.deepspeed.zero_stage, bf16=cfg.deepspeed.bf16, micro_batch=pc.batch_size,
@@ -59,8 +58,8 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
     start, loss_value = time.time(), float("nan")
     bar = tqdm(range(pc.iterations), desc="pretrain", unit="step", dynamic_ncols=True)
     for step in bar:
-        images, captions = scene_batch(cfg.data.seed, step * pc.batch_size, pc.batch_size, mc.image_size, cfg.data.omit_prob)
-        x0 = torch.from_numpy(images).to(dev) * 2.0 - 1.0
+        images, captions = source.batch(cfg.data.cursor + step * pc.batch_size, pc.batch_size)
+        x0 = model.encode_images(images.to(dev))  # pixels, or the frozen VAE's latents
         captions = drop_captions(captions, pc.cfg_dropout, gen)
         if mc.kind == "score":
             y, t, xi = make_score_pairs(x0, schedule, pc.score_t_min, gen)
@@ -88,7 +87,7 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
     wall = time.time() - start
     checkpoint = export(engine, ema, pc.ema_decay, run_dir / "checkpoint")
 
-    prompts = scene_prompts(cfg.data.seed, EVAL_SEED_OFFSET, 16, cfg.data.omit_prob)
+    prompts = source.eval_prompts(16)
     rewards = {r.name: build_reward(r.name, **r.options) for r in cfg.rewards}
     sampled = ema.module if ema is not None else engine.module
     images, scores = evaluate(sampled, prompts, pc.sample_steps, cfg.seed, rewards,
@@ -101,5 +100,6 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
         "samples_per_s": pc.iterations * pc.batch_size / wall,
         "checkpoint": str(checkpoint.resolve()),
         "loss_final": loss_value,
+        "data_cursor": cfg.data.cursor + pc.iterations * pc.batch_size,  # data.cursor that continues this run
         "eval_reward": scores,
     }

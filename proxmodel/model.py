@@ -3,8 +3,10 @@
 Backbone: diffusers' UNet2DConditionModel with text cross-attention, the sinusoidal embedding of t in its time slot
 and that of lam in its class-embedding slot, concatenated (`class_embeddings_concat`), each scaled x1000 as in
 ProxDM. With `kind: score` the same backbone is the score baseline eps_theta(x_t; t, c): its lam input is held at 0.
-Classifier-free guidance (method.md sec. 4) mixes the conditional and empty-caption outputs. Text: open_clip's CLIP BPE tokenizer (its vocabulary ships with the package) and a small trainable CLIP text
-transformer (transformers' CLIPTextModel, the same class a pretrained CLIP text encoder loads into).
+Classifier-free guidance (method.md sec. 4) mixes the conditional and empty-caption outputs. Text: a small trainable
+CLIP text transformer, or a pretrained encoder (proxmodel/text.py); the U-Net's cross-attention width follows the
+encoder's. Optionally the model works in a frozen VAE's latent space (proxmodel/latent.py); `to_images` is the one
+way from model-space samples to [0, 1] images.
 """
 
 from __future__ import annotations
@@ -18,27 +20,14 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from proxmodel.config import ModelConfig
+from proxmodel.latent import decode, downscale, encode, load_vae
+from proxmodel.text import build_text_encoder, frozen
 
 EMBED_SCALE = 1000.0  # t and lam are embedded as sinusoids of 1000 t and 1000 lam (ProxDM)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-
-
-class CaptionTokenizer:
-    """CLIP BPE tokens of fixed length (open_clip's tokenizer; its BPE vocabulary ships inside the package)."""
-
-    def __init__(self, max_length: int):
-        from open_clip.tokenizer import SimpleTokenizer
-
-        self.max_length = max_length
-        self._tok = SimpleTokenizer(context_length=max_length)
-        self.vocab_size = len(self._tok.encoder)
-
-    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
-        return self._tok(list(captions), context_length=self.max_length)
 
 
 class ProxT2I(nn.Module):
@@ -47,19 +36,11 @@ class ProxT2I(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tokenizer = CaptionTokenizer(cfg.text.max_length)
-        tc = cfg.text
-        self.text = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=self.tokenizer.vocab_size,
-                hidden_size=tc.width,
-                intermediate_size=4 * tc.width,
-                num_hidden_layers=tc.layers,
-                num_attention_heads=tc.heads,
-                max_position_embeddings=tc.max_length,
-                projection_dim=tc.width,
-            )
-        )
+        self.tokenizer, self.text = build_text_encoder(cfg.text)
+        # Frozen and kept out of the module tree (a plain attribute, not a submodule), so it is in neither the
+        # optimiser, the state dict nor the weight broadcasts; checkpoints refer to it by its path in config.json.
+        object.__setattr__(self, "_vae", load_vae(cfg.vae) if cfg.vae else None)
+        shape = self.sample_shape(1)
         channels = [cfg.base_channels * m for m in cfg.channel_mults]
         levels = range(len(channels))
         attn = set(cfg.attention_levels)
@@ -68,27 +49,54 @@ class ProxT2I(nn.Module):
         # diffusers' `attention_head_dim` argument of this class is, for historical reasons, the number of heads.
         heads = [max(1, c // cfg.attention_head_dim) for c in channels]
         self.unet = UNet2DConditionModel(
-            sample_size=cfg.image_size,
-            in_channels=cfg.channels,
-            out_channels=cfg.channels,
+            sample_size=shape[-1],
+            in_channels=shape[1],
+            out_channels=shape[1],
             down_block_types=tuple(down),
             up_block_types=tuple(up),
             mid_block_type="UNetMidBlock2DCrossAttn" if attn else None,
             block_out_channels=tuple(channels),
             layers_per_block=cfg.layers_per_block,
             norm_num_groups=min(8, cfg.base_channels),
-            cross_attention_dim=tc.width,
+            cross_attention_dim=self.text.width,
             attention_head_dim=tuple(heads),
             class_embed_type="timestep",
             class_embeddings_concat=True,
         )
+
+    def sample_shape(self, batch: int) -> tuple[int, int, int, int]:
+        """Shape of a batch in model space: pixels, or the VAE's latents."""
+        cfg = self.cfg
+        if self._vae is None:
+            return (batch, cfg.channels, cfg.image_size, cfg.image_size)
+        f = downscale(self._vae)
+        if cfg.image_size % f:
+            raise ValueError(f"model.image_size={cfg.image_size} must be a multiple of the VAE's downscale factor {f}.")
+        return (batch, self._vae.config.latent_channels, cfg.image_size // f, cfg.image_size // f)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Data images in [-1, 1] -> model space (the identity without a VAE)."""
+        return images if self._vae is None else encode(self._vae, images)
+
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Model-space samples -> images in [0, 1]: what rewards score and grids show (decoded by the VAE if any)."""
+        return to_unit(x if self._vae is None else decode(self._vae, x))
+
+    def train(self, mode: bool = True) -> "ProxT2I":
+        super().train(mode)
+        if frozen(self.cfg.text):
+            self.text.eval()  # a frozen encoder never trains: no dropout either
+        return self
 
     def tokenize(self, captions: Sequence[str], device: torch.device | str = "cpu") -> torch.Tensor:
         return self.tokenizer(captions).to(device)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Per-token text features [B, L, width] for cross-attention."""
-        return self.text(input_ids=tokens).last_hidden_state
+        if frozen(self.cfg.text):
+            with torch.no_grad():
+                return self.text(tokens)
+        return self.text(tokens)
 
     def forward(
         self,
@@ -117,7 +125,7 @@ class ProxT2I(nn.Module):
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
-    """Model space [-1, 1] to image space [0, 1] (what rewards score)."""
+    """Pixel space [-1, 1] to image space [0, 1]; samples go through ProxT2I.to_images, which decodes latents first."""
     return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 

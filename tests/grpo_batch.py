@@ -29,7 +29,7 @@ def write_batch(checkpoint, address, run_id, *, steps, group_size, eta=1.0, guid
     for i, prompt in enumerate(PROMPTS):
         with torch.no_grad():
             context = model.encode_text(model.tokenize([prompt] * group_size))
-        traj = policy.sample(model, {"context": context}, (group_size, c.channels, c.image_size, c.image_size), gen)
+        traj = policy.sample(model, {"context": context}, model.sample_shape(group_size), gen)
         reward = rewards[i] if rewards is not None else torch.rand(group_size, generator=gen)
         meta, tensors = group_entry(prompt, i, 0, 0, policy, traj, {"compositional": reward}, reward)
         streams[0].add(meta, tensors)
