@@ -20,7 +20,6 @@ def write_batch(checkpoint, address, run_id, *, steps, group_size, eta=1.0, guid
     """Sample one group per prompt with the checkpoint's policy and stream it; returns the per-group rewards."""
     model = load_model(checkpoint).eval()
     policy = Policy.of(model, steps, eta, guidance)
-    c = model.cfg
     gen = torch.Generator().manual_seed(seed)
     streams = [ExperienceStream(address, run_id, learner_group(r)) for r in range(ranks)]
     for s in streams:

@@ -107,6 +107,7 @@ def cluster_spec(manifest: dict) -> dict:
 def test_gpu_config_passes_the_schema_and_uses_gpus():
     cfg = load_config(CONFIG_DIR / "gpu.yaml")
     assert cfg.deepspeed.bf16 and cfg.actors.learner.count > 1
+    assert cfg.model.vae and cfg.model.text.pretrained != "none"  # latent space, a pretrained text encoder
     assert cfg.actors.rollout.num_gpus > 0 and cfg.actors.reward.num_gpus > 0
     assert {"hpsv2", "image_reward", "clip_score"} <= {r.name for r in cfg.rewards}
 
