@@ -59,6 +59,10 @@ class PretrainConfig(Strict):
     step_candidates: list[int] = Field(
         [5, 10], min_length=1, description="sampler step counts N whose (t, lam) pairs are trained (weights N^1/3)"
     )
+    prox_variants: list[Literal["hybrid", "backward"]] = Field(
+        ["hybrid"], min_length=1, description="prox samplers whose lam values are trained (backward: lam = "
+        "gamma / (1 - gamma/2), only for step candidates with every gamma < 2, i.e. N >= 10 at beta_max = 20)"
+    )
     l1_warmup_frac: float = Field(0.33, ge=0, lt=1, description="fraction of training with the L1 loss")
     zeta0: float = Field(1.0, gt=0, description="proximal-matching zeta of the first stage; the second uses zeta0/2")
     log_every: int = Field(10, ge=1, description="log losses to MLflow every this many steps")

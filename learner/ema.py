@@ -3,7 +3,10 @@
 The average is a full fp32 copy of the model made BEFORE DeepSpeed wraps it, so it holds whole tensors under every
 ZeRO stage. ZeRO-1/2 keep the full parameters on every rank, so the update reads them directly; under ZeRO-3 the
 shards are gathered for the update (every rank keeps the same full average). bf16 parameters are cast to the
-average's fp32 before the lerp. Update rule: e_1 = p_1, e_k = decay e_{k-1} + (1 - decay) p_k.
+average's fp32 before the lerp. Update rule, with the usual warm-up of the decay (as diffusers' EMAModel) so that a
+short run's average is not dominated by the random initial weights:
+
+    e_1 = p_1,   e_k = d_k e_{k-1} + (1 - d_k) p_k,   d_k = min(decay, k / (k + 9))   (k = 2, 3, ...)
 """
 
 from __future__ import annotations
@@ -15,17 +18,28 @@ from typing import Optional
 import deepspeed
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
+
+
+def warmed_decay(decay: float, updates_so_far: int) -> float:
+    """d_k for the k-th update (updates_so_far = k - 1 >= 1): min(decay, k / (k + 9))."""
+    return min(decay, (1.0 + updates_so_far) / (10.0 + updates_so_far))
 
 
 def make_ema(model: nn.Module, decay: float) -> Optional[AveragedModel]:
     """An fp32 EMA of `model` (call before DeepSpeed partitions it); None when decay is 0 (EMA off)."""
     if decay == 0.0:
         return None
-    lerp = get_ema_multi_avg_fn(decay)
 
+    # torch's get_ema_multi_avg_fn has a fixed decay and needs equal dtypes: this adds the warm-up and the cast.
+    @torch.no_grad()
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
-        lerp(averaged, [p.to(averaged[0].dtype) for p in current], n_averaged)
+        weight = 1.0 - warmed_decay(decay, int(n_averaged))
+        for a, p in zip(averaged, current):
+            if a.is_floating_point():
+                a.lerp_(p.to(a.dtype), weight)
+            else:  # integer buffers (e.g. CLIP's position ids) are constants, not averaged
+                a.copy_(p)
 
     ema = AveragedModel(copy.deepcopy(model).float(), multi_avg_fn=update, use_buffers=True)
     return ema.eval().requires_grad_(False)

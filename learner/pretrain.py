@@ -65,7 +65,7 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
             y, t, xi = make_score_pairs(x0, schedule, pc.score_t_min, gen)
             lam = torch.zeros_like(t)
         else:
-            y, t, lam, xi = make_training_pairs(x0, schedule, pc.step_candidates, gen)
+            y, t, lam, xi = make_training_pairs(x0, schedule, pc.step_candidates, gen, tuple(pc.prox_variants))
         eps = engine(y, t, lam, tokens=model.tokenize(captions, dev))
         loss = mse_loss(eps, xi) if mc.kind == "score" else losses.loss(step, eps, xi)
         engine.backward(loss)

@@ -50,13 +50,14 @@ def make_training_pairs(
     schedule: VPSchedule,
     step_candidates: list[int],
     generator: torch.Generator | None = None,
+    variants: tuple[str, ...] = ("hybrid",),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, t, lam, xi) with x_t = sqrt(alpha_t) x0 + sqrt(1 - alpha_t) xi', y = x_t + sqrt(lam) xi.
 
     The prox target is x_t; under prox = y - sqrt(lam) eps the regression target of eps is xi.
     """
     b = x0.shape[0]
-    t, lam = sample_train_pairs(schedule, step_candidates, b, generator)
+    t, lam = sample_train_pairs(schedule, step_candidates, b, generator, variants)
     t, lam = t.to(x0.device), lam.to(x0.device)
     view = (-1,) + (1,) * (x0.dim() - 1)
     alpha = schedule.alpha(t).view(view)

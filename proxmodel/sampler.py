@@ -15,8 +15,9 @@ with every gamma_k < 2) differs only in the forward half-step and the prox's lam
 
     y_k = (x_k + eta sqrt(gamma_k) z_k) / (1 - gamma_k / 2),   lam_k = gamma_k / (1 - gamma_k / 2),
 
-so its policy has mean prox / (1 - gamma/2) and variance eta^2 gamma / (1 - gamma/2)^2. Log-probs are computed in float32 and REDUCED BY THE MEAN over data
-dimensions (as Flow-GRPO does), so a clip range for the policy ratio must be small (about 1e-4..1e-2).
+so its policy has mean prox / (1 - gamma/2) and variance eta^2 gamma / (1 - gamma/2)^2. Log-probs are computed in
+float32 and REDUCED BY THE MEAN over data dimensions (as Flow-GRPO does), so a clip range for the policy ratio must
+be small (about 1e-4..1e-2).
 """
 
 from __future__ import annotations

@@ -65,10 +65,13 @@ def sample_train_pairs(
     step_candidates: list[int],
     batch: int,
     generator: torch.Generator | None = None,
+    variants: tuple[str, ...] = ("hybrid",),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw (t, lam) exactly as the hybrid sampler will query them (method.md sec. 4).
+    """Draw (t, lam) exactly as the prox samplers will query them (method.md sec. 4).
 
-    N ~ candidates with weights N^(1/3); t uniform on {0, 1/N, ..., 1 - 1/N}; lam = int_t^{t + 1/N} beta.
+    N ~ candidates with weights N^(1/3); t uniform on {0, 1/N, ..., 1 - 1/N}; gamma = int_t^{t + 1/N} beta; lam = gamma
+    (hybrid) or, with "backward" among `variants` (each pair picks one uniformly), gamma / (1 - gamma/2) for step
+    counts the backward sampler accepts (every gamma < 2; other N keep the hybrid lam).
     """
     cands = torch.tensor(step_candidates, dtype=torch.float64)
     weights = cands ** (1.0 / 3.0)
@@ -76,5 +79,9 @@ def sample_train_pairs(
     k = torch.floor(torch.rand(batch, generator=generator, dtype=torch.float64) * n)
     t = k / n
     lam = schedule.beta_integral(t, t + 1.0 / n)
+    if "backward" in variants:
+        pick = torch.randint(len(variants), (batch,), generator=generator)
+        backward = (pick == variants.index("backward")) & (n >= schedule.min_steps_below(2.0))
+        lam = torch.where(backward, lam / (1.0 - lam / 2.0), lam)
     return t.float(), lam.float()
 

@@ -1,20 +1,23 @@
 """EMA of the pretraining weights through a real DeepSpeed engine: arithmetic, export, caption dropout."""
 
+import math
+
 import pytest
 import torch
 from safetensors import safe_open
 
-from learner.ema import make_ema, update_ema
-from learner.engine import build_engine, init_distributed
+from learner.ema import make_ema, update_ema, warmed_decay
+from learner.engine import build_engine, full_state_dict, init_distributed
 from learner.pretrain import drop_captions, export
 from proxmodel.model import WEIGHTS_FILE, ProxT2I, load_model
 
 DECAY = 0.9
 
 
-def _engine(model):
+def _engine(model, zero_stage: int = 2):
     init_distributed()
-    return build_engine(model, lr=0.05, weight_decay=0.0, grad_clip=1.0, zero_stage=2, bf16=False, micro_batch=4)
+    return build_engine(model, lr=0.05, weight_decay=0.0, grad_clip=1.0, zero_stage=zero_stage, bf16=False,
+                        micro_batch=4)
 
 
 def _train_step(engine, model_input):
@@ -23,22 +26,27 @@ def _train_step(engine, model_input):
     engine.step()
 
 
-def test_ema_follows_the_closed_form_through_deepspeed_steps():
+@pytest.mark.parametrize("zero_stage", [2, 3])  # ZeRO-3 shards the live weights; the average stays whole
+def test_ema_follows_the_closed_form_through_deepspeed_steps(zero_stage):
     torch.manual_seed(0)
-    model = torch.nn.Linear(3, 2)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Linear(8, 2))
     ema = make_ema(model, DECAY)
-    engine = _engine(model)
+    engine = _engine(model, zero_stage)
     history = []
     for _ in range(5):
         _train_step(engine, torch.randn(4, 3))
         update_ema(ema, engine)
-        history.append({k: v.detach().clone() for k, v in engine.module.state_dict().items()})
-    # e_1 = p_1, e_k = d e_{k-1} + (1 - d) p_k  =>  e_K = d^(K-1) p_1 + sum_{k=2..K} (1 - d) d^(K-k) p_k.
+        history.append(full_state_dict(engine))
+    # e_1 = p_1, e_k = d_k e_{k-1} + (1 - d_k) p_k  =>  e_K = sum_k w_k p_k with w_1 = prod_{j=2..K} d_j and
+    # w_k = (1 - d_k) prod_{j=k+1..K} d_j; d_k = min(decay, k / (k + 9)) = 2/11, 3/12, 4/13, 5/14 here.
     last = len(history)
+    d = {k: min(DECAY, k / (k + 9)) for k in range(2, last + 1)}
+    assert [warmed_decay(DECAY, k - 1) for k in d] == list(d.values())
+    weights = [math.prod(d[j] for j in range(2, last + 1))]
+    weights += [(1 - d[k]) * math.prod(d[j] for j in range(k + 1, last + 1)) for k in range(2, last + 1)]
+    assert sum(weights) == pytest.approx(1.0)
     for name, averaged in ema.module.state_dict().items():
-        expected = DECAY ** (last - 1) * history[0][name]
-        for k in range(2, last + 1):
-            expected = expected + (1 - DECAY) * DECAY ** (last - k) * history[k - 1][name]
+        expected = sum(w * p[name] for w, p in zip(weights, history))
         assert torch.allclose(averaged, expected, atol=1e-6), name
         assert not torch.allclose(averaged, history[-1][name])  # it lags the live weights
     assert int(ema.n_averaged) == last
@@ -49,7 +57,7 @@ def test_ema_off_and_bf16_parameters():
     live = torch.nn.Linear(2, 2)
     ema = make_ema(live, 0.5)
     ema.update_parameters(live)
-    ema.update_parameters(live.to(torch.bfloat16))  # DeepSpeed bf16 keeps bf16 weights; the average stays fp32
+    ema.update_parameters(live.to(torch.bfloat16))  # d_2 = min(0.5, 2/11)  # DeepSpeed bf16 keeps bf16 weights; the average stays fp32
     assert ema.module.weight.dtype == torch.float32
     assert torch.allclose(ema.module.weight, live.weight.float(), atol=1e-2)
 

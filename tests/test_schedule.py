@@ -45,3 +45,15 @@ def test_training_pairs_are_exactly_the_sampler_queries():
     assert len(drawn) == len(queried)  # every query is trained
     with pytest.raises(ValueError):
         sched.grid(0)
+
+
+def test_backward_training_pairs_are_exactly_what_the_backward_sampler_queries():
+    from proxmodel.sampler import half_step
+
+    sched = VPSchedule()
+    t, lam = sample_train_pairs(sched, [5, 10, 20], 4000, torch.Generator().manual_seed(0), ("hybrid", "backward"))
+    queried = {(round(g.t_at(k - 1), 6), round(half_step(g, k, v).lam, 4))
+               for n, v in [(5, "hybrid"), (10, "hybrid"), (20, "hybrid"), (10, "backward"), (20, "backward")]
+               for g in [sched.grid(n)] for k in range(1, n + 1)}
+    drawn = set(zip(t.double().numpy().round(6).tolist(), lam.double().numpy().round(4).tolist()))
+    assert drawn == queried  # every drawn pair is a query of some sampler, and every query is trained
