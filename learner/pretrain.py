@@ -15,12 +15,12 @@ from tqdm import tqdm
 
 from learner.config import RunConfig
 from learner.data import build_source
-from learner.engine import build_engine, device, init_distributed
+from learner.engine import build_engine, device, full_state_dict, init_distributed
 from learner.ema import ema_metadata, make_ema, update_ema
 from learner.evaluation import evaluate, save_grid
 from learner.tracking import Tracker
 from proxmodel.losses import LossSchedule, make_score_pairs, make_training_pairs, mse_loss
-from proxmodel.model import ProxT2I, load_model, save_model, save_state
+from proxmodel.model import ProxT2I, load_model, save_state
 from proxmodel.schedule import VPSchedule
 from rewards import build as build_reward
 
@@ -33,8 +33,8 @@ def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> 
 
 def export(engine, ema, decay: float, directory: Path) -> Path:
     """Write the checkpoint sampling uses: the EMA weights (with their update count) if EMA is on, else the live ones."""
-    if ema is None:
-        return save_model(engine.module, directory)
+    if ema is None:  # gathered: under ZeRO-3 the module itself holds only this rank's shards
+        return save_state(full_state_dict(engine), engine.module.cfg, directory)
     return save_state(ema.module.state_dict(), engine.module.cfg, directory, metadata=ema_metadata(ema, decay))
 
 
@@ -89,7 +89,7 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
 
     prompts = source.eval_prompts(16)
     rewards = {r.name: build_reward(r.name, **r.options) for r in cfg.rewards}
-    sampled = ema.module if ema is not None else engine.module
+    sampled = ema.module if ema is not None else load_model(checkpoint)  # whole weights under any ZeRO stage
     images, scores = evaluate(sampled, prompts, pc.sample_steps, cfg.seed, rewards,
                               sampler=pc.eval_sampler, guidance=pc.eval_guidance)
     tracker.image(save_grid(images, run_dir / "samples.png"), "samples.png")

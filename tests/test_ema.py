@@ -93,3 +93,13 @@ def test_caption_dropout_rate():
     assert rate == pytest.approx(0.1, abs=4 * (0.1 * 0.9 / len(captions)) ** 0.5)  # 4 standard errors
     assert set(dropped) == {"", "a caption"}
     assert drop_captions(captions[:50], 0.0, torch.Generator()) == captions[:50]
+
+
+def test_export_without_ema_under_zero3_writes_the_whole_weights(tiny_model_config, tmp_path):
+    torch.manual_seed(0)
+    model = ProxT2I(tiny_model_config)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = _engine(model, zero_stage=3)  # from here on the module holds only this rank's (empty) shards
+    loaded = load_model(export(engine, None, 0.0, tmp_path / "checkpoint")).state_dict()
+    for name, value in expected.items():
+        assert torch.equal(loaded[name], value), name
