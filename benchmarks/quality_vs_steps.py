@@ -94,14 +94,23 @@ def plot(rows: dict[str, dict[int, float]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short pretraining and fewer prompts (< 15 min)")
+    parser.add_argument("--iterations", type=int, default=None, help="pretraining iterations (default 2000, quick 150)")
+    parser.add_argument("--models", type=Path, default=None,
+                        help="skip pretraining: a folder with prox/ and score/ checkpoints trained on equal terms "
+                        "(e.g. the one benchmarks/grpo_reward_vs_time.py --keep-models writes)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality")
     args = parser.parse_args()
     iterations, prompts = (150, 32) if args.quick else (2000, 128)
+    iterations = args.iterations or iterations
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         uri = f"sqlite:///{scratch / 'mlflow.db'}"
-        checkpoints = {kind: pretrain(kind, iterations, scratch, uri) for kind in SAMPLERS}
+        if args.models:
+            checkpoints = {kind: args.models / kind for kind in SAMPLERS}
+            iterations = json.loads((args.models / "pretrain.json").read_text())["iterations"]
+        else:
+            checkpoints = {kind: pretrain(kind, iterations, scratch, uri) for kind in SAMPLERS}
         rows = accuracy_table(checkpoints, prompts, seed=0)
     table = markdown(rows, iterations, prompts)
     (args.out / "quality_vs_steps.md").write_text(table)
