@@ -40,7 +40,7 @@ def pretrain(kind: str, iterations: int, scratch: Path, uri: str) -> Path:
 def accuracy_table(checkpoints: dict[str, Path], prompts: int, seed: int) -> dict[str, dict[int, float]]:
     """{sampler label: {NFE: mean compositional accuracy}} on held-out prompts with fixed noise."""
     from learner.evaluation import generate
-    from learner.pretrain import EVAL_SEED_OFFSET
+    from learner.data import EVAL_SEED_OFFSET
     from proxmodel.model import load_model
     from proxmodel.schedule import VPSchedule
     from rewards import build
