@@ -22,7 +22,7 @@ from torch import nn
 from proxmodel.model import prox_fn
 from proxmodel.sampler import Trajectory, Variant, half_step, hybrid_step, sample_hybrid
 from proxmodel.schedule import VPSchedule
-from proxmodel.score import denoise, eps_fn, score_times, sde_step
+from proxmodel.score import eps_fn, sample_score, score_times, sde_step
 
 Kind = Literal["prox", "score"]
 
@@ -59,19 +59,9 @@ class Policy:
         if self.kind == "prox":
             return sample_hybrid(prox_fn(model, self.guidance, **condition), shape, self.grid, eta=self.eta,
                                  generator=generator, device=device, variant=self.variant)
-        eps = eps_fn(model, self.guidance, **condition)
-        times = score_times(self.steps).tolist()
-        x = torch.randn(shape, generator=generator, device=device)
-        states, log_probs = [x], []
-        for t, t_next in zip(times[:0:-1], times[-2::-1]):
-            noise = torch.randn(shape, generator=generator, device=device) if self.eta != 0.0 else None
-            step = sde_step(eps, x, t, t_next, eta=self.eta, noise=noise)
-            x = step.x
-            states.append(x)
-            if step.log_prob is not None:
-                log_probs.append(step.log_prob)
-        return Trajectory(states=torch.stack(states, dim=1), images=denoise(eps, x, times[0]),
-                          log_probs=torch.stack(log_probs, dim=1) if log_probs else None)
+        out = sample_score(eps_fn(model, self.guidance, **condition), shape, self.steps, method="sde", eta=self.eta,
+                           generator=generator, device=device)
+        return Trajectory(states=out.states, images=out.images, log_probs=out.log_probs)
 
     def transition(self, model: nn.Module, condition: dict[str, torch.Tensor], states: torch.Tensor,
                    j: int) -> Transition:

@@ -106,6 +106,7 @@ def denoise(eps: EpsFn, x: torch.Tensor, t: float, schedule: VPSchedule = VPSche
 class ScoreSample:
     images: torch.Tensor
     log_probs: Optional[torch.Tensor]  # [B, N-1] per-step SDE log-probs; None for the ODE, DDIM or eta=0
+    states: Optional[torch.Tensor] = None  # [B, N, ...] x at tau_{N-1} = 1, ..., tau_0 (SDE/ODE); None for DDIM
 
 
 @torch.no_grad()
@@ -124,18 +125,20 @@ def sample_score(
     """Euler-Maruyama (`sde`) or probability-flow (`ode`) sampling with `steps` network evaluations."""
     times = score_times(steps, t_min).tolist()
     x = torch.randn(shape, generator=generator, device=device)
-    log_probs = []
+    states, log_probs = [x], []
     for t, t_next in zip(times[:0:-1], times[-2::-1]):
         if method == "ode":
             x = ode_step(eps, x, t, t_next, schedule)
-            continue
-        noise = torch.randn(shape, generator=generator, device=device) if eta != 0.0 else None
-        step = sde_step(eps, x, t, t_next, schedule=schedule, eta=eta, noise=noise)
-        x = step.x
-        if step.log_prob is not None:
-            log_probs.append(step.log_prob)
+        else:
+            noise = torch.randn(shape, generator=generator, device=device) if eta != 0.0 else None
+            step = sde_step(eps, x, t, t_next, schedule=schedule, eta=eta, noise=noise)
+            x = step.x
+            if step.log_prob is not None:
+                log_probs.append(step.log_prob)
+        states.append(x)
     images = denoise(eps, x, times[0], schedule)
-    return ScoreSample(images=images, log_probs=torch.stack(log_probs, dim=1) if log_probs else None)
+    return ScoreSample(images=images, log_probs=torch.stack(log_probs, dim=1) if log_probs else None,
+                       states=torch.stack(states, dim=1))
 
 
 def ddim_scheduler(schedule: VPSchedule = VPSchedule(), train_steps: int = DDIM_TRAIN_STEPS) -> DDIMScheduler:
