@@ -42,10 +42,13 @@ class FilePrompts:
 
     def train(self, first: int, count: int) -> list[str]:
         n = len(self.train_set)
+        orders: dict[int, np.ndarray] = {}  # one shuffle per epoch touched by this call
         out = []
         for index in range(first, first + count):
             epoch, pos = divmod(index, n)
-            out.append(self.train_set[np.random.default_rng([self.seed, 1, epoch]).permutation(n)[pos]])
+            if epoch not in orders:
+                orders[epoch] = np.random.default_rng([self.seed, 1, epoch]).permutation(n)
+            out.append(self.train_set[orders[epoch][pos]])
         return out
 
     def held_out(self, count: int) -> list[str]:
