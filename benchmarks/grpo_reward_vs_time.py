@@ -72,7 +72,8 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "default.yaml",
                         help="the run config both models use (configs/smoke.yaml checks the script in a minute)")
     parser.add_argument("--keep-models", type=Path, default=None,
-                        help="copy the two pretrained checkpoints to DIR/prox and DIR/score (quality_vs_steps.py --models)")
+                        help="copy the two pretrained checkpoints to DIR/scenes/prox and DIR/scenes/score "
+                        "(quality_vs_steps.py --models DIR --datasets scenes)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "grpo_vs_time")
     args = parser.parse_args()
     pretrain_its = args.pretrain_iterations or (300 if args.quick else 2000)
@@ -95,8 +96,8 @@ def main() -> None:
         ])
         summaries[kind]["pretrain_loss_final"] = pre.get("loss_final")
         if args.keep_models:
-            shutil.copytree(pre["checkpoint"], args.keep_models / kind, dirs_exist_ok=True)
-            (args.keep_models / "pretrain.json").write_text(json.dumps({"iterations": pretrain_its}) + "\n")
+            shutil.copytree(pre["checkpoint"], args.keep_models / "scenes" / kind, dirs_exist_ok=True)
+            (args.keep_models / "scenes" / "pretrain.json").write_text(json.dumps({"iterations": pretrain_its}) + "\n")
         curves[kind] = curve(summaries[kind], uri, images, g.steps)
 
     w = args.window

@@ -1,121 +1,213 @@
-"""Prox vs score on the scenes data: compositional accuracy against the number of network evaluations (NFE).
+"""Prox vs score: sample quality against the number of network evaluations (NFE), on scenes and on real digits.
 
-    python benchmarks/quality_vs_steps.py [--quick] [--out benchmarks/results/quality]
+    python benchmarks/quality_vs_steps.py [--quick] [--datasets scenes digits] [--keep-models DIR | --models DIR]
 
-Pretrains a prox model and a score model of the same backbone with equal data, iterations and batch size
-(`python -m learner.main --mode pretrain`, model.kind=prox / score; same seed, same scene stream), then samples the
-same held-out prompts with the same noise seed at each NFE with every sampler of each model (prox: hybrid, and fully
-backward where the grid allows it; score: Euler-Maruyama, probability-flow ODE, DDIM) and scores the images with
-the compositional verifier. Writes a markdown table and a plot. `--quick` uses a short pretraining (< 15 min on
-2 CPU cores); the full version trains for the default config's 2000 iterations.
+For each dataset it pretrains a prox model and a score model of the same backbone with equal data, iterations and
+batch size (`python -m learner.main --mode pretrain`, model.kind=prox / score; same seed, same data stream), then
+samples the same held-out prompts with the same noise seed at each NFE with every sampler of each model and scores
+the images:
+
+    prox:  hybrid and fully backward (where the grid allows it), each stochastic (eta=1, the method) and
+           deterministic (eta=0)
+    score: Euler-Maruyama + final denoising step (sde), probability-flow ODE (ode), DDIM (diffusers' scheduler)
+
+    scenes  compositional accuracy of the scene verifier (configs/default.yaml's model and data)
+    digits  accuracy of a classifier trained on the real digits against the prompt's digit, and the Frechet
+            distance between generated and real digits in that classifier's hidden features (configs/digits.yaml)
+
+Writes a markdown table and a plot per dataset. `--quick` pretrains briefly (< 15 min on 2 CPU cores, numbers are
+only a smoke check); the full version trains for each config's own iteration count.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 NFES = (1, 2, 3, 5, 10, 20, 50)
-SAMPLERS = {"prox": ("hybrid", "backward"), "score": ("sde", "ode", "ddim")}
+# (label, sampler, eta) per model kind; score ODE and DDIM are deterministic by construction.
+SAMPLERS = {
+    "prox": (("prox hybrid", "hybrid", 1.0), ("prox hybrid eta=0", "hybrid", 0.0),
+             ("prox backward", "backward", 1.0), ("prox backward eta=0", "backward", 0.0)),
+    "score": (("score sde", "sde", 1.0), ("score ode", "ode", 0.0), ("score ddim", "ddim", 0.0)),
+}
+CONFIGS = {"scenes": ROOT / "configs" / "default.yaml", "digits": ROOT / "configs" / "digits.yaml"}
+QUICK = {"scenes": 300, "digits": 300}  # pretraining iterations of --quick
 
 
-def pretrain(kind: str, iterations: int, scratch: Path, uri: str) -> Path:
+def pretrain(kind: str, config: Path, iterations: int | None, scratch: Path, uri: str) -> Path:
     """One pretraining run through the CLI; returns its exported (EMA) checkpoint."""
-    cmd = [sys.executable, "-m", "learner.main", "--mode", "pretrain", f"run_dir={scratch / kind}",
-           f"mlflow.tracking_uri={uri}", "mlflow.experiment=benchmark-quality", f"model.kind={kind}",
-           f"pretrain.iterations={iterations}", f"pretrain.checkpoint_every={iterations}"]
+    cmd = [sys.executable, "-m", "learner.main", "--mode", "pretrain", "--config", str(config),
+           f"run_dir={scratch}", f"mlflow.tracking_uri={uri}", "mlflow.experiment=benchmark-quality",
+           f"model.kind={kind}"]
+    if iterations:
+        cmd += [f"pretrain.iterations={iterations}", f"pretrain.checkpoint_every={iterations}"]
+    print(f"pretraining the {kind} model: {' '.join(cmd[2:])}", flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"pretraining the {kind} model failed:\n{proc.stderr[-3000:]}")
     return Path(json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())["checkpoint"])
 
 
-def accuracy_table(checkpoints: dict[str, Path], prompts: int, seed: int) -> dict[str, dict[int, float]]:
-    """{sampler label: {NFE: mean compositional accuracy}} on held-out prompts with fixed noise."""
-    from learner.evaluation import generate
+@dataclass
+class Metric:
+    """How one dataset's images are judged: prompts, and score(images) -> {metric name: value}."""
+
+    prompts: list[str]
+    score: Callable[..., dict[str, float]]
+    names: tuple[str, ...]
+    note: str
+
+
+def scenes_metric(prompts: int) -> Metric:
     from learner.data import EVAL_SEED_OFFSET
-    from proxmodel.model import load_model
-    from proxmodel.schedule import VPSchedule
     from rewards import build
     from rewards.scenes import scene_prompts
 
-    reward = build("compositional")
-    texts = scene_prompts(0, EVAL_SEED_OFFSET, prompts)
+    reward, texts = build("compositional"), scene_prompts(0, EVAL_SEED_OFFSET, prompts)
+    return Metric(texts, lambda images: {"accuracy": float(reward.score(images, texts).mean())}, ("accuracy",),
+                  f"compositional accuracy on {prompts} held-out scene prompts")
+
+
+def digits_metric(per_digit: int) -> Metric:
+    from digits_accuracy import DigitJudge
+
+    judge = DigitJudge.fit(data_seed=0)
+    labels = np.array([k for k in range(10) for _ in range(per_digit)])
+    texts = [f"a handwritten digit {k}" for k in labels]
+
+    def score(images) -> dict[str, float]:
+        return {"accuracy": judge.accuracy(images, labels), "frechet": judge.frechet(images)}
+
+    return Metric(texts, score, ("accuracy", "frechet"),
+                  f"{len(texts)} samples ({per_digit} per digit); classifier accuracy on held-out real digits "
+                  f"{judge.ceiling:.3f}, Frechet distance of the held-out real digits {judge.real_frechet:.2f} "
+                  "(the floor at this sample size)")
+
+
+def quality_table(checkpoints: dict[str, Path], metric: Metric, seed: int) -> dict[str, dict[int, dict[str, float]]]:
+    """{sampler label: {NFE: {metric: value}}} on the metric's prompts with fixed noise."""
+    import torch
+
+    from learner.evaluation import generate
+    from proxmodel.model import load_model
+    from proxmodel.schedule import VPSchedule
+
     backward_min = VPSchedule().min_steps_below(2.0)
-    rows: dict[str, dict[int, float]] = {}
+    rows: dict[str, dict[int, dict[str, float]]] = {}
     for kind, path in checkpoints.items():
         model = load_model(path)
-        for sampler in SAMPLERS[kind]:
-            row = rows.setdefault(f"{kind} {sampler}", {})
+        for label, sampler, eta in SAMPLERS[kind]:
+            row = rows.setdefault(label, {})
             for nfe in NFES:
                 if sampler == "backward" and nfe < backward_min:
-                    row[nfe] = float("nan")  # the grid has a step with gamma >= 2
-                    continue
-                images = generate(model, texts, nfe, seed, eta=1.0, sampler=sampler)
-                row[nfe] = float(reward.score(images, texts).mean())
-                print(f"{kind} {sampler} NFE={nfe}: {row[nfe]:.3f}", flush=True)
+                    continue  # the grid has a step with gamma >= 2
+                with torch.no_grad():
+                    images = generate(model, metric.prompts, nfe, seed, eta=eta, sampler=sampler)
+                row[nfe] = metric.score(images)
+                print(f"{label} NFE={nfe}: " + " ".join(f"{k} {v:.3f}" for k, v in row[nfe].items()), flush=True)
     return rows
 
 
-def markdown(rows: dict[str, dict[int, float]], iterations: int, prompts: int) -> str:
-    head = "| sampler | " + " | ".join(f"NFE {n}" for n in NFES) + " |"
-    lines = [f"Compositional accuracy on {prompts} held-out scene prompts, models pretrained {iterations} iterations "
-             "(same backbone, data, batch and seed)", "", head, "|" + "---|" * (len(NFES) + 1)]
-    for label, row in rows.items():
-        lines.append(f"| {label} | " + " | ".join("-" if v != v else f"{v:.3f}" for v in row.values()) + " |")
-    return "\n".join(lines) + "\n"
+def markdown(rows, metric: Metric, title: str) -> str:
+    out = [f"{title}; {metric.note}", ""]
+    for name in metric.names:
+        out += [f"{name}:", "", "| sampler | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
+                "|" + "---|" * (len(NFES) + 1)]
+        for label, row in rows.items():
+            out.append(f"| {label} | " + " | ".join(f"{row[n][name]:.3f}" if n in row else "-" for n in NFES) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
-def plot(rows: dict[str, dict[int, float]], path: Path) -> None:
+def plot(rows, metric: Metric, title: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, row in rows.items():
-        points = [(n, v) for n, v in row.items() if v == v]
-        ax.plot(*zip(*points), marker="o", label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("network evaluations (NFE)")
-    ax.set_ylabel("compositional accuracy")
-    ax.legend()
+    fig, axes = plt.subplots(1, len(metric.names), figsize=(6 * len(metric.names), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], metric.names):
+        for label, row in rows.items():
+            nfes = sorted(row)
+            ax.plot(nfes, [row[n][name] for n in nfes], marker="o", label=label,
+                    linestyle="--" if "eta=0" in label else "-")
+        ax.set_xscale("log")
+        ax.set_xlabel("network evaluations (NFE)")
+        ax.set_ylabel(name + (" (lower is better)" if name == "frechet" else ""))
+        if name == "frechet":
+            ax.set_yscale("log")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(textwrap.fill(title, 90), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short pretraining and fewer prompts (< 15 min)")
-    parser.add_argument("--iterations", type=int, default=None, help="pretraining iterations (default 2000, quick 150)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{QUICK['scenes']} pretraining iterations per model and fewer prompts (< 15 min)")
+    parser.add_argument("--datasets", nargs="+", choices=sorted(CONFIGS), default=["scenes", "digits"])
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="pretraining iterations for every model (default: each config's own; quick: 300)")
+    parser.add_argument("--keep-models", type=Path, default=None,
+                        help="copy the pretrained checkpoints to DIR/<dataset>/<prox|score> for a later --models")
     parser.add_argument("--models", type=Path, default=None,
-                        help="skip pretraining: a folder with prox/ and score/ checkpoints trained on equal terms "
-                        "(e.g. the one benchmarks/grpo_reward_vs_time.py --keep-models writes)")
+                        help="skip pretraining: reuse DIR/<dataset>/<prox|score> (written by --keep-models, or "
+                        "DIR/scenes by benchmarks/grpo_reward_vs_time.py --keep-models)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality")
     args = parser.parse_args()
-    iterations, prompts = (150, 32) if args.quick else (2000, 128)
-    iterations = args.iterations or iterations
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        scratch = Path(tmp)
-        uri = f"sqlite:///{scratch / 'mlflow.db'}"
-        if args.models:
-            checkpoints = {kind: args.models / kind for kind in SAMPLERS}
-            iterations = json.loads((args.models / "pretrain.json").read_text())["iterations"]
-        else:
-            checkpoints = {kind: pretrain(kind, iterations, scratch, uri) for kind in SAMPLERS}
-        rows = accuracy_table(checkpoints, prompts, seed=0)
-    table = markdown(rows, iterations, prompts)
-    (args.out / "quality_vs_steps.md").write_text(table)
-    plot(rows, args.out / "quality_vs_steps.png")
-    print(table)
+    scratch = Path(tempfile.mkdtemp(prefix="proxrl-quality-"))
+    uri = f"sqlite:///{scratch / 'mlflow.db'}"
+    try:
+        for dataset in args.datasets:
+            iterations = args.iterations or (QUICK[dataset] if args.quick else None)
+            if args.models:
+                kept = args.models / dataset
+                checkpoints = {kind: kept / kind for kind in SAMPLERS}
+                iterations = json.loads((kept / "pretrain.json").read_text())["iterations"]
+            else:
+                checkpoints = {kind: pretrain(kind, CONFIGS[dataset], iterations, scratch / dataset / kind, uri)
+                               for kind in SAMPLERS}
+                if iterations is None:
+                    from learner.config import load_config
+
+                    iterations = load_config(CONFIGS[dataset]).pretrain.iterations
+                if args.keep_models:
+                    for kind, path in checkpoints.items():
+                        shutil.copytree(path, args.keep_models / dataset / kind, dirs_exist_ok=True)
+                    (args.keep_models / dataset / "pretrain.json").write_text(
+                        json.dumps({"iterations": iterations}) + "\n")
+            if dataset == "scenes":
+                metric = scenes_metric(32 if args.quick else 128)
+            else:
+                metric = digits_metric(20 if args.quick else 50)
+            title = (f"{dataset}: prox and score models pretrained {iterations} iterations "
+                     f"({CONFIGS[dataset].name}; same backbone, data, batch and seed)")
+            rows = quality_table(checkpoints, metric, seed=0)
+            table = markdown(rows, metric, title)
+            (args.out / f"quality_vs_steps_{dataset}.md").write_text(table)
+            (args.out / f"quality_vs_steps_{dataset}.json").write_text(json.dumps(
+                {"title": title, "note": metric.note, "rows": rows}, indent=1) + "\n")
+            plot(rows, metric, title, args.out / f"quality_vs_steps_{dataset}.png")
+            print(table, flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":
