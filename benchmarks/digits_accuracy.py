@@ -50,6 +50,7 @@ class DigitJudge:
     real_features: np.ndarray
     ceiling: float  # accuracy on held-out real digits
     real_frechet: float  # Frechet distance of the held-out real digits to the training digits
+    held_out: int  # how many real digits are held out
 
     @classmethod
     def fit(cls, data_seed: int = 0, hidden: int = 32) -> "DigitJudge":
@@ -58,7 +59,7 @@ class DigitJudge:
         x = digits.data / 16.0
         clf = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=2000, random_state=0)
         clf.fit(x[split.train], digits.target[split.train])
-        judge = cls(clf, np.empty(0), 0.0, 0.0)
+        judge = cls(clf, np.empty(0), 0.0, 0.0, len(split.held))
         judge.real_features = judge.features(x[split.train])
         judge.ceiling = float(clf.score(x[split.held], digits.target[split.held]))
         judge.real_frechet = frechet(judge.features(x[split.held]), judge.real_features)

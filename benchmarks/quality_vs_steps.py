@@ -46,7 +46,7 @@ SAMPLERS = {
     "score": (("score sde", "sde", 1.0), ("score ode", "ode", 0.0), ("score ddim", "ddim", 0.0)),
 }
 CONFIGS = {"scenes": ROOT / "configs" / "default.yaml", "digits": ROOT / "configs" / "digits.yaml"}
-QUICK = {"scenes": 300, "digits": 300}  # pretraining iterations of --quick
+QUICK = {"scenes": 200, "digits": 200}  # pretraining iterations of --quick
 
 
 def pretrain(kind: str, config: Path, iterations: int | None, scratch: Path, uri: str) -> Path:
@@ -95,8 +95,8 @@ def digits_metric(per_digit: int) -> Metric:
 
     return Metric(texts, score, ("accuracy", "frechet"),
                   f"{len(texts)} samples ({per_digit} per digit); classifier accuracy on held-out real digits "
-                  f"{judge.ceiling:.3f}, Frechet distance of the held-out real digits {judge.real_frechet:.2f} "
-                  "(the floor at this sample size)")
+                  f"{judge.ceiling:.3f}; Frechet distance of the {judge.held_out} held-out real digits "
+                  f"{judge.real_frechet:.2f} (a floor)")
 
 
 def quality_table(checkpoints: dict[str, Path], metric: Metric, seed: int) -> dict[str, dict[int, dict[str, float]]]:
@@ -163,7 +163,7 @@ def main() -> None:
                         help=f"{QUICK['scenes']} pretraining iterations per model and fewer prompts (< 15 min)")
     parser.add_argument("--datasets", nargs="+", choices=sorted(CONFIGS), default=["scenes", "digits"])
     parser.add_argument("--iterations", type=int, default=None,
-                        help="pretraining iterations for every model (default: each config's own; quick: 300)")
+                        help="pretraining iterations for every model (default: each config's own; quick: 200)")
     parser.add_argument("--keep-models", type=Path, default=None,
                         help="copy the pretrained checkpoints to DIR/<dataset>/<prox|score> for a later --models")
     parser.add_argument("--models", type=Path, default=None,
