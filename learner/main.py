@@ -51,6 +51,31 @@ def check_rewards(cfg: RunConfig) -> None:
             raise ConfigError(f"rewards[{i}] ({spec.name}): {e}") from None
 
 
+def check_model_files(cfg: RunConfig, init_from: Path | None) -> None:
+    """The local folders the model reads when it is built (VAE, pretrained text encoder), checked before anything is
+    written; the torch-heavy modules are imported only when such a folder is configured."""
+    from proxmodel.config import ModelConfig
+
+    model = cfg.model
+    if init_from is not None:  # a checkpoint's own config.json decides its architecture
+        try:
+            model = ModelConfig.model_validate_json((init_from / "config.json").read_text())
+        except ValueError:
+            return  # an unreadable config.json gets load_model's own message when the run loads it
+    try:
+        if model.vae:
+            from proxmodel.latent import require_vae_files
+
+            require_vae_files(model.vae)
+        if model.text.pretrained != "none":
+            from proxmodel.text import check_text_files
+
+            check_text_files(model.text)
+    except FileNotFoundError as e:
+        where = f" (from {init_from / 'config.json'})" if init_from is not None else ""
+        raise ConfigError(f"{e}{where}") from None
+
+
 def prepare_run_dir(cfg: RunConfig, mode: str) -> Path:
     run_dir = Path(cfg.run_dir or f"runs/{mode}-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve()
     if (run_dir / "summary.json").exists():
@@ -83,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             prompt_source(cfg)  # reads and checks a prompt file before anything starts
         init_ref = cfg.init_from or (GRPO_DEFAULT_INIT if args.mode == "grpo" else None)
         init_from = resolve_checkpoint(init_ref)
+        check_model_files(cfg, init_from)
         run_dir = prepare_run_dir(cfg, args.mode)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -15,8 +15,8 @@ from diffusers import AutoencoderKL
 VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 
 
-def load_vae(path: str) -> AutoencoderKL:
-    """A frozen AutoencoderKL in eval mode; a clear error naming the files a VAE folder must hold."""
+def require_vae_files(path: str) -> Path:
+    """The VAE folder, or a FileNotFoundError naming the files it must hold (nothing is loaded)."""
     folder = Path(path).expanduser()
     missing = [str(folder / f) for f in VAE_FILES if not (folder / f).is_file()]
     if missing:
@@ -25,6 +25,12 @@ def load_vae(path: str) -> AutoencoderKL:
             f"{' and '.join(VAE_FILES)}, as written by AutoencoderKL.save_pretrained(folder) or found in the vae/ "
             f"folder of a Stable Diffusion hub repository (e.g. stabilityai/sd-vae-ft-mse)."
         )
+    return folder
+
+
+def load_vae(path: str) -> AutoencoderKL:
+    """A frozen AutoencoderKL in eval mode; a clear error naming the files a VAE folder must hold."""
+    folder = require_vae_files(path)
     try:
         vae = AutoencoderKL.from_pretrained(folder)
     except Exception as e:  # a config of another class, or weights of another shape

