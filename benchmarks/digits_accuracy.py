@@ -23,7 +23,7 @@ from sklearn.neural_network import MLPClassifier
 
 from learner import env  # noqa: F401  (offline, no telemetry)
 from learner.config import DataConfig
-from learner.data import build_source
+from learner.data import build_source, digit_caption
 
 
 def ink_8x8(images: torch.Tensor) -> np.ndarray:
@@ -44,6 +44,17 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * cross)
 
 
+def digit_prompts(per_digit: int) -> tuple[np.ndarray, list[str]]:
+    """Labels 0..9, each `per_digit` times, and the training captions that ask for them."""
+    labels = np.repeat(np.arange(10), per_digit)
+    return labels, [digit_caption(k) for k in labels]
+
+
+def hidden_features(clf: MLPClassifier, ink: np.ndarray) -> np.ndarray:
+    """The hidden layer's ReLU activations (MLPClassifier keeps no forward hook, so one line by hand)."""
+    return np.maximum(ink @ clf.coefs_[0] + clf.intercepts_[0], 0.0)
+
+
 @dataclass
 class DigitJudge:
     clf: MLPClassifier
@@ -59,21 +70,15 @@ class DigitJudge:
         x = digits.data / 16.0
         clf = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=2000, random_state=0)
         clf.fit(x[split.train], digits.target[split.train])
-        judge = cls(clf, np.empty(0), 0.0, 0.0, len(split.held))
-        judge.real_features = judge.features(x[split.train])
-        judge.ceiling = float(clf.score(x[split.held], digits.target[split.held]))
-        judge.real_frechet = frechet(judge.features(x[split.held]), judge.real_features)
-        return judge
-
-    def features(self, ink: np.ndarray) -> np.ndarray:
-        """The hidden layer's ReLU activations (MLPClassifier keeps no forward hook, so one line by hand)."""
-        return np.maximum(ink @ self.clf.coefs_[0] + self.clf.intercepts_[0], 0.0)
+        real = hidden_features(clf, x[split.train])
+        return cls(clf, real, ceiling=float(clf.score(x[split.held], digits.target[split.held])),
+                   real_frechet=frechet(hidden_features(clf, x[split.held]), real), held_out=len(split.held))
 
     def accuracy(self, images: torch.Tensor, labels: np.ndarray) -> float:
         return float((self.clf.predict(ink_8x8(images)) == labels).mean())
 
     def frechet(self, images: torch.Tensor) -> float:
-        return frechet(self.features(ink_8x8(images)), self.real_features)
+        return frechet(hidden_features(self.clf, ink_8x8(images)), self.real_features)
 
 
 def main() -> None:
@@ -89,9 +94,8 @@ def main() -> None:
     args = parser.parse_args()
 
     judge = DigitJudge.fit(args.data_seed)
-    labels = np.array([k for k in range(10) for _ in range(args.per_digit)])
-    images = generate(load_model(args.checkpoint), [f"a handwritten digit {k}" for k in labels], args.steps,
-                      seed=0, eta=args.eta)
+    labels, prompts = digit_prompts(args.per_digit)
+    images = generate(load_model(args.checkpoint), prompts, args.steps, seed=0, eta=args.eta)
     print(json.dumps({"generated_accuracy": judge.accuracy(images, labels), "frechet": judge.frechet(images),
                       "classifier_on_held_out_real": judge.ceiling, "real_held_out_frechet": judge.real_frechet,
                       "samples": len(labels), "steps": args.steps, "eta": args.eta}))

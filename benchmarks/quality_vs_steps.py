@@ -32,8 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -84,11 +82,10 @@ def scenes_metric(prompts: int) -> Metric:
 
 
 def digits_metric(per_digit: int) -> Metric:
-    from digits_accuracy import DigitJudge
+    from digits_accuracy import DigitJudge, digit_prompts
 
     judge = DigitJudge.fit(data_seed=0)
-    labels = np.array([k for k in range(10) for _ in range(per_digit)])
-    texts = [f"a handwritten digit {k}" for k in labels]
+    labels, texts = digit_prompts(per_digit)
 
     def score(images) -> dict[str, float]:
         return {"accuracy": judge.accuracy(images, labels), "frechet": judge.frechet(images)}

@@ -94,6 +94,10 @@ class IndexedSource:
         return [self.captions[int(pool[i % len(pool)])] for i in range(count)]
 
 
+def digit_caption(k: int) -> str:
+    return f"a handwritten digit {int(k)}"
+
+
 def digits_source(cfg: DataConfig, size: int, channels: int) -> IndexedSource:
     from sklearn.datasets import load_digits
 
@@ -102,7 +106,7 @@ def digits_source(cfg: DataConfig, size: int, channels: int) -> IndexedSource:
     # 0..16 ink intensities -> dark ink on white paper, as a person writes them.
     paper = (255 - digits.images * (255 / 16)).round().astype(np.uint8)
     loaders = [lambda a=a: tf(Image.fromarray(a)) for a in paper]
-    captions = [f"a handwritten digit {int(k)}" for k in digits.target]
+    captions = [digit_caption(k) for k in digits.target]
     return IndexedSource(loaders, captions, cfg.seed, cfg.holdout)
 
 
