@@ -57,11 +57,14 @@ class PretrainConfig(Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0, description="gradient-norm clipping")
     step_candidates: list[int] = Field(
-        [5, 10], min_length=1, description="sampler step counts N whose (t, lam) pairs are trained (weights N^1/3)"
+        [5, 10, 20], min_length=1, description="sampler step counts N whose (t, lam) pairs are trained (weights "
+        "N^1/3); a sampler on another grid queries the prox off its training support"
     )
-    prox_variants: list[Literal["hybrid", "backward"]] = Field(
-        ["hybrid"], min_length=1, description="prox samplers whose lam values are trained (backward: lam = "
-        "gamma / (1 - gamma/2), only for step candidates with every gamma < 2, i.e. N >= 10 at beta_max = 20)"
+    prox_variants: list[Literal["hybrid", "backward", "flow"]] = Field(
+        ["hybrid", "flow"], min_length=1, description="prox samplers whose lam values are trained, each pair picking "
+        "one: hybrid lam = gamma (the stochastic sampler, GRPO's policy); flow lam = gamma/2 (the deterministic "
+        "probability-flow sampler); backward lam = gamma / (1 - gamma/2), only for step candidates with every "
+        "gamma < 2, i.e. N >= 10 at beta_max = 20"
     )
     l1_warmup_frac: float = Field(0.33, ge=0, lt=1, description="fraction of training with the L1 loss")
     zeta0: float = Field(1.0, gt=0, description="proximal-matching zeta of the first stage; the second uses zeta0/2")
@@ -78,7 +81,7 @@ class PretrainConfig(Strict):
     score_t_min: float = Field(
         1e-3, gt=0, lt=1, description="kind score: training times t ~ U(score_t_min, 1) (the samplers stop there)"
     )
-    eval_sampler: Optional[Literal["hybrid", "backward", "sde", "ode", "ddim"]] = Field(
+    eval_sampler: Optional[Literal["hybrid", "backward", "flow", "sde", "ode", "ddim"]] = Field(
         None, description="sampler of the final sample grid; null = hybrid (kind prox) or ddim (kind score)"
     )
     eval_guidance: float = Field(1.0, ge=0, description="classifier-free guidance scale w of the final samples")

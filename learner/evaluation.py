@@ -17,7 +17,7 @@ from proxmodel.score import eps_fn, sample_ddim, sample_score
 from rewards.base import RewardModel
 
 
-PROX_SAMPLERS = ("hybrid", "backward")
+PROX_SAMPLERS = ("hybrid", "backward", "flow")
 SCORE_SAMPLERS = ("sde", "ode", "ddim")
 
 
@@ -40,7 +40,7 @@ def generate(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta:
              sampler: Optional[str] = None, guidance: float = 1.0) -> torch.Tensor:
     """Images in [0, 1], [B, C, H, W], with the noise of `seed` (eta=0: deterministic prox/SDE sampler).
 
-    `sampler`: hybrid | backward for a prox model, sde | ode | ddim for a score model; None = hybrid or ddim.
+    `sampler`: hybrid | backward | flow for a prox model, sde | ode | ddim for a score model; None = hybrid or ddim.
     """
     kind = model.cfg.kind
     allowed = PROX_SAMPLERS if kind == "prox" else SCORE_SAMPLERS

@@ -20,6 +20,7 @@ from learner.ema import ema_metadata, make_ema, update_ema
 from learner.evaluation import evaluate, save_grid
 from learner.tracking import Tracker
 from proxmodel.losses import LossSchedule, make_score_pairs, make_training_pairs, mse_loss
+from proxmodel.config import ModelConfig
 from proxmodel.model import ProxT2I, load_model, save_state
 from proxmodel.schedule import VPSchedule
 from rewards import build as build_reward
@@ -29,6 +30,24 @@ def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> 
     """Each caption replaced by the empty caption with probability p (classifier-free guidance training)."""
     keep = torch.rand(len(captions), generator=generator) >= p
     return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+SIGMA_DATA_SAMPLES = 512  # images whose RMS sets model.sigma_data: its standard error is well under 1%
+
+
+@torch.no_grad()
+def record_training(model: ProxT2I, source, cfg: RunConfig) -> ModelConfig:
+    """The model's config as this run will leave it: sigma_data measured on the data if it has none yet (a loaded
+    checkpoint keeps its own: changing it would change the function), and the (t, lam) support it is trained on."""
+    mc, pc = model.cfg, cfg.pretrain
+    update: dict = {}
+    if mc.kind == "prox":
+        update.update(trained_steps=list(pc.step_candidates), trained_variants=list(pc.prox_variants))
+        if mc.prox_param == "precond" and mc.sigma_data is None:
+            images, _ = source.batch(cfg.data.cursor, SIGMA_DATA_SAMPLES)
+            x0 = model.encode_images(images)
+            update["sigma_data"] = round(float(x0.float().pow(2).mean().sqrt()), 4)
+    return mc.model_copy(update=update)
 
 
 def export(engine, ema, decay: float, directory: Path) -> Path:
@@ -43,9 +62,10 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
     torch.manual_seed(cfg.seed)
     init_distributed()
     model = load_model(init_from) if init_from else ProxT2I(cfg.model)
+    source = build_source(cfg.data, model.cfg.image_size, model.cfg.channels)
+    model.cfg = record_training(model, source, cfg)
     mc = model.cfg
     ema = make_ema(model, pc.ema_decay)  # before DeepSpeed sees the model: a full copy under any ZeRO stage
-    source = build_source(cfg.data, mc.image_size, mc.channels)
     engine = build_engine(
         model, lr=pc.lr, weight_decay=pc.weight_decay, grad_clip=pc.grad_clip,
         zero_stage=cfg.deepspeed.zero_stage, bf16=cfg.deepspeed.bf16, micro_batch=pc.batch_size,

@@ -44,6 +44,23 @@ class ModelConfig(Strict):
     )
     attention_head_dim: int = Field(16, ge=4, description="channels per attention head")
     text: TextConfig = Field(default_factory=TextConfig)
+    prox_param: Literal["eps", "precond"] = Field(
+        "precond", description="kind prox: how the network's output becomes the prox. eps: ProxDM's prox = y - "
+        "sqrt(lam) eps_theta(y / sqrt(1 + lam)); precond: a skip connection that is the exact prox of a Gaussian "
+        "p_t with the data's scale plus a learned correction, prox = c_skip y + c_out F(c_in y), which keeps "
+        "shrinking noisier-than-trained inputs (README, Sampler calibration). Checkpoints without this key are eps",
+    )
+    sigma_data: Optional[float] = Field(
+        None, gt=0, description="RMS of the data in model space (per dimension), used by prox_param precond; "
+        "null: pretraining measures it on the data and records it here (1.0 if never measured)",
+    )
+    trained_steps: Optional[list[int]] = Field(
+        None, description="recorded by pretraining: the step counts N whose (t, lam) pairs were trained "
+        "(pretrain.step_candidates); samplers on other grids query the prox off its training support",
+    )
+    trained_variants: Optional[list[Literal["hybrid", "backward", "flow"]]] = Field(
+        None, description="recorded by pretraining: the samplers whose lam values were trained (pretrain.prox_variants)"
+    )
     vae: Optional[str] = Field(
         None, description="folder of a diffusers AutoencoderKL (config.json + diffusion_pytorch_model.safetensors): "
         "the model then works in its latent space; frozen, and referenced by this path (not copied); null = pixels",

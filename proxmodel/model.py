@@ -1,5 +1,8 @@
 """The conditional proximal operator prox_theta(y; t, lam, c) = y - sqrt(lam) eps_theta(y; t, lam, c).
 
+eps_theta is the network's output under `prox_param: eps` (ProxDM), or, under `precond` (the default for new
+models), the exact eps of a Gaussian p_t plus a learned, scaled correction (`precond_coefficients`).
+
 Backbone: diffusers' UNet2DConditionModel with text cross-attention, the sinusoidal embedding of t in its time slot
 and that of lam in its class-embedding slot, concatenated (`class_embeddings_concat`), each scaled x1000 as in
 ProxDM. With `kind: score` the same backbone is the score baseline eps_theta(x_t; t, c): its lam input is held at 0.
@@ -22,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from proxmodel.config import ModelConfig
+from proxmodel.schedule import VPSchedule
 from proxmodel.latent import decode, downscale, encode, load_vae
 from proxmodel.text import build_text_encoder, frozen
 
@@ -40,6 +44,7 @@ class ProxT2I(nn.Module):
         # Frozen and kept out of the module tree (a plain attribute, not a submodule), so it is in neither the
         # optimiser, the state dict nor the weight broadcasts; checkpoints refer to it by its path in config.json.
         object.__setattr__(self, "_vae", load_vae(cfg.vae) if cfg.vae else None)
+        self.schedule = VPSchedule()
         shape = self.sample_shape(1)
         channels = [cfg.base_channels * m for m in cfg.channel_mults]
         levels = range(len(channels))
@@ -111,17 +116,42 @@ class ProxT2I(nn.Module):
             context = self.encode_text(tokens)
         if self.cfg.kind == "score":
             lam = torch.zeros_like(t)  # the score baseline is conditioned on t only
-        # Input preconditioning (a design choice): y = x_t + sqrt(lam) xi has variance about 1 + lam.
-        scale = torch.rsqrt(1.0 + lam).view(-1, *([1] * (y.dim() - 1)))
-        dtype = self.unet.conv_in.weight.dtype  # bf16 under mixed precision; eps comes back in float32
+        view = (-1, *([1] * (y.dim() - 1)))
+        if self.cfg.kind == "prox" and self.cfg.prox_param == "precond":
+            c_skip_eps, c_in, c_out = precond_coefficients(self.schedule.alpha(t), lam, self.sigma_data)
+            return c_skip_eps.view(view) * y + c_out.view(view) * self._net(y * c_in.view(view), t, lam, context)
+        # ProxDM's parameterisation; its inputs are scaled by 1 / sqrt(1 + lam), the variance of y when p_t = N(0, I).
+        return self._net(y * torch.rsqrt(1.0 + lam).view(view), t, lam, context)
+
+    @property
+    def sigma_data(self) -> float:
+        return self.cfg.sigma_data or 1.0
+
+    def _net(self, y_in: torch.Tensor, t: torch.Tensor, lam: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        dtype = self.unet.conv_in.weight.dtype  # bf16 under mixed precision; the output comes back in float32
         out = self.unet(
-            (y * scale).to(dtype),
+            y_in.to(dtype),
             t * EMBED_SCALE,
             encoder_hidden_states=context.to(dtype),
             class_labels=lam * EMBED_SCALE,
             return_dict=False,
         )
         return out[0].float()
+
+
+def precond_coefficients(alpha: torch.Tensor, lam: torch.Tensor,
+                         sigma_data: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """eps = c_skip_eps y + c_out F(c_in y): the `precond` parameterisation, written in eps so loss and samplers stay.
+
+    With p_t = N(0, v_t I), v_t = alpha_t sigma_data^2 + 1 - alpha_t, the prox is v_t / (v_t + lam) y, i.e.
+    eps = sqrt(lam) / (v_t + lam) y: that is the skip term, so with F = 0 the prox is exact for Gaussian data and
+    shrinks any input, however noisy, by the Gaussian's factor. c_in = 1 / sqrt(v_t + lam) gives F unit-variance
+    inputs in training; c_out = sqrt(v_t / (v_t + lam)), the std of xi given y under the Gaussian, gives its target
+    unit variance (docs/calibration.md derives both). The prox is c_skip y - sqrt(lam v_t / (v_t + lam)) F.
+    """
+    v = alpha * sigma_data**2 + (1.0 - alpha)
+    total = v + lam
+    return lam.sqrt() / total, total.rsqrt(), (v / total).sqrt()
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -184,6 +214,14 @@ def save_state(state: dict[str, torch.Tensor], cfg: ModelConfig, directory: str 
     return directory
 
 
+def read_model_config(path: str | Path) -> ModelConfig:
+    """A checkpoint's config.json; those written before `prox_param` existed are ProxDM's eps parameterisation."""
+    raw = json.loads(Path(path).read_text())
+    if isinstance(raw, dict) and raw.get("kind", "prox") == "prox":
+        raw.setdefault("prox_param", "eps")
+    return ModelConfig.model_validate(raw)
+
+
 def load_model(directory: str | Path) -> ProxT2I:
     """Build a ProxT2I from `config.json` and load `model.safetensors` (weights only, no pickle)."""
     directory = Path(directory)
@@ -195,7 +233,7 @@ def load_model(directory: str | Path) -> ProxT2I:
                 f"{WEIGHTS_FILE}, as written by `python -m learner.main --mode pretrain` (its summary.json names it)."
             )
     try:
-        cfg = ModelConfig.model_validate_json(cfg_path.read_text())
+        cfg = read_model_config(cfg_path)
         model = ProxT2I(cfg)
         state = load_file(str(weights_path))
     except Exception as e:  # corrupt or foreign files: say which and what to do

@@ -15,7 +15,17 @@ with every gamma_k < 2) differs only in the forward half-step and the prox's lam
 
     y_k = (x_k + eta sqrt(gamma_k) z_k) / (1 - gamma_k / 2),   lam_k = gamma_k / (1 - gamma_k / 2),
 
-so its policy has mean prox / (1 - gamma/2) and variance eta^2 gamma / (1 - gamma/2)^2. Log-probs are computed in
+so its policy has mean prox / (1 - gamma/2) and variance eta^2 gamma / (1 - gamma/2)^2.
+
+eta = 0 in the hybrid step is NOT a sampler of p_0: it follows the noiseless reverse-SDE drift (the full score), a
+mode-seeking chain whose outputs are far less diverse than the data (method.md sec. 7; "the mode chain"). The
+deterministic sampler that samples is the implicit probability-flow step (`variant="flow"`, the ODE's half score):
+
+    y_k = (1 + gamma_k / 2) x_k,   x_{k-1} = prox_theta(y_k; t_{k-1}, lam = gamma_k / 2, c)
+
+which has no noise and no policy (a model must be trained on lam = gamma/2 pairs: pretrain.prox_variants flow).
+
+Log-probs are computed in
 float32 and REDUCED BY THE MEAN over data dimensions (as Flow-GRPO does), so a clip range for the policy ratio must
 be small (about 1e-4..1e-2).
 """
@@ -32,7 +42,7 @@ from proxmodel.schedule import StepGrid
 
 # prox(y, t, lam) -> x: t and lam are float tensors of shape [B].
 ProxFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-Variant = Literal["hybrid", "backward"]
+Variant = Literal["hybrid", "backward", "flow"]
 BACKWARD_MAX_GAMMA = 2.0  # the backward half-step divides by 1 - gamma/2
 
 
@@ -54,7 +64,9 @@ def half_step(grid: StepGrid, k: int, variant: Variant = "hybrid") -> HalfStep:
         check_backward_grid(grid)
         shrink = 1.0 - gamma / 2.0
         return HalfStep(scale=1.0 / shrink, noise_std=math.sqrt(gamma) / shrink, lam=gamma / shrink)
-    raise ValueError(f"unknown prox sampler variant {variant!r}; use 'hybrid' or 'backward'")
+    if variant == "flow":
+        return HalfStep(scale=1.0 + gamma / 2.0, noise_std=0.0, lam=gamma / 2.0)
+    raise ValueError(f"unknown prox sampler variant {variant!r}; use 'hybrid', 'backward' or 'flow'")
 
 
 def check_backward_grid(grid: StepGrid) -> None:
@@ -115,14 +127,15 @@ def hybrid_step(
         return StepOutput(x=x, y=None, log_prob=None, mean=None)
     nxt = half_step(grid, k - 1, variant)
     mean = nxt.scale * x
+    deterministic = eta == 0.0 or nxt.noise_std == 0.0
     if y_next is None:
-        if eta == 0.0:
+        if deterministic:
             return StepOutput(x=x, y=mean, log_prob=None, mean=mean)
         if noise is None:
             raise ValueError("a stochastic step needs its noise z_{k-1}; pass noise= or eta=0")
         y_next = mean + eta * nxt.noise_std * noise
-    if eta == 0.0:
-        raise ValueError("a recorded action has no density under the deterministic sampler (eta=0)")
+    if deterministic:
+        raise ValueError(f"a recorded action has no density under a deterministic sampler (eta={eta}, {variant})")
     log_prob = gaussian_log_prob(y_next, mean, (eta * nxt.noise_std) ** 2)
     return StepOutput(x=x, y=y_next, log_prob=log_prob, mean=mean)
 
@@ -162,8 +175,9 @@ def sample_hybrid(
 
     y = initial_state(draw(), draw(), grid, eta, variant)
     states, log_probs = [y], []
+    stochastic = eta != 0.0 and variant != "flow"
     for k in range(n, 0, -1):
-        noise = draw() if (k > 1 and eta != 0.0) else None
+        noise = draw() if (k > 1 and stochastic) else None
         out = hybrid_step(prox, y, grid, k, eta=eta, noise=noise, variant=variant)
         if k == 1:
             images = out.x

@@ -69,9 +69,9 @@ def sample_train_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw (t, lam) exactly as the prox samplers will query them (method.md sec. 4).
 
-    N ~ candidates with weights N^(1/3); t uniform on {0, 1/N, ..., 1 - 1/N}; gamma = int_t^{t + 1/N} beta; lam = gamma
-    (hybrid) or, with "backward" among `variants` (each pair picks one uniformly), gamma / (1 - gamma/2) for step
-    counts the backward sampler accepts (every gamma < 2; other N keep the hybrid lam).
+    N ~ candidates with weights N^(1/3); t uniform on {0, 1/N, ..., 1 - 1/N}; gamma = int_t^{t + 1/N} beta. Each pair
+    picks one of `variants` uniformly: lam = gamma (hybrid), gamma / 2 (flow: the probability-flow sampler) or
+    gamma / (1 - gamma/2) (backward, only for step counts whose every gamma < 2; other N keep the hybrid lam).
     """
     cands = torch.tensor(step_candidates, dtype=torch.float64)
     weights = cands ** (1.0 / 3.0)
@@ -79,9 +79,12 @@ def sample_train_pairs(
     k = torch.floor(torch.rand(batch, generator=generator, dtype=torch.float64) * n)
     t = k / n
     lam = schedule.beta_integral(t, t + 1.0 / n)
+    # One variant draws nothing, so a hybrid-only run's random stream is what it always was.
+    pick = torch.randint(len(variants), (batch,), generator=generator) if len(variants) > 1 else torch.zeros(batch)
     if "backward" in variants:
-        pick = torch.randint(len(variants), (batch,), generator=generator)
         backward = (pick == variants.index("backward")) & (n >= schedule.min_steps_below(2.0))
         lam = torch.where(backward, lam / (1.0 - lam / 2.0), lam)
+    if "flow" in variants:
+        lam = torch.where(pick == variants.index("flow"), lam / 2.0, lam)
     return t.float(), lam.float()
 

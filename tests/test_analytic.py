@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from proxmodel.losses import proximal_matching_loss
-from proxmodel.sampler import half_step, sample_hybrid
+from proxmodel.sampler import sample_hybrid
 from proxmodel.schedule import VPSchedule
 from proxmodel.score import sample_ddim, sample_score
 
@@ -61,24 +61,37 @@ def gaussian_prox(y: torch.Tensor, t: torch.Tensor, lam: torch.Tensor) -> torch.
     return (y.double() @ op.T + c).to(y.dtype)
 
 
-def chain_moments(steps: int, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+def step_coefficients(steps: int, k: int, variant: str, eta: float = 1.0) -> tuple[float, float, float]:
+    """(scale, noise variance, lam) of step k, written from method.md sec. 2 and 7 apart from the code's half_step."""
+    t0, t1 = (k - 1) / steps, k / steps
+    gamma = 0.1 * (t1 - t0) + 0.5 * (20.0 - 0.1) * (t1 * t1 - t0 * t0)  # int beta, beta(t) = 0.1 + 19.9 t
+    if variant == "hybrid":  # y = (1 + g/2) x + sqrt(g) z, lam = g
+        return 1 + gamma / 2, eta**2 * gamma, gamma
+    if variant == "backward":  # y = (x + sqrt(g) z) / (1 - g/2), lam = g / (1 - g/2)
+        return 1 / (1 - gamma / 2), eta**2 * gamma / (1 - gamma / 2) ** 2, gamma / (1 - gamma / 2)
+    if variant == "flow":  # y = (1 + g/2) x, lam = g/2: the implicit probability-flow step
+        return 1 + gamma / 2, 0.0, gamma / 2
+    raise ValueError(variant)
+
+
+def chain_moments(steps: int, variant: str, eta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and covariance of the prox sampler's output with the exact prox, by the linear-Gaussian recursion."""
-    grid = SCHEDULE.grid(steps)
     mean, cov = torch.zeros(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64)
     for k in range(steps, 0, -1):
-        h = half_step(grid, k, variant)
-        mean, cov = h.scale * mean, h.scale**2 * cov + h.noise_std**2 * torch.eye(3, dtype=torch.float64)
-        op, c = gaussian_prox_operator(grid.t_at(k - 1), h.lam)
+        scale, noise_var, lam = step_coefficients(steps, k, variant, eta)
+        mean, cov = scale * mean, scale**2 * cov + noise_var * torch.eye(3, dtype=torch.float64)
+        op, c = gaussian_prox_operator((k - 1) / steps, lam)
         mean, cov = op @ mean + c, op @ cov @ op.T
     return mean, cov
 
 
-@pytest.mark.parametrize("variant,steps", [("hybrid", 5), ("hybrid", 20), ("backward", 10)])
-def test_gaussian_samplers_reproduce_the_exact_chain_moments(variant, steps, one_thread):
+@pytest.mark.parametrize("variant,steps,eta", [("hybrid", 5, 1.0), ("hybrid", 20, 1.0), ("backward", 10, 1.0),
+                                               ("flow", 5, 1.0), ("hybrid", 5, 0.0)])
+def test_gaussian_samplers_reproduce_the_exact_chain_moments(variant, steps, eta, one_thread):
     n = 40_000
     x = sample_hybrid(gaussian_prox, (n, 3), SCHEDULE.grid(steps), generator=torch.Generator().manual_seed(0),
-                      variant=variant).images.double()
-    mean, cov = chain_moments(steps, variant)
+                      variant=variant, eta=eta).images.double()
+    mean, cov = chain_moments(steps, variant, eta)
     emp_mean, emp_cov = x.mean(0), torch.cov(x.T)
     # Standard errors of a sample mean and of a sample covariance entry of a Gaussian.
     se_mean = (torch.diagonal(cov) / n).sqrt()
@@ -100,6 +113,22 @@ def test_gaussian_chain_converges_to_the_target_at_first_order():
     # At 5 steps the chain is far from N(m, S) even with the exact prox; print the gaps for the record.
     print({f"{v}@{s}": round(g, 4) for (v, s), g in gaps.items()})
     assert gaps["hybrid", 5] > 0.1
+
+
+def test_probability_flow_prox_samples_and_the_eta_zero_chain_seeks_the_mode():
+    """method.md sec. 7: the flow step lands on N(m, S) at first order; eta = 0 in the hybrid step does not sample.
+
+    The mode chain follows the full score with no noise: its spread shrinks towards zero as N grows, so a reward
+    measured on it says how clean the mode looks, not how good the samples are.
+    """
+    target = float(torch.trace(COV))
+    flow = {n: chain_moments(n, "flow") for n in (5, 10, 20, 40, 2000)}
+    errors = [float(torch.linalg.norm(c - COV) + torch.linalg.norm(m - MEAN)) for m, c in flow.values()]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 5e-3, errors
+    assert errors[3] / errors[2] < 0.65  # 40 vs 20 steps: first order
+    assert abs(float(torch.trace(flow[10][1])) / target - 1) < 0.15  # already close at 10 steps
+    mode = [float(torch.trace(chain_moments(n, "hybrid", eta=0.0)[1])) / target for n in (3, 5, 10, 40)]
+    assert mode == sorted(mode, reverse=True) and mode[1] < 0.3 and mode[-1] < 0.05, mode
 
 
 # ------------------------------------------------------------------------------------- 2. 2-D Gaussian mixture

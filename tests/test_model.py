@@ -39,3 +39,77 @@ def test_prox_parameterisation_and_loss_schedule():
     # Proximal matching is bounded in [0, 1) and zero only at a perfect match.
     assert float(proximal_matching_loss(xi, xi, 0.5)) == 0.0
     assert 0.0 < float(proximal_matching_loss(xi + 10, xi, 0.5)) <= 1.0
+
+
+def _zero_correction(model):
+    """F = 0: the U-Net's last convolution zeroed, so only the parameterisation's fixed part is left."""
+    with torch.no_grad():
+        model.unet.conv_out.weight.zero_()
+        model.unet.conv_out.bias.zero_()
+    return model
+
+
+@pytest.mark.parametrize("sigma_data", [0.5, 1.3])
+def test_precond_prox_is_the_exact_gaussian_prox_when_the_correction_is_zero(tiny_model_config, sigma_data):
+    """With F = 0 the precond prox is v_t / (v_t + lam) y (the prox of N(0, v_t I), v_t = alpha sigma^2 + 1 - alpha)
+    for any input, however much noisier than in training; ProxDM's eps form would return y unchanged."""
+    from proxmodel.model import ProxT2I, prox_fn
+
+    cfg = tiny_model_config.model_copy(update={"prox_param": "precond", "sigma_data": sigma_data})
+    model = _zero_correction(ProxT2I(cfg)).eval()
+    b = 6
+    y = 7.0 * torch.randn(b, 3, 8, 8)  # far off the training support
+    t = torch.tensor([0.0, 0.1, 0.3, 0.5, 0.8, 0.95])
+    lam = torch.tensor([0.05, 0.3, 1.0, 2.0, 3.6, 0.5])
+    alpha = torch.exp(-(0.1 * t + 0.5 * 19.9 * t * t))  # alpha(t) of the VP schedule, written out
+    v = alpha * sigma_data**2 + 1 - alpha
+    expected = (v / (v + lam)).view(-1, 1, 1, 1) * y
+    tokens = model.tokenize(["a red circle"] * b)
+    with torch.no_grad():
+        got = prox_fn(model, tokens=tokens)(y, t, lam)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    eps_model = _zero_correction(ProxT2I(cfg.model_copy(update={"prox_param": "eps"}))).eval()
+    with torch.no_grad():
+        assert torch.equal(prox_fn(eps_model, tokens=tokens)(y, t, lam), y)
+
+
+def test_precond_correction_is_scaled_to_the_gaussian_residual(tiny_model_config):
+    """prox = c_skip y - sqrt(lam v / (v + lam)) F(y / sqrt(v + lam)): checked against a direct call of the U-Net."""
+    from proxmodel.model import EMBED_SCALE, ProxT2I, prox_fn
+
+    model = ProxT2I(tiny_model_config.model_copy(update={"prox_param": "precond", "sigma_data": 0.8})).eval()
+    b = 3
+    y, t, lam = torch.randn(b, 3, 8, 8), torch.tensor([0.2, 0.5, 0.9]), torch.tensor([0.4, 1.5, 3.0])
+    tokens = model.tokenize(["a blue square"] * b)
+    alpha = torch.exp(-(0.1 * t + 0.5 * 19.9 * t * t))
+    v = (alpha * 0.64 + 1 - alpha).view(-1, 1, 1, 1)
+    lv = lam.view(-1, 1, 1, 1)
+    with torch.no_grad():
+        f = model.unet(y / (v + lv).sqrt(), t * EMBED_SCALE, encoder_hidden_states=model.encode_text(tokens),
+                       class_labels=lam * EMBED_SCALE).sample
+        got = prox_fn(model, tokens=tokens)(y, t, lam)
+    assert torch.allclose(got, v / (v + lv) * y - (lv * v / (v + lv)).sqrt() * f, atol=1e-5)
+
+
+def test_checkpoints_without_prox_param_load_as_proxdm_eps_and_sample_as_before(tiny_model_config, tmp_path):
+    import json
+
+    from proxmodel.model import ProxT2I, prox_fn
+
+    torch.manual_seed(0)
+    old = ProxT2I(tiny_model_config.model_copy(update={"prox_param": "eps"})).eval()
+    save_model(old, tmp_path / "old")
+    raw = json.loads((tmp_path / "old" / "config.json").read_text())
+    for key in ("prox_param", "sigma_data", "trained_steps", "trained_variants"):  # as written before they existed
+        raw.pop(key)
+    (tmp_path / "old" / "config.json").write_text(json.dumps(raw))
+    loaded = load_model(tmp_path / "old").eval()
+    assert loaded.cfg.prox_param == "eps"
+    y, t, lam = torch.randn(2, 3, 8, 8), torch.tensor([0.3, 0.7]), torch.tensor([0.5, 2.0])
+    tokens = old.tokenize(["a", "b"])
+    with torch.no_grad():
+        before, after = prox_fn(old, tokens=tokens)(y, t, lam), prox_fn(loaded, tokens=tokens)(y, t, lam)
+        assert torch.equal(before, after)
+        # the key matters: the same weights read as precond are another function
+        loaded.cfg = loaded.cfg.model_copy(update={"prox_param": "precond"})
+        assert not torch.allclose(prox_fn(loaded, tokens=tokens)(y, t, lam), before, atol=1e-3)

@@ -51,12 +51,21 @@ def test_score_policy_samples_exactly_the_euler_maruyama_baseline(tiny_model_con
     assert torch.equal(traj.images, baseline.images) and torch.equal(traj.log_probs, baseline.log_probs)
 
 
-def test_zero_noise_policy_is_deterministic_and_has_no_log_probs(model):
+def test_the_zero_noise_limit_of_the_policy_is_its_deterministic_chain(model):
+    """method.md sec. 5: noise -> 0 reproduces the deterministic sampler. With the same starting draw x_N, eta = 1e-6
+    must land on the eta = 0 images and eta = 1 far from them; a noise term not scaled by eta (or one added at
+    eta = 0) breaks the first, a policy that ignores its noise breaks the second."""
     tokens = model.tokenize(["a red circle"] * G)
-    policy = Policy.of(model, STEPS, eta=0.0)
-    a = policy.sample(model, {"tokens": tokens}, shape_of(model), torch.Generator().manual_seed(0))
-    b = policy.sample(model, {"tokens": tokens}, shape_of(model), torch.Generator().manual_seed(0))
-    assert a.log_probs is None and torch.equal(a.images, b.images)
+    shape = shape_of(model)
+
+    def images(eta: float) -> torch.Tensor:
+        traj = Policy.of(model, STEPS, eta=eta).sample(model, {"tokens": tokens}, shape, torch.Generator().manual_seed(0))
+        assert (traj.log_probs is None) == (eta == 0.0)
+        return traj.images
+
+    deterministic = images(0.0)
+    assert (images(1e-6) - deterministic).abs().max() < 1e-4
+    assert (images(1.0) - deterministic).abs().max() > 1e-2
 
 
 def test_transition_index_is_checked(model):

@@ -91,16 +91,23 @@ def test_zero_noise_reproduces_the_deterministic_sampler(tiny_model):
     assert (far.images - det.images).abs().max() > 1e-2
 
 
-def test_one_step_function_serves_sampling_and_scoring(tiny_model):
+def test_a_recorded_action_is_scored_by_the_policy_density_written_from_method_md(tiny_model):
+    """pi(y_{k-1} | y_k) = N((1 + gamma_{k-1}/2) prox(y_k; t_{k-1}, gamma_k), gamma_{k-1} I), mean over dimensions,
+    for an arbitrary action (not one the step drew), from the prox called directly and torch's Normal."""
     tokens, context, shape = _setup(tiny_model)
     grid = VPSchedule().grid(3)
     prox = prox_fn(tiny_model.eval(), context=context)
-    y = initial_state(torch.randn(shape), torch.randn(shape), grid)
+    y, action = 2.0 * torch.randn(shape), torch.randn(shape)
+    t1, t2 = 1 / 3, 2 / 3
+    gamma_3 = 0.1 / 3 + 0.5 * 19.9 * (1.0 - t2 * t2)  # int_{t_2}^{1} beta
+    gamma_2 = 0.1 / 3 + 0.5 * 19.9 * (t2 * t2 - t1 * t1)
     with torch.no_grad():
-        drawn = hybrid_step(prox, y, grid, 3, noise=torch.randn(shape))
-        scored = hybrid_step(prox, y, grid, 3, y_next=drawn.y)
+        scored = hybrid_step(prox, y, grid, 3, y_next=action)
+        mean = (1 + gamma_2 / 2) * prox(y, torch.full((G,), t2), torch.full((G,), gamma_3))
         last = hybrid_step(prox, y, grid, 1)
-    assert torch.equal(drawn.log_prob, scored.log_prob)
+    expected = torch.distributions.Normal(mean, math.sqrt(gamma_2)).log_prob(action).flatten(1).mean(1)
+    assert torch.allclose(scored.log_prob, expected, atol=1e-5)
+    assert torch.equal(scored.y, action)
     assert last.y is None and last.log_prob is None
     with pytest.raises(ValueError):
         hybrid_step(prox, y, grid, 3)  # stochastic without noise

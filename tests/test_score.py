@@ -62,11 +62,13 @@ def test_sde_log_probs_are_the_density_of_the_drawn_noise():
 def test_sde_step_scores_what_it_drew_and_zero_noise_is_the_mean():
     x, noise = torch.randn(SHAPE), torch.randn(SHAPE)
     drawn = sde_step(standard_normal_eps, x, 0.6, 0.4, noise=noise)
-    scored = sde_step(standard_normal_eps, x, 0.6, 0.4, x_next=drawn.x)
-    assert torch.equal(drawn.log_prob, scored.log_prob)
     g = VPSchedule().beta(0.6) * 0.2
-    # For N(0, I) data the score is -x, so the mean is (1 + g/2) x - g x = (1 - g/2) x.
+    # For N(0, I) data the score is -x, so the mean is (1 + g/2) x - g x = (1 - g/2) x, the variance g.
     assert torch.allclose(drawn.mean, (1 - g / 2) * x, atol=1e-5)
+    action = torch.randn(SHAPE)  # an arbitrary recorded action, not the one drawn
+    scored = sde_step(standard_normal_eps, x, 0.6, 0.4, x_next=action)
+    expected = torch.distributions.Normal((1 - g / 2) * x, math.sqrt(g)).log_prob(action).flatten(1).mean(1)
+    assert torch.allclose(scored.log_prob, expected, atol=1e-5)
     assert torch.equal(sde_step(standard_normal_eps, x, 0.6, 0.4, eta=0.0).x, drawn.mean)
     det = sample_score(standard_normal_eps, SHAPE, 6, eta=0.0, generator=torch.Generator().manual_seed(2))
     near = sample_score(standard_normal_eps, SHAPE, 6, eta=1e-7, generator=torch.Generator().manual_seed(2))

@@ -1,0 +1,133 @@
+"""Few-step calibration of a prox model's samplers: spread of the samples against the data's, and reward with a CI.
+
+    python benchmarks/calibration.py [--models NAME=CHECKPOINT ...] [--steps 5 10 20] [--prompts 128] [--seeds 2]
+
+For each model and step count N it samples the held-out scene prompts with each noise seed and reports:
+
+- var ratio: the variance of the final samples x_0 (model space, over samples and dimensions) over the data's
+  (the same statistic of as many training images); 1 is calibrated, the shipped eps base reached 2.8 at N = 5;
+- query ratios (stochastic hybrid only): var(y_k) / (v_{t_{k-1}} + lam_k) along the chain, how much noisier the
+  prox's inputs are than those it was trained on;
+- reward: compositional accuracy, mean over prompts x seeds with a 95% bootstrap interval (learner/bootstrap.py).
+
+Samplers: the stochastic hybrid (GRPO's policy), the probability-flow sampler (deterministic, for models trained on
+lam = gamma/2), the eta = 0 mode chain (NOT a sampler: shown for its spread only), and for eps models the
+inference-time rescaled prox s * prox(y / s), s = max(1, rms(y) / sqrt(v_t + lam)) (exact for Gaussian p_t).
+Writes markdown and JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from learner import env  # noqa: E402,F401  (offline, no telemetry)
+
+
+def rescaled(prox, sigma_data: float):
+    """s * prox(y / s) with s = max(1, rms(y) / sqrt(v_t + lam)): the issue's inference-time fix for eps models."""
+    import torch
+
+    from proxmodel.schedule import VPSchedule
+
+    schedule = VPSchedule()
+
+    def wrapped(y, t, lam):
+        alpha = schedule.alpha(t)
+        expected = (alpha * sigma_data**2 + 1 - alpha + lam).sqrt()
+        rms = y.float().pow(2).flatten(1).mean(1).sqrt()
+        s = torch.clamp(rms / expected, min=1.0).view(-1, *([1] * (y.dim() - 1)))
+        return s * prox(y / s, t, lam)
+
+    return wrapped
+
+
+def measure(model, prompts: list[str], steps: int, seeds: int, sampler: str, data_var: float, reward) -> dict:
+    import torch
+
+    from learner.bootstrap import bootstrap_ci
+    from proxmodel.model import prox_fn
+    from proxmodel.sampler import sample_hybrid
+    from proxmodel.schedule import VPSchedule
+
+    grid = VPSchedule().grid(steps)
+    variant = {"hybrid": "hybrid", "rescaled": "hybrid", "flow": "flow", "mode": "hybrid"}[sampler]
+    eta = 0.0 if sampler == "mode" else 1.0
+    finals, scores, query = [], [], []
+    with torch.no_grad():
+        context = model.encode_text(model.tokenize(prompts))
+        prox = prox_fn(model.eval(), context=context)
+        if sampler == "rescaled":
+            prox = rescaled(prox, model.cfg.sigma_data or float(data_var) ** 0.5)
+        for seed in range(seeds):
+            traj = sample_hybrid(prox, model.sample_shape(len(prompts)), grid, eta=eta, variant=variant,
+                                 generator=torch.Generator().manual_seed(seed))
+            finals.append(traj.images)
+            scores.append(reward.score(model.to_images(traj.images), prompts))
+            if sampler == "hybrid":  # y_k for k = N..1 against the training variance v_{t_{k-1}} + lam_k
+                alpha = VPSchedule().alpha(grid.t[:-1].float()).flip(0)
+                trained = alpha * (model.cfg.sigma_data or 1.0) ** 2 + 1 - alpha + grid.gamma.float().flip(0)
+                query.append(traj.states.transpose(0, 1).flatten(1).var(dim=1) / trained)
+    estimate = bootstrap_ci(torch.stack(scores, dim=1).numpy())
+    out = {"var_ratio": float(torch.cat(finals).var()) / data_var, "reward": estimate.as_dict(), "text": str(estimate)}
+    if query:
+        out["query_ratios"] = [round(float(v), 2) for v in torch.stack(query).mean(0)]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["shipped=builtin:scenes-base"],
+                        help="NAME=CHECKPOINT (a folder or builtin:NAME)")
+    parser.add_argument("--steps", nargs="+", type=int, default=[5, 10, 20])
+    parser.add_argument("--prompts", type=int, default=128)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "calibration")
+    args = parser.parse_args()
+
+    import torch
+
+    from learner.config import DataConfig
+    from learner.data import EVAL_SEED_OFFSET, ScenesSource
+    from learner.main import resolve_checkpoint
+    from proxmodel.model import load_model
+    from rewards import build
+    from rewards.scenes import scene_prompts
+
+    torch.set_grad_enabled(False)
+    prompts = scene_prompts(0, EVAL_SEED_OFFSET, args.prompts)
+    reward = build("compositional")
+    results: dict = {}
+    lines = [f"{args.prompts} held-out scene prompts x {args.seeds} noise seeds; reward = compositional accuracy, "
+             "mean [95% bootstrap CI over prompts and seeds]; var ratio = var(samples) / var(data); query ratios = "
+             "var(y_k) / (v_t + lam) along the stochastic chain, k = N..1", "",
+             "| model | sampler | N | var ratio | reward | query ratios |", "|---|---|---|---|---|---|"]
+    for spec in args.models:
+        name, ref = spec.split("=", 1)
+        model = load_model(resolve_checkpoint(ref))
+        images, _ = ScenesSource(DataConfig(), model.cfg.image_size, 3).batch(0, 512)
+        data_var = float(model.encode_images(images).var())
+        samplers = ["hybrid", "mode"]
+        samplers += ["flow"] if "flow" in (model.cfg.trained_variants or []) else []
+        samplers += ["rescaled"] if model.cfg.prox_param == "eps" else []
+        for steps in args.steps:
+            for sampler in samplers:
+                r = measure(model, prompts, steps, args.seeds, sampler, data_var, reward)
+                results.setdefault(name, {}).setdefault(sampler, {})[steps] = r
+                row = (f"| {name} | {sampler} | {steps} | {r['var_ratio']:.2f} | {r['text']} | "
+                       f"{' '.join(map(str, r.get('query_ratios', []))) or '-'} |")
+                lines.append(row)
+                print(row, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "calibration.md").write_text("\n".join(lines) + "\n")
+    (args.out / "calibration.json").write_text(json.dumps(results, indent=1) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Confidence intervals for held-out means: a bootstrap over prompts of their seed-averaged scores.
+
+Each (prompt, noise seed) pair gets its own noise, so seeds are nested within prompts: resampling prompts with
+their mean over seeds carries both sources of noise (prompt-to-prompt and sampling) into the interval, while
+resampling the seeds as well would count the sampling noise twice. Written by hand (numpy, a few lines) because
+scipy is not a runtime dependency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean with its percentile-bootstrap interval."""
+
+    mean: float
+    low: float
+    high: float
+    level: float = 0.95
+
+    def __str__(self) -> str:
+        return f"{self.mean:.3f} [{self.low:.3f}, {self.high:.3f}]"
+
+    def as_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "ci_low": self.low, "ci_high": self.high}
+
+
+def bootstrap_ci(scores, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> Estimate:
+    """Mean of `scores` ([prompts] or [prompts, seeds]) with a percentile interval from `resamples` resamples.
+
+    Pass the per-(prompt, seed) DIFFERENCE of two runs on the same prompts and noise to compare them (paired).
+    """
+    x = np.asarray(scores, dtype=np.float64)
+    x = x[:, None] if x.ndim == 1 else x
+    if x.ndim != 2 or x.size == 0:
+        raise ValueError(f"scores must be [prompts] or [prompts, seeds] and non-empty, got shape {x.shape}")
+    per_prompt = x.mean(axis=1)
+    rows = np.random.default_rng(seed).integers(len(per_prompt), size=(resamples, len(per_prompt)))
+    means = per_prompt[rows].mean(axis=1)
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return Estimate(float(per_prompt.mean()), float(low), float(high), level)

@@ -1,0 +1,36 @@
+"""The held-out confidence intervals: they must cover the truth at their stated rate and see both noise sources."""
+
+import numpy as np
+import pytest
+
+from learner.bootstrap import bootstrap_ci
+
+
+def test_the_95_percent_interval_covers_the_true_mean_about_95_percent_of_the_time():
+    rng = np.random.default_rng(0)
+    covered = 0
+    trials = 300
+    for i in range(trials):
+        prompt_effect = rng.normal(0.0, 1.0, size=(64, 1))  # prompts differ ...
+        scores = 0.3 + prompt_effect + rng.normal(0.0, 0.5, size=(64, 2))  # ... and so do noise seeds
+        est = bootstrap_ci(scores, resamples=500, seed=i)
+        covered += est.low <= 0.3 <= est.high
+        assert est.low <= est.mean <= est.high
+    assert 0.9 <= covered / trials <= 0.99, covered / trials
+
+
+def test_the_width_is_the_normal_theory_width_and_includes_seed_noise():
+    rng = np.random.default_rng(1)
+    prompts = rng.normal(size=(128, 1))
+    for seed_noise in (0.01, 2.0):  # with 2 seeds, noise 2.0 triples the variance of a prompt's mean
+        scores = prompts + rng.normal(0, seed_noise, size=(128, 2))
+        est = bootstrap_ci(scores, resamples=4000)
+        expected = 2 * 1.96 * scores.mean(axis=1).std() / np.sqrt(128)
+        assert est.high - est.low == pytest.approx(expected, rel=0.12), seed_noise
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match="prompts"):
+        bootstrap_ci(np.zeros((0, 2)))
+    with pytest.raises(ValueError, match="prompts"):
+        bootstrap_ci(np.zeros((2, 2, 2)))
