@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import math
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from actors.checkpoint import load_checkpoint
+from actors.device import actor_device
+from actors.experience import Group, SamplerSpec
 from actors.reward import RewardClient, set_threads
 from actors.stream import ExperienceStream, RedisAddress
 from proxmodel.policy import Policy
 from proxmodel.sampler import Trajectory
-from rewards import weighted_sum
 
 
 def group_seed(seed: int, iteration: int, prompt_index: int) -> int:
@@ -22,26 +22,13 @@ def group_seed(seed: int, iteration: int, prompt_index: int) -> int:
     return int(np.random.SeedSequence([seed, iteration, prompt_index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def group_entry(prompt: str, prompt_index: int, iteration: int, version: int, policy: Policy, traj: Trajectory,
-                per_model: dict[str, torch.Tensor], total: torch.Tensor) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The stream entry of one finished group: JSON metadata and the tensors the learner needs."""
-    meta = {
-        "prompt": prompt,
-        "prompt_index": int(prompt_index),
-        "iteration": int(iteration),
-        "policy_version": int(version),
-        "kind": policy.kind,
-        "steps": int(traj.states.shape[1]),
-        "eta": policy.eta,
-        "guidance": policy.guidance,
-    }
-    tensors = {"states": traj.states, "log_probs": traj.log_probs, "reward": total}
-    tensors.update({f"reward/{name}": v for name, v in per_model.items()})
-    return meta, tensors
-
-
 class RolloutActor:
-    """Samples G trajectories per prompt, has them scored, and writes each finished group to the stream."""
+    """Samples G trajectories per prompt, has them scored, and writes each finished group to the stream.
+
+    It samples on its device (the GPU Ray gave it, else the CPU), in bfloat16 when `bf16` (the learner's precision
+    under deepspeed.bf16, so both compute the same function); images for the reward actors and stream entries leave
+    on the CPU. Noise is drawn on the CPU and moved, so a group's noise is the same on any device.
+    """
 
     def __init__(
         self,
@@ -57,10 +44,15 @@ class RolloutActor:
         stream_address: RedisAddress,
         run_id: str,
         torch_threads: int = 0,
+        bf16: bool = False,
+        device: Optional[str] = None,
     ):
         set_threads(torch_threads)
-        self.model = load_checkpoint(checkpoint).eval()
+        self.device = actor_device(device)
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        self.model = load_checkpoint(checkpoint).eval().to(self.device, dtype)
         self.policy = Policy.of(self.model, steps, eta, guidance)
+        self.sampler = SamplerSpec.of(self.policy)
         self.group_size = group_size
         self.rewards = RewardClient(reward_actors, reward_timeout_s, reward_retries)
         self.weights = reward_weights
@@ -68,24 +60,30 @@ class RolloutActor:
         self.version = 0
 
     def set_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
-        self.model.load_state_dict(state)
+        self.model.load_state_dict(state)  # copied into the model's own device and dtype
         self.version = version
         return version
 
     @torch.no_grad()
+    def sample(self, prompts: Sequence[str], prompt_indices: Sequence[int], iteration: int,
+               seed: int) -> list[Trajectory]:
+        """One group of trajectories per prompt, on this actor's device, with the noise of (seed, iteration, prompt)."""
+        shape = self.model.sample_shape(self.group_size)
+        out = []
+        for prompt, index in zip(prompts, prompt_indices):
+            context = self.model.encode_text(self.model.tokenize([prompt] * self.group_size, self.device))
+            gen = torch.Generator().manual_seed(group_seed(seed, iteration, index))
+            out.append(self.policy.sample(self.model, {"context": context}, shape, gen, self.device))
+        return out
+
     def rollout(self, prompts: Sequence[str], prompt_indices: Sequence[int], iteration: int, seed: int) -> dict:
         """Sample, score and stream one group per prompt. Groups with a non-finite reward are dropped, and counted."""
         t0 = time.perf_counter()
-        shape = self.model.sample_shape(self.group_size)
-        trajectories = []
-        for prompt, index in zip(prompts, prompt_indices):
-            tokens = self.model.tokenize([prompt] * self.group_size)
-            context = self.model.encode_text(tokens)
-            gen = torch.Generator().manual_seed(group_seed(seed, iteration, index))
-            trajectories.append(self.policy.sample(self.model, {"context": context}, shape, gen))
+        trajectories = self.sample(prompts, prompt_indices, iteration, seed)
         t1 = time.perf_counter()
 
-        images = torch.cat([self.model.to_images(tr.images) for tr in trajectories])
+        with torch.no_grad():
+            images = torch.cat([self.model.to_images(tr.images) for tr in trajectories]).cpu()
         texts = [p for p in prompts for _ in range(self.group_size)]
         scores = self.rewards.score(images, texts)
         t2 = time.perf_counter()
@@ -93,13 +91,13 @@ class RolloutActor:
         written, dropped = [], 0
         for g, (prompt, index, traj) in enumerate(zip(prompts, prompt_indices, trajectories)):
             rows = slice(g * self.group_size, (g + 1) * self.group_size)
-            per_model = {name: scores[name][rows] for name in self.weights}
-            total = weighted_sum(per_model, self.weights)
-            if not all(math.isfinite(v) for v in total.tolist()):
+            group = Group(prompt, index, iteration, self.version, self.sampler,
+                          scores={name: scores[name][rows] for name in self.weights}, weights=self.weights,
+                          states=traj.states.cpu(), log_probs=traj.log_probs.cpu())
+            if not bool(torch.isfinite(group.reward).all()):
                 dropped += 1
                 continue
-            meta, tensors = group_entry(prompt, index, iteration, self.version, self.policy, traj, per_model, total)
-            written.append(self.stream.add(meta, tensors))
+            written.append(self.stream.add(group))
         return {
             "groups": len(written),
             "dropped": dropped,

@@ -1,13 +1,12 @@
 """The experience stream: finished groups on a Redis Stream, read by the learner through a consumer group.
 
-An entry is one group (G trajectories of one prompt): `meta` holds JSON, `tensors` holds safetensors bytes. Nothing
-on the wire is pickled, so whoever can write to Redis can at worst send bad numbers, never code. The learner
-acknowledges entries only after the update that used them is committed.
+An entry is one Group (actors/experience.py: G trajectories of one prompt): `meta` holds JSON, `tensors` holds
+safetensors bytes. Nothing on the wire is pickled, so whoever can write to Redis can at worst send bad numbers, never
+code. The learner acknowledges entries only after the update that used them is committed.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -20,9 +19,8 @@ from pathlib import Path
 from typing import Optional
 
 import redis
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+
+from actors.experience import Group
 
 
 @dataclass(frozen=True)
@@ -149,17 +147,6 @@ def _redis_server_binary() -> str:
     return found
 
 
-def encode_group(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[str, bytes]:
-    return {
-        "meta": json.dumps(meta).encode(),
-        "tensors": st_save({k: v.detach().cpu().clone() for k, v in tensors.items()}),  # clone: no shared storage
-    }
-
-
-def decode_group(fields: dict[bytes, bytes]) -> tuple[dict, dict[str, torch.Tensor]]:
-    return json.loads(fields[b"meta"]), st_load(fields[b"tensors"])
-
-
 def learner_group(rank: int) -> str:
     """Each learner rank reads every entry through its own consumer group, so all ranks see the whole batch."""
     return f"learner-{rank}"
@@ -180,20 +167,18 @@ class ExperienceStream:
             if "BUSYGROUP" not in str(e):
                 raise
 
-    def add(self, meta: dict, tensors: dict[str, torch.Tensor]) -> str:
-        return self.client.xadd(self.key, encode_group(meta, tensors)).decode()
+    def add(self, group: Group) -> str:
+        return self.client.xadd(self.key, group.to_wire()).decode()
 
-    def read(self, consumer: str, count: int, timeout_s: float = 600.0) -> list[tuple[str, dict, dict]]:
-        """Block until `count` new entries are delivered to `consumer` (or the timeout passes)."""
-        out: list[tuple[str, dict, dict]] = []
+    def read(self, consumer: str, count: int, timeout_s: float = 600.0) -> list[tuple[str, Group]]:
+        """Block until `count` new entries are delivered to `consumer` (or the timeout passes): (entry id, group)."""
+        out: list[tuple[str, Group]] = []
         deadline = time.monotonic() + timeout_s
         while len(out) < count:
             left_ms = int(max(1, (deadline - time.monotonic()) * 1000))
             reply = self.client.xreadgroup(self.group, consumer, {self.key: ">"}, count=count - len(out), block=left_ms)
             for _, entries in reply or []:
-                for entry_id, fields in entries:
-                    meta, tensors = decode_group(fields)
-                    out.append((entry_id.decode(), meta, tensors))
+                out += [(entry_id.decode(), Group.from_wire(fields)) for entry_id, fields in entries]
             if time.monotonic() >= deadline and len(out) < count:
                 raise TimeoutError(f"the experience stream delivered {len(out)} of {count} groups in {timeout_s:.0f} s")
         return out

@@ -39,7 +39,7 @@ def cli(mode: str, config: Path, run_dir: Path, uri: str, overrides: list[str]) 
 
 
 def curve(summary: dict, uri: str, images_per_iteration: int, steps: int) -> dict[str, np.ndarray]:
-    """Per iteration: cumulative GRPO time (rollouts + updates), cumulative sampler network calls, mean reward."""
+    """Per iteration: cumulative GRPO time (rollouts + updates + weight publication), cumulative sampler network calls, mean reward."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -48,7 +48,7 @@ def curve(summary: dict, uri: str, images_per_iteration: int, steps: int) -> dic
         return np.array([m.value for m in sorted(client.get_metric_history(summary["mlflow_run_id"], key), key=lambda m: m.step)])
 
     reward = series("reward_mean")
-    seconds = np.cumsum(series("rollout_s") + series("update_s"))
+    seconds = np.cumsum(series("rollout_s") + series("update_s") + series("publish_s"))
     calls = np.arange(1, len(reward) + 1) * images_per_iteration * steps
     return {"seconds": seconds, "calls": calls, "reward": reward}
 

@@ -14,7 +14,7 @@ from collections import Counter
 
 from actors.stream import EmbeddedRedis, RedisAddress
 from learner.config import ActorsConfig, ConfigError, RunConfig
-from learner.env import OFFLINE_ENV
+from proxmodel.env import OFFLINE_ENV
 
 # Environment every actor needs: offline hubs, no telemetry, CPU DeepSpeed where there is no GPU.
 ACTOR_ENV_KEYS = (*OFFLINE_ENV, "DS_ACCELERATOR")

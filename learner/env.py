@@ -1,15 +1,3 @@
-"""Process environment every ProxRL process (driver, actors, tests) runs with."""
+"""The learner's entry points import this first: the offline, no-telemetry environment of proxmodel/env.py."""
 
-import os
-
-# Nothing may be fetched from a model hub at run time; library telemetry stays off.
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-for _key, _value in OFFLINE_ENV.items():
-    os.environ.setdefault(_key, _value)
+from proxmodel.env import OFFLINE_ENV  # noqa: F401  (importing it sets the environment)

@@ -17,7 +17,8 @@ def clipped_policy_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """-mean(min(ratio A, clip(ratio, 1 - c, 1 + c) A)) over all given (trajectory, step) terms.
 
-    Returns the loss and detached statistics: ratio mean/max deviation from 1, clip fraction, approx KL.
+    Returns the loss and detached statistics: ratio mean/max deviation from 1, clip fraction, approx KL, |log-ratio|
+    max/mean.
     """
     log_ratio = log_prob.float() - old_log_prob.float()
     ratio = torch.exp(log_ratio)
@@ -30,6 +31,8 @@ def clipped_policy_loss(
             "ratio_max_dev": (ratio - 1.0).abs().max(),
             "clip_frac": ((ratio - 1.0).abs() > clip_range).float().mean(),
             "approx_kl": 0.5 * (log_ratio * log_ratio).mean(),
+            "log_ratio_abs_max": log_ratio.abs().max(),
+            "log_ratio_abs_mean": log_ratio.abs().mean(),
         }
     return loss, stats
 

@@ -147,6 +147,13 @@ def initial_state(x_n: torch.Tensor, z_n: torch.Tensor, grid: StepGrid, eta: flo
     return first.scale * x_n + eta * first.noise_std * z_n
 
 
+def standard_normal(shape: tuple[int, ...], generator: Optional[torch.Generator],
+                    device: torch.device | str) -> torch.Tensor:
+    """N(0, I) drawn where `generator` lives and moved to `device`: a seed gives the same noise on any device."""
+    where = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=where).to(device)
+
+
 @dataclass
 class Trajectory:
     """What the policy did: auxiliary states y_N..y_1 ([B, N, ...], index 0 is y_N), images x_0, log-probs."""
@@ -171,7 +178,7 @@ def sample_hybrid(
     n = grid.steps
 
     def draw() -> torch.Tensor:
-        return torch.randn(shape, generator=generator, device=device)
+        return standard_normal(shape, generator, device)
 
     y = initial_state(draw(), draw(), grid, eta, variant)
     states, log_probs = [y], []

@@ -23,7 +23,7 @@ from diffusers import DDIMScheduler
 from torch import nn
 
 from proxmodel.model import guided_eps
-from proxmodel.sampler import gaussian_log_prob
+from proxmodel.sampler import gaussian_log_prob, standard_normal
 from proxmodel.schedule import VPSchedule
 
 # eps(x, t) -> eps_hat: t is a float tensor of shape [B].
@@ -124,13 +124,13 @@ def sample_score(
 ) -> ScoreSample:
     """Euler-Maruyama (`sde`) or probability-flow (`ode`) sampling with `steps` network evaluations."""
     times = score_times(steps, t_min).tolist()
-    x = torch.randn(shape, generator=generator, device=device)
+    x = standard_normal(shape, generator, device)
     states, log_probs = [x], []
     for t, t_next in zip(times[:0:-1], times[-2::-1]):
         if method == "ode":
             x = ode_step(eps, x, t, t_next, schedule)
         else:
-            noise = torch.randn(shape, generator=generator, device=device) if eta != 0.0 else None
+            noise = standard_normal(shape, generator, device) if eta != 0.0 else None
             step = sde_step(eps, x, t, t_next, schedule=schedule, eta=eta, noise=noise)
             x = step.x
             if step.log_prob is not None:
@@ -171,7 +171,7 @@ def sample_ddim(
     """Deterministic DDIM (eta = 0) with `steps` network evaluations; the last step lands on alpha = 1."""
     scheduler = ddim_scheduler(schedule)
     scheduler.set_timesteps(steps)
-    x = torch.randn(shape, generator=generator, device=device)
+    x = standard_normal(shape, generator, device)
     for timestep in scheduler.timesteps:
         t = (int(timestep) + 1) / scheduler.config.num_train_timesteps
         x = scheduler.step(eps(x, _full(x, t)), timestep, x).prev_sample

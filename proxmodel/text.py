@@ -118,11 +118,11 @@ def _clip(cfg: TextConfig) -> tuple[Tokenizer, nn.Module]:
 
 
 def _open_clip(cfg: TextConfig) -> tuple[Tokenizer, nn.Module]:
-    from rewards.clip_score import OpenClipLocal
+    from proxmodel.openclip import load_open_clip
 
     folder = check_text_files(cfg)
-    clip = OpenClipLocal(str(folder))
-    tower = getattr(clip.model, "text", clip.model)  # CustomTextCLIP keeps its text tower in `.text`
+    model, _, tokenizer = load_open_clip(folder)
+    tower = getattr(model, "text", model)  # CustomTextCLIP keeps its text tower in `.text`
     if not all(hasattr(tower, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")):
         raise ValueError(
             f"the open_clip model in {folder} has a Hugging Face text tower, not open_clip's own transformer; load its "
@@ -130,7 +130,7 @@ def _open_clip(cfg: TextConfig) -> tuple[Tokenizer, nn.Module]:
         )
     text = OpenClipText(tower)
     length = min(cfg.max_length, text.positional_embedding.shape[0])
-    return _fixed_length(lambda c, n: clip.tokenizer(c, context_length=n), length), text
+    return _fixed_length(lambda c, n: tokenizer(c, context_length=n), length), text
 
 
 def minilm_folder() -> Path:
@@ -170,7 +170,7 @@ def check_text_files(cfg: TextConfig) -> Path | None:
             "into one folder.",
         )
     elif cfg.pretrained == "open_clip":
-        from rewards.clip_score import CONFIG_FILE, SOURCE, WEIGHT_FILES
+        from proxmodel.openclip import CONFIG_FILE, SOURCE, WEIGHT_FILES
 
         folder = _folder(cfg)
         _require(folder, [(CONFIG_FILE,), WEIGHT_FILES], "open_clip", f"Get them from {SOURCE}.")

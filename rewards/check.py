@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-from learner import env  # noqa: F401  (offline, no telemetry)
+from proxmodel import env  # noqa: F401  (offline, no telemetry)
 
 
 def parse_options(items: list[str]) -> dict:

@@ -13,14 +13,8 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from proxmodel.openclip import CONFIG_FILE, SOURCE, WEIGHT_FILES, load_open_clip
 from rewards.base import RewardModel, register, to_uint8_images
-
-CONFIG_FILE = "open_clip_config.json"
-WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_model.bin")
-SOURCE = (
-    "an open_clip model repository on the Hugging Face hub, e.g. laion/CLIP-ViT-B-32-laion2B-s34B-b79K "
-    "(download open_clip_config.json and open_clip_model.safetensors on a machine with internet)"
-)
 
 
 def check_open_clip_folder(path: str | None, reward: str, key: str = "path") -> None:
@@ -44,12 +38,7 @@ class OpenClipLocal:
     """An open_clip model, its preprocessing transform and tokenizer, from a `local-dir:` folder."""
 
     def __init__(self, path: str, device: str = "cpu"):
-        import open_clip
-
-        folder = Path(path).expanduser().resolve()
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", device=device)
-        self.model.eval()
-        self.tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+        self.model, self.preprocess, self.tokenizer = load_open_clip(path, device)
         self.device = device
 
     @torch.no_grad()

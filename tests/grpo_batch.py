@@ -1,11 +1,10 @@
-"""A GRPO batch on a real stream, made the way rollout actors make it (shared by the learner tests)."""
+"""A GRPO batch on a real stream, sampled by a rollout actor's own code (in this process; shared by learner tests)."""
 
 import torch
 
-from actors.rollout import group_entry
+from actors.experience import Group
+from actors.rollout import RolloutActor
 from actors.stream import ExperienceStream, learner_group
-from proxmodel.model import load_model
-from proxmodel.policy import Policy
 
 PROMPTS = [
     "a small red circle at the top left, on a white background",
@@ -13,24 +12,22 @@ PROMPTS = [
     "a green triangle, on a gray background",
     "a small yellow circle at the top right and a large cyan square at the bottom left",
 ]
+WEIGHTS = {"compositional": 1.0}  # the learner's default reward mix
 
 
 def write_batch(checkpoint, address, run_id, *, steps, group_size, eta=1.0, guidance=1.0, ranks=1, rewards=None,
-                seed=0):
-    """Sample one group per prompt with the checkpoint's policy and stream it; returns the per-group rewards."""
-    model = load_model(checkpoint).eval()
-    policy = Policy.of(model, steps, eta, guidance)
+                seed=0, bf16=False) -> list[torch.Tensor]:
+    """Sample one group per prompt as a rollout actor does and stream it; returns the per-group rewards."""
+    actor = RolloutActor(checkpoint, steps, group_size, eta, guidance, [], WEIGHTS, 1.0, 0, address, run_id,
+                         torch_threads=torch.get_num_threads(), bf16=bf16)
+    for r in range(ranks):
+        ExperienceStream(address, run_id, learner_group(r)).create()
+    trajectories = actor.sample(PROMPTS, list(range(len(PROMPTS))), 0, seed)
     gen = torch.Generator().manual_seed(seed)
-    streams = [ExperienceStream(address, run_id, learner_group(r)) for r in range(ranks)]
-    for s in streams:
-        s.create()
     out = []
-    for i, prompt in enumerate(PROMPTS):
-        with torch.no_grad():
-            context = model.encode_text(model.tokenize([prompt] * group_size))
-        traj = policy.sample(model, {"context": context}, model.sample_shape(group_size), gen)
+    for i, (prompt, traj) in enumerate(zip(PROMPTS, trajectories)):
         reward = rewards[i] if rewards is not None else torch.rand(group_size, generator=gen)
-        meta, tensors = group_entry(prompt, i, 0, 0, policy, traj, {"compositional": reward}, reward)
-        streams[0].add(meta, tensors)
+        actor.stream.add(Group(prompt, i, 0, 0, actor.sampler, {"compositional": reward}, WEIGHTS, traj.states,
+                               traj.log_probs))
         out.append(reward)
     return out

@@ -7,7 +7,7 @@ import torch
 
 from actors.stream import EmbeddedRedis
 from learner.config import RunConfig
-from learner.grpo import GrpoLearner
+from learner.grpo_learner import GrpoLearner
 from proxmodel.model import save_model
 from tests.grpo_batch import PROMPTS, write_batch
 

@@ -1,10 +1,27 @@
 """The experience stream on a real (embedded) redis-server: auth, safetensors payloads, ack semantics."""
 
+import json
+
 import pytest
 import redis
+import safetensors.torch
 import torch
 
+from actors.experience import Group, SamplerSpec
 from actors.stream import EmbeddedRedis, ExperienceStream, RedisAddress
+
+
+def make_group(prompt: str, version: int = 0, g: int = 2, steps: int = 3) -> Group:
+    return Group(prompt, 0, 0, version, SamplerSpec("prox", steps, 1.0, 2.0),
+                 scores={"a": torch.rand(g), "b": torch.rand(g)}, weights={"a": 0.7, "b": 0.3},
+                 states=torch.randn(g, steps, 3, 4, 4), log_probs=torch.randn(g, steps - 1))
+
+
+def assert_same(a: Group, b: Group) -> None:
+    assert (a.prompt, a.prompt_index, a.iteration, a.policy_version, a.sampler, a.weights) == (
+        b.prompt, b.prompt_index, b.iteration, b.policy_version, b.sampler, b.weights)
+    assert torch.equal(a.states, b.states) and torch.equal(a.log_probs, b.log_probs)
+    assert a.scores.keys() == b.scores.keys() and all(torch.equal(a.scores[k], b.scores[k]) for k in a.scores)
 
 
 @pytest.fixture()
@@ -25,14 +42,13 @@ def test_groups_round_trip_and_are_pending_until_acked(server):
     stream = ExperienceStream(server.address, "t")
     stream.create()
     stream.create()  # idempotent
-    tensors = {"states": torch.randn(2, 3, 4), "log_probs": torch.randn(2, 2), "reward": torch.tensor([0.1, 0.9])}
-    ids = [stream.add({"prompt": f"p{i}", "policy_version": i}, tensors) for i in range(3)]
+    sent = [make_group(f"p{i}", version=i) for i in range(3)]
+    ids = [stream.add(group) for group in sent]
     got = stream.read("rank0", count=3, timeout_s=5)
-    assert [g[0] for g in got] == ids
-    assert [g[1]["prompt"] for g in got] == ["p0", "p1", "p2"]
-    for _, _, t in got:
-        for k, v in tensors.items():
-            assert torch.equal(t[k], v)
+    assert [entry_id for entry_id, _ in got] == ids
+    for group, (_, received) in zip(sent, got):
+        assert_same(group, received)
+        assert torch.equal(received.reward, 0.7 * group.scores["a"] + 0.3 * group.scores["b"])
     assert stream.pending() == 3
     assert stream.ack(ids[:2]) == 2 and stream.pending() == 1
     assert stream.ack(ids) == 1 and stream.pending() == 0
@@ -43,11 +59,12 @@ def test_groups_round_trip_and_are_pending_until_acked(server):
 def test_payloads_are_not_pickles(server):
     stream = ExperienceStream(server.address, "t")
     stream.create()
-    entry = stream.add({"prompt": "x"}, {"a": torch.zeros(1)})
+    entry = stream.add(make_group("x"))
     raw = stream.client.xrange(stream.key, entry, entry)[0][1]
     assert set(raw) == {b"meta", b"tensors"}
     assert not raw[b"tensors"].startswith(b"\x80")  # pickle protocol marker
-    assert raw[b"meta"] == b'{"prompt": "x"}'
+    assert json.loads(raw[b"meta"])["prompt"] == "x"  # JSON
+    assert set(safetensors.torch.load(raw[b"tensors"])) == {"states", "log_probs", "score/a", "score/b"}
 
 
 def test_unreachable_redis_gives_advice():
@@ -65,5 +82,14 @@ def test_cluster_mode_listens_on_the_given_address_only_with_the_given_password(
             redis.Redis.from_url(s.address.url).ping()
         stream = ExperienceStream(s.address, "t")
         stream.create()
-        stream.add({"prompt": "x"}, {"a": torch.ones(2)})
-        assert torch.equal(stream.read("rank0", count=1, timeout_s=5)[0][2]["a"], torch.ones(2))
+        group = make_group("x")
+        stream.add(group)
+        assert_same(stream.read("rank0", count=1, timeout_s=5)[0][1], group)
+
+
+def test_a_group_whose_parts_disagree_is_refused():
+    group = make_group("x", steps=3)
+    with pytest.raises(ValueError, match="3-step group"):
+        Group(**{**vars(group), "log_probs": torch.zeros(2, 3)})  # one log-prob per transition: N-1
+    with pytest.raises(ValueError, match="each weighted reward"):
+        Group(**{**vars(group), "weights": {"a": 1.0}})  # a score without a weight would leave the total

@@ -1,0 +1,87 @@
+"""The one experience type: a finished Group of G trajectories of one prompt.
+
+A rollout actor makes it, the experience stream carries it (safetensors bytes + JSON, never pickle) and the learner
+trains on it. The total reward exists in one place only, `Group.reward`: the weighted sum of the per-reward scores
+the group carries, so the rollout (dropping non-finite groups) and the learner (advantages, logging) cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from proxmodel.policy import Policy
+from rewards import weighted_sum
+
+SCORE_PREFIX = "score/"
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """Which sampler made the trajectories: the learner re-scores them only under the same one."""
+
+    kind: str  # prox | score
+    steps: int  # N: a trajectory has N states and N-1 transitions
+    eta: float
+    guidance: float
+
+    @classmethod
+    def of(cls, policy: Policy) -> "SamplerSpec":
+        return cls(policy.kind, policy.steps, policy.eta, policy.guidance)
+
+
+@dataclass(frozen=True)
+class Group:
+    prompt: str
+    prompt_index: int  # position in the run's prompt stream (seeds the group's noise)
+    iteration: int
+    policy_version: int  # the weights version that sampled it
+    sampler: SamplerSpec
+    scores: dict[str, torch.Tensor]  # reward name -> [G] float32
+    weights: dict[str, float]  # reward name -> its weight in the total
+    states: torch.Tensor  # [G, N, C, H, W]: y_N..y_1 (prox) or x at tau_{N-1}..tau_0 (score)
+    log_probs: torch.Tensor  # [G, N-1]: log pi of each recorded transition, mean over dimensions, float32
+
+    def __post_init__(self) -> None:
+        g, n = self.states.shape[:2]
+        if n != self.sampler.steps or tuple(self.log_probs.shape) != (g, n - 1):
+            raise ValueError(f"a {self.sampler.steps}-step group needs states [G, {self.sampler.steps}, ...] and "
+                             f"log_probs [G, {self.sampler.steps - 1}]; got {tuple(self.states.shape)} and "
+                             f"{tuple(self.log_probs.shape)}")
+        if set(self.scores) != set(self.weights) or any(s.shape != (g,) for s in self.scores.values()):
+            raise ValueError(f"scores {({k: tuple(v.shape) for k, v in self.scores.items()})} must be [{g}] for "
+                             f"each weighted reward {sorted(self.weights)}")
+
+    @property
+    def size(self) -> int:
+        return self.states.shape[0]
+
+    @property
+    def reward(self) -> torch.Tensor:
+        """[G] the total reward: the weighted sum of the scores (the only place it is computed)."""
+        return weighted_sum(self.scores, self.weights)
+
+    def to(self, device: torch.device | str) -> "Group":
+        return replace(self, states=self.states.to(device), log_probs=self.log_probs.to(device),
+                       scores={k: v.to(device) for k, v in self.scores.items()})
+
+    def to_wire(self) -> dict[str, bytes]:
+        meta = {"prompt": self.prompt, "prompt_index": self.prompt_index, "iteration": self.iteration,
+                "policy_version": self.policy_version, "sampler": asdict(self.sampler), "weights": self.weights}
+        tensors = {"states": self.states, "log_probs": self.log_probs,
+                   **{SCORE_PREFIX + k: v for k, v in self.scores.items()}}
+        # clone: safetensors refuses tensors that share storage (rows of one rollout batch)
+        return {"meta": json.dumps(meta).encode(),
+                "tensors": st_save({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()})}
+
+    @classmethod
+    def from_wire(cls, fields: dict[bytes, bytes]) -> "Group":
+        meta, tensors = json.loads(fields[b"meta"]), st_load(fields[b"tensors"])
+        scores = {k.removeprefix(SCORE_PREFIX): v for k, v in tensors.items() if k.startswith(SCORE_PREFIX)}
+        return cls(prompt=meta["prompt"], prompt_index=meta["prompt_index"], iteration=meta["iteration"],
+                   policy_version=meta["policy_version"], sampler=SamplerSpec(**meta["sampler"]), scores=scores,
+                   weights=meta["weights"], states=tensors["states"], log_probs=tensors["log_probs"])

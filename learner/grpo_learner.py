@@ -1,0 +1,220 @@
+"""The GRPO learner: one DeepSpeed rank per Ray actor (GrpoLearner), and the ranks as a group (LearnerGroup).
+
+A rank reads groups from the stream (on the CPU), computes group-relative advantages there, moves its shard of the
+batch to the engine's device, and takes one optimiser step per pass over the batch with the clipped policy loss
+(+ the KL to the frozen reference, which lives on the same device). Weights leave on the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from actors.checkpoint import load_checkpoint
+from actors.experience import Group, SamplerSpec
+from actors.reward import set_threads
+from actors.stream import ExperienceStream, RedisAddress, learner_group
+from learner.config import RunConfig
+from learner.policy_loss import PromptStats, clipped_policy_loss, compute_advantages, select_train_steps
+from proxmodel.model import ProxT2I
+from proxmodel.policy import Policy
+from proxmodel.sampler import gaussian_kl
+
+
+@dataclass(frozen=True)
+class TrainGroup:
+    """One group as a rank trains it, on the rank's device."""
+
+    tokens: torch.Tensor  # [G, L] caption tokens
+    states: torch.Tensor  # [G, N, C, H, W] as recorded by the rollout
+    log_probs: torch.Tensor  # [G, N-1] as recorded by the rollout (the "old" policy)
+    advantages: torch.Tensor  # [G]
+
+    @classmethod
+    def of(cls, group: Group, advantages: torch.Tensor, model: ProxT2I, device: torch.device) -> "TrainGroup":
+        on = group.to(device)
+        return cls(model.tokenize([group.prompt] * group.size, device), on.states, on.log_probs,
+                   advantages.to(device))
+
+
+def transition_loss(model: nn.Module, reference: Optional[nn.Module], policy: Policy, batch: list[TrainGroup],
+                    j: int, clip_range: float, kl_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped policy loss (+ kl_coef x KL to `reference`) of transition j (0 = the noisiest), mean over `batch`.
+
+    Log-probs are recomputed group by group, in the rollout's batch shapes, so the first on-policy ratio is exactly
+    1. Statistics stay tensors (on the model's device).
+    """
+    steps = [policy.transition(model, {"tokens": b.tokens}, b.states, j) for b in batch]
+    log_probs = torch.cat([st.log_prob for st in steps])
+    old = torch.cat([b.log_probs[:, j] for b in batch])
+    loss, stats = clipped_policy_loss(log_probs, old, torch.cat([b.advantages for b in batch]), clip_range)
+    if reference is not None:
+        with torch.no_grad():
+            ref = [policy.transition(reference, {"tokens": b.tokens}, b.states, j).mean for b in batch]
+        kl = torch.cat([gaussian_kl(st.mean, r, st.var) for st, r in zip(steps, ref)]).mean()
+        loss = loss + kl_coef * kl
+        stats["kl"] = kl.detach()
+    return loss, stats
+
+
+class GrpoLearner:
+    """One DeepSpeed rank of the policy learner (a Ray actor).
+
+    Every rank reads the whole batch through its own consumer group, computes the same advantages, and trains its
+    shard of the groups (rank r takes groups r, r + world, ...). Each rank's loss is scaled so DeepSpeed's gradient
+    average equals the mean over all trajectories: the update does not depend on the number of ranks.
+    """
+
+    def __init__(self, checkpoint: str | dict[str, bytes], cfg_json: str, stream_address: RedisAddress, run_id: str,
+                 rank: int = 0, world_size: int = 1, master: tuple[str, int] | None = None):
+        from learner.engine import build_engine, init_distributed
+
+        self.cfg = RunConfig.model_validate_json(cfg_json)
+        g = self.cfg.grpo
+        set_threads(self.cfg.actors.torch_threads)
+        init_distributed(rank, world_size, *(master or ()))
+        self.rank, self.world = rank, world_size
+        self.model = load_checkpoint(checkpoint)
+        self.policy = Policy.of(self.model, g.steps, g.eta, g.guidance)
+        self.step_rng = torch.Generator().manual_seed(self.cfg.seed)
+        n_train = len(select_train_steps(g.steps - 1, g.train_step_window, g.train_step_fraction, torch.Generator()))
+        # One micro-batch per trained sampler transition: one optimiser step per pass over the batch.
+        self.engine = build_engine(
+            self.model, lr=g.lr, weight_decay=g.weight_decay, grad_clip=g.grad_clip,
+            zero_stage=self.cfg.deepspeed.zero_stage, bf16=self.cfg.deepspeed.bf16, grad_accum=n_train,
+        )
+        self.device = self.engine.device  # DeepSpeed put the module on the GPU Ray gave this rank, or the CPU
+        self.stream = ExperienceStream(stream_address, run_id, group=learner_group(rank))
+        self.version = 0
+        self.weights = {r.name: r.weight for r in self.cfg.rewards}
+        self.prompt_stats = PromptStats(g.prompt_stats_buffer, g.prompt_stats_min_count)
+        # The frozen starting policy for the KL term (kept only when it is used), in the engine's precision.
+        dtype = torch.bfloat16 if self.cfg.deepspeed.bf16 else torch.float32
+        self.reference = (load_checkpoint(checkpoint).eval().requires_grad_(False).to(self.device, dtype)
+                          if g.kl_coef > 0 else None)
+
+    def check_source(self, groups: list[Group]) -> None:
+        """Train only on groups from this learner's sampler and reward mix."""
+        mine = SamplerSpec.of(self.policy)
+        for group in groups:
+            if group.sampler != mine:
+                raise RuntimeError(f"stream entry from a sampler with {asdict(group.sampler)}; this learner "
+                                   f"trains {asdict(mine)}")
+            if group.weights != self.weights:
+                raise RuntimeError(f"stream entry with reward weights {group.weights}; this learner uses {self.weights}")
+
+    def train(self, iteration: int, n_groups: int) -> dict:
+        g = self.cfg.grpo
+        entries = self.stream.read(consumer=f"rank{self.rank}", count=n_groups)
+        ids, groups = [entry_id for entry_id, _ in entries], [group for _, group in entries]
+        self.check_source(groups)
+        rewards = {name: torch.stack([gr.scores[name] for gr in groups]) for name in self.weights}  # [P, G] each
+        total = torch.stack([gr.reward for gr in groups])  # [P, G]
+        advantages = compute_advantages(
+            rewards, self.weights, [gr.prompt for gr in groups], aggregation=g.reward_aggregation,
+            std=g.advantage_std, eps=g.adv_eps, clip=g.adv_clip, prompt_stats=self.prompt_stats,
+        )
+        lags = [self.version - gr.policy_version for gr in groups]
+        kept = [i for i, lag in enumerate(lags) if lag <= g.max_staleness]  # the staleness bound
+        if g.drop_zero_std_groups:
+            informative = [i for i in kept if float(total[i].std()) > 0]
+            kept = informative if len(informative) >= self.world else kept  # every rank needs a group
+        if len(kept) < self.world:  # too little fresh data for every rank: no update this time
+            self.stream.ack(ids)
+            return {"groups": len(ids), "groups_trained": 0, "groups_stale": len(ids) - len(kept),
+                    "policy_lag_max": max(lags), "reward_mean": float(total.mean())}
+        batch = [TrainGroup.of(groups[i], advantages[i], self.model, self.device) for i in kept[self.rank :: self.world]]
+        # clipped_policy_loss averages over this shard; DeepSpeed averages over ranks: rescale to the global mean.
+        scale = sum(b.advantages.numel() for b in batch) * self.world / sum(groups[i].size for i in kept)
+
+        self.engine.train()
+        sums: dict[str, list[float]] = {}
+        first_pass: dict[str, list[float]] = {"max": [], "mean": []}
+        for update in range(g.updates_per_batch):
+            for j in select_train_steps(g.steps - 1, g.train_step_window, g.train_step_fraction, self.step_rng):
+                loss, stats = transition_loss(self.engine, self.reference, self.policy, batch, j, g.clip_range,
+                                              g.kl_coef)
+                loss = loss * scale
+                self.engine.backward(loss)
+                self.engine.step()
+                stats = {name: float(value) for name, value in {"loss": loss.detach(), **stats}.items()}
+                if update == 0:  # before any optimiser step: how far the learner's function is from the rollout's
+                    first_pass["max"].append(stats["log_ratio_abs_max"])
+                    first_pass["mean"].append(stats["log_ratio_abs_mean"])
+                for name, value in stats.items():
+                    sums.setdefault(name, []).append(value)
+        acked = self.stream.ack(ids)
+        if acked != len(ids):
+            raise RuntimeError(f"acknowledged {acked} of {len(ids)} stream entries")
+        self.version += 1
+        out = {name: (max(v) if name in ("ratio_max_dev", "log_ratio_abs_max") else sum(v) / len(v))
+               for name, v in sums.items()}
+        out.update(
+            first_pass_log_ratio_max=max(first_pass["max"]),
+            first_pass_log_ratio_mean=sum(first_pass["mean"]) / len(first_pass["mean"]),
+            reward_mean=float(total.mean()),
+            reward_std=float(total.std(unbiased=False)),
+            grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
+            groups=len(ids),
+            groups_trained=len(kept),
+            groups_stale=sum(lag > g.max_staleness for lag in lags),
+            acked=acked,
+            policy_lag_max=max(lags),
+            policy_lag_trained_max=max(lags[i] for i in kept),
+            **{f"reward_{name}": float(r.mean()) for name, r in rewards.items()},
+        )
+        return out
+
+    def publish(self) -> tuple[dict[str, torch.Tensor], int]:
+        """Full fp32 weights on the CPU, and the version (every rank must call it: ZeRO-3 gathers collectively)."""
+        from learner.engine import full_state_dict
+
+        return full_state_dict(self.engine), self.version
+
+
+def _rendezvous_address() -> tuple[str, int]:
+    import ray
+
+    from learner.engine import free_port
+
+    ip = ray.util.get_node_ip_address()
+    return ip, free_port(ip)
+
+
+class LearnerGroup:
+    """The learner ranks: Ray actors in one placement group (packed where the cluster allows)."""
+
+    def __init__(self, ray, cfg: RunConfig, checkpoint: str | dict[str, bytes], address: RedisAddress, run_id: str):
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.ray = ray
+        spec = cfg.actors.learner
+        bundle = {"CPU": spec.num_cpus, **({"GPU": spec.num_gpus} if spec.num_gpus else {})}
+        self.placement = placement_group([bundle] * spec.count, strategy="PACK")
+        ray.get(self.placement.ready(), timeout=600)
+
+        def in_bundle(r: int) -> PlacementGroupSchedulingStrategy:
+            return PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=r)
+
+        # Rank 0's node hosts the process-group rendezvous: its cluster IP and a port free there.
+        master = ray.get(ray.remote(_rendezvous_address).options(num_cpus=0, scheduling_strategy=in_bundle(0)).remote())
+        self.ranks = [
+            ray.remote(GrpoLearner).options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, scheduling_strategy=in_bundle(r))
+            .remote(checkpoint, cfg.model_dump_json(), address, run_id, r, spec.count, master)
+            for r in range(spec.count)
+        ]
+
+    def call(self, method: str, *args, num_returns: int = 1) -> list:
+        """Call `method` on every rank (collectives need all of them); one result (ref) per rank."""
+        return [getattr(rank, method).options(num_returns=num_returns).remote(*args) for rank in self.ranks]
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for rank in self.ranks:
+            self.ray.kill(rank)
+        remove_placement_group(self.placement)
