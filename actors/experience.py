@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, replace
+from typing import Optional
 
 import torch
 from safetensors.torch import load as st_load
@@ -43,22 +44,33 @@ class Group:
     sampler: SamplerSpec
     scores: dict[str, torch.Tensor]  # reward name -> [G] float32
     weights: dict[str, float]  # reward name -> its weight in the total
-    states: torch.Tensor  # [G, N, C, H, W]: y_N..y_1 (prox) or x at tau_{N-1}..tau_0 (score)
-    log_probs: torch.Tensor  # [G, N-1]: log pi of each recorded transition, mean over dimensions, float32
+    samples: torch.Tensor  # [G, C, H, W]: the final samples x_0 in model space (what the forward objective trains on)
+    # The trajectory, for the policy-gradient objective (None when the learner trains the forward objective):
+    states: Optional[torch.Tensor] = None  # [G, N, C, H, W]: y_N..y_1 (prox) or x at tau_{N-1}..tau_0 (score)
+    log_probs: Optional[torch.Tensor] = None  # [G, N-1]: log pi of each recorded transition, mean over dims, float32
 
     def __post_init__(self) -> None:
-        g, n = self.states.shape[:2]
-        if n != self.sampler.steps or tuple(self.log_probs.shape) != (g, n - 1):
-            raise ValueError(f"a {self.sampler.steps}-step group needs states [G, {self.sampler.steps}, ...] and "
-                             f"log_probs [G, {self.sampler.steps - 1}]; got {tuple(self.states.shape)} and "
-                             f"{tuple(self.log_probs.shape)}")
+        g = self.samples.shape[0]
+        if (self.states is None) != (self.log_probs is None):
+            raise ValueError("a group carries both states and log_probs (policy gradient) or neither (forward)")
+        if self.states is not None:
+            n = self.states.shape[1]
+            if (self.states.shape[0] != g or n != self.sampler.steps
+                    or tuple(self.log_probs.shape) != (g, n - 1)):
+                raise ValueError(f"a {self.sampler.steps}-step group of {g} needs states [{g}, {self.sampler.steps}, "
+                                 f"...] and log_probs [{g}, {self.sampler.steps - 1}]; got "
+                                 f"{tuple(self.states.shape)} and {tuple(self.log_probs.shape)}")
         if set(self.scores) != set(self.weights) or any(s.shape != (g,) for s in self.scores.values()):
             raise ValueError(f"scores {({k: tuple(v.shape) for k, v in self.scores.items()})} must be [{g}] for "
                              f"each weighted reward {sorted(self.weights)}")
 
     @property
     def size(self) -> int:
-        return self.states.shape[0]
+        return self.samples.shape[0]
+
+    @property
+    def has_trajectory(self) -> bool:
+        return self.states is not None
 
     @property
     def reward(self) -> torch.Tensor:
@@ -66,14 +78,17 @@ class Group:
         return weighted_sum(self.scores, self.weights)
 
     def to(self, device: torch.device | str) -> "Group":
-        return replace(self, states=self.states.to(device), log_probs=self.log_probs.to(device),
-                       scores={k: v.to(device) for k, v in self.scores.items()})
+        def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t.to(device)
+
+        return replace(self, samples=self.samples.to(device), states=move(self.states),
+                       log_probs=move(self.log_probs), scores={k: v.to(device) for k, v in self.scores.items()})
 
     def to_wire(self) -> dict[str, bytes]:
         meta = {"prompt": self.prompt, "prompt_index": self.prompt_index, "iteration": self.iteration,
                 "policy_version": self.policy_version, "sampler": asdict(self.sampler), "weights": self.weights}
-        tensors = {"states": self.states, "log_probs": self.log_probs,
-                   **{SCORE_PREFIX + k: v for k, v in self.scores.items()}}
+        trajectory = {"states": self.states, "log_probs": self.log_probs} if self.has_trajectory else {}
+        tensors = {"samples": self.samples, **trajectory, **{SCORE_PREFIX + k: v for k, v in self.scores.items()}}
         # clone: safetensors refuses tensors that share storage (rows of one rollout batch)
         return {"meta": json.dumps(meta).encode(),
                 "tensors": st_save({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()})}
@@ -84,4 +99,5 @@ class Group:
         scores = {k.removeprefix(SCORE_PREFIX): v for k, v in tensors.items() if k.startswith(SCORE_PREFIX)}
         return cls(prompt=meta["prompt"], prompt_index=meta["prompt_index"], iteration=meta["iteration"],
                    policy_version=meta["policy_version"], sampler=SamplerSpec(**meta["sampler"]), scores=scores,
-                   weights=meta["weights"], states=tensors["states"], log_probs=tensors["log_probs"])
+                   weights=meta["weights"], samples=tensors["samples"], states=tensors.get("states"),
+                   log_probs=tensors.get("log_probs"))

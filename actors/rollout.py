@@ -46,6 +46,7 @@ class RolloutActor:
         torch_threads: int = 0,
         bf16: bool = False,
         device: Optional[str] = None,
+        keep_trajectory: bool = True,
     ):
         set_threads(torch_threads)
         self.device = actor_device(device)
@@ -58,6 +59,7 @@ class RolloutActor:
         self.weights = reward_weights
         self.stream = ExperienceStream(stream_address, run_id)
         self.version = 0
+        self.keep_trajectory = keep_trajectory  # the policy-gradient learner needs it; the forward objective does not
 
     def set_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
         self.model.load_state_dict(state)  # copied into the model's own device and dtype
@@ -91,9 +93,10 @@ class RolloutActor:
         written, dropped = [], 0
         for g, (prompt, index, traj) in enumerate(zip(prompts, prompt_indices, trajectories)):
             rows = slice(g * self.group_size, (g + 1) * self.group_size)
+            trajectory = dict(states=traj.states.cpu(), log_probs=traj.log_probs.cpu()) if self.keep_trajectory else {}
             group = Group(prompt, index, iteration, self.version, self.sampler,
                           scores={name: scores[name][rows] for name in self.weights}, weights=self.weights,
-                          states=traj.states.cpu(), log_probs=traj.log_probs.cpu())
+                          samples=traj.images.float().cpu(), **trajectory)
             if not bool(torch.isfinite(group.reward).all()):
                 dropped += 1
                 continue

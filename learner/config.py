@@ -104,7 +104,8 @@ class GrpoConfig(Strict):
         1e-3, gt=0, description="PPO clip range of the policy ratio (log-probs are MEANS over dimensions)"
     )
     kl_coef: float = Field(
-        0.0, ge=0, description="weight of the closed-form per-step KL to the frozen starting policy (0 = off)"
+        0.0, ge=0, description="weight of the closed-form per-step KL to the frozen starting policy (0 = off); "
+        "objective forward: weight of the mean squared eps difference to it on the same inputs"
     )
     adv_eps: float = Field(1e-4, gt=0, description="added to the std when normalising advantages")
     adv_clip: float = Field(5.0, ge=0, description="bound on |advantage| (0 = no bound)")
@@ -124,6 +125,19 @@ class GrpoConfig(Strict):
         1.0, gt=0, le=1, description="random fraction of the window trained each iteration (timestep subsampling)"
     )
     updates_per_batch: int = Field(1, ge=1, description="optimiser steps per batch; after the first the ratio != 1")
+    objective: Literal["policy_gradient", "forward"] = Field(
+        "policy_gradient", description="policy_gradient: the clipped per-step likelihood-ratio loss over the "
+        "sampler's transitions (method.md sec. 5); forward: proximal matching on the rollouts' own final samples, "
+        "each weighted by G softmax(forward_beta A) within its group (docs/forward_objective.md): no "
+        "trajectories travel, one forward/backward per image instead of one per transition",
+    )
+    forward_beta: float = Field(
+        1.0, ge=0, description="objective forward: tilt strength; the target is p_old exp(beta A), so larger "
+        "values move further per batch (0 = self-distillation, no reward signal)",
+    )
+    forward_zeta: float = Field(
+        0.5, gt=0, description="objective forward: proximal-matching zeta (pretraining's last stage uses zeta0/2)"
+    )
     time_limit_s: Optional[float] = Field(
         None, gt=0, description="stop launching rollouts after this many seconds of training (the iterations in "
         "flight are still trained); null = run all iterations",

@@ -86,6 +86,7 @@ class GrpoRun:
             ray.remote(RolloutActor).options(num_cpus=a.rollout.num_cpus, num_gpus=a.rollout.num_gpus).remote(
                 packed, g.steps, g.group_size, g.eta, g.guidance, reward_actors, weights,
                 a.reward.timeout_s, a.reward.retries, address, tracker.run_id, a.torch_threads, cfg.deepspeed.bf16,
+                keep_trajectory=g.objective == "policy_gradient",
             )
             for _ in range(a.rollout.count)
         ]

@@ -18,6 +18,7 @@ from actors.experience import Group, SamplerSpec
 from actors.reward import set_threads
 from actors.stream import ExperienceStream, RedisAddress, learner_group
 from learner.config import RunConfig
+from learner.forward_objective import forward_loss, tilt_weights
 from learner.policy_loss import PromptStats, clipped_policy_loss, compute_advantages, select_train_steps
 from proxmodel.model import ProxT2I
 from proxmodel.policy import Policy
@@ -29,14 +30,15 @@ class TrainGroup:
     """One group as a rank trains it, on the rank's device."""
 
     tokens: torch.Tensor  # [G, L] caption tokens
-    states: torch.Tensor  # [G, N, C, H, W] as recorded by the rollout
-    log_probs: torch.Tensor  # [G, N-1] as recorded by the rollout (the "old" policy)
+    samples: torch.Tensor  # [G, C, H, W] the final samples (model space)
+    states: Optional[torch.Tensor]  # [G, N, C, H, W] as recorded by the rollout (policy gradient only)
+    log_probs: Optional[torch.Tensor]  # [G, N-1] as recorded by the rollout (the "old" policy)
     advantages: torch.Tensor  # [G]
 
     @classmethod
     def of(cls, group: Group, advantages: torch.Tensor, model: ProxT2I, device: torch.device) -> "TrainGroup":
         on = group.to(device)
-        return cls(model.tokenize([group.prompt] * group.size, device), on.states, on.log_probs,
+        return cls(model.tokenize([group.prompt] * group.size, device), on.samples, on.states, on.log_probs,
                    advantages.to(device))
 
 
@@ -81,7 +83,8 @@ class GrpoLearner:
         self.policy = Policy.of(self.model, g.steps, g.eta, g.guidance)
         self.step_rng = torch.Generator().manual_seed(self.cfg.seed)
         n_train = len(select_train_steps(g.steps - 1, g.train_step_window, g.train_step_fraction, torch.Generator()))
-        # One micro-batch per trained sampler transition: one optimiser step per pass over the batch.
+        n_train = n_train if g.objective == "policy_gradient" else 1
+        # One micro-batch per trained sampler transition (forward: one per batch): one optimiser step per pass.
         self.engine = build_engine(
             self.model, lr=g.lr, weight_decay=g.weight_decay, grad_clip=g.grad_clip,
             zero_stage=self.cfg.deepspeed.zero_stage, bf16=self.cfg.deepspeed.bf16, grad_accum=n_train,
@@ -105,6 +108,9 @@ class GrpoLearner:
                                    f"trains {asdict(mine)}")
             if group.weights != self.weights:
                 raise RuntimeError(f"stream entry with reward weights {group.weights}; this learner uses {self.weights}")
+            if self.cfg.grpo.objective == "policy_gradient" and not group.has_trajectory:
+                raise RuntimeError("stream entry without its trajectory: the policy-gradient objective re-scores the "
+                                   "recorded transitions (was it written for grpo.objective=forward?)")
 
     def train(self, iteration: int, n_groups: int) -> dict:
         g = self.cfg.grpo
@@ -127,10 +133,34 @@ class GrpoLearner:
             return {"groups": len(ids), "groups_trained": 0, "groups_stale": len(ids) - len(kept),
                     "policy_lag_max": max(lags), "reward_mean": float(total.mean())}
         batch = [TrainGroup.of(groups[i], advantages[i], self.model, self.device) for i in kept[self.rank :: self.world]]
-        # clipped_policy_loss averages over this shard; DeepSpeed averages over ranks: rescale to the global mean.
+        # Each loss averages over this shard; DeepSpeed averages over ranks: rescale to the global mean.
         scale = sum(b.advantages.numel() for b in batch) * self.world / sum(groups[i].size for i in kept)
-
         self.engine.train()
+        if g.objective == "forward":
+            out = self._forward_updates(batch, scale)
+        else:
+            out = self._policy_gradient_updates(batch, scale)
+        acked = self.stream.ack(ids)
+        if acked != len(ids):
+            raise RuntimeError(f"acknowledged {acked} of {len(ids)} stream entries")
+        self.version += 1
+        out.update(
+            reward_mean=float(total.mean()),
+            reward_std=float(total.std(unbiased=False)),
+            grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
+            groups=len(ids),
+            groups_trained=len(kept),
+            groups_stale=sum(lag > g.max_staleness for lag in lags),
+            acked=acked,
+            policy_lag_max=max(lags),
+            policy_lag_trained_max=max(lags[i] for i in kept),
+            **{f"reward_{name}": float(r.mean()) for name, r in rewards.items()},
+        )
+        return out
+
+    def _policy_gradient_updates(self, batch: list[TrainGroup], scale: float) -> dict[str, float]:
+        """updates_per_batch passes of the clipped policy loss over the trained transitions (one step per pass)."""
+        g = self.cfg.grpo
         sums: dict[str, list[float]] = {}
         first_pass: dict[str, list[float]] = {"max": [], "mean": []}
         for update in range(g.updates_per_batch):
@@ -146,26 +176,33 @@ class GrpoLearner:
                     first_pass["mean"].append(stats["log_ratio_abs_mean"])
                 for name, value in stats.items():
                     sums.setdefault(name, []).append(value)
-        acked = self.stream.ack(ids)
-        if acked != len(ids):
-            raise RuntimeError(f"acknowledged {acked} of {len(ids)} stream entries")
-        self.version += 1
         out = {name: (max(v) if name in ("ratio_max_dev", "log_ratio_abs_max") else sum(v) / len(v))
                for name, v in sums.items()}
-        out.update(
-            first_pass_log_ratio_max=max(first_pass["max"]),
-            first_pass_log_ratio_mean=sum(first_pass["mean"]) / len(first_pass["mean"]),
-            reward_mean=float(total.mean()),
-            reward_std=float(total.std(unbiased=False)),
-            grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
-            groups=len(ids),
-            groups_trained=len(kept),
-            groups_stale=sum(lag > g.max_staleness for lag in lags),
-            acked=acked,
-            policy_lag_max=max(lags),
-            policy_lag_trained_max=max(lags[i] for i in kept),
-            **{f"reward_{name}": float(r.mean()) for name, r in rewards.items()},
-        )
+        out.update(first_pass_log_ratio_max=max(first_pass["max"]),
+                   first_pass_log_ratio_mean=sum(first_pass["mean"]) / len(first_pass["mean"]))
+        return out
+
+    def _forward_updates(self, batch: list[TrainGroup], scale: float) -> dict[str, float]:
+        """updates_per_batch optimiser steps of the reward-tilted proximal-matching loss on the groups' samples, each
+        on fresh (t, lam, noise) draws from the (steps, variants) the model was pretrained on."""
+        g, cfg = self.cfg.grpo, self.model.cfg
+        x0 = torch.cat([b.samples for b in batch])
+        tokens = torch.cat([b.tokens for b in batch])
+        weights = torch.cat([tilt_weights(b.advantages[None], g.forward_beta)[0] for b in batch])
+        sums: dict[str, list[float]] = {}
+        for _ in range(g.updates_per_batch):
+            loss, stats = forward_loss(
+                self.engine, x0, tokens, weights, step_candidates=cfg.trained_steps or [g.steps],
+                variants=tuple(cfg.trained_variants or ["hybrid"]), zeta=g.forward_zeta, generator=self.step_rng,
+                reference=self.reference, anchor=g.kl_coef,
+            )
+            loss = loss * scale
+            self.engine.backward(loss)
+            self.engine.step()
+            for name, value in {"loss": loss.detach(), **stats}.items():
+                sums.setdefault(name, []).append(float(value))
+        out = {name: sum(v) / len(v) for name, v in sums.items()}
+        out["weight_max"] = float(weights.max())
         return out
 
     def publish(self) -> tuple[dict[str, torch.Tensor], int]:

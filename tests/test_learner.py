@@ -105,3 +105,37 @@ def test_learner_refuses_entries_from_another_sampler(checkpoint, server):
     learner = make_learner(checkpoint, server, "m")
     with pytest.raises(RuntimeError, match="'guidance': 3.0"):
         learner.train(0, len(PROMPTS))
+
+
+def test_forward_objective_trains_on_samples_alone_and_acknowledges_the_batch(checkpoint, server):
+    write_batch(checkpoint, server.address, "f", steps=STEPS, group_size=G, trajectory=False)
+    learner = make_learner(checkpoint, server, "f", objective="forward", updates_per_batch=2, kl_coef=0.5)
+    before = {k: v.clone() for k, v in learner.publish()[0].items()}
+    metrics = learner.train(0, len(PROMPTS))
+    assert metrics["acked"] == len(PROMPTS) and learner.stream.pending() == 0
+    assert learner.engine.global_steps == 2 and 0 < metrics["forward_pm"] < 1 and metrics["anchor_mse"] > 0
+    assert metrics["weight_max"] > 1.0  # the best sample of some group counts more than the average
+    after, _ = learner.publish()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_forward_objective_sees_rewards_only_through_advantages(checkpoint, server):
+    """Equal rewards within every group give weights of exactly 1 at any beta: the update is then the same as with
+    beta = 0 (self-distillation), bit for bit. A reward leaking in another way (unnormalised, or across groups)
+    would make the two differ."""
+    results = []
+    for run, beta in (("g0", 0.0), ("g1", 3.0)):
+        rewards = [torch.full((G,), v) for v in (0.1, 0.9, 0.5, 0.3)]  # different levels across groups
+        write_batch(checkpoint, server.address, run, steps=STEPS, group_size=G, rewards=rewards, trajectory=False)
+        learner = make_learner(checkpoint, server, run, objective="forward", forward_beta=beta,
+                               drop_zero_std_groups=False)
+        learner.train(0, len(PROMPTS))
+        results.append(learner.publish()[0])
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_policy_gradient_learner_refuses_groups_without_trajectories(checkpoint, server):
+    write_batch(checkpoint, server.address, "h", steps=STEPS, group_size=G, trajectory=False)
+    learner = make_learner(checkpoint, server, "h")
+    with pytest.raises(RuntimeError, match="without its trajectory"):
+        learner.train(0, len(PROMPTS))

@@ -14,13 +14,17 @@ from actors.stream import EmbeddedRedis, ExperienceStream, RedisAddress
 def make_group(prompt: str, version: int = 0, g: int = 2, steps: int = 3) -> Group:
     return Group(prompt, 0, 0, version, SamplerSpec("prox", steps, 1.0, 2.0),
                  scores={"a": torch.rand(g), "b": torch.rand(g)}, weights={"a": 0.7, "b": 0.3},
-                 states=torch.randn(g, steps, 3, 4, 4), log_probs=torch.randn(g, steps - 1))
+                 samples=torch.randn(g, 3, 4, 4), states=torch.randn(g, steps, 3, 4, 4),
+                 log_probs=torch.randn(g, steps - 1))
 
 
 def assert_same(a: Group, b: Group) -> None:
     assert (a.prompt, a.prompt_index, a.iteration, a.policy_version, a.sampler, a.weights) == (
         b.prompt, b.prompt_index, b.iteration, b.policy_version, b.sampler, b.weights)
-    assert torch.equal(a.states, b.states) and torch.equal(a.log_probs, b.log_probs)
+    assert torch.equal(a.samples, b.samples)
+    assert a.has_trajectory == b.has_trajectory
+    if a.has_trajectory:
+        assert torch.equal(a.states, b.states) and torch.equal(a.log_probs, b.log_probs)
     assert a.scores.keys() == b.scores.keys() and all(torch.equal(a.scores[k], b.scores[k]) for k in a.scores)
 
 
@@ -64,7 +68,7 @@ def test_payloads_are_not_pickles(server):
     assert set(raw) == {b"meta", b"tensors"}
     assert not raw[b"tensors"].startswith(b"\x80")  # pickle protocol marker
     assert json.loads(raw[b"meta"])["prompt"] == "x"  # JSON
-    assert set(safetensors.torch.load(raw[b"tensors"])) == {"states", "log_probs", "score/a", "score/b"}
+    assert set(safetensors.torch.load(raw[b"tensors"])) == {"samples", "states", "log_probs", "score/a", "score/b"}
 
 
 def test_unreachable_redis_gives_advice():
@@ -93,3 +97,17 @@ def test_a_group_whose_parts_disagree_is_refused():
         Group(**{**vars(group), "log_probs": torch.zeros(2, 3)})  # one log-prob per transition: N-1
     with pytest.raises(ValueError, match="each weighted reward"):
         Group(**{**vars(group), "weights": {"a": 1.0}})  # a score without a weight would leave the total
+    with pytest.raises(ValueError, match="neither"):
+        Group(**{**vars(group), "log_probs": None})  # states without their log-probs cannot be trained on
+    with pytest.raises(ValueError, match="group of 3 needs states"):
+        Group(**{**vars(group), "samples": torch.zeros(3, 3, 4, 4)})  # one sample per trajectory
+
+
+def test_a_forward_objective_group_travels_without_its_trajectory(server):
+    stream = ExperienceStream(server.address, "fwd")
+    stream.create()
+    group = Group(**{**vars(make_group("y")), "states": None, "log_probs": None})
+    stream.add(group)
+    got = stream.read("rank0", count=1, timeout_s=5)[0][1]
+    assert_same(got, group)
+    assert not got.has_trajectory and got.states is None
