@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -77,6 +78,22 @@ def evaluate(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, rewa
     return images, {name: float(r.score(images, prompts).mean()) for name, r in rewards.items()}
 
 
+def reward_matrix(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, seeds: int,
+                  rewards: dict[str, RewardModel], eta: float = 1.0, sampler: Optional[str] = None,
+                  guidance: float = 1.0) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    """(images of the first noise seed, {reward name: scores [prompts, seeds]}) with the noise of seed, seed + 1, ...
+
+    The matrices are what learner/bootstrap.py turns into confidence intervals; the same prompts and seeds before
+    and after training give paired differences."""
+    first, columns = None, {name: [] for name in rewards}
+    for s in range(seeds):
+        images = generate(model, prompts, steps, seed + s, eta, sampler, guidance)
+        first = images if first is None else first
+        for name, r in rewards.items():
+            columns[name].append(r.score(images, prompts).double().cpu().numpy())
+    return first, {name: np.stack(cols, axis=1) for name, cols in columns.items()}
+
+
 @torch.no_grad()
 def hacking_monitors(model: ProxT2I, reference: ProxT2I, prompts: Sequence[str], steps: int, seed: int,
                      eta: float, group: int, guidance: float = 1.0) -> dict[str, float]:
@@ -84,7 +101,8 @@ def hacking_monitors(model: ProxT2I, reference: ProxT2I, prompts: Sequence[str],
 
     diversity: per-pixel std across a group, averaged (collapse drives it to 0); saturation: mean HSV saturation
     (over-saturation drives it to 1); kl_ref: mean per-step KL between the policy and the reference on the
-    policy's own trajectories (drift), the same closed form the learner's KL term uses.
+    policy's own trajectories (drift), the same closed form the learner's KL term uses, per dimension (as the
+    log-probs), and kl_ref_per_transition: the same summed over the dimensions (nats per sampler transition).
     """
     texts = [p for p in prompts for _ in range(group)]
     traj = sample(model, texts, steps, seed, eta, guidance=guidance)
@@ -99,4 +117,7 @@ def hacking_monitors(model: ProxT2I, reference: ProxT2I, prompts: Sequence[str],
         mine = policy.transition(model.eval(), {"tokens": tokens}, traj.states, j)
         ref = policy.transition(reference.eval(), {"tokens": tokens}, traj.states, j)
         kls.append(gaussian_kl(mine.mean, ref.mean, mine.var).mean())
-    return {"diversity": float(diversity), "saturation": float(saturation), "kl_ref": float(torch.stack(kls).mean())}
+    kl = float(torch.stack(kls).mean())
+    dims = math.prod(traj.states.shape[2:])
+    return {"diversity": float(diversity), "saturation": float(saturation), "kl_ref": kl,
+            "kl_ref_per_transition": kl * dims}

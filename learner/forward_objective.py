@@ -1,51 +1,75 @@
-"""The forward-process RL objective for prox models: proximal matching on the policy's own samples, reward-tilted.
+"""The forward-process RL objective for prox models: the pretraining loss on the policy's own samples, split by
+advantage into an implicit positive and negative policy around the sampling policy (after DiffusionNFT).
 
-Derivation (docs/forward_objective.md): the KL-regularised reward objective max_p E_p[r] - tau KL(p || p_old) is
-maximised by the tilted distribution p*(x | c) ~ p_old(x | c) exp(r(x, c) / tau). Pretraining on samples of q
-makes the learned prox that of q's noisy marginals, so pretraining on p* is what we want; a group of G samples of
-p_old with self-normalised weights w_i = G softmax_i(beta A_i) is an importance-sampled batch of p*, with tau the
-group's reward std over beta (A is the group-relative advantage). The loss is the pretraining loss itself, on the
-same (t, lam) pairs the samplers query, weighted per sample; an optional anchor ||eps_theta - eps_ref||^2 on the same
-inputs (the closed-form per-step KL of the two policies, up to lam / (2 gamma)) keeps the model near the reference.
-No trajectories or log-probs are needed: any sampler may draw the images.
+For a pair (y, t, lam) built from a rollout's clean sample x_0 with noise target xi, let e_old = eps_old(y) be the
+sampling policy's prediction (the weights that drew the batch, frozen for it) and e = eps_theta(y). With the implicit
+policies e+ = (1 - beta) e_old + beta e and e- = (1 + beta) e_old - beta e, the loss of the sample is
+
+    r ||e+ - xi||^2 / d + (1 - r) ||e- - xi||^2 / d,      r = 1/2 + 1/2 clip(A / adv_scale, -1, 1),
+
+whose minimiser is e = e_old + (1 / beta) E[(2r - 1)(xi - e_old) | y]: the reward-tilted correction, with no
+self-distillation term (at r = 1/2 the gradient at e = e_old is zero), so the sampler's own biases are not trained
+back into the model. docs/forward_objective.md derives it and says why the tilt is not a plain weighted loss.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from proxmodel.losses import make_training_pairs
+from proxmodel.schedule import VPSchedule
 
 
-def tilt_weights(advantages: torch.Tensor, beta: float) -> torch.Tensor:
-    """w = G softmax(beta A) within each group (rows of [P, G]): mean 1 per group, all ones at beta = 0."""
-    return advantages.shape[-1] * torch.softmax(beta * advantages.float(), dim=-1)
+def optimality(advantages: torch.Tensor, adv_scale: float) -> torch.Tensor:
+    """r = 1/2 + 1/2 clip(A / adv_scale, -1, 1) in [0, 1]: how far a sample belongs to the positive policy."""
+    return 0.5 + 0.5 * (advantages.float() / adv_scale).clamp(-1.0, 1.0)
 
 
-def weighted_matching_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
-                           zeta: float) -> torch.Tensor:
-    """mean_i w_i [1 - exp(-||pred_i - target_i||^2 / (d zeta^2))]: proximal matching, sample i weighted by w_i."""
-    mse = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
-    return (weights * (1.0 - torch.exp(-mse / (zeta * zeta)))).mean()
+def split_loss(eps: torch.Tensor, eps_old: torch.Tensor, xi: torch.Tensor, r: torch.Tensor,
+               beta: float) -> torch.Tensor:
+    """mean_i r_i ||e+_i - xi_i||^2 / d + (1 - r_i) ||e-_i - xi_i||^2 / d (see the module docstring)."""
+    eps, eps_old, xi = eps.float(), eps_old.float(), xi.float()
+    positive = ((1 - beta) * eps_old + beta * eps - xi).pow(2).flatten(1).mean(dim=1)
+    negative = ((1 + beta) * eps_old - beta * eps - xi).pow(2).flatten(1).mean(dim=1)
+    return (r * positive + (1 - r) * negative).mean()
 
 
-def forward_loss(model, x0: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor, *, step_candidates: list[int],
-                 variants: tuple[str, ...], zeta: float, generator: torch.Generator, reference=None,
+@dataclass(frozen=True)
+class ForwardBatch:
+    """Pairs built once per batch from the rollouts' samples, with the sampling policy's prediction on them."""
+
+    y: torch.Tensor
+    t: torch.Tensor
+    lam: torch.Tensor
+    xi: torch.Tensor
+    tokens: torch.Tensor
+    eps_old: torch.Tensor
+    r: torch.Tensor
+
+    @classmethod
+    def build(cls, model, x0: torch.Tensor, tokens: torch.Tensor, advantages: torch.Tensor, *,
+              step_candidates: list[int], variants: tuple[str, ...], adv_scale: float,
+              generator: torch.Generator) -> "ForwardBatch":
+        """(t, lam) drawn as in pretraining from the (steps, variants) the model was trained on; e_old from `model`
+        as it is now (call before the batch's first optimiser step)."""
+        y, t, lam, xi = make_training_pairs(x0, VPSchedule(), step_candidates, generator, variants)
+        with torch.no_grad():
+            eps_old = model(y, t, lam, tokens=tokens)
+        return cls(y, t, lam, xi, tokens, eps_old, optimality(advantages, adv_scale).to(y.device))
+
+
+def forward_loss(model, batch: ForwardBatch, beta: float, reference=None,
                  anchor: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The weighted proximal-matching loss of `model` (a ProxT2I or its engine) on clean samples x0 [B, ...].
-
-    Pairs (y, t, lam, xi) are drawn exactly as in pretraining (proxmodel/losses.py) from `generator`; with a
-    `reference` and anchor > 0 the mean squared eps difference to it on the same inputs is added.
-    """
-    from proxmodel.schedule import VPSchedule
-
-    y, t, lam, xi = make_training_pairs(x0, VPSchedule(), step_candidates, generator, variants)
-    eps = model(y, t, lam, tokens=tokens)
-    loss = weighted_matching_loss(eps, xi, weights.to(eps.device), zeta)
-    stats = {"forward_pm": loss.detach()}
+    """The split loss of `model` on `batch`; with a `reference` and anchor > 0, plus anchor x the mean squared eps
+    difference to it on the same inputs (the per-step KL of the two policies up to a constant)."""
+    eps = model(batch.y, batch.t, batch.lam, tokens=batch.tokens)
+    loss = split_loss(eps, batch.eps_old, batch.xi, batch.r, beta)
+    stats = {"forward_loss": loss.detach(), "forward_step": (eps.detach() - batch.eps_old).pow(2).mean()}
     if reference is not None and anchor > 0:
         with torch.no_grad():
-            eps_ref = reference(y, t, lam, tokens=tokens)
+            eps_ref = reference(batch.y, batch.t, batch.lam, tokens=batch.tokens)
         drift = (eps - eps_ref).pow(2).flatten(1).mean(dim=1).mean()
         loss = loss + anchor * drift
         stats["anchor_mse"] = drift.detach()

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -28,7 +29,8 @@ from actors.rollout import RolloutActor
 from actors.stream import ExperienceStream, RedisAddress, learner_group
 from learner.cluster import ensure_resources, start_ray, stream_server
 from learner.config import RunConfig
-from learner.evaluation import evaluate, hacking_monitors, save_grid
+from learner.bootstrap import bootstrap_ci
+from learner.evaluation import hacking_monitors, reward_matrix, save_grid
 from learner.grpo_learner import LearnerGroup
 from learner.prompts import prompt_source
 from learner.tracking import Tracker
@@ -44,6 +46,16 @@ def timed(name: str, timing: dict[str, float]) -> Iterator[None]:
         yield
     finally:
         timing[f"{name}_s"] = time.perf_counter() - start
+
+
+def ci_metrics(prefix: str, scores: dict[str, np.ndarray]) -> dict[str, float]:
+    """{prefix_name: mean, prefix_name_ci_low / _ci_high: its 95% bootstrap interval} for MLflow."""
+    out = {}
+    for name, matrix in scores.items():
+        est = bootstrap_ci(matrix)
+        out.update({f"{prefix}_{name}": est.mean, f"{prefix}_{name}_ci_low": est.low,
+                    f"{prefix}_{name}_ci_high": est.high})
+    return out
 
 
 def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path) -> dict:
@@ -101,23 +113,36 @@ class GrpoRun:
         self.state = None
         self.current = None
         self.written, self.dropped = 0, 0
+        self.base_monitors: Optional[dict[str, float]] = None
         self.before = self.evaluate(self.reference, 0)
 
-    def evaluate(self, model, step: int) -> dict[str, float]:
-        """Held-out rewards (fixed noise, and the deterministic sampler), monitors and a grid, at `step`."""
+    def evaluate(self, model, step: int) -> dict[str, np.ndarray]:
+        """Held-out rewards at `step`: the policy's sampler on eval_prompts x eval_seeds fixed noises, each reward and
+        the weighted total with a 95% bootstrap interval; the probability-flow sampler's too where the model has one
+        (a prox model pretrained on lam = gamma/2, or a score model's ODE); monitors; a grid. Returns the score
+        matrices [prompts, seeds] of the policy's sampler."""
         g, seed, prompts = self.cfg.grpo, self.cfg.seed, self.eval_prompts
-        # The policy's own sampler with fixed noise, and its deterministic twin (the prox sampler at zero noise;
-        # for a score model the probability-flow ODE).
-        stochastic, deterministic = ("hybrid", "hybrid") if model.cfg.kind == "prox" else ("sde", "ode")
-        images, scores = evaluate(model, prompts, g.steps, seed, self.eval_rewards, g.eta, stochastic, g.guidance)
-        _, det = evaluate(model, prompts, g.steps, seed, self.eval_rewards, 0.0, deterministic, g.guidance)
+        prox = model.cfg.kind == "prox"
+        policy_sampler, flow = ("hybrid", "flow") if prox else ("sde", "ode")
+        images, scores = reward_matrix(model, prompts, g.steps, seed, g.eval_seeds, self.eval_rewards, g.eta,
+                                       policy_sampler, g.guidance)
+        metrics = ci_metrics("eval_reward", self.with_total(scores))
+        if not prox or "flow" in (model.cfg.trained_variants or []):
+            _, flow_scores = reward_matrix(model, prompts, g.steps, seed, g.eval_seeds, self.eval_rewards, 0.0,
+                                           flow, g.guidance)
+            metrics.update(ci_metrics("eval_flow_reward", self.with_total(flow_scores)))
         monitors = hacking_monitors(model, self.reference, prompts[:4], g.steps, seed, g.eta, g.group_size, g.guidance)
-        self.tracker.metrics({**{f"eval_reward_{k}": v for k, v in scores.items()},
-                              **{f"eval_det_reward_{k}": v for k, v in det.items()},
-                              **{f"monitor_{k}": v for k, v in monitors.items()}}, step=step)
+        self.base_monitors = self.base_monitors or monitors
+        for name in ("saturation", "diversity"):  # against the starting policy on the same prompts and noise
+            monitors[f"{name}_ratio"] = monitors[name] / max(self.base_monitors[name], 1e-8)
+        self.tracker.metrics({**metrics, **{f"monitor_{k}": v for k, v in monitors.items()}}, step=step)
         grid = save_grid(images, self.run_dir / "samples" / f"step{step:05d}.png")
         self.tracker.image(grid, f"samples/step{step:05d}.png")
-        return scores
+        return self.with_total(scores)
+
+    def with_total(self, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The per-reward matrices plus `total`, the weighted sum the policy is trained on."""
+        return {**scores, "total": sum(r.weight * scores[r.name] for r in self.cfg.rewards)}
 
     def launch(self, it: int) -> list:
         """Start iteration `it`'s rollouts; each actor runs them after the calls already queued on it."""
@@ -194,6 +219,12 @@ class GrpoRun:
         shutil.copyfile(self.run_dir / "samples" / f"step{done:05d}.png", self.run_dir / "samples.png")
         self.tracker.artifact(self.run_dir / "samples.png")
         history, wall = loop["history"], loop["wall_time_s"]
+        window = max(1, len(history) // 5)  # single iterations are noisy: first and last fifth of the run
+        held_out = {name: {"before": bootstrap_ci(self.before[name]).as_dict(),
+                           "after": bootstrap_ci(after[name]).as_dict(),
+                           "difference": bootstrap_ci(after[name] - self.before[name]).as_dict()}
+                    for name in after}
+        self.tracker.metrics(ci_metrics("eval_reward_gain", {k: after[k] - self.before[k] for k in after}), step=done)
         return {
             "iterations": done,
             "wall_time_s": wall,
@@ -201,8 +232,11 @@ class GrpoRun:
             "checkpoint": str(checkpoint),
             "reward_first": history[0],
             "reward_last": history[-1],
-            "eval_reward_before": self.before,
-            "eval_reward_after": after,
+            "reward_first_window": float(np.mean(history[:window])),
+            "reward_last_window": float(np.mean(history[-window:])),
+            "eval_reward_before": {name: float(m.mean()) for name, m in self.before.items()},
+            "eval_reward_after": {name: float(m.mean()) for name, m in after.items()},
+            "eval": {"prompts": len(self.eval_prompts), "seeds": g.eval_seeds, "level": 0.95, "rewards": held_out},
             "groups_written": loop["written"],
             "groups_dropped": loop["dropped"],
             "stream": {"key": self.streams[0].key, "entries": entries, "pending": pending},

@@ -18,7 +18,7 @@ from actors.experience import Group, SamplerSpec
 from actors.reward import set_threads
 from actors.stream import ExperienceStream, RedisAddress, learner_group
 from learner.config import RunConfig
-from learner.forward_objective import forward_loss, tilt_weights
+from learner.forward_objective import ForwardBatch, forward_loss
 from learner.policy_loss import PromptStats, clipped_policy_loss, compute_advantages, select_train_steps
 from proxmodel.model import ProxT2I
 from proxmodel.policy import Policy
@@ -80,6 +80,8 @@ class GrpoLearner:
         init_distributed(rank, world_size, *(master or ()))
         self.rank, self.world = rank, world_size
         self.model = load_checkpoint(checkpoint)
+        if not g.train_text:  # out of the optimiser; the weights still travel with the rest
+            self.model.text.requires_grad_(False)
         self.policy = Policy.of(self.model, g.steps, g.eta, g.guidance)
         self.step_rng = torch.Generator().manual_seed(self.cfg.seed)
         n_train = len(select_train_steps(g.steps - 1, g.train_step_window, g.train_step_fraction, torch.Generator()))
@@ -183,27 +185,24 @@ class GrpoLearner:
         return out
 
     def _forward_updates(self, batch: list[TrainGroup], scale: float) -> dict[str, float]:
-        """updates_per_batch optimiser steps of the reward-tilted proximal-matching loss on the groups' samples, each
-        on fresh (t, lam, noise) draws from the (steps, variants) the model was pretrained on."""
+        """updates_per_batch optimiser steps of the forward objective on the groups' samples: one (t, lam, noise)
+        pair per image, drawn from what the model was pretrained on, with the sampling policy's eps on it fixed."""
         g, cfg = self.cfg.grpo, self.model.cfg
-        x0 = torch.cat([b.samples for b in batch])
-        tokens = torch.cat([b.tokens for b in batch])
-        weights = torch.cat([tilt_weights(b.advantages[None], g.forward_beta)[0] for b in batch])
+        pairs = ForwardBatch.build(
+            self.engine, torch.cat([b.samples for b in batch]), torch.cat([b.tokens for b in batch]),
+            torch.cat([b.advantages for b in batch]), step_candidates=cfg.trained_steps or [g.steps],
+            variants=tuple(cfg.trained_variants or ["hybrid"]), adv_scale=g.forward_adv_scale,
+            generator=self.step_rng,
+        )
         sums: dict[str, list[float]] = {}
         for _ in range(g.updates_per_batch):
-            loss, stats = forward_loss(
-                self.engine, x0, tokens, weights, step_candidates=cfg.trained_steps or [g.steps],
-                variants=tuple(cfg.trained_variants or ["hybrid"]), zeta=g.forward_zeta, generator=self.step_rng,
-                reference=self.reference, anchor=g.kl_coef,
-            )
+            loss, stats = forward_loss(self.engine, pairs, g.forward_beta, self.reference, g.kl_coef)
             loss = loss * scale
             self.engine.backward(loss)
             self.engine.step()
             for name, value in {"loss": loss.detach(), **stats}.items():
                 sums.setdefault(name, []).append(float(value))
-        out = {name: sum(v) / len(v) for name, v in sums.items()}
-        out["weight_max"] = float(weights.max())
-        return out
+        return {name: sum(v) / len(v) for name, v in sums.items()}
 
     def publish(self) -> tuple[dict[str, torch.Tensor], int]:
         """Full fp32 weights on the CPU, and the version (every rank must call it: ZeRO-3 gathers collectively)."""

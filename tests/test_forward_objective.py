@@ -1,81 +1,96 @@
-"""The forward-process objective (learner/forward_objective.py): its weights implement the reward tilt, and
-training on tilted own samples moves the learned prox to the prox of the tilted distribution."""
+"""The forward objective (learner/forward_objective.py): no self-distillation without signal, the right direction
+with it, and the closed-form optimum of one policy-improvement step on Gaussian data."""
 
 import math
 
 import pytest
 import torch
 
-from learner.forward_objective import forward_loss, tilt_weights, weighted_matching_loss
-from proxmodel.losses import proximal_matching_loss
+from learner.forward_objective import ForwardBatch, forward_loss, optimality, split_loss
 
 
-def test_tilt_weights_average_one_per_group_and_favour_the_better_samples():
-    adv = torch.tensor([[-1.0, 0.0, 2.0, -1.0], [0.5, -0.5, 0.5, -0.5]])
-    w = tilt_weights(adv, beta=1.0)
-    assert torch.allclose(w.mean(dim=1), torch.ones(2))
-    assert torch.equal(tilt_weights(adv, 0.0), torch.ones_like(adv))  # beta = 0: plain self-distillation
-    order = adv[0].argsort()
-    assert (w[0][order].diff() >= 0).all()  # monotone in the advantage
-    assert float(w[0, 2]) == pytest.approx(4 * math.exp(2) / (2 * math.exp(-1) + 1 + math.exp(2)))
+def test_optimality_maps_advantages_to_probabilities():
+    r = optimality(torch.tensor([-3.0, -0.5, 0.0, 0.5, 3.0]), adv_scale=1.0)
+    assert torch.equal(r, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
 
 
-def test_weighted_matching_loss_is_proximal_matching_at_unit_weights_and_ignores_zero_weights():
-    pred, target = torch.randn(6, 3, 4, 4, requires_grad=True), torch.randn(6, 3, 4, 4)
-    ones = torch.ones(6)
-    assert torch.allclose(weighted_matching_loss(pred, target, ones, 0.7), proximal_matching_loss(pred, target, 0.7))
-    w = torch.tensor([1.0, 0.0, 2.0, 0.0, 1.0, 0.5])
-    weighted_matching_loss(pred, target, w, 0.7).backward()
-    assert (pred.grad[w == 0] == 0).all() and (pred.grad[w > 0].abs().sum(dim=(1, 2, 3)) > 0).all()
+def test_without_signal_the_sampling_policy_is_a_stationary_point():
+    """r = 1/2 everywhere: the gradient at e = e_old vanishes, so the sampler's biases (present in any own sample)
+    are not trained back into the model; a plain pretraining loss on own samples would pull e to xi."""
+    eps_old, xi = torch.randn(8, 3, 4, 4), torch.randn(8, 3, 4, 4)
+    eps = eps_old.clone().requires_grad_(True)
+    split_loss(eps, eps_old, xi, torch.full((8,), 0.5), beta=1.0).backward()
+    assert eps.grad.abs().max() < 1e-7
+    # with signal, the descent direction is (2r - 1)(xi - e_old) per sample, exactly
+    r = torch.tensor([1.0, 0.0, 0.75, 0.5, 0.25, 1.0, 0.0, 0.6])
+    eps.grad = None
+    split_loss(eps, eps_old, xi, r, beta=0.5).backward()
+    direction = ((2 * r - 1).view(-1, 1, 1, 1) * (xi - eps_old))
+    expected = -2 * 0.5 * direction / (3 * 4 * 4) / 8  # d/de of the mean over samples and dimensions
+    assert torch.allclose(eps.grad, expected, atol=1e-7)
+
+
+@pytest.mark.parametrize("beta", [0.5, 2.0])
+def test_the_minimiser_is_the_advantage_weighted_residual_over_beta(beta):
+    eps_old, xi = torch.randn(5, 2, 3, 3), torch.randn(5, 2, 3, 3)
+    r = torch.tensor([0.9, 0.1, 0.5, 0.7, 0.3])
+    optimum = eps_old + ((2 * r - 1).view(-1, 1, 1, 1) * (xi - eps_old)) / beta
+    eps = optimum.clone().requires_grad_(True)
+    split_loss(eps, eps_old, xi, r, beta).backward()
+    assert eps.grad.abs().max() < 1e-6
 
 
 class LinearEps(torch.nn.Module):
     """eps(y) = a y + b: the family that holds the exact eps of 1-D Gaussian data."""
 
-    def __init__(self):
+    def __init__(self, a: float = 0.0, b: float = 0.0):
         super().__init__()
-        self.a, self.b = torch.nn.Parameter(torch.zeros(())), torch.nn.Parameter(torch.zeros(()))
+        self.a, self.b = torch.nn.Parameter(torch.tensor(a)), torch.nn.Parameter(torch.tensor(b))
 
     def forward(self, y, t, lam, tokens=None):
         return self.a * y + self.b
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.5])
-def test_training_on_tilted_own_samples_learns_the_prox_of_the_tilted_distribution(beta):
-    """Samples x ~ N(0, 1), reward r = x, one group. The tilt exp(beta A) with A = (r - mean) / std makes
-    p* = N(beta, 1); at t = 0 (N = 1 step, lam = gamma_1) the exact eps of y = x + sqrt(lam) xi under p* is
-    sqrt(lam) / (1 + lam) (y - beta). Learned with the weighted loss, the linear eps must reach it."""
+@pytest.mark.parametrize("sign", [1.0, -1.0, 0.0])
+def test_one_improvement_step_on_gaussian_data_moves_towards_the_rewarded_side(sign):
+    """Samples x ~ N(0, 1) drawn by the exact model (eps_old: the exact eps at t = 0, lam = gamma of a 1-step grid),
+    reward sign * x. Trained to convergence on one batch, the linear eps must reach the least-squares fit of the
+    closed-form optimum e_old + (2r - 1)(xi - e_old) / beta (computed here apart from the code), which shifts b
+    below 0 when larger x is rewarded (the tilted mean is positive), above 0 when smaller, and not at all without
+    a reward."""
     torch.manual_seed(0)
-    n = 10_000
+    n, beta = 20_000, 1.0
+    lam = 0.1 + 0.5 * 19.9  # int_0^1 beta: the single step's gamma
+    a0 = math.sqrt(lam) / (1 + lam)
     x0 = torch.randn(n, 1)
-    adv = ((x0 - x0.mean()) / x0.std()).view(1, n)
-    weights = tilt_weights(adv, beta).view(n)
-    model = LinearEps()
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    gen = torch.Generator().manual_seed(1)
-    tail = []
-    for step in range(400):
-        loss, _ = forward_loss(model, x0, None, weights, step_candidates=[1], variants=("hybrid",), zeta=1.0,
-                               generator=gen)
+    adv = (sign * x0 - (sign * x0).mean()) / ((sign * x0).std() + 1e-4)
+    sampler = LinearEps(a0, 0.0)
+    batch = ForwardBatch.build(sampler, x0, None, adv.view(n), step_candidates=[1], variants=("hybrid",),
+                               adv_scale=1.0, generator=torch.Generator().manual_seed(1))
+    r = (0.5 + 0.5 * adv.view(n).clamp(-1, 1)).view(n, 1)
+    target = batch.eps_old + (2 * r - 1) * (batch.xi - batch.eps_old) / beta
+    design = torch.cat([batch.y, torch.ones(n, 1)], dim=1)
+    a_star, b_star = torch.linalg.lstsq(design.double(), target.double()).solution.view(2).tolist()
+    model = LinearEps(a0, 0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(400):
+        loss, _ = forward_loss(model, batch, beta)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step >= 300:
-            tail.append((model.a.item(), model.b.item()))
-    a, b = (sum(v) / len(v) for v in zip(*tail))
-    lam = 0.1 + 0.5 * 19.9  # gamma of the single step, int_0^1 beta
-    assert a == pytest.approx(math.sqrt(lam) / (1 + lam), abs=0.02)
-    assert b == pytest.approx(-math.sqrt(lam) / (1 + lam) * beta, abs=0.03)
+    assert model.a.item() == pytest.approx(a_star, abs=2e-3) and model.b.item() == pytest.approx(b_star, abs=2e-3)
+    if sign == 0.0:
+        assert abs(b_star) < 1e-6
+    else:
+        assert sign * b_star < -0.02
 
 
 def test_the_anchor_pulls_towards_the_reference_on_the_same_inputs():
     x0 = torch.randn(64, 1)
-    model, reference = LinearEps(), LinearEps()
-    with torch.no_grad():
-        reference.b.fill_(0.5)
-    kwargs = dict(step_candidates=[5], variants=("hybrid",), zeta=1.0)
-    plain, _ = forward_loss(model, x0, None, torch.ones(64), generator=torch.Generator().manual_seed(0), **kwargs)
-    anchored, stats = forward_loss(model, x0, None, torch.ones(64), generator=torch.Generator().manual_seed(0),
-                                   reference=reference, anchor=2.0, **kwargs)
-    assert float(stats["anchor_mse"]) == pytest.approx(0.25)  # (0 - 0.5)^2, the same pairs as `plain`
-    assert float(anchored) == pytest.approx(float(plain) + 0.5)
+    model, reference = LinearEps(), LinearEps(0.0, 0.5)
+    batch = ForwardBatch.build(model, x0, None, torch.zeros(64), step_candidates=[5], variants=("hybrid",),
+                               adv_scale=1.0, generator=torch.Generator().manual_seed(0))
+    plain, _ = forward_loss(model, batch, 1.0)
+    anchored, stats = forward_loss(model, batch, 1.0, reference=reference, anchor=2.0)
+    assert float(stats["anchor_mse"]) == pytest.approx(0.25)  # (0 - 0.5)^2 on the same pairs
+    assert anchored.item() == pytest.approx(plain.item() + 0.5)
