@@ -1,15 +1,20 @@
 """The run config: a typed schema (every field says what it is), YAML files and dotted `key=value` overrides.
 
-Unknown keys and wrong types are rejected with a message naming the key; nothing runs on a config it cannot read.
+Unknown keys (with the closest valid one), wrong types, NaN/inf and values out of range or inconsistent with each
+other are rejected with a message naming the key, the value and what is allowed; nothing runs on a config it cannot
+read. The schema is also the documentation: `python -m learner.main --list-keys` prints it (`describe_keys`).
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 from proxmodel.config import ModelConfig, Strict
 
@@ -31,7 +36,7 @@ class DataConfig(Strict):
         None, description="folder: the image folder; webdataset: a folder of .tar shards, one .tar, or a brace "
         "pattern like /data/shards/{00000..00099}.tar",
     )
-    seed: int = Field(0, description="seed of the data order (scenes: scene i is a pure function of (seed, i))")
+    seed: int = Field(0, ge=0, description="seed of the data order (scenes: scene i is a pure function of (seed, i))")
     omit_prob: float = Field(0.3, ge=0, le=1, description="scenes: chance a caption leaves out a size/position/background")
     holdout: float = Field(
         0.1, ge=0, lt=1, description="digits, folder: fraction held out of training (fixed by seed); evaluation "
@@ -154,7 +159,7 @@ class GrpoConfig(Strict):
     prompt_file: Optional[str] = Field(
         None, description="UTF-8 text file, one prompt per line (eval_prompts of them held out); null = scene captions"
     )
-    prompt_seed: int = Field(1, description="seed of the prompt stream (scene captions, or the file's shuffles)")
+    prompt_seed: int = Field(1, ge=0, description="seed of the prompt stream (scene captions, or the file's shuffles)")
     eval_prompts: int = Field(
         128, ge=1, description="held-out prompts scored at each evaluation (fixed noise); means come with a 95% "
         "bootstrap interval over prompts, so fewer than ~100 make the intervals wide",
@@ -165,6 +170,23 @@ class GrpoConfig(Strict):
     eval_every: int = Field(
         10, ge=0, description="evaluate (rewards, sample grid, hacking monitors) every K iterations; 0 = start and end only"
     )
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "GrpoConfig":
+        window, last = self.train_step_window, self.steps - 2
+        if window is not None:
+            bad = [j for j in window if not 0 <= j <= last]
+            if not window or bad or len(set(window)) != len(window):
+                raise ValueError(
+                    f"grpo.train_step_window={window}: entries must be distinct sampler transitions 0..{last} "
+                    f"(grpo.steps={self.steps} has {last + 1}), at least one; null = all"
+                )
+        if self.prompt_stats_min_count > self.prompt_stats_buffer:
+            raise ValueError(
+                f"grpo.prompt_stats_min_count={self.prompt_stats_min_count} must be at most grpo.prompt_stats_buffer="
+                f"{self.prompt_stats_buffer} (a prompt never remembers more rewards than the buffer holds)"
+            )
+        return self
 
 
 class RewardSpec(Strict):
@@ -230,23 +252,36 @@ class MlflowConfig(Strict):
 
 
 class RunConfig(Strict):
-    seed: int = Field(0, description="global seed (model init, noise, prompts)")
+    seed: int = Field(0, ge=0, description="global seed (model init, noise, prompts)")
     run_dir: Optional[str] = Field(None, description="the run's directory; null = runs/<mode>-<time>")
     init_from: Optional[str] = Field(
         None,
         description="checkpoint folder to start from ('builtin:NAME' = shipped with ProxRL); "
         "null = from scratch (pretrain) or builtin:scenes-base (grpo). Its config.json sets the architecture.",
     )
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
-    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
-    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="compositional")], min_length=1)
-    actors: ActorsConfig = Field(default_factory=ActorsConfig)
-    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
-    redis: RedisConfig = Field(default_factory=RedisConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
-    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    model: ModelConfig = Field(
+        default_factory=ModelConfig, description="architecture: U-Net sizes, text encoder, optional VAE (pretrain from scratch)"
+    )
+    data: DataConfig = Field(
+        default_factory=DataConfig, description="pretraining images and captions: scenes, digits, a folder or shards"
+    )
+    pretrain: PretrainConfig = Field(
+        default_factory=PretrainConfig, description="--mode pretrain: proximal matching, optimiser, EMA, samples"
+    )
+    grpo: GrpoConfig = Field(
+        default_factory=GrpoConfig, description="--mode grpo: rollouts, policy loss, advantages, prompts, evaluation"
+    )
+    rewards: list[RewardSpec] = Field(
+        default_factory=lambda: [RewardSpec(name="compositional")], min_length=1,
+        description="reward models and their weights, a list of {name, weight, options}",
+    )
+    actors: ActorsConfig = Field(
+        default_factory=ActorsConfig, description="Ray actors: how many rollout, reward and learner actors, CPUs, GPUs"
+    )
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="ZeRO stage and precision of the learner")
+    redis: RedisConfig = Field(default_factory=RedisConfig, description="the experience stream's Redis server")
+    ray: RayConfig = Field(default_factory=RayConfig, description="the Ray cluster to join and how long to wait for it")
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description="where runs are tracked")
 
     @model_validator(mode="after")
     def _check_learner_ranks(self) -> "RunConfig":
@@ -259,35 +294,58 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _check_rewards(self) -> "RunConfig":
-        from rewards import available
+        from rewards import available  # imports torch: only once every other field is known to be good
 
-        names = [r.name for r in self.rewards]
-        unknown = sorted(set(names) - set(available()))
-        if unknown:
-            raise ValueError(f"unknown reward(s) {unknown}; registered rewards are {available()}")
+        names, known = [r.name for r in self.rewards], available()
+        for i, name in enumerate(names):
+            if name not in known:
+                raise ValueError(f"rewards[{i}].name={name!r}: unknown reward{did_you_mean(name, known)}; "
+                                 f"the registered rewards are {', '.join(known)}")
         if len(set(names)) != len(names):
-            raise ValueError(f"a reward is listed twice in rewards: {names}")
+            raise ValueError(f"a reward is listed twice in rewards: {names}; list each once and set its weight")
         return self
+
+
+LIST_KEYS_HINT = "`python -m learner.main --list-keys` lists every key with its type, default and allowed values"
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"command-line argument {item!r} is not a key=value override (e.g. grpo.iterations=5).")
     key, raw = item.split("=", 1)
-    if not key:
-        raise ConfigError(f"override {item!r} has no key; write it as section.key=value.")
-    return key.split("."), yaml.safe_load(raw) if raw != "" else None
+    keys = key.split(".")
+    if not all(keys):
+        raise ConfigError(f"override {item!r} has an empty key; write it as section.key=value, e.g. grpo.iterations=5.")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or _one_line(e)
+        raise ConfigError(
+            f"override {item!r}: the value {raw!r} is not valid YAML ({problem}). Write lists as [0, 1] and mappings "
+            f"as {{name: x, weight: 1}}, and put the whole override in quotes if it holds spaces."
+        ) from None
+    return keys, value
 
 
 def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
     """Read `path` (default: the embedded default), apply dotted overrides, validate."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist. Pass an existing YAML file with --config, e.g. configs/smoke.yaml.")
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config file {path} {what}. Pass a YAML file with --config, e.g. configs/smoke.yaml.")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path} is not valid UTF-8 YAML ({e}). Fix the file and run again.") from e
+        raise ConfigError(f"config file {path} is not valid UTF-8 YAML ({_one_line(e)}). Fix the file and run again.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values at the top level.")
     for item in overrides:
@@ -308,18 +366,141 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
         raise ConfigError(_explain(e, path)) from None
 
 
-def _explain(error: ValidationError, path: Path) -> str:
-    lines = []
-    for err in error.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            lines.append(f"unknown config key '{key}': no such setting exists. Remove it or fix its spelling.")
+# The schema, walked: what --list-keys prints and what error messages quote (never written out by hand).
+
+def _section_of(annotation: Any) -> Optional[type[BaseModel]]:
+    """The config class a field holds (a section, or the items of a list of sections), else None."""
+    for tp in (annotation, *get_args(annotation)):
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            return tp
+    return None
+
+
+def _field_at(loc: tuple) -> tuple[Optional[type[BaseModel]], Optional[FieldInfo]]:
+    """(the class holding the last key of `loc`, that key's field or None if it has no such key); indices skipped."""
+    names = [part for part in loc if not isinstance(part, int)]
+    owner: Optional[type[BaseModel]] = RunConfig
+    field = None
+    for i, part in enumerate(names):
+        if owner is None or part not in owner.model_fields:
+            return owner, None
+        field = owner.model_fields[part]
+        if i < len(names) - 1:
+            owner = _section_of(field.annotation)
+    return owner, field
+
+
+def type_name(annotation: Any) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return "one of " + "|".join(str(a) for a in args)
+    if origin is Union:
+        inner = [type_name(a) for a in args if a is not type(None)]
+        return " or ".join(inner) + (" or null" if type(None) in args else "")
+    if origin is list:
+        return f"list[{type_name(args[0])}]"
+    if origin is dict:
+        return "mapping"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "at least", "max_length": "at most"}
+
+
+def allowed(field: FieldInfo) -> str:
+    """The field's type and bounds as a user reads them, e.g. 'float > 0' or 'int >= 0, <= 1'."""
+    bounds = [f"{sign} {getattr(m, attr)}" for m in field.metadata for attr, sign in _BOUNDS.items() if hasattr(m, attr)]
+    bounds = [b + " item(s)" if b.startswith("at ") else b for b in bounds]
+    kind = type_name(field.annotation)
+    if kind == "float":
+        kind = "finite float"
+    return kind + (" " + ", ".join(bounds) if bounds else "")
+
+
+def schema_keys(section: Optional[str] = None) -> list[tuple[str, FieldInfo]]:
+    """Every setting as (dotted key, field), in schema order; `section` keeps one section (e.g. 'grpo' or 'actors.reward')."""
+    out: list[tuple[str, FieldInfo]] = []
+
+    def walk(cls: type[BaseModel], prefix: str) -> None:
+        for name, field in cls.model_fields.items():
+            key = prefix + name
+            sub = _section_of(field.annotation)
+            if sub is None:
+                out.append((key, field))
+            else:
+                walk(sub, key + ("[]." if get_origin(field.annotation) is list else "."))
+
+    walk(RunConfig, "")
+    if section is None:
+        return out
+    return [(k, f) for k, f in out if k.startswith(section + ".") or k.startswith(section + "[].") or k == section]
+
+
+def sections() -> list[tuple[str, str]]:
+    """(name, one-line description) of each top-level section, from the schema."""
+    return [(n, f.description or "") for n, f in RunConfig.model_fields.items() if _section_of(f.annotation)]
+
+
+def default_values() -> dict[str, Any]:
+    """Every key's default as the schema builds it (a section's own default wins over its class's field defaults)."""
+    out: dict[str, Any] = {}
+
+    def walk(data: Any, prefix: str) -> None:
+        if isinstance(data, dict) and data and prefix.rstrip(".") not in ("rewards", "rewards[]"):
+            for k, v in data.items():
+                walk(v, f"{prefix}{k}.")
         else:
-            lines.append(f"config key '{key}': {err['msg']} (got {err.get('input')!r}).")
-    return (
-        f"The config ({path} plus command-line overrides) is invalid: " + " ".join(lines)
-        + " Every valid key and its meaning is in learner/config.py and configs/default.yaml."
-    )
+            out[prefix[:-1]] = data
+
+    walk(RunConfig.model_construct().model_dump(mode="json"), "")  # model_construct: no validators run
+    return out
+
+
+def describe_keys(section: Optional[str] = None) -> str:
+    """One line per key: `grpo.lr (finite float > 0; default 0.0001): AdamW learning rate`."""
+    defaults = default_values()
+    lines = []
+    for key, field in schema_keys(section):
+        if key in defaults:
+            default = "default " + json.dumps(defaults[key])
+        elif field.is_required():
+            default = "required"
+        else:
+            default = "default " + json.dumps(field.get_default(call_default_factory=True))
+        lines.append(f"{key} ({allowed(field)}; {default}): {field.description or ''}")
+    return "\n".join(lines)
+
+
+def _explain(error: ValidationError, path: Path) -> str:
+    errors = error.errors()
+    lines = []
+    for err in errors[:5]:
+        loc = err["loc"]
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        owner, field = _field_at(loc)
+        if err["type"] == "extra_forbidden":
+            parent = key.rpartition(".")[0]
+            valid = [f"{parent}.{k}" if parent else k for k in (owner.model_fields if owner is not None else [])]
+            lines.append(f"unknown config key '{key}'{did_you_mean(key, valid)}: no such setting exists.")
+        elif err["type"] == "value_error":  # our validators' messages name the key, the value and the rule
+            lines.append(_one_line(err["ctx"]["error"]) + ".")
+        elif err["type"] == "list_type" and field is not None and _section_of(field.annotation) is not None:
+            keys = ", ".join(_section_of(field.annotation).model_fields)
+            lines.append(f"'{key}' is a list of mappings with the keys {keys}, e.g. {key}=[{{name: compositional}}].")
+        elif err["type"] == "model_type" and field is not None and _section_of(field.annotation) is not None:
+            if isinstance(loc[-1], int):
+                keys = ", ".join(_section_of(field.annotation).model_fields)
+                lines.append(f"'{key}' must be a mapping with the keys {keys}.")
+            else:
+                lines.append(f"'{key}' is a section, not a value: set its keys one by one, e.g. {key}.KEY=VALUE.")
+        else:
+            got = repr(err.get("input"))
+            got = got if len(got) <= 80 else got[:77] + "..."
+            rule = f"; allowed: {allowed(field)}" if field is not None else ""
+            lines.append(f"config key '{key}' = {got}: {err['msg']}{rule}.")
+    if len(errors) > 5:
+        lines.append(f"({len(errors) - 5} more problem(s) not shown.)")
+    return f"The config ({path} plus command-line overrides) is invalid: " + " ".join(lines) + f" {LIST_KEYS_HINT}."
 
 
 def dump_config(cfg: RunConfig) -> str:

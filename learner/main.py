@@ -1,7 +1,9 @@
 """The command line and the driver: `python -m learner.main --mode {pretrain,grpo} [--config X.yaml] [key=value ...]`.
 
 Every run gets a directory (run_dir) holding its resolved config, checkpoint, sample grid and summary.json; the
-summary's path is the last line printed, so scripts can find the results.
+summary's path is the last line printed, so scripts can find the results. Bad input (config, prompt file, data,
+checkpoint, reward options) is found by `preflight` before the run directory or the MLflow run exists: the CLI then
+prints one paragraph naming the problem and exits 2, having written nothing.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from learner import env  # noqa: F401  (sets the offline, no-telemetry environment first)
-from learner.config import ConfigError, RunConfig, dump_config, load_config
-from learner.prompts import prompt_source
+from learner.config import (
+    ConfigError, RunConfig, describe_keys, did_you_mean, dump_config, load_config, schema_keys, sections,
+)
+from proxmodel.config import ModelConfig
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "proxmodel" / "weights"
@@ -33,11 +39,80 @@ def resolve_checkpoint(ref: str | None) -> Path | None:
         return path
     path = Path(ref).expanduser()
     if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
+        missing = [n for n in ("model.safetensors", "config.json") if not (path / n).is_file()]
+        what = "does not exist" if not path.exists() else f"is not a checkpoint folder (it lacks {' and '.join(missing)})"
         raise ConfigError(
-            f"init_from={ref!r} is not a checkpoint folder (it needs model.safetensors and config.json). Use the "
+            f"init_from={ref!r} {what}. A checkpoint is a folder with model.safetensors and config.json: use the "
             f"'checkpoint' path from a pretrain run's summary.json, or builtin:scenes-base."
         )
     return path
+
+
+def checkpoint_config(init_from: Path) -> ModelConfig:
+    """The architecture a checkpoint's config.json records; a clear error if it is not JSON or not a model config."""
+    path = init_from / "config.json"
+    try:
+        return ModelConfig.model_validate_json(path.read_bytes())
+    except ValidationError as e:  # invalid JSON included
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(
+            f"init_from: {path} is not a valid model config ({where + ': ' if where else ''}{first['msg']}). "
+            f"Restore the config.json the checkpoint was saved with, or point init_from at another checkpoint."
+        ) from None
+
+
+def check_weights(model: ModelConfig, init_from: Path | None) -> None:
+    """Without loading a single weight: the safetensors header opens, and (for architectures with no pretrained
+    parts) its tensor names and shapes are those of the model built on the meta device. From scratch, only the build."""
+    import torch
+
+    from proxmodel.model import ProxT2I
+
+    expected: dict[str, tuple[int, ...]] | None = None
+    if model.vae is None and model.text.pretrained == "none":  # pretrained parts would read their files
+        try:
+            with torch.device("meta"):
+                expected = {k: tuple(v.shape) for k, v in ProxT2I(model).state_dict().items()}
+        except (ValueError, RuntimeError, TypeError) as e:
+            where = f"the checkpoint's {init_from / 'config.json'}" if init_from else "the model section"
+            raise ConfigError(f"{where} describes a model that cannot be built ({type(e).__name__}: {e}). Change its sizes; "
+                              f"`--list-keys model` shows each key's meaning.") from None
+    if init_from is None:
+        return
+    weights = init_from / "model.safetensors"
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:  # reads the header only
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(
+            f"init_from: {weights} is not a readable safetensors file ({type(e).__name__}: {str(e)[:200]}); it is "
+            f"truncated or of another format. Copy the checkpoint again, or re-export it with --mode pretrain."
+        ) from None
+    if expected is not None and found != expected:
+        missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        shapes = [f"{k}: file {list(found[k])}, config {list(expected[k])}"
+                  for k in sorted(set(found) & set(expected)) if found[k] != expected[k]]
+        detail = "; ".join(part for part in (
+            f"{len(missing)} tensor(s) missing, e.g. {missing[0]}" if missing else "",
+            f"{len(extra)} unexpected, e.g. {extra[0]}" if extra else "",
+            f"{len(shapes)} of another shape, e.g. {shapes[0]}" if shapes else "") if part)
+        raise ConfigError(
+            f"init_from: the weights in {weights} do not fit the architecture in {init_from / 'config.json'} ({detail}). "
+            f"The config.json is not the one these weights were saved with; restore it or use another checkpoint."
+        )
+
+
+def check_data(cfg: RunConfig, model: ModelConfig) -> None:
+    """Pretraining data opened as the run opens it (folder captions read, shards listed), before anything is written."""
+    from learner.data import build_source
+
+    try:
+        build_source(cfg.data, model.image_size, model.channels)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"{e}") from None
 
 
 def check_rewards(cfg: RunConfig) -> None:
@@ -51,17 +126,9 @@ def check_rewards(cfg: RunConfig) -> None:
             raise ConfigError(f"rewards[{i}] ({spec.name}): {e}") from None
 
 
-def check_model_files(cfg: RunConfig, init_from: Path | None) -> None:
+def check_model_files(model: ModelConfig, init_from: Path | None) -> None:
     """The local folders the model reads when it is built (VAE, pretrained text encoder), checked before anything is
     written; the torch-heavy modules are imported only when such a folder is configured."""
-    from proxmodel.config import ModelConfig
-
-    model = cfg.model
-    if init_from is not None:  # a checkpoint's own config.json decides its architecture
-        try:
-            model = ModelConfig.model_validate_json((init_from / "config.json").read_text())
-        except ValueError:
-            return  # an unreadable config.json gets load_model's own message when the run loads it
     try:
         if model.vae:
             from proxmodel.latent import require_vae_files
@@ -78,37 +145,89 @@ def check_model_files(cfg: RunConfig, init_from: Path | None) -> None:
 
 def prepare_run_dir(cfg: RunConfig, mode: str) -> Path:
     run_dir = Path(cfg.run_dir or f"runs/{mode}-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir {run_dir} is a file, not a folder. Choose another run_dir=... or omit it.")
     if (run_dir / "summary.json").exists():
         raise ConfigError(
             f"run_dir {run_dir} already holds a finished run (summary.json); it is left as it is. "
             f"Choose another run_dir=... or omit it to get a fresh one."
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+    except OSError as e:
+        raise ConfigError(f"run_dir {run_dir} cannot be written ({e.strerror or e}). Choose a writable run_dir=...") from None
     return run_dir
+
+
+def preflight(cfg: RunConfig, mode: str) -> Path | None:
+    """Every file and option the run will read, checked in the order a user would fix them; returns init_from."""
+    check_rewards(cfg)
+    if mode == "grpo":
+        from learner.prompts import prompt_source  # imports torch (through rewards): only for a good config
+
+        prompt_source(cfg)  # reads and checks a prompt file
+    init_from = resolve_checkpoint(cfg.init_from or (GRPO_DEFAULT_INIT if mode == "grpo" else None))
+    model = checkpoint_config(init_from) if init_from is not None else cfg.model  # a checkpoint's config.json wins
+    check_model_files(model, init_from)
+    if mode == "pretrain":
+        check_data(cfg, model)
+    check_weights(model, init_from)
+    return init_from
+
+
+def settings_help() -> str:
+    """The --help epilog, from the schema: one line per config section and how to see every key."""
+    width = max(len(name) for name, _ in sections())
+    lines = [f"  {name:<{width}}  {text}" for name, text in sections()]
+    top = [k for k, _ in schema_keys() if "." not in k and "[" not in k]
+    return (
+        "config sections (set any key with section.key=value after the options, e.g. grpo.lr=5e-5):\n"
+        + "\n".join(lines) + f"\n  top-level keys: {', '.join(top)}\n\n"
+        "--list-keys [SECTION] prints every key with its type, default and meaning; --print-config prints the\n"
+        "resolved config. Bad input exits with status 2 and a message, before anything is written."
+    )
+
+
+def list_keys(section: str) -> int:
+    names = sorted({k.split(".")[0].removesuffix("[]") for k, _ in schema_keys()})
+    if section and not schema_keys(section):
+        print(f"error: no config section or key {section!r}{did_you_mean(section, names)}; the sections are "
+              f"{', '.join(n for n, _ in sections())}.", file=sys.stderr)
+        return 2
+    print(describe_keys(section or None))
+    return 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m learner.main",
         description="Pretrain (proximal matching) or reward-fine-tune (GRPO) a proximal text-to-image model.",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--mode", choices=("pretrain", "grpo"), required=True, help="what to run")
+    parser.add_argument("--mode", choices=("pretrain", "grpo"), help="what to run (required to run)")
     parser.add_argument("--config", default=None, help="YAML config (default: the embedded configs/default.yaml)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) and exit")
+    parser.add_argument("--list-keys", nargs="?", const="", metavar="SECTION",
+                        help="print every key (or SECTION's) with its type, default and meaning, and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. grpo.iterations=5")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.mode is None and not args.print_config and args.list_keys is None:
+        parser.error("--mode is required: --mode pretrain or --mode grpo (or --print-config / --list-keys)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.list_keys is not None:
+        return list_keys(args.list_keys)
     try:
         cfg = load_config(args.config, args.overrides)
-        check_rewards(cfg)
-        if args.mode == "grpo":
-            prompt_source(cfg)  # reads and checks a prompt file before anything starts
-        init_ref = cfg.init_from or (GRPO_DEFAULT_INIT if args.mode == "grpo" else None)
-        init_from = resolve_checkpoint(init_ref)
-        check_model_files(cfg, init_from)
+        if args.print_config:
+            print(dump_config(cfg), end="")
+            return 0
+        init_from = preflight(cfg, args.mode)
         run_dir = prepare_run_dir(cfg, args.mode)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

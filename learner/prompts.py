@@ -59,7 +59,8 @@ def read_prompt_file(path: str | Path) -> list[str]:
     """Non-blank lines of a UTF-8 text file, stripped; a clear error for a missing, undecodable or empty file."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError(f"prompt file {path} does not exist. Set grpo.prompt_file to a text file with one prompt "
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"prompt file {path} {what}. Set grpo.prompt_file to a text file with one prompt "
                           f"per line, or to null for the built-in scene captions.")
     raw = path.read_bytes()
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from typing import Callable, Sequence
 
@@ -64,10 +65,16 @@ def preflight(name: str, options: dict) -> None:
     """Check a reward's files and options without loading it (a reward class may define `preflight(**options)`)."""
     _import_builtin()
     cls = _REGISTRY[name]
+    accepted = list(inspect.signature(cls).parameters)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:  # first: a misspelt option would otherwise read as a missing file
+        hint = difflib.get_close_matches(unknown[0], accepted, n=1)
+        raise TypeError(f"unknown option(s) {', '.join(unknown)}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                        + f"; {name} takes {', '.join(accepted) or 'no options'}")
     check = getattr(cls, "preflight", None)
     if check is not None:
-        check(**options)  # first: a missing file's message names the file, its source and the option to set
-    inspect.signature(cls).bind(**options)  # unknown or missing options fail here, not inside an actor
+        check(**options)  # a missing file's message names the file, its source and the option to set
+    inspect.signature(cls).bind(**options)  # missing required options fail here, not inside an actor
 
 
 def _import_builtin() -> None:

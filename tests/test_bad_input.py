@@ -1,0 +1,280 @@
+"""The bad-input wall (issue 13 item 5): each case is a command line that must stop with exit status 2 and one short
+paragraph naming the problem (no traceback, no dump of the config), before anything is written: no run directory and
+no MLflow store or run.
+
+The cases run in-process through `learner.main.main`, the CLI's own entry point, in an empty working directory (where
+the default `runs/` and the MLflow store of MLFLOW_TRACKING_URI would land); `learner.tracking` is replaced by a stub
+that fails the test if a run ever starts, so a case the wall lets through fails in a second instead of training. A
+few cases run as real subprocesses, with the real MLflow, for the exit status and the absence of a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from learner.main import main
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+BASE = REPO / "proxmodel" / "weights" / "scenes-base"
+GRPO = ["--mode", "grpo", "--config", SMOKE]
+PRETRAIN = ["--mode", "pretrain", "--config", SMOKE]
+
+
+class RunStarted(AssertionError):
+    pass
+
+
+class NoTracker:
+    def __init__(self, *args, **kwargs):
+        raise RunStarted("the bad input got past the wall: a run was about to start")
+
+
+@pytest.fixture
+def box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """box/in holds a case's input files; box/work is the working directory and must stay empty."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+    monkeypatch.setitem(sys.modules, "learner.tracking", types.SimpleNamespace(Tracker=NoTracker))
+    return tmp_path
+
+
+def assert_rejected(code: int | str | None, err: str, box: Path, fragment: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    message = lines[-1]  # argparse prints its usage (lines starting with "usage:" or blanks) before the error
+    assert all(line.startswith(("usage:", " ")) for line in lines[:-1]), err
+    assert message.startswith("error:") or ": error:" in message, err
+    assert len(message) < 800, f"not a short message ({len(message)} characters): {message}"
+    assert fragment in message, message
+    assert not any((box / "work").iterdir()), f"written: {sorted(p.name for p in (box / 'work').iterdir())}"
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int | str | None, str]:
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+# --- the command line, config files and overrides: no file other than a config is involved -----------------------
+
+CONFIG_FILES = {  # name: (contents of box/in/NAME, expected fragment)
+    "bad-yaml.yaml": (b"grpo: {iterations: [1,\n", "is not valid UTF-8 YAML"),
+    "latin1.yaml": ("grpo:\n  prompt_file: caf\u00e9.txt\n".encode("latin-1"), "is not valid UTF-8 YAML"),
+    "list.yaml": (b"- grpo\n- pretrain\n", "must hold a mapping"),
+    "typo.yaml": (b"grpo:\n  iteratoins: 3\n", "did you mean 'grpo.iterations'"),
+}
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    ([], "--mode is required"),
+    (["--mode", "train"], "invalid choice: 'train'"),
+    (["--mode", "grpo", "--config", "{in}/missing.yaml"], "missing.yaml does not exist"),
+    (["--mode", "grpo", "--config", "{in}"], "is a directory, not a file"),
+    *[(["--mode", "grpo", "--config", f"{{in}}/{name}"], fragment) for name, (_, fragment) in CONFIG_FILES.items()],
+    ([*GRPO, "justaword"], "'justaword' is not a key=value override"),
+    ([*GRPO, "=5"], "'=5' has an empty key"),
+    ([*GRPO, "grpo.=5"], "'grpo.=5' has an empty key"),
+    ([*GRPO, "grpo=3"], "'grpo' is a section, not a value"),
+    ([*GRPO, "grpo.train_step_window=[0,1"], "the value '[0,1' is not valid YAML"),
+    ([*GRPO, "grpo.iterations=abc"], "'grpo.iterations' = 'abc': Input should be a valid integer"),
+    ([*GRPO, "grpo.iteration=5"], "unknown config key 'grpo.iteration' (did you mean 'grpo.iterations'?)"),
+    ([*GRPO, "gpro.iterations=5"], "unknown config key 'gpro' (did you mean 'grpo'?)"),
+    ([*GRPO, "seed.x=1"], "seed is a value, not a section"),
+    ([*GRPO, "deepspeed.zero_stage=4"], "'deepspeed.zero_stage' = 4"),
+    ([*GRPO, "data.kind=imagenet"], "allowed: one of scenes|digits|folder|webdataset"),
+    ([*GRPO, "rewards=3"], "'rewards' is a list of mappings with the keys name, weight, options"),
+])
+def test_bad_command_lines_and_config_files(box, capsys, argv, fragment):
+    for name, (data, _) in CONFIG_FILES.items():
+        (box / "in" / name).write_bytes(data)
+    assert_rejected(*run([a.replace("{in}", str(box / "in")) for a in argv], capsys), box, fragment)
+
+
+# --- values out of range or inconsistent: the message names the key, the value and what is allowed ----------------
+
+@pytest.mark.parametrize("argv, fragment", [
+    ([*GRPO, "grpo.lr=.inf"], "'grpo.lr' = inf: Input should be a finite number; allowed: finite float > 0"),
+    ([*PRETRAIN, "pretrain.lr=.nan"], "'pretrain.lr' = nan: Input should be a finite number"),
+    ([*GRPO, "grpo.lr=0"], "'grpo.lr' = 0: Input should be greater than 0"),
+    ([*GRPO, "grpo.lr=-1e-4"], "'grpo.lr' = '-1e-4': Input should be greater than 0"),
+    ([*GRPO, "grpo.group_size=1"], "'grpo.group_size' = 1: Input should be greater than or equal to 2"),
+    ([*GRPO, "grpo.steps=1"], "'grpo.steps' = 1: Input should be greater than or equal to 2"),
+    ([*GRPO, "grpo.clip_range=0"], "'grpo.clip_range' = 0: Input should be greater than 0"),
+    ([*GRPO, "data.omit_prob=1.5"], "'data.omit_prob' = 1.5: Input should be less than or equal to 1"),
+    ([*PRETRAIN, "pretrain.cfg_dropout=-0.1"], "'pretrain.cfg_dropout' = -0.1: Input should be greater than or equal to 0"),
+    ([*GRPO, "grpo.iterations=0"], "'grpo.iterations' = 0: Input should be greater than or equal to 1"),
+    ([*GRPO, "actors.rollout.count=0"], "'actors.rollout.count' = 0"),
+    ([*GRPO, "seed=-1"], "'seed' = -1: Input should be greater than or equal to 0"),
+    ([*GRPO, "rewards=[{name: jpeg_compressibility, weight: .nan}]"], "'rewards.0.weight' = nan"),
+    ([*GRPO, "grpo.train_step_window=[0,2]"], "grpo.train_step_window=[0, 2]: entries must be distinct sampler "
+                                              "transitions 0..1 (grpo.steps=3 has 2)"),
+    ([*GRPO, "grpo.train_step_window=[]"], "grpo.train_step_window=[]: entries must be"),
+    ([*GRPO, "grpo.train_step_window=[1,1]"], "grpo.train_step_window=[1, 1]: entries must be distinct"),
+    ([*GRPO, "grpo.prompts_per_iteration=1", "actors.learner.count=2"],
+     "grpo.prompts_per_iteration (1) must be at least the number of learner ranks actors.learner.count (2)"),
+    ([*GRPO, "grpo.prompt_stats_min_count=64"], "grpo.prompt_stats_min_count=64 must be at most grpo.prompt_stats_buffer=32"),
+    ([*PRETRAIN, "data.kind=folder"], "data.kind=folder reads its files from data.path"),
+    ([*PRETRAIN, "model.base_channels=12"], "the model section describes a model that cannot be built"),
+])
+def test_values_out_of_range_or_inconsistent(box, capsys, argv, fragment):
+    assert_rejected(*run(argv, capsys), box, fragment)
+
+
+def test_run_dir_that_is_a_file_or_a_finished_run(box, capsys):
+    (box / "in" / "a-file").write_text("x")
+    assert_rejected(*run([*GRPO, f"run_dir={box / 'in' / 'a-file'}"], capsys), box, "is a file, not a folder")
+    finished = box / "in" / "finished"
+    finished.mkdir()
+    (finished / "summary.json").write_text("{}")
+    assert_rejected(*run([*GRPO, f"run_dir={finished}"], capsys), box, "already holds a finished run")
+    assert [p.name for p in finished.iterdir()] == ["summary.json"]
+
+
+# --- prompt files ------------------------------------------------------------------------------------------------
+
+PROMPT_FILES = {  # name: (bytes or None for a directory, expected fragment); smoke.yaml holds out 4 prompts
+    "empty.txt": (b"", "has no prompts"),
+    "blank.txt": (b"\n   \n\t\n", "has no prompts"),
+    "latin1.txt": ("a red circle\nna\u00efve caf\u00e9\n".encode("latin-1"), "is not UTF-8 (line 2"),
+    "folder.txt": (None, "is a directory, not a file"),
+    "few.txt": (b"one\ntwo\nthree\nfour\n", "has 4 prompt(s); 4 are held out"),
+    "missing.txt": (False, "missing.txt does not exist"),
+}
+
+
+@pytest.mark.parametrize("name", list(PROMPT_FILES))
+def test_bad_prompt_files(box, capsys, name):
+    data, fragment = PROMPT_FILES[name]
+    path = box / "in" / name
+    if data is None:
+        path.mkdir()
+    elif data is not False:
+        path.write_bytes(data)
+    assert_rejected(*run([*GRPO, f"grpo.prompt_file={path}"], capsys), box, fragment)
+
+
+# --- pretraining data folders and shards -------------------------------------------------------------------------
+
+def write_png(path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(path)
+
+
+@pytest.mark.parametrize("case, kind, fragment", [
+    ("missing", "folder", "is not a folder"),
+    ("empty", "folder", "holds no image files"),
+    ("no-captions", "folder", "has no caption file red.txt"),
+    ("empty-caption", "folder", "red.txt is empty"),
+    ("latin1-caption", "folder", "red.txt is not UTF-8"),
+    ("a-file", "folder", "is not a folder"),
+    ("empty", "webdataset", "is a folder with no .tar shards"),
+    ("missing.tar", "webdataset", "shard(s) not found"),
+])
+def test_bad_data_folders(box, capsys, case, kind, fragment):
+    path = box / "in" / case
+    if case == "a-file":
+        path.write_text("not a folder")
+    elif case not in ("missing", "missing.tar"):
+        path.mkdir()
+    if case in ("no-captions", "empty-caption", "latin1-caption"):
+        write_png(path / "red.png")
+    captions = {"empty-caption": b"  \n", "latin1-caption": "a red caf\u00e9".encode("latin-1")}
+    if case in captions:
+        (path / "red.txt").write_bytes(captions[case])
+    assert_rejected(*run([*PRETRAIN, f"data.kind={kind}", f"data.path={path}"], capsys), box, fragment)
+
+
+# --- checkpoints given as init_from ------------------------------------------------------------------------------
+
+def make_checkpoint(root: Path, case: str) -> Path:
+    """A copy of builtin:scenes-base, broken as `case` says."""
+    ckpt = root / case
+    if case == "missing":
+        return ckpt
+    ckpt.mkdir()
+    weights, config = BASE / "model.safetensors", json.loads((BASE / "config.json").read_text())
+    if case != "no-weights":
+        shutil.copy(weights, ckpt / "model.safetensors")
+    if case != "no-config":
+        (ckpt / "config.json").write_text(json.dumps(config))
+    if case == "truncated":
+        (ckpt / "model.safetensors").write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif case == "not-safetensors":  # e.g. a torch pickle renamed: a zip archive
+        (ckpt / "model.safetensors").write_bytes(b"PK\x03\x04" + os.urandom(4096))
+    elif case == "wrong-architecture":
+        (ckpt / "config.json").write_text(json.dumps({**config, "base_channels": config["base_channels"] // 2}))
+    elif case == "config-not-json":
+        (ckpt / "config.json").write_text("{'base_channels': 32,")
+    elif case == "config-unknown-key":
+        (ckpt / "config.json").write_text(json.dumps({**config, "base_chanels": 32}))
+    return ckpt
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("missing", "does not exist"),
+    ("no-weights", "is not a checkpoint folder (it lacks model.safetensors)"),
+    ("no-config", "is not a checkpoint folder (it lacks config.json)"),
+    ("truncated", "is not a readable safetensors file"),
+    ("not-safetensors", "is not a readable safetensors file"),
+    ("wrong-architecture", "do not fit the architecture in"),
+    ("config-not-json", "is not a valid model config (Invalid JSON"),
+    ("config-unknown-key", "is not a valid model config (base_chanels: Extra inputs are not permitted"),
+])
+def test_bad_checkpoints(box, capsys, case, fragment):
+    ckpt = make_checkpoint(box / "in", case)
+    assert_rejected(*run([*GRPO, f"init_from={ckpt}"], capsys), box, fragment)
+
+
+def test_unknown_builtin_checkpoint(box, capsys):
+    assert_rejected(*run([*GRPO, "init_from=builtin:scenes-bsae"], capsys), box, "the built-in ones are ['scenes-base']")
+
+
+# --- rewards -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rewards, fragment", [
+    ("[{name: hpsv3}]", "rewards[0].name='hpsv3': unknown reward (did you mean 'hpsv2'?); the registered rewards are "),
+    ("[{name: jpeg_compressibility, options: {qualty: 90}}]",
+     "unknown option(s) qualty (did you mean 'quality'?); jpeg_compressibility takes quality"),
+    ("[{name: clip_score, options: {path: {in}/no-clip}}]", "missing the folder {in}/no-clip"),
+    ("[{name: aesthetic, options: {clip_path: {in}, head_path: {in}/head.pth}}]", "open_clip_config.json"),
+    ("[{name: compositional}, {name: compositional, weight: 2}]", "a reward is listed twice"),
+])
+def test_bad_rewards(box, capsys, rewards, fragment):
+    where = str(box / "in")
+    argv = [*GRPO, "rewards=" + rewards.replace("{in}", where)]
+    assert_rejected(*run(argv, capsys), box, fragment.replace("{in}", where))
+
+
+# --- the same wall seen from a shell: real interpreter, real MLflow store ----------------------------------------
+
+@pytest.mark.parametrize("args, fragment", [
+    ([], "--mode is required"),
+    (["--mode", "grpo", "grpo.train_step_window=[0,1"], "is not valid YAML"),  # was a 49-line traceback
+    (["--mode", "grpo", "grpo.lr=.inf"], "finite"),
+    (["--mode", "grpo", "rewards=[{name: nope}]"], "unknown reward"),  # was a 2,180-character config dump
+    (["--mode", "grpo", "init_from={in}/truncated"], "is not a readable safetensors file"),
+])
+def test_subprocess_exits_2_without_traceback_or_writes(tmp_path, args, fragment):
+    work, inputs = tmp_path / "work", tmp_path / "in"
+    work.mkdir(), inputs.mkdir()
+    make_checkpoint(inputs, "truncated")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+    proc = subprocess.run([sys.executable, "-m", "learner.main", *[a.replace("{in}", str(inputs)) for a in args]],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert_rejected(proc.returncode, proc.stderr, tmp_path, fragment)
+    assert proc.stdout == ""
