@@ -16,6 +16,7 @@ from actors.reward import RewardActor
 from actors.rollout import RolloutActor
 from actors.stream import EmbeddedRedis, ExperienceStream
 from learner.evaluation import evaluate, hacking_monitors
+from learner.forward_objective import ForwardBatch, forward_loss
 from learner.grpo_learner import TrainGroup, transition_loss
 from learner.policy_loss import compute_advantages
 from proxmodel.model import ProxT2I, save_model
@@ -87,6 +88,25 @@ def test_learner_loss_with_guidance_and_kl_runs_on_the_engine_device(checkpoint,
     assert all(p.grad is not None and p.grad.device.type == "meta" for p in learner.unet.parameters())
 
 
+def test_forward_objective_loss_runs_on_the_engine_device(checkpoint, server, tiny_model):
+    write_batch(checkpoint, server.address, "fwd", steps=STEPS, group_size=G, trajectory=False)
+    entries = ExperienceStream(server.address, "fwd").read("rank0", count=len(PROMPTS), timeout_s=5)
+    groups: list[Group] = [group for _, group in entries]
+    advantages = compute_advantages({"compositional": torch.stack([g.scores["compositional"] for g in groups])},
+                                    WEIGHTS, [g.prompt for g in groups])
+    learner, reference = on_meta(tiny_model).train(), on_meta(tiny_model)
+    audit = OnDevice()
+    with audit:
+        batch = [TrainGroup.of(g, a, learner, torch.device("meta")) for g, a in zip(groups, advantages)]
+        pairs = ForwardBatch.build(learner, torch.cat([b.samples for b in batch]), torch.cat([b.tokens for b in batch]),
+                                   torch.cat([b.advantages for b in batch]), step_candidates=[STEPS],
+                                   variants=("hybrid", "flow"), adv_scale=1.0, generator=torch.Generator())
+        loss, stats = forward_loss(learner, pairs, 1.0, reference, anchor=0.5)
+        loss.backward()
+    assert loss.device.type == "meta" and "anchor_mse" in stats
+    assert audit.network_devices() == {"meta"}
+
+
 @pytest.mark.parametrize("kind", ["prox", "score"])
 def test_evaluation_runs_on_the_models_device(tiny_model_config, kind):
     torch.manual_seed(0)
@@ -100,5 +120,6 @@ def test_evaluation_runs_on_the_models_device(tiny_model_config, kind):
                           GUIDANCE)
         monitors = hacking_monitors(model, model, PROMPTS[:2], STEPS, 0, 1.0, G, GUIDANCE)
     assert images.device.type == "cpu" and images.shape[0] == len(PROMPTS)  # out to the rewards on the CPU
-    assert set(scores) == set(det) == {"compositional"} and set(monitors) == {"diversity", "saturation", "kl_ref"}
+    assert set(scores) == set(det) == {"compositional"}
+    assert set(monitors) == {"diversity", "saturation", "kl_ref", "kl_ref_per_transition"}
     assert audit.network_devices() == {"meta"}
