@@ -4,11 +4,13 @@
 
 For each dataset it pretrains a prox model and a score model of the same backbone with equal data, iterations and
 batch size (`python -m learner.main --mode pretrain`, model.kind=prox / score; same seed, same data stream), then
-samples the same held-out prompts with the same noise seed at each NFE with every sampler of each model and scores
-the images:
+samples the same held-out prompts with `--seeds` noise seeds at each NFE with every sampler of each model and scores
+the images, each number with a 95% bootstrap interval (over prompts with their seed-averaged scores; the Frechet
+distance over samples):
 
-    prox:  hybrid and fully backward (where the grid allows it), each stochastic (eta=1, the method) and
-           deterministic (eta=0)
+    prox:  the stochastic hybrid sampler (the method, GRPO's policy) and the deterministic probability-flow sampler
+           (lam = gamma/2). The prox model is pretrained on exactly the NFEs reported (pretrain.step_candidates
+           {5, 10, 20}) and both samplers' lam; the eta = 0 hybrid chain (mode-seeking, not a sampler) is not shown.
     score: Euler-Maruyama + final denoising step (sde), probability-flow ODE (ode), DDIM (diffusers' scheduler)
 
     scenes  compositional accuracy of the scene verifier (configs/default.yaml's model and data)
@@ -36,11 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-NFES = (1, 2, 3, 5, 10, 20, 50)
-# (label, sampler, eta) per model kind; score ODE and DDIM are deterministic by construction.
+NFES = (5, 10, 20)  # = pretrain.step_candidates of both configs: every prox query is on its training support
+# (label, sampler, eta) per model kind; flow, ODE and DDIM are deterministic by construction.
 SAMPLERS = {
-    "prox": (("prox hybrid", "hybrid", 1.0), ("prox hybrid eta=0", "hybrid", 0.0),
-             ("prox backward", "backward", 1.0), ("prox backward eta=0", "backward", 0.0)),
+    "prox": (("prox hybrid", "hybrid", 1.0), ("prox flow", "flow", 0.0)),
     "score": (("score sde", "sde", 1.0), ("score ode", "ode", 0.0), ("score ddim", "ddim", 0.0)),
 }
 CONFIGS = {"scenes": ROOT / "configs" / "default.yaml", "digits": ROOT / "configs" / "digits.yaml"}
@@ -63,32 +64,51 @@ def pretrain(kind: str, config: Path, iterations: int | None, scratch: Path, uri
 
 @dataclass
 class Metric:
-    """How one dataset's images are judged: prompts, and score(images) -> {metric name: value}."""
+    """How one dataset's images are judged: prompts, and score([images per seed]) -> {metric name: Estimate}."""
 
     prompts: list[str]
-    score: Callable[..., dict[str, float]]
+    score: Callable[..., dict]
     names: tuple[str, ...]
     note: str
 
 
 def scenes_metric(prompts: int) -> Metric:
+    import numpy as np
+
+    from learner.bootstrap import bootstrap_ci
     from learner.data import EVAL_SEED_OFFSET
     from rewards import build
     from rewards.scenes import scene_prompts
 
     reward, texts = build("compositional"), scene_prompts(0, EVAL_SEED_OFFSET, prompts)
-    return Metric(texts, lambda images: {"accuracy": float(reward.score(images, texts).mean())}, ("accuracy",),
-                  f"compositional accuracy on {prompts} held-out scene prompts")
+
+    def score(per_seed) -> dict:
+        return {"accuracy": bootstrap_ci(np.stack([reward.score(im, texts).numpy() for im in per_seed], axis=1))}
+
+    return Metric(texts, score, ("accuracy",), f"compositional accuracy on {prompts} held-out scene prompts")
 
 
 def digits_metric(per_digit: int) -> Metric:
-    from digits_accuracy import DigitJudge, digit_prompts
+    import numpy as np
+
+    from digits_accuracy import DigitJudge, digit_prompts, frechet, hidden_features, ink_8x8
+    from learner.bootstrap import Estimate, bootstrap_ci
 
     judge = DigitJudge.fit(data_seed=0)
     labels, texts = digit_prompts(per_digit)
 
-    def score(images) -> dict[str, float]:
-        return {"accuracy": judge.accuracy(images, labels), "frechet": judge.frechet(images)}
+    def frechet_ci(features: np.ndarray, resamples: int = 200) -> Estimate:
+        """The distance of all samples, with a percentile interval from resampling the samples."""
+        rng = np.random.default_rng(0)
+        draws = [frechet(features[rng.integers(len(features), size=len(features))], judge.real_features)
+                 for _ in range(resamples)]
+        low, high = np.quantile(draws, [0.025, 0.975])
+        return Estimate(frechet(features, judge.real_features), float(low), float(high))
+
+    def score(per_seed) -> dict:
+        correct = np.stack([judge.clf.predict(ink_8x8(im)) == labels for im in per_seed], axis=1)
+        features = np.concatenate([hidden_features(judge.clf, ink_8x8(im)) for im in per_seed])
+        return {"accuracy": bootstrap_ci(correct.astype(float)), "frechet": frechet_ci(features)}
 
     return Metric(texts, score, ("accuracy", "frechet"),
                   f"{len(texts)} samples ({per_digit} per digit); classifier accuracy on held-out real digits "
@@ -96,37 +116,34 @@ def digits_metric(per_digit: int) -> Metric:
                   f"{judge.real_frechet:.2f} (a floor)")
 
 
-def quality_table(checkpoints: dict[str, Path], metric: Metric, seed: int) -> dict[str, dict[int, dict[str, float]]]:
-    """{sampler label: {NFE: {metric: value}}} on the metric's prompts with fixed noise."""
+def quality_table(checkpoints: dict[str, Path], metric: Metric, seeds: int, nfes: tuple[int, ...]) -> dict:
+    """{sampler label: {NFE: {metric: Estimate}}} on the metric's prompts with noise seeds 0..seeds-1."""
     import torch
 
     from learner.evaluation import generate
     from proxmodel.model import load_model
-    from proxmodel.schedule import VPSchedule
 
-    backward_min = VPSchedule().min_steps_below(2.0)
-    rows: dict[str, dict[int, dict[str, float]]] = {}
+    rows: dict = {}
     for kind, path in checkpoints.items():
         model = load_model(path)
         for label, sampler, eta in SAMPLERS[kind]:
             row = rows.setdefault(label, {})
-            for nfe in NFES:
-                if sampler == "backward" and nfe < backward_min:
-                    continue  # the grid has a step with gamma >= 2
+            for nfe in nfes:
                 with torch.no_grad():
-                    images = generate(model, metric.prompts, nfe, seed, eta=eta, sampler=sampler)
-                row[nfe] = metric.score(images)
-                print(f"{label} NFE={nfe}: " + " ".join(f"{k} {v:.3f}" for k, v in row[nfe].items()), flush=True)
+                    per_seed = [generate(model, metric.prompts, nfe, seed, eta=eta, sampler=sampler)
+                                for seed in range(seeds)]
+                row[nfe] = metric.score(per_seed)
+                print(f"{label} NFE={nfe}: " + " ".join(f"{k} {v}" for k, v in row[nfe].items()), flush=True)
     return rows
 
 
-def markdown(rows, metric: Metric, title: str) -> str:
-    out = [f"{title}; {metric.note}", ""]
+def markdown(rows, metric: Metric, title: str, nfes: tuple[int, ...]) -> str:
+    out = [f"{title}; {metric.note}; mean [95% interval]", ""]
     for name in metric.names:
-        out += [f"{name}:", "", "| sampler | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
-                "|" + "---|" * (len(NFES) + 1)]
+        out += [f"{name}:", "", "| sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+                "|" + "---|" * (len(nfes) + 1)]
         for label, row in rows.items():
-            out.append(f"| {label} | " + " | ".join(f"{row[n][name]:.3f}" if n in row else "-" for n in NFES) + " |")
+            out.append(f"| {label} | " + " | ".join(str(row[n][name]) if n in row else "-" for n in nfes) + " |")
         out.append("")
     return "\n".join(out)
 
@@ -141,8 +158,10 @@ def plot(rows, metric: Metric, title: str, path: Path) -> None:
     for ax, name in zip(axes[0], metric.names):
         for label, row in rows.items():
             nfes = sorted(row)
-            ax.plot(nfes, [row[n][name] for n in nfes], marker="o", label=label,
-                    linestyle="--" if "eta=0" in label else "-")
+            est = [row[n][name] for n in nfes]
+            line, = ax.plot(nfes, [e.mean for e in est], marker="o", label=label,
+                            linestyle="--" if label.startswith("score") else "-")
+            ax.fill_between(nfes, [e.low for e in est], [e.high for e in est], color=line.get_color(), alpha=0.15)
         ax.set_xscale("log")
         ax.set_xlabel("network evaluations (NFE)")
         ax.set_ylabel(name + (" (lower is better)" if name == "frechet" else ""))
@@ -166,6 +185,9 @@ def main() -> None:
     parser.add_argument("--models", type=Path, default=None,
                         help="skip pretraining: reuse DIR/<dataset>/<prox|score> (written by --keep-models, or "
                         "DIR/scenes by benchmarks/grpo_reward_vs_time.py --keep-models)")
+    parser.add_argument("--seeds", type=int, default=2, help="noise seeds per prompt")
+    parser.add_argument("--nfes", type=int, nargs="+", default=list(NFES),
+                        help="step counts (the prox model is trained on 5, 10, 20; others query it off support)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -196,11 +218,14 @@ def main() -> None:
                 metric = digits_metric(20 if args.quick else 50)
             title = (f"{dataset}: prox and score models pretrained {iterations} iterations "
                      f"({CONFIGS[dataset].name}; same backbone, data, batch and seed)")
-            rows = quality_table(checkpoints, metric, seed=0)
-            table = markdown(rows, metric, title)
+            nfes = tuple(args.nfes)
+            rows = quality_table(checkpoints, metric, args.seeds, nfes)
+            table = markdown(rows, metric, title, nfes)
             (args.out / f"quality_vs_steps_{dataset}.md").write_text(table)
+            as_json = {label: {n: {k: e.as_dict() for k, e in r.items()} for n, r in row.items()}
+                       for label, row in rows.items()}
             (args.out / f"quality_vs_steps_{dataset}.json").write_text(json.dumps(
-                {"title": title, "note": metric.note, "rows": rows}, indent=1) + "\n")
+                {"title": title, "note": metric.note, "seeds": args.seeds, "rows": as_json}, indent=1) + "\n")
             plot(rows, metric, title, args.out / f"quality_vs_steps_{dataset}.png")
             print(table, flush=True)
     finally:
