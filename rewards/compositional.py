@@ -4,8 +4,11 @@ Pixels are classified to the nearest palette colour; the most common class is th
 if it covers at least half the image. Each stated object is looked for in its stated quadrant (or, with no position
 stated, in the quadrant holding most of its colour): its largest foreground component is the object only if it is
 big enough and mostly one colour; then that colour, its size (bounding-box extent) and its shape (the best overlap
-with each shape drawn in that box, if the overlap is good) are checked. The purity and overlap thresholds make
-speckle noise worthless: a policy cannot earn reward with images that only have the right colour statistics.
+with each shape drawn in that box, if the overlap is good) are checked, and the place, size and shape count only
+once the colour is the stated one: a blob of another colour is another object. The purity and overlap thresholds
+make speckle noise worthless, and the colour gate makes one prompt-agnostic blob worthless: GRPO runs against the
+earlier, ungated verifier collapsed to the same cyan blobs for every prompt, which earned about 0.3 from position
+and size credit alone.
 """
 
 from __future__ import annotations
@@ -85,10 +88,9 @@ def verify(image: np.ndarray, scene: Scene) -> float:
         colour_class = int(colour_counts.argmax())
         if colour_counts[colour_class] < MIN_PURITY * blob.sum():
             continue  # a speckled mixture of colours is not an object
-        if obj.position is not None:
-            held += 1
-        if obj.colour is not None:
-            held += PALETTE_NAMES[colour_class] == obj.colour
+        if obj.colour is not None and PALETTE_NAMES[colour_class] != obj.colour:
+            continue  # another object, not the stated one: its place, size and shape say nothing about this one
+        held += sum(a is not None for a in (obj.position, obj.colour))
         ys, xs = np.nonzero(blob)
         extent = max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)
         if obj.size is not None:

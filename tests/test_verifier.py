@@ -6,7 +6,7 @@ import torch
 
 from rewards import build
 from rewards.compositional import verify
-from rewards.scenes import Scene, SceneObject, parse_caption, random_scene, render, scene_batch
+from rewards.scenes import Scene, SceneObject, parse_caption, random_scene, render, scene_batch, scene_prompts
 
 SEEDS = 300
 
@@ -28,11 +28,12 @@ def test_each_attribute_is_checked():
     assert verify(image, base) == 1.0
     for wrong in (
         Scene("black", base.objects),
-        Scene("white", (SceneObject("blue", "circle", "large", "top left"),)),
         Scene("white", (SceneObject("red", "square", "large", "top left"),)),
         Scene("white", (SceneObject("red", "circle", "small", "top left"),)),
     ):
         assert verify(image, wrong) == pytest.approx(4 / 5)
+    # Another colour is another object: its place and size earn nothing (only the background holds).
+    assert verify(image, Scene("white", (SceneObject("blue", "circle", "large", "top left"),))) == pytest.approx(1 / 5)
     # Wrong quadrant: nothing is found there, so only the background holds.
     assert verify(image, Scene("white", (SceneObject("red", "circle", "large", "bottom right"),))) == pytest.approx(1 / 5)
 
@@ -70,3 +71,15 @@ def test_noise_cannot_earn_reward():
         classes[rng.random((32, 32)) < 0.6] = 0
         speckled.append(verify(PALETTE[classes].transpose(2, 0, 1), parse_caption(caption)))
     assert np.mean(speckled) < 0.1
+
+
+def test_one_blob_for_every_prompt_earns_only_where_its_colour_is_asked_for():
+    """The collapse seen with the ungated verifier: a large cyan blob on a light background for every prompt."""
+    blob = Scene("white", (SceneObject("cyan", "circle", "large", "top left"),
+                           SceneObject("cyan", "square", "large", "bottom right")))
+    image = render(blob, 32)
+    captions = scene_prompts(0, 10_000_000, 300)
+    scores = np.array([verify(image, parse_caption(c)) for c in captions])
+    asks_cyan = np.array(["cyan" in c for c in captions])
+    assert scores[~asks_cyan].mean() < 0.1  # at most the background, which most prompts do not share
+    assert scores[asks_cyan].mean() > scores[~asks_cyan].mean()
