@@ -132,8 +132,10 @@ class GrpoRun:
                                            flow, g.guidance)
             metrics.update(ci_metrics("eval_flow_reward", self.with_total(flow_scores)))
         monitors = hacking_monitors(model, self.reference, prompts[:4], g.steps, seed, g.eta, g.group_size, g.guidance)
+        # Between prompts: one image for every prompt (the collapse the ungated verifier was hacked with) drives it to 0.
+        monitors["prompt_diversity"] = float(images.flatten(1).std(dim=0).mean())
         self.base_monitors = self.base_monitors or monitors
-        for name in ("saturation", "diversity"):  # against the starting policy on the same prompts and noise
+        for name in ("saturation", "diversity", "prompt_diversity"):  # against the start, same prompts and noise
             monitors[f"{name}_ratio"] = monitors[name] / max(self.base_monitors[name], 1e-8)
         self.tracker.metrics({**metrics, **{f"monitor_{k}": v for k, v in monitors.items()}}, step=step)
         grid = save_grid(images, self.run_dir / "samples" / f"step{step:05d}.png")

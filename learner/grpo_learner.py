@@ -7,6 +7,7 @@ batch to the engine's device, and takes one optimiser step per pass over the bat
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -191,7 +192,8 @@ class GrpoLearner:
         pairs = ForwardBatch.build(
             self.engine, torch.cat([b.samples for b in batch]), torch.cat([b.tokens for b in batch]),
             torch.cat([b.advantages for b in batch]), step_candidates=cfg.trained_steps or [g.steps],
-            variants=tuple(cfg.trained_variants or ["hybrid"]), adv_scale=g.forward_adv_scale,
+            variants=tuple(cfg.trained_variants or ["hybrid"]),
+            adv_scale=g.forward_adv_scale or math.sqrt(g.group_size - 1),
             generator=self.step_rng,
         )
         sums: dict[str, list[float]] = {}

@@ -103,6 +103,18 @@ def test_grpo_end_to_end_acks_every_entry_and_logs_every_iteration(pretrained, s
     assert all(m.value == 0.0 for m in mlflow.get_metric_history(run.info.run_id, "policy_lag_max"))
     artifacts = {a.path for a in mlflow.list_artifacts(run.info.run_id)}
     assert {"samples.png", "config.yaml", "summary.json"} <= artifacts
+    # Held-out evaluation: each reward and the total, before / after / paired difference, each with its interval.
+    held_out = summary["eval"]
+    assert held_out["prompts"] == 4 and held_out["seeds"] == 2
+    assert set(held_out["rewards"]) == {"compositional", "jpeg_compressibility", "total"}
+    for name, parts in held_out["rewards"].items():
+        for part in ("before", "after", "difference"):
+            assert parts[part]["ci_low"] <= parts[part]["mean"] <= parts[part]["ci_high"], (name, part)
+        assert parts["difference"]["mean"] == pytest.approx(parts["after"]["mean"] - parts["before"]["mean"])
+    metrics = run.data.metrics
+    for key in ("eval_reward_total_ci_low", "eval_reward_gain_total", "monitor_prompt_diversity_ratio",
+                "monitor_kl_ref_per_transition"):
+        assert key in metrics, key
 
 
 def test_unknown_config_key_fails_fast_naming_it(tmp_path):

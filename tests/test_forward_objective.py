@@ -94,3 +94,17 @@ def test_the_anchor_pulls_towards_the_reference_on_the_same_inputs():
     anchored, stats = forward_loss(model, batch, 1.0, reference=reference, anchor=2.0)
     assert float(stats["anchor_mse"]) == pytest.approx(0.25)  # (0 - 0.5)^2 on the same pairs
     assert anchored.item() == pytest.approx(plain.item() + 0.5)
+
+
+def test_the_default_scale_keeps_every_group_balanced_even_with_one_success():
+    """With s = sqrt(G - 1) (the largest |A| of group-std advantages) nothing is clipped and (2r - 1) sums to 0 in
+    every group; clipping at s = 1 tilts a one-success group towards pushing away from its own samples."""
+    from learner.policy_loss import group_advantages
+
+    g = 8
+    rewards = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0, 0], [0.5, 0.5, 0, 0, 1, 1, 0.25, 0], [0, 0, 0, 0, 0, 0, 0.1, 0.3]])
+    adv = group_advantages(rewards, eps=1e-4)
+    balanced = 2 * optimality(adv, math.sqrt(g - 1)) - 1
+    assert balanced.abs().max() <= 1 and torch.allclose(balanced.sum(dim=1), torch.zeros(3), atol=1e-4)
+    clipped = 2 * optimality(adv, 1.0) - 1
+    assert float(clipped[0].sum()) < -1.0  # the failure mode the default avoids
