@@ -1,6 +1,7 @@
 """Smoke pretrain + GRPO through the real stack: DeepSpeed, Ray actors, a Redis stream, an MLflow store."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import safetensors.torch
 from mlflow.tracking import MlflowClient
 
 from actors.stream import EmbeddedRedis
@@ -124,6 +126,26 @@ def test_unknown_config_key_fails_fast_naming_it(tmp_path):
     assert "nonexistent" in proc.stderr and "unknown config key" in proc.stderr
     assert not (tmp_path / "r").exists()  # nothing started, nothing written
     assert time.monotonic() - start < 60
+
+
+def test_forward_objective_runs_end_to_end_without_trajectories_on_the_wire(pretrained, store):
+    root, uri = store
+    with EmbeddedRedis() as server:
+        proc = run_cli(
+            "--mode", "grpo", "--config", str(SMOKE), f"run_dir={root / 'forward'}", f"mlflow.tracking_uri={uri}",
+            f"init_from={pretrained['checkpoint']}", f"redis.url=unix://{server.socket}", "grpo.objective=forward",
+            "grpo.eval_every=0", env={"PROXRL_REDIS_PASSWORD": server.password},
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads(Path(last_line(proc)).read_text())
+        client = server.address.connect()
+        key = f"proxrl:{summary['mlflow_run_id']}:experience"
+        _, fields = client.xrange(key, count=1)[0]
+        tensors = safetensors.torch.load(fields[b"tensors"])
+    assert "samples" in tensors and "states" not in tensors and "log_probs" not in tensors
+    assert summary["stream"]["pending"] == 0 and summary["stream"]["entries"] == summary["groups_written"]
+    history = MlflowClient(uri).get_metric_history(summary["mlflow_run_id"], "forward_loss")
+    assert len(history) == summary["iterations"] and all(math.isfinite(m.value) for m in history)
 
 
 def test_async_grpo_respects_the_staleness_bound(pretrained, store):
