@@ -229,7 +229,10 @@ class ActorsConfig(Strict):
 
 class DeepSpeedConfig(Strict):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage of the learner")
-    bf16: bool = Field(False, description="bf16 mixed precision in the learner (log-probs stay float32)")
+    bf16: bool = Field(
+        False, description="bf16 network in the learner (fp32 master weights), the KL reference, the rollout actors "
+        "and evaluation, so rollouts and learner compute the same function; log-probs and losses stay float32",
+    )
 
 
 class RedisConfig(Strict):

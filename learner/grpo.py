@@ -105,7 +105,9 @@ class GrpoRun:
         self.prompts = prompt_source(cfg)
         self.eval_prompts = self.prompts.held_out(g.eval_prompts)
         self.eval_rewards = {r.name: build_reward(r.name, **r.options) for r in cfg.rewards}
-        self.reference = load_model(init_from)
+        # Evaluated in the policy's own precision: under deepspeed.bf16 the trained network is the bf16 one.
+        self.dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
+        self.reference = load_model(init_from).to(dtype=self.dtype)
         # The loop's state: rollouts in flight (a rollout actor runs its calls in order, so new weights reach it
         # only between two whole batches), the last weight broadcast, the model evaluated every eval_every.
         self.in_flight: deque[list] = deque()
@@ -217,7 +219,7 @@ class GrpoRun:
         if pending:
             raise RuntimeError(f"{pending} stream entries were never acknowledged")
         done = loop["iterations"]
-        after = self.evaluate(load_model(checkpoint), done)
+        after = self.evaluate(load_model(checkpoint).to(dtype=self.dtype), done)
         shutil.copyfile(self.run_dir / "samples" / f"step{done:05d}.png", self.run_dir / "samples.png")
         self.tracker.artifact(self.run_dir / "samples.png")
         history, wall = loop["history"], loop["wall_time_s"]

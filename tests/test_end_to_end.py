@@ -102,6 +102,8 @@ def test_grpo_end_to_end_acks_every_entry_and_logs_every_iteration(pretrained, s
         assert {m.step: m.value for m in rewards}[step] == pytest.approx(mixed, abs=1e-5)
     # On-policy (one optimiser step per batch): the policy ratio is exactly 1, through Ray, Redis and DeepSpeed.
     assert all(m.value == 0.0 for m in mlflow.get_metric_history(run.info.run_id, "ratio_max_dev"))
+    first_pass = mlflow.get_metric_history(run.info.run_id, "first_pass_log_ratio_max")
+    assert sorted(m.step for m in first_pass) == list(range(iterations)) and all(m.value == 0.0 for m in first_pass)
     assert all(m.value == 0.0 for m in mlflow.get_metric_history(run.info.run_id, "policy_lag_max"))
     artifacts = {a.path for a in mlflow.list_artifacts(run.info.run_id)}
     assert {"samples.png", "config.yaml", "summary.json"} <= artifacts
@@ -166,14 +168,17 @@ def test_async_grpo_respects_the_staleness_bound(pretrained, store):
 
 
 def test_time_limit_stops_launching_and_trains_what_is_in_flight(pretrained, store):
+    """Also in bf16 (deepspeed.bf16 reaches the rollout actors: their log-probs are the learner's exactly)."""
     root, uri = store
     proc = run_cli(
         "--mode", "grpo", "--config", str(SMOKE), f"run_dir={root / 'timed'}", f"mlflow.tracking_uri={uri}",
         f"init_from={pretrained['checkpoint']}", "grpo.iterations=100", "grpo.time_limit_s=0.000001",
-        "grpo.eval_every=0",
+        "grpo.eval_every=0", "deepspeed.bf16=true",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(Path(last_line(proc)).read_text())
     assert summary["iterations"] == 1 and summary["groups_written"] == 2
     assert summary["stream"]["pending"] == 0
     assert (root / "timed" / "samples" / "step00001.png").is_file()
+    first_pass = MlflowClient(uri).get_metric_history(summary["mlflow_run_id"], "first_pass_log_ratio_max")
+    assert [m.value for m in first_pass] == [0.0]
