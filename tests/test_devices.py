@@ -50,7 +50,7 @@ def test_rollout_actor_samples_on_its_device_and_streams_cpu_groups(checkpoint, 
     ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env={"env_vars": env})
     try:
         scorer = ray.remote(RewardActor).options(num_cpus=0.5).remote([{"name": "compositional"}], 16, 1)
-        actor = RolloutActor(checkpoint, STEPS, G, 1.0, GUIDANCE, [scorer], WEIGHTS, 60.0, 0, server.address, "r",
+        actor = RolloutActor(checkpoint, STEPS, G, 1.0, GUIDANCE, [scorer], WEIGHTS, 600.0, 0, server.address, "r",
                              torch_threads=1, device="meta")
         stream = ExperienceStream(server.address, "r")
         stream.create()
