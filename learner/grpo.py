@@ -3,8 +3,9 @@
 One iteration (`GrpoRun.step`), each phase timed under its name:
   rollout  draw P prompts; rollout actors sample G trajectories each with the stochastic prox sampler (tagged with
            the policy version), have them scored by reward actors and write finished groups to the Redis stream;
-  update   the learner ranks read the groups, compute group-relative advantages and the clipped policy loss over
-           the sampler steps, take one optimiser step, and acknowledge the entries only after the step;
+  update   the learner ranks read the groups, compute group-relative advantages and the loss (the clipped policy
+           loss over the sampler steps, or the forward objective on the final samples), take the optimiser steps,
+           and acknowledge the entries only after them;
   publish  the new weights go out (Ray object store, versioned) to the rollout actors;
 then the metrics are logged, and every eval_every iterations the policy is evaluated.
 """

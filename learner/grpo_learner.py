@@ -2,7 +2,8 @@
 
 A rank reads groups from the stream (on the CPU), computes group-relative advantages there, moves its shard of the
 batch to the engine's device, and takes one optimiser step per pass over the batch with the clipped policy loss
-(+ the KL to the frozen reference, which lives on the same device). Weights leave on the CPU.
+(+ the KL to the frozen reference, which lives on the same device), or, with grpo.objective=forward, with the
+advantage-split pretraining loss on the groups' final samples (learner/forward_objective.py). Weights leave on the CPU.
 """
 
 from __future__ import annotations
