@@ -129,7 +129,8 @@ class GrpoRun:
         policy_sampler, flow = ("hybrid", "flow") if prox else ("sde", "ode")
         images, scores = reward_matrix(model, prompts, g.steps, seed, g.eval_seeds, self.eval_rewards, g.eta,
                                        policy_sampler, g.guidance)
-        metrics = ci_metrics("eval_reward", self.with_total(scores))
+        scores = self.with_total(scores)
+        metrics = ci_metrics("eval_reward", scores)
         if not prox or "flow" in (model.cfg.trained_variants or []):
             _, flow_scores = reward_matrix(model, prompts, g.steps, seed, g.eval_seeds, self.eval_rewards, 0.0,
                                            flow, g.guidance)
@@ -143,7 +144,7 @@ class GrpoRun:
         self.tracker.metrics({**metrics, **{f"monitor_{k}": v for k, v in monitors.items()}}, step=step)
         grid = save_grid(images, self.run_dir / "samples" / f"step{step:05d}.png")
         self.tracker.image(grid, f"samples/step{step:05d}.png")
-        return self.with_total(scores)
+        return scores
 
     def with_total(self, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The per-reward matrices plus `total`, the weighted sum the policy is trained on."""
