@@ -59,6 +59,23 @@ def ci_metrics(prefix: str, scores: dict[str, np.ndarray]) -> dict[str, float]:
     return out
 
 
+def hacking_signs(checks: dict[str, np.ndarray], before: dict[str, np.ndarray], monitors: dict[str, float],
+                  max_saturation: float, min_diversity: float) -> list[str]:
+    """What says a policy gains reward without getting better: a held-out check significantly below its start (the
+    95% interval of the paired difference [prompts, seeds] entirely under 0), the saturation or within-group
+    diversity ratio to the base past its limit. Empty: no sign."""
+    signs = []
+    for name, scores in checks.items():
+        change = bootstrap_ci(scores - before[name])
+        if change.high < 0:
+            signs.append(f"held-out check {name} fell by {-change.mean:.3f} [{-change.high:.3f}, {-change.low:.3f}]")
+    if monitors["saturation_ratio"] > max_saturation:
+        signs.append(f"saturation {monitors['saturation_ratio']:.2f}x the base's (limit {max_saturation})")
+    if monitors["diversity_ratio"] < min_diversity:
+        signs.append(f"within-group diversity {monitors['diversity_ratio']:.2f}x the base's (limit {min_diversity})")
+    return signs
+
+
 def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path) -> dict:
     """DESIGN.md's data flow: start Ray and the stream, start the actors, iterate, write the final checkpoint."""
     ray, started_ray = start_ray(cfg)
@@ -106,6 +123,7 @@ class GrpoRun:
         self.prompts = prompt_source(cfg)
         self.eval_prompts = self.prompts.held_out(g.eval_prompts)
         self.eval_rewards = {r.name: build_reward(r.name, **r.options) for r in cfg.rewards}
+        self.check_rewards = {name: build_reward(name) for name in g.check_rewards}  # held out: never trained on
         # Evaluated in the policy's own precision: under deepspeed.bf16 the trained network is the bf16 one.
         self.dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
         self.reference = load_model(init_from).to(dtype=self.dtype)
@@ -117,7 +135,11 @@ class GrpoRun:
         self.current = None
         self.written, self.dropped = 0, 0
         self.base_monitors: Optional[dict[str, float]] = None
+        self.monitors: dict[str, float] = {}
+        self.hacked: list[str] = []  # why the last evaluation looked like reward hacking (empty: it did not)
         self.before = self.evaluate(self.reference, 0)
+        # (step, held-out total, checkpoint) of the best evaluation that showed no sign of hacking: the start so far.
+        self.best = (0, float(self.before["total"].mean()), init_from)
 
     def evaluate(self, model, step: int) -> dict[str, np.ndarray]:
         """Held-out rewards at `step`: the policy's sampler on eval_prompts x eval_seeds fixed noises, each reward and
@@ -127,10 +149,12 @@ class GrpoRun:
         g, seed, prompts = self.cfg.grpo, self.cfg.seed, self.eval_prompts
         prox = model.cfg.kind == "prox"
         policy_sampler, flow = ("hybrid", "flow") if prox else ("sde", "ode")
-        images, scores = reward_matrix(model, prompts, g.steps, seed, g.eval_seeds, self.eval_rewards, g.eta,
-                                       policy_sampler, g.guidance)
+        images, scores = reward_matrix(model, prompts, g.steps, seed, g.eval_seeds,
+                                       {**self.eval_rewards, **self.check_rewards}, g.eta, policy_sampler, g.guidance)
         scores = self.with_total(scores)
-        metrics = ci_metrics("eval_reward", scores)
+        checks = {name: scores[name] for name in self.check_rewards}
+        metrics = {**ci_metrics("eval_reward", {k: v for k, v in scores.items() if k not in checks}),
+                   **ci_metrics("eval_check", checks)}
         if not prox or "flow" in (model.cfg.trained_variants or []):
             _, flow_scores = reward_matrix(model, prompts, g.steps, seed, g.eval_seeds, self.eval_rewards, 0.0,
                                            flow, g.guidance)
@@ -141,10 +165,25 @@ class GrpoRun:
         self.base_monitors = self.base_monitors or monitors
         for name in ("saturation", "diversity", "prompt_diversity"):  # against the start, same prompts and noise
             monitors[f"{name}_ratio"] = monitors[name] / max(self.base_monitors[name], 1e-8)
+        self.monitors = monitors
+        if step > 0:
+            g = self.cfg.grpo
+            self.hacked = hacking_signs(checks, {k: self.before[k] for k in checks}, monitors,
+                                        g.hacking_saturation, g.hacking_diversity)
+            monitors["hacking"] = float(bool(self.hacked))
+            if self.hacked:
+                tqdm.write(f"step {step}: the policy looks hacked: {'; '.join(self.hacked)}")
         self.tracker.metrics({**metrics, **{f"monitor_{k}": v for k, v in monitors.items()}}, step=step)
         grid = save_grid(images, self.run_dir / "samples" / f"step{step:05d}.png")
         self.tracker.image(grid, f"samples/step{step:05d}.png")
         return scores
+
+    def keep_if_best(self, state: dict, step: int, scores: dict[str, np.ndarray]) -> None:
+        """Export the weights evaluated at `step` as run_dir/best if they beat every earlier clean evaluation."""
+        total = float(scores["total"].mean())
+        if not self.hacked and total > self.best[1]:
+            path = save_state(state, self.reference.cfg, self.run_dir / "best").resolve()
+            self.best = (step, total, path)
 
     def with_total(self, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The per-reward matrices plus `total`, the weighted sum the policy is trained on."""
@@ -176,10 +215,22 @@ class GrpoRun:
             if metrics is not None:
                 history.append(metrics["reward_mean"])
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
+            if g.stop_on_hacking and self.hacked:
+                self.drain()
+                break
         if not history:
             raise RuntimeError(f"every group of every iteration was dropped ({self.dropped} groups): check the rewards")
         return {"wall_time_s": time.time() - start, "history": history, "written": self.written,
                 "dropped": self.dropped, "iterations": done}
+
+    def drain(self) -> None:
+        """Stop early: wait for the rollouts in flight and acknowledge their groups untrained (counted as dropped)."""
+        for refs in self.in_flight:
+            groups = sum(r["groups"] for r in self.ray.get(refs))
+            for stream in self.streams:
+                stream.ack([entry_id for entry_id, _ in stream.read("drain", groups)])
+            self.written, self.dropped = self.written + groups, self.dropped + groups
+        self.in_flight.clear()
 
     def step(self, it: int) -> Optional[dict]:
         """Iteration `it` of DESIGN.md's data flow; its metrics, or None when every group was dropped."""
@@ -207,8 +258,11 @@ class GrpoRun:
         self.tracker.metrics(metrics, step=it)
         if g.eval_every and (it + 1) % g.eval_every == 0 and it + 1 < g.iterations:
             self.current = self.current or copy.deepcopy(self.reference)
-            self.current.load_state_dict(ray.get(self.state))
-            self.evaluate(self.current, it + 1)
+            state = ray.get(self.state)
+            self.current.load_state_dict(state)
+            scores = self.evaluate(self.current, it + 1)
+            if g.stop_on_hacking:
+                self.keep_if_best(state, it + 1, scores)
         return metrics
 
     def finish(self, loop: dict) -> dict:
@@ -222,6 +276,8 @@ class GrpoRun:
             raise RuntimeError(f"{pending} stream entries were never acknowledged")
         done = loop["iterations"]
         after = self.evaluate(load_model(checkpoint).to(dtype=self.dtype), done)
+        if g.stop_on_hacking and not self.hacked and float(after["total"].mean()) > self.best[1]:
+            self.best = (done, float(after["total"].mean()), checkpoint)
         shutil.copyfile(self.run_dir / "samples" / f"step{done:05d}.png", self.run_dir / "samples.png")
         self.tracker.artifact(self.run_dir / "samples.png")
         history, wall = loop["history"], loop["wall_time_s"]
@@ -230,19 +286,27 @@ class GrpoRun:
                            "after": bootstrap_ci(after[name]).as_dict(),
                            "difference": bootstrap_ci(after[name] - self.before[name]).as_dict()}
                     for name in after}
+        checks = {name: held_out.pop(name) for name in self.check_rewards}
+        # The checkpoint to use: with stop_on_hacking, the best evaluation that showed no sign of hacking.
+        best_step, best_total, best_path = self.best if g.stop_on_hacking else (done, None, checkpoint)
         self.tracker.metrics(ci_metrics("eval_reward_gain", {k: after[k] - self.before[k] for k in after}), step=done)
         return {
             "iterations": done,
             "wall_time_s": wall,
             "samples_per_s": loop["written"] * g.group_size / wall,
-            "checkpoint": str(checkpoint),
+            "checkpoint": str(best_path),
+            "last_checkpoint": str(checkpoint),
+            "best": {"step": best_step, "eval_reward_total": best_total},
+            "hacking": self.hacked,
             "reward_first": history[0],
             "reward_last": history[-1],
             "reward_first_window": float(np.mean(history[:window])),
             "reward_last_window": float(np.mean(history[-window:])),
             "eval_reward_before": {name: float(m.mean()) for name, m in self.before.items()},
             "eval_reward_after": {name: float(m.mean()) for name, m in after.items()},
-            "eval": {"prompts": len(self.eval_prompts), "seeds": g.eval_seeds, "level": 0.95, "rewards": held_out},
+            "eval": {"prompts": len(self.eval_prompts), "seeds": g.eval_seeds, "level": 0.95, "rewards": held_out,
+                     "checks": checks},
+            "monitors": {"before": self.base_monitors, "after": self.monitors},
             "groups_written": loop["written"],
             "groups_dropped": loop["dropped"],
             "stream": {"key": self.streams[0].key, "entries": entries, "pending": pending},
