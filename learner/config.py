@@ -107,6 +107,11 @@ class GrpoConfig(Strict):
         "actions under the same guided network, so the policy is the guided sampler",
     )
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
+    adam_eps: float = Field(
+        1e-8, gt=0, description="AdamW's eps. Adam's first steps are lr x sign(gradient) for every weight, signal or "
+        "noise; an eps above the typical gradient entry makes the small-gradient steps proportional to the gradient "
+        "(SGD-like, lr / eps), so noise that averages out over steps is not amplified to full size",
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0, description="gradient-norm clipping")
     clip_range: float = Field(
@@ -155,6 +160,26 @@ class GrpoConfig(Strict):
         "in every group. A smaller scale clips: measured, a group with one success and seven failures then pushed "
         "away from its own samples on balance, and the default run collapsed to blank images in 3 updates",
     )
+    forward_shared_noise: bool = Field(
+        False, description="objective forward: the images of a group share their (t, lam) and noises (common random "
+        "numbers), so what their gradients have in common cancels in the advantage-weighted sum and what is left is "
+        "the difference between better and worse samples",
+    )
+    forward_negatives: bool = Field(
+        True, description="objective forward: below-average samples are pushed away from (r < 1/2); false: they get "
+        "r = 1/2, so their loss only holds the model at the sampling policy on them (an anchor on the policy's own "
+        "samples) while above-average samples pull",
+    )
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1, description="objective forward: rollouts, evaluation and the exported checkpoint use an "
+        "EMA of the trained weights (e <- decay e + (1 - decay) w after every optimiser step, starting at the "
+        "initial model), and the split loss is taken around the EMA's prediction (DiffusionNFT's soft-updated "
+        "sampling policy); 0 = the trained weights themselves",
+    )
+    forward_pairs: int = Field(
+        1, ge=1, description="objective forward: (t, lam, noise) pairs per image in each optimiser step (the batch "
+        "is this many times larger): one pair is a very noisy estimate of an image's loss",
+    )
     time_limit_s: Optional[float] = Field(
         None, gt=0, description="stop launching rollouts after this many seconds of training (the iterations in "
         "flight are still trained); null = run all iterations",
@@ -183,6 +208,20 @@ class GrpoConfig(Strict):
         "written at the end and on SIGINT/SIGTERM (0 = only then)",
     )
     keep_checkpoints: int = Field(2, ge=1, description="run states kept in run_dir/resume (the newest)")
+    check_rewards: list[str] = Field(
+        default_factory=list, description="held-out checks: registered rewards scored at every evaluation but never "
+        "trained on (e.g. compositional_strict, the verifier with thresholds the trained one does not use), logged "
+        "as eval_check_<name> with a 95% interval; a check that falls while the trained reward rises is hacking",
+    )
+    stop_on_hacking: bool = Field(
+        False, description="stop the run at the first evaluation where the policy looks hacked (a check reward "
+        "significantly below its start, saturation above hacking_saturation x the base's, within-group diversity "
+        "below hacking_diversity x the base's); the run then exports its best evaluated checkpoint",
+    )
+    hacking_saturation: float = Field(1.2, gt=1, description="stop_on_hacking: largest saturation ratio to the base")
+    hacking_diversity: float = Field(
+        0.8, gt=0, lt=1, description="stop_on_hacking: smallest within-group diversity ratio to the base"
+    )
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "GrpoConfig":
@@ -194,6 +233,11 @@ class GrpoConfig(Strict):
                     f"grpo.train_step_window={window}: entries must be distinct sampler transitions 0..{last} "
                     f"(grpo.steps={self.steps} has {last + 1}), at least one; null = all"
                 )
+        if self.ema_decay > 0 and self.objective != "forward":
+            raise ValueError(
+                f"grpo.ema_decay={self.ema_decay} needs grpo.objective=forward: the policy gradient re-scores the "
+                "sampled actions under the trained weights, so the sampler must be those weights (set ema_decay: 0)"
+            )
         if self.prompt_stats_min_count > self.prompt_stats_buffer:
             raise ValueError(
                 f"grpo.prompt_stats_min_count={self.prompt_stats_min_count} must be at most grpo.prompt_stats_buffer="
@@ -319,6 +363,13 @@ class RunConfig(Strict):
                                  f"the registered rewards are {', '.join(known)}")
         if len(set(names)) != len(names):
             raise ValueError(f"a reward is listed twice in rewards: {names}; list each once and set its weight")
+        for i, name in enumerate(self.grpo.check_rewards):
+            if name not in known:
+                raise ValueError(f"grpo.check_rewards[{i}]={name!r}: unknown reward{did_you_mean(name, known)}; "
+                                 f"the registered rewards are {', '.join(known)}")
+            if name in names:
+                raise ValueError(f"grpo.check_rewards[{i}]={name!r} is also trained on (it is in rewards): a check "
+                                 "must be a reward the run does not optimise; remove it from one of the two lists")
         return self
 
 

@@ -26,15 +26,18 @@ def warmed_decay(decay: float, updates_so_far: int) -> float:
     return min(decay, (1.0 + updates_so_far) / (10.0 + updates_so_far))
 
 
-def make_ema(model: nn.Module, decay: float) -> Optional[AveragedModel]:
-    """An fp32 EMA of `model` (call before DeepSpeed partitions it); None when decay is 0 (EMA off)."""
+def make_ema(model: nn.Module, decay: float, warmup: bool = True) -> Optional[AveragedModel]:
+    """An fp32 EMA of `model` (call before DeepSpeed partitions it); None when decay is 0 (EMA off).
+
+    warmup=False: the average starts AT the model's current weights and every update uses `decay` itself,
+    e_k = decay e_{k-1} + (1 - decay) p_k (fine-tuning: the average stays anchored to the starting model)."""
     if decay == 0.0:
         return None
 
     # torch's get_ema_multi_avg_fn has a fixed decay and needs equal dtypes: this adds the warm-up and the cast.
     @torch.no_grad()
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
-        weight = 1.0 - warmed_decay(decay, int(n_averaged))
+        weight = 1.0 - (warmed_decay(decay, int(n_averaged)) if warmup else decay)
         for a, p in zip(averaged, current):
             if a.is_floating_point():
                 a.lerp_(p.to(a.dtype), weight)
@@ -42,6 +45,8 @@ def make_ema(model: nn.Module, decay: float) -> Optional[AveragedModel]:
                 a.copy_(p)
 
     ema = AveragedModel(copy.deepcopy(model).float(), multi_avg_fn=update, use_buffers=True)
+    if not warmup:  # the copy is the first average: AveragedModel's first update would overwrite it otherwise
+        ema.n_averaged += 1
     return ema.eval().requires_grad_(False)
 
 

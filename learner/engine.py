@@ -58,10 +58,11 @@ def build_engine(
     grad_accum: int = 1,
     micro_batch: int = 1,
     lr_lambda: Optional[Callable[[int], float]] = None,
+    adam_eps: float = 1e-8,
 ):
     """A DeepSpeed engine around `model` with AdamW; the lr follows `lr_lambda(step)` (x lr) if given."""
     trainable = [p for p in model.parameters() if p.requires_grad]  # frozen parts (a pretrained encoder) stay out
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, eps=adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda) if lr_lambda else None
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,

@@ -22,9 +22,11 @@ from proxmodel.losses import make_training_pairs
 from proxmodel.schedule import VPSchedule
 
 
-def optimality(advantages: torch.Tensor, adv_scale: float) -> torch.Tensor:
-    """r = 1/2 + 1/2 clip(A / adv_scale, -1, 1) in [0, 1]: how far a sample belongs to the positive policy."""
-    return 0.5 + 0.5 * (advantages.float() / adv_scale).clamp(-1.0, 1.0)
+def optimality(advantages: torch.Tensor, adv_scale: float, negatives: bool = True) -> torch.Tensor:
+    """r = 1/2 + 1/2 clip(A / adv_scale, -1, 1) in [0, 1]: how far a sample belongs to the positive policy.
+    negatives=False: r = 1/2 for every below-average sample, whose loss then only holds e at e_old on it."""
+    r = 0.5 + 0.5 * (advantages.float() / adv_scale).clamp(-1.0, 1.0)
+    return r if negatives else r.clamp_min(0.5)
 
 
 def split_loss(eps: torch.Tensor, eps_old: torch.Tensor, xi: torch.Tensor, r: torch.Tensor,
@@ -51,13 +53,15 @@ class ForwardBatch:
     @classmethod
     def build(cls, model, x0: torch.Tensor, tokens: torch.Tensor, advantages: torch.Tensor, *,
               step_candidates: list[int], variants: tuple[str, ...], adv_scale: float,
-              generator: torch.Generator) -> "ForwardBatch":
+              generator: torch.Generator, tie: int = 1, negatives: bool = True) -> "ForwardBatch":
         """(t, lam) drawn as in pretraining from the (steps, variants) the model was trained on; e_old from `model`
-        as it is now (call before the batch's first optimiser step)."""
-        y, t, lam, xi = make_training_pairs(x0, VPSchedule(), step_candidates, generator, variants)
+        as it is now (call before the batch's first optimiser step). tie = G: the G samples of a group (consecutive
+        in x0) share their (t, lam) and noises, so the part of their losses' gradients that does not depend on the
+        sample cancels in the advantage-weighted sum (sum_i (2 r_i - 1) = 0 in a group)."""
+        y, t, lam, xi = make_training_pairs(x0, VPSchedule(), step_candidates, generator, variants, tie)
         with torch.no_grad():
             eps_old = model(y, t, lam, tokens=tokens)
-        return cls(y, t, lam, xi, tokens, eps_old, optimality(advantages, adv_scale).to(y.device))
+        return cls(y, t, lam, xi, tokens, eps_old, optimality(advantages, adv_scale, negatives).to(y.device))
 
 
 def forward_loss(model, batch: ForwardBatch, beta: float, reference=None,

@@ -63,6 +63,23 @@ def ci_metrics(prefix: str, scores: dict[str, np.ndarray]) -> dict[str, float]:
     return out
 
 
+def hacking_signs(checks: dict[str, np.ndarray], before: dict[str, np.ndarray], monitors: dict[str, float],
+                  max_saturation: float, min_diversity: float) -> list[str]:
+    """What says a policy gains reward without getting better: a held-out check significantly below its start (the
+    95% interval of the paired difference [prompts, seeds] entirely under 0), the saturation or within-group
+    diversity ratio to the base past its limit. Empty: no sign."""
+    signs = []
+    for name, scores in checks.items():
+        change = bootstrap_ci(scores - before[name])
+        if change.high < 0:
+            signs.append(f"held-out check {name} fell by {-change.mean:.3f} [{-change.high:.3f}, {-change.low:.3f}]")
+    if monitors["saturation_ratio"] > max_saturation:
+        signs.append(f"saturation {monitors['saturation_ratio']:.2f}x the base's (limit {max_saturation})")
+    if monitors["diversity_ratio"] < min_diversity:
+        signs.append(f"within-group diversity {monitors['diversity_ratio']:.2f}x the base's (limit {min_diversity})")
+    return signs
+
+
 def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path, resume: Optional[Resume] = None) -> dict:
     """DESIGN.md's data flow: start Ray and the stream, start the actors, iterate, write the final checkpoint.
     Ray, its actors and the embedded redis-server stop with the run however it ends (a signal included)."""
@@ -90,7 +107,7 @@ class Progress:
     iteration: int = 0  # iterations trained; the next one to run
     history: list[float] = field(default_factory=list)  # reward_mean of each trained iteration
     written: int = 0  # groups written to the stream
-    dropped: int = 0  # groups dropped (non-finite rewards)
+    dropped: int = 0  # groups dropped (non-finite rewards, or drained untrained)
     wall_time_s: float = 0.0  # GRPO loop time, earlier segments included
     resumed_at: list[int] = field(default_factory=list)  # iterations at which the run was resumed
 
@@ -129,6 +146,7 @@ class GrpoRun:
         self.prompts = prompt_source(cfg)
         self.eval_prompts = self.prompts.held_out(g.eval_prompts)
         self.eval_rewards = {r.name: build_reward(r.name, **r.options) for r in cfg.rewards}
+        self.check_rewards = {name: build_reward(name) for name in g.check_rewards}  # held out: never trained on
         # Evaluated in the policy's own precision: under deepspeed.bf16 the trained network is the bf16 one.
         self.dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
         self.reference = load_model(init_from).to(dtype=self.dtype)
@@ -140,11 +158,15 @@ class GrpoRun:
         self.version = 0  # of the weights the rollout actors have
         self.current = None
         self.base_monitors: Optional[dict[str, float]] = None
+        self.monitors: dict[str, float] = {}
+        self.hacked: list[str] = []  # why the last evaluation looked like reward hacking (empty: it did not)
         self.steady = True  # False while an update is under way: no run state can be taken then
         self.saved_at: Optional[int] = None  # the iteration of the last run state written
         if resume is None or resume.files is None:
             self.progress = Progress()
             self.before = self.evaluate(self.reference, 0)
+            # (step, held-out total, checkpoint) of the best evaluation that showed no sign of hacking: the start so far.
+            self.best = (0, float(self.before["total"].mean()), init_from)
         else:
             self.restore(resume)
 
@@ -158,7 +180,9 @@ class GrpoRun:
         self.progress = Progress(**saved["progress"])
         self.progress.resumed_at.append(self.progress.iteration)
         self.before = load_arrays(files["eval_before.safetensors"])
-        self.base_monitors = saved["base_monitors"]
+        self.base_monitors, self.monitors, self.hacked = saved["base_monitors"], saved["monitors"], saved["hacked"]
+        step, total, path = saved["best"]
+        self.best = (step, total, Path(path))
         ranks = self.ray.put({k: v for k, v in files.items() if k.startswith(("engine/", "rank"))})
         self.ray.get(self.learners.call("load_state", ranks))
         published = self.learners.call("publish", num_returns=2)
@@ -179,7 +203,8 @@ class GrpoRun:
                 "mode": "grpo", "iteration": p.iteration, "policy_version": self.version,
                 "prompt_cursor": p.iteration * self.cfg.grpo.prompts_per_iteration, "mlflow_run_id": self.tracker.run_id,
                 "config_fingerprint": config_fingerprint(self.cfg), "progress": asdict(p),
-                "base_monitors": self.base_monitors,
+                "base_monitors": self.base_monitors, "monitors": self.monitors, "hacked": self.hacked,
+                "best": [self.best[0], self.best[1], str(self.best[2])],
             })
             path = write_state(self.run_dir, p.iteration, files, self.cfg.grpo.keep_checkpoints)
         self.saved_at = p.iteration
@@ -193,10 +218,12 @@ class GrpoRun:
         g, seed, prompts = self.cfg.grpo, self.cfg.seed, self.eval_prompts
         prox = model.cfg.kind == "prox"
         policy_sampler, flow = ("hybrid", "flow") if prox else ("sde", "ode")
-        images, scores = reward_matrix(model, prompts, g.steps, seed, g.eval_seeds, self.eval_rewards, g.eta,
-                                       policy_sampler, g.guidance)
+        images, scores = reward_matrix(model, prompts, g.steps, seed, g.eval_seeds,
+                                       {**self.eval_rewards, **self.check_rewards}, g.eta, policy_sampler, g.guidance)
         scores = self.with_total(scores)
-        metrics = ci_metrics("eval_reward", scores)
+        checks = {name: scores[name] for name in self.check_rewards}
+        metrics = {**ci_metrics("eval_reward", {k: v for k, v in scores.items() if k not in checks}),
+                   **ci_metrics("eval_check", checks)}
         if not prox or "flow" in (model.cfg.trained_variants or []):
             _, flow_scores = reward_matrix(model, prompts, g.steps, seed, g.eval_seeds, self.eval_rewards, 0.0,
                                            flow, g.guidance)
@@ -207,10 +234,25 @@ class GrpoRun:
         self.base_monitors = self.base_monitors or monitors
         for name in ("saturation", "diversity", "prompt_diversity"):  # against the start, same prompts and noise
             monitors[f"{name}_ratio"] = monitors[name] / max(self.base_monitors[name], 1e-8)
+        self.monitors = monitors
+        if step > 0:
+            g = self.cfg.grpo
+            self.hacked = hacking_signs(checks, {k: self.before[k] for k in checks}, monitors,
+                                        g.hacking_saturation, g.hacking_diversity)
+            monitors["hacking"] = float(bool(self.hacked))
+            if self.hacked:
+                tqdm.write(f"step {step}: the policy looks hacked: {'; '.join(self.hacked)}")
         self.tracker.metrics({**metrics, **{f"monitor_{k}": v for k, v in monitors.items()}}, step=step)
         grid = save_grid(images, self.run_dir / "samples" / f"step{step:05d}.png")
         self.tracker.image(grid, f"samples/step{step:05d}.png")
         return scores
+
+    def keep_if_best(self, state: dict, step: int, scores: dict[str, np.ndarray]) -> None:
+        """Export the weights evaluated at `step` as run_dir/best if they beat every earlier clean evaluation."""
+        total = float(scores["total"].mean())
+        if not self.hacked and total > self.best[1]:
+            path = save_state(state, self.reference.cfg, self.run_dir / "best").resolve()
+            self.best = (step, total, path)
 
     def with_total(self, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The per-reward matrices plus `total`, the weighted sum the policy is trained on."""
@@ -235,6 +277,8 @@ class GrpoRun:
                    initial=p.iteration, total=g.iterations)
         try:
             for it in bar:
+                if g.stop_on_hacking and self.hacked:  # (a resumed run that had stopped here)
+                    break
                 while (len(self.in_flight) <= g.max_staleness and it + len(self.in_flight) < g.iterations
                        and (time.time() < deadline or it + len(self.in_flight) == 0)):  # at least one iteration
                     self.in_flight.append(self.launch(it + len(self.in_flight)))
@@ -246,6 +290,9 @@ class GrpoRun:
                     if metrics is not None:
                         p.history.append(metrics["reward_mean"])
                         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
+                    if g.stop_on_hacking and self.hacked:
+                        self.drain()
+                        break
                     if STOP.requested or (g.checkpoint_every and p.iteration % g.checkpoint_every == 0):
                         self.save()
                 STOP.check()
@@ -265,6 +312,16 @@ class GrpoRun:
         while self.ray.wait(refs, num_returns=len(refs), timeout=0.5)[1]:
             STOP.check()
         return self.ray.get(refs)
+
+    def drain(self) -> None:
+        """Stop early: wait for the rollouts in flight and acknowledge their groups untrained (counted as dropped)."""
+        for refs in self.in_flight:
+            groups = sum(r["groups"] for r in self.ray.get(refs))
+            for stream in self.streams:
+                stream.ack([entry_id for entry_id, _ in stream.read("drain", groups)])
+            self.progress.written += groups
+            self.progress.dropped += groups
+        self.in_flight.clear()
 
     def step(self, it: int) -> Optional[dict]:
         """Iteration `it` of DESIGN.md's data flow; its metrics, or None when every group was dropped."""
@@ -294,8 +351,11 @@ class GrpoRun:
         self.tracker.metrics(metrics, step=it)
         if g.eval_every and (it + 1) % g.eval_every == 0 and it + 1 < g.iterations:
             self.current = self.current or copy.deepcopy(self.reference)
-            self.current.load_state_dict(ray.get(self.state))
-            self.evaluate(self.current, it + 1)
+            state = ray.get(self.state)
+            self.current.load_state_dict(state)
+            scores = self.evaluate(self.current, it + 1)
+            if g.stop_on_hacking:
+                self.keep_if_best(state, it + 1, scores)
         return metrics
 
     def finish(self, loop: dict) -> dict:
@@ -309,6 +369,8 @@ class GrpoRun:
             raise RuntimeError(f"{pending} stream entries were never acknowledged")
         done = loop["iterations"]
         after = self.evaluate(load_model(checkpoint).to(dtype=self.dtype), done)
+        if g.stop_on_hacking and not self.hacked and float(after["total"].mean()) > self.best[1]:
+            self.best = (done, float(after["total"].mean()), checkpoint)
         shutil.copyfile(self.run_dir / "samples" / f"step{done:05d}.png", self.run_dir / "samples.png")
         self.tracker.artifact(self.run_dir / "samples.png")
         history, wall = loop["history"], loop["wall_time_s"]
@@ -317,19 +379,27 @@ class GrpoRun:
                            "after": bootstrap_ci(after[name]).as_dict(),
                            "difference": bootstrap_ci(after[name] - self.before[name]).as_dict()}
                     for name in after}
+        checks = {name: held_out.pop(name) for name in self.check_rewards}
+        # The checkpoint to use: with stop_on_hacking, the best evaluation that showed no sign of hacking.
+        best_step, best_total, best_path = self.best if g.stop_on_hacking else (done, None, checkpoint)
         self.tracker.metrics(ci_metrics("eval_reward_gain", {k: after[k] - self.before[k] for k in after}), step=done)
         return {
             "iterations": done,
             "wall_time_s": wall,
             "samples_per_s": loop["written"] * g.group_size / wall,
-            "checkpoint": str(checkpoint),
+            "checkpoint": str(best_path),
+            "last_checkpoint": str(checkpoint),
+            "best": {"step": best_step, "eval_reward_total": best_total},
+            "hacking": self.hacked,
             "reward_first": history[0],
             "reward_last": history[-1],
             "reward_first_window": float(np.mean(history[:window])),
             "reward_last_window": float(np.mean(history[-window:])),
             "eval_reward_before": {name: float(m.mean()) for name, m in self.before.items()},
             "eval_reward_after": {name: float(m.mean()) for name, m in after.items()},
-            "eval": {"prompts": len(self.eval_prompts), "seeds": g.eval_seeds, "level": 0.95, "rewards": held_out},
+            "eval": {"prompts": len(self.eval_prompts), "seeds": g.eval_seeds, "level": 0.95, "rewards": held_out,
+                     "checks": checks},
+            "monitors": {"before": self.base_monitors, "after": self.monitors},
             "groups_written": loop["written"],
             "groups_dropped": loop["dropped"],
             "resumed_at": loop["resumed_at"],

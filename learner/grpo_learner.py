@@ -20,6 +20,7 @@ from actors.experience import Group, SamplerSpec
 from actors.reward import set_threads
 from actors.stream import ExperienceStream, RedisAddress, learner_group
 from learner.config import RunConfig
+from learner.ema import make_ema, update_ema
 from learner.forward_objective import ForwardBatch, forward_loss
 from learner.policy_loss import PromptStats, clipped_policy_loss, compute_advantages, select_train_steps
 from proxmodel.model import ProxT2I
@@ -84,6 +85,9 @@ class GrpoLearner:
         self.model = load_checkpoint(checkpoint)
         if not g.train_text:  # out of the optimiser; the weights still travel with the rest
             self.model.text.requires_grad_(False)
+        # objective forward with ema_decay: rollouts sample from (and e_old is) an EMA of the trained weights, as
+        # DiffusionNFT's soft-updated sampling policy; a full copy made before DeepSpeed partitions the model.
+        self.ema = make_ema(self.model, g.ema_decay, warmup=False)
         self.policy = Policy.of(self.model, g.steps, g.eta, g.guidance)
         self.step_rng = torch.Generator().manual_seed(self.cfg.seed)
         n_train = len(select_train_steps(g.steps - 1, g.train_step_window, g.train_step_fraction, torch.Generator()))
@@ -92,8 +96,11 @@ class GrpoLearner:
         self.engine = build_engine(
             self.model, lr=g.lr, weight_decay=g.weight_decay, grad_clip=g.grad_clip,
             zero_stage=self.cfg.deepspeed.zero_stage, bf16=self.cfg.deepspeed.bf16, grad_accum=n_train,
+            adam_eps=g.adam_eps,
         )
         self.device = self.engine.device  # DeepSpeed put the module on the GPU Ray gave this rank, or the CPU
+        if self.ema is not None:
+            self.ema.to(self.device)
         self.stream = ExperienceStream(stream_address, run_id, group=learner_group(rank))
         self.version = 0
         self.weights = {r.name: r.weight for r in self.cfg.rewards}
@@ -187,35 +194,45 @@ class GrpoLearner:
         return out
 
     def _forward_updates(self, batch: list[TrainGroup], scale: float) -> dict[str, float]:
-        """updates_per_batch optimiser steps of the forward objective on the groups' samples: one (t, lam, noise)
-        pair per image, drawn from what the model was pretrained on, with the sampling policy's eps on it fixed."""
+        """updates_per_batch optimiser steps of the forward objective on the groups' samples, each on fresh (t, lam,
+        noise) pairs (one per image, drawn from what the model was pretrained on): one pair per image is a very noisy
+        estimate of the image's loss, so every step sees new ones. All e_old are the sampling policy's, computed
+        before the first step."""
         g, cfg = self.cfg.grpo, self.model.cfg
-        pairs = ForwardBatch.build(
-            self.engine, torch.cat([b.samples for b in batch]), torch.cat([b.tokens for b in batch]),
-            torch.cat([b.advantages for b in batch]), step_candidates=cfg.trained_steps or [g.steps],
-            variants=tuple(cfg.trained_variants or ["hybrid"]),
-            adv_scale=g.forward_adv_scale or math.sqrt(g.group_size - 1),
-            generator=self.step_rng,
-        )
+        k = g.forward_pairs  # each image k times in a step, with its own pairs: one step, k times less noise
+        x0 = torch.cat([b.samples for b in batch]).repeat(k, 1, 1, 1)
+        tokens = torch.cat([b.tokens for b in batch]).repeat(k, 1)
+        advantages = torch.cat([b.advantages for b in batch]).repeat(k)
+        sampler = self.ema.module if self.ema is not None else self.engine  # the weights that drew the batch
+        pairs = [ForwardBatch.build(sampler, x0, tokens, advantages, step_candidates=cfg.trained_steps or [g.steps],
+                                    variants=tuple(cfg.trained_variants or ["hybrid"]),
+                                    adv_scale=g.forward_adv_scale or math.sqrt(g.group_size - 1),
+                                    generator=self.step_rng, tie=g.group_size if g.forward_shared_noise else 1,
+                                    negatives=g.forward_negatives)
+                 for _ in range(g.updates_per_batch)]
         sums: dict[str, list[float]] = {}
-        for _ in range(g.updates_per_batch):
-            loss, stats = forward_loss(self.engine, pairs, g.forward_beta, self.reference, g.kl_coef)
+        for update in pairs:
+            loss, stats = forward_loss(self.engine, update, g.forward_beta, self.reference, g.kl_coef)
             loss = loss * scale
             self.engine.backward(loss)
             self.engine.step()
+            if self.ema is not None:
+                update_ema(self.ema, self.engine)
             for name, value in {"loss": loss.detach(), **stats}.items():
                 sums.setdefault(name, []).append(float(value))
         return {name: sum(v) / len(v) for name, v in sums.items()}
 
     def save_state(self) -> dict[str, bytes]:
         """This rank's part of a run state: DeepSpeed's engine files (weights, optimizer, ZeRO partitions), the
-        policy version, PromptStats and the RNGs the updates draw from. Every rank must call it (a collective save)."""
+        policy version, PromptStats, the RNGs the updates draw from and the sampling EMA if any. Every rank must call it (a collective save)."""
         from learner.resume import engine_files, json_bytes, tensor_bytes
 
         files = {f"engine/{name}": data for name, data in engine_files(self.engine).items()}
         files[f"rank{self.rank}.json"] = json_bytes({"version": self.version, "prompt_stats": self.prompt_stats.state()})
         files[f"rank{self.rank}.safetensors"] = tensor_bytes({"step_rng": self.step_rng.get_state(),
                                                               "torch_rng": torch.get_rng_state()})
+        if self.ema is not None:  # the sampling policy (objective forward with grpo.ema_decay)
+            files[f"rank{self.rank}-ema.safetensors"] = tensor_bytes(self.ema.state_dict())
         return files
 
     def load_state(self, files: dict[str, bytes]) -> int:
@@ -231,12 +248,18 @@ class GrpoLearner:
         rng = tensors_from(files[f"rank{self.rank}.safetensors"])
         self.step_rng.set_state(rng["step_rng"])
         torch.set_rng_state(rng["torch_rng"])
+        if self.ema is not None:
+            ema = tensors_from(files[f"rank{self.rank}-ema.safetensors"])
+            self.ema.load_state_dict({k: v.to(self.device) for k, v in ema.items()})
         return self.version
 
     def publish(self) -> tuple[dict[str, torch.Tensor], int]:
-        """Full fp32 weights on the CPU, and the version (every rank must call it: ZeRO-3 gathers collectively)."""
+        """The sampling policy's full fp32 weights on the CPU (the EMA if there is one), and the version (every rank
+        must call it: ZeRO-3 gathers collectively)."""
         from learner.engine import full_state_dict
 
+        if self.ema is not None:
+            return {k: v.detach().cpu().clone() for k, v in self.ema.module.state_dict().items()}, self.version
         return full_state_dict(self.engine), self.version
 
 

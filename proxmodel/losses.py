@@ -51,18 +51,24 @@ def make_training_pairs(
     step_candidates: list[int],
     generator: torch.Generator | None = None,
     variants: tuple[str, ...] = ("hybrid",),
+    tie: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, t, lam, xi) with x_t = sqrt(alpha_t) x0 + sqrt(1 - alpha_t) xi', y = x_t + sqrt(lam) xi.
 
-    The prox target is x_t; under prox = y - sqrt(lam) eps the regression target of eps is xi.
+    The prox target is x_t; under prox = y - sqrt(lam) eps the regression target of eps is xi. With tie = k, each
+    run of k consecutive samples shares its (t, lam, xi, xi') (common random numbers for samples compared with
+    each other, e.g. a GRPO group).
     """
     b = x0.shape[0]
-    t, lam = sample_train_pairs(schedule, step_candidates, b, generator, variants)
-    t, lam = t.to(x0.device), lam.to(x0.device)
+    if tie < 1 or b % tie:
+        raise ValueError(f"tie={tie} must divide the batch of {b} samples")
+    t, lam = sample_train_pairs(schedule, step_candidates, b // tie, generator, variants)
+    noise_shape = (b // tie, *x0.shape[1:])
+    xi_t = torch.randn(noise_shape, generator=generator)
+    xi = torch.randn(noise_shape, generator=generator)
+    t, lam, xi_t, xi = (v.repeat_interleave(tie, dim=0).to(x0.device) for v in (t, lam, xi_t, xi))
     view = (-1,) + (1,) * (x0.dim() - 1)
     alpha = schedule.alpha(t).view(view)
-    xi_t = torch.randn(x0.shape, generator=generator).to(x0.device)
-    xi = torch.randn(x0.shape, generator=generator).to(x0.device)
     x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * xi_t
     y = x_t + lam.sqrt().view(view) * xi
     return y, t, lam, xi

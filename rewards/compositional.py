@@ -13,7 +13,8 @@ and size credit alone.
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +38,22 @@ MIN_BACKGROUND = 0.5  # the background covers at least half the image (objects c
 MIN_PURITY = 0.75  # an object's component is at least this fraction one colour
 MIN_SHAPE_IOU = 0.6  # a shape is recognised only with at least this overlap with its template
 
+
+@dataclass(frozen=True)
+class Thresholds:
+    """How strict the verifier is. `tolerance`: a pixel farther than this (RGB distance) from every palette colour
+    belongs to no class (it is neither background nor any object's colour); None = every pixel takes its nearest."""
+
+    purity: float = MIN_PURITY
+    shape_iou: float = MIN_SHAPE_IOU
+    tolerance: Optional[float] = None
+
+
+# A held-out check GRPO does not train on: the data are exact palette colours, so clean samples pass it as they pass
+# the trained setting, while blurred, tinted or speckled ones (what reward hacking of the lenient setting produces)
+# lose the pixels that are only nearest to a colour. The data score 1.0 under both.
+STRICT = Thresholds(purity=0.9, shape_iou=0.7, tolerance=0.2)
+
 PALETTE_NAMES = list(BACKGROUNDS) + list(OBJECT_COLOURS)
 PALETTE = np.array([BACKGROUNDS.get(n) or OBJECT_COLOURS[n] for n in PALETTE_NAMES], dtype=np.float32)
 
@@ -57,18 +74,22 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == (1 + int(np.argmax(sizes)))
 
 
-def verify(image: np.ndarray, scene: Scene) -> float:
+def verify(image: np.ndarray, scene: Scene, thresholds: Thresholds = Thresholds()) -> float:
     """Fraction in [0, 1] of the attributes stated in `scene` that hold in `image` ([3, H, W] in [0, 1])."""
     side = image.shape[-1]
     pixels = image.transpose(1, 2, 0).reshape(-1, 3)
-    classes = np.argmin(((pixels[:, None, :] - PALETTE[None]) ** 2).sum(-1), axis=1).reshape(side, side)
-    background = int(np.bincount(classes.ravel(), minlength=len(PALETTE)).argmax())
+    distances = ((pixels[:, None, :] - PALETTE[None]) ** 2).sum(-1)
+    classes = np.argmin(distances, axis=1)
+    if thresholds.tolerance is not None:  # unclassified pixels get the class len(PALETTE), never a palette name
+        classes[distances.min(axis=1) > thresholds.tolerance**2] = len(PALETTE)
+    classes = classes.reshape(side, side)
+    counts = np.bincount(classes.ravel(), minlength=len(PALETTE) + 1)[: len(PALETTE)]
+    background = int(counts.argmax())
     foreground = classes != background
 
     small_px = SIZE_FRACTION["small"] * side
     large_px = SIZE_FRACTION["large"] * side
     min_area = 0.2 * small_px * small_px
-    counts = np.bincount(classes.ravel(), minlength=len(PALETTE))
 
     held, stated = 0, 0
     if scene.background is not None:
@@ -84,9 +105,9 @@ def verify(image: np.ndarray, scene: Scene) -> float:
         rows, cols, blob = region
         if blob.sum() < min_area:
             continue
-        colour_counts = np.bincount(classes[rows, cols][blob], minlength=len(PALETTE))
+        colour_counts = np.bincount(classes[rows, cols][blob], minlength=len(PALETTE) + 1)[: len(PALETTE)]
         colour_class = int(colour_counts.argmax())
-        if colour_counts[colour_class] < MIN_PURITY * blob.sum():
+        if colour_counts[colour_class] < thresholds.purity * blob.sum():
             continue  # a speckled mixture of colours is not an object
         if obj.colour is not None and PALETTE_NAMES[colour_class] != obj.colour:
             continue  # another object, not the stated one: its place, size and shape say nothing about this one
@@ -96,7 +117,7 @@ def verify(image: np.ndarray, scene: Scene) -> float:
         if obj.size is not None:
             held += ("small" if extent < (small_px + large_px) / 2 else "large") == obj.size
         if obj.shape is not None:
-            held += _best_shape(blob, ys, xs, extent) == obj.shape
+            held += _best_shape(blob, ys, xs, extent, thresholds.shape_iou) == obj.shape
     return held / max(stated, 1)
 
 
@@ -118,11 +139,11 @@ def _find_object(obj: SceneObject, classes: np.ndarray, foreground: np.ndarray, 
     return best
 
 
-def _best_shape(blob: np.ndarray, ys: np.ndarray, xs: np.ndarray, extent: int) -> str | None:
+def _best_shape(blob: np.ndarray, ys: np.ndarray, xs: np.ndarray, extent: int, min_iou: float) -> str | None:
     cy = (ys.min() + ys.max() + 1) / 2.0
     cx = (xs.min() + xs.max() + 1) / 2.0
     h, w = blob.shape
-    best, best_iou = None, MIN_SHAPE_IOU
+    best, best_iou = None, min_iou
     for shape in SHAPES:
         template = shape_mask(shape, int(extent), cx, cy, max(h, w))[:h, :w]
         iou = (template & blob).sum() / max((template | blob).sum(), 1)
@@ -133,10 +154,12 @@ def _best_shape(blob: np.ndarray, ys: np.ndarray, xs: np.ndarray, extent: int) -
 
 @register("compositional")
 class CompositionalReward(RewardModel):
-    """Rewards an image by how many of its caption's stated attributes (scene grammar) it shows."""
+    """Rewards an image by how many of its caption's stated attributes (scene grammar) it shows. strict: the
+    held-out STRICT thresholds (purer colours, closer shapes, off-palette pixels unclassified)."""
 
-    def __init__(self) -> None:
+    def __init__(self, strict: bool = False) -> None:
         self._parsed: dict[str, Scene] = {}
+        self.thresholds = STRICT if strict else Thresholds()
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         arr = images.detach().float().clamp(0, 1).cpu().numpy()
@@ -145,5 +168,13 @@ class CompositionalReward(RewardModel):
             scene = self._parsed.get(prompt)
             if scene is None:
                 scene = self._parsed[prompt] = parse_caption(prompt)
-            out.append(verify(image, scene))
+            out.append(verify(image, scene, self.thresholds))
         return torch.tensor(out, dtype=torch.float32)
+
+
+@register("compositional_strict")
+class StrictCompositionalReward(CompositionalReward):
+    """The verifier under the STRICT thresholds: a held-out check for runs trained on `compositional`."""
+
+    def __init__(self) -> None:
+        super().__init__(strict=True)

@@ -108,3 +108,51 @@ def test_the_default_scale_keeps_every_group_balanced_even_with_one_success():
     assert balanced.abs().max() <= 1 and torch.allclose(balanced.sum(dim=1), torch.zeros(3), atol=1e-4)
     clipped = 2 * optimality(adv, 1.0) - 1
     assert float(clipped[0].sum()) < -1.0  # the failure mode the default avoids
+
+
+def test_without_negatives_only_better_samples_move_the_model():
+    """forward_negatives=false: below-average samples get r = 1/2, so at e = e_old the gradient is the positive
+    samples' pull alone (a bug keeping their push, or dropping the pull, changes it)."""
+    adv = torch.tensor([2.0, -0.5, -0.5, -1.0])
+    r = optimality(adv, adv_scale=2.0, negatives=False)
+    assert torch.equal(r, torch.tensor([1.0, 0.5, 0.5, 0.5]))
+    eps_old, xi = torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2)
+    eps = eps_old.clone().requires_grad_(True)
+    split_loss(eps, eps_old, xi, r, beta=1.0).backward()
+    assert eps.grad[1:].abs().max() < 1e-7
+    assert torch.allclose(eps.grad[0], -2 * (xi[0] - eps_old[0]) / 4 / 4, atol=1e-7)
+
+
+def test_tied_pairs_cancel_what_a_group_has_in_common():
+    """tie = G: a group's images share (t, lam) and noises, so for a group of identical images the advantage-
+    weighted gradient is exactly 0 (sum (2r - 1) = 0); with their own pairs it is pure noise, not 0. Groups
+    differ from each other."""
+    from proxmodel.losses import make_training_pairs
+    from proxmodel.schedule import VPSchedule
+
+    g = 4
+    x0 = torch.randn(2, 1, 3, 3).repeat_interleave(g, dim=0)  # two groups of four identical images
+    adv = torch.tensor([1.5, -0.5, -0.5, -0.5] * 2)
+    y, t, lam, xi = make_training_pairs(x0, VPSchedule(), [5, 10], torch.Generator().manual_seed(0), tie=g)
+    assert all(torch.equal(v[:g], v[:1].expand_as(v[:g])) for v in (y, t, lam, xi))
+    assert not torch.equal(xi[0], xi[g])
+
+    def gradient(tie: int) -> torch.Tensor:
+        model = LinearEps(0.3, 0.1)
+        batch = ForwardBatch.build(model, x0, None, adv, step_candidates=[5, 10], variants=("hybrid",),
+                                   adv_scale=math.sqrt(g - 1), generator=torch.Generator().manual_seed(1), tie=tie)
+        model.a.data += 0.05  # away from e_old, where the split loss has a gradient for any r
+        loss, _ = forward_loss(model, batch, beta=1.0)
+        return torch.stack(torch.autograd.grad(loss, [model.a, model.b]))
+
+    tied, own = gradient(g), gradient(1)
+    # only the beta^2 ||u||^2 term is left: the same for every weighting, so compare with r = 1/2 everywhere
+    model = LinearEps(0.3, 0.1)
+    flat = ForwardBatch.build(model, x0, None, torch.zeros(8), step_candidates=[5, 10], variants=("hybrid",),
+                              adv_scale=1.0, generator=torch.Generator().manual_seed(1), tie=g)
+    model.a.data += 0.05
+    loss, _ = forward_loss(model, flat, beta=1.0)
+    assert torch.allclose(tied, torch.stack(torch.autograd.grad(loss, [model.a, model.b])), atol=1e-6)
+    assert not torch.allclose(own, tied, atol=1e-3)
+    with pytest.raises(ValueError, match="tie=3"):
+        make_training_pairs(x0, VPSchedule(), [5], tie=3)

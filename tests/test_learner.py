@@ -139,3 +139,22 @@ def test_policy_gradient_learner_refuses_groups_without_trajectories(checkpoint,
     learner = make_learner(checkpoint, server, "h")
     with pytest.raises(RuntimeError, match="without its trajectory"):
         learner.train(0, len(PROMPTS))
+
+
+def test_forward_with_ema_samples_from_the_average_anchored_at_the_start(checkpoint, server):
+    """grpo.ema_decay: what is published (rollouts, evaluation, the checkpoint) is decay x start + (1 - decay) x
+    the trained weights after one step, not the trained weights (a learner publishing its raw weights, or an EMA
+    that starts from the first trained weights as pretraining's warmed-up one does, fails this)."""
+    write_batch(checkpoint, server.address, "e", steps=STEPS, group_size=G, trajectory=False)
+    learner = make_learner(checkpoint, server, "e", objective="forward", ema_decay=0.75)
+    start = {k: v.clone() for k, v in learner.publish()[0].items()}
+    learner.train(0, len(PROMPTS))
+    published, _ = learner.publish()
+    trained = learner.engine.module.state_dict()
+    moved = [k for k in start if not torch.equal(start[k], trained[k].cpu())]
+    assert moved
+    for k in moved:
+        expected = 0.75 * start[k] + 0.25 * trained[k].detach().cpu().float()
+        assert torch.allclose(published[k], expected, atol=1e-6), k
+    with pytest.raises(ValueError, match="ema_decay=0.5 needs grpo.objective=forward"):
+        RunConfig.model_validate({"grpo": {"objective": "policy_gradient", "ema_decay": 0.5}})

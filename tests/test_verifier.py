@@ -83,3 +83,19 @@ def test_one_blob_for_every_prompt_earns_only_where_its_colour_is_asked_for():
     asks_cyan = np.array(["cyan" in c for c in captions])
     assert scores[~asks_cyan].mean() < 0.1  # at most the background, which most prompts do not share
     assert scores[asks_cyan].mean() > scores[~asks_cyan].mean()
+
+
+def test_the_strict_check_passes_clean_renders_and_fails_what_only_the_lenient_verifier_accepts():
+    """compositional_strict, the held-out check of GRPO runs: the data score as under the trained verifier, while a
+    blur (soft edges, off-palette pixels) or a tint that keeps every pixel nearest its colour keeps the lenient
+    score and loses the strict one."""
+    images, captions = scene_batch(seed=11, start=0, count=200, side=32)
+    images = torch.from_numpy(images)
+    lenient, strict = build("compositional"), build("compositional_strict")
+    assert torch.equal(strict.score(images, captions), lenient.score(images, captions))
+    assert float(strict.score(images, captions).mean()) >= 0.95
+    tinted = (images * 0.6 + 0.2).clamp(0, 1)  # contrast down: each pixel still nearest its palette colour
+    assert float(lenient.score(tinted, captions).mean()) >= 0.95
+    assert float(strict.score(tinted, captions).mean()) < 0.5
+    blurred = torch.nn.functional.avg_pool2d(images, 3, 1, 1, count_include_pad=False)
+    assert float(strict.score(blurred, captions).mean()) < float(lenient.score(blurred, captions).mean()) - 0.3

@@ -1,0 +1,76 @@
+"""Reward hacking caught, not only plotted: the signs (a held-out check falling, saturation, diversity), the config
+that names the checks, and a run that stops on them and exports its best clean checkpoint."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from learner.grpo import hacking_signs
+
+ROOT = Path(__file__).resolve().parent.parent
+CLEAN = {"saturation_ratio": 1.1, "diversity_ratio": 0.9}
+
+
+def test_a_check_that_falls_beyond_its_noise_is_a_sign_and_one_within_it_is_not():
+    rng = np.random.default_rng(0)
+    before = rng.uniform(0, 1, (128, 2))
+    fell = {"strict": before - 0.1 + rng.normal(0, 0.05, before.shape)}
+    noisy = {"strict": before + rng.normal(0, 0.05, before.shape)}
+    signs = hacking_signs(fell, {"strict": before}, CLEAN, 1.2, 0.8)
+    assert len(signs) == 1 and "strict fell by 0.1" in signs[0]
+    assert hacking_signs(noisy, {"strict": before}, CLEAN, 1.2, 0.8) == []
+    risen = {"strict": before + 0.2}
+    assert hacking_signs(risen, {"strict": before}, CLEAN, 1.2, 0.8) == []
+
+
+@pytest.mark.parametrize("monitors, word", [({"saturation_ratio": 1.3, "diversity_ratio": 1.0}, "saturation"),
+                                            ({"saturation_ratio": 1.0, "diversity_ratio": 0.7}, "diversity")])
+def test_monitors_past_their_limits_are_signs(monitors, word):
+    signs = hacking_signs({}, {}, monitors, 1.2, 0.8)
+    assert len(signs) == 1 and word in signs[0]
+    assert hacking_signs({}, {}, monitors, 1.5, 0.5) == []
+
+
+def test_check_rewards_must_be_registered_and_not_trained_on():
+    from learner.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="compositional_strikt.*did you mean 'compositional_strict'"):
+        load_config(None, ["grpo.check_rewards=[compositional_strikt]"])
+    with pytest.raises(ConfigError, match="also trained on"):
+        load_config(None, ["grpo.check_rewards=[compositional]"])
+    assert load_config(None, ["grpo.check_rewards=[compositional_strict]"]).grpo.check_rewards == ["compositional_strict"]
+
+
+def test_a_run_that_looks_hacked_stops_and_exports_its_best_clean_checkpoint(tmp_path, monkeypatch):
+    """The whole stack in this process (real Ray actors, Redis, DeepSpeed, MLflow); the detector is forced to see
+    hacking at the first evaluation (its own logic is tested above), with rollouts one version ahead in flight.
+    The run must stop there, leave nothing unacknowledged on the stream, and export the starting weights (the only
+    clean evaluation) as its checkpoint, keeping the trained ones as last_checkpoint."""
+    import learner.grpo
+    from learner.main import main
+
+    seen = []
+
+    def forced(checks, before, monitors, max_saturation, min_diversity):
+        seen.append(sorted(checks))
+        return ["forced by the test"]
+
+    monkeypatch.setattr(learner.grpo, "hacking_signs", forced)
+    pretrain = tmp_path / "pretrain"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["--mode", "pretrain", "--config", "configs/smoke.yaml", f"run_dir={pretrain}",
+                 f"mlflow.tracking_uri={uri}", "pretrain.iterations=2"]) == 0
+    run_dir = tmp_path / "grpo"
+    code = main(["--mode", "grpo", "--config", "configs/smoke.yaml", f"run_dir={run_dir}", f"mlflow.tracking_uri={uri}",
+                 f"init_from={pretrain / 'checkpoint'}", "grpo.iterations=4", "grpo.eval_every=1",
+                 "grpo.max_staleness=1", "grpo.stop_on_hacking=true", "grpo.check_rewards=[compositional_strict]",
+                 "rewards=[{name: compositional}]"])
+    assert code == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["iterations"] == 1 and summary["hacking"] == ["forced by the test"]
+    assert seen[0] == ["compositional_strict"] and "compositional_strict" in summary["eval"]["checks"]
+    assert Path(summary["checkpoint"]).resolve() == (pretrain / "checkpoint").resolve() and summary["best"]["step"] == 0
+    assert Path(summary["last_checkpoint"]) == (run_dir / "checkpoint").resolve()
+    assert summary["stream"]["pending"] == 0 and summary["groups_dropped"] == 2  # the drained iteration's groups
