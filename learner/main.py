@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_dir = resume.run_dir
             if args.overrides:
-                rewrite_config(run_dir, cfg)
+                rewrite_config(run_dir, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ read back with torch.load(weights_only=True), allowing the three plain DeepSpeed
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -22,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from learner.config import ConfigError, RunConfig, _parse_override, dump_config, load_config
+import yaml
+
+from learner.config import ConfigError, RunConfig, _parse_override, load_config
 
 STATES_DIR = "resume"
 MARKER = "COMPLETE.json"
@@ -39,15 +42,18 @@ RESUMABLE_KEYS = (
 )
 
 
-def config_fingerprint(cfg: RunConfig) -> str:
-    """sha256 of the resolved config without the keys a resume may change (and run_dir, which may move)."""
-    data = cfg.model_dump(mode="json")
+def config_fingerprint(config: RunConfig | dict) -> str:
+    """sha256 of a resolved config (or the dict its config.yaml holds) without the keys a resume may change (and
+    run_dir, which may move). --resume hashes the saved config.yaml as written, not as this version resolves it, so
+    a ProxRL upgrade that adds keys (with defaults) does not block a resume; an edit does."""
+    data = copy.deepcopy(config if isinstance(config, dict) else config.model_dump(mode="json"))
     for key in (*RESUMABLE_KEYS, "run_dir"):
         *parents, leaf = key.split(".")
         node = data
         for p in parents:
-            node = node[p]
-        node.pop(leaf, None)
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -282,19 +288,28 @@ def open_resume(path: str, overrides: list[str], mode: Optional[str]) -> tuple[R
     cfg = load_config(run_dir / "config.yaml", overrides).model_copy(update={"run_dir": str(run_dir)})
     state, files = latest_state(run_dir, warn=lambda m: print(m, file=sys.stderr))
     if files is not None:
-        saved = json.loads(files["run.json"])
-        if saved["config_fingerprint"] != config_fingerprint(cfg):
+        saved = json.loads(files["run.json"])["config_fingerprint"]
+        found = config_fingerprint(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {})
+        if saved != found:
             raise ConfigError(
                 f"--resume {path}: {run_dir / 'config.yaml'} no longer matches the config the run state {state.name} "
-                f"was written with (fingerprint {saved['config_fingerprint'][:12]}... vs "
-                f"{config_fingerprint(cfg)[:12]}...): it was edited. Restore it (the run's MLflow artifact "
-                f"config.yaml holds the original), or start a new run."
+                f"was written with (fingerprint {saved[:12]}... vs {found[:12]}...): it was edited. Restore it (the "
+                f"run's MLflow artifact config.yaml holds the original), or start a new run."
             )
     return cfg, Resume(run_dir, saved_mode, run_id, uri, state, files)
 
 
-def rewrite_config(run_dir: Path, cfg: RunConfig) -> None:
-    """config.yaml with the allowed overrides applied, so a second resume continues with them."""
+def rewrite_config(run_dir: Path, overrides: list[str]) -> None:
+    """config.yaml with the (allowed) overrides written into it as it is, so a second resume continues with them and
+    its fingerprint still matches the run states'."""
+    path = run_dir / "config.yaml"
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    for item in overrides:
+        *parents, leaf = _parse_override(item)[0]
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = _parse_override(item)[1]
     tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(dump_config(cfg))
-    os.replace(tmp, run_dir / "config.yaml")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    os.replace(tmp, path)
