@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -86,7 +88,10 @@ class EmbeddedRedis:
             + "\n"
         )
         os.chmod(conf, 0o600)
-        self.proc = subprocess.Popen([_redis_server_binary(), str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its own session: a Ctrl-C in the terminal reaches the driver only, which stops the server after saving.
+        # Killed with its parent: a SIGKILLed driver leaves no server behind.
+        self.proc = subprocess.Popen([_redis_server_binary(), str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 20
         while not self._answers():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -118,6 +123,15 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGKILL it when the process that started it dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _free_port(host: str) -> int:

@@ -74,7 +74,11 @@ class PretrainConfig(Strict):
     l1_warmup_frac: float = Field(0.33, ge=0, lt=1, description="fraction of training with the L1 loss")
     zeta0: float = Field(1.0, gt=0, description="proximal-matching zeta of the first stage; the second uses zeta0/2")
     log_every: int = Field(10, ge=1, description="log losses to MLflow every this many steps")
-    checkpoint_every: int = Field(500, ge=1, description="overwrite run_dir/checkpoint every this many steps")
+    checkpoint_every: int = Field(
+        500, ge=1, description="every this many steps: overwrite run_dir/checkpoint and write a run state "
+        "(run_dir/resume/: engine, optimizer, EMA, RNG, counters) that --resume continues from exactly",
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="run states kept in run_dir/resume (the newest)")
     sample_steps: int = Field(10, ge=1, description="sampler steps for the final sample grid")
     cfg_dropout: float = Field(
         0.1, ge=0, le=1, description="chance a training caption is replaced by the empty caption (for guidance)"
@@ -198,6 +202,12 @@ class GrpoConfig(Strict):
     eval_every: int = Field(
         10, ge=0, description="evaluate (rewards, sample grid, hacking monitors) every K iterations; 0 = start and end only"
     )
+    checkpoint_every: int = Field(
+        10, ge=0, description="write a run state (run_dir/resume/: learner engines and optimizers, RNG, PromptStats, "
+        "counters, the 'before' evaluation) every K iterations, that --resume continues from exactly; one is also "
+        "written at the end and on SIGINT/SIGTERM (0 = only then)",
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="run states kept in run_dir/resume (the newest)")
     check_rewards: list[str] = Field(
         default_factory=list, description="held-out checks: registered rewards scored at every evaluation but never "
         "trained on (e.g. compositional_strict, the verifier with thresholds the trained one does not use), logged "

@@ -13,10 +13,12 @@ then the metrics are logged, and every eval_every iterations the policy is evalu
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import time
 from collections import deque
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -34,6 +36,8 @@ from learner.bootstrap import bootstrap_ci
 from learner.evaluation import hacking_monitors, reward_matrix, save_grid
 from learner.grpo_learner import LearnerGroup
 from learner.prompts import prompt_source
+from learner.resume import Resume, config_fingerprint, json_bytes, merge_rank_files, write_state
+from learner.signals import STOP, Interrupted
 from learner.tracking import Tracker
 from proxmodel.model import load_model, save_state
 from rewards import build as build_reward
@@ -76,14 +80,18 @@ def hacking_signs(checks: dict[str, np.ndarray], before: dict[str, np.ndarray], 
     return signs
 
 
-def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path) -> dict:
-    """DESIGN.md's data flow: start Ray and the stream, start the actors, iterate, write the final checkpoint."""
-    ray, started_ray = start_ray(cfg)
+def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path, resume: Optional[Resume] = None) -> dict:
+    """DESIGN.md's data flow: start Ray and the stream, start the actors, iterate, write the final checkpoint.
+    Ray, its actors and the embedded redis-server stop with the run however it ends (a signal included)."""
+    with STOP.deferred():  # a signal while Ray starts is acted on once it has (and can be stopped)
+        ray, started_ray = start_ray(cfg)
+    STOP.install()  # ray.init took SIGTERM
     redis_server = None
     try:
+        STOP.check()
         ensure_resources(ray, cfg)
         address, redis_server = stream_server(cfg, on_cluster=not started_ray)
-        run = GrpoRun(ray, cfg, run_dir, tracker, init_from, address)
+        run = GrpoRun(ray, cfg, run_dir, tracker, init_from, address, resume)
         return run.finish(run.iterate())
     finally:
         if started_ray:
@@ -92,13 +100,28 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path) -
             redis_server.close()
 
 
+@dataclass
+class Progress:
+    """What the loop has done: saved in every run state (run.json) and continued from by --resume."""
+
+    iteration: int = 0  # iterations trained; the next one to run
+    history: list[float] = field(default_factory=list)  # reward_mean of each trained iteration
+    written: int = 0  # groups written to the stream
+    dropped: int = 0  # groups dropped (non-finite rewards, or drained untrained)
+    wall_time_s: float = 0.0  # GRPO loop time, earlier segments included
+    resumed_at: list[int] = field(default_factory=list)  # iterations at which the run was resumed
+
+
 class GrpoRun:
     """One GRPO run's actors, prompt stream and evaluation, driven from the driver process."""
 
-    def __init__(self, ray, cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path, address: RedisAddress):
+    def __init__(self, ray, cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path, address: RedisAddress,
+                 resume: Optional[Resume] = None):
         g, a = cfg.grpo, cfg.actors
         self.ray, self.cfg, self.run_dir, self.tracker = ray, cfg, run_dir, tracker
         self.streams = [ExperienceStream(address, tracker.run_id, learner_group(r)) for r in range(a.learner.count)]
+        if resume is not None:  # entries past the run state (a shared Redis) are sampled again, with the same seeds
+            self.streams[0].client.delete(self.streams[0].key)
         for stream in self.streams:
             stream.create()
         # The starting weights travel through the object store: actors on other nodes need no shared filesystem.
@@ -132,14 +155,60 @@ class GrpoRun:
         self.in_flight: deque[list] = deque()
         self.weight_updates: list = []
         self.state = None
+        self.version = 0  # of the weights the rollout actors have
         self.current = None
-        self.written, self.dropped = 0, 0
         self.base_monitors: Optional[dict[str, float]] = None
         self.monitors: dict[str, float] = {}
         self.hacked: list[str] = []  # why the last evaluation looked like reward hacking (empty: it did not)
-        self.before = self.evaluate(self.reference, 0)
-        # (step, held-out total, checkpoint) of the best evaluation that showed no sign of hacking: the start so far.
-        self.best = (0, float(self.before["total"].mean()), init_from)
+        self.steady = True  # False while an update is under way: no run state can be taken then
+        self.saved_at: Optional[int] = None  # the iteration of the last run state written
+        if resume is None or resume.files is None:
+            self.progress = Progress()
+            self.before = self.evaluate(self.reference, 0)
+            # (step, held-out total, checkpoint) of the best evaluation that showed no sign of hacking: the start so far.
+            self.best = (0, float(self.before["total"].mean()), init_from)
+        else:
+            self.restore(resume)
+
+    def restore(self, resume: Resume) -> None:
+        """Continue from a run state: learner engines, RNGs and PromptStats, the rollouts' weights and version, the
+        loop's counters, and the 'before' evaluation (the start's, not the trained model's)."""
+        from safetensors.numpy import load as load_arrays
+
+        files = resume.files
+        saved = json.loads(files["run.json"])
+        self.progress = Progress(**saved["progress"])
+        self.progress.resumed_at.append(self.progress.iteration)
+        self.before = load_arrays(files["eval_before.safetensors"])
+        self.base_monitors, self.monitors, self.hacked = saved["base_monitors"], saved["monitors"], saved["hacked"]
+        step, total, path = saved["best"]
+        self.best = (step, total, Path(path))
+        ranks = self.ray.put({k: v for k, v in files.items() if k.startswith(("engine/", "rank"))})
+        self.ray.get(self.learners.call("load_state", ranks))
+        published = self.learners.call("publish", num_returns=2)
+        self.state, _ = published[0]
+        self.version = self.ray.get([v for _, v in published])[0]
+        self.weight_updates = [r.set_weights.remote(self.state, self.version) for r in self.rollouts]
+        self.saved_at = self.progress.iteration
+
+    def save(self) -> Path:
+        """Write the run state after progress.iteration iterations (the learners must be between updates)."""
+        from safetensors.numpy import save as save_arrays
+
+        p = self.progress
+        with STOP.deferred():
+            files = merge_rank_files(self.ray.get(self.learners.call("save_state")))
+            files["eval_before.safetensors"] = save_arrays({k: np.ascontiguousarray(v) for k, v in self.before.items()})
+            files["run.json"] = json_bytes({
+                "mode": "grpo", "iteration": p.iteration, "policy_version": self.version,
+                "prompt_cursor": p.iteration * self.cfg.grpo.prompts_per_iteration, "mlflow_run_id": self.tracker.run_id,
+                "config_fingerprint": config_fingerprint(self.cfg), "progress": asdict(p),
+                "base_monitors": self.base_monitors, "monitors": self.monitors, "hacked": self.hacked,
+                "best": [self.best[0], self.best[1], str(self.best[2])],
+            })
+            path = write_state(self.run_dir, p.iteration, files, self.cfg.grpo.keep_checkpoints)
+        self.saved_at = p.iteration
+        return path
 
     def evaluate(self, model, step: int) -> dict[str, np.ndarray]:
         """Held-out rewards at `step`: the policy's sampler on eval_prompts x eval_seeds fixed noises, each reward and
@@ -198,30 +267,51 @@ class GrpoRun:
         return [r.rollout.remote(p, idx, it, self.cfg.seed) for r, (p, idx) in zip(self.rollouts, shards) if p]
 
     def iterate(self) -> dict:
-        """The iterations: rollouts launched up to max_staleness ahead (until time_limit_s), one step() each."""
-        g = self.cfg.grpo
-        start = time.time()
+        """The iterations from progress.iteration on: rollouts launched up to max_staleness ahead (until
+        time_limit_s), one step() each, a run state every checkpoint_every and at the end. On SIGINT/SIGTERM: a run
+        state of the last whole iteration, then Interrupted."""
+        g, p = self.cfg.grpo, self.progress
+        start = time.time() - p.wall_time_s  # the time limit and the wall time count earlier segments too
         deadline = start + g.time_limit_s if g.time_limit_s else float("inf")
-        history, done = [], 0
-        bar = tqdm(range(g.iterations), desc="grpo", unit="it", dynamic_ncols=True)
-        for it in bar:
-            while (len(self.in_flight) <= g.max_staleness and it + len(self.in_flight) < g.iterations
-                   and (time.time() < deadline or it + len(self.in_flight) == 0)):  # at least one iteration
-                self.in_flight.append(self.launch(it + len(self.in_flight)))
-            if not self.in_flight:  # out of time, and every launched iteration has been trained
-                break
-            done = it + 1
-            metrics = self.step(it)
-            if metrics is not None:
-                history.append(metrics["reward_mean"])
-                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
-            if g.stop_on_hacking and self.hacked:
-                self.drain()
-                break
-        if not history:
-            raise RuntimeError(f"every group of every iteration was dropped ({self.dropped} groups): check the rewards")
-        return {"wall_time_s": time.time() - start, "history": history, "written": self.written,
-                "dropped": self.dropped, "iterations": done}
+        bar = tqdm(range(p.iteration, g.iterations), desc="grpo", unit="it", dynamic_ncols=True,
+                   initial=p.iteration, total=g.iterations)
+        try:
+            for it in bar:
+                if g.stop_on_hacking and self.hacked:  # (a resumed run that had stopped here)
+                    break
+                while (len(self.in_flight) <= g.max_staleness and it + len(self.in_flight) < g.iterations
+                       and (time.time() < deadline or it + len(self.in_flight) == 0)):  # at least one iteration
+                    self.in_flight.append(self.launch(it + len(self.in_flight)))
+                if not self.in_flight:  # out of time, and every launched iteration has been trained
+                    break
+                with STOP.deferred():  # a first signal waits for the update (the rollout wait ends at once)
+                    metrics = self.step(it)
+                    p.iteration, p.wall_time_s, self.steady = it + 1, time.time() - start, True
+                    if metrics is not None:
+                        p.history.append(metrics["reward_mean"])
+                        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
+                    if g.stop_on_hacking and self.hacked:
+                        self.drain()
+                        break
+                    if STOP.requested or (g.checkpoint_every and p.iteration % g.checkpoint_every == 0):
+                        self.save()
+                STOP.check()
+            if not p.history:
+                raise RuntimeError(f"every group of every iteration was dropped ({p.dropped} groups): check the rewards")
+            if self.saved_at != p.iteration:  # the end: finish() can be resumed too
+                self.save()
+        except Interrupted:
+            if self.steady and self.saved_at != p.iteration:  # between updates: the state is whole
+                self.save()
+            raise
+        return {"wall_time_s": p.wall_time_s, "history": p.history, "written": p.written, "dropped": p.dropped,
+                "iterations": p.iteration, "resumed_at": p.resumed_at}
+
+    def wait_rollouts(self, refs: list) -> list:
+        """ray.get of one iteration's rollouts, given up at once on SIGINT/SIGTERM (nothing is trained yet)."""
+        while self.ray.wait(refs, num_returns=len(refs), timeout=0.5)[1]:
+            STOP.check()
+        return self.ray.get(refs)
 
     def drain(self) -> None:
         """Stop early: wait for the rollouts in flight and acknowledge their groups untrained (counted as dropped)."""
@@ -229,27 +319,30 @@ class GrpoRun:
             groups = sum(r["groups"] for r in self.ray.get(refs))
             for stream in self.streams:
                 stream.ack([entry_id for entry_id, _ in stream.read("drain", groups)])
-            self.written, self.dropped = self.written + groups, self.dropped + groups
+            self.progress.written += groups
+            self.progress.dropped += groups
         self.in_flight.clear()
 
     def step(self, it: int) -> Optional[dict]:
         """Iteration `it` of DESIGN.md's data flow; its metrics, or None when every group was dropped."""
         ray, g, timing = self.ray, self.cfg.grpo, {}
         with timed("rollout", timing):  # sampled, scored and streamed by the actors (launched earlier)
-            results = ray.get(self.in_flight.popleft())
+            results = self.wait_rollouts(self.in_flight.popleft())
             ray.get(self.weight_updates)  # surface a failed weight update; these finished before the rollouts did
         groups, dropped = sum(r["groups"] for r in results), sum(r["dropped"] for r in results)
-        self.written, self.dropped = self.written + groups, self.dropped + dropped
+        self.progress.written += groups
+        self.progress.dropped += dropped
         if groups == 0:
             self.tracker.metrics({"groups_dropped": dropped}, step=it)
             return None
+        self.steady = False  # until the loop has counted this iteration
         with timed("update", timing):  # advantages, clipped loss, one optimiser step, entries acknowledged
             metrics = ray.get(self.learners.call("train", it, groups))[0]
         with timed("publish", timing):  # new weights to the rollout actors, picked up before their next batch
             published = self.learners.call("publish", num_returns=2)
             self.state, version = published[0]  # every rank gathers (ZeRO-3); rank 0's copy is broadcast
             self.weight_updates = [r.set_weights.remote(self.state, version) for r in self.rollouts]
-            version = ray.get([v for _, v in published])[0]
+            self.version = version = ray.get([v for _, v in published])[0]
         metrics.update(
             **timing, groups_dropped=dropped, policy_version=version,
             samples_per_s=groups * g.group_size / sum(timing.values()),
@@ -309,5 +402,6 @@ class GrpoRun:
             "monitors": {"before": self.base_monitors, "after": self.monitors},
             "groups_written": loop["written"],
             "groups_dropped": loop["dropped"],
+            "resumed_at": loop["resumed_at"],
             "stream": {"key": self.streams[0].key, "entries": entries, "pending": pending},
         }

@@ -222,6 +222,37 @@ class GrpoLearner:
                 sums.setdefault(name, []).append(float(value))
         return {name: sum(v) / len(v) for name, v in sums.items()}
 
+    def save_state(self) -> dict[str, bytes]:
+        """This rank's part of a run state: DeepSpeed's engine files (weights, optimizer, ZeRO partitions), the
+        policy version, PromptStats, the RNGs the updates draw from and the sampling EMA if any. Every rank must call it (a collective save)."""
+        from learner.resume import engine_files, json_bytes, tensor_bytes
+
+        files = {f"engine/{name}": data for name, data in engine_files(self.engine).items()}
+        files[f"rank{self.rank}.json"] = json_bytes({"version": self.version, "prompt_stats": self.prompt_stats.state()})
+        files[f"rank{self.rank}.safetensors"] = tensor_bytes({"step_rng": self.step_rng.get_state(),
+                                                              "torch_rng": torch.get_rng_state()})
+        if self.ema is not None:  # the sampling policy (objective forward with grpo.ema_decay)
+            files[f"rank{self.rank}-ema.safetensors"] = tensor_bytes(self.ema.state_dict())
+        return files
+
+    def load_state(self, files: dict[str, bytes]) -> int:
+        """Continue from a run state (every rank's save_state merged); returns the policy version."""
+        import json
+
+        from learner.resume import load_engine_files, tensors_from
+
+        load_engine_files(self.engine, {k.removeprefix("engine/"): v for k, v in files.items() if k.startswith("engine/")})
+        mine = json.loads(files[f"rank{self.rank}.json"])
+        self.version = mine["version"]
+        self.prompt_stats = PromptStats(self.prompt_stats.buffer, self.prompt_stats.min_count, mine["prompt_stats"])
+        rng = tensors_from(files[f"rank{self.rank}.safetensors"])
+        self.step_rng.set_state(rng["step_rng"])
+        torch.set_rng_state(rng["torch_rng"])
+        if self.ema is not None:
+            ema = tensors_from(files[f"rank{self.rank}-ema.safetensors"])
+            self.ema.load_state_dict({k: v.to(self.device) for k, v in ema.items()})
+        return self.version
+
     def publish(self) -> tuple[dict[str, torch.Tensor], int]:
         """The sampling policy's full fp32 weights on the CPU (the EMA if there is one), and the version (every rank
         must call it: ZeRO-3 gathers collectively)."""

@@ -1,7 +1,9 @@
-"""The command line and the driver: `python -m learner.main --mode {pretrain,grpo} [--config X.yaml] [key=value ...]`.
+"""The command line and the driver: `python -m learner.main --mode {pretrain,grpo} [--config X.yaml] [key=value ...]`,
+or `python -m learner.main --resume RUN_DIR [key=value ...]` to continue a stopped run exactly (learner/resume.py).
 
 Every run gets a directory (run_dir) holding its resolved config, checkpoint, sample grid and summary.json; the
-summary's path is the last line printed, so scripts can find the results. Bad input (config, prompt file, data,
+summary's path is the last line printed, so scripts can find the results. SIGINT / SIGTERM write a run state and
+stop every process the run started; the one line printed names the resume command. Bad input (config, prompt file, data,
 checkpoint, reward options) is found by `preflight` before the run directory or the MLflow run exists: the CLI then
 prints one paragraph naming the problem and exits 2, having written nothing.
 """
@@ -20,6 +22,7 @@ from learner import env  # noqa: F401  (sets the offline, no-telemetry environme
 from learner.config import (
     ConfigError, RunConfig, describe_keys, did_you_mean, dump_config, load_config, schema_keys, sections,
 )
+from learner.signals import STOP, Interrupted
 from proxmodel.config import ModelConfig
 
 BUILTIN_PREFIX = "builtin:"
@@ -207,14 +210,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--mode", choices=("pretrain", "grpo"), help="what to run (required to run)")
+    parser.add_argument("--resume", metavar="RUN_DIR", default=None,
+                        help="continue the run in RUN_DIR from its last run state, with its saved config (only "
+                             "overrides that cannot change the result are accepted, e.g. grpo.iterations=N)")
     parser.add_argument("--config", default=None, help="YAML config (default: the embedded configs/default.yaml)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) and exit")
     parser.add_argument("--list-keys", nargs="?", const="", metavar="SECTION",
                         help="print every key (or SECTION's) with its type, default and meaning, and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. grpo.iterations=5")
     args = parser.parse_args(argv)
-    if args.mode is None and not args.print_config and args.list_keys is None:
-        parser.error("--mode is required: --mode pretrain or --mode grpo (or --print-config / --list-keys)")
+    if args.mode is None and args.resume is None and not args.print_config and args.list_keys is None:
+        parser.error("--mode is required: --mode pretrain or --mode grpo (or --resume RUN_DIR, --print-config, "
+                     "--list-keys)")
+    if args.resume is not None and args.config is not None:
+        parser.error("--resume uses the run's own config.yaml: drop --config")
     return args
 
 
@@ -222,43 +231,89 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list_keys is not None:
         return list_keys(args.list_keys)
+    from learner.resume import open_resume, rewrite_config
+
+    resume, mode = None, args.mode
     try:
-        cfg = load_config(args.config, args.overrides)
+        if args.resume is not None:
+            cfg, resume = open_resume(args.resume, args.overrides, args.mode)
+            mode = resume.mode
+        else:
+            cfg = load_config(args.config, args.overrides)
         if args.print_config:
             print(dump_config(cfg), end="")
             return 0
-        init_from = preflight(cfg, args.mode)
-        run_dir = prepare_run_dir(cfg, args.mode)
+        init_from = preflight(cfg, mode)
+        if resume is None:
+            run_dir = prepare_run_dir(cfg, mode)
+        else:
+            run_dir = resume.run_dir
+            if args.overrides:
+                rewrite_config(run_dir, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return run(cfg, mode, run_dir, init_from, resume)
 
+
+def interrupted_message(signum: int, run_dir: Path) -> str:
+    """One line: which signal, what was saved, the command that continues the run."""
+    import signal
+
+    from learner.resume import complete_states, resume_command
+
+    states = complete_states(run_dir)
+    saved = (f"run state {states[-1]} saved" if states else "no run state yet (resuming starts it again)")
+    return f"interrupted by {signal.Signals(signum).name}: {saved}; continue with: {resume_command(run_dir)}"
+
+
+def run(cfg: RunConfig, mode: str, run_dir: Path, init_from: Path | None, resume) -> int:
+    """Run a mode under the MLflow run, write summary.json; on SIGINT/SIGTERM a run state and one line (no
+    traceback), exit status 128 + the signal's number."""
     # Heavy imports only once the config is known to be good: a typo fails in a second, not after torch loads.
+    from learner.resume import write_run_file
     from learner.tracking import Tracker
 
-    tracker = Tracker(cfg, args.mode, run_dir)
+    STOP.install()
+    tracker = None
     try:
-        if args.mode == "pretrain":
+        tracker = Tracker(cfg, mode, run_dir, (resume.mlflow_run_id, resume.tracking_uri) if resume else None)
+        if resume is None:
+            write_run_file(run_dir, mode, tracker.run_id, tracker.uri)
+        if mode == "pretrain":
             from learner.pretrain import run_pretrain
 
-            result = run_pretrain(cfg, run_dir, tracker, init_from)
+            result = run_pretrain(cfg, run_dir, tracker, init_from, resume)
         else:
             from learner.grpo import run_grpo
 
-            result = run_grpo(cfg, run_dir, tracker, init_from)
+            result = run_grpo(cfg, run_dir, tracker, init_from, resume)
+        with STOP.deferred():  # the run is done: a signal now must not leave half a summary
+            summary = {"mode": mode, "init_from": str(init_from) if init_from else None, **result,
+                       "mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.uri}
+            summary_path = run_dir / "summary.json"
+            tmp = run_dir / ".summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            tmp.replace(summary_path)
+            tracker.artifact(summary_path)
+            tracker.finish()
     except ConfigError as e:  # found once the cluster is known (e.g. not enough GPUs): advice, not a traceback
-        tracker.finish("FAILED")
+        if tracker is not None:
+            tracker.finish("FAILED")
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        STOP.ignore()  # the run state is written and the processes are stopped: only the last line is left
+        if tracker is not None:
+            tracker.finish("KILLED")
+        print(interrupted_message(e.signum, run_dir), file=sys.stderr)
+        return 128 + e.signum
     except BaseException:
-        tracker.finish("FAILED")
+        if tracker is not None:
+            tracker.finish("FAILED")
         raise
-    summary = {"mode": args.mode, "init_from": str(init_from) if init_from else None, **result,
-               "mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.uri}
-    summary_path = run_dir / "summary.json"
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    tracker.artifact(summary_path)
-    tracker.finish()
+    finally:
+        STOP.uninstall()
     print(summary_path)
     return 0
 

@@ -7,8 +7,10 @@ an EMA of the weights (if on) is what evaluation samples from and what the check
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tqdm import tqdm
@@ -18,6 +20,10 @@ from learner.data import build_source
 from learner.engine import build_engine, device, full_state_dict, init_distributed
 from learner.ema import ema_metadata, make_ema, update_ema
 from learner.evaluation import evaluate, save_grid
+from learner.resume import (
+    Resume, config_fingerprint, engine_files, json_bytes, load_engine_files, tensor_bytes, tensors_from, write_state,
+)
+from learner.signals import STOP
 from learner.tracking import Tracker
 from proxmodel.losses import LossSchedule, make_score_pairs, make_training_pairs, mse_loss
 from proxmodel.config import ModelConfig
@@ -57,7 +63,37 @@ def export(engine, ema, decay: float, directory: Path) -> Path:
     return save_state(ema.module.state_dict(), engine.module.cfg, directory, metadata=ema_metadata(ema, decay))
 
 
-def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path | None) -> dict:
+def save_run_state(cfg: RunConfig, run_dir: Path, tracker: Tracker, engine, ema, gen: torch.Generator,
+                   progress: dict) -> Path:
+    """The whole pretraining state after progress["iteration"] steps: DeepSpeed's engine files (weights, optimizer,
+    lr schedule), the EMA, the pair/caption-dropout generator and torch's global RNG, counters."""
+    files = {f"engine/{name}": data for name, data in engine_files(engine).items()}
+    if ema is not None:
+        files["ema.safetensors"] = tensor_bytes(ema.state_dict())  # the average and its update count
+    files["rng.safetensors"] = tensor_bytes({"pairs": gen.get_state(), "torch": torch.get_rng_state()})
+    files["run.json"] = json_bytes({
+        "mode": "pretrain", **progress, "mlflow_run_id": tracker.run_id,
+        "data_cursor": cfg.data.cursor + progress["iteration"] * cfg.pretrain.batch_size,
+        "config_fingerprint": config_fingerprint(cfg),
+    })
+    with STOP.deferred():
+        return write_state(run_dir, progress["iteration"], files, cfg.pretrain.keep_checkpoints)
+
+
+def load_run_state(files: dict[str, bytes], engine, ema, gen: torch.Generator) -> dict:
+    """Restore what save_run_state wrote; returns its progress (iteration, loss, wall time, resumed_at)."""
+    load_engine_files(engine, {k.removeprefix("engine/"): v for k, v in files.items() if k.startswith("engine/")})
+    if ema is not None:
+        ema.load_state_dict(tensors_from(files["ema.safetensors"]))
+    rng = tensors_from(files["rng.safetensors"])
+    gen.set_state(rng["pairs"])
+    torch.set_rng_state(rng["torch"])
+    saved = json.loads(files["run.json"])
+    return {k: saved[k] for k in ("iteration", "loss", "wall_time_s", "resumed_at")}
+
+
+def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path | None,
+                 resume: Optional[Resume] = None) -> dict:
     pc = cfg.pretrain
     torch.manual_seed(cfg.seed)
     init_distributed()
@@ -75,36 +111,51 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
     schedule = VPSchedule()
     losses = LossSchedule(pc.iterations, pc.l1_warmup_frac, pc.zeta0)
     gen = torch.Generator().manual_seed(cfg.seed)
-    start, loss_value = time.time(), float("nan")
-    bar = tqdm(range(pc.iterations), desc="pretrain", unit="step", dynamic_ncols=True)
-    for step in bar:
-        images, captions = source.batch(cfg.data.cursor + step * pc.batch_size, pc.batch_size)
-        x0 = model.encode_images(images.to(dev))  # pixels, or the frozen VAE's latents
-        captions = drop_captions(captions, pc.cfg_dropout, gen)
-        if mc.kind == "score":
-            y, t, xi = make_score_pairs(x0, schedule, pc.score_t_min, gen)
-            lam = torch.zeros_like(t)
-        else:
-            y, t, lam, xi = make_training_pairs(x0, schedule, pc.step_candidates, gen, tuple(pc.prox_variants))
-        eps = engine(y, t, lam, tokens=model.tokenize(captions, dev))
-        loss = mse_loss(eps, xi) if mc.kind == "score" else losses.loss(step, eps, xi)
-        engine.backward(loss)
-        engine.step()
-        if ema is not None:
-            update_ema(ema, engine)
-        loss_value = loss.item()
-        if step % pc.log_every == 0 or step == pc.iterations - 1:
-            kind, zeta = ("mse", 0.0) if mc.kind == "score" else losses.stage(step)
-            elapsed = time.time() - start
-            tracker.metrics(
-                {f"loss_{kind}": loss_value, "loss": loss_value, "zeta": zeta, "lr": engine.get_lr()[0],
-                 "samples_per_s": (step + 1) * pc.batch_size / elapsed},
-                step=step,
-            )
-            bar.set_postfix(loss=f"{loss_value:.4f}", stage=kind)
-        if (step + 1) % pc.checkpoint_every == 0:
-            export(engine, ema, pc.ema_decay, run_dir / "checkpoint")
-    wall = time.time() - start
+    progress = {"iteration": 0, "loss": float("nan"), "wall_time_s": 0.0, "resumed_at": []}
+    if resume is not None and resume.files is not None:
+        progress = load_run_state(resume.files, engine, ema, gen)
+        progress["resumed_at"].append(progress["iteration"])
+    first, loss_value = progress["iteration"], progress["loss"]
+    start = time.time()
+    elapsed_before = progress["wall_time_s"]
+    bar = tqdm(range(first, pc.iterations), desc="pretrain", unit="step", dynamic_ncols=True, initial=first,
+               total=pc.iterations)
+    saved_at = first if resume is not None and resume.files is not None else None
+    with STOP.deferred():  # a signal is acted on at a step's end (STOP.check), never mid-step
+        for step in bar:
+            images, captions = source.batch(cfg.data.cursor + step * pc.batch_size, pc.batch_size)
+            x0 = model.encode_images(images.to(dev))  # pixels, or the frozen VAE's latents
+            captions = drop_captions(captions, pc.cfg_dropout, gen)
+            if mc.kind == "score":
+                y, t, xi = make_score_pairs(x0, schedule, pc.score_t_min, gen)
+                lam = torch.zeros_like(t)
+            else:
+                y, t, lam, xi = make_training_pairs(x0, schedule, pc.step_candidates, gen, tuple(pc.prox_variants))
+            eps = engine(y, t, lam, tokens=model.tokenize(captions, dev))
+            loss = mse_loss(eps, xi) if mc.kind == "score" else losses.loss(step, eps, xi)
+            engine.backward(loss)
+            engine.step()
+            if ema is not None:
+                update_ema(ema, engine)
+            loss_value = loss.item()
+            if step % pc.log_every == 0 or step == pc.iterations - 1:
+                kind, zeta = ("mse", 0.0) if mc.kind == "score" else losses.stage(step)
+                elapsed = time.time() - start
+                tracker.metrics(
+                    {f"loss_{kind}": loss_value, "loss": loss_value, "zeta": zeta, "lr": engine.get_lr()[0],
+                     "samples_per_s": (step + 1 - first) * pc.batch_size / elapsed},
+                    step=step,
+                )
+                bar.set_postfix(loss=f"{loss_value:.4f}", stage=kind)
+            progress.update(iteration=step + 1, loss=loss_value, wall_time_s=elapsed_before + time.time() - start)
+            if (step + 1) % pc.checkpoint_every == 0 or STOP.requested:
+                export(engine, ema, pc.ema_decay, run_dir / "checkpoint")
+                save_run_state(cfg, run_dir, tracker, engine, ema, gen, progress)
+                saved_at = step + 1
+            STOP.check()  # a signal during the step is acted on here, once the step's state is saved
+    wall = progress["wall_time_s"]
+    if saved_at != pc.iterations:  # the end: the final evaluation can be resumed too
+        save_run_state(cfg, run_dir, tracker, engine, ema, gen, progress)
     checkpoint = export(engine, ema, pc.ema_decay, run_dir / "checkpoint")
 
     prompts = source.eval_prompts(16)
@@ -122,4 +173,5 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
         "loss_final": loss_value,
         "data_cursor": cfg.data.cursor + pc.iterations * pc.batch_size,  # data.cursor that continues this run
         "eval_reward": scores,
+        "resumed_at": progress["resumed_at"],
     }

@@ -41,7 +41,15 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, str]:
 class Tracker:
     """Thin wrapper so the drivers read as the data flow, not as MLflow calls."""
 
-    def __init__(self, cfg: RunConfig, mode: str, run_dir: Path):
+    def __init__(self, cfg: RunConfig, mode: str, run_dir: Path, resume: Optional[tuple[str, str]] = None):
+        """A new MLflow run; or with resume=(run id, tracking URI), that run reopened so its curves continue (its
+        params stay as first logged: MLflow params cannot change, and a resume changes none that matter)."""
+        if resume is not None:
+            self.run_id, self.uri = resume
+            mlflow.set_tracking_uri(self.uri)
+            self.run = mlflow.start_run(run_id=self.run_id)
+            mlflow.log_text(dump_config(cfg), "config.yaml")
+            return
         self.uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
         mlflow.set_tracking_uri(self.uri)
         client = MlflowClient(self.uri)
