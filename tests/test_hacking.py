@@ -43,34 +43,48 @@ def test_check_rewards_must_be_registered_and_not_trained_on():
     assert load_config(None, ["grpo.check_rewards=[compositional_strict]"]).grpo.check_rewards == ["compositional_strict"]
 
 
-def test_a_run_that_looks_hacked_stops_and_exports_its_best_clean_checkpoint(tmp_path, monkeypatch):
-    """The whole stack in this process (real Ray actors, Redis, DeepSpeed, MLflow); the detector is forced to see
-    hacking at the first evaluation (its own logic is tested above), with rollouts one version ahead in flight.
+DRIVER = """
+import sys
+import learner.grpo
+from learner.main import main
+
+def forced(checks, before, monitors, max_saturation, min_diversity):
+    print("checks seen:", sorted(checks), flush=True)
+    return ["forced by the test"]
+
+learner.grpo.hacking_signs = forced
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_run_that_looks_hacked_stops_and_exports_its_best_clean_checkpoint(tmp_path):
+    """The whole stack (real Ray actors, Redis, DeepSpeed, MLflow) in a driver process whose detector is forced to
+    see hacking at the first evaluation (its own logic is tested above), with rollouts one version ahead in flight.
     The run must stop there, leave nothing unacknowledged on the stream, and export the starting weights (the only
     clean evaluation) as its checkpoint, keeping the trained ones as last_checkpoint."""
-    import learner.grpo
+    import os
+    import subprocess
+    import sys
+
     from learner.main import main
 
-    seen = []
-
-    def forced(checks, before, monitors, max_saturation, min_diversity):
-        seen.append(sorted(checks))
-        return ["forced by the test"]
-
-    monkeypatch.setattr(learner.grpo, "hacking_signs", forced)
     pretrain = tmp_path / "pretrain"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert main(["--mode", "pretrain", "--config", "configs/smoke.yaml", f"run_dir={pretrain}",
                  f"mlflow.tracking_uri={uri}", "pretrain.iterations=2"]) == 0
     run_dir = tmp_path / "grpo"
-    code = main(["--mode", "grpo", "--config", "configs/smoke.yaml", f"run_dir={run_dir}", f"mlflow.tracking_uri={uri}",
-                 f"init_from={pretrain / 'checkpoint'}", "grpo.iterations=4", "grpo.eval_every=1",
-                 "grpo.max_staleness=1", "grpo.stop_on_hacking=true", "grpo.check_rewards=[compositional_strict]",
-                 "rewards=[{name: compositional}]"])
-    assert code == 0
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, "--mode", "grpo", "--config", "configs/smoke.yaml", f"run_dir={run_dir}",
+         f"mlflow.tracking_uri={uri}", f"init_from={pretrain / 'checkpoint'}", "grpo.iterations=4",
+         "grpo.eval_every=1", "grpo.max_staleness=1", "grpo.stop_on_hacking=true",
+         "grpo.check_rewards=[compositional_strict]", "rewards=[{name: compositional}]"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checks seen: ['compositional_strict']" in proc.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["iterations"] == 1 and summary["hacking"] == ["forced by the test"]
-    assert seen[0] == ["compositional_strict"] and "compositional_strict" in summary["eval"]["checks"]
+    assert "compositional_strict" in summary["eval"]["checks"]
     assert Path(summary["checkpoint"]).resolve() == (pretrain / "checkpoint").resolve() and summary["best"]["step"] == 0
     assert Path(summary["last_checkpoint"]) == (run_dir / "checkpoint").resolve()
     assert summary["stream"]["pending"] == 0 and summary["groups_dropped"] == 2  # the drained iteration's groups
