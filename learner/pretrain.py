@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from learner.config import RunConfig
-from learner.data import build_source
+from learner.data import build_source, drop_captions
 from learner.engine import build_engine, device, full_state_dict, init_distributed
 from learner.ema import ema_metadata, make_ema, update_ema
 from learner.evaluation import evaluate, save_grid
@@ -30,12 +30,6 @@ from proxmodel.config import ModelConfig
 from proxmodel.model import ProxT2I, load_model, save_state
 from proxmodel.schedule import VPSchedule
 from rewards import build as build_reward
-
-
-def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
-    """Each caption replaced by the empty caption with probability p (classifier-free guidance training)."""
-    keep = torch.rand(len(captions), generator=generator) >= p
-    return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
 
 SIGMA_DATA_SAMPLES = 512  # images whose RMS sets model.sigma_data: its standard error is well under 1%
