@@ -396,7 +396,8 @@ class RunConfig(Strict):
         for i, name in enumerate(names):
             if name not in known:
                 raise ValueError(f"rewards[{i}].name={name!r}: unknown reward{did_you_mean(name, known)}; "
-                                 f"the registered rewards are {', '.join(known)}")
+                                 f"the registered rewards are {', '.join(known)} (your own: an entry point in the "
+                                 "group proxrl.rewards, see docs/custom_rewards.md)")
         if len(set(names)) != len(names):
             raise ValueError(f"a reward is listed twice in rewards: {names}; list each once and set its weight")
         for i, name in enumerate(self.grpo.check_rewards):
