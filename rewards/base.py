@@ -104,7 +104,7 @@ def _register_plugin(entry) -> None:
     try:
         cls = entry.load()
     except Exception as e:  # a broken plugin must say which one, not fail somewhere inside a reward actor
-        raise ValueError(f"{where} cannot be loaded: {type(e).__name__}: {e}. fix or uninstall that package") from e
+        raise ValueError(f"{where} cannot be loaded: {type(e).__name__}: {e}; fix or uninstall that package") from e
     if not (isinstance(cls, type) and issubclass(cls, RewardModel)):
         raise ValueError(f"{where} is not a rewards.base.RewardModel subclass; point the entry point at one")
     if _REGISTRY.get(entry.name) is cls:  # it registered itself with @register under the same name
