@@ -151,6 +151,7 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
     if saved_at != pc.iterations:  # the end: the final evaluation can be resumed too
         save_run_state(cfg, run_dir, tracker, engine, ema, gen, progress)
     checkpoint = export(engine, ema, pc.ema_decay, run_dir / "checkpoint")
+    tracker.folder(checkpoint, "checkpoint")
 
     prompts = source.eval_prompts(16)
     rewards = {r.name: build_reward(r.name, **r.options) for r in cfg.rewards}

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from learner.config import RunConfig
-from learner.evaluation import generate, save_grid
+from learner.evaluation import generate, save_grid, to_pil
 from learner.tracking import Tracker
 from proxmodel.model import ProxT2I, load_model
 
@@ -38,11 +38,6 @@ def prompt_images(model: ProxT2I, prompt: str, index: int, count: int, *, steps:
                   eta: float = 1.0, guidance: float = 1.0, sampler: Optional[str] = None) -> torch.Tensor:
     """`count` images [count, C, H, W] in [0, 1] of prompt number `index`, with the noise of seed + index."""
     return generate(model, [prompt] * count, steps, seed + index, eta, sampler, guidance)
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    arrays = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in arrays]
 
 
 def sample_images(checkpoint: str | Path | ProxT2I, prompts: Sequence[str], count: int = 1, *, steps: int = 10,
@@ -92,6 +87,9 @@ def run_sample(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path)
     (run_dir / "samples.json").write_text(json.dumps(records, indent=1) + "\n")
     tracker.image(grid, "samples.png")
     tracker.artifact(run_dir / "samples.json")
+    pictures = to_pil(torch.cat(everything))  # the MLflow UI shows each image with its caption and rewards
+    tracker.table({"prompt": [r["prompt"] for r in records], "image": pictures,
+                   **{n: [r["rewards"][n] for r in records] for n in rewards}}, "samples_table.json")
     means = {}
     for name in rewards:  # per prompt first: the interval is over prompts, as evaluation's
         per_prompt = np.array([[r["rewards"][name] for r in records if r["prompt_index"] == i]

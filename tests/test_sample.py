@@ -47,7 +47,8 @@ def test_sample_writes_images_grid_and_scores_and_matches_the_python_api(checkpo
     assert summary["rewards"]["compositional"]["mean"] == pytest.approx(np.mean(scores))
     assert (run_dir / "samples.png").is_file()
     client = MlflowClient(uri)
-    assert {a.path for a in client.list_artifacts(summary["mlflow_run_id"])} >= {"samples.json", "samples.png"}
+    assert {a.path for a in client.list_artifacts(summary["mlflow_run_id"])} >= {"samples.json", "samples.png",
+                                                                                 "samples_table.json"}
 
     # The API draws the same images with the same settings; and prompt 2's images do not depend on the others
     # (a sampler batching every prompt into one noise draw would give prompt 2 other noise alone than in the run).
