@@ -3,7 +3,6 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +10,7 @@ import pytest
 from PIL import Image
 
 from proxmodel.model import save_model
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.cli import ROOT, run_cli
 
 PLUGIN = '''
 import torch
@@ -33,14 +31,15 @@ class NotAReward:
 
 
 def install(site: Path, entry: str) -> dict:
-    """An installed distribution as pip leaves it (module + dist-info with entry_points.txt) on a PYTHONPATH."""
+    """An installed distribution as pip leaves it (module + dist-info with entry_points.txt) on a PYTHONPATH;
+    returns the environment that puts it there."""
     site.mkdir(parents=True, exist_ok=True)
     (site / "brightplug.py").write_text(PLUGIN)
     info = site / "brightplug-0.1.dist-info"
     info.mkdir(exist_ok=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: brightplug\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(f"[proxrl.rewards]\n{entry}\n")
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    return {"PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +48,10 @@ def checkpoint(tiny_model, tmp_path_factory):
 
 
 def sample(tmp_path: Path, env: dict, checkpoint: str, rewards: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "learner.main", "--mode", "sample", f"init_from={checkpoint}", "sample.steps=2",
-         "sample.num_prompts=2", "sample.images_per_prompt=2", "sample.score=true", f"rewards={rewards}",
-         f"run_dir={tmp_path / 'run'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return run_cli("--mode", "sample", f"init_from={checkpoint}", "sample.steps=2", "sample.num_prompts=2",
+                   "sample.images_per_prompt=2", "sample.score=true", f"rewards={rewards}",
+                   f"run_dir={tmp_path / 'run'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                   env=env, timeout=600)
 
 
 def test_an_installed_reward_scores_with_its_options(checkpoint, tmp_path):

@@ -2,9 +2,6 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,39 +11,7 @@ import safetensors.torch
 from mlflow.tracking import MlflowClient
 
 from actors.stream import EmbeddedRedis
-
-ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "configs" / "smoke.yaml"
-
-
-def run_cli(*args, env=None, timeout=600):
-    proc = subprocess.run(
-        [sys.executable, "-m", "learner.main", *args], cwd=ROOT, capture_output=True, text=True,
-        env={**os.environ, **(env or {})}, timeout=timeout,
-    )
-    return proc
-
-
-def last_line(proc) -> str:
-    lines = proc.stdout.strip().splitlines()
-    assert lines, f"no output; stderr:\n{proc.stderr[-3000:]}"
-    return lines[-1]
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    return root, f"sqlite:///{root / 'mlflow.db'}"
-
-
-@pytest.fixture(scope="module")
-def pretrained(store):
-    root, uri = store
-    proc = run_cli("--mode", "pretrain", "--config", str(SMOKE), f"run_dir={root / 'pretrain'}", f"mlflow.tracking_uri={uri}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary_path = Path(last_line(proc))
-    assert summary_path == root / "pretrain" / "summary.json"
-    return json.loads(summary_path.read_text())
+from tests.cli import SMOKE, last_line, run_cli
 
 
 def test_pretrain_writes_summary_checkpoint_and_mlflow_run(pretrained, store):

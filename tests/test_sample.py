@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +12,8 @@ from PIL import Image
 
 from learner.sample import load, prompt_images, sample_images, to_pil
 from proxmodel.model import save_model
+from tests.cli import run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a small red circle at the top left, on a white background",
            "a large blue square at the bottom right, on a black background",
            "a green triangle, on a gray background"]
@@ -25,9 +24,8 @@ def checkpoint(tiny_model, tmp_path_factory):
     return str(save_model(tiny_model, tmp_path_factory.mktemp("ckpt") / "c"))
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "learner.main", "--mode", "sample", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+def run_sample(*args: str) -> subprocess.CompletedProcess:
+    return run_cli("--mode", "sample", *args, timeout=600)
 
 
 def test_sample_writes_images_grid_and_scores_and_matches_the_python_api(checkpoint, tmp_path):
@@ -35,7 +33,7 @@ def test_sample_writes_images_grid_and_scores_and_matches_the_python_api(checkpo
     prompt_file.write_text("\n".join(PROMPTS) + "\n")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_dir = tmp_path / "run"
-    proc = run_cli(f"init_from={checkpoint}", f"sample.prompt_file={prompt_file}", "sample.images_per_prompt=2",
+    proc = run_sample(f"init_from={checkpoint}", f"sample.prompt_file={prompt_file}", "sample.images_per_prompt=2",
                    "sample.steps=3", "sample.score=true", "seed=5", f"run_dir={run_dir}", f"mlflow.tracking_uri={uri}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())
@@ -68,6 +66,6 @@ def test_sample_writes_images_grid_and_scores_and_matches_the_python_api(checkpo
 ])
 def test_bad_sample_settings_exit_2_naming_the_key_and_write_nothing(checkpoint, tmp_path, args, words):
     run_dir = tmp_path / "run"
-    proc = run_cli(f"init_from={checkpoint}", f"run_dir={run_dir}", *args)
+    proc = run_sample(f"init_from={checkpoint}", f"run_dir={run_dir}", *args)
     assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr
     assert not run_dir.exists()
