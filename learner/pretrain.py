@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from learner.config import RunConfig
 from learner.data import build_source, drop_captions
-from learner.engine import build_engine, device, full_state_dict, init_distributed
+from learner.engine import build_engine, device, full_state_dict, init_distributed, prepare_ops
 from learner.ema import ema_metadata, make_ema, update_ema
 from learner.evaluation import evaluate, save_grid
 from learner.resume import (
@@ -90,6 +90,7 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
                  resume: Optional[Resume] = None) -> dict:
     pc = cfg.pretrain
     torch.manual_seed(cfg.seed)
+    prepare_ops()
     init_distributed()
     model = load_model(init_from) if init_from else ProxT2I(cfg.model)
     source = build_source(cfg.data, model.cfg.image_size, model.cfg.channels)
