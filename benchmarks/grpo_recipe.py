@@ -45,6 +45,13 @@ RECIPES: dict[str, list[str]] = {
     # the same with the anchor to the starting model (kl_coef x ||e - e_ref||^2)
     "fwd-lownoise-ema0.9-lr3e-4-anchor1": [*_FWD, *_LOW_NOISE, "grpo.ema_decay=0.9", "grpo.lr=3e-4",
                                            "grpo.kl_coef=1.0"],
+    # session 6: the policy gradient at 3x the lr with the data anchor (pretraining loss on data in every step)
+    "pg-lr3e-4-anchor0.5": ["grpo.objective=policy_gradient", "grpo.lr=3e-4", "grpo.data_anchor=0.5"],
+    # session 6: the default policy gradient with a light data anchor
+    "pg-anchor0.1": ["grpo.objective=policy_gradient", "grpo.data_anchor=0.1"],
+    # session 6: the policy gradient trained on the strict verifier (held-out check: the lenient one)
+    "pg-strict": ["grpo.objective=policy_gradient", "rewards=[{name: compositional_strict, weight: 1.0}]",
+                  "grpo.check_rewards=[compositional]"],
 }
 
 REWARD = "total"
