@@ -61,6 +61,10 @@ class PretrainConfig(Strict):
     warmup: int = Field(100, ge=0, description="learning-rate warm-up steps")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0, description="gradient-norm clipping")
+    max_nonfinite_updates: int = Field(
+        3, ge=1, description="an optimiser step whose loss or gradient is NaN/inf is skipped (weights unchanged, "
+        "counted as the MLflow metric nonfinite_updates); this many in a row stop the run, keeping its last run state",
+    )
     step_candidates: list[int] = Field(
         [5, 10, 20], min_length=1, description="sampler step counts N whose (t, lam) pairs are trained (weights "
         "N^1/3); a sampler on another grid queries the prox off its training support"
@@ -114,6 +118,10 @@ class GrpoConfig(Strict):
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0, description="gradient-norm clipping")
+    max_nonfinite_updates: int = Field(
+        3, ge=1, description="an optimiser step whose loss or gradient is NaN/inf is skipped (weights unchanged, "
+        "counted as the MLflow metric nonfinite_updates); this many in a row stop the run, keeping its last run state",
+    )
     clip_range: float = Field(
         1e-3, gt=0, description="PPO clip range of the policy ratio (log-probs are MEANS over dimensions)"
     )

@@ -33,6 +33,7 @@ from actors.stream import ExperienceStream, RedisAddress, learner_group
 from learner.cluster import ensure_resources, start_ray, stream_server
 from learner.config import RunConfig
 from learner.bootstrap import bootstrap_ci
+from learner.faults import nonfinite_stop
 from learner.evaluation import hacking_monitors, reward_matrix, save_grid
 from learner.grpo_learner import LearnerGroup
 from learner.prompts import prompt_source
@@ -349,6 +350,8 @@ class GrpoRun:
             sample_s=max(r["sample_s"] for r in results), reward_s=max(r["reward_s"] for r in results),
         )
         self.tracker.metrics(metrics, step=it)
+        if metrics["nonfinite_in_a_row"] >= g.max_nonfinite_updates:  # each was skipped: no run state is written
+            raise nonfinite_stop(self.run_dir, metrics["nonfinite_in_a_row"], "grpo.max_nonfinite_updates", "grpo.lr")
         if g.eval_every and (it + 1) % g.eval_every == 0 and it + 1 < g.iterations:
             self.current = self.current or copy.deepcopy(self.reference)
             state = ray.get(self.state)

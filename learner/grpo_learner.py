@@ -75,7 +75,7 @@ class GrpoLearner:
 
     def __init__(self, checkpoint: str | dict[str, bytes], cfg_json: str, stream_address: RedisAddress, run_id: str,
                  rank: int = 0, world_size: int = 1, master: tuple[str, int] | None = None):
-        from learner.engine import build_engine, init_distributed
+        from learner.engine import NonFiniteSteps, build_engine, init_distributed
 
         self.cfg = RunConfig.model_validate_json(cfg_json)
         g = self.cfg.grpo
@@ -103,6 +103,7 @@ class GrpoLearner:
             self.ema.to(self.device)
         self.stream = ExperienceStream(stream_address, run_id, group=learner_group(rank))
         self.version = 0
+        self.nonfinite = NonFiniteSteps(g.max_nonfinite_updates)
         self.weights = {r.name: r.weight for r in self.cfg.rewards}
         self.prompt_stats = PromptStats(g.prompt_stats_buffer, g.prompt_stats_min_count)
         # The frozen starting policy for the KL term (kept only when it is used), in the engine's precision.
@@ -159,6 +160,8 @@ class GrpoLearner:
             reward_mean=float(total.mean()),
             reward_std=float(total.std(unbiased=False)),
             grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
+            nonfinite_updates=self.nonfinite.total,  # optimiser steps skipped so far (weights left as they were)
+            nonfinite_in_a_row=self.nonfinite.in_a_row,
             groups=len(ids),
             groups_trained=len(kept),
             groups_stale=sum(lag > g.max_staleness for lag in lags),
@@ -171,6 +174,7 @@ class GrpoLearner:
 
     def _policy_gradient_updates(self, batch: list[TrainGroup], scale: float) -> dict[str, float]:
         """updates_per_batch passes of the clipped policy loss over the trained transitions (one step per pass)."""
+        from learner.engine import train_step  # DeepSpeed: imported in the rank's process only
         g = self.cfg.grpo
         sums: dict[str, list[float]] = {}
         first_pass: dict[str, list[float]] = {"max": [], "mean": []}
@@ -179,14 +183,14 @@ class GrpoLearner:
                 loss, stats = transition_loss(self.engine, self.reference, self.policy, batch, j, g.clip_range,
                                               g.kl_coef)
                 loss = loss * scale
-                self.engine.backward(loss)
-                self.engine.step()
+                train_step(self.engine, loss)
                 stats = {name: float(value) for name, value in {"loss": loss.detach(), **stats}.items()}
                 if update == 0:  # before any optimiser step: how far the learner's function is from the rollout's
                     first_pass["max"].append(stats["log_ratio_abs_max"])
                     first_pass["mean"].append(stats["log_ratio_abs_mean"])
                 for name, value in stats.items():
                     sums.setdefault(name, []).append(value)
+            self.nonfinite.record(self.engine.was_step_applied())  # the pass's last micro-step was the optimiser step
         out = {name: (max(v) if name in ("ratio_max_dev", "log_ratio_abs_max") else sum(v) / len(v))
                for name, v in sums.items()}
         out.update(first_pass_log_ratio_max=max(first_pass["max"]),
@@ -198,6 +202,7 @@ class GrpoLearner:
         noise) pairs (one per image, drawn from what the model was pretrained on): one pair per image is a very noisy
         estimate of the image's loss, so every step sees new ones. All e_old are the sampling policy's, computed
         before the first step."""
+        from learner.engine import train_step  # DeepSpeed: imported in the rank's process only
         g, cfg = self.cfg.grpo, self.model.cfg
         k = g.forward_pairs  # each image k times in a step, with its own pairs: one step, k times less noise
         x0 = torch.cat([b.samples for b in batch]).repeat(k, 1, 1, 1)
@@ -214,9 +219,10 @@ class GrpoLearner:
         for update in pairs:
             loss, stats = forward_loss(self.engine, update, g.forward_beta, self.reference, g.kl_coef)
             loss = loss * scale
-            self.engine.backward(loss)
-            self.engine.step()
-            if self.ema is not None:
+            train_step(self.engine, loss)
+            applied = self.engine.was_step_applied()
+            self.nonfinite.record(applied)
+            if self.ema is not None and applied:
                 update_ema(self.ema, self.engine)
             for name, value in {"loss": loss.detach(), **stats}.items():
                 sums.setdefault(name, []).append(float(value))
@@ -228,7 +234,8 @@ class GrpoLearner:
         from learner.resume import engine_files, json_bytes, tensor_bytes
 
         files = {f"engine/{name}": data for name, data in engine_files(self.engine).items()}
-        files[f"rank{self.rank}.json"] = json_bytes({"version": self.version, "prompt_stats": self.prompt_stats.state()})
+        files[f"rank{self.rank}.json"] = json_bytes({"version": self.version, "prompt_stats": self.prompt_stats.state(),
+                                                     "nonfinite": [self.nonfinite.total, self.nonfinite.in_a_row]})
         files[f"rank{self.rank}.safetensors"] = tensor_bytes({"step_rng": self.step_rng.get_state(),
                                                               "torch_rng": torch.get_rng_state()})
         if self.ema is not None:  # the sampling policy (objective forward with grpo.ema_decay)
@@ -244,6 +251,7 @@ class GrpoLearner:
         load_engine_files(self.engine, {k.removeprefix("engine/"): v for k, v in files.items() if k.startswith("engine/")})
         mine = json.loads(files[f"rank{self.rank}.json"])
         self.version = mine["version"]
+        self.nonfinite.total, self.nonfinite.in_a_row = mine.get("nonfinite", (0, 0))
         self.prompt_stats = PromptStats(self.prompt_stats.buffer, self.prompt_stats.min_count, mine["prompt_stats"])
         rng = tensors_from(files[f"rank{self.rank}.safetensors"])
         self.step_rng.set_state(rng["step_rng"])
