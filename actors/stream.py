@@ -23,6 +23,7 @@ from typing import Optional
 import redis
 
 from actors.experience import Group
+from actors.redaction import redact
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,11 @@ class RedisAddress:
             client.ping()
         except (redis.ConnectionError, redis.AuthenticationError, redis.ResponseError, OSError) as e:
             where = self.unix_socket or self.url
-            raise ConnectionError(
+            raise ConnectionError(redact(
                 f"cannot reach Redis at {where} ({type(e).__name__}: {e}). Check redis.url in the config and that "
                 f"the password is in the environment variable named by redis.password_env; or set redis.url: null "
                 f"to use the embedded Redis."
-            ) from e
+            )) from None
         return client
 
 

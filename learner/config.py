@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 
+from actors.redaction import redact
 from proxmodel.config import ModelConfig, Strict
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -579,4 +580,5 @@ def _explain(error: ValidationError, path: Path) -> str:
 
 
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The config as YAML, URL passwords masked (actors/redaction.py): what config.yaml files and --print-config show."""
+    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)

@@ -22,6 +22,7 @@ from learner import env  # noqa: F401  (sets the offline, no-telemetry environme
 from learner.config import (
     ConfigError, RunConfig, describe_keys, did_you_mean, dump_config, load_config, schema_keys, sections,
 )
+from actors.redaction import redact
 from learner.faults import RunFailed
 from learner.signals import STOP, Interrupted
 from proxmodel.config import ModelConfig
@@ -294,7 +295,7 @@ def run(cfg: RunConfig, mode: str, run_dir: Path, init_from: Path | None, resume
                        "mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.uri}
             summary_path = run_dir / "summary.json"
             tmp = run_dir / ".summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            tmp.write_text(json.dumps(redact(summary), indent=2) + "\n")
             tmp.replace(summary_path)
             tracker.artifact(summary_path)
             tracker.finish()
