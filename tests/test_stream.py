@@ -1,14 +1,16 @@
 """The experience stream on a real (embedded) redis-server: auth, safetensors payloads, ack semantics."""
 
 import json
+import socket
 
+import psutil
 import pytest
 import redis
 import safetensors.torch
 import torch
 
 from actors.experience import Group, SamplerSpec
-from actors.stream import EmbeddedRedis, ExperienceStream, RedisAddress
+from actors.stream import EmbeddedRedis, ExperienceStream, RedisAddress, learner_group
 
 
 def make_group(prompt: str, version: int = 0, g: int = 2, steps: int = 3) -> Group:
@@ -28,6 +30,11 @@ def assert_same(a: Group, b: Group) -> None:
     assert a.scores.keys() == b.scores.keys() and all(torch.equal(a.scores[k], b.scores[k]) for k in a.scores)
 
 
+def listening(server: EmbeddedRedis) -> list[tuple[str, int]]:
+    """The TCP addresses the server process listens on."""
+    return [tuple(c.laddr) for c in psutil.Process(server.proc.pid).net_connections("inet") if c.status == "LISTEN"]
+
+
 @pytest.fixture()
 def server():
     with EmbeddedRedis() as s:
@@ -39,7 +46,7 @@ def test_server_requires_the_password_and_opens_no_tcp_port(server):
         redis.Redis(unix_socket_path=server.socket).ping()
     with pytest.raises(ConnectionError, match="cannot reach Redis"):
         RedisAddress(unix_socket=server.socket, password="wrong").connect()
-    assert redis.Redis(unix_socket_path=server.socket, password=server.password).config_get("port")["port"] == "0"
+    assert listening(server) == []  # (CONFIG is disabled on the server: asked of the OS instead)
 
 
 def test_groups_round_trip_and_are_pending_until_acked(server):
@@ -79,9 +86,8 @@ def test_unreachable_redis_gives_advice():
 def test_cluster_mode_listens_on_the_given_address_only_with_the_given_password():
     with EmbeddedRedis(host="127.0.0.1", password="from-the-environment") as s:
         assert s.socket is None and s.address.url.startswith("redis://127.0.0.1:")
-        client = s.address.connect()
-        assert client.config_get("bind")["bind"] == "127.0.0.1"
-        assert client.config_get("unixsocket")["unixsocket"] == ""
+        assert listening(s) == [("127.0.0.1", int(s.address.url.rsplit(":", 1)[1].split("/")[0]))]
+        assert not any(c.family == socket.AF_UNIX for c in psutil.Process(s.proc.pid).net_connections("unix"))
         with pytest.raises(redis.AuthenticationError):
             redis.Redis.from_url(s.address.url).ping()
         stream = ExperienceStream(s.address, "t")
@@ -111,3 +117,53 @@ def test_a_forward_objective_group_travels_without_its_trajectory(server):
     got = stream.read("rank0", count=1, timeout_s=5)[0][1]
     assert_same(got, group)
     assert not got.has_trajectory and got.states is None
+
+
+def test_the_stream_stays_bounded_over_many_cycles_and_keeps_what_a_group_still_needs(server):
+    """Two consumer groups (two learner ranks): an entry goes once both acknowledged it, never before."""
+    rank0, rank1 = (ExperienceStream(server.address, "bounded", learner_group(r)) for r in (0, 1))
+    rank0.create()
+    rank1.create()
+    big = Group(**{**vars(make_group("x")), "samples": torch.randn(2, 3, 64, 64)})  # ~100 kB an entry
+    client = rank0.client
+    used = []
+    for cycle in range(40):
+        for _ in range(3):
+            rank0.add(big)
+        first = rank0.read("r0", count=3, timeout_s=5)
+        second = rank1.read("r1", count=3, timeout_s=5)
+        rank0.ack([i for i, _ in first])
+        assert rank0.trim() == 0 and rank0.length() == 3  # rank 1 has not acknowledged them yet
+        rank1.ack([i for i, _ in second[:2]])
+        assert rank0.trim() == 2 and rank0.length() == 1  # the one rank 1 still holds stays
+        rank1.ack([second[2][0]])
+        assert rank0.trim() == 1 and rank0.length() == 0
+        used.append(int(client.info("memory")["used_memory"]))
+    assert max(used[10:]) - used[10] < 1_000_000  # flat: 30 more cycles wrote ~9 MB
+
+
+def test_entries_not_yet_read_by_every_group_are_kept(server):
+    rank0, rank1 = (ExperienceStream(server.address, "unread", learner_group(r)) for r in (0, 1))
+    rank0.create()
+    rank1.create()
+    ids = [rank0.add(make_group(f"p{i}")) for i in range(4)]
+    rank0.ack([i for i, _ in rank0.read("r0", count=4, timeout_s=5)])
+    rank1.ack([i for i, _ in rank1.read("r1", count=2, timeout_s=5)])  # rank 1 has not read the last two
+    assert rank0.trim() == 2
+    assert [i for i, _ in rank1.read("r1", count=2, timeout_s=5)] == ids[2:]
+
+
+def test_the_embedded_server_caps_its_memory_and_refuses_dangerous_commands():
+    with EmbeddedRedis(max_memory_mb=64) as s:
+        client = s.address.connect()
+        memory = client.info("memory")
+        assert int(memory["maxmemory"]) == 64 * 2**20 and memory["maxmemory_policy"] == "volatile-lru"
+        client.set("keep", "me")
+        for command in ("FLUSHALL", "FLUSHDB", "CONFIG GET maxmemory", "DEBUG SLEEP 0", "KEYS *"):
+            with pytest.raises(redis.ResponseError, match="unknown command"):
+                client.execute_command(*command.split())
+        assert client.get("keep") == b"me"
+        with pytest.raises(redis.ResponseError, match="maxmemory"):  # past the cap a write fails; nothing is evicted
+            for i in range(100):
+                client.xadd("s", {"blob": b"x" * 2**20})
+        assert client.get("keep") == b"me"
