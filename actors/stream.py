@@ -21,9 +21,16 @@ from pathlib import Path
 from typing import Optional
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from actors.experience import Group
 from actors.redaction import redact
+
+
+BLOCK_S = 5  # the longest one XREADGROUP blocks; ExperienceStream.read loops until its own deadline
+SOCKET_TIMEOUT_S = 30.0  # a reply slower than this is an error (a dead or stuck server), never a silent retry
+CONNECT_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -35,10 +42,15 @@ class RedisAddress:
     password: Optional[str] = field(default=None, repr=False)
 
     def connect(self) -> redis.Redis:
+        """A client with explicit timeouts (a socket wait outlasts the stream's longest blocking read, BLOCK_S) and no
+        retries: redis-py's default repeats a command after a timeout or a dropped connection, which for XADD can
+        write a group twice and for XREADGROUP can lose the reply's entries; here the error surfaces instead."""
+        options = dict(password=self.password, socket_timeout=SOCKET_TIMEOUT_S,
+                       socket_connect_timeout=CONNECT_TIMEOUT_S, retry=Retry(NoBackoff(), 0))
         if self.unix_socket:
-            client = redis.Redis(unix_socket_path=self.unix_socket, password=self.password)
+            client = redis.Redis(unix_socket_path=self.unix_socket, **options)
         else:
-            client = redis.Redis.from_url(self.url, password=self.password)
+            client = redis.Redis.from_url(self.url, **options)
         try:
             client.ping()
         except (redis.ConnectionError, redis.AuthenticationError, redis.ResponseError, OSError) as e:
@@ -193,6 +205,8 @@ class ExperienceStream:
         self.client = address.connect()
         self.key = f"proxrl:{run_id}:experience"
         self.group = group
+        self.seen: set[str] = set()  # idempotency keys of the groups this reader has returned
+        self.duplicates = 0  # entries skipped (and acknowledged) because their group was already returned
 
     def create(self) -> None:
         try:
@@ -205,14 +219,21 @@ class ExperienceStream:
         return self.client.xadd(self.key, group.to_wire()).decode()
 
     def read(self, consumer: str, count: int, timeout_s: float = 600.0) -> list[tuple[str, Group]]:
-        """Block until `count` new entries are delivered to `consumer` (or the timeout passes): (entry id, group)."""
+        """Block until `count` new groups are delivered to `consumer` (or the timeout passes): (entry id, group). An
+        entry whose group (Group.key) this reader already returned is a duplicate write: acknowledged, not returned."""
         out: list[tuple[str, Group]] = []
         deadline = time.monotonic() + timeout_s
         while len(out) < count:
-            left_ms = int(max(1, (deadline - time.monotonic()) * 1000))
-            reply = self.client.xreadgroup(self.group, consumer, {self.key: ">"}, count=count - len(out), block=left_ms)
+            block_ms = int(min(BLOCK_S, max(0.001, deadline - time.monotonic())) * 1000)
+            reply = self.client.xreadgroup(self.group, consumer, {self.key: ">"}, count=count - len(out), block=block_ms)
             for _, entries in reply or []:
-                out += [(entry_id.decode(), Group.from_wire(fields)) for entry_id, fields in entries]
+                for entry_id, fields in entries:
+                    group = Group.from_wire(fields)
+                    if group.key in self.seen:
+                        self.duplicates += self.ack([entry_id.decode()])
+                        continue
+                    self.seen.add(group.key)
+                    out.append((entry_id.decode(), group))
             if time.monotonic() >= deadline and len(out) < count:
                 raise TimeoutError(f"the experience stream delivered {len(out)} of {count} groups in {timeout_s:.0f} s")
         return out

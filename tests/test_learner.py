@@ -180,9 +180,23 @@ def test_a_nonfinite_update_is_skipped_and_counted_and_leaves_every_weight_as_it
     assert metrics["acked"] == len(PROMPTS)  # the batch is consumed, not retried forever
     after = learner.publish()[0]
     assert all(torch.equal(before[k], after[k]) for k in before)
-    write_batch(checkpoint, server.address, f"nan{zero_stage}", steps=STEPS, group_size=G)  # a good batch next
+    write_batch(checkpoint, server.address, f"nan{zero_stage}", steps=STEPS, group_size=G, iteration=1)  # a good one
     metrics = learner.train(1, len(PROMPTS))
     assert metrics["nonfinite_updates"] == 1 and metrics["nonfinite_in_a_row"] == 0  # the streak is over
     trained = learner.publish()[0]
     assert any(not torch.equal(after[k], trained[k]) for k in after)
     assert all(bool(torch.isfinite(v).all()) for v in trained.values())
+
+
+def test_a_group_written_twice_is_trained_once(checkpoint, server):
+    """A write repeated after a lost reply (or a rollout sampled again) puts the same group in the stream twice."""
+    write_batch(checkpoint, server.address, "dup", steps=STEPS, group_size=G)
+    stream = ExperienceStream(server.address, "dup")
+    first = stream.client.xrange(stream.key, count=1)[0][1]
+    stream.client.xadd(stream.key, first)  # the same entry again, as a retried XADD would write it
+    learner = make_learner(checkpoint, server, "dup")
+    metrics = learner.train(0, len(PROMPTS))
+    assert metrics["groups"] == metrics["groups_trained"] == len(PROMPTS)
+    with pytest.raises(TimeoutError):  # the copy is delivered next, recognised, acknowledged and never returned
+        learner.stream.read("rank0", count=1, timeout_s=1)
+    assert learner.stream.duplicates == 1 and learner.stream.pending() == 0 and stream.length() == len(PROMPTS) + 1

@@ -2,6 +2,7 @@
 
 import json
 import socket
+import time
 
 import psutil
 import pytest
@@ -10,11 +11,12 @@ import safetensors.torch
 import torch
 
 from actors.experience import Group, SamplerSpec
-from actors.stream import EmbeddedRedis, ExperienceStream, RedisAddress, learner_group
+from actors.stream import BLOCK_S, EmbeddedRedis, ExperienceStream, RedisAddress, learner_group
 
 
-def make_group(prompt: str, version: int = 0, g: int = 2, steps: int = 3) -> Group:
-    return Group(prompt, 0, 0, version, SamplerSpec("prox", steps, 1.0, 2.0),
+def make_group(prompt: str, version: int = 0, g: int = 2, steps: int = 3, index: int = 0) -> Group:
+    """A group for prompt `index` of iteration 0: (iteration, index) is its idempotency key, one group per key."""
+    return Group(prompt, index, 0, version, SamplerSpec("prox", steps, 1.0, 2.0),
                  scores={"a": torch.rand(g), "b": torch.rand(g)}, weights={"a": 0.7, "b": 0.3},
                  samples=torch.randn(g, 3, 4, 4), states=torch.randn(g, steps, 3, 4, 4),
                  log_probs=torch.randn(g, steps - 1))
@@ -53,7 +55,7 @@ def test_groups_round_trip_and_are_pending_until_acked(server):
     stream = ExperienceStream(server.address, "t")
     stream.create()
     stream.create()  # idempotent
-    sent = [make_group(f"p{i}", version=i) for i in range(3)]
+    sent = [make_group(f"p{i}", version=i, index=i) for i in range(3)]
     ids = [stream.add(group) for group in sent]
     got = stream.read("rank0", count=3, timeout_s=5)
     assert [entry_id for entry_id, _ in got] == ids
@@ -124,12 +126,13 @@ def test_the_stream_stays_bounded_over_many_cycles_and_keeps_what_a_group_still_
     rank0, rank1 = (ExperienceStream(server.address, "bounded", learner_group(r)) for r in (0, 1))
     rank0.create()
     rank1.create()
-    big = Group(**{**vars(make_group("x")), "samples": torch.randn(2, 3, 64, 64)})  # ~100 kB an entry
+    big = [Group(**{**vars(make_group("x", index=i)), "samples": torch.randn(2, 3, 64, 64)})  # ~100 kB an entry
+           for i in range(120)]
     client = rank0.client
     used = []
     for cycle in range(40):
-        for _ in range(3):
-            rank0.add(big)
+        for i in range(3):
+            rank0.add(big[3 * cycle + i])
         first = rank0.read("r0", count=3, timeout_s=5)
         second = rank1.read("r1", count=3, timeout_s=5)
         rank0.ack([i for i, _ in first])
@@ -146,7 +149,7 @@ def test_entries_not_yet_read_by_every_group_are_kept(server):
     rank0, rank1 = (ExperienceStream(server.address, "unread", learner_group(r)) for r in (0, 1))
     rank0.create()
     rank1.create()
-    ids = [rank0.add(make_group(f"p{i}")) for i in range(4)]
+    ids = [rank0.add(make_group(f"p{i}", index=i)) for i in range(4)]
     rank0.ack([i for i, _ in rank0.read("r0", count=4, timeout_s=5)])
     rank1.ack([i for i, _ in rank1.read("r1", count=2, timeout_s=5)])  # rank 1 has not read the last two
     assert rank0.trim() == 2
@@ -167,3 +170,18 @@ def test_the_embedded_server_caps_its_memory_and_refuses_dangerous_commands():
             for i in range(100):
                 client.xadd("s", {"blob": b"x" * 2**20})
         assert client.get("keep") == b"me"
+
+
+def test_clients_time_out_explicitly_and_never_retry_a_command(server):
+    with EmbeddedRedis(host="127.0.0.1") as tcp:
+        for client in (ExperienceStream(server.address, "t").client, ExperienceStream(tcp.address, "t").client):
+            kwargs = client.connection_pool.connection_kwargs
+            assert kwargs["socket_timeout"] > BLOCK_S  # (a unix socket connects under socket_timeout)
+            assert client.get_retry().get_retries() == 0  # redis-py's default: 10 silent retries of any command
+        assert kwargs["socket_connect_timeout"] <= 10
+    stream = ExperienceStream(server.address, "slow")
+    stream.create()
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):  # a wait longer than one XREADGROUP block: looped, not a socket timeout
+        stream.read("rank0", count=1, timeout_s=BLOCK_S + 1)
+    assert time.monotonic() - start >= BLOCK_S + 1
