@@ -284,6 +284,15 @@ class ActorsConfig(Strict):
     learner: ActorResources = Field(
         default_factory=ActorResources, description="count = DeepSpeed ranks, one Ray actor each, in a placement group"
     )
+    rollout_timeout_s: float = Field(
+        3600.0, gt=0, description="the driver waits at most this long for an iteration's rollouts (sampling and "
+        "scoring, the first iteration's actor start-up included) or a weight update of a rollout actor; past it the "
+        "run stops with a message naming the actor (a stuck actor never hangs the run)",
+    )
+    learner_timeout_s: float = Field(
+        3600.0, gt=0, description="the driver waits at most this long for a learner call (an update, publishing the "
+        "weights, a run state); past it the run stops with a message naming the rank",
+    )
     torch_threads: int = Field(
         0, ge=0, description="torch threads in each actor; 0 = all cores. Rollout and learner use the same count, "
         "so on CPU they run the same kernels and the first on-policy ratio is exactly 1",

@@ -297,7 +297,8 @@ class LearnerGroup:
             return PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=r)
 
         # Rank 0's node hosts the process-group rendezvous: its cluster IP and a port free there.
-        master = ray.get(ray.remote(_rendezvous_address).options(num_cpus=0, scheduling_strategy=in_bundle(0)).remote())
+        master = ray.get(ray.remote(_rendezvous_address).options(num_cpus=0, scheduling_strategy=in_bundle(0)).remote(),
+                         timeout=cfg.actors.learner_timeout_s)
         self.ranks = [
             ray.remote(GrpoLearner).options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, scheduling_strategy=in_bundle(r))
             .remote(checkpoint, cfg.model_dump_json(), address, run_id, r, spec.count, master)

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from actors.stream import RedisAddress
+from learner.faults import RunFailed, wait_for
 from learner.resume import complete_states
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,3 +128,31 @@ def test_an_unreachable_redis_is_named_without_its_password():
     with pytest.raises(ConnectionError, match="cannot reach Redis") as info:
         RedisAddress(url=f"redis://:{SECRET}@127.0.0.1:{free_port()}/0").connect()
     assert SECRET not in str(info.value) and "redis://:***@127.0.0.1" in str(info.value)
+
+
+class Sleeper:
+    def nap(self, seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+
+def test_a_stuck_actor_becomes_an_error_naming_it_not_a_hang(tmp_path):
+    import ray
+
+    names = ["learner rank 0", "learner rank 1"]
+    ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")
+    try:
+        ranks = [ray.remote(Sleeper).options(num_cpus=0).remote() for _ in names]
+        ray.get([r.nap.remote(0) for r in ranks])  # started (slow on a loaded machine; not what is measured)
+        assert wait_for(ray, [r.nap.remote(0.1) for r in ranks], names, 60, "actors.learner_timeout_s", tmp_path) == [0.1, 0.1]
+        start = time.monotonic()
+        with pytest.raises(RunFailed) as info:
+            wait_for(ray, [ranks[0].nap.remote(0), ranks[1].nap.remote(600)], names, 3, "actors.learner_timeout_s",
+                     tmp_path)
+        waited = time.monotonic() - start
+    finally:
+        ray.shutdown()
+    assert 3 <= waited < 30
+    message = str(info.value)
+    assert message.startswith("learner rank 1 did not answer within 3 s (the bound actors.learner_timeout_s)")
+    assert "learner rank 0" not in message and f"python -m learner.main --resume {tmp_path}" in message
