@@ -143,7 +143,8 @@ class GrpoLearner:
         if len(kept) < self.world:  # too little fresh data for every rank: no update this time
             self.stream.ack(ids)
             return {"groups": len(ids), "groups_trained": 0, "groups_stale": len(ids) - len(kept),
-                    "policy_lag_max": max(lags), "reward_mean": float(total.mean())}
+                    "policy_lag_max": max(lags), "reward_mean": float(total.mean()),
+                    "nonfinite_updates": self.nonfinite.total, "nonfinite_in_a_row": self.nonfinite.in_a_row}
         batch = [TrainGroup.of(groups[i], advantages[i], self.model, self.device) for i in kept[self.rank :: self.world]]
         # Each loss averages over this shard; DeepSpeed averages over ranks: rescale to the global mean.
         scale = sum(b.advantages.numel() for b in batch) * self.world / sum(groups[i].size for i in kept)
