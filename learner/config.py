@@ -130,6 +130,12 @@ class GrpoConfig(Strict):
         0.0, ge=0, description="weight of the closed-form per-step KL to the frozen starting policy (0 = off); "
         "objective forward: weight of the mean squared eps difference to it on the same inputs"
     )
+    data_anchor: float = Field(
+        0.0, ge=0, description="weight of the pretraining loss on training data (data.*; proximal matching at "
+        "pretrain.zeta0 / 2, pretraining's last stage) added to every optimiser step: a restoring force toward the "
+        "pretrained operator that the reward gradient lacks (PPO-ptx; learner/anchor.py); 0 = off",
+    )
+    data_anchor_batch: int = Field(16, ge=1, description="training images per optimiser step of the data anchor")
     adv_eps: float = Field(1e-4, gt=0, description="added to the std when normalising advantages")
     adv_clip: float = Field(5.0, ge=0, description="bound on |advantage| (0 = no bound)")
     advantage_std: Literal["group", "global", "prompt"] = Field(
@@ -255,6 +261,33 @@ class GrpoConfig(Strict):
         return self
 
 
+class SampleConfig(Strict):
+    prompts: list[str] = Field(
+        default_factory=list, description="captions to draw; empty = sample.prompt_file, else held-out scene captions"
+    )
+    prompt_file: Optional[str] = Field(None, description="a UTF-8 text file with one caption per line")
+    num_prompts: int = Field(8, ge=1, description="held-out scene captions drawn when no prompts or file are given")
+    images_per_prompt: int = Field(4, ge=1, description="images per caption (a row of the grid); caption i uses "
+                                   "the noise of seed + i")
+    steps: int = Field(10, ge=2, description="sampler steps")
+    eta: float = Field(1.0, ge=0, description="noise scale of the stochastic sampler (1 = the method; 0 = the "
+                       "noiseless chain, mode-seeking: not a sample of the model)")
+    guidance: float = Field(1.0, ge=0, description="classifier-free guidance scale w (1 = none)")
+    sampler: Optional[Literal["hybrid", "backward", "flow", "sde", "ode", "ddim"]] = Field(
+        None, description="null = hybrid (prox model) or ddim (score model)"
+    )
+    score: bool = Field(False, description="score every image with the run's `rewards` (samples.json, summary.json)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "SampleConfig":
+        if self.prompts and self.prompt_file:
+            raise ValueError("set sample.prompts or sample.prompt_file, not both")
+        if any(not p.strip() for p in self.prompts):
+            raise ValueError("sample.prompts holds an empty caption; remove it (the empty caption is guidance's "
+                             "unconditional branch, not a prompt)")
+        return self
+
+
 class RewardSpec(Strict):
     name: str = Field(description="a registered reward (see rewards.available())")
     weight: float = Field(1.0, description="weight in the summed reward")
@@ -355,6 +388,9 @@ class RunConfig(Strict):
     grpo: GrpoConfig = Field(
         default_factory=GrpoConfig, description="--mode grpo: rollouts, policy loss, advantages, prompts, evaluation"
     )
+    sample: SampleConfig = Field(
+        default_factory=SampleConfig, description="--mode sample: captions, images per caption, sampler, scoring"
+    )
     rewards: list[RewardSpec] = Field(
         default_factory=lambda: [RewardSpec(name="compositional")], min_length=1,
         description="reward models and their weights, a list of {name, weight, options}",
@@ -384,7 +420,8 @@ class RunConfig(Strict):
         for i, name in enumerate(names):
             if name not in known:
                 raise ValueError(f"rewards[{i}].name={name!r}: unknown reward{did_you_mean(name, known)}; "
-                                 f"the registered rewards are {', '.join(known)}")
+                                 f"the registered rewards are {', '.join(known)} (your own: an entry point in the "
+                                 "group proxrl.rewards, see docs/custom_rewards.md)")
         if len(set(names)) != len(names):
             raise ValueError(f"a reward is listed twice in rewards: {names}; list each once and set its weight")
         for i, name in enumerate(self.grpo.check_rewards):

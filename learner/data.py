@@ -55,6 +55,12 @@ def image_transform(size: int, channels: int) -> Callable[[Image.Image], torch.T
     return lambda image: tf(image.convert(mode)) * 2.0 - 1.0
 
 
+def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
+    """Each caption replaced by the empty caption with probability p (classifier-free guidance training)."""
+    keep = torch.rand(len(captions), generator=generator) >= p
+    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
 class ScenesSource:
     def __init__(self, cfg: DataConfig, size: int, channels: int):
         if channels != 3:

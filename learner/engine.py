@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -34,6 +35,28 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def prepare_ops() -> None:
+    """Build the op DeepSpeed compiles on first use, saying so. On a CPU machine init_distributed JIT-compiles a
+    shared-memory all-reduce (1-3 minutes on 2 cores) the first time, silently; later runs load it from torch's
+    extension cache. Called by the drivers before any rank starts, so the wait is announced and never counted in an
+    iteration."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private: where the JIT cache keeps the op
+
+        built = any(Path(_get_build_directory(builder.NAME, False)).glob("*.so"))
+    except Exception:  # the cache layout changed: just build (a no-op if it is there)
+        built = False
+    if not built:
+        print("DeepSpeed is building its CPU communication op once (1-3 minutes on 2 cores; later runs reuse it)",
+              flush=True)
+    builder.load(verbose=False)
 
 
 def init_distributed(rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1", master_port: Optional[int] = None) -> None:

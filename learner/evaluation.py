@@ -73,6 +73,12 @@ def generate(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta:
     return model.to_images(out.images).cpu()
 
 
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B, C, H, W] in [0, 1] to PIL images (grey for one channel)."""
+    arrays = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in arrays]
+
+
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, upscale: int = 4) -> Image.Image:
     grid = make_grid(images, nrow=nrow, padding=1, pad_value=0.5)
     arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

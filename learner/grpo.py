@@ -34,7 +34,7 @@ from learner.cluster import ensure_resources, start_ray, stream_server
 from learner.config import RunConfig
 from learner.bootstrap import bootstrap_ci
 from learner.faults import nonfinite_stop, wait_for
-from learner.evaluation import hacking_monitors, reward_matrix, save_grid
+from learner.evaluation import hacking_monitors, reward_matrix, save_grid, to_pil
 from learner.grpo_learner import LearnerGroup
 from learner.prompts import prompt_source
 from learner.resume import Resume, config_fingerprint, json_bytes, merge_rank_files, write_state
@@ -90,6 +90,10 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path, r
     redis_server = None
     try:
         STOP.check()
+        if started_ray:  # the learner ranks run here: build DeepSpeed's one-time op before they start, saying so
+            from learner.engine import prepare_ops
+
+            prepare_ops()
         ensure_resources(ray, cfg)
         address, redis_server = stream_server(cfg, on_cluster=not started_ray)
         run = GrpoRun(ray, cfg, run_dir, tracker, init_from, address, resume)
@@ -146,6 +150,7 @@ class GrpoRun:
         ]
         self.prompts = prompt_source(cfg)
         self.eval_prompts = self.prompts.held_out(g.eval_prompts)
+        tracker.text("\n".join(self.eval_prompts) + "\n", "eval_prompts.txt")
         self.eval_rewards = {r.name: build_reward(r.name, **r.options) for r in cfg.rewards}
         self.check_rewards = {name: build_reward(name) for name in g.check_rewards}  # held out: never trained on
         # Evaluated in the policy's own precision: under deepspeed.bf16 the trained network is the bf16 one.
@@ -247,6 +252,9 @@ class GrpoRun:
         self.tracker.metrics({**metrics, **{f"monitor_{k}": v for k, v in monitors.items()}}, step=step)
         grid = save_grid(images, self.run_dir / "samples" / f"step{step:05d}.png")
         self.tracker.image(grid, f"samples/step{step:05d}.png")
+        # The grid's images with their captions and rewards (first noise seed), as a table the MLflow UI shows.
+        self.tracker.table({"prompt": list(prompts), "image": to_pil(images),
+                            **{name: scores[name][:, 0].tolist() for name in scores}}, f"samples/step{step:05d}.json")
         return scores
 
     def keep_if_best(self, state: dict, step: int, scores: dict[str, np.ndarray]) -> None:
@@ -380,6 +388,7 @@ class GrpoRun:
         final = self.learners.call("publish", num_returns=2)
         checkpoint = save_state(self.from_learners([final[0][0]])[0], self.reference.cfg,
                                 self.run_dir / "checkpoint").resolve()
+        self.tracker.folder(checkpoint, "checkpoint")
         self.from_learners([v for _, v in final])
         # Entries written since this start: those still in the stream and those trimmed once acknowledged.
         entries, pending = self.streams[0].length() + self.trimmed, sum(s.pending() for s in self.streams)

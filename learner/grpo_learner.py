@@ -19,6 +19,7 @@ from actors.checkpoint import load_checkpoint
 from actors.experience import Group, SamplerSpec
 from actors.reward import set_threads
 from actors.stream import ExperienceStream, RedisAddress, learner_group
+from learner.anchor import DataAnchor
 from learner.config import RunConfig
 from learner.ema import make_ema, update_ema
 from learner.forward_objective import ForwardBatch, forward_loss
@@ -101,6 +102,7 @@ class GrpoLearner:
         self.device = self.engine.device  # DeepSpeed put the module on the GPU Ray gave this rank, or the CPU
         if self.ema is not None:
             self.ema.to(self.device)
+        self.anchor = DataAnchor(self.cfg, self.model, rank, world_size) if g.data_anchor > 0 else None
         self.stream = ExperienceStream(stream_address, run_id, group=learner_group(rank))
         self.version = 0
         self.nonfinite = NonFiniteSteps(g.max_nonfinite_updates)
@@ -180,10 +182,15 @@ class GrpoLearner:
         sums: dict[str, list[float]] = {}
         first_pass: dict[str, list[float]] = {"max": [], "mean": []}
         for update in range(g.updates_per_batch):
-            for j in select_train_steps(g.steps - 1, g.train_step_window, g.train_step_fraction, self.step_rng):
+            trained = select_train_steps(g.steps - 1, g.train_step_window, g.train_step_fraction, self.step_rng)
+            for i, j in enumerate(trained):
                 loss, stats = transition_loss(self.engine, self.reference, self.policy, batch, j, g.clip_range,
                                               g.kl_coef)
                 loss = loss * scale
+                if self.anchor is not None and i == len(trained) - 1:  # once per optimiser step; DeepSpeed
+                    anchor = self._anchor_loss(update)  # divides each micro-step's loss by their number
+                    loss = loss + len(trained) * anchor
+                    stats["anchor_loss"] = anchor.detach() / g.data_anchor
                 train_step(self.engine, loss)
                 stats = {name: float(value) for name, value in {"loss": loss.detach(), **stats}.items()}
                 if update == 0:  # before any optimiser step: how far the learner's function is from the rollout's
@@ -217,9 +224,13 @@ class GrpoLearner:
                                     negatives=g.forward_negatives)
                  for _ in range(g.updates_per_batch)]
         sums: dict[str, list[float]] = {}
-        for update in pairs:
+        for u, update in enumerate(pairs):
             loss, stats = forward_loss(self.engine, update, g.forward_beta, self.reference, g.kl_coef)
             loss = loss * scale
+            if self.anchor is not None:
+                anchor = self._anchor_loss(u)
+                loss = loss + anchor
+                stats["anchor_loss"] = anchor.detach() / g.data_anchor
             train_step(self.engine, loss)
             applied = self.engine.was_step_applied()
             self.nonfinite.record(applied)
@@ -228,6 +239,12 @@ class GrpoLearner:
             for name, value in {"loss": loss.detach(), **stats}.items():
                 sums.setdefault(name, []).append(float(value))
         return {name: sum(v) / len(v) for name, v in sums.items()}
+
+    def _anchor_loss(self, update: int) -> torch.Tensor:
+        """The data anchor's weighted loss for optimiser step `update` of this batch (the step index in the run
+        follows from the policy version, so a resumed run takes the same data)."""
+        step = self.version * self.cfg.grpo.updates_per_batch + update
+        return self.anchor.loss(self.engine, self.model, step, self.step_rng, self.device)
 
     def save_state(self) -> dict[str, bytes]:
         """This rank's part of a run state: DeepSpeed's engine files (weights, optimizer, ZeRO partitions), the

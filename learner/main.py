@@ -1,4 +1,4 @@
-"""The command line and the driver: `python -m learner.main --mode {pretrain,grpo} [--config X.yaml] [key=value ...]`,
+"""The command line and the driver: `python -m learner.main --mode {pretrain,grpo,sample} [--config X.yaml] [key=value ...]`,
 or `python -m learner.main --resume RUN_DIR [key=value ...]` to continue a stopped run exactly (learner/resume.py).
 
 Every run gets a directory (run_dir) holding its resolved config, checkpoint, sample grid and summary.json; the
@@ -172,7 +172,11 @@ def preflight(cfg: RunConfig, mode: str) -> Path | None:
         from learner.prompts import prompt_source  # imports torch (through rewards): only for a good config
 
         prompt_source(cfg)  # reads and checks a prompt file
-    init_from = resolve_checkpoint(cfg.init_from or (GRPO_DEFAULT_INIT if mode == "grpo" else None))
+    if mode == "sample" and cfg.sample.prompt_file:
+        from learner.prompts import read_prompt_file
+
+        read_prompt_file(cfg.sample.prompt_file, "sample.prompt_file")
+    init_from = resolve_checkpoint(cfg.init_from or (GRPO_DEFAULT_INIT if mode in ("grpo", "sample") else None))
     model = checkpoint_config(init_from) if init_from is not None else cfg.model  # a checkpoint's config.json wins
     check_model_files(model, init_from)
     if mode == "pretrain":
@@ -211,7 +215,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--mode", choices=("pretrain", "grpo"), help="what to run (required to run)")
+    parser.add_argument("--mode", choices=("pretrain", "grpo", "sample"),
+                        help="what to run (required to run); sample: images from init_from, no training")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
                         help="continue the run in RUN_DIR from its last run state, with its saved config (only "
                              "overrides that cannot change the result are accepted, e.g. grpo.iterations=N)")
@@ -222,7 +227,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. grpo.iterations=5")
     args = parser.parse_args(argv)
     if args.mode is None and args.resume is None and not args.print_config and args.list_keys is None:
-        parser.error("--mode is required: --mode pretrain or --mode grpo (or --resume RUN_DIR, --print-config, "
+        parser.error("--mode is required: --mode pretrain, grpo or sample (or --resume RUN_DIR, --print-config, "
                      "--list-keys)")
     if args.resume is not None and args.config is not None:
         parser.error("--resume uses the run's own config.yaml: drop --config")
@@ -286,6 +291,10 @@ def run(cfg: RunConfig, mode: str, run_dir: Path, init_from: Path | None, resume
             from learner.pretrain import run_pretrain
 
             result = run_pretrain(cfg, run_dir, tracker, init_from, resume)
+        elif mode == "sample":
+            from learner.sample import run_sample
+
+            result = run_sample(cfg, run_dir, tracker, init_from)
         else:
             from learner.grpo import run_grpo
 

@@ -16,8 +16,10 @@ import torch
 from tqdm import tqdm
 
 from learner.config import RunConfig
-from learner.data import build_source
-from learner.engine import NonFiniteSteps, build_engine, device, full_state_dict, init_distributed, train_step
+from learner.data import build_source, drop_captions
+from learner.engine import (
+    NonFiniteSteps, build_engine, device, full_state_dict, init_distributed, prepare_ops, train_step,
+)
 from learner.faults import nonfinite_stop
 from learner.ema import ema_metadata, make_ema, update_ema
 from learner.evaluation import evaluate, save_grid
@@ -31,12 +33,6 @@ from proxmodel.config import ModelConfig
 from proxmodel.model import ProxT2I, load_model, save_state
 from proxmodel.schedule import VPSchedule
 from rewards import build as build_reward
-
-
-def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
-    """Each caption replaced by the empty caption with probability p (classifier-free guidance training)."""
-    keep = torch.rand(len(captions), generator=generator) >= p
-    return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
 
 SIGMA_DATA_SAMPLES = 512  # images whose RMS sets model.sigma_data: its standard error is well under 1%
@@ -97,6 +93,7 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
                  resume: Optional[Resume] = None) -> dict:
     pc = cfg.pretrain
     torch.manual_seed(cfg.seed)
+    prepare_ops()
     init_distributed()
     model = load_model(init_from) if init_from else ProxT2I(cfg.model)
     source = build_source(cfg.data, model.cfg.image_size, model.cfg.channels)
@@ -164,6 +161,7 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
     if saved_at != pc.iterations:  # the end: the final evaluation can be resumed too
         save_run_state(cfg, run_dir, tracker, engine, ema, gen, progress)
     checkpoint = export(engine, ema, pc.ema_decay, run_dir / "checkpoint")
+    tracker.folder(checkpoint, "checkpoint")
 
     prompts = source.eval_prompts(16)
     rewards = {r.name: build_reward(r.name, **r.options) for r in cfg.rewards}

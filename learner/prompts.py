@@ -55,12 +55,13 @@ class FilePrompts:
         return self.eval_set[:count]
 
 
-def read_prompt_file(path: str | Path) -> list[str]:
-    """Non-blank lines of a UTF-8 text file, stripped; a clear error for a missing, undecodable or empty file."""
+def read_prompt_file(path: str | Path, key: str = "grpo.prompt_file") -> list[str]:
+    """Non-blank lines of a UTF-8 text file, stripped; a clear error (naming the config `key`) for a missing,
+    undecodable or empty file."""
     path = Path(path).expanduser()
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "does not exist"
-        raise ConfigError(f"prompt file {path} {what}. Set grpo.prompt_file to a text file with one prompt "
+        raise ConfigError(f"prompt file {path} {what}. Set {key} to a text file with one prompt "
                           f"per line, or to null for the built-in scene captions.")
     raw = path.read_bytes()
     try:

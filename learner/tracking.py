@@ -85,5 +85,19 @@ class Tracker:
     def artifact(self, path: str | Path) -> None:
         mlflow.log_artifact(str(path))
 
+    def table(self, columns: dict[str, list], name: str) -> None:
+        """A table artifact, one row per entry; PIL images in a column are shown in place by the MLflow UI."""
+        from PIL import Image
+
+        mlflow.log_table({k: [mlflow.Image(v) if isinstance(v, Image.Image) else v for v in values]
+                          for k, values in columns.items()}, artifact_file=name)
+
+    def text(self, text: str, name: str) -> None:
+        mlflow.log_text(text, name)
+
+    def folder(self, path: str | Path, name: str) -> None:
+        """Every file under `path`, as artifacts under `name` (e.g. the exported checkpoint)."""
+        mlflow.log_artifacts(str(path), artifact_path=name)
+
     def finish(self, status: str = "FINISHED") -> None:
         mlflow.end_run(status=status)

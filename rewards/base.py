@@ -1,9 +1,15 @@
-"""One interface for every reward model, and a registry so a new reward is one file that registers a name."""
+"""One interface for every reward model, and a registry so a new reward is one file that registers a name.
+
+Rewards outside this repository plug in as Python entry points in the group `proxrl.rewards` (name = the reward's
+name in configs, value = `module:Class`, a RewardModel subclass): installed with their package, they are found in
+every process of a run (driver, reward actors) without editing ProxRL. docs/custom_rewards.md has an example.
+"""
 
 from __future__ import annotations
 
 import difflib
 import inspect
+from importlib.metadata import entry_points
 from typing import Callable, Sequence
 
 import numpy as np
@@ -84,6 +90,33 @@ def preflight(name: str, options: dict) -> None:
     inspect.signature(cls).bind(**options)  # missing required options fail here, not inside an actor
 
 
+PLUGIN_GROUP = "proxrl.rewards"
+_plugins_loaded = False
+
+
 def _import_builtin() -> None:
-    # Importing a module runs its @register; the built-in ones live beside this file.
+    # Importing a module runs its @register; the built-in ones live beside this file, plugins in installed packages.
+    global _plugins_loaded
     from rewards import aesthetic, clip_score, compositional, hps, image_reward, jpeg, pickscore  # noqa: F401
+
+    if not _plugins_loaded:
+        _plugins_loaded = True
+        for entry in entry_points(group=PLUGIN_GROUP):
+            _register_plugin(entry)
+
+
+def _register_plugin(entry) -> None:
+    """Load one `proxrl.rewards` entry point and register its class under the entry point's name."""
+    where = f"reward plugin {entry.name!r} ({entry.value}" + (f", from {entry.dist.name}" if entry.dist else "") + ")"
+    try:
+        cls = entry.load()
+    except Exception as e:  # a broken plugin must say which one, not fail somewhere inside a reward actor
+        raise ValueError(f"{where} cannot be loaded: {type(e).__name__}: {e}; fix or uninstall that package") from e
+    if not (isinstance(cls, type) and issubclass(cls, RewardModel)):
+        raise ValueError(f"{where} is not a rewards.base.RewardModel subclass; point the entry point at one")
+    if _REGISTRY.get(entry.name) is cls:  # it registered itself with @register under the same name
+        return
+    if entry.name in _REGISTRY:
+        raise ValueError(f"{where} takes the name of a reward that already exists; give the entry point another name")
+    cls.name = entry.name
+    _REGISTRY[entry.name] = cls

@@ -20,3 +20,21 @@ def tiny_model(tiny_model_config):
 
     torch.manual_seed(0)
     return ProxT2I(tiny_model_config)
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory):
+    """A folder and an MLflow sqlite store in it, shared by the CLI tests of the whole session."""
+    root = tmp_path_factory.mktemp("cli")
+    return root, f"sqlite:///{root / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def pretrained(store):
+    """The summary of one smoke pretraining run (6 steps, run states after steps 3 and 6), shared by the end-to-end
+    and resume tests: it is their starting checkpoint, and the resume tests' uninterrupted reference."""
+    from tests.cli import SMOKE, run_cli, summary_of
+
+    root, uri = store
+    return summary_of(run_cli("--mode", "pretrain", "--config", str(SMOKE), f"run_dir={root / 'pretrain'}",
+                              f"mlflow.tracking_uri={uri}", "pretrain.checkpoint_every=3"))

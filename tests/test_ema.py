@@ -8,7 +8,8 @@ from safetensors import safe_open
 
 from learner.ema import make_ema, update_ema, warmed_decay
 from learner.engine import build_engine, full_state_dict, init_distributed
-from learner.pretrain import drop_captions, export
+from learner.data import drop_captions
+from learner.pretrain import export
 from proxmodel.model import WEIGHTS_FILE, ProxT2I, load_model
 
 DECAY = 0.9

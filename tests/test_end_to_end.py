@@ -2,9 +2,6 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,39 +11,7 @@ import safetensors.torch
 from mlflow.tracking import MlflowClient
 
 from actors.stream import EmbeddedRedis
-
-ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "configs" / "smoke.yaml"
-
-
-def run_cli(*args, env=None, timeout=600):
-    proc = subprocess.run(
-        [sys.executable, "-m", "learner.main", *args], cwd=ROOT, capture_output=True, text=True,
-        env={**os.environ, **(env or {})}, timeout=timeout,
-    )
-    return proc
-
-
-def last_line(proc) -> str:
-    lines = proc.stdout.strip().splitlines()
-    assert lines, f"no output; stderr:\n{proc.stderr[-3000:]}"
-    return lines[-1]
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    return root, f"sqlite:///{root / 'mlflow.db'}"
-
-
-@pytest.fixture(scope="module")
-def pretrained(store):
-    root, uri = store
-    proc = run_cli("--mode", "pretrain", "--config", str(SMOKE), f"run_dir={root / 'pretrain'}", f"mlflow.tracking_uri={uri}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary_path = Path(last_line(proc))
-    assert summary_path == root / "pretrain" / "summary.json"
-    return json.loads(summary_path.read_text())
+from tests.cli import SMOKE, last_line, run_cli
 
 
 def test_pretrain_writes_summary_checkpoint_and_mlflow_run(pretrained, store):
@@ -56,8 +21,11 @@ def test_pretrain_writes_summary_checkpoint_and_mlflow_run(pretrained, store):
         assert key in pretrained
     ckpt = Path(pretrained["checkpoint"])
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "config.json").is_file()
-    run = MlflowClient(uri).get_run(pretrained["mlflow_run_id"])
+    client = MlflowClient(uri)
+    run = client.get_run(pretrained["mlflow_run_id"])
     assert run.info.status == "FINISHED"
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+    assert logged == {"checkpoint/model.safetensors", "checkpoint/config.json"}
     assert "loss" in run.data.metrics and "eval_reward_compositional" in run.data.metrics
 
 
@@ -106,7 +74,17 @@ def test_grpo_end_to_end_acks_every_entry_and_logs_every_iteration(pretrained, s
     assert sorted(m.step for m in first_pass) == list(range(iterations)) and all(m.value == 0.0 for m in first_pass)
     assert all(m.value == 0.0 for m in mlflow.get_metric_history(run.info.run_id, "policy_lag_max"))
     artifacts = {a.path for a in mlflow.list_artifacts(run.info.run_id)}
-    assert {"samples.png", "config.yaml", "summary.json"} <= artifacts
+    assert {"samples.png", "config.yaml", "summary.json", "eval_prompts.txt", "checkpoint"} <= artifacts
+    assert {"checkpoint/model.safetensors", "checkpoint/config.json"} <= {
+        a.path for a in mlflow.list_artifacts(run.info.run_id, "checkpoint")}
+    # Each evaluation's images with their captions and rewards: the held-out prompts, in order, scored as logged.
+    prompts = Path(mlflow.download_artifacts(run.info.run_id, "eval_prompts.txt", str(root))).read_text().splitlines()
+    for step in (0, iterations):
+        table = json.loads(Path(mlflow.download_artifacts(run.info.run_id, f"samples/step{step:05d}.json",
+                                                          str(root))).read_text())
+        rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+        assert [r["prompt"] for r in rows] == prompts
+        assert all(0.0 <= r["compositional"] <= 1.0 and r["image"] for r in rows)
     # Held-out evaluation: each reward and the total, before / after / paired difference, each with its interval.
     held_out = summary["eval"]
     assert held_out["prompts"] == 4 and held_out["seeds"] == 2

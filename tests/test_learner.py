@@ -200,3 +200,25 @@ def test_a_group_written_twice_is_trained_once(checkpoint, server):
     with pytest.raises(TimeoutError):  # the copy is delivered next, recognised, acknowledged and never returned
         learner.stream.read("rank0", count=1, timeout_s=1)
     assert learner.stream.duplicates == 1 and learner.stream.pending() == 0 and stream.length() == len(PROMPTS) + 1
+
+
+def test_data_anchor_weighs_each_optimiser_step_the_same_however_many_transitions_it_accumulates(checkpoint, server):
+    """grpo.data_anchor with all advantages zero: the update is the anchor's alone (the policy loss has exactly zero
+    gradient), and with an SGD-like Adam (eps far above every gradient entry) it is proportional to the gradient.
+    Training one or both transitions per optimiser step must then move the weights the same: DeepSpeed divides each
+    micro-step's loss by the number of micro-steps, so an anchor added once per step without undoing that would
+    weigh half as much with two (and a learner that ignored data_anchor would not move at all)."""
+    flat = [torch.full((G,), 0.5)] * len(PROMPTS)
+    deltas = []
+    for run, fraction in (("k1", 0.5), ("k2", 1.0)):
+        write_batch(checkpoint, server.address, run, steps=STEPS, group_size=G, rewards=flat)
+        learner = make_learner(checkpoint, server, run, drop_zero_std_groups=False, train_step_fraction=fraction,
+                               data_anchor=2.0, data_anchor_batch=4, adam_eps=1e3)
+        start = {k: v.clone() for k, v in learner.publish()[0].items()}
+        metrics = learner.train(0, len(PROMPTS))
+        assert learner.engine.gradient_accumulation_steps() == (1 if fraction == 0.5 else 2)
+        assert metrics["anchor_loss"] > 0
+        after = learner.publish()[0]
+        deltas.append(torch.cat([(after[k] - start[k]).flatten() for k in start]))
+    assert deltas[0].abs().max() > 0
+    assert torch.allclose(deltas[0], deltas[1], rtol=1e-3, atol=1e-12)

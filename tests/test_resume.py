@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,23 +20,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from learner.resume import MARKER, complete_states, latest_state, state_name, write_state
+from tests.cli import ROOT, SMOKE, cli, run_cli, summary_of
 
-ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "configs" / "smoke.yaml"
 TIMING = ("_s", "samples_per_s")  # wall-clock metrics: the only ones a resume may change
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "learner.main", *args]
-
-
-def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(cli(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def summary_of(proc: subprocess.CompletedProcess) -> dict:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())
 
 
 def metrics_by_step(uri: str, run_id: str) -> dict[str, dict[int, set[float]]]:
@@ -108,20 +93,6 @@ def start_until_state(args: list[str], run_dir: Path, iteration: int, timeout: f
             raise AssertionError(f"no run state after iteration {iteration} within {timeout} s")
         time.sleep(0.2)
     return proc
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    return root, f"sqlite:///{root / 'mlflow.db'}"
-
-
-@pytest.fixture(scope="module")
-def pretrained(store):
-    """A smoke pretraining run (6 steps) with run states after steps 3 and 6."""
-    root, uri = store
-    return summary_of(run_cli("--mode", "pretrain", "--config", str(SMOKE), f"run_dir={root / 'pretrain'}",
-                              f"mlflow.tracking_uri={uri}", "pretrain.checkpoint_every=3"))
 
 
 def grpo_args(root: Path, uri: str, pretrained: dict, name: str, *extra: str) -> list[str]:
