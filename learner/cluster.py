@@ -59,9 +59,10 @@ def stream_server(cfg: RunConfig, on_cluster: bool) -> tuple[RedisAddress, Embed
     if on_cluster:
         import ray
 
-        server = EmbeddedRedis(host=ray.util.get_node_ip_address(), password=password)
+        server = EmbeddedRedis(host=ray.util.get_node_ip_address(), password=password,
+                               max_memory_mb=cfg.redis.max_memory_mb)
     else:
-        server = EmbeddedRedis(password=password)
+        server = EmbeddedRedis(password=password, max_memory_mb=cfg.redis.max_memory_mb)
     return server.address, server
 
 

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 
+from actors.redaction import redact
 from proxmodel.config import ModelConfig, Strict
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -61,6 +62,10 @@ class PretrainConfig(Strict):
     warmup: int = Field(100, ge=0, description="learning-rate warm-up steps")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0, description="gradient-norm clipping")
+    max_nonfinite_updates: int = Field(
+        3, ge=1, description="an optimiser step whose loss or gradient is NaN/inf is skipped (weights unchanged, "
+        "counted as the MLflow metric nonfinite_updates); this many in a row stop the run, keeping its last run state",
+    )
     step_candidates: list[int] = Field(
         [5, 10, 20], min_length=1, description="sampler step counts N whose (t, lam) pairs are trained (weights "
         "N^1/3); a sampler on another grid queries the prox off its training support"
@@ -114,6 +119,10 @@ class GrpoConfig(Strict):
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0, description="gradient-norm clipping")
+    max_nonfinite_updates: int = Field(
+        3, ge=1, description="an optimiser step whose loss or gradient is NaN/inf is skipped (weights unchanged, "
+        "counted as the MLflow metric nonfinite_updates); this many in a row stop the run, keeping its last run state",
+    )
     clip_range: float = Field(
         1e-3, gt=0, description="PPO clip range of the policy ratio (log-probs are MEANS over dimensions)"
     )
@@ -308,6 +317,15 @@ class ActorsConfig(Strict):
     learner: ActorResources = Field(
         default_factory=ActorResources, description="count = DeepSpeed ranks, one Ray actor each, in a placement group"
     )
+    rollout_timeout_s: float = Field(
+        3600.0, gt=0, description="the driver waits at most this long for an iteration's rollouts (sampling and "
+        "scoring, the first iteration's actor start-up included) or a weight update of a rollout actor; past it the "
+        "run stops with a message naming the actor (a stuck actor never hangs the run)",
+    )
+    learner_timeout_s: float = Field(
+        3600.0, gt=0, description="the driver waits at most this long for a learner call (an update, publishing the "
+        "weights, a run state); past it the run stops with a message naming the rank",
+    )
     torch_threads: int = Field(
         0, ge=0, description="torch threads in each actor; 0 = all cores. Rollout and learner use the same count, "
         "so on CPU they run the same kernels and the first on-policy ratio is exactly 1",
@@ -327,6 +345,12 @@ class RedisConfig(Strict):
         None, description="redis://host:port/db of a Redis server; null = an embedded one on a private unix socket"
     )
     password_env: str = Field("PROXRL_REDIS_PASSWORD", description="environment variable holding the password")
+    max_memory_mb: int = Field(
+        4096, ge=16, description="embedded Redis only: its memory cap (maxmemory). The stream is trimmed to the groups "
+        "in flight (about max_staleness + 1 iterations; configs/gpu.yaml: ~2.6 MB per group), so this is a guard: "
+        "past it the reward cache is evicted first, then a write fails with Redis's OOM error instead of taking "
+        "the node's memory",
+    )
 
 
 class RayConfig(Strict):
@@ -608,4 +632,5 @@ def _explain(error: ValidationError, path: Path) -> str:
 
 
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The config as YAML, URL passwords masked (actors/redaction.py): what config.yaml files and --print-config show."""
+    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)

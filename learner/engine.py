@@ -1,13 +1,19 @@
 """The DeepSpeed engine every mode trains through: process-group setup, ZeRO config, full weights out.
 
 Device-agnostic: on a machine without CUDA it selects DeepSpeed's CPU accelerator and the gloo backend; with GPUs
-it uses nccl. The client optimizer is plain torch AdamW, which needs no compiled op.
+it uses nccl. The client optimizer is torch AdamW (no compiled op) that skips a step with a non-finite gradient.
+
+Non-finite numbers never reach the weights: `train_step` makes a non-finite loss give NaN gradients, and an
+optimiser step whose (all-reduced, so every rank agrees) gradients are not all finite is skipped: by DeepSpeed's
+own overflow check under ZeRO 1-3, by `AdamWSkipNonFinite` without ZeRO. Either way DeepSpeed counts it in
+`engine.skipped_steps` and `engine.was_step_applied()` is False, which is what the modes count (`NonFiniteSteps`).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -70,6 +76,46 @@ def init_distributed(rank: int = 0, world_size: int = 1, master_addr: str = "127
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
 
 
+class AdamWSkipNonFinite(torch.optim.AdamW):
+    """AdamW that leaves the weights and its moments untouched when a gradient holds a NaN or inf, and says so in
+    `overflow`: the flag DeepSpeed's engine reads to count a step as skipped (ZeRO's optimizers set their own)."""
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self.overflow = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        return None if self.overflow else super().step(closure)
+
+
+def train_step(engine, loss: torch.Tensor) -> None:
+    """One micro-step: backward and step. A non-finite loss is multiplied by NaN first, so its gradient is NaN
+    even where the loss's own gradient would be finite (an inf constant): the optimiser step it belongs to is then
+    skipped on every rank, since the ranks' gradients are averaged before the check."""
+    if not bool(torch.isfinite(loss.detach()).all()):
+        loss = loss * float("nan")
+    engine.backward(loss)
+    engine.step()
+
+
+@dataclass
+class NonFiniteSteps:
+    """Optimiser steps skipped for a non-finite loss or gradient: in total and in a row. `limit` in a row and the
+    run stops (`exceeded`): one bad batch is survivable, a stream of them means the run is broken."""
+
+    limit: int
+    total: int = 0
+    in_a_row: int = 0
+
+    def record(self, applied: bool) -> None:
+        self.total, self.in_a_row = (self.total, 0) if applied else (self.total + 1, self.in_a_row + 1)
+
+    @property
+    def exceeded(self) -> bool:
+        return self.in_a_row >= self.limit
+
+
 def build_engine(
     model: torch.nn.Module,
     *,
@@ -85,7 +131,7 @@ def build_engine(
 ):
     """A DeepSpeed engine around `model` with AdamW; the lr follows `lr_lambda(step)` (x lr) if given."""
     trainable = [p for p in model.parameters() if p.requires_grad]  # frozen parts (a pretrained encoder) stay out
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, eps=adam_eps)
+    optimizer = AdamWSkipNonFinite(trainable, lr=lr, weight_decay=weight_decay, eps=adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda) if lr_lambda else None
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,

@@ -33,6 +33,7 @@ from actors.stream import ExperienceStream, RedisAddress, learner_group
 from learner.cluster import ensure_resources, start_ray, stream_server
 from learner.config import RunConfig
 from learner.bootstrap import bootstrap_ci
+from learner.faults import nonfinite_stop, wait_for
 from learner.evaluation import hacking_monitors, reward_matrix, save_grid, to_pil
 from learner.grpo_learner import LearnerGroup
 from learner.prompts import prompt_source
@@ -167,6 +168,7 @@ class GrpoRun:
         self.hacked: list[str] = []  # why the last evaluation looked like reward hacking (empty: it did not)
         self.steady = True  # False while an update is under way: no run state can be taken then
         self.saved_at: Optional[int] = None  # the iteration of the last run state written
+        self.trimmed = 0  # stream entries deleted once every learner rank acknowledged them (since this start)
         if resume is None or resume.files is None:
             self.progress = Progress()
             self.before = self.evaluate(self.reference, 0)
@@ -189,10 +191,10 @@ class GrpoRun:
         step, total, path = saved["best"]
         self.best = (step, total, Path(path))
         ranks = self.ray.put({k: v for k, v in files.items() if k.startswith(("engine/", "rank"))})
-        self.ray.get(self.learners.call("load_state", ranks))
+        self.from_learners(self.learners.call("load_state", ranks))
         published = self.learners.call("publish", num_returns=2)
         self.state, _ = published[0]
-        self.version = self.ray.get([v for _, v in published])[0]
+        self.version = self.from_learners([v for _, v in published])[0]
         self.weight_updates = [r.set_weights.remote(self.state, self.version) for r in self.rollouts]
         self.saved_at = self.progress.iteration
 
@@ -202,7 +204,7 @@ class GrpoRun:
 
         p = self.progress
         with STOP.deferred():
-            files = merge_rank_files(self.ray.get(self.learners.call("save_state")))
+            files = merge_rank_files(self.from_learners(self.learners.call("save_state")))
             files["eval_before.safetensors"] = save_arrays({k: np.ascontiguousarray(v) for k, v in self.before.items()})
             files["run.json"] = json_bytes({
                 "mode": "grpo", "iteration": p.iteration, "policy_version": self.version,
@@ -316,27 +318,38 @@ class GrpoRun:
                 "iterations": p.iteration, "resumed_at": p.resumed_at}
 
     def wait_rollouts(self, refs: list) -> list:
-        """ray.get of one iteration's rollouts, given up at once on SIGINT/SIGTERM (nothing is trained yet)."""
-        while self.ray.wait(refs, num_returns=len(refs), timeout=0.5)[1]:
-            STOP.check()
-        return self.ray.get(refs)
+        """One iteration's rollouts, given up at once on SIGINT/SIGTERM (nothing is trained yet)."""
+        return self.from_rollouts(refs, on_tick=STOP.check)
+
+    def from_rollouts(self, refs: list, on_tick=None) -> list:
+        """The results of one call per rollout actor (refs[i] from actor i), bounded by actors.rollout_timeout_s."""
+        names = [f"rollout actor {i}" for i in range(len(refs))]
+        return wait_for(self.ray, refs, names, self.cfg.actors.rollout_timeout_s, "actors.rollout_timeout_s",
+                        self.run_dir, on_tick)
+
+    def from_learners(self, refs: list) -> list:
+        """The results of one call per learner rank (refs[r] from rank r), bounded by actors.learner_timeout_s."""
+        names = [f"learner rank {r}" for r in range(len(refs))]
+        return wait_for(self.ray, refs, names, self.cfg.actors.learner_timeout_s, "actors.learner_timeout_s",
+                        self.run_dir)
 
     def drain(self) -> None:
         """Stop early: wait for the rollouts in flight and acknowledge their groups untrained (counted as dropped)."""
         for refs in self.in_flight:
-            groups = sum(r["groups"] for r in self.ray.get(refs))
+            groups = sum(r["groups"] for r in self.from_rollouts(refs))
             for stream in self.streams:
                 stream.ack([entry_id for entry_id, _ in stream.read("drain", groups)])
             self.progress.written += groups
             self.progress.dropped += groups
         self.in_flight.clear()
+        self.trimmed += self.streams[0].trim()
 
     def step(self, it: int) -> Optional[dict]:
         """Iteration `it` of DESIGN.md's data flow; its metrics, or None when every group was dropped."""
-        ray, g, timing = self.ray, self.cfg.grpo, {}
+        g, timing = self.cfg.grpo, {}
         with timed("rollout", timing):  # sampled, scored and streamed by the actors (launched earlier)
             results = self.wait_rollouts(self.in_flight.popleft())
-            ray.get(self.weight_updates)  # surface a failed weight update; these finished before the rollouts did
+            self.from_rollouts(self.weight_updates)  # surface a failed weight update (done before the rollouts were)
         groups, dropped = sum(r["groups"] for r in results), sum(r["dropped"] for r in results)
         self.progress.written += groups
         self.progress.dropped += dropped
@@ -345,21 +358,24 @@ class GrpoRun:
             return None
         self.steady = False  # until the loop has counted this iteration
         with timed("update", timing):  # advantages, clipped loss, one optimiser step, entries acknowledged
-            metrics = ray.get(self.learners.call("train", it, groups))[0]
+            metrics = self.from_learners(self.learners.call("train", it, groups))[0]
+            self.trimmed += self.streams[0].trim()  # every rank has acknowledged them: the stream keeps what is in flight
         with timed("publish", timing):  # new weights to the rollout actors, picked up before their next batch
             published = self.learners.call("publish", num_returns=2)
             self.state, version = published[0]  # every rank gathers (ZeRO-3); rank 0's copy is broadcast
             self.weight_updates = [r.set_weights.remote(self.state, version) for r in self.rollouts]
-            self.version = version = ray.get([v for _, v in published])[0]
+            self.version = version = self.from_learners([v for _, v in published])[0]
         metrics.update(
             **timing, groups_dropped=dropped, policy_version=version,
             samples_per_s=groups * g.group_size / sum(timing.values()),
             sample_s=max(r["sample_s"] for r in results), reward_s=max(r["reward_s"] for r in results),
         )
         self.tracker.metrics(metrics, step=it)
+        if metrics["nonfinite_in_a_row"] >= g.max_nonfinite_updates:  # each was skipped: no run state is written
+            raise nonfinite_stop(self.run_dir, metrics["nonfinite_in_a_row"], "grpo.max_nonfinite_updates", "grpo.lr")
         if g.eval_every and (it + 1) % g.eval_every == 0 and it + 1 < g.iterations:
             self.current = self.current or copy.deepcopy(self.reference)
-            state = ray.get(self.state)
+            state = self.from_learners([self.state])[0]  # (rank 0's)
             self.current.load_state_dict(state)
             scores = self.evaluate(self.current, it + 1)
             if g.stop_on_hacking:
@@ -370,10 +386,12 @@ class GrpoRun:
         """Write the final checkpoint from the gathered weights (no learner node needs run_dir) and evaluate it."""
         g = self.cfg.grpo
         final = self.learners.call("publish", num_returns=2)
-        checkpoint = save_state(self.ray.get(final[0][0]), self.reference.cfg, self.run_dir / "checkpoint").resolve()
+        checkpoint = save_state(self.from_learners([final[0][0]])[0], self.reference.cfg,
+                                self.run_dir / "checkpoint").resolve()
         self.tracker.folder(checkpoint, "checkpoint")
-        self.ray.get([v for _, v in final])
-        entries, pending = self.streams[0].length(), sum(s.pending() for s in self.streams)
+        self.from_learners([v for _, v in final])
+        # Entries written since this start: those still in the stream and those trimmed once acknowledged.
+        entries, pending = self.streams[0].length() + self.trimmed, sum(s.pending() for s in self.streams)
         if pending:
             raise RuntimeError(f"{pending} stream entries were never acknowledged")
         done = loop["iterations"]

@@ -76,7 +76,7 @@ class GrpoLearner:
 
     def __init__(self, checkpoint: str | dict[str, bytes], cfg_json: str, stream_address: RedisAddress, run_id: str,
                  rank: int = 0, world_size: int = 1, master: tuple[str, int] | None = None):
-        from learner.engine import build_engine, init_distributed
+        from learner.engine import NonFiniteSteps, build_engine, init_distributed
 
         self.cfg = RunConfig.model_validate_json(cfg_json)
         g = self.cfg.grpo
@@ -105,6 +105,7 @@ class GrpoLearner:
         self.anchor = DataAnchor(self.cfg, self.model, rank, world_size) if g.data_anchor > 0 else None
         self.stream = ExperienceStream(stream_address, run_id, group=learner_group(rank))
         self.version = 0
+        self.nonfinite = NonFiniteSteps(g.max_nonfinite_updates)
         self.weights = {r.name: r.weight for r in self.cfg.rewards}
         self.prompt_stats = PromptStats(g.prompt_stats_buffer, g.prompt_stats_min_count)
         # The frozen starting policy for the KL term (kept only when it is used), in the engine's precision.
@@ -144,7 +145,8 @@ class GrpoLearner:
         if len(kept) < self.world:  # too little fresh data for every rank: no update this time
             self.stream.ack(ids)
             return {"groups": len(ids), "groups_trained": 0, "groups_stale": len(ids) - len(kept),
-                    "policy_lag_max": max(lags), "reward_mean": float(total.mean())}
+                    "policy_lag_max": max(lags), "reward_mean": float(total.mean()),
+                    "nonfinite_updates": self.nonfinite.total, "nonfinite_in_a_row": self.nonfinite.in_a_row}
         batch = [TrainGroup.of(groups[i], advantages[i], self.model, self.device) for i in kept[self.rank :: self.world]]
         # Each loss averages over this shard; DeepSpeed averages over ranks: rescale to the global mean.
         scale = sum(b.advantages.numel() for b in batch) * self.world / sum(groups[i].size for i in kept)
@@ -161,6 +163,8 @@ class GrpoLearner:
             reward_mean=float(total.mean()),
             reward_std=float(total.std(unbiased=False)),
             grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
+            nonfinite_updates=self.nonfinite.total,  # optimiser steps skipped so far (weights left as they were)
+            nonfinite_in_a_row=self.nonfinite.in_a_row,
             groups=len(ids),
             groups_trained=len(kept),
             groups_stale=sum(lag > g.max_staleness for lag in lags),
@@ -173,6 +177,7 @@ class GrpoLearner:
 
     def _policy_gradient_updates(self, batch: list[TrainGroup], scale: float) -> dict[str, float]:
         """updates_per_batch passes of the clipped policy loss over the trained transitions (one step per pass)."""
+        from learner.engine import train_step  # DeepSpeed: imported in the rank's process only
         g = self.cfg.grpo
         sums: dict[str, list[float]] = {}
         first_pass: dict[str, list[float]] = {"max": [], "mean": []}
@@ -186,14 +191,14 @@ class GrpoLearner:
                     anchor = self._anchor_loss(update)  # divides each micro-step's loss by their number
                     loss = loss + len(trained) * anchor
                     stats["anchor_loss"] = anchor.detach() / g.data_anchor
-                self.engine.backward(loss)
-                self.engine.step()
+                train_step(self.engine, loss)
                 stats = {name: float(value) for name, value in {"loss": loss.detach(), **stats}.items()}
                 if update == 0:  # before any optimiser step: how far the learner's function is from the rollout's
                     first_pass["max"].append(stats["log_ratio_abs_max"])
                     first_pass["mean"].append(stats["log_ratio_abs_mean"])
                 for name, value in stats.items():
                     sums.setdefault(name, []).append(value)
+            self.nonfinite.record(self.engine.was_step_applied())  # the pass's last micro-step was the optimiser step
         out = {name: (max(v) if name in ("ratio_max_dev", "log_ratio_abs_max") else sum(v) / len(v))
                for name, v in sums.items()}
         out.update(first_pass_log_ratio_max=max(first_pass["max"]),
@@ -205,6 +210,7 @@ class GrpoLearner:
         noise) pairs (one per image, drawn from what the model was pretrained on): one pair per image is a very noisy
         estimate of the image's loss, so every step sees new ones. All e_old are the sampling policy's, computed
         before the first step."""
+        from learner.engine import train_step  # DeepSpeed: imported in the rank's process only
         g, cfg = self.cfg.grpo, self.model.cfg
         k = g.forward_pairs  # each image k times in a step, with its own pairs: one step, k times less noise
         x0 = torch.cat([b.samples for b in batch]).repeat(k, 1, 1, 1)
@@ -225,9 +231,10 @@ class GrpoLearner:
                 anchor = self._anchor_loss(u)
                 loss = loss + anchor
                 stats["anchor_loss"] = anchor.detach() / g.data_anchor
-            self.engine.backward(loss)
-            self.engine.step()
-            if self.ema is not None:
+            train_step(self.engine, loss)
+            applied = self.engine.was_step_applied()
+            self.nonfinite.record(applied)
+            if self.ema is not None and applied:
                 update_ema(self.ema, self.engine)
             for name, value in {"loss": loss.detach(), **stats}.items():
                 sums.setdefault(name, []).append(float(value))
@@ -245,7 +252,8 @@ class GrpoLearner:
         from learner.resume import engine_files, json_bytes, tensor_bytes
 
         files = {f"engine/{name}": data for name, data in engine_files(self.engine).items()}
-        files[f"rank{self.rank}.json"] = json_bytes({"version": self.version, "prompt_stats": self.prompt_stats.state()})
+        files[f"rank{self.rank}.json"] = json_bytes({"version": self.version, "prompt_stats": self.prompt_stats.state(),
+                                                     "nonfinite": [self.nonfinite.total, self.nonfinite.in_a_row]})
         files[f"rank{self.rank}.safetensors"] = tensor_bytes({"step_rng": self.step_rng.get_state(),
                                                               "torch_rng": torch.get_rng_state()})
         if self.ema is not None:  # the sampling policy (objective forward with grpo.ema_decay)
@@ -261,6 +269,7 @@ class GrpoLearner:
         load_engine_files(self.engine, {k.removeprefix("engine/"): v for k, v in files.items() if k.startswith("engine/")})
         mine = json.loads(files[f"rank{self.rank}.json"])
         self.version = mine["version"]
+        self.nonfinite.total, self.nonfinite.in_a_row = mine.get("nonfinite", (0, 0))
         self.prompt_stats = PromptStats(self.prompt_stats.buffer, self.prompt_stats.min_count, mine["prompt_stats"])
         rng = tensors_from(files[f"rank{self.rank}.safetensors"])
         self.step_rng.set_state(rng["step_rng"])
@@ -306,7 +315,8 @@ class LearnerGroup:
             return PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=r)
 
         # Rank 0's node hosts the process-group rendezvous: its cluster IP and a port free there.
-        master = ray.get(ray.remote(_rendezvous_address).options(num_cpus=0, scheduling_strategy=in_bundle(0)).remote())
+        master = ray.get(ray.remote(_rendezvous_address).options(num_cpus=0, scheduling_strategy=in_bundle(0)).remote(),
+                         timeout=cfg.actors.learner_timeout_s)
         self.ranks = [
             ray.remote(GrpoLearner).options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, scheduling_strategy=in_bundle(r))
             .remote(checkpoint, cfg.model_dump_json(), address, run_id, r, spec.count, master)

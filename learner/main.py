@@ -22,6 +22,8 @@ from learner import env  # noqa: F401  (sets the offline, no-telemetry environme
 from learner.config import (
     ConfigError, RunConfig, describe_keys, did_you_mean, dump_config, load_config, schema_keys, sections,
 )
+from actors.redaction import redact
+from learner.faults import RunFailed
 from learner.signals import STOP, Interrupted
 from proxmodel.config import ModelConfig
 
@@ -302,7 +304,7 @@ def run(cfg: RunConfig, mode: str, run_dir: Path, init_from: Path | None, resume
                        "mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.uri}
             summary_path = run_dir / "summary.json"
             tmp = run_dir / ".summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            tmp.write_text(json.dumps(redact(summary), indent=2) + "\n")
             tmp.replace(summary_path)
             tracker.artifact(summary_path)
             tracker.finish()
@@ -311,6 +313,11 @@ def run(cfg: RunConfig, mode: str, run_dir: Path, init_from: Path | None, resume
             tracker.finish("FAILED")
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:  # a fault the run detected (e.g. non-finite updates): its message says what to do
+        if tracker is not None:
+            tracker.finish("FAILED")
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except Interrupted as e:
         STOP.ignore()  # the run state is written and the processes are stopped: only the last line is left
         if tracker is not None:

@@ -17,7 +17,10 @@ from tqdm import tqdm
 
 from learner.config import RunConfig
 from learner.data import build_source, drop_captions
-from learner.engine import build_engine, device, full_state_dict, init_distributed, prepare_ops
+from learner.engine import (
+    NonFiniteSteps, build_engine, device, full_state_dict, init_distributed, prepare_ops, train_step,
+)
+from learner.faults import nonfinite_stop
 from learner.ema import ema_metadata, make_ema, update_ema
 from learner.evaluation import evaluate, save_grid
 from learner.resume import (
@@ -106,6 +109,7 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
     schedule = VPSchedule()
     losses = LossSchedule(pc.iterations, pc.l1_warmup_frac, pc.zeta0)
     gen = torch.Generator().manual_seed(cfg.seed)
+    nonfinite = NonFiniteSteps(pc.max_nonfinite_updates)
     progress = {"iteration": 0, "loss": float("nan"), "wall_time_s": 0.0, "resumed_at": []}
     if resume is not None and resume.files is not None:
         progress = load_run_state(resume.files, engine, ema, gen)
@@ -128,17 +132,22 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
                 y, t, lam, xi = make_training_pairs(x0, schedule, pc.step_candidates, gen, tuple(pc.prox_variants))
             eps = engine(y, t, lam, tokens=model.tokenize(captions, dev))
             loss = mse_loss(eps, xi) if mc.kind == "score" else losses.loss(step, eps, xi)
-            engine.backward(loss)
-            engine.step()
-            if ema is not None:
+            train_step(engine, loss)
+            applied = engine.was_step_applied()  # False: a non-finite loss or gradient, the step skipped
+            nonfinite.record(applied)
+            if ema is not None and applied:
                 update_ema(ema, engine)
             loss_value = loss.item()
+            if not applied:
+                tracker.metrics({"nonfinite_updates": nonfinite.total}, step=step)
+                if nonfinite.exceeded:  # the last run state is kept as it is
+                    raise nonfinite_stop(run_dir, nonfinite.in_a_row, "pretrain.max_nonfinite_updates", "pretrain.lr")
             if step % pc.log_every == 0 or step == pc.iterations - 1:
                 kind, zeta = ("mse", 0.0) if mc.kind == "score" else losses.stage(step)
                 elapsed = time.time() - start
                 tracker.metrics(
                     {f"loss_{kind}": loss_value, "loss": loss_value, "zeta": zeta, "lr": engine.get_lr()[0],
-                     "samples_per_s": (step + 1 - first) * pc.batch_size / elapsed},
+                     "samples_per_s": (step + 1 - first) * pc.batch_size / elapsed, "nonfinite_updates": nonfinite.total},
                     step=step,
                 )
                 bar.set_postfix(loss=f"{loss_value:.4f}", stage=kind)

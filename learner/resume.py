@@ -25,6 +25,7 @@ from typing import Optional
 
 import yaml
 
+from actors.redaction import is_redacted, redact
 from learner.config import ConfigError, RunConfig, _parse_override, load_config
 
 STATES_DIR = "resume"
@@ -46,7 +47,7 @@ def config_fingerprint(config: RunConfig | dict) -> str:
     """sha256 of a resolved config (or the dict its config.yaml holds) without the keys a resume may change (and
     run_dir, which may move). --resume hashes the saved config.yaml as written, not as this version resolves it, so
     a ProxRL upgrade that adds keys (with defaults) does not block a resume; an edit does."""
-    data = copy.deepcopy(config if isinstance(config, dict) else config.model_dump(mode="json"))
+    data = redact(copy.deepcopy(config if isinstance(config, dict) else config.model_dump(mode="json")))
     for key in (*RESUMABLE_KEYS, "run_dir"):
         *parents, leaf = key.split(".")
         node = data
@@ -250,7 +251,7 @@ class Resume:
 def write_run_file(run_dir: Path, mode: str, run_id: str, tracking_uri: str) -> None:
     """What --resume needs before any run state exists: the mode and the MLflow run to continue."""
     tmp = run_dir / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps({"mode": mode, "mlflow_run_id": run_id, "mlflow_tracking_uri": tracking_uri}) + "\n")
+    tmp.write_text(json.dumps({"mode": mode, "mlflow_run_id": run_id, "mlflow_tracking_uri": redact(tracking_uri)}) + "\n")
     os.replace(tmp, run_dir / RUN_FILE)
 
 
@@ -286,6 +287,7 @@ def open_resume(path: str, overrides: list[str], mode: Optional[str]) -> tuple[R
     if mode is not None and mode != saved_mode:
         raise ConfigError(f"--resume {path}: this is a {saved_mode} run; drop --mode {mode} (the run's mode is kept).")
     cfg = load_config(run_dir / "config.yaml", overrides).model_copy(update={"run_dir": str(run_dir)})
+    uri = secrets_again(cfg, uri, path)
     state, files = latest_state(run_dir, warn=lambda m: print(m, file=sys.stderr))
     if files is not None:
         saved = json.loads(files["run.json"])["config_fingerprint"]
@@ -299,6 +301,27 @@ def open_resume(path: str, overrides: list[str], mode: Optional[str]) -> tuple[R
     return cfg, Resume(run_dir, saved_mode, run_id, uri, state, files)
 
 
+def secrets_again(cfg: RunConfig, uri: str, path: str) -> str:
+    """The passwords a run's files never hold, given again: redis.url as an override, the MLflow URI through
+    MLFLOW_TRACKING_URI. Returns the tracking URI to reopen; ConfigError saying how to give a missing one."""
+    if is_redacted(cfg.redis.url):
+        raise ConfigError(
+            f"--resume {path}: the password in redis.url ({cfg.redis.url}) was not saved (secrets never are). Pass "
+            f"the full URL again (redis.url=redis://:PASSWORD@host:port/db after the run directory), or use a URL "
+            f"without it and put the password in the environment variable named by redis.password_env."
+        )
+    if not is_redacted(uri):
+        return uri
+    given = os.environ.get("MLFLOW_TRACKING_URI")
+    if given is None or redact(given) != uri:
+        raise ConfigError(
+            f"--resume {path}: the password in the MLflow tracking URI ({uri}) was not saved (secrets never are). "
+            f"Export MLFLOW_TRACKING_URI with the full URI and resume again, or keep credentials out of URIs: "
+            f"MLflow reads MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD."
+        )
+    return given
+
+
 def rewrite_config(run_dir: Path, overrides: list[str]) -> None:
     """config.yaml with the (allowed) overrides written into it as it is, so a second resume continues with them and
     its fingerprint still matches the run states'."""
@@ -309,7 +332,7 @@ def rewrite_config(run_dir: Path, overrides: list[str]) -> None:
         node = data
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = _parse_override(item)[1]
+        node[leaf] = redact(_parse_override(item)[1])
     tmp = run_dir / ".config.yaml.tmp"
     tmp.write_text(yaml.safe_dump(data, sort_keys=False))
     os.replace(tmp, path)

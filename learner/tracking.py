@@ -11,6 +11,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # without it each pro
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from actors.redaction import redact  # noqa: E402
 from learner.config import RunConfig, dump_config  # noqa: E402
 
 
@@ -38,6 +39,12 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, str]:
     return {prefix[:-1]: str(data)[:500]}
 
 
+def quiet_if_secret(uri: str) -> None:
+    """MLflow prints 'View run ... at: <tracking URI>' when a run ends: not when the URI holds a password."""
+    if redact(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+
 class Tracker:
     """Thin wrapper so the drivers read as the data flow, not as MLflow calls."""
 
@@ -46,11 +53,13 @@ class Tracker:
         params stay as first logged: MLflow params cannot change, and a resume changes none that matter)."""
         if resume is not None:
             self.run_id, self.uri = resume
+            quiet_if_secret(self.uri)
             mlflow.set_tracking_uri(self.uri)
             self.run = mlflow.start_run(run_id=self.run_id)
             mlflow.log_text(dump_config(cfg), "config.yaml")
             return
         self.uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+        quiet_if_secret(self.uri)
         mlflow.set_tracking_uri(self.uri)
         client = MlflowClient(self.uri)
         exp = client.get_experiment_by_name(cfg.mlflow.experiment)
@@ -61,7 +70,7 @@ class Tracker:
         self.run = mlflow.start_run(experiment_id=exp_id, run_name=f"{mode}-{run_dir.name}")
         self.run_id = self.run.info.run_id
         mlflow.set_tags({"mode": mode, "run_dir": str(run_dir)})
-        params = _flatten(cfg.model_dump(mode="json"))
+        params = _flatten(redact(cfg.model_dump(mode="json")))
         items = list(params.items())
         for i in range(0, len(items), 90):  # MLflow caps a batch at 100 params
             mlflow.log_params(dict(items[i : i + 90]))

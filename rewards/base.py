@@ -30,6 +30,13 @@ def to_uint8_images(images: torch.Tensor) -> np.ndarray:
     return (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
+def nan_where_nonfinite(images: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """`scores` [B] with NaN for every image holding a NaN or inf: such an image has no score (clamping it to [0, 1]
+    first would give it a finite one), and a group with a NaN reward is dropped by the rollout, not trained on."""
+    broken = ~torch.isfinite(images.detach().flatten(1)).all(dim=1).to(scores.device)
+    return scores.masked_fill(broken, float("nan"))
+
+
 def weighted_sum(scores: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
     """The mixed reward: sum of weight x score over the configured reward models (each [B])."""
     return sum(weights[name] * scores[name].float() for name in weights)

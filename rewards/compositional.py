@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from rewards.base import RewardModel, register
+from rewards.base import RewardModel, nan_where_nonfinite, register
 from rewards.scenes import (
     BACKGROUNDS,
     OBJECT_COLOURS,
@@ -169,7 +169,7 @@ class CompositionalReward(RewardModel):
             if scene is None:
                 scene = self._parsed[prompt] = parse_caption(prompt)
             out.append(verify(image, scene, self.thresholds))
-        return torch.tensor(out, dtype=torch.float32)
+        return nan_where_nonfinite(images, torch.tensor(out, dtype=torch.float32))
 
 
 @register("compositional_strict")

@@ -8,18 +8,18 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from rewards.base import RewardModel, register, to_uint8_images
+from rewards.base import RewardModel, nan_where_nonfinite, register, to_uint8_images
 
 
 def jpeg_kilobytes(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
-    """Size in kB of each image ([B, 3, H, W] in [0, 1]) as a JPEG at `quality`."""
+    """Size in kB of each image ([B, 3, H, W] in [0, 1]) as a JPEG at `quality`; NaN for a non-finite image."""
     arr = to_uint8_images(images)
     sizes = []
     for image in arr:
         buffer = io.BytesIO()
         Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
         sizes.append(buffer.tell() / 1000.0)
-    return torch.tensor(sizes, dtype=torch.float32)
+    return nan_where_nonfinite(images, torch.tensor(sizes, dtype=torch.float32))
 
 
 @register("jpeg_compressibility")

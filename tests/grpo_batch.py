@@ -16,7 +16,7 @@ WEIGHTS = {"compositional": 1.0}  # the learner's default reward mix
 
 
 def write_batch(checkpoint, address, run_id, *, steps, group_size, eta=1.0, guidance=1.0, ranks=1, rewards=None,
-                seed=0, bf16=False, trajectory=True) -> list[torch.Tensor]:
+                seed=0, bf16=False, trajectory=True, iteration=0) -> list[torch.Tensor]:
     """Sample one group per prompt as a rollout actor does and stream it; returns the per-group rewards."""
     actor = RolloutActor(checkpoint, steps, group_size, eta, guidance, [], WEIGHTS, 1.0, 0, address, run_id,
                          torch_threads=torch.get_num_threads(), bf16=bf16)
@@ -28,7 +28,7 @@ def write_batch(checkpoint, address, run_id, *, steps, group_size, eta=1.0, guid
     for i, (prompt, traj) in enumerate(zip(PROMPTS, trajectories)):
         reward = rewards[i] if rewards is not None else torch.rand(group_size, generator=gen)
         recorded = (traj.states, traj.log_probs) if trajectory else (None, None)
-        actor.stream.add(Group(prompt, i, 0, 0, actor.sampler, {"compositional": reward}, WEIGHTS, traj.images,
+        actor.stream.add(Group(prompt, i, iteration, 0, actor.sampler, {"compositional": reward}, WEIGHTS, traj.images,
                                *recorded))
         out.append(reward)
     return out

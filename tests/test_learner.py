@@ -1,11 +1,12 @@
 """The GRPO learner in this process: a real DeepSpeed engine (gloo, one rank) reading a real Redis stream."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
-from actors.stream import EmbeddedRedis
+from actors.stream import EmbeddedRedis, ExperienceStream
 from learner.config import RunConfig
 from learner.grpo_learner import GrpoLearner
 from proxmodel.model import save_model
@@ -35,10 +36,10 @@ def server():
         yield s
 
 
-def make_learner(checkpoint, server, run_id, **grpo):
+def make_learner(checkpoint, server, run_id, zero_stage=2, **grpo):
     cfg = RunConfig.model_validate({
         "grpo": {"steps": STEPS, "group_size": G, "prompts_per_iteration": len(PROMPTS), "lr": 1e-3, **grpo},
-        "actors": {"torch_threads": 1},
+        "actors": {"torch_threads": 1}, "deepspeed": {"zero_stage": zero_stage},
     })
     return GrpoLearner(checkpoint, cfg.model_dump_json(), server.address, run_id)
 
@@ -158,6 +159,47 @@ def test_forward_with_ema_samples_from_the_average_anchored_at_the_start(checkpo
         assert torch.allclose(published[k], expected, atol=1e-6), k
     with pytest.raises(ValueError, match="ema_decay=0.5 needs grpo.objective=forward"):
         RunConfig.model_validate({"grpo": {"objective": "policy_gradient", "ema_decay": 0.5}})
+
+
+def write_nonfinite_batch(checkpoint, server, run_id):
+    """A real batch whose recorded log-probs are NaN (a corrupted entry): its loss and gradient are NaN."""
+    write_batch(checkpoint, server.address, run_id + "-source", steps=STEPS, group_size=G)
+    source, target = ExperienceStream(server.address, run_id + "-source"), ExperienceStream(server.address, run_id)
+    target.create()
+    for _, group in source.read("copy", len(PROMPTS), timeout_s=5):
+        target.add(replace(group, log_probs=torch.full_like(group.log_probs, float("nan"))))
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])  # 0: our optimizer's check; 2: DeepSpeed's overflow check
+def test_a_nonfinite_update_is_skipped_and_counted_and_leaves_every_weight_as_it_was(checkpoint, server, zero_stage):
+    learner = make_learner(checkpoint, server, f"nan{zero_stage}", zero_stage=zero_stage, max_staleness=5)
+    before = {k: v.clone() for k, v in learner.publish()[0].items()}
+    write_nonfinite_batch(checkpoint, server, f"nan{zero_stage}")
+    metrics = learner.train(0, len(PROMPTS))
+    assert metrics["nonfinite_updates"] == 1 and metrics["nonfinite_in_a_row"] == 1
+    assert metrics["acked"] == len(PROMPTS)  # the batch is consumed, not retried forever
+    after = learner.publish()[0]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    write_batch(checkpoint, server.address, f"nan{zero_stage}", steps=STEPS, group_size=G, iteration=1)  # a good one
+    metrics = learner.train(1, len(PROMPTS))
+    assert metrics["nonfinite_updates"] == 1 and metrics["nonfinite_in_a_row"] == 0  # the streak is over
+    trained = learner.publish()[0]
+    assert any(not torch.equal(after[k], trained[k]) for k in after)
+    assert all(bool(torch.isfinite(v).all()) for v in trained.values())
+
+
+def test_a_group_written_twice_is_trained_once(checkpoint, server):
+    """A write repeated after a lost reply (or a rollout sampled again) puts the same group in the stream twice."""
+    write_batch(checkpoint, server.address, "dup", steps=STEPS, group_size=G)
+    stream = ExperienceStream(server.address, "dup")
+    first = stream.client.xrange(stream.key, count=1)[0][1]
+    stream.client.xadd(stream.key, first)  # the same entry again, as a retried XADD would write it
+    learner = make_learner(checkpoint, server, "dup")
+    metrics = learner.train(0, len(PROMPTS))
+    assert metrics["groups"] == metrics["groups_trained"] == len(PROMPTS)
+    with pytest.raises(TimeoutError):  # the copy is delivered next, recognised, acknowledged and never returned
+        learner.stream.read("rank0", count=1, timeout_s=1)
+    assert learner.stream.duplicates == 1 and learner.stream.pending() == 0 and stream.length() == len(PROMPTS) + 1
 
 
 def test_data_anchor_weighs_each_optimiser_step_the_same_however_many_transitions_it_accumulates(checkpoint, server):

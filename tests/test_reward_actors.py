@@ -71,5 +71,28 @@ def test_redis_cache_reuses_scores_and_scores_only_misses():
             ScoreCache.keys(actor.specs["jpeg_compressibility"], images, captions))
         reweighted = {**actor.specs["jpeg_compressibility"], "weight": 3.0}  # the weight is not part of the key
         assert ScoreCache.keys(reweighted, images, captions) == ScoreCache.keys(actor.specs["jpeg_compressibility"], images, captions)
-        keys = redis_server.address.connect().keys(ScoreCache.PREFIX + "*")
+        keys = list(redis_server.address.connect().scan_iter(ScoreCache.PREFIX + "*"))  # (KEYS is disabled)
         assert len(keys) == 2 * 7  # two rewards x (6 images + 1 new prompt), nothing else
+
+
+def test_a_rollout_whose_images_are_nonfinite_drops_its_groups_and_streams_nothing(actors, tiny_model, tmp_path):
+    from actors.rollout import RolloutActor
+    from actors.stream import EmbeddedRedis, ExperienceStream
+    from proxmodel.model import save_model
+    from tests.grpo_batch import PROMPTS
+
+    checkpoint = str(save_model(tiny_model, tmp_path / "c"))
+    weights = {"compositional": 0.5, "jpeg_compressibility": 0.5}
+    with EmbeddedRedis() as server:
+        rollout = RolloutActor(checkpoint, 3, 4, 1.0, 1.0, actors, weights, 120.0, 1, server.address, "nan",
+                               torch_threads=1)
+        stream = ExperienceStream(server.address, "nan")
+        stream.create()
+        healthy = rollout.rollout(PROMPTS[:2], [0, 1], iteration=0, seed=0)
+        assert healthy["groups"] == 2 and healthy["dropped"] == 0
+        broken = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                  for k, v in tiny_model.state_dict().items()}
+        rollout.set_weights(broken, 1)  # every image is NaN now
+        result = rollout.rollout(PROMPTS[:2], [2, 3], iteration=1, seed=0)
+        assert result["groups"] == 0 and result["dropped"] == 2
+        assert stream.length() == 2  # only the healthy groups were written

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from rewards import available, build
@@ -22,3 +23,17 @@ def test_jpeg_rewards_order_flat_above_noisy_and_are_deterministic():
     scenes, captions = scene_batch(seed=0, start=0, count=4, side=32)
     s = compress.score(torch.from_numpy(scenes), captions)
     assert bool((s < c[:2].min()).all()) and bool((s > c[2:].max()).all())
+
+
+@pytest.mark.parametrize("name", ["compositional", "compositional_strict", "jpeg_compressibility",
+                                  "jpeg_incompressibility"])
+def test_a_nonfinite_image_scores_nan_and_the_others_keep_their_scores(name):
+    scenes, captions = scene_batch(seed=1, start=0, count=4, side=32)
+    images = torch.from_numpy(scenes)
+    broken = images.clone()
+    broken[1, 0, 3, 3] = float("nan")  # one pixel is enough
+    broken[2, 2, 0, 0] = float("inf")
+    reward = build(name)
+    clean, scored = reward.score(images, captions), reward.score(broken, captions)
+    assert scored.isnan().tolist() == [False, True, True, False]
+    assert torch.equal(scored[[0, 3]], clean[[0, 3]])

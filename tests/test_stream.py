@@ -1,18 +1,22 @@
 """The experience stream on a real (embedded) redis-server: auth, safetensors payloads, ack semantics."""
 
 import json
+import socket
+import time
 
+import psutil
 import pytest
 import redis
 import safetensors.torch
 import torch
 
 from actors.experience import Group, SamplerSpec
-from actors.stream import EmbeddedRedis, ExperienceStream, RedisAddress
+from actors.stream import BLOCK_S, EmbeddedRedis, ExperienceStream, RedisAddress, learner_group
 
 
-def make_group(prompt: str, version: int = 0, g: int = 2, steps: int = 3) -> Group:
-    return Group(prompt, 0, 0, version, SamplerSpec("prox", steps, 1.0, 2.0),
+def make_group(prompt: str, version: int = 0, g: int = 2, steps: int = 3, index: int = 0) -> Group:
+    """A group for prompt `index` of iteration 0: (iteration, index) is its idempotency key, one group per key."""
+    return Group(prompt, index, 0, version, SamplerSpec("prox", steps, 1.0, 2.0),
                  scores={"a": torch.rand(g), "b": torch.rand(g)}, weights={"a": 0.7, "b": 0.3},
                  samples=torch.randn(g, 3, 4, 4), states=torch.randn(g, steps, 3, 4, 4),
                  log_probs=torch.randn(g, steps - 1))
@@ -28,6 +32,11 @@ def assert_same(a: Group, b: Group) -> None:
     assert a.scores.keys() == b.scores.keys() and all(torch.equal(a.scores[k], b.scores[k]) for k in a.scores)
 
 
+def listening(server: EmbeddedRedis) -> list[tuple[str, int]]:
+    """The TCP addresses the server process listens on."""
+    return [tuple(c.laddr) for c in psutil.Process(server.proc.pid).net_connections("inet") if c.status == "LISTEN"]
+
+
 @pytest.fixture()
 def server():
     with EmbeddedRedis() as s:
@@ -39,14 +48,14 @@ def test_server_requires_the_password_and_opens_no_tcp_port(server):
         redis.Redis(unix_socket_path=server.socket).ping()
     with pytest.raises(ConnectionError, match="cannot reach Redis"):
         RedisAddress(unix_socket=server.socket, password="wrong").connect()
-    assert redis.Redis(unix_socket_path=server.socket, password=server.password).config_get("port")["port"] == "0"
+    assert listening(server) == []  # (CONFIG is disabled on the server: asked of the OS instead)
 
 
 def test_groups_round_trip_and_are_pending_until_acked(server):
     stream = ExperienceStream(server.address, "t")
     stream.create()
     stream.create()  # idempotent
-    sent = [make_group(f"p{i}", version=i) for i in range(3)]
+    sent = [make_group(f"p{i}", version=i, index=i) for i in range(3)]
     ids = [stream.add(group) for group in sent]
     got = stream.read("rank0", count=3, timeout_s=5)
     assert [entry_id for entry_id, _ in got] == ids
@@ -79,9 +88,8 @@ def test_unreachable_redis_gives_advice():
 def test_cluster_mode_listens_on_the_given_address_only_with_the_given_password():
     with EmbeddedRedis(host="127.0.0.1", password="from-the-environment") as s:
         assert s.socket is None and s.address.url.startswith("redis://127.0.0.1:")
-        client = s.address.connect()
-        assert client.config_get("bind")["bind"] == "127.0.0.1"
-        assert client.config_get("unixsocket")["unixsocket"] == ""
+        assert listening(s) == [("127.0.0.1", int(s.address.url.rsplit(":", 1)[1].split("/")[0]))]
+        assert not any(c.family == socket.AF_UNIX for c in psutil.Process(s.proc.pid).net_connections("unix"))
         with pytest.raises(redis.AuthenticationError):
             redis.Redis.from_url(s.address.url).ping()
         stream = ExperienceStream(s.address, "t")
@@ -111,3 +119,69 @@ def test_a_forward_objective_group_travels_without_its_trajectory(server):
     got = stream.read("rank0", count=1, timeout_s=5)[0][1]
     assert_same(got, group)
     assert not got.has_trajectory and got.states is None
+
+
+def test_the_stream_stays_bounded_over_many_cycles_and_keeps_what_a_group_still_needs(server):
+    """Two consumer groups (two learner ranks): an entry goes once both acknowledged it, never before."""
+    rank0, rank1 = (ExperienceStream(server.address, "bounded", learner_group(r)) for r in (0, 1))
+    rank0.create()
+    rank1.create()
+    big = [Group(**{**vars(make_group("x", index=i)), "samples": torch.randn(2, 3, 64, 64)})  # ~100 kB an entry
+           for i in range(120)]
+    client = rank0.client
+    used = []
+    for cycle in range(40):
+        for i in range(3):
+            rank0.add(big[3 * cycle + i])
+        first = rank0.read("r0", count=3, timeout_s=5)
+        second = rank1.read("r1", count=3, timeout_s=5)
+        rank0.ack([i for i, _ in first])
+        assert rank0.trim() == 0 and rank0.length() == 3  # rank 1 has not acknowledged them yet
+        rank1.ack([i for i, _ in second[:2]])
+        assert rank0.trim() == 2 and rank0.length() == 1  # the one rank 1 still holds stays
+        rank1.ack([second[2][0]])
+        assert rank0.trim() == 1 and rank0.length() == 0
+        used.append(int(client.info("memory")["used_memory"]))
+    assert max(used[10:]) - used[10] < 1_000_000  # flat: 30 more cycles wrote ~9 MB
+
+
+def test_entries_not_yet_read_by_every_group_are_kept(server):
+    rank0, rank1 = (ExperienceStream(server.address, "unread", learner_group(r)) for r in (0, 1))
+    rank0.create()
+    rank1.create()
+    ids = [rank0.add(make_group(f"p{i}", index=i)) for i in range(4)]
+    rank0.ack([i for i, _ in rank0.read("r0", count=4, timeout_s=5)])
+    rank1.ack([i for i, _ in rank1.read("r1", count=2, timeout_s=5)])  # rank 1 has not read the last two
+    assert rank0.trim() == 2
+    assert [i for i, _ in rank1.read("r1", count=2, timeout_s=5)] == ids[2:]
+
+
+def test_the_embedded_server_caps_its_memory_and_refuses_dangerous_commands():
+    with EmbeddedRedis(max_memory_mb=64) as s:
+        client = s.address.connect()
+        memory = client.info("memory")
+        assert int(memory["maxmemory"]) == 64 * 2**20 and memory["maxmemory_policy"] == "volatile-lru"
+        client.set("keep", "me")
+        for command in ("FLUSHALL", "FLUSHDB", "CONFIG GET maxmemory", "DEBUG SLEEP 0", "KEYS *"):
+            with pytest.raises(redis.ResponseError, match="unknown command"):
+                client.execute_command(*command.split())
+        assert client.get("keep") == b"me"
+        with pytest.raises(redis.ResponseError, match="maxmemory"):  # past the cap a write fails; nothing is evicted
+            for i in range(100):
+                client.xadd("s", {"blob": b"x" * 2**20})
+        assert client.get("keep") == b"me"
+
+
+def test_clients_time_out_explicitly_and_never_retry_a_command(server):
+    with EmbeddedRedis(host="127.0.0.1") as tcp:
+        for client in (ExperienceStream(server.address, "t").client, ExperienceStream(tcp.address, "t").client):
+            kwargs = client.connection_pool.connection_kwargs
+            assert kwargs["socket_timeout"] > BLOCK_S  # (a unix socket connects under socket_timeout)
+            assert client.get_retry().get_retries() == 0  # redis-py's default: 10 silent retries of any command
+        assert kwargs["socket_connect_timeout"] <= 10
+    stream = ExperienceStream(server.address, "slow")
+    stream.create()
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):  # a wait longer than one XREADGROUP block: looped, not a socket timeout
+        stream.read("rank0", count=1, timeout_s=BLOCK_S + 1)
+    assert time.monotonic() - start >= BLOCK_S + 1
