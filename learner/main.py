@@ -284,7 +284,8 @@ def run(cfg: RunConfig, mode: str, run_dir: Path, init_from: Path | None, resume
     STOP.install()
     tracker = None
     try:
-        tracker = Tracker(cfg, mode, run_dir, (resume.mlflow_run_id, resume.tracking_uri) if resume else None)
+        tracker = Tracker(cfg, mode, run_dir, (resume.mlflow_run_id, resume.tracking_uri) if resume else None,
+                          init_from)
         if resume is None:
             write_run_file(run_dir, mode, tracker.run_id, tracker.uri)
         if mode == "pretrain":

@@ -45,12 +45,29 @@ def quiet_if_secret(uri: str) -> None:
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
+MODE_SECTIONS = ("pretrain", "grpo", "sample")  # each read only by its own mode
+
+
+def mode_params(cfg: RunConfig, mode: str, init_from: Optional[Path]) -> dict:
+    """The config as MLflow params: without the other modes' sections (a GRPO run's pretrain.* settings are never
+    read), with the checkpoint actually started from."""
+    params = cfg.model_dump(mode="json")
+    for other in MODE_SECTIONS:
+        if other != mode:
+            params.pop(other, None)
+    if init_from is not None:
+        params["init_from"] = str(init_from)
+    return params
+
+
 class Tracker:
     """Thin wrapper so the drivers read as the data flow, not as MLflow calls."""
 
-    def __init__(self, cfg: RunConfig, mode: str, run_dir: Path, resume: Optional[tuple[str, str]] = None):
+    def __init__(self, cfg: RunConfig, mode: str, run_dir: Path, resume: Optional[tuple[str, str]] = None,
+                 init_from: Optional[Path] = None):
         """A new MLflow run; or with resume=(run id, tracking URI), that run reopened so its curves continue (its
-        params stay as first logged: MLflow params cannot change, and a resume changes none that matter)."""
+        params stay as first logged: MLflow params cannot change, and a resume changes none that matter).
+        `init_from`: the checkpoint the run actually starts from (logged instead of the config's null default)."""
         if resume is not None:
             self.run_id, self.uri = resume
             quiet_if_secret(self.uri)
@@ -67,10 +84,11 @@ class Tracker:
             exp_id = client.create_experiment(cfg.mlflow.experiment, artifact_location=_artifact_root(self.uri))
         else:
             exp_id = exp.experiment_id
-        self.run = mlflow.start_run(experiment_id=exp_id, run_name=f"{mode}-{run_dir.name}")
+        name = run_dir.name if run_dir.name.startswith(f"{mode}-") else f"{mode}-{run_dir.name}"  # not grpo-grpo-...
+        self.run = mlflow.start_run(experiment_id=exp_id, run_name=name)
         self.run_id = self.run.info.run_id
         mlflow.set_tags({"mode": mode, "run_dir": str(run_dir)})
-        params = _flatten(redact(cfg.model_dump(mode="json")))
+        params = _flatten(redact(mode_params(cfg, mode, init_from)))
         items = list(params.items())
         for i in range(0, len(items), 90):  # MLflow caps a batch at 100 params
             mlflow.log_params(dict(items[i : i + 90]))

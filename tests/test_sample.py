@@ -45,6 +45,11 @@ def test_sample_writes_images_grid_and_scores_and_matches_the_python_api(checkpo
     assert summary["rewards"]["compositional"]["mean"] == pytest.approx(np.mean(scores))
     assert (run_dir / "samples.png").is_file()
     client = MlflowClient(uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.run_name == "sample-run"
+    params = run.data.params  # this mode's settings only, and the checkpoint actually sampled from
+    assert params["sample.images_per_prompt"] == "2" and not any(k.startswith(("grpo.", "pretrain.")) for k in params)
+    assert Path(params["init_from"]).resolve() == Path(checkpoint).resolve()
     assert {a.path for a in client.list_artifacts(summary["mlflow_run_id"])} >= {"samples.json", "samples.png",
                                                                                  "samples_table.json"}
 
