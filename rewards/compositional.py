@@ -13,6 +13,7 @@ and size credit alone.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -31,6 +32,7 @@ from rewards.scenes import (
     SceneObject,
     parse_caption,
     quadrant_centre,
+    scene_prompts,
     shape_mask,
 )
 
@@ -178,3 +180,32 @@ class StrictCompositionalReward(CompositionalReward):
 
     def __init__(self) -> None:
         super().__init__(strict=True)
+
+
+@register("compositional_contrastive")
+class ContrastiveCompositionalReward(CompositionalReward):
+    """Prompt-specific credit: the verifier's score under the image's own caption minus its mean score under
+    `others` distractor captions (scene captions drawn from a seed fixed by the caption, so the reward is a function
+    of image and caption). An image that fits every caption alike earns about nothing, so the prompt-agnostic look
+    GRPO found against the plain verifier (the same blue blobs for every prompt, docs/results.md) pays nothing here;
+    a faithful render keeps most of its score. Range [-1, 1]."""
+
+    def __init__(self, others: int = 4, strict: bool = False) -> None:
+        if others < 1:
+            raise ValueError(f"others={others}: at least one distractor caption is needed")
+        super().__init__(strict=strict)
+        self.others = others
+        self._distractors: dict[str, list[str]] = {}
+
+    def distractors(self, prompt: str) -> list[str]:
+        if prompt not in self._distractors:
+            seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "little")
+            self._distractors[prompt] = [c for c in scene_prompts(seed, 0, 4 * self.others) if c != prompt][: self.others]
+        return self._distractors[prompt]
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        own = super().score(images, prompts)
+        others = [self.distractors(p) for p in prompts]
+        tiled = images.repeat_interleave(self.others, dim=0)
+        against = super().score(tiled, [c for cs in others for c in cs]).view(len(prompts), self.others)
+        return own - against.mean(dim=1)

@@ -99,3 +99,19 @@ def test_the_strict_check_passes_clean_renders_and_fails_what_only_the_lenient_v
     assert float(strict.score(tinted, captions).mean()) < 0.5
     blurred = torch.nn.functional.avg_pool2d(images, 3, 1, 1, count_include_pad=False)
     assert float(strict.score(blurred, captions).mean()) < float(lenient.score(blurred, captions).mean()) - 0.3
+
+
+def test_the_contrastive_verifier_pays_faithful_renders_and_nothing_for_one_image_for_every_prompt():
+    """compositional_contrastive = own-caption score - mean score under distractor captions. A faithful render keeps
+    most of its score; one fixed image scored as the answer to 300 different captions earns about 0 on average
+    (while the plain verifier pays it for whatever those captions happen to share with it: the prompt-agnostic
+    hack). Would catch distractors equal to the own caption (renders would earn 0) or not subtracted (the fixed
+    image would earn what the plain verifier pays)."""
+    contrastive, plain = build("compositional_contrastive"), build("compositional")
+    images, captions = scene_batch(3, 0, 64, 32)
+    images = torch.from_numpy(images)
+    assert float(contrastive.score(images, captions).mean()) > 0.7
+    prompts = scene_prompts(11, 0, 300)
+    fixed = images[:1].repeat(len(prompts), 1, 1, 1)
+    assert float(plain.score(fixed, prompts).mean()) > 0.05
+    assert abs(float(contrastive.score(fixed, prompts).mean())) < 0.03
