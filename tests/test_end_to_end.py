@@ -2,6 +2,7 @@
 
 import json
 import math
+import threading
 import time
 from pathlib import Path
 
@@ -109,20 +110,35 @@ def test_unknown_config_key_fails_fast_naming_it(tmp_path):
     assert time.monotonic() - start < 60
 
 
+def first_entry_seen(server, stop: threading.Event, seen: dict) -> None:
+    """Poll the stream for its first entry while a run writes it (acknowledged entries are trimmed right away)."""
+    client = server.address.connect()
+    while not stop.is_set() and not seen:
+        for key in client.scan_iter(match="proxrl:*:experience"):
+            entries = client.xrange(key, count=1)
+            if entries:
+                seen["fields"] = entries[0][1]
+                return
+        time.sleep(0.02)
+
+
 def test_forward_objective_runs_end_to_end_without_trajectories_on_the_wire(pretrained, store):
     root, uri = store
+    seen, stop = {}, threading.Event()
     with EmbeddedRedis() as server:
+        watcher = threading.Thread(target=first_entry_seen, args=(server, stop, seen), daemon=True)
+        watcher.start()
         proc = run_cli(
             "--mode", "grpo", "--config", str(SMOKE), f"run_dir={root / 'forward'}", f"mlflow.tracking_uri={uri}",
             f"init_from={pretrained['checkpoint']}", f"redis.url=unix://{server.socket}", "grpo.objective=forward",
             "grpo.eval_every=0", env={"PROXRL_REDIS_PASSWORD": server.password},
         )
+        stop.set()
+        watcher.join()
         assert proc.returncode == 0, proc.stderr[-3000:]
         summary = json.loads(Path(last_line(proc)).read_text())
-        client = server.address.connect()
-        key = f"proxrl:{summary['mlflow_run_id']}:experience"
-        _, fields = client.xrange(key, count=1)[0]
-        tensors = safetensors.torch.load(fields[b"tensors"])
+        assert seen, "no stream entry was seen while the run wrote them"
+        tensors = safetensors.torch.load(seen["fields"][b"tensors"])
     assert "samples" in tensors and "states" not in tensors and "log_probs" not in tensors
     assert summary["stream"]["pending"] == 0 and summary["stream"]["entries"] == summary["groups_written"]
     history = MlflowClient(uri).get_metric_history(summary["mlflow_run_id"], "forward_loss")
