@@ -19,7 +19,7 @@ from proxmodel.model import ProxT2I
 from proxmodel.policy import Policy
 from proxmodel.sampler import Trajectory, Variant, gaussian_kl
 from proxmodel.score import eps_fn, sample_ddim, sample_score
-from rewards.base import RewardModel
+from rewards.base import RewardModel, to_uint8_images
 
 
 PROX_SAMPLERS = ("hybrid", "backward", "flow")
@@ -75,8 +75,7 @@ def generate(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta:
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B, C, H, W] in [0, 1] to PIL images (grey for one channel)."""
-    arrays = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in arrays]
+    return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in to_uint8_images(images)]
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, upscale: int = 4) -> Image.Image:

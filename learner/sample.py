@@ -72,12 +72,13 @@ def run_sample(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path)
     prompts = sample_prompts(cfg)
     rewards = {spec.name: build(spec.name, **spec.options) for spec in cfg.rewards} if s.score else {}
     (run_dir / "images").mkdir(parents=True, exist_ok=True)
-    records, everything = [], []
+    records, everything, pictures = [], [], []
     for i, prompt in enumerate(prompts):
         images = prompt_images(model, prompt, i, s.images_per_prompt, steps=s.steps, seed=cfg.seed, eta=s.eta,
                                guidance=s.guidance, sampler=s.sampler)
         scores = {name: r.score(images, [prompt] * len(images)).double().cpu().tolist() for name, r in rewards.items()}
-        for k, image in enumerate(to_pil(images)):
+        pictures += to_pil(images)
+        for k, image in enumerate(pictures[-len(images):]):
             name = f"images/{i:04d}-{k:02d}.png"
             image.save(run_dir / name)
             records.append({"prompt": prompt, "prompt_index": i, "image": name, "noise_seed": cfg.seed + i,
@@ -87,7 +88,6 @@ def run_sample(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path)
     (run_dir / "samples.json").write_text(json.dumps(records, indent=1) + "\n")
     tracker.image(grid, "samples.png")
     tracker.artifact(run_dir / "samples.json")
-    pictures = to_pil(torch.cat(everything))  # the MLflow UI shows each image with its caption and rewards
     tracker.table({"prompt": [r["prompt"] for r in records], "image": pictures,
                    **{n: [r["rewards"][n] for r in records] for n in rewards}}, "samples_table.json")
     means = {}
