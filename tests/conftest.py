@@ -38,3 +38,13 @@ def pretrained(store):
     root, uri = store
     return summary_of(run_cli("--mode", "pretrain", "--config", str(SMOKE), f"run_dir={root / 'pretrain'}",
                               f"mlflow.tracking_uri={uri}", "pretrain.checkpoint_every=3"))
+
+
+@pytest.fixture(scope="session")
+def grpo_reference(pretrained, store):
+    """The summary of one uninterrupted smoke GRPO run (ZeRO-2, synchronous, 2 iterations, a run state after each)
+    from `pretrained`: what a resumed, or a fault-surviving, run of the same arguments must equal."""
+    from tests.cli import grpo_args, run_cli, summary_of
+
+    root, uri = store
+    return summary_of(run_cli(*grpo_args(root, uri, pretrained, "g2-full")))

@@ -11,94 +11,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import time
-from pathlib import Path
 
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
 from learner.resume import MARKER, complete_states, latest_state, state_name, write_state
-from tests.cli import ROOT, SMOKE, cli, run_cli, summary_of
-
-TIMING = ("_s", "samples_per_s")  # wall-clock metrics: the only ones a resume may change
-
-
-def metrics_by_step(uri: str, run_id: str) -> dict[str, dict[int, set[float]]]:
-    """Every value logged per (metric, step), timing metrics left out: a step logged twice (before a kill and
-    again after the resume) must have logged the same value both times."""
-    client = MlflowClient(uri)
-    out: dict[str, dict[int, set[float]]] = {}
-    for name in client.get_run(run_id).data.metrics:
-        if name.endswith(TIMING):
-            continue
-        for m in client.get_metric_history(run_id, name):
-            out.setdefault(name, {}).setdefault(m.step, set()).add(m.value)
-    return out
-
-
-def weights_file(checkpoint: str) -> tuple[dict, bytes]:
-    """model.safetensors as (its header, every tensor's bytes). The header is compared as a mapping: safetensors
-    writes its metadata from a Rust HashMap, so with several metadata keys (pretraining's EMA) their order differs
-    between processes even for two uninterrupted runs; everything else must be byte for byte the same."""
-    raw = Path(checkpoint, "model.safetensors").read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
-
-
-def assert_same_run(uri: str, first: dict, resumed: dict) -> None:
-    """Byte-identical final weights, the same curves and the same held-out evaluation (before and after)."""
-    (head_a, data_a), (head_b, data_b) = weights_file(first["checkpoint"]), weights_file(resumed["checkpoint"])
-    assert head_a == head_b and data_a == data_b, "the resumed run's final weights differ from the uninterrupted run's"
-    ma, mb = metrics_by_step(uri, first["mlflow_run_id"]), metrics_by_step(uri, resumed["mlflow_run_id"])
-    assert ma.keys() == mb.keys()
-    for name in ma:
-        assert ma[name].keys() == mb[name].keys(), name
-        for step in ma[name]:
-            assert len(mb[name][step]) == 1, f"{name} at step {step} logged different values: {mb[name][step]}"
-            assert ma[name][step] == mb[name][step], (name, step)
-    for key in ("iterations", "eval", "eval_reward_before", "eval_reward_after", "reward_first", "reward_last",
-                "loss_final", "data_cursor", "eval_reward", "groups_written", "groups_dropped"):
-        assert first.get(key) == resumed.get(key), key
-    assert MlflowClient(uri).get_run(resumed["mlflow_run_id"]).info.status == "FINISHED"
-
-
-def descendants(pid: int) -> list[psutil.Process]:
-    return psutil.Process(pid).children(recursive=True)
-
-
-def leftovers(processes: list[psutil.Process], wait_s: float = 30.0) -> list[str]:
-    """Which of `processes` are still alive after `wait_s` (they are killed then, so no test leaves them behind)."""
-    _, alive = psutil.wait_procs(processes, timeout=wait_s)
-    names = []
-    for p in alive:
-        try:
-            names.append(" ".join(p.cmdline())[:120].strip())
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    return names
-
-
-def start_until_state(args: list[str], run_dir: Path, iteration: int, timeout: float = 900) -> subprocess.Popen:
-    """Start a driver and return once its run state after `iteration` iterations is complete."""
-    proc = subprocess.Popen(cli(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout
-    while not (run_dir / "resume" / state_name(iteration) / MARKER).is_file():
-        if proc.poll() is not None:
-            raise AssertionError(f"the driver ended before iteration {iteration}: {proc.stderr.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"no run state after iteration {iteration} within {timeout} s")
-        time.sleep(0.2)
-    return proc
-
-
-def grpo_args(root: Path, uri: str, pretrained: dict, name: str, *extra: str) -> list[str]:
-    return ["--mode", "grpo", "--config", str(SMOKE), f"run_dir={root / name}", f"mlflow.tracking_uri={uri}",
-            f"init_from={pretrained['checkpoint']}", "grpo.iterations=2", "grpo.eval_every=0",
-            "grpo.checkpoint_every=1", *extra]
+from tests.cli import assert_same_run, descendants, grpo_args, leftovers, run_cli, start_until_state, summary_of
 
 
 def test_pretraining_resumes_exactly_and_ignores_a_half_written_state(pretrained, store):
@@ -122,12 +41,12 @@ def test_pretraining_resumes_exactly_and_ignores_a_half_written_state(pretrained
     assert_same_run(uri, pretrained, resumed)
 
 
-def test_grpo_zero2_killed_with_sigkill_resumes_exactly(pretrained, store):
+def test_grpo_zero2_killed_with_sigkill_resumes_exactly(pretrained, store, grpo_reference):
     """SIGKILL after iteration 1's run state, then --resume. Would catch: Adam moments, the step RNG, the policy
     version or PromptStats not restored, the rollouts not given the trained weights, 'before' re-evaluated on the
     trained model, the redis-server or Ray outliving a killed driver."""
     root, uri = store
-    first = summary_of(run_cli(*grpo_args(root, uri, pretrained, "g2-full")))
+    first = grpo_reference
     args = grpo_args(root, uri, pretrained, "g2-killed")
     proc = start_until_state(args, root / "g2-killed", 1)
     children = descendants(proc.pid)
