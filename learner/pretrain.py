@@ -78,7 +78,7 @@ def save_run_state(cfg: RunConfig, run_dir: Path, tracker: Tracker, engine, ema,
 
 
 def load_run_state(files: dict[str, bytes], engine, ema, gen: torch.Generator) -> dict:
-    """Restore what save_run_state wrote; returns its progress (iteration, loss, wall time, resumed_at)."""
+    """Restore what save_run_state wrote; returns its progress (iteration, loss, wall time, resumed_at, the non-finite steps [total, in a row])."""
     load_engine_files(engine, {k.removeprefix("engine/"): v for k, v in files.items() if k.startswith("engine/")})
     if ema is not None:
         ema.load_state_dict(tensors_from(files["ema.safetensors"]))
@@ -86,7 +86,8 @@ def load_run_state(files: dict[str, bytes], engine, ema, gen: torch.Generator) -
     gen.set_state(rng["pairs"])
     torch.set_rng_state(rng["torch"])
     saved = json.loads(files["run.json"])
-    return {k: saved[k] for k in ("iteration", "loss", "wall_time_s", "resumed_at")}
+    return {"nonfinite": [0, 0], **{k: saved[k] for k in ("iteration", "loss", "wall_time_s", "resumed_at", "nonfinite")
+                                     if k in saved}}
 
 
 def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path | None,
@@ -110,10 +111,11 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
     losses = LossSchedule(pc.iterations, pc.l1_warmup_frac, pc.zeta0)
     gen = torch.Generator().manual_seed(cfg.seed)
     nonfinite = NonFiniteSteps(pc.max_nonfinite_updates)
-    progress = {"iteration": 0, "loss": float("nan"), "wall_time_s": 0.0, "resumed_at": []}
+    progress = {"iteration": 0, "loss": float("nan"), "wall_time_s": 0.0, "resumed_at": [], "nonfinite": [0, 0]}
     if resume is not None and resume.files is not None:
         progress = load_run_state(resume.files, engine, ema, gen)
         progress["resumed_at"].append(progress["iteration"])
+        nonfinite.total, nonfinite.in_a_row = progress["nonfinite"]  # a streak continues across a resume
     first, loss_value = progress["iteration"], progress["loss"]
     start = time.time()
     elapsed_before = progress["wall_time_s"]
@@ -151,7 +153,8 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
                     step=step,
                 )
                 bar.set_postfix(loss=f"{loss_value:.4f}", stage=kind)
-            progress.update(iteration=step + 1, loss=loss_value, wall_time_s=elapsed_before + time.time() - start)
+            progress.update(iteration=step + 1, loss=loss_value, wall_time_s=elapsed_before + time.time() - start,
+                            nonfinite=[nonfinite.total, nonfinite.in_a_row])
             if (step + 1) % pc.checkpoint_every == 0 or STOP.requested:
                 export(engine, ema, pc.ema_decay, run_dir / "checkpoint")
                 save_run_state(cfg, run_dir, tracker, engine, ema, gen, progress)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from actors.stream import RedisAddress
 from learner.faults import RunFailed, wait_for
-from learner.resume import complete_states
+from learner.resume import complete_states, state_name
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -49,6 +49,15 @@ def test_a_diverging_pretraining_run_skips_nonfinite_steps_and_stops_with_its_la
     run = client.search_runs([client.get_experiment_by_name("proxrl").experiment_id])[0]
     assert run.info.status == "FAILED"
     assert [m.value for m in client.get_metric_history(run.info.run_id, "nonfinite_updates")][-1] == 2
+
+    # The streak is part of the run state: resumed (after step 2, one non-finite step in a row), the next non-finite
+    # step is the second in a row and stops the run at once. A counter restarting at 0 would take (and save) step 3.
+    assert states[-1].name == state_name(2)
+    resumed = run_cli("--resume", str(run_dir))
+    assert resumed.returncode == 1 and "stopped after 2 optimiser steps in a row" in resumed.stderr
+    assert complete_states(run_dir)[-1].name == state_name(2)
+    history = client.get_metric_history(run.info.run_id, "nonfinite_updates")
+    assert max(m.step for m in history) == 2 and max(m.value for m in history) == 2
 
 
 SECRET = "s3cr3t-pw-4242"
