@@ -198,6 +198,10 @@ def learner_group(rank: int) -> str:
     return f"learner-{rank}"
 
 
+class StreamStalled(TimeoutError):
+    """Fewer groups than expected arrived on the stream in time."""
+
+
 class ExperienceStream:
     """Producer and consumer sides of one run's stream (`proxrl:<run>:experience`), read through consumer `group`."""
 
@@ -218,7 +222,7 @@ class ExperienceStream:
     def add(self, group: Group) -> str:
         return self.client.xadd(self.key, group.to_wire()).decode()
 
-    def read(self, consumer: str, count: int, timeout_s: float = 600.0) -> list[tuple[str, Group]]:
+    def read(self, consumer: str, count: int, timeout_s: float) -> list[tuple[str, Group]]:
         """Block until `count` new groups are delivered to `consumer` (or the timeout passes): (entry id, group). An
         entry whose group (Group.key) this reader already returned is a duplicate write: acknowledged, not returned."""
         out: list[tuple[str, Group]] = []
@@ -235,7 +239,7 @@ class ExperienceStream:
                     self.seen.add(group.key)
                     out.append((entry_id.decode(), group))
             if time.monotonic() >= deadline and len(out) < count:
-                raise TimeoutError(f"the experience stream delivered {len(out)} of {count} groups in {timeout_s:.0f} s")
+                raise StreamStalled(f"the experience stream delivered {len(out)} of {count} groups in {timeout_s:g} s")
         return out
 
     def ack(self, entry_ids: list[str]) -> int:

@@ -322,9 +322,19 @@ class ActorsConfig(Strict):
         "scoring, the first iteration's actor start-up included) or a weight update of a rollout actor; past it the "
         "run stops with a message naming the actor (a stuck actor never hangs the run)",
     )
+    rollout_restarts: int = Field(
+        3, ge=0, description="how many times Ray restarts a rollout actor whose process died (OOM killer, a lost "
+        "node); the restarted actor gets the current weights and the driver samples its unfinished prompts again with "
+        "the same seeds. One more death stops the run with a message",
+    )
     learner_timeout_s: float = Field(
         3600.0, gt=0, description="the driver waits at most this long for a learner call (an update, publishing the "
         "weights, a run state); past it the run stops with a message naming the rank",
+    )
+    stream_read_timeout_s: float = Field(
+        600.0, gt=0, description="a learner rank waits at most this long for an update's groups on the stream "
+        "(they were counted by the rollouts, so a longer wait means entries were lost, e.g. a Redis restarted "
+        "without its data); past it the run stops with a message",
     )
     torch_threads: int = Field(
         0, ge=0, description="torch threads in each actor; 0 = all cores. Rollout and learner use the same count, "

@@ -29,11 +29,11 @@ from tqdm import tqdm
 from actors.checkpoint import pack
 from actors.reward import RewardActor
 from actors.rollout import RolloutActor
-from actors.stream import ExperienceStream, RedisAddress, learner_group
+from actors.stream import ExperienceStream, RedisAddress, StreamStalled, learner_group
 from learner.cluster import ensure_resources, start_ray, stream_server
 from learner.config import RunConfig
 from learner.bootstrap import bootstrap_ci
-from learner.faults import nonfinite_stop, wait_for
+from learner.faults import RunFailed, nonfinite_stop, rank_died, redis_lost, stream_stalled, wait_for
 from learner.evaluation import hacking_monitors, reward_matrix, save_grid, to_pil
 from learner.grpo_learner import LearnerGroup
 from learner.prompts import prompt_source
@@ -98,11 +98,43 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path, r
         address, redis_server = stream_server(cfg, on_cluster=not started_ray)
         run = GrpoRun(ray, cfg, run_dir, tracker, init_from, address, resume)
         return run.finish(run.iterate())
+    except Exception as e:
+        import redis
+
+        cause = getattr(e, "cause", None) or e  # raised here, or in an actor (Ray's error holds it as `cause`)
+        if isinstance(cause, (redis.ConnectionError, redis.TimeoutError)):
+            raise redis_lost(cause, run_dir) from None
+        if isinstance(cause, StreamStalled):
+            raise stream_stalled(cause, run_dir) from None
+        raise
     finally:
         if started_ray:
             ray.shutdown()
         if redis_server is not None:
             redis_server.close()
+
+
+def died(ray, ref) -> bool:
+    """Whether the call of `ref` ended because its actor's process died (not: failed, still running, succeeded)."""
+    try:
+        ray.get(ref, timeout=0)
+    except ray.exceptions.RayActorError:
+        return True
+    except Exception:  # noqa: BLE001 (its own error, or not finished: the caller's wait says which)
+        return False
+    return False
+
+
+@dataclass
+class RolloutCall:
+    """One rollout call in flight: the actor (its index), its arguments (prompts, prompt indices, iteration, seed),
+    the result's ref, and the actor's deaths before the call was made. The arguments fix the groups' noise, so a call
+    lost with its actor is made again as is."""
+
+    actor: int
+    args: tuple
+    ref: object
+    deaths: int
 
 
 @dataclass
@@ -130,7 +162,8 @@ class GrpoRun:
         for stream in self.streams:
             stream.create()
         # The starting weights travel through the object store: actors on other nodes need no shared filesystem.
-        packed = ray.put(pack(init_from))
+        # Held for the run: a rollout actor Ray restarts is built again from it (its constructor argument).
+        self.packed = packed = ray.put(pack(init_from))
         rewards_cfg = [r.model_dump() for r in cfg.rewards]
         reward_actors = [
             ray.remote(RewardActor).options(num_cpus=a.reward.num_cpus, num_gpus=a.reward.num_gpus)
@@ -138,10 +171,11 @@ class GrpoRun:
                     a.reward.cache_ttl_s)
             for _ in range(a.reward.count)
         ]
-        self.learners = LearnerGroup(ray, cfg, packed, address, tracker.run_id)
+        self.learners = LearnerGroup(ray, cfg, packed, address, tracker.run_id, run_dir)
         weights = {r.name: r.weight for r in cfg.rewards}
         self.rollouts = [
-            ray.remote(RolloutActor).options(num_cpus=a.rollout.num_cpus, num_gpus=a.rollout.num_gpus).remote(
+            ray.remote(RolloutActor).options(num_cpus=a.rollout.num_cpus, num_gpus=a.rollout.num_gpus,
+                                             max_restarts=a.rollout_restarts).remote(
                 packed, g.steps, g.group_size, g.eta, g.guidance, reward_actors, weights,
                 a.reward.timeout_s, a.reward.retries, address, tracker.run_id, a.torch_threads, cfg.deepspeed.bf16,
                 keep_trajectory=g.objective == "policy_gradient",
@@ -158,7 +192,8 @@ class GrpoRun:
         self.reference = load_model(init_from).to(dtype=self.dtype)
         # The loop's state: rollouts in flight (a rollout actor runs its calls in order, so new weights reach it
         # only between two whole batches), the last weight broadcast, the model evaluated every eval_every.
-        self.in_flight: deque[list] = deque()
+        self.in_flight: deque[list[RolloutCall]] = deque()
+        self.deaths = [0] * len(self.rollouts)  # of each rollout actor (each restarted by Ray)
         self.weight_updates: list = []
         self.state = None
         self.version = 0  # of the weights the rollout actors have
@@ -169,6 +204,7 @@ class GrpoRun:
         self.steady = True  # False while an update is under way: no run state can be taken then
         self.saved_at: Optional[int] = None  # the iteration of the last run state written
         self.trimmed = 0  # stream entries deleted once every learner rank acknowledged them (since this start)
+        self.duplicates = 0  # entries that repeated a group already trained (a rollout made again), since this start
         if resume is None or resume.files is None:
             self.progress = Progress()
             self.before = self.evaluate(self.reference, 0)
@@ -268,13 +304,38 @@ class GrpoRun:
         """The per-reward matrices plus `total`, the weighted sum the policy is trained on."""
         return {**scores, "total": sum(r.weight * scores[r.name] for r in self.cfg.rewards)}
 
-    def launch(self, it: int) -> list:
+    def launch(self, it: int) -> list[RolloutCall]:
         """Start iteration `it`'s rollouts; each actor runs them after the calls already queued on it."""
         n = self.cfg.grpo.prompts_per_iteration
         prompts, indices = self.prompts.train(it * n, n), list(range(it * n, (it + 1) * n))
         k = len(self.rollouts)
-        shards = [(prompts[i::k], indices[i::k]) for i in range(k)]
-        return [r.rollout.remote(p, idx, it, self.cfg.seed) for r, (p, idx) in zip(self.rollouts, shards) if p]
+        shards = [(prompts[i::k], indices[i::k], it, self.cfg.seed) for i in range(k)]
+        return [RolloutCall(i, args, self.rollouts[i].rollout.remote(*args), self.deaths[i])
+                for i, args in enumerate(shards) if args[0]]
+
+    def again(self, call: RolloutCall) -> RolloutCall:
+        """Make a call its actor died in again, on the actor Ray restarted (which starts from the first weights):
+        the current weights first, then the same prompts with the same seeds. Groups the dead actor had already
+        written are written twice; the learners train each group once (its idempotency key) and count the copy."""
+        i, limit = call.actor, self.cfg.actors.rollout_restarts
+        if call.deaths == self.deaths[i]:  # a new death (calls queued behind the lost one fail with it)
+            self.deaths[i] += 1
+        if self.deaths[i] > limit:
+            from learner.resume import resume_command
+
+            raise RunFailed(
+                f"rollout actor {i} died {self.deaths[i]} times (the limit actors.rollout_restarts is "
+                f"{self.cfg.actors.rollout_restarts}). Its process keeps ending: look for the OOM killer (dmesg) or a "
+                f"lost node, and its output in Ray's worker logs (/tmp/ray/session_latest/logs/worker-*). The run "
+                f"stopped and its processes were ended; continue from the last run state with "
+                f"`{resume_command(self.run_dir)}`."
+            )
+        actor = self.rollouts[i]
+        if self.state is not None:  # (before the first update the restarted actor's weights are already current)
+            self.weight_updates[i] = actor.set_weights.remote(self.state, self.version)
+        tqdm.write(f"rollout actor {i} died; restarted by Ray ({self.deaths[i]} of actors.rollout_restarts={limit}), "
+                   f"sampling iteration {call.args[2]}'s prompts {list(call.args[1])} again with the same seeds")
+        return RolloutCall(i, call.args, actor.rollout.remote(*call.args), self.deaths[i])
 
     def iterate(self) -> dict:
         """The iterations from progress.iteration on: rollouts launched up to max_staleness ahead (until
@@ -317,28 +378,47 @@ class GrpoRun:
         return {"wall_time_s": p.wall_time_s, "history": p.history, "written": p.written, "dropped": p.dropped,
                 "iterations": p.iteration, "resumed_at": p.resumed_at}
 
-    def wait_rollouts(self, refs: list) -> list:
+    def wait_rollouts(self, calls: list[RolloutCall]) -> list:
         """One iteration's rollouts, given up at once on SIGINT/SIGTERM (nothing is trained yet)."""
-        return self.from_rollouts(refs, on_tick=STOP.check)
+        return self.from_rollouts(calls, on_tick=STOP.check)
 
-    def from_rollouts(self, refs: list, on_tick=None) -> list:
-        """The results of one call per rollout actor (refs[i] from actor i), bounded by actors.rollout_timeout_s."""
-        names = [f"rollout actor {i}" for i in range(len(refs))]
-        return wait_for(self.ray, refs, names, self.cfg.actors.rollout_timeout_s, "actors.rollout_timeout_s",
-                        self.run_dir, on_tick)
+    def from_rollouts(self, calls: list[RolloutCall], on_tick=None) -> list:
+        """The results of rollout calls, each bounded by actors.rollout_timeout_s; a call whose actor died is made
+        again (again()) until it succeeds or the actor's restarts run out."""
+        errors = self.ray.exceptions
+        while True:
+            names = [f"rollout actor {c.actor}" for c in calls]
+            try:
+                return wait_for(self.ray, [c.ref for c in calls], names, self.cfg.actors.rollout_timeout_s,
+                                "actors.rollout_timeout_s", self.run_dir, on_tick)
+            except errors.RayActorError:  # a call lost with its actor: made again (the others keep running)
+                calls = [self.again(c) if died(self.ray, c.ref) else c for c in calls]
+
+    def from_weight_updates(self) -> None:
+        """Surface a failed weight update; one lost with its actor was sent again with the call made again."""
+        for ref in self.weight_updates:
+            if not died(self.ray, ref):
+                wait_for(self.ray, [ref], ["a rollout actor"], self.cfg.actors.rollout_timeout_s,
+                         "actors.rollout_timeout_s", self.run_dir)
 
     def from_learners(self, refs: list) -> list:
         """The results of one call per learner rank (refs[r] from rank r), bounded by actors.learner_timeout_s."""
         names = [f"learner rank {r}" for r in range(len(refs))]
-        return wait_for(self.ray, refs, names, self.cfg.actors.learner_timeout_s, "actors.learner_timeout_s",
-                        self.run_dir)
+        try:
+            return wait_for(self.ray, refs, names, self.cfg.actors.learner_timeout_s, "actors.learner_timeout_s",
+                            self.run_dir)
+        except self.ray.exceptions.RayActorError as e:
+            if getattr(e, "actor_init_failed", False):  # its constructor raised: that error, with its traceback
+                raise
+            raise rank_died([name for name, ref in zip(names, refs) if died(self.ray, ref)] or names,
+                            self.run_dir) from None
 
     def drain(self) -> None:
         """Stop early: wait for the rollouts in flight and acknowledge their groups untrained (counted as dropped)."""
-        for refs in self.in_flight:
-            groups = sum(r["groups"] for r in self.from_rollouts(refs))
+        for calls in self.in_flight:
+            groups = sum(r["groups"] for r in self.from_rollouts(calls))
             for stream in self.streams:
-                stream.ack([entry_id for entry_id, _ in stream.read("drain", groups)])
+                stream.ack([entry_id for entry_id, _ in stream.read("drain", groups, self.cfg.actors.stream_read_timeout_s)])
             self.progress.written += groups
             self.progress.dropped += groups
         self.in_flight.clear()
@@ -349,7 +429,7 @@ class GrpoRun:
         g, timing = self.cfg.grpo, {}
         with timed("rollout", timing):  # sampled, scored and streamed by the actors (launched earlier)
             results = self.wait_rollouts(self.in_flight.popleft())
-            self.from_rollouts(self.weight_updates)  # surface a failed weight update (done before the rollouts were)
+            self.from_weight_updates()  # (done before the rollouts were)
         groups, dropped = sum(r["groups"] for r in results), sum(r["dropped"] for r in results)
         self.progress.written += groups
         self.progress.dropped += dropped
@@ -359,6 +439,7 @@ class GrpoRun:
         self.steady = False  # until the loop has counted this iteration
         with timed("update", timing):  # advantages, clipped loss, one optimiser step, entries acknowledged
             metrics = self.from_learners(self.learners.call("train", it, groups))[0]
+            self.duplicates += metrics.pop("stream_duplicates")  # (not a metric: a fault-free run has none)
             self.trimmed += self.streams[0].trim()  # every rank has acknowledged them: the stream keeps what is in flight
         with timed("publish", timing):  # new weights to the rollout actors, picked up before their next batch
             published = self.learners.call("publish", num_returns=2)
@@ -430,5 +511,6 @@ class GrpoRun:
             "groups_written": loop["written"],
             "groups_dropped": loop["dropped"],
             "resumed_at": loop["resumed_at"],
-            "stream": {"key": self.streams[0].key, "entries": entries, "pending": pending},
+            "stream": {"key": self.streams[0].key, "entries": entries, "pending": pending,
+                       "duplicates": self.duplicates},
         }

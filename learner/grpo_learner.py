@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -128,7 +129,10 @@ class GrpoLearner:
 
     def train(self, iteration: int, n_groups: int) -> dict:
         g = self.cfg.grpo
-        entries = self.stream.read(consumer=f"rank{self.rank}", count=n_groups)
+        duplicates = self.stream.duplicates
+        entries = self.stream.read(consumer=f"rank{self.rank}", count=n_groups,
+                                   timeout_s=self.cfg.actors.stream_read_timeout_s)
+        duplicates = self.stream.duplicates - duplicates  # copies of groups already trained, acknowledged unread
         ids, groups = [entry_id for entry_id, _ in entries], [group for _, group in entries]
         self.check_source(groups)
         rewards = {name: torch.stack([gr.scores[name] for gr in groups]) for name in self.weights}  # [P, G] each
@@ -146,7 +150,8 @@ class GrpoLearner:
             self.stream.ack(ids)
             return {"groups": len(ids), "groups_trained": 0, "groups_stale": len(ids) - len(kept),
                     "policy_lag_max": max(lags), "reward_mean": float(total.mean()),
-                    "nonfinite_updates": self.nonfinite.total, "nonfinite_in_a_row": self.nonfinite.in_a_row}
+                    "nonfinite_updates": self.nonfinite.total, "nonfinite_in_a_row": self.nonfinite.in_a_row,
+                    "stream_duplicates": duplicates}
         batch = [TrainGroup.of(groups[i], advantages[i], self.model, self.device) for i in kept[self.rank :: self.world]]
         # Each loss averages over this shard; DeepSpeed averages over ranks: rescale to the global mean.
         scale = sum(b.advantages.numel() for b in batch) * self.world / sum(groups[i].size for i in kept)
@@ -169,6 +174,7 @@ class GrpoLearner:
             groups_trained=len(kept),
             groups_stale=sum(lag > g.max_staleness for lag in lags),
             acked=acked,
+            stream_duplicates=duplicates,
             policy_lag_max=max(lags),
             policy_lag_trained_max=max(lags[i] for i in kept),
             **{f"reward_{name}": float(r.mean()) for name, r in rewards.items()},
@@ -301,22 +307,28 @@ def _rendezvous_address() -> tuple[str, int]:
 class LearnerGroup:
     """The learner ranks: Ray actors in one placement group (packed where the cluster allows)."""
 
-    def __init__(self, ray, cfg: RunConfig, checkpoint: str | dict[str, bytes], address: RedisAddress, run_id: str):
+    def __init__(self, ray, cfg: RunConfig, checkpoint: str | dict[str, bytes], address: RedisAddress, run_id: str,
+                 run_dir: Path):
+        """Bounded by actors.learner_timeout_s: a cluster that cannot place the ranks is a message naming it."""
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from learner.faults import wait_for
 
         self.ray = ray
         spec = cfg.actors.learner
         bundle = {"CPU": spec.num_cpus, **({"GPU": spec.num_gpus} if spec.num_gpus else {})}
         self.placement = placement_group([bundle] * spec.count, strategy="PACK")
-        ray.get(self.placement.ready(), timeout=600)
+        timeout, key = cfg.actors.learner_timeout_s, "actors.learner_timeout_s"
+        wait_for(ray, [self.placement.ready()], [f"the placement of the learner ranks ({spec.count} x {bundle})"],
+                 timeout, key, run_dir)
 
         def in_bundle(r: int) -> PlacementGroupSchedulingStrategy:
             return PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=r)
 
         # Rank 0's node hosts the process-group rendezvous: its cluster IP and a port free there.
-        master = ray.get(ray.remote(_rendezvous_address).options(num_cpus=0, scheduling_strategy=in_bundle(0)).remote(),
-                         timeout=cfg.actors.learner_timeout_s)
+        master = wait_for(ray, [ray.remote(_rendezvous_address).options(num_cpus=0, scheduling_strategy=in_bundle(0))
+                                .remote()], ["learner rank 0's node"], timeout, key, run_dir)[0]
         self.ranks = [
             ray.remote(GrpoLearner).options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, scheduling_strategy=in_bundle(r))
             .remote(checkpoint, cfg.model_dump_json(), address, run_id, r, spec.count, master)

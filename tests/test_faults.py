@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 from actors.stream import RedisAddress
 from learner.faults import RunFailed, wait_for
 from learner.resume import complete_states, state_name
+from tests.cli import assert_same_run, descendants, grpo_args, leftovers, start_until_state
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -165,3 +167,131 @@ def test_a_stuck_actor_becomes_an_error_naming_it_not_a_hang(tmp_path):
     message = str(info.value)
     assert message.startswith("learner rank 1 did not answer within 3 s (the bound actors.learner_timeout_s)")
     assert "learner rank 0" not in message and f"python -m learner.main --resume {tmp_path}" in message
+
+
+def kill_running(proc: subprocess.Popen, title: str, timeout: float = 300) -> float:
+    """SIGKILL the first process of the run `proc` drives whose program name starts with `title` (Ray names a worker
+    `ray::<Actor>.<method>` while it runs a call) as soon as it shows; returns when (time.monotonic())."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        for child in descendants(proc.pid):
+            try:
+                if Path(" ".join(child.cmdline()).split(" ")[0]).name.startswith(title):
+                    child.kill()
+                    return time.monotonic()
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"no process {title!r} showed (driver exit status {proc.poll()})")
+
+
+def finish_watching(proc: subprocess.Popen, timeout: float = 600) -> tuple[str, str, list[psutil.Process]]:
+    """Wait for the driver, collecting every process it started meanwhile (restarted actors included)."""
+    import threading
+
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(proc.communicate(timeout=timeout)))
+    reader.start()
+    seen: dict[int, psutil.Process] = {}
+    while reader.is_alive():
+        try:
+            seen.update({c.pid: c for c in descendants(proc.pid)})
+        except psutil.NoSuchProcess:
+            pass
+        time.sleep(0.2)
+    reader.join()
+    return out[0], out[1], list(seen.values())
+
+
+def stopped_run(stderr: str, proc: subprocess.Popen, run_dir: Path, starts: str) -> str:
+    """The checks every fault that stops a run shares: exit status 1, one message (its last line) saying what
+    happened and naming the exact resume command, no traceback, the run state after iteration 1 kept."""
+    assert proc.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    message = stderr.strip().splitlines()[-1]
+    assert message.startswith(f"error: {starts}"), message
+    assert f"`python -m learner.main --resume {run_dir}`" in message
+    assert [p.name for p in complete_states(run_dir)][-1] == state_name(1) and str(complete_states(run_dir)[-1]) in message
+    assert not (run_dir / "summary.json").exists()
+    return message
+
+
+def test_a_rollout_actor_killed_mid_iteration_is_restarted_and_the_run_ends_as_if_it_had_not_been(
+        pretrained, store, grpo_reference):
+    """SIGKILL of the rollout actor's process while it samples iteration 1 (after the first update). Would catch: no
+    restart (max_restarts), the lost call not made again (the run fails or hangs), the restarted actor sampling
+    with its first weights or other seeds (the final weights and the metrics differ from the uninterrupted run's),
+    a group trained twice or lost (stream counts), a process left behind."""
+    root, uri = store
+    run_dir = root / "rollout-killed"
+    proc = start_until_state(grpo_args(root, uri, pretrained, "rollout-killed"), run_dir, 1)
+    killed = kill_running(proc, "ray::RolloutActor.rollout")
+    stdout, stderr, processes = finish_watching(proc)
+    took = time.monotonic() - killed
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "rollout actor 0 died; restarted by Ray (1 of actors.rollout_restarts=3), sampling iteration 1's" in stdout
+    summary = json.loads(Path(stdout.strip().splitlines()[-1]).read_text())
+    assert_same_run(uri, grpo_reference, summary)  # same seeds, same weights: the same run
+    stream = summary["stream"]
+    assert summary["groups_written"] == grpo_reference["groups_written"] == 4 and summary["groups_dropped"] == 0
+    assert stream["pending"] == 0 and stream["entries"] == summary["groups_written"] + stream["duplicates"]
+    assert leftovers(processes, wait_s=10) == []
+    killed_s, reference_s = ([m.value for m in MlflowClient(uri).get_metric_history(s["mlflow_run_id"], "rollout_s")
+                              if m.step == 1][-1] for s in (summary, grpo_reference))
+    print(f"\nrollout actor killed: iteration 1's rollout took {killed_s:.1f} s (uninterrupted: {reference_s:.1f} s); "
+          f"kill to the run's end {took:.1f} s; entries written twice: {stream['duplicates']}")
+
+
+def test_a_killed_learner_rank_stops_the_run_at_once_with_one_message_naming_it(pretrained, store):
+    """SIGKILL of the learner rank's process while it trains iteration 1. Would catch: a raw Ray traceback, a
+    message without the rank or the resume command, a wait until actors.learner_timeout_s (3600 s), the run state
+    lost, a Ray worker or the redis-server left behind."""
+    root, uri = store
+    run_dir = root / "learner-killed"
+    proc = start_until_state(grpo_args(root, uri, pretrained, "learner-killed"), run_dir, 1)
+    killed = kill_running(proc, "ray::GrpoLearner.train")
+    _, stderr, processes = finish_watching(proc, timeout=300)
+    took = time.monotonic() - killed
+    stopped_run(stderr, proc, run_dir, "learner rank 0 died: its process ended")
+    assert leftovers(processes, wait_s=10) == []
+    assert took < 60
+    print(f"\nlearner rank killed: the driver exited {took:.1f} s later")
+
+
+def test_a_killed_redis_server_stops_the_run_at_once_with_one_message(pretrained, store):
+    """SIGKILL of the run's redis-server while iteration 1's rollout runs. Would catch: a raw redis or Ray traceback,
+    a hang (a blocked stream read, a retried command), the run state lost, a process left behind."""
+    root, uri = store
+    run_dir = root / "redis-killed"
+    proc = start_until_state(grpo_args(root, uri, pretrained, "redis-killed"), run_dir, 1)
+    killed = kill_running(proc, "redis-server")
+    _, stderr, processes = finish_watching(proc, timeout=300)
+    took = time.monotonic() - killed
+    stopped_run(stderr, proc, run_dir, "the run's Redis stopped answering")
+    assert leftovers(processes, wait_s=10) == []
+    assert took < 60
+    print(f"\nredis-server killed: the driver exited {took:.1f} s later")
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon"])
+def test_the_stream_read_bound_is_a_validated_setting(value):
+    """Would catch: the learner's stream wait being a constant again, or a bound of 0 / negative accepted."""
+    from learner.config import DEFAULT_CONFIG, ConfigError, load_config
+
+    assert load_config(DEFAULT_CONFIG, ["actors.stream_read_timeout_s=30"]).actors.stream_read_timeout_s == 30
+    with pytest.raises(ConfigError, match="actors.stream_read_timeout_s"):
+        load_config(DEFAULT_CONFIG, [f"actors.stream_read_timeout_s={value}"])
+
+
+def test_a_learner_start_up_past_its_bound_is_one_paragraph_naming_the_setting(pretrained, store):
+    """The learner ranks' placement cannot be ready within 1 ms. Would catch: a raw GetTimeoutError traceback (the
+    former ray.get(..., timeout=600)), a message without the setting to raise or the resume command."""
+    root, uri = store
+    run_dir = root / "learner-start"
+    proc = run_cli(*grpo_args(root, uri, pretrained, "learner-start", "actors.learner_timeout_s=0.001"), timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: the placement of the learner ranks (1 x {'CPU': 1.0}) did not answer within "
+                              "0.001 s (the bound actors.learner_timeout_s)"), message
+    assert "Raise actors.learner_timeout_s" in message and f"--resume {run_dir}" in message

@@ -1,6 +1,7 @@
 """One update on 2 DeepSpeed ranks (Ray actors, ZeRO-2 and ZeRO-3) equals the same update on 1 rank."""
 
 import os
+from pathlib import Path
 
 import pytest
 import ray
@@ -39,7 +40,7 @@ def one_update(checkpoint, server, world: int, stage: int) -> dict[str, torch.Te
         "actors": {"torch_threads": 1, "learner": {"count": world, "num_cpus": 1}},
         "deepspeed": {"zero_stage": stage},
     })
-    learners = LearnerGroup(ray, cfg, checkpoint, server.address, run_id)
+    learners = LearnerGroup(ray, cfg, checkpoint, server.address, run_id, Path(run_id))
     try:
         metrics = ray.get(learners.call("train", 0, len(PROMPTS)), timeout=300)
         assert all(m["ratio_max_dev"] == 0.0 for m in metrics)
