@@ -114,15 +114,16 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path, r
             redis_server.close()
 
 
-def died(ray, ref) -> bool:
-    """Whether the call of `ref` ended because its actor's process died (not: failed, still running, succeeded)."""
+def died(ray, ref):
+    """The RayActorError of a call that ended because its actor's process died or is restarting; None if it did not
+    (failed otherwise, still running, succeeded)."""
     try:
         ray.get(ref, timeout=0)
-    except ray.exceptions.RayActorError:
-        return True
+    except ray.exceptions.RayActorError as e:
+        return e
     except Exception:  # noqa: BLE001 (its own error, or not finished: the caller's wait says which)
-        return False
-    return False
+        return None
+    return None
 
 
 @dataclass
@@ -313,28 +314,31 @@ class GrpoRun:
         return [RolloutCall(i, args, self.rollouts[i].rollout.remote(*args), self.deaths[i])
                 for i, args in enumerate(shards) if args[0]]
 
-    def again(self, call: RolloutCall) -> RolloutCall:
+    def again(self, call: RolloutCall, error) -> RolloutCall:
         """Make a call its actor died in again, on the actor Ray restarted (which starts from the first weights):
         the current weights first, then the same prompts with the same seeds. Groups the dead actor had already
         written are written twice; the learners train each group once (its idempotency key) and count the copy."""
         i, limit = call.actor, self.cfg.actors.rollout_restarts
-        if call.deaths == self.deaths[i]:  # a new death (calls queued behind the lost one fail with it)
+        if isinstance(error, self.ray.exceptions.ActorUnavailableError):  # restarting: not a new death
+            time.sleep(1.0)
+        elif call.deaths == self.deaths[i]:  # a new death (calls queued behind the lost one fail with it)
             self.deaths[i] += 1
+            tqdm.write(f"rollout actor {i} died; restarted by Ray ({self.deaths[i]} of actors.rollout_restarts="
+                       f"{limit}), sampling iteration {call.args[2]}'s prompts {list(call.args[1])} again with the "
+                       f"same seeds")
         if self.deaths[i] > limit:
             from learner.resume import resume_command
 
             raise RunFailed(
-                f"rollout actor {i} died {self.deaths[i]} times (the limit actors.rollout_restarts is "
-                f"{self.cfg.actors.rollout_restarts}). Its process keeps ending: look for the OOM killer (dmesg) or a "
-                f"lost node, and its output in Ray's worker logs (/tmp/ray/session_latest/logs/worker-*). The run "
+                f"rollout actor {i} died {self.deaths[i]} times (the limit actors.rollout_restarts is {limit}; last: "
+                f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}). Its process keeps ending: look "
+                f"for the OOM killer (dmesg) or a lost node, and its output in Ray's worker logs (/tmp/ray/session_latest/logs/worker-*). The run "
                 f"stopped and its processes were ended; continue from the last run state with "
                 f"`{resume_command(self.run_dir)}`."
             )
         actor = self.rollouts[i]
         if self.state is not None:  # (before the first update the restarted actor's weights are already current)
             self.weight_updates[i] = actor.set_weights.remote(self.state, self.version)
-        tqdm.write(f"rollout actor {i} died; restarted by Ray ({self.deaths[i]} of actors.rollout_restarts={limit}), "
-                   f"sampling iteration {call.args[2]}'s prompts {list(call.args[1])} again with the same seeds")
         return RolloutCall(i, call.args, actor.rollout.remote(*call.args), self.deaths[i])
 
     def iterate(self) -> dict:
@@ -392,7 +396,7 @@ class GrpoRun:
                 return wait_for(self.ray, [c.ref for c in calls], names, self.cfg.actors.rollout_timeout_s,
                                 "actors.rollout_timeout_s", self.run_dir, on_tick)
             except errors.RayActorError:  # a call lost with its actor: made again (the others keep running)
-                calls = [self.again(c) if died(self.ray, c.ref) else c for c in calls]
+                calls = [self.again(c, lost) if (lost := died(self.ray, c.ref)) else c for c in calls]
 
     def from_weight_updates(self) -> None:
         """Surface a failed weight update; one lost with its actor was sent again with the call made again."""
