@@ -166,7 +166,7 @@ class GrpoRun:
         # Held for the run: a rollout actor Ray restarts is built again from it (its constructor argument).
         self.packed = packed = ray.put(pack(init_from))
         rewards_cfg = [r.model_dump() for r in cfg.rewards]
-        reward_actors = [
+        self.reward_actors = reward_actors = [  # held: a restarted rollout actor is given them again
             ray.remote(RewardActor).options(num_cpus=a.reward.num_cpus, num_gpus=a.reward.num_gpus)
             .remote(rewards_cfg, a.reward.batch_size, a.torch_threads, address if a.reward.cache else None,
                     a.reward.cache_ttl_s)
