@@ -40,6 +40,7 @@ from learner.prompts import prompt_source
 from learner.resume import Resume, config_fingerprint, json_bytes, merge_rank_files, write_state
 from learner.signals import STOP, Interrupted
 from learner.tracking import Tracker
+from proxmodel.checkpoint import write_card
 from proxmodel.model import load_model, save_state
 from rewards import build as build_reward
 
@@ -124,6 +125,7 @@ class GrpoRun:
                  resume: Optional[Resume] = None):
         g, a = cfg.grpo, cfg.actors
         self.ray, self.cfg, self.run_dir, self.tracker = ray, cfg, run_dir, tracker
+        self.init_from = init_from
         self.streams = [ExperienceStream(address, tracker.run_id, learner_group(r)) for r in range(a.learner.count)]
         if resume is not None:  # entries past the run state (a shared Redis) are sampled again, with the same seeds
             self.streams[0].client.delete(self.streams[0].key)
@@ -261,8 +263,18 @@ class GrpoRun:
         """Export the weights evaluated at `step` as run_dir/best if they beat every earlier clean evaluation."""
         total = float(scores["total"].mean())
         if not self.hacked and total > self.best[1]:
-            path = save_state(state, self.reference.cfg, self.run_dir / "best").resolve()
+            card = {**self.card(step), "held_out_reward_total": {"mean": total, "prompts": len(self.eval_prompts),
+                                                                  "seeds": self.cfg.grpo.eval_seeds}}
+            path = save_state(state, self.reference.cfg, self.run_dir / "best", card=card).resolve()
             self.best = (step, total, path)
+
+    def card(self, iterations: int) -> dict:
+        """What an exported checkpoint's README.md says about how it was made."""
+        g = self.cfg.grpo
+        return {"mode": "grpo", "base": str(self.init_from), "iterations": f"{iterations} of {g.iterations}",
+                "objective": g.objective, "rewards": {r.name: r.weight for r in self.cfg.rewards},
+                "sampler": f"hybrid prox policy, {g.steps} steps, eta {g.eta}, guidance {g.guidance}",
+                "config_fingerprint": config_fingerprint(self.cfg), "mlflow_run_id": self.tracker.run_id}
 
     def with_total(self, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The per-reward matrices plus `total`, the weighted sum the policy is trained on."""
@@ -386,15 +398,14 @@ class GrpoRun:
         """Write the final checkpoint from the gathered weights (no learner node needs run_dir) and evaluate it."""
         g = self.cfg.grpo
         final = self.learners.call("publish", num_returns=2)
+        done = loop["iterations"]
         checkpoint = save_state(self.from_learners([final[0][0]])[0], self.reference.cfg,
-                                self.run_dir / "checkpoint").resolve()
-        self.tracker.folder(checkpoint, "checkpoint")
+                                self.run_dir / "checkpoint", card=self.card(done)).resolve()
         self.from_learners([v for _, v in final])
         # Entries written since this start: those still in the stream and those trimmed once acknowledged.
         entries, pending = self.streams[0].length() + self.trimmed, sum(s.pending() for s in self.streams)
         if pending:
             raise RuntimeError(f"{pending} stream entries were never acknowledged")
-        done = loop["iterations"]
         after = self.evaluate(load_model(checkpoint).to(dtype=self.dtype), done)
         if g.stop_on_hacking and not self.hacked and float(after["total"].mean()) > self.best[1]:
             self.best = (done, float(after["total"].mean()), checkpoint)
@@ -407,6 +418,14 @@ class GrpoRun:
                            "difference": bootstrap_ci(after[name] - self.before[name]).as_dict()}
                     for name in after}
         checks = {name: held_out.pop(name) for name in self.check_rewards}
+        write_card(checkpoint, self.reference.cfg, {
+            **self.card(done), "held_out": {"prompts": len(self.eval_prompts), "seeds": g.eval_seeds,
+                                            **{name: {"before": v["before"]["mean"], "after": v["after"]["mean"],
+                                                      "difference_ci95": [v["difference"]["ci_low"],
+                                                                          v["difference"]["ci_high"]]}
+                                               for name, v in {**held_out, **checks}.items()}},
+            "hacking_signs": self.hacked or "none"})
+        self.tracker.folder(checkpoint, "checkpoint")
         # The checkpoint to use: with stop_on_hacking, the best evaluation that showed no sign of hacking.
         best_step, best_total, best_path = self.best if g.stop_on_hacking else (done, None, checkpoint)
         self.tracker.metrics(ci_metrics("eval_reward_gain", {k: after[k] - self.before[k] for k in after}), step=done)
