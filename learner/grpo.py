@@ -36,6 +36,7 @@ from learner.bootstrap import bootstrap_ci
 from learner.faults import nonfinite_stop, wait_for
 from learner.evaluation import hacking_monitors, reward_matrix, save_grid, to_pil
 from learner.grpo_learner import LearnerGroup
+from learner.progress import steady_range
 from learner.prompts import prompt_source
 from learner.resume import Resume, config_fingerprint, json_bytes, merge_rank_files, write_state
 from learner.signals import STOP, Interrupted
@@ -295,10 +296,9 @@ class GrpoRun:
         g, p = self.cfg.grpo, self.progress
         start = time.time() - p.wall_time_s  # the time limit and the wall time count earlier segments too
         deadline = start + g.time_limit_s if g.time_limit_s else float("inf")
-        bar = tqdm(range(p.iteration, g.iterations), desc="grpo", unit="it", dynamic_ncols=True,
-                   initial=p.iteration, total=g.iterations)
+        iterations = steady_range(p.iteration, g.iterations, desc="grpo", unit="it")  # ETA without the warm-up
         try:
-            for it in bar:
+            for it in iterations:
                 if g.stop_on_hacking and self.hacked:  # (a resumed run that had stopped here)
                     break
                 while (len(self.in_flight) <= g.max_staleness and it + len(self.in_flight) < g.iterations
@@ -311,7 +311,7 @@ class GrpoRun:
                     p.iteration, p.wall_time_s, self.steady = it + 1, time.time() - start, True
                     if metrics is not None:
                         p.history.append(metrics["reward_mean"])
-                        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
+                        iterations.bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
                     if g.stop_on_hacking and self.hacked:
                         self.drain()
                         break

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
 from learner.config import RunConfig
 from learner.data import build_source, drop_captions
@@ -26,6 +25,7 @@ from learner.evaluation import evaluate, save_grid
 from learner.resume import (
     Resume, config_fingerprint, engine_files, json_bytes, load_engine_files, tensor_bytes, tensors_from, write_state,
 )
+from learner.progress import steady_range
 from learner.signals import STOP
 from learner.tracking import Tracker
 from proxmodel.losses import LossSchedule, make_score_pairs, make_training_pairs, mse_loss
@@ -128,11 +128,10 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
     first, loss_value = progress["iteration"], progress["loss"]
     start = time.time()
     elapsed_before = progress["wall_time_s"]
-    bar = tqdm(range(first, pc.iterations), desc="pretrain", unit="step", dynamic_ncols=True, initial=first,
-               total=pc.iterations)
+    steps = steady_range(first, pc.iterations, desc="pretrain", unit="step")  # ETA without the warm-up
     saved_at = first if resume is not None and resume.files is not None else None
     with STOP.deferred():  # a signal is acted on at a step's end (STOP.check), never mid-step
-        for step in bar:
+        for step in steps:
             images, captions = source.batch(cfg.data.cursor + step * pc.batch_size, pc.batch_size)
             x0 = model.encode_images(images.to(dev))  # pixels, or the frozen VAE's latents
             captions = drop_captions(captions, pc.cfg_dropout, gen)
@@ -161,7 +160,7 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
                      "samples_per_s": (step + 1 - first) * pc.batch_size / elapsed, "nonfinite_updates": nonfinite.total},
                     step=step,
                 )
-                bar.set_postfix(loss=f"{loss_value:.4f}", stage=kind)
+                steps.bar.set_postfix(loss=f"{loss_value:.4f}", stage=kind)
             progress.update(iteration=step + 1, loss=loss_value, wall_time_s=elapsed_before + time.time() - start)
             if (step + 1) % pc.checkpoint_every == 0 or STOP.requested:
                 export(engine, ema, pc.ema_decay, run_dir / "checkpoint", model_card(cfg, init_from, tracker, step + 1))
