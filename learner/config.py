@@ -366,6 +366,11 @@ class MlflowConfig(Strict):
         None, description="MLflow store; null = MLFLOW_TRACKING_URI or sqlite:///mlflow.db in the working directory"
     )
     experiment: str = Field("proxrl", description="MLflow experiment name")
+    system_metrics: bool = Field(
+        True, description="log the machine's CPU, memory, disk and network use (and GPU use with pynvml installed) "
+        "as system/* metrics of the run (MLflow's system metrics, sampled by psutil in the driver process)",
+    )
+    system_metrics_interval_s: float = Field(10.0, gt=0, description="seconds between two system metrics samples")
 
 
 class RunConfig(Strict):
