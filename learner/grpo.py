@@ -119,6 +119,24 @@ class Progress:
     resumed_at: list[int] = field(default_factory=list)  # iterations at which the run was resumed
 
 
+def unvarying_metrics(g, metrics: dict) -> set[str]:
+    """The learner's metrics that cannot change under this run's settings, left out of the per-iteration log (the
+    setting that fixes them is an MLflow param):
+    - max_staleness 0 (sync): every group comes from the current policy, so its lags are 0 and none is stale;
+    - updates_per_batch 1: the only pass is on-policy, its ratio is exactly 1 and nothing is clipped (any numerical
+      gap between rollout and learner shows in first_pass_log_ratio_*, which stays);
+    - acked: equal to groups (a shortfall stops the run);
+    - nonfinite_*: while no optimiser step has been skipped they are 0 (logged from the first skip on)."""
+    names = {"acked"}
+    if g.max_staleness == 0:
+        names |= {"policy_lag_max", "policy_lag_trained_max", "groups_stale"}
+    if g.updates_per_batch == 1:
+        names |= {"ratio_max_dev", "clip_frac"}
+    if not metrics.get("nonfinite_updates"):
+        names |= {"nonfinite_updates", "nonfinite_in_a_row"}
+    return names
+
+
 class GrpoRun:
     """One GRPO run's actors, prompt stream and evaluation, driven from the driver process."""
 
@@ -382,7 +400,7 @@ class GrpoRun:
             samples_per_s=groups * g.group_size / sum(timing.values()),
             sample_s=max(r["sample_s"] for r in results), reward_s=max(r["reward_s"] for r in results),
         )
-        self.tracker.metrics(metrics, step=it)
+        self.tracker.metrics({k: v for k, v in metrics.items() if k not in unvarying_metrics(g, metrics)}, step=it)
         if metrics["nonfinite_in_a_row"] >= g.max_nonfinite_updates:  # each was skipped: no run state is written
             raise nonfinite_stop(self.run_dir, metrics["nonfinite_in_a_row"], "grpo.max_nonfinite_updates", "grpo.lr")
         if g.eval_every and (it + 1) % g.eval_every == 0 and it + 1 < g.iterations:

@@ -157,7 +157,8 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
                 elapsed = time.time() - start
                 tracker.metrics(
                     {f"loss_{kind}": loss_value, "loss": loss_value, "zeta": zeta, "lr": engine.get_lr()[0],
-                     "samples_per_s": (step + 1 - first) * pc.batch_size / elapsed, "nonfinite_updates": nonfinite.total},
+                     "samples_per_s": (step + 1 - first) * pc.batch_size / elapsed,
+                     **({"nonfinite_updates": nonfinite.total} if nonfinite.total else {})},  # 0: not logged
                     step=step,
                 )
                 steps.bar.set_postfix(loss=f"{loss_value:.4f}", stage=kind)
