@@ -116,7 +116,8 @@ def save_checkpoint(state: dict[str, torch.Tensor], cfg: ModelConfig, directory:
     from proxmodel.text import ClipText
 
     directory = Path(directory)
-    model = ProxT2I(cfg)
+    with torch.random.fork_rng(devices=[]):  # its random init is overwritten: the caller's RNG stream stays as it was
+        model = ProxT2I(cfg)
     model.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in state.items()})
     model.to(dtype)
     tmp = directory.with_name(directory.name + ".writing")
