@@ -24,6 +24,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from actors.checkpoint import pack
@@ -40,6 +41,7 @@ from learner.prompts import prompt_source
 from learner.resume import Resume, config_fingerprint, json_bytes, merge_rank_files, write_state
 from learner.signals import STOP, Interrupted
 from learner.tracking import Tracker
+from proxmodel.lora import add_lora, load_adapters, merged
 from proxmodel.model import load_model, save_state
 from rewards import build as build_reward
 
@@ -144,7 +146,7 @@ class GrpoRun:
             ray.remote(RolloutActor).options(num_cpus=a.rollout.num_cpus, num_gpus=a.rollout.num_gpus).remote(
                 packed, g.steps, g.group_size, g.eta, g.guidance, reward_actors, weights,
                 a.reward.timeout_s, a.reward.retries, address, tracker.run_id, a.torch_threads, cfg.deepspeed.bf16,
-                keep_trajectory=g.objective == "policy_gradient",
+                keep_trajectory=g.objective == "policy_gradient", lora=g.lora.spec(),
             )
             for _ in range(a.rollout.count)
         ]
@@ -155,6 +157,7 @@ class GrpoRun:
         self.check_rewards = {name: build_reward(name) for name in g.check_rewards}  # held out: never trained on
         # Evaluated in the policy's own precision: under deepspeed.bf16 the trained network is the bf16 one.
         self.dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
+        self.init_from = init_from
         self.reference = load_model(init_from).to(dtype=self.dtype)
         # The loop's state: rollouts in flight (a rollout actor runs its calls in order, so new weights reach it
         # only between two whole batches), the last weight broadcast, the model evaluated every eval_every.
@@ -261,8 +264,32 @@ class GrpoRun:
         """Export the weights evaluated at `step` as run_dir/best if they beat every earlier clean evaluation."""
         total = float(scores["total"].mean())
         if not self.hacked and total > self.best[1]:
-            path = save_state(state, self.reference.cfg, self.run_dir / "best").resolve()
+            path = save_state(self.plain_state(state), self.reference.cfg, self.run_dir / "best").resolve()
             self.best = (step, total, path)
+
+    def policy_model(self, state: dict) -> nn.Module:
+        """The policy that published `state`, on the driver: the starting model, plus the adapters of a LoRA run."""
+        lora = self.cfg.grpo.lora.spec()
+        if self.current is None:
+            self.current = copy.deepcopy(self.reference)
+            if lora:
+                add_lora(self.current, lora)
+        if lora:
+            load_adapters(self.current, state)
+        else:
+            self.current.load_state_dict(state)
+        return self.current
+
+    def plain_state(self, state: dict) -> dict:
+        """A checkpoint's weights for published `state`: with LoRA, the adapters merged into the fp32 base (no peft
+        needed to load it)."""
+        lora = self.cfg.grpo.lora.spec()
+        if not lora:
+            return state
+        model = load_model(self.init_from)
+        add_lora(model, lora)
+        load_adapters(model, state)
+        return merged(model).state_dict()
 
     def with_total(self, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The per-reward matrices plus `total`, the weighted sum the policy is trained on."""
@@ -374,10 +401,8 @@ class GrpoRun:
         if metrics["nonfinite_in_a_row"] >= g.max_nonfinite_updates:  # each was skipped: no run state is written
             raise nonfinite_stop(self.run_dir, metrics["nonfinite_in_a_row"], "grpo.max_nonfinite_updates", "grpo.lr")
         if g.eval_every and (it + 1) % g.eval_every == 0 and it + 1 < g.iterations:
-            self.current = self.current or copy.deepcopy(self.reference)
             state = self.from_learners([self.state])[0]  # (rank 0's)
-            self.current.load_state_dict(state)
-            scores = self.evaluate(self.current, it + 1)
+            scores = self.evaluate(self.policy_model(state), it + 1)
             if g.stop_on_hacking:
                 self.keep_if_best(state, it + 1, scores)
         return metrics
@@ -386,7 +411,7 @@ class GrpoRun:
         """Write the final checkpoint from the gathered weights (no learner node needs run_dir) and evaluate it."""
         g = self.cfg.grpo
         final = self.learners.call("publish", num_returns=2)
-        checkpoint = save_state(self.from_learners([final[0][0]])[0], self.reference.cfg,
+        checkpoint = save_state(self.plain_state(self.from_learners([final[0][0]])[0]), self.reference.cfg,
                                 self.run_dir / "checkpoint").resolve()
         self.tracker.folder(checkpoint, "checkpoint")
         self.from_learners([v for _, v in final])
