@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-from actors.stream import EmbeddedRedis
 from learner.config import LoraSettings, RunConfig
 from learner.grpo_learner import GrpoLearner
 from proxmodel.lora import LoraSpec, add_lora, adapter_state, is_adapter, load_adapters, merged
 from proxmodel.model import load_model, save_model, save_state
 from tests.grpo_batch import PROMPTS, write_batch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS, G = 3, 4
 SPEC = LoraSettings(rank=2).spec()
@@ -17,20 +18,6 @@ SPEC = LoraSettings(rank=2).spec()
 @pytest.fixture(scope="module")
 def checkpoint(tiny_model, tmp_path_factory):
     return str(save_model(tiny_model, tmp_path_factory.mktemp("ckpt") / "c"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():  # rollout and learner run the same kernels only with the same thread count (see test_learner)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture()
-def server():
-    with EmbeddedRedis() as s:
-        yield s
 
 
 def inputs(model, batch=3):
