@@ -13,7 +13,7 @@ from actors.device import actor_device
 from actors.experience import Group, SamplerSpec
 from actors.reward import RewardClient, set_threads
 from actors.stream import ExperienceStream, RedisAddress
-from proxmodel.lora import LoraSpec, add_lora, load_adapters
+from proxmodel.lora import LoraSpec, add_lora, load_published
 from proxmodel.policy import Policy
 from proxmodel.sampler import Trajectory
 
@@ -68,10 +68,7 @@ class RolloutActor:
         self.keep_trajectory = keep_trajectory  # the policy-gradient learner needs it; the forward objective does not
 
     def set_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
-        if self.lora:  # copied into the model's own device and dtype
-            load_adapters(self.model, state)
-        else:
-            self.model.load_state_dict(state)
+        load_published(self.model, state, self.lora)  # copied into the model's own device and dtype
         self.version = version
         return version
 

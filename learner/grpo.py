@@ -41,7 +41,7 @@ from learner.prompts import prompt_source
 from learner.resume import Resume, config_fingerprint, json_bytes, merge_rank_files, write_state
 from learner.signals import STOP, Interrupted
 from learner.tracking import Tracker
-from proxmodel.lora import add_lora, load_adapters, merged
+from proxmodel.lora import add_lora, load_adapters, load_published, merged
 from proxmodel.model import load_model, save_state
 from rewards import build as build_reward
 
@@ -274,10 +274,7 @@ class GrpoRun:
             self.current = copy.deepcopy(self.reference)
             if lora:
                 add_lora(self.current, lora)
-        if lora:
-            load_adapters(self.current, state)
-        else:
-            self.current.load_state_dict(state)
+        load_published(self.current, state, lora)
         return self.current
 
     def plain_state(self, state: dict) -> dict:

@@ -19,7 +19,7 @@ from torch import nn
 from proxmodel.config import DEFAULT_LORA_TARGETS as DEFAULT_TARGETS
 from proxmodel.config import LoraSpec
 
-__all__ = ["LoraSpec", "add_lora", "adapter_state", "adapters_off", "is_adapter", "load_adapters", "merged", "BaseOf"]
+__all__ = ["LoraSpec", "add_lora", "adapter_state", "adapters_off", "is_adapter", "load_adapters", "load_published", "merged", "BaseOf"]
 
 
 def is_adapter(name: str) -> bool:
@@ -53,6 +53,14 @@ def load_adapters(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     if unexpected or absent or not state:
         raise RuntimeError(f"adapter weights do not fit this model: unexpected {unexpected[:3]}, missing "
                            f"{absent[:3]} (were the adapters added with the same grpo.lora settings?)")
+
+
+def load_published(model: nn.Module, state: dict[str, torch.Tensor], lora: LoraSpec | None) -> None:
+    """Load what a learner published: the adapters alone in a LoRA run, every weight otherwise."""
+    if lora:
+        load_adapters(model, state)
+    else:
+        model.load_state_dict(state)
 
 
 @contextmanager
