@@ -24,6 +24,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from actors.checkpoint import pack
@@ -42,6 +43,7 @@ from learner.resume import Resume, config_fingerprint, json_bytes, merge_rank_fi
 from learner.signals import STOP, Interrupted
 from learner.tracking import Tracker
 from proxmodel.checkpoint import write_card
+from proxmodel.lora import add_lora, load_adapters, load_published, merged
 from proxmodel.model import load_model, save_state
 from rewards import build as build_reward
 
@@ -165,7 +167,7 @@ class GrpoRun:
             ray.remote(RolloutActor).options(num_cpus=a.rollout.num_cpus, num_gpus=a.rollout.num_gpus).remote(
                 packed, g.steps, g.group_size, g.eta, g.guidance, reward_actors, weights,
                 a.reward.timeout_s, a.reward.retries, address, tracker.run_id, a.torch_threads, cfg.deepspeed.bf16,
-                keep_trajectory=g.objective == "policy_gradient",
+                keep_trajectory=g.objective == "policy_gradient", lora=g.lora.spec(),
             )
             for _ in range(a.rollout.count)
         ]
@@ -176,6 +178,7 @@ class GrpoRun:
         self.check_rewards = {name: build_reward(name) for name in g.check_rewards}  # held out: never trained on
         # Evaluated in the policy's own precision: under deepspeed.bf16 the trained network is the bf16 one.
         self.dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
+        self.init_from = init_from
         self.reference = load_model(init_from).to(dtype=self.dtype)
         # The loop's state: rollouts in flight (a rollout actor runs its calls in order, so new weights reach it
         # only between two whole batches), the last weight broadcast, the model evaluated every eval_every.
@@ -284,7 +287,7 @@ class GrpoRun:
         if not self.hacked and total > self.best[1]:
             card = {**self.card(step), "held_out_reward_total": {"mean": total, "prompts": len(self.eval_prompts),
                                                                   "seeds": self.cfg.grpo.eval_seeds}}
-            path = save_state(state, self.reference.cfg, self.run_dir / "best", card=card).resolve()
+            path = save_state(self.plain_state(state), self.reference.cfg, self.run_dir / "best", card=card).resolve()
             self.best = (step, total, path)
 
     def card(self, iterations: int) -> dict:
@@ -294,6 +297,27 @@ class GrpoRun:
                 "objective": g.objective, "rewards": {r.name: r.weight for r in self.cfg.rewards},
                 "sampler": f"hybrid prox policy, {g.steps} steps, eta {g.eta}, guidance {g.guidance}",
                 "config_fingerprint": config_fingerprint(self.cfg), "mlflow_run_id": self.tracker.run_id}
+
+    def policy_model(self, state: dict) -> nn.Module:
+        """The policy that published `state`, on the driver: the starting model, plus the adapters of a LoRA run."""
+        lora = self.cfg.grpo.lora.spec()
+        if self.current is None:
+            self.current = copy.deepcopy(self.reference)
+            if lora:
+                add_lora(self.current, lora)
+        load_published(self.current, state, lora)
+        return self.current
+
+    def plain_state(self, state: dict) -> dict:
+        """A checkpoint's weights for published `state`: with LoRA, the adapters merged into the fp32 base (no peft
+        needed to load it)."""
+        lora = self.cfg.grpo.lora.spec()
+        if not lora:
+            return state
+        model = load_model(self.init_from)
+        add_lora(model, lora)
+        load_adapters(model, state)
+        return merged(model).state_dict()
 
     def with_total(self, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The per-reward matrices plus `total`, the weighted sum the policy is trained on."""
@@ -404,10 +428,8 @@ class GrpoRun:
         if metrics["nonfinite_in_a_row"] >= g.max_nonfinite_updates:  # each was skipped: no run state is written
             raise nonfinite_stop(self.run_dir, metrics["nonfinite_in_a_row"], "grpo.max_nonfinite_updates", "grpo.lr")
         if g.eval_every and (it + 1) % g.eval_every == 0 and it + 1 < g.iterations:
-            self.current = self.current or copy.deepcopy(self.reference)
             state = self.from_learners([self.state])[0]  # (rank 0's)
-            self.current.load_state_dict(state)
-            scores = self.evaluate(self.current, it + 1)
+            scores = self.evaluate(self.policy_model(state), it + 1)
             if g.stop_on_hacking:
                 self.keep_if_best(state, it + 1, scores)
         return metrics
@@ -417,7 +439,7 @@ class GrpoRun:
         g = self.cfg.grpo
         final = self.learners.call("publish", num_returns=2)
         done = loop["iterations"]
-        checkpoint = save_state(self.from_learners([final[0][0]])[0], self.reference.cfg,
+        checkpoint = save_state(self.plain_state(self.from_learners([final[0][0]])[0]), self.reference.cfg,
                                 self.run_dir / "checkpoint", card=self.card(done)).resolve()
         self.from_learners([v for _, v in final])
         # Entries written since this start: those still in the stream and those trimmed once acknowledged.

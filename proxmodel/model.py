@@ -134,6 +134,11 @@ class ProxT2I(nn.Module):
         return out[0].float()
 
 
+def marginal_variance(alpha, sigma_data: float):
+    """v_t = alpha_t sigma_data^2 + 1 - alpha_t: the per-dimension variance of x_t for data of variance sigma_data^2."""
+    return alpha * sigma_data**2 + (1.0 - alpha)
+
+
 def precond_coefficients(alpha: torch.Tensor, lam: torch.Tensor,
                          sigma_data: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """eps = c_skip_eps y + c_out F(c_in y): the `precond` parameterisation, written in eps so loss and samplers stay.
@@ -144,7 +149,7 @@ def precond_coefficients(alpha: torch.Tensor, lam: torch.Tensor,
     inputs in training; c_out = sqrt(v_t / (v_t + lam)), the std of xi given y under the Gaussian, gives its target
     unit variance (docs/calibration.md derives both). The prox is c_skip y - sqrt(lam v_t / (v_t + lam)) F.
     """
-    v = alpha * sigma_data**2 + (1.0 - alpha)
+    v = marginal_variance(alpha, sigma_data)
     total = v + lam
     return lam.sqrt() / total, total.rsqrt(), (v / total).sqrt()
 
