@@ -13,6 +13,7 @@ from actors.device import actor_device
 from actors.experience import Group, SamplerSpec
 from actors.reward import RewardClient, set_threads
 from actors.stream import ExperienceStream, RedisAddress
+from proxmodel.lora import LoraSpec, add_lora, load_published
 from proxmodel.policy import Policy
 from proxmodel.sampler import Trajectory
 
@@ -47,11 +48,16 @@ class RolloutActor:
         bf16: bool = False,
         device: Optional[str] = None,
         keep_trajectory: bool = True,
+        lora: Optional[LoraSpec] = None,
     ):
         set_threads(torch_threads)
         self.device = actor_device(device)
         dtype = torch.bfloat16 if bf16 else torch.float32
-        self.model = load_checkpoint(checkpoint).eval().to(self.device, dtype)
+        self.model = load_checkpoint(checkpoint)
+        if lora:  # the learner publishes only the adapters' weights
+            add_lora(self.model, lora)
+        self.model = self.model.eval().to(self.device, dtype)
+        self.lora = lora
         self.policy = Policy.of(self.model, steps, eta, guidance)
         self.sampler = SamplerSpec.of(self.policy)
         self.group_size = group_size
@@ -62,7 +68,7 @@ class RolloutActor:
         self.keep_trajectory = keep_trajectory  # the policy-gradient learner needs it; the forward objective does not
 
     def set_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
-        self.model.load_state_dict(state)  # copied into the model's own device and dtype
+        load_published(self.model, state, self.lora)  # copied into the model's own device and dtype
         self.version = version
         return version
 

@@ -33,13 +33,14 @@ def rescaled(prox, sigma_data: float):
     """s * prox(y / s) with s = max(1, rms(y) / sqrt(v_t + lam)): the issue's inference-time fix for eps models."""
     import torch
 
+    from proxmodel.model import marginal_variance
     from proxmodel.schedule import VPSchedule
 
     schedule = VPSchedule()
 
     def wrapped(y, t, lam):
         alpha = schedule.alpha(t)
-        expected = (alpha * sigma_data**2 + 1 - alpha + lam).sqrt()
+        expected = (marginal_variance(alpha, sigma_data) + lam).sqrt()
         rms = y.float().pow(2).flatten(1).mean(1).sqrt()
         s = torch.clamp(rms / expected, min=1.0).view(-1, *([1] * (y.dim() - 1)))
         return s * prox(y / s, t, lam)
@@ -51,7 +52,7 @@ def measure(model, prompts: list[str], steps: int, seeds: int, sampler: str, dat
     import torch
 
     from learner.bootstrap import bootstrap_ci
-    from proxmodel.model import prox_fn
+    from proxmodel.model import marginal_variance, prox_fn
     from proxmodel.sampler import sample_hybrid
     from proxmodel.schedule import VPSchedule
 
@@ -71,7 +72,7 @@ def measure(model, prompts: list[str], steps: int, seeds: int, sampler: str, dat
             scores.append(reward.score(model.to_images(traj.images), prompts))
             if sampler == "hybrid":  # y_k for k = N..1 against the training variance v_{t_{k-1}} + lam_k
                 alpha = VPSchedule().alpha(grid.t[:-1].float()).flip(0)
-                trained = alpha * (model.cfg.sigma_data or 1.0) ** 2 + 1 - alpha + grid.gamma.float().flip(0)
+                trained = marginal_variance(alpha, model.cfg.sigma_data or 1.0) + grid.gamma.float().flip(0)
                 query.append(traj.states.transpose(0, 1).flatten(1).var(dim=1) / trained)
     estimate = bootstrap_ci(torch.stack(scores, dim=1).numpy())
     out = {"var_ratio": float(torch.cat(finals).var()) / data_var, "reward": estimate.as_dict(), "text": str(estimate)}

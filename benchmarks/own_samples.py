@@ -27,7 +27,7 @@ from learner.bootstrap import bootstrap_ci
 from learner.config import load_config
 from learner.data import build_source, drop_captions
 from learner.evaluation import generate, reward_matrix
-from learner.forward_objective import split_loss
+from learner.forward_objective import optimality, split_loss
 from learner.main import resolve_checkpoint
 from learner.prompts import prompt_source
 from proxmodel.losses import l1_loss, make_training_pairs, mse_loss, proximal_matching_loss
@@ -99,7 +99,7 @@ def online(base, variant: str, cfg, reward) -> tuple[object, list[float]]:
             else:
                 with torch.no_grad():
                     e_old = old(y, t, lam, tokens=tokens)
-                r01 = 0.5 + 0.5 * (adv.flatten() / np.sqrt(G - 1)).clamp(-1, 1)
+                r01 = optimality(adv.flatten(), np.sqrt(G - 1))
                 loss = split_loss(model(y, t, lam, tokens=tokens), e_old, xi, r01, 1.0)
             step(model, opt, loss)
     return model.eval(), history

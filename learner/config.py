@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 
 from actors.redaction import redact
-from proxmodel.config import ModelConfig, Strict
+from proxmodel.config import DEFAULT_LORA_TARGETS, LoraSpec, ModelConfig, Strict
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
@@ -101,6 +101,22 @@ class PretrainConfig(Strict):
     eval_guidance: float = Field(1.0, ge=0, description="classifier-free guidance scale w of the final samples")
 
 
+class LoraSettings(Strict):
+    rank: int = Field(0, ge=0, description="LoRA rank of the adapters on the U-Net; 0 = off (train every weight). "
+                      "On: only the adapters train, travel to the rollouts and are merged into the exported checkpoint")
+    alpha: Optional[float] = Field(None, gt=0, description="LoRA scale numerator (the update is alpha / rank x B A); "
+                                   "null = rank")
+    targets: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS), min_length=1,
+        description="U-Net modules that get adapters (the last parts of their names): attention projections and "
+        "the residual blocks' convolutions by default",
+    )
+
+    def spec(self) -> Optional[LoraSpec]:
+        """What proxmodel.lora adds, or None when LoRA is off."""
+        return LoraSpec(self.rank, self.alpha or float(self.rank), tuple(self.targets)) if self.rank else None
+
+
 class GrpoConfig(Strict):
     iterations: int = Field(30, ge=1, description="rollout + update iterations")
     prompts_per_iteration: int = Field(6, ge=1, description="prompts P drawn per iteration")
@@ -159,6 +175,7 @@ class GrpoConfig(Strict):
         "across independent batches are pure noise (cosine -0.03; the U-Net's 0.35) and it holds 3.3M of the 4.8M "
         "weights, so training it mostly adds noise to every update",
     )
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters (rank 0 = off)")
     objective: Literal["policy_gradient", "forward"] = Field(
         "policy_gradient", description="policy_gradient: the clipped per-step likelihood-ratio loss over the "
         "sampler's transitions (method.md sec. 5); forward: the pretraining loss on the rollouts' own final samples, "
@@ -253,6 +270,9 @@ class GrpoConfig(Strict):
                 f"grpo.ema_decay={self.ema_decay} needs grpo.objective=forward: the policy gradient re-scores the "
                 "sampled actions under the trained weights, so the sampler must be those weights (set ema_decay: 0)"
             )
+        if self.lora.rank and self.train_text:
+            raise ValueError("grpo.lora.rank > 0 trains adapters on the U-Net only; set grpo.train_text: false (or "
+                             "grpo.lora.rank: 0 to train every weight, the text encoder included)")
         if self.prompt_stats_min_count > self.prompt_stats_buffer:
             raise ValueError(
                 f"grpo.prompt_stats_min_count={self.prompt_stats_min_count} must be at most grpo.prompt_stats_buffer="
@@ -376,6 +396,11 @@ class MlflowConfig(Strict):
         None, description="MLflow store; null = MLFLOW_TRACKING_URI or sqlite:///mlflow.db in the working directory"
     )
     experiment: str = Field("proxrl", description="MLflow experiment name")
+    system_metrics: bool = Field(
+        True, description="log the machine's CPU, memory, disk and network use (and GPU use with pynvml installed) "
+        "as system/* metrics of the run (MLflow's system metrics, sampled by psutil in the driver process)",
+    )
+    system_metrics_interval_s: float = Field(10.0, gt=0, description="seconds between two system metrics samples")
 
 
 class RunConfig(Strict):
@@ -384,7 +409,7 @@ class RunConfig(Strict):
     init_from: Optional[str] = Field(
         None,
         description="checkpoint folder to start from ('builtin:NAME' = shipped with ProxRL); "
-        "null = from scratch (pretrain) or builtin:scenes-base (grpo). Its config.json sets the architecture.",
+        "null = from scratch (pretrain) or builtin:scenes-base (grpo). Its config (model_index.json, or config.json in older checkpoints) sets the architecture.",
     )
     model: ModelConfig = Field(
         default_factory=ModelConfig, description="architecture: U-Net sizes, text encoder, optional VAE (pretrain from scratch)"

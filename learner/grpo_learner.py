@@ -25,6 +25,7 @@ from learner.config import RunConfig
 from learner.ema import make_ema, update_ema
 from learner.forward_objective import ForwardBatch, forward_loss
 from learner.policy_loss import PromptStats, clipped_policy_loss, compute_advantages, select_train_steps
+from proxmodel.lora import BaseOf, adapter_state, add_lora
 from proxmodel.model import ProxT2I
 from proxmodel.policy import Policy
 from proxmodel.sampler import gaussian_kl
@@ -85,7 +86,10 @@ class GrpoLearner:
         init_distributed(rank, world_size, *(master or ()))
         self.rank, self.world = rank, world_size
         self.model = load_checkpoint(checkpoint)
-        if not g.train_text:  # out of the optimiser; the weights still travel with the rest
+        self.lora = g.lora.spec()
+        if self.lora:  # only the adapters train and travel; the base stays as loaded
+            add_lora(self.model, self.lora)
+        elif not g.train_text:  # out of the optimiser; the weights still travel with the rest
             self.model.text.requires_grad_(False)
         # objective forward with ema_decay: rollouts sample from (and e_old is) an EMA of the trained weights, as
         # DiffusionNFT's soft-updated sampling policy; a full copy made before DeepSpeed partitions the model.
@@ -109,10 +113,15 @@ class GrpoLearner:
         self.nonfinite = NonFiniteSteps(g.max_nonfinite_updates)
         self.weights = {r.name: r.weight for r in self.cfg.rewards}
         self.prompt_stats = PromptStats(g.prompt_stats_buffer, g.prompt_stats_min_count)
-        # The frozen starting policy for the KL term (kept only when it is used), in the engine's precision.
+        # The frozen starting policy for the KL term (kept only when it is used), in the engine's precision; with
+        # LoRA the trained network itself with its adapters off.
         dtype = torch.bfloat16 if self.cfg.deepspeed.bf16 else torch.float32
-        self.reference = (load_checkpoint(checkpoint).eval().requires_grad_(False).to(self.device, dtype)
-                          if g.kl_coef > 0 else None)
+        if g.kl_coef == 0:
+            self.reference = None
+        elif self.lora:
+            self.reference = BaseOf(self.engine.module)
+        else:
+            self.reference = load_checkpoint(checkpoint).eval().requires_grad_(False).to(self.device, dtype)
 
     def check_source(self, groups: list[Group]) -> None:
         """Train only on groups from this learner's sampler and reward mix."""
@@ -286,13 +295,15 @@ class GrpoLearner:
         return self.version
 
     def publish(self) -> tuple[dict[str, torch.Tensor], int]:
-        """The sampling policy's full fp32 weights on the CPU (the EMA if there is one), and the version (every rank
-        must call it: ZeRO-3 gathers collectively)."""
+        """The sampling policy's fp32 weights on the CPU (the EMA if there is one; only the adapters with LoRA), and
+        the version (every rank must call it: ZeRO-3 gathers collectively)."""
         from learner.engine import full_state_dict
 
         if self.ema is not None:
-            return {k: v.detach().cpu().clone() for k, v in self.ema.module.state_dict().items()}, self.version
-        return full_state_dict(self.engine), self.version
+            state = {k: v.detach().cpu().clone() for k, v in self.ema.module.state_dict().items()}
+        else:
+            state = full_state_dict(self.engine)
+        return (adapter_state(state) if self.lora else state), self.version
 
 
 def _rendezvous_address() -> tuple[str, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -65,3 +66,18 @@ class ModelConfig(Strict):
         None, description="folder of a diffusers AutoencoderKL (config.json + diffusion_pytorch_model.safetensors): "
         "the model then works in its latent space; frozen, and referenced by this path (not copied); null = pixels",
     )
+
+
+# LoRA adapters on the U-Net (proxmodel/lora.py): its attention projections and its residual blocks' convolutions;
+# in the default model attention sits at one level only, so adapters on the attention alone would leave most of the
+# network out of reach.
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """What proxmodel.lora.add_lora injects: rank, scale numerator alpha, target module names."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS

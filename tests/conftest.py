@@ -37,7 +37,8 @@ def pretrained(store):
 
     root, uri = store
     return summary_of(run_cli("--mode", "pretrain", "--config", str(SMOKE), f"run_dir={root / 'pretrain'}",
-                              f"mlflow.tracking_uri={uri}", "pretrain.checkpoint_every=3"))
+                              f"mlflow.tracking_uri={uri}", "pretrain.checkpoint_every=3",
+                              "mlflow.system_metrics_interval_s=1"))
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +49,22 @@ def grpo_reference(pretrained, store):
 
     root, uri = store
     return summary_of(run_cli(*grpo_args(root, uri, pretrained, "g2-full")))
+
+
+@pytest.fixture()
+def one_thread():
+    """torch on one thread for the test: rollout and learner run the same kernels only with the same thread count
+    (the learner sets actors.torch_threads=1), so the first ratio is exactly 1; tiny tensors also run faster so."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture()
+def server():
+    """A real embedded redis-server for one test."""
+    from actors.stream import EmbeddedRedis
+
+    with EmbeddedRedis() as s:
+        yield s

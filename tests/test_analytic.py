@@ -29,14 +29,6 @@ SCHEDULE = VPSchedule()
 SIGMAS = 5.0  # tolerance of a sampling-error check, in standard errors
 
 
-@pytest.fixture()
-def one_thread():
-    previous = torch.get_num_threads()  # tiny tensors: thread hand-offs would cost more than the arithmetic
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _alpha(t: torch.Tensor) -> torch.Tensor:
     return SCHEDULE.alpha(t.double())
 

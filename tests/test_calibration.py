@@ -2,8 +2,9 @@
 
 The base shipped before prox_param=precond over-dispersed (final variance 3.9x the data's at 5 steps, 2.5x at 10,
 128 prompts x 2 seeds, benchmarks/calibration.py): the learned prox could not shrink inputs noisier than those it was
-trained on. The precond base measured 0.10x and 0.26x there (the few-step hybrid sampler under-disperses even with
-the exact prox: 0.37x / 0.59x for Gaussian data, tests/test_analytic.py). Bounds: never over-dispersed beyond 1.3x
+trained on. The precond base measured 0.10x and 0.26x there, and 0.26x and 0.54x after 3000 more steps (the one
+shipped now; the few-step hybrid sampler under-disperses even with the exact prox: 0.37x / 0.59x for Gaussian data,
+tests/test_analytic.py). Bounds: never over-dispersed beyond 1.3x
 (the regression this guards against), never collapsed below 0.04x (grey images).
 """
 

@@ -14,7 +14,7 @@ import torch
 from actors.experience import Group
 from actors.reward import RewardActor
 from actors.rollout import RolloutActor
-from actors.stream import EmbeddedRedis, ExperienceStream
+from actors.stream import ExperienceStream
 from learner.evaluation import evaluate, hacking_monitors
 from learner.forward_objective import ForwardBatch, forward_loss
 from learner.grpo_learner import TrainGroup, transition_loss
@@ -31,12 +31,6 @@ STEPS, G, GUIDANCE = 3, 2, 2.0
 @pytest.fixture(scope="module")
 def checkpoint(tiny_model, tmp_path_factory):
     return str(save_model(tiny_model, tmp_path_factory.mktemp("ckpt") / "c"))
-
-
-@pytest.fixture()
-def server():
-    with EmbeddedRedis() as s:
-        yield s
 
 
 def on_meta(model: ProxT2I) -> ProxT2I:

@@ -6,11 +6,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from actors.stream import EmbeddedRedis, ExperienceStream
+from actors.stream import ExperienceStream
 from learner.config import RunConfig
 from learner.grpo_learner import GrpoLearner
 from proxmodel.model import save_model
 from tests.grpo_batch import PROMPTS, write_batch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS, G = 3, 4
 
@@ -18,22 +20,6 @@ STEPS, G = 3, 4
 @pytest.fixture(scope="module")
 def checkpoint(tiny_model, tmp_path_factory):
     return str(save_model(tiny_model, tmp_path_factory.mktemp("ckpt") / "c"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Rollouts and learner must run the same kernels for the first ratio to be exactly 1: on CPU that means the
-    # same torch thread count (the learner sets actors.torch_threads=1).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture()
-def server():
-    with EmbeddedRedis() as s:
-        yield s
 
 
 def make_learner(checkpoint, server, run_id, zero_stage=2, **grpo):

@@ -10,20 +10,14 @@ from learner.grpo_learner import GrpoLearner
 from proxmodel.model import save_model
 from tests.grpo_batch import PROMPTS, write_batch
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEPS, G, CLIP = 3, 4, 1e-3
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_model, tmp_path_factory):
     return str(save_model(tiny_model, tmp_path_factory.mktemp("ckpt") / "c"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def first_pass(checkpoint, rollout_bf16: bool, guidance: float) -> dict:

@@ -1,7 +1,7 @@
 """Exact resume and signals, through the real CLI, Ray, Redis, DeepSpeed and MLflow at smoke sizes.
 
 The contract (issue 13): a run stopped after iteration k and resumed with `--resume RUN_DIR` ends with a
-model.safetensors byte-identical to an uninterrupted run's (tensor bytes and header; see weights_file), and the same
+checkpoint whose weight files are byte-identical to an uninterrupted run's (tensor bytes and headers; see weights_file), and the same
 per-iteration metrics. GRPO is stopped
 for real (SIGKILL under ZeRO-2, SIGTERM under ZeRO-3); pretraining is resumed from a copy of a run directory whose
 later run states were removed (and a half-written one planted), which is what a kill after step k leaves.

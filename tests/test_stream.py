@@ -37,12 +37,6 @@ def listening(server: EmbeddedRedis) -> list[tuple[str, int]]:
     return [tuple(c.laddr) for c in psutil.Process(server.proc.pid).net_connections("inet") if c.status == "LISTEN"]
 
 
-@pytest.fixture()
-def server():
-    with EmbeddedRedis() as s:
-        yield s
-
-
 def test_server_requires_the_password_and_opens_no_tcp_port(server):
     with pytest.raises(redis.AuthenticationError):
         redis.Redis(unix_socket_path=server.socket).ping()
