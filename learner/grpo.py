@@ -133,13 +133,14 @@ def died(ray, ref):
 @dataclass
 class RolloutCall:
     """One rollout call in flight: the actor (its index), its arguments (prompts, prompt indices, iteration, seed),
-    the result's ref, and the actor's deaths before the call was made. The arguments fix the groups' noise, so a call
-    lost with its actor is made again as is."""
+    the result's ref, the actor's deaths before the call was made, and whether it is a call made again. The arguments
+    fix the groups' noise, so a call lost with its actor is made again as is."""
 
     actor: int
     args: tuple
     ref: object
     deaths: int
+    again: bool = False
 
 
 @dataclass
@@ -374,9 +375,13 @@ class GrpoRun:
         the current weights first, then the same prompts with the same seeds. Groups the dead actor had already
         written are written twice; the learners train each group once (its idempotency key) and count the copy."""
         i, limit = call.actor, self.cfg.actors.rollout_restarts
-        if isinstance(error, self.ray.exceptions.ActorUnavailableError):  # restarting: not a new death
+        unavailable = isinstance(error, self.ray.exceptions.ActorUnavailableError)
+        if unavailable:  # the actor is down or restarting: wait a little before calling it again
             time.sleep(1.0)
-        elif call.deaths == self.deaths[i]:  # a new death (calls queued behind the lost one fail with it)
+        # A new death, unless the call was already lost to this one: calls queued behind the lost one fail with it,
+        # and a call made again while Ray restarts the actor is refused as unavailable. (A call in flight when the
+        # process died can itself end as unavailable rather than died: that is the death.)
+        if call.deaths == self.deaths[i] and not (unavailable and call.again):
             self.deaths[i] += 1
             tqdm.write(f"rollout actor {i} died; restarted by Ray ({self.deaths[i]} of actors.rollout_restarts="
                        f"{limit}), sampling iteration {call.args[2]}'s prompts {list(call.args[1])} again with the "
@@ -394,7 +399,7 @@ class GrpoRun:
         actor = self.rollouts[i]
         if self.state is not None:  # (before the first update the restarted actor's weights are already current)
             self.weight_updates[i] = actor.set_weights.remote(self.state, self.version)
-        return RolloutCall(i, call.args, actor.rollout.remote(*call.args), self.deaths[i])
+        return RolloutCall(i, call.args, actor.rollout.remote(*call.args), self.deaths[i], again=True)
 
     def iterate(self) -> dict:
         """The iterations from progress.iteration on: rollouts launched up to max_staleness ahead (until

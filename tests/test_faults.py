@@ -17,8 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from actors.stream import RedisAddress
 from learner.faults import RunFailed, wait_for
-from learner.resume import complete_states, state_name
-from tests.cli import assert_same_run, descendants, grpo_args, leftovers, start_until_state
+from learner.resume import MARKER, complete_states, state_name
+from tests.cli import assert_same_run, cli, descendants, grpo_args, leftovers, start_until_state
 from proxmodel.checkpoint import read_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,19 +169,26 @@ def test_a_stuck_actor_becomes_an_error_naming_it_not_a_hang(tmp_path):
     assert "learner rank 0" not in message and f"python -m learner.main --resume {tmp_path}" in message
 
 
-def kill_running(proc: subprocess.Popen, title: str, timeout: float = 300) -> float:
+def kill_running(proc: subprocess.Popen, title: str, ready=lambda: True, timeout: float = 300) -> float:
     """SIGKILL the first process of the run `proc` drives whose program name starts with `title` (Ray names a worker
-    `ray::<Actor>.<method>` while it runs a call) as soon as it shows; returns when (time.monotonic())."""
-    deadline = time.monotonic() + timeout
+    `ray::<Actor>.<method>` while it runs a call) once `ready()` holds; returns when (time.monotonic()). A smoke
+    rollout can last 0.1 s, so the process is found once by its idle name and then only its title is polled, every
+    2 ms (a scan of every process of the run each time could miss the call)."""
+    deadline, watched, scanned = time.monotonic() + timeout, {}, 0.0
+    idle = title.split(".")[0]
     while time.monotonic() < deadline and proc.poll() is None:
-        for child in descendants(proc.pid):
-            try:
-                if Path(" ".join(child.cmdline()).split(" ")[0]).name.startswith(title):
-                    child.kill()
-                    return time.monotonic()
-            except psutil.NoSuchProcess:
-                pass
-        time.sleep(0.05)
+        try:
+            if (not watched and time.monotonic() - scanned > 0.2) or any(not p.is_running() for p in watched.values()):
+                watched, scanned = {c.pid: c for c in descendants(proc.pid)
+                                    if Path(" ".join(c.cmdline()).split(" ")[0]).name.startswith(idle)}, time.monotonic()
+            if watched and ready():
+                for child in watched.values():
+                    if Path(" ".join(child.cmdline()).split(" ")[0]).name.startswith(title):
+                        child.kill()
+                        return time.monotonic()
+        except psutil.NoSuchProcess:
+            watched = {}
+        time.sleep(0.002)
     proc.kill()
     raise AssertionError(f"no process {title!r} showed (driver exit status {proc.poll()})")
 
@@ -225,8 +232,10 @@ def test_a_rollout_actor_killed_mid_iteration_is_restarted_and_the_run_ends_as_i
     a group trained twice or lost (stream counts), a process left behind."""
     root, uri = store
     run_dir = root / "rollout-killed"
-    proc = start_until_state(grpo_args(root, uri, pretrained, "rollout-killed"), run_dir, 1)
-    killed = kill_running(proc, "ray::RolloutActor.rollout")
+    proc = subprocess.Popen(cli(*grpo_args(root, uri, pretrained, "rollout-killed")), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = kill_running(proc, "ray::RolloutActor.rollout",  # iteration 1's call: after run state 1
+                          ready=lambda: (run_dir / "resume" / state_name(1) / MARKER).is_file())
     stdout, stderr, processes = finish_watching(proc)
     took = time.monotonic() - killed
     assert proc.returncode == 0, stderr[-3000:]
