@@ -52,6 +52,11 @@ RECIPES: dict[str, list[str]] = {
     # session 6: the policy gradient trained on the strict verifier (held-out check: the lenient one)
     "pg-strict": ["grpo.objective=policy_gradient", "rewards=[{name: compositional_strict, weight: 1.0}]",
                   "grpo.check_rewards=[compositional]"],
+    # session 8: classifier-free guidance w = 2 in the rollouts and the learner's re-scoring (the base's guided
+    # samples score higher, so more groups hold a success to learn from)
+    "pg-guidance2": ["grpo.objective=policy_gradient", "grpo.guidance=2.0"],
+    # session 8: the per-step KL to the starting policy as a trust region that binds (kl_coef 0 never did)
+    "pg-kl0.5": ["grpo.objective=policy_gradient", "grpo.kl_coef=0.5"],
 }
 
 REWARD = "total"
