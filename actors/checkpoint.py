@@ -1,6 +1,7 @@
 """Checkpoints that travel through the Ray object store, so actors on other nodes need no shared filesystem.
 
-A checkpoint folder (config.json + model.safetensors, and whatever else the model keeps beside them) is packed into
+A checkpoint folder (either layout of proxmodel/checkpoint.py: unet/, text_encoder/, scheduler/ and model_index.json,
+or the earlier config.json + model.safetensors) is packed into
 a mapping of relative path -> bytes on the driver; each actor unpacks it into a private temp folder just long enough
 to load it. Plain bytes: nothing is pickled that an outsider could have written.
 """

@@ -386,6 +386,11 @@ class MlflowConfig(Strict):
         None, description="MLflow store; null = MLFLOW_TRACKING_URI or sqlite:///mlflow.db in the working directory"
     )
     experiment: str = Field("proxrl", description="MLflow experiment name")
+    system_metrics: bool = Field(
+        True, description="log the machine's CPU, memory, disk and network use (and GPU use with pynvml installed) "
+        "as system/* metrics of the run (MLflow's system metrics, sampled by psutil in the driver process)",
+    )
+    system_metrics_interval_s: float = Field(10.0, gt=0, description="seconds between two system metrics samples")
 
 
 class RunConfig(Strict):
@@ -394,7 +399,7 @@ class RunConfig(Strict):
     init_from: Optional[str] = Field(
         None,
         description="checkpoint folder to start from ('builtin:NAME' = shipped with ProxRL); "
-        "null = from scratch (pretrain) or builtin:scenes-base (grpo). Its config.json sets the architecture.",
+        "null = from scratch (pretrain) or builtin:scenes-base (grpo). Its config (model_index.json, or config.json in older checkpoints) sets the architecture.",
     )
     model: ModelConfig = Field(
         default_factory=ModelConfig, description="architecture: U-Net sizes, text encoder, optional VAE (pretrain from scratch)"

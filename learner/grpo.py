@@ -37,10 +37,12 @@ from learner.bootstrap import bootstrap_ci
 from learner.faults import nonfinite_stop, wait_for
 from learner.evaluation import hacking_monitors, reward_matrix, save_grid, to_pil
 from learner.grpo_learner import LearnerGroup
+from learner.progress import steady_range
 from learner.prompts import prompt_source
 from learner.resume import Resume, config_fingerprint, json_bytes, merge_rank_files, write_state
 from learner.signals import STOP, Interrupted
 from learner.tracking import Tracker
+from proxmodel.checkpoint import write_card
 from proxmodel.lora import add_lora, load_adapters, load_published, merged
 from proxmodel.model import load_model, save_state
 from rewards import build as build_reward
@@ -119,6 +121,24 @@ class Progress:
     resumed_at: list[int] = field(default_factory=list)  # iterations at which the run was resumed
 
 
+def unvarying_metrics(g, metrics: dict) -> set[str]:
+    """The learner's metrics that cannot change under this run's settings, left out of the per-iteration log (the
+    setting that fixes them is an MLflow param):
+    - max_staleness 0 (sync): every group comes from the current policy, so its lags are 0 and none is stale;
+    - updates_per_batch 1: the only pass is on-policy, its ratio is exactly 1 and nothing is clipped (any numerical
+      gap between rollout and learner shows in first_pass_log_ratio_*, which stays);
+    - acked: equal to groups (a shortfall stops the run);
+    - nonfinite_*: while no optimiser step has been skipped they are 0 (logged from the first skip on)."""
+    names = {"acked"}
+    if g.max_staleness == 0:
+        names |= {"policy_lag_max", "policy_lag_trained_max", "groups_stale"}
+    if g.updates_per_batch == 1:
+        names |= {"ratio_max_dev", "clip_frac"}
+    if not metrics.get("nonfinite_updates"):
+        names |= {"nonfinite_updates", "nonfinite_in_a_row"}
+    return names
+
+
 class GrpoRun:
     """One GRPO run's actors, prompt stream and evaluation, driven from the driver process."""
 
@@ -126,6 +146,7 @@ class GrpoRun:
                  resume: Optional[Resume] = None):
         g, a = cfg.grpo, cfg.actors
         self.ray, self.cfg, self.run_dir, self.tracker = ray, cfg, run_dir, tracker
+        self.init_from = init_from
         self.streams = [ExperienceStream(address, tracker.run_id, learner_group(r)) for r in range(a.learner.count)]
         if resume is not None:  # entries past the run state (a shared Redis) are sampled again, with the same seeds
             self.streams[0].client.delete(self.streams[0].key)
@@ -264,8 +285,18 @@ class GrpoRun:
         """Export the weights evaluated at `step` as run_dir/best if they beat every earlier clean evaluation."""
         total = float(scores["total"].mean())
         if not self.hacked and total > self.best[1]:
-            path = save_state(self.plain_state(state), self.reference.cfg, self.run_dir / "best").resolve()
+            card = {**self.card(step), "held_out_reward_total": {"mean": total, "prompts": len(self.eval_prompts),
+                                                                  "seeds": self.cfg.grpo.eval_seeds}}
+            path = save_state(self.plain_state(state), self.reference.cfg, self.run_dir / "best", card=card).resolve()
             self.best = (step, total, path)
+
+    def card(self, iterations: int) -> dict:
+        """What an exported checkpoint's README.md says about how it was made."""
+        g = self.cfg.grpo
+        return {"mode": "grpo", "base": str(self.init_from), "iterations": f"{iterations} of {g.iterations}",
+                "objective": g.objective, "rewards": {r.name: r.weight for r in self.cfg.rewards},
+                "sampler": f"hybrid prox policy, {g.steps} steps, eta {g.eta}, guidance {g.guidance}",
+                "config_fingerprint": config_fingerprint(self.cfg), "mlflow_run_id": self.tracker.run_id}
 
     def policy_model(self, state: dict) -> nn.Module:
         """The policy that published `state`, on the driver: the starting model, plus the adapters of a LoRA run."""
@@ -307,10 +338,9 @@ class GrpoRun:
         g, p = self.cfg.grpo, self.progress
         start = time.time() - p.wall_time_s  # the time limit and the wall time count earlier segments too
         deadline = start + g.time_limit_s if g.time_limit_s else float("inf")
-        bar = tqdm(range(p.iteration, g.iterations), desc="grpo", unit="it", dynamic_ncols=True,
-                   initial=p.iteration, total=g.iterations)
+        iterations = steady_range(p.iteration, g.iterations, desc="grpo", unit="it")  # ETA without the warm-up
         try:
-            for it in bar:
+            for it in iterations:
                 if g.stop_on_hacking and self.hacked:  # (a resumed run that had stopped here)
                     break
                 while (len(self.in_flight) <= g.max_staleness and it + len(self.in_flight) < g.iterations
@@ -323,7 +353,7 @@ class GrpoRun:
                     p.iteration, p.wall_time_s, self.steady = it + 1, time.time() - start, True
                     if metrics is not None:
                         p.history.append(metrics["reward_mean"])
-                        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
+                        iterations.bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
                     if g.stop_on_hacking and self.hacked:
                         self.drain()
                         break
@@ -394,7 +424,7 @@ class GrpoRun:
             samples_per_s=groups * g.group_size / sum(timing.values()),
             sample_s=max(r["sample_s"] for r in results), reward_s=max(r["reward_s"] for r in results),
         )
-        self.tracker.metrics(metrics, step=it)
+        self.tracker.metrics({k: v for k, v in metrics.items() if k not in unvarying_metrics(g, metrics)}, step=it)
         if metrics["nonfinite_in_a_row"] >= g.max_nonfinite_updates:  # each was skipped: no run state is written
             raise nonfinite_stop(self.run_dir, metrics["nonfinite_in_a_row"], "grpo.max_nonfinite_updates", "grpo.lr")
         if g.eval_every and (it + 1) % g.eval_every == 0 and it + 1 < g.iterations:
@@ -408,15 +438,14 @@ class GrpoRun:
         """Write the final checkpoint from the gathered weights (no learner node needs run_dir) and evaluate it."""
         g = self.cfg.grpo
         final = self.learners.call("publish", num_returns=2)
+        done = loop["iterations"]
         checkpoint = save_state(self.plain_state(self.from_learners([final[0][0]])[0]), self.reference.cfg,
-                                self.run_dir / "checkpoint").resolve()
-        self.tracker.folder(checkpoint, "checkpoint")
+                                self.run_dir / "checkpoint", card=self.card(done)).resolve()
         self.from_learners([v for _, v in final])
         # Entries written since this start: those still in the stream and those trimmed once acknowledged.
         entries, pending = self.streams[0].length() + self.trimmed, sum(s.pending() for s in self.streams)
         if pending:
             raise RuntimeError(f"{pending} stream entries were never acknowledged")
-        done = loop["iterations"]
         after = self.evaluate(load_model(checkpoint).to(dtype=self.dtype), done)
         if g.stop_on_hacking and not self.hacked and float(after["total"].mean()) > self.best[1]:
             self.best = (done, float(after["total"].mean()), checkpoint)
@@ -429,6 +458,14 @@ class GrpoRun:
                            "difference": bootstrap_ci(after[name] - self.before[name]).as_dict()}
                     for name in after}
         checks = {name: held_out.pop(name) for name in self.check_rewards}
+        write_card(checkpoint, self.reference.cfg, {
+            **self.card(done), "held_out": {"prompts": len(self.eval_prompts), "seeds": g.eval_seeds,
+                                            **{name: {"before": v["before"]["mean"], "after": v["after"]["mean"],
+                                                      "difference_ci95": [v["difference"]["ci_low"],
+                                                                          v["difference"]["ci_high"]]}
+                                               for name, v in {**held_out, **checks}.items()}},
+            "hacking_signs": self.hacked or "none"})
+        self.tracker.folder(checkpoint, "checkpoint")
         # The checkpoint to use: with stop_on_hacking, the best evaluation that showed no sign of hacking.
         best_step, best_total, best_path = self.best if g.stop_on_hacking else (done, None, checkpoint)
         self.tracker.metrics(ci_metrics("eval_reward_gain", {k: after[k] - self.before[k] for k in after}), step=done)

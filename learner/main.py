@@ -42,29 +42,37 @@ def resolve_checkpoint(ref: str | None) -> Path | None:
         if not path.is_dir():
             raise ConfigError(f"init_from={ref!r}: no such built-in checkpoint; the built-in ones are {known}.")
         return path
+    from proxmodel.checkpoint import INDEX_FILE, missing_files
+
     path = Path(ref).expanduser()
-    if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
-        missing = [n for n in ("model.safetensors", "config.json") if not (path / n).is_file()]
+    missing = missing_files(path) if path.is_dir() else []
+    if not path.is_dir() or missing:
         what = "does not exist" if not path.exists() else f"is not a checkpoint folder (it lacks {' and '.join(missing)})"
         raise ConfigError(
-            f"init_from={ref!r} {what}. A checkpoint is a folder with model.safetensors and config.json: use the "
-            f"'checkpoint' path from a pretrain run's summary.json, or builtin:scenes-base."
+            f"init_from={ref!r} {what}. A checkpoint is a folder with {INDEX_FILE}, unet/, text_encoder/ and "
+            f"scheduler/ (or, from earlier versions, model.safetensors and config.json): use the 'checkpoint' path "
+            f"from a pretrain run's summary.json, or builtin:scenes-base; copy a checkpoint whole."
         )
     return path
 
 
 def checkpoint_config(init_from: Path) -> ModelConfig:
-    """The architecture a checkpoint's config.json records; a clear error if it is not JSON or not a model config."""
-    path = init_from / "config.json"
+    """The architecture a checkpoint records; a clear error if its JSON is not valid or not a model config."""
+    from proxmodel.checkpoint import config_file, read_config
+
+    path = config_file(init_from)
     try:
-        return ModelConfig.model_validate_json(path.read_bytes())
-    except ValidationError as e:  # invalid JSON included
+        return read_config(init_from)
+    except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(
-            f"init_from: {path} is not a valid model config ({where + ': ' if where else ''}{first['msg']}). "
-            f"Restore the config.json the checkpoint was saved with, or point init_from at another checkpoint."
-        ) from None
+        problem = f"{where + ': ' if where else ''}{first['msg']}"
+    except ValueError as e:  # invalid JSON (json.JSONDecodeError)
+        problem = f"Invalid JSON: {e}"
+    raise ConfigError(
+        f"init_from: {path} is not a valid model config ({problem}). "
+        f"Restore the file the checkpoint was saved with, or point init_from at another checkpoint."
+    )
 
 
 def check_weights(model: ModelConfig, init_from: Path | None) -> None:
@@ -72,6 +80,7 @@ def check_weights(model: ModelConfig, init_from: Path | None) -> None:
     parts) its tensor names and shapes are those of the model built on the meta device. From scratch, only the build."""
     import torch
 
+    from proxmodel.checkpoint import config_file, tensor_shapes
     from proxmodel.model import ProxT2I
 
     expected: dict[str, tuple[int, ...]] | None = None
@@ -80,21 +89,20 @@ def check_weights(model: ModelConfig, init_from: Path | None) -> None:
             with torch.device("meta"):
                 expected = {k: tuple(v.shape) for k, v in ProxT2I(model).state_dict().items()}
         except (ValueError, RuntimeError, TypeError) as e:
-            where = f"the checkpoint's {init_from / 'config.json'}" if init_from else "the model section"
+            where = f"the checkpoint's {config_file(init_from)}" if init_from else "the model section"
             raise ConfigError(f"{where} describes a model that cannot be built ({type(e).__name__}: {e}). Change its sizes; "
                               f"`--list-keys model` shows each key's meaning.") from None
     if init_from is None:
         return
-    weights = init_from / "model.safetensors"
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
 
     try:
-        with safe_open(str(weights), framework="pt") as f:  # reads the header only
-            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        found = tensor_shapes(init_from)  # reads the headers only
     except (SafetensorError, OSError) as e:
         raise ConfigError(
-            f"init_from: {weights} is not a readable safetensors file ({type(e).__name__}: {str(e)[:200]}); it is "
-            f"truncated or of another format. Copy the checkpoint again, or re-export it with --mode pretrain."
+            f"init_from: a weights file of {init_from} is not a readable safetensors file ({type(e).__name__}: "
+            f"{str(e)[:200]}); it is truncated or of another format. Copy the checkpoint again, or re-export it with "
+            f"--mode pretrain."
         ) from None
     if expected is not None and found != expected:
         missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
@@ -105,8 +113,8 @@ def check_weights(model: ModelConfig, init_from: Path | None) -> None:
             f"{len(extra)} unexpected, e.g. {extra[0]}" if extra else "",
             f"{len(shapes)} of another shape, e.g. {shapes[0]}" if shapes else "") if part)
         raise ConfigError(
-            f"init_from: the weights in {weights} do not fit the architecture in {init_from / 'config.json'} ({detail}). "
-            f"The config.json is not the one these weights were saved with; restore it or use another checkpoint."
+            f"init_from: the weights in {init_from} do not fit the architecture in {config_file(init_from)} ({detail}). "
+            f"That file is not the one these weights were saved with; restore it or use another checkpoint."
         )
 
 
@@ -144,7 +152,9 @@ def check_model_files(model: ModelConfig, init_from: Path | None) -> None:
 
             check_text_files(model.text)
     except FileNotFoundError as e:
-        where = f" (from {init_from / 'config.json'})" if init_from is not None else ""
+        from proxmodel.checkpoint import config_file
+
+        where = f" (from {config_file(init_from)})" if init_from is not None else ""
         raise ConfigError(f"{e}{where}") from None
 
 
@@ -177,7 +187,7 @@ def preflight(cfg: RunConfig, mode: str) -> Path | None:
 
         read_prompt_file(cfg.sample.prompt_file, "sample.prompt_file")
     init_from = resolve_checkpoint(cfg.init_from or (GRPO_DEFAULT_INIT if mode in ("grpo", "sample") else None))
-    model = checkpoint_config(init_from) if init_from is not None else cfg.model  # a checkpoint's config.json wins
+    model = checkpoint_config(init_from) if init_from is not None else cfg.model  # a checkpoint's config wins
     check_model_files(model, init_from)
     if mode == "pretrain":
         check_data(cfg, model)

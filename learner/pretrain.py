@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
 from learner.config import RunConfig
 from learner.data import build_source, drop_captions
@@ -26,10 +25,12 @@ from learner.evaluation import evaluate, save_grid
 from learner.resume import (
     Resume, config_fingerprint, engine_files, json_bytes, load_engine_files, tensor_bytes, tensors_from, write_state,
 )
+from learner.progress import steady_range
 from learner.signals import STOP
 from learner.tracking import Tracker
 from proxmodel.losses import LossSchedule, make_score_pairs, make_training_pairs, mse_loss
 from proxmodel.config import ModelConfig
+from proxmodel.checkpoint import write_card
 from proxmodel.model import ProxT2I, load_model, save_state
 from proxmodel.schedule import VPSchedule
 from rewards import build as build_reward
@@ -53,11 +54,21 @@ def record_training(model: ProxT2I, source, cfg: RunConfig) -> ModelConfig:
     return mc.model_copy(update=update)
 
 
-def export(engine, ema, decay: float, directory: Path) -> Path:
-    """Write the checkpoint sampling uses: the EMA weights (with their update count) if EMA is on, else the live ones."""
+def export(engine, ema, decay: float, directory: Path, card: Optional[dict] = None) -> Path:
+    """Write the checkpoint sampling uses: the EMA weights (with their update count) if EMA is on, else the live ones.
+    `card`: how it was made (its README.md); the EMA's decay and update count are added to it."""
     if ema is None:  # gathered: under ZeRO-3 the module itself holds only this rank's shards
-        return save_state(full_state_dict(engine), engine.module.cfg, directory)
-    return save_state(ema.module.state_dict(), engine.module.cfg, directory, metadata=ema_metadata(ema, decay))
+        return save_state(full_state_dict(engine), engine.module.cfg, directory, card=card)
+    return save_state(ema.module.state_dict(), engine.module.cfg, directory,
+                      card={**(card or {}), **ema_metadata(ema, decay)})
+
+
+def model_card(cfg: RunConfig, init_from: Path | None, tracker: Tracker, iterations: int) -> dict:
+    """What the exported checkpoint's README.md says about how it was made."""
+    pc = cfg.pretrain
+    return {"mode": "pretrain", "base": str(init_from) if init_from else "none (trained from scratch)",
+            "iterations": f"{iterations} of {pc.iterations} (batch {pc.batch_size})", "data": cfg.data.kind,
+            "config_fingerprint": config_fingerprint(cfg), "mlflow_run_id": tracker.run_id}
 
 
 def save_run_state(cfg: RunConfig, run_dir: Path, tracker: Tracker, engine, ema, gen: torch.Generator,
@@ -117,11 +128,10 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
     first, loss_value = progress["iteration"], progress["loss"]
     start = time.time()
     elapsed_before = progress["wall_time_s"]
-    bar = tqdm(range(first, pc.iterations), desc="pretrain", unit="step", dynamic_ncols=True, initial=first,
-               total=pc.iterations)
+    steps = steady_range(first, pc.iterations, desc="pretrain", unit="step")  # ETA without the warm-up
     saved_at = first if resume is not None and resume.files is not None else None
     with STOP.deferred():  # a signal is acted on at a step's end (STOP.check), never mid-step
-        for step in bar:
+        for step in steps:
             images, captions = source.batch(cfg.data.cursor + step * pc.batch_size, pc.batch_size)
             x0 = model.encode_images(images.to(dev))  # pixels, or the frozen VAE's latents
             captions = drop_captions(captions, pc.cfg_dropout, gen)
@@ -147,27 +157,34 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
                 elapsed = time.time() - start
                 tracker.metrics(
                     {f"loss_{kind}": loss_value, "loss": loss_value, "zeta": zeta, "lr": engine.get_lr()[0],
-                     "samples_per_s": (step + 1 - first) * pc.batch_size / elapsed, "nonfinite_updates": nonfinite.total},
+                     "samples_per_s": (step + 1 - first) * pc.batch_size / elapsed,
+                     **({"nonfinite_updates": nonfinite.total} if nonfinite.total else {})},  # 0: not logged
                     step=step,
                 )
-                bar.set_postfix(loss=f"{loss_value:.4f}", stage=kind)
+                steps.bar.set_postfix(loss=f"{loss_value:.4f}", stage=kind)
             progress.update(iteration=step + 1, loss=loss_value, wall_time_s=elapsed_before + time.time() - start)
             if (step + 1) % pc.checkpoint_every == 0 or STOP.requested:
-                export(engine, ema, pc.ema_decay, run_dir / "checkpoint")
+                export(engine, ema, pc.ema_decay, run_dir / "checkpoint", model_card(cfg, init_from, tracker, step + 1))
                 save_run_state(cfg, run_dir, tracker, engine, ema, gen, progress)
                 saved_at = step + 1
             STOP.check()  # a signal during the step is acted on here, once the step's state is saved
     wall = progress["wall_time_s"]
     if saved_at != pc.iterations:  # the end: the final evaluation can be resumed too
         save_run_state(cfg, run_dir, tracker, engine, ema, gen, progress)
-    checkpoint = export(engine, ema, pc.ema_decay, run_dir / "checkpoint")
-    tracker.folder(checkpoint, "checkpoint")
+    card = model_card(cfg, init_from, tracker, pc.iterations)
+    checkpoint = export(engine, ema, pc.ema_decay, run_dir / "checkpoint", card)
 
     prompts = source.eval_prompts(16)
     rewards = {r.name: build_reward(r.name, **r.options) for r in cfg.rewards}
     sampled = ema.module if ema is not None else load_model(checkpoint)  # whole weights under any ZeRO stage
     images, scores = evaluate(sampled, prompts, pc.sample_steps, cfg.seed, rewards,
                               sampler=pc.eval_sampler, guidance=pc.eval_guidance)
+    if ema is not None:
+        card.update(ema_metadata(ema, pc.ema_decay))
+    card["held_out_rewards"] = {"prompts": len(prompts), "sampler": pc.eval_sampler or "default",
+                                "steps": pc.sample_steps, "mean": scores}
+    write_card(checkpoint, mc, card)
+    tracker.folder(checkpoint, "checkpoint")
     tracker.image(save_grid(images, run_dir / "samples.png"), "samples.png")
     tracker.metrics({f"eval_reward_{k}": v for k, v in scores.items()}, step=pc.iterations)
     return {

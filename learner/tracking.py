@@ -68,11 +68,13 @@ class Tracker:
         """A new MLflow run; or with resume=(run id, tracking URI), that run reopened so its curves continue (its
         params stay as first logged: MLflow params cannot change, and a resume changes none that matter).
         `init_from`: the checkpoint the run actually starts from (logged instead of the config's null default)."""
+        mlflow.set_system_metrics_sampling_interval(cfg.mlflow.system_metrics_interval_s)
+        system = cfg.mlflow.system_metrics
         if resume is not None:
             self.run_id, self.uri = resume
             quiet_if_secret(self.uri)
             mlflow.set_tracking_uri(self.uri)
-            self.run = mlflow.start_run(run_id=self.run_id)
+            self.run = mlflow.start_run(run_id=self.run_id, log_system_metrics=system)
             mlflow.log_text(dump_config(cfg), "config.yaml")
             return
         self.uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
@@ -85,7 +87,7 @@ class Tracker:
         else:
             exp_id = exp.experiment_id
         name = run_dir.name if run_dir.name.startswith(f"{mode}-") else f"{mode}-{run_dir.name}"  # not grpo-grpo-...
-        self.run = mlflow.start_run(experiment_id=exp_id, run_name=name)
+        self.run = mlflow.start_run(experiment_id=exp_id, run_name=name, log_system_metrics=system)
         self.run_id = self.run.info.run_id
         mlflow.set_tags({"mode": mode, "run_dir": str(run_dir)})
         params = _flatten(redact(mode_params(cfg, mode, init_from)))

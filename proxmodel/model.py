@@ -14,14 +14,11 @@ way from model-space samples to [0, 1] images.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from diffusers import UNet2DConditionModel
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from proxmodel.config import ModelConfig
@@ -30,8 +27,6 @@ from proxmodel.latent import decode, downscale, encode, load_vae
 from proxmodel.text import build_text_encoder, frozen
 
 EMBED_SCALE = 1000.0  # t and lam are embedded as sinusoids of 1000 t and 1000 lam (ProxDM)
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 
 
 class ProxT2I(nn.Module):
@@ -42,7 +37,7 @@ class ProxT2I(nn.Module):
         self.cfg = cfg
         self.tokenizer, self.text = build_text_encoder(cfg.text)
         # Frozen and kept out of the module tree (a plain attribute, not a submodule), so it is in neither the
-        # optimiser, the state dict nor the weight broadcasts; checkpoints refer to it by its path in config.json.
+        # optimiser, the state dict nor the weight broadcasts; checkpoints refer to it by its path in their config.
         object.__setattr__(self, "_vae", load_vae(cfg.vae) if cfg.vae else None)
         self.schedule = VPSchedule()
         shape = self.sample_shape(1)
@@ -200,51 +195,24 @@ def prox_fn(model: nn.Module, guidance: float = 1.0, **condition):
     return prox
 
 
-def save_model(model: ProxT2I, directory: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write `model.safetensors` + `config.json` to `directory`; each file is replaced atomically."""
-    return save_state(model.state_dict(), model.cfg, directory, dtype)
+def save_model(model: ProxT2I, directory: str | Path, dtype: torch.dtype = torch.float32,
+               card: Optional[dict] = None) -> Path:
+    """Write `model` as a checkpoint folder in the diffusers layout (proxmodel/checkpoint.py), replaced whole."""
+    return save_state(model.state_dict(), model.cfg, directory, dtype, card=card)
 
 
 def save_state(state: dict[str, torch.Tensor], cfg: ModelConfig, directory: str | Path,
-               dtype: torch.dtype = torch.float32, metadata: Optional[dict[str, str]] = None) -> Path:
-    """save_model for a full state dict held apart from its module (e.g. gathered from ZeRO-3 shards or an EMA)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
-    weights_tmp, config_tmp = directory / (WEIGHTS_FILE + ".tmp"), directory / (CONFIG_FILE + ".tmp")
-    save_file(tensors, str(weights_tmp), metadata={"format": "proxrl", **(metadata or {})})
-    config_tmp.write_text(json.dumps(cfg.model_dump(), indent=2) + "\n")
-    os.replace(weights_tmp, directory / WEIGHTS_FILE)
-    os.replace(config_tmp, directory / CONFIG_FILE)
-    return directory
+               dtype: torch.dtype = torch.float32, card: Optional[dict] = None) -> Path:
+    """save_model for a full state dict held apart from its module (e.g. gathered from ZeRO-3 shards or an EMA);
+    `card`: how it was made, for the folder's README.md."""
+    from proxmodel.checkpoint import save_checkpoint
 
-
-def read_model_config(path: str | Path) -> ModelConfig:
-    """A checkpoint's config.json; those written before `prox_param` existed are ProxDM's eps parameterisation."""
-    raw = json.loads(Path(path).read_text())
-    if isinstance(raw, dict) and raw.get("kind", "prox") == "prox":
-        raw.setdefault("prox_param", "eps")
-    return ModelConfig.model_validate(raw)
+    return save_checkpoint(state, cfg, directory, dtype, card)
 
 
 def load_model(directory: str | Path) -> ProxT2I:
-    """Build a ProxT2I from `config.json` and load `model.safetensors` (weights only, no pickle)."""
-    directory = Path(directory)
-    cfg_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    for p in (cfg_path, weights_path):
-        if not p.is_file():
-            raise FileNotFoundError(
-                f"checkpoint {directory} has no {p.name}. A ProxRL checkpoint is a folder with {CONFIG_FILE} and "
-                f"{WEIGHTS_FILE}, as written by `python -m learner.main --mode pretrain` (its summary.json names it)."
-            )
-    try:
-        cfg = read_model_config(cfg_path)
-        model = ProxT2I(cfg)
-        state = load_file(str(weights_path))
-    except Exception as e:  # corrupt or foreign files: say which and what to do
-        raise ValueError(
-            f"checkpoint {directory} could not be read ({type(e).__name__}: {e}). Re-export it with "
-            f"`python -m learner.main --mode pretrain` or point init_from at another checkpoint folder."
-        ) from e
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    return model
+    """A ProxT2I from a checkpoint folder: the diffusers layout or the earlier config.json + model.safetensors
+    (safetensors and JSON only, no pickle)."""
+    from proxmodel.checkpoint import load_checkpoint_folder
+
+    return load_checkpoint_folder(directory)

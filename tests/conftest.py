@@ -37,7 +37,8 @@ def pretrained(store):
 
     root, uri = store
     return summary_of(run_cli("--mode", "pretrain", "--config", str(SMOKE), f"run_dir={root / 'pretrain'}",
-                              f"mlflow.tracking_uri={uri}", "pretrain.checkpoint_every=3"))
+                              f"mlflow.tracking_uri={uri}", "pretrain.checkpoint_every=3",
+                              "mlflow.system_metrics_interval_s=1"))
 
 
 @pytest.fixture()

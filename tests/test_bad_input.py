@@ -206,6 +206,16 @@ def make_checkpoint(root: Path, case: str) -> Path:
     ckpt = root / case
     if case == "missing":
         return ckpt
+    if case.startswith("new-"):  # the diffusers layout (proxmodel/checkpoint.py), one part broken
+        from proxmodel.model import load_model, save_model
+
+        save_model(load_model(BASE), ckpt)
+        if case == "new-no-text-encoder":
+            shutil.rmtree(ckpt / "text_encoder")
+        elif case == "new-truncated-unet":
+            weights = ckpt / "unet" / "diffusion_pytorch_model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:4096])
+        return ckpt
     ckpt.mkdir()
     weights, config = BASE / "model.safetensors", json.loads((BASE / "config.json").read_text())
     if case != "no-weights":
@@ -234,9 +244,12 @@ def make_checkpoint(root: Path, case: str) -> Path:
     ("wrong-architecture", "do not fit the architecture in"),
     ("config-not-json", "is not a valid model config (Invalid JSON"),
     ("config-unknown-key", "is not a valid model config (base_chanels: Extra inputs are not permitted"),
+    ("new-no-text-encoder", "is not a checkpoint folder (it lacks text_encoder/model.safetensors)"),
+    ("new-truncated-unet", "is not a readable safetensors file"),
 ])
 def test_bad_checkpoints(box, capsys, case, fragment):
     ckpt = make_checkpoint(box / "in", case)
+    capsys.readouterr()  # (what making it printed)
     assert_rejected(*run([*GRPO, f"init_from={ckpt}"], capsys), box, fragment)
 
 

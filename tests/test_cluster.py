@@ -63,7 +63,8 @@ def test_a_run_asking_for_a_gpu_on_a_cpu_machine_fails_before_any_actor(tmp_path
 def test_packed_checkpoint_loads_the_same_model(tiny_model, tmp_path):
     folder = save_model(tiny_model, tmp_path / "ckpt")
     packed = pack(folder)
-    assert set(packed) == {"config.json", "model.safetensors"}
+    assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+            "scheduler/scheduler_config.json"} <= set(packed)  # subfolders travel too
     loaded = load_packed(packed)
     for (name, a), b in zip(tiny_model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name

@@ -146,7 +146,7 @@ def test_ray_up_runs_the_smoke_grpo_job_and_ray_down_leaves_nothing(sshd, home_f
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["mode"] == "grpo" and summary["iterations"] == 2
         assert summary["stream"]["pending"] == 0 and summary["stream"]["entries"] == summary["groups_written"] > 0
-        assert (Path(summary["checkpoint"]) / "model.safetensors").is_file()
+        assert (Path(summary["checkpoint"]) / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     finally:
         run([RAY, "down", "-y", str(config)], 300, **env)
     deadline = time.monotonic() + 30

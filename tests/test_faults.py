@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from safetensors.torch import load_file
 
 from actors.stream import RedisAddress
 from learner.faults import RunFailed, wait_for
 from learner.resume import complete_states
+from proxmodel.checkpoint import read_state
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -43,7 +43,7 @@ def test_a_diverging_pretraining_run_skips_nonfinite_steps_and_stops_with_its_la
     states = complete_states(run_dir)
     assert states and str(states[-1]) in message  # the last run state is named, and kept
     assert not (run_dir / "summary.json").exists()
-    weights = load_file(str(run_dir / "checkpoint" / "model.safetensors"))
+    weights = read_state(run_dir / "checkpoint")
     assert all(bool(t.isfinite().all()) for t in weights.values())  # NaN never reached the exported weights
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("proxrl").experiment_id])[0]

@@ -241,11 +241,12 @@ def test_a_checkpoint_whose_vae_folder_moved_is_refused_before_grpo_starts(tmp_p
     from learner.main import main
 
     checkpoint = save_model(ProxT2I(tiny_model_config), tmp_path / "ckpt")
-    config = json.loads((checkpoint / "config.json").read_text())
-    (checkpoint / "config.json").write_text(json.dumps({**config, "vae": str(tmp_path / "moved-vae")}))
+    index = json.loads((checkpoint / "model_index.json").read_text())
+    index["proxrl_model"]["vae"] = str(tmp_path / "moved-vae")
+    (checkpoint / "model_index.json").write_text(json.dumps(index))
     run_dir = tmp_path / "run"
     assert main(["--mode", "grpo", "--config", "configs/smoke.yaml", f"run_dir={run_dir}",
                  f"init_from={checkpoint}"]) == 2
     err = capsys.readouterr().err
-    assert "moved-vae" in err and str(checkpoint / "config.json") in err
+    assert "moved-vae" in err and str(checkpoint / "model_index.json") in err
     assert not run_dir.exists()

@@ -1,9 +1,21 @@
+import json
+
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from proxmodel.losses import LossSchedule, make_training_pairs, proximal_matching_loss
 from proxmodel.model import load_model, save_model
 from proxmodel.schedule import VPSchedule
+
+
+def save_old_layout(model, directory):
+    """A checkpoint as ProxRL wrote them before the diffusers layout: config.json + model.safetensors."""
+    directory.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"),
+              metadata={"format": "proxrl"})
+    (directory / "config.json").write_text(json.dumps(model.cfg.model_dump(), indent=2))
+    return directory
 
 
 def test_save_load_round_trip_is_exact(tiny_model, tmp_path):
@@ -15,11 +27,12 @@ def test_save_load_round_trip_is_exact(tiny_model, tmp_path):
 
 
 def test_missing_and_corrupt_checkpoints_say_what_to_do(tiny_model, tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match="config.json"):  # an empty folder: the old layout's files named
         load_model(tmp_path)
     save_model(tiny_model, tmp_path / "c")
-    (tmp_path / "c" / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="could not be read"):
+    weights = tmp_path / "c" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated: the file is named
+    with pytest.raises(ValueError, match=f"could not be read.*{weights}.* is not a readable safetensors file"):
         load_model(tmp_path / "c")
 
 
@@ -98,7 +111,7 @@ def test_checkpoints_without_prox_param_load_as_proxdm_eps_and_sample_as_before(
 
     torch.manual_seed(0)
     old = ProxT2I(tiny_model_config.model_copy(update={"prox_param": "eps"})).eval()
-    save_model(old, tmp_path / "old")
+    save_old_layout(old, tmp_path / "old")
     raw = json.loads((tmp_path / "old" / "config.json").read_text())
     for key in ("prox_param", "sigma_data", "trained_steps", "trained_variants"):  # as written before they existed
         raw.pop(key)

@@ -1,7 +1,7 @@
 """Exact resume and signals, through the real CLI, Ray, Redis, DeepSpeed and MLflow at smoke sizes.
 
 The contract (issue 13): a run stopped after iteration k and resumed with `--resume RUN_DIR` ends with a
-model.safetensors byte-identical to an uninterrupted run's (tensor bytes and header; see weights_file), and the same
+checkpoint whose weight files are byte-identical to an uninterrupted run's (tensor bytes and headers; see weights_file), and the same
 per-iteration metrics. GRPO is stopped
 for real (SIGKILL under ZeRO-2, SIGTERM under ZeRO-3); pretraining is resumed from a copy of a run directory whose
 later run states were removed (and a half-written one planted), which is what a kill after step k leaves.
@@ -26,12 +26,12 @@ TIMING = ("_s", "samples_per_s")  # wall-clock metrics: the only ones a resume m
 
 
 def metrics_by_step(uri: str, run_id: str) -> dict[str, dict[int, set[float]]]:
-    """Every value logged per (metric, step), timing metrics left out: a step logged twice (before a kill and
-    again after the resume) must have logged the same value both times."""
+    """Every value logged per (metric, step), timing and MLflow's system metrics (machine load) left out: a step
+    logged twice (before a kill and again after the resume) must have logged the same value both times."""
     client = MlflowClient(uri)
     out: dict[str, dict[int, set[float]]] = {}
     for name in client.get_run(run_id).data.metrics:
-        if name.endswith(TIMING):
+        if name.endswith(TIMING) or name.startswith("system/"):
             continue
         for m in client.get_metric_history(run_id, name):
             out.setdefault(name, {}).setdefault(m.step, set()).add(m.value)
@@ -39,12 +39,19 @@ def metrics_by_step(uri: str, run_id: str) -> dict[str, dict[int, set[float]]]:
 
 
 def weights_file(checkpoint: str) -> tuple[dict, bytes]:
-    """model.safetensors as (its header, every tensor's bytes). The header is compared as a mapping: safetensors
-    writes its metadata from a Rust HashMap, so with several metadata keys (pretraining's EMA) their order differs
-    between processes even for two uninterrupted runs; everything else must be byte for byte the same."""
-    raw = Path(checkpoint, "model.safetensors").read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+    """The checkpoint's safetensors files (unet/, text_encoder/, ...) as (their headers, every tensor's bytes). Headers
+    are compared as mappings: safetensors writes metadata from a Rust HashMap, so with several metadata keys their
+    order may differ between processes even for two uninterrupted runs; everything else must be byte for byte the
+    same."""
+    from proxmodel.checkpoint import weight_files
+
+    headers, data = {}, b""
+    for path in weight_files(checkpoint):
+        raw = path.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        headers[path.relative_to(checkpoint).as_posix()] = json.loads(raw[8 : 8 + n])
+        data += raw[8 + n :]
+    return headers, data
 
 
 def assert_same_run(uri: str, first: dict, resumed: dict) -> None:

@@ -1,0 +1,146 @@
+"""Checkpoints in the ecosystem's layout: diffusers and transformers load their parts and compute what ProxT2I
+computes; the whole model round-trips bit for bit; the earlier flat layout (and the shipped builtin) still loads
+exactly; broken folders are refused naming the file."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from proxmodel.checkpoint import read_state
+from proxmodel.model import EMBED_SCALE, ProxT2I, load_model, prox_fn, save_model
+from tests.test_model import save_old_layout
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILTIN = ROOT / "proxmodel" / "weights" / "scenes-base"
+CAPTIONS = ["a red circle at the top left, on a white background", ""]
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_model, tmp_path_factory):
+    return save_model(tiny_model, tmp_path_factory.mktemp("ckpt") / "c")
+
+
+def assert_same_weights(a: ProxT2I, b: ProxT2I) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for name in sa:
+        assert sa[name].dtype == sb[name].dtype and torch.equal(sa[name], sb[name]), name
+
+
+def test_the_unet_loads_in_diffusers_and_computes_what_the_model_computes(tiny_model, saved):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(saved, subfolder="unet").eval()
+    assert unet.config.class_embed_type == "timestep" and unet.config.class_embeddings_concat
+    torch.manual_seed(1)
+    y, t, lam = torch.randn(2, 3, 8, 8), torch.tensor([0.3, 0.8]), torch.tensor([0.5, 2.0])
+    with torch.no_grad():
+        context = tiny_model.encode_text(tiny_model.tokenize(CAPTIONS))
+        ours = tiny_model.eval().unet(y, t * EMBED_SCALE, encoder_hidden_states=context,
+                                      class_labels=lam * EMBED_SCALE).sample
+        theirs = unet(y, t * EMBED_SCALE, encoder_hidden_states=context, class_labels=lam * EMBED_SCALE).sample
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(ours, unet(y, t * EMBED_SCALE, encoder_hidden_states=context,
+                                      class_labels=lam * 0).sample.detach())  # lam reaches the output
+
+
+def test_the_text_encoder_loads_in_transformers_and_gives_the_same_features(tiny_model, saved):
+    from transformers import CLIPTextModel
+
+    text = CLIPTextModel.from_pretrained(saved, subfolder="text_encoder").eval()
+    tokens = tiny_model.tokenize(CAPTIONS)
+    with torch.no_grad():
+        assert torch.equal(text(input_ids=tokens).last_hidden_state, tiny_model.eval().encode_text(tokens))
+
+
+def test_the_folder_has_the_diffusers_layout_and_its_settings(tiny_model, saved):
+    index = json.loads((saved / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    scheduler = json.loads((saved / "scheduler" / "scheduler_config.json").read_text())
+    for key in ("prox_param", "sigma_data", "trained_steps", "trained_variants", "kind"):
+        assert scheduler[key] == getattr(tiny_model.cfg, key), key
+        assert key not in index["proxrl_model"]  # each setting is stored once
+    assert (saved / "README.md").read_text().startswith("---\nlibrary_name: diffusers")
+
+
+def test_the_whole_model_round_trips_bit_for_bit_and_so_does_fp16_storage(tiny_model, saved, tmp_path):
+    loaded = load_model(saved)
+    assert loaded.cfg == tiny_model.cfg
+    assert_same_weights(tiny_model, loaded)
+    half = load_model(save_model(tiny_model, tmp_path / "half", torch.float16))
+    assert all(v.dtype == torch.float16 for v in read_state(tmp_path / "half").values())
+    for name, value in half.state_dict().items():
+        assert value.dtype == torch.float32 and torch.equal(value, tiny_model.state_dict()[name].half().float()), name
+
+
+def test_an_old_layout_folder_still_loads_exactly(tiny_model, tmp_path):
+    old = load_model(save_old_layout(tiny_model, tmp_path / "old"))
+    assert old.cfg == tiny_model.cfg
+    assert_same_weights(tiny_model, old)
+
+
+def test_the_builtin_loads_as_stored_and_converts_without_changing_a_bit(tmp_path):
+    builtin = load_model(BUILTIN)
+    stored = load_file(str(BUILTIN / "model.safetensors"))
+    for name, value in builtin.state_dict().items():
+        assert torch.equal(value, stored[name].float()), name
+    proc = subprocess.run([sys.executable, "-m", "proxmodel.convert", str(BUILTIN), str(tmp_path / "new"), "--fp16"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    converted = load_model(tmp_path / "new")
+    assert converted.cfg == builtin.cfg
+    assert_same_weights(builtin, converted)
+    assert "converted_from: " in (tmp_path / "new" / "README.md").read_text()
+    y, t, lam = torch.randn(2, 3, 32, 32), torch.tensor([0.3, 0.8]), torch.tensor([0.5, 2.0])
+    with torch.no_grad():
+        tokens = builtin.tokenize(CAPTIONS)
+        assert torch.equal(prox_fn(builtin.eval(), tokens=tokens)(y, t, lam),
+                           prox_fn(converted.eval(), tokens=tokens)(y, t, lam))
+
+
+@pytest.mark.parametrize("broken", ["text_encoder/model.safetensors", "scheduler/scheduler_config.json"])
+def test_a_missing_part_is_named(tiny_model, tmp_path, broken):
+    folder = save_model(tiny_model, tmp_path / "c")
+    (folder / broken).unlink()
+    with pytest.raises(FileNotFoundError, match=f"has no {broken}"):
+        load_model(folder)
+
+
+def test_convert_refuses_a_broken_checkpoint_with_exit_2(tiny_model, tmp_path):
+    folder = save_model(tiny_model, tmp_path / "c")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    proc = subprocess.run([sys.executable, "-m", "proxmodel.convert", str(folder), str(tmp_path / "new")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and str(weights) in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_diffusion_pipeline_loads_the_folder_and_samples_as_the_project_does(tiny_model, saved):
+    from diffusers import DiffusionPipeline
+
+    from learner.evaluation import generate
+
+    pipe = DiffusionPipeline.from_pretrained(saved, trust_remote_code=True)
+    assert type(pipe).__name__ == "ProxT2IPipeline"
+    images = pipe(CAPTIONS[0], num_images_per_prompt=2, num_inference_steps=4,
+                  generator=torch.Generator().manual_seed(7), output_type="pt").images
+    expected = generate(tiny_model, [CAPTIONS[0]] * 2, 4, seed=7)
+    assert images.shape == (2, 3, 8, 8) and torch.equal(images, expected)
+    assert len(pipe(CAPTIONS[0], num_inference_steps=2).images) == 1  # PIL by default
+
+
+def test_saving_leaves_the_callers_random_stream_alone(tiny_model, tmp_path):
+    """Saving builds a model to hold the weights; its random init must not shift the RNG of a training run that
+    exports mid-way (a resumed run would otherwise draw other numbers than an uninterrupted one)."""
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    save_model(tiny_model, tmp_path / "c")
+    assert torch.equal(torch.rand(3), expected)
