@@ -52,6 +52,19 @@ RECIPES: dict[str, list[str]] = {
     # session 6: the policy gradient trained on the strict verifier (held-out check: the lenient one)
     "pg-strict": ["grpo.objective=policy_gradient", "rewards=[{name: compositional_strict, weight: 1.0}]",
                   "grpo.check_rewards=[compositional]"],
+    # session 8: classifier-free guidance w = 2 in the rollouts and the learner's re-scoring (the base's guided
+    # samples score higher, so more groups hold a success to learn from)
+    "pg-guidance2": ["grpo.objective=policy_gradient", "grpo.guidance=2.0"],
+    # session 8: the per-step KL to the starting policy as a trust region that binds (kl_coef 0 never did)
+    "pg-kl0.5": ["grpo.objective=policy_gradient", "grpo.kl_coef=0.5"],
+    # session 9: with the KL binding, a larger step inside the trust region (lr 2e-4+ degraded without it)
+    "kl0.5-lr3e-4": ["grpo.kl_coef=0.5", "grpo.lr=3e-4"],
+    "kl0.5-lr1e-3": ["grpo.kl_coef=0.5", "grpo.lr=1e-3"],
+    # session 9: a looser and a tighter trust region at the larger step
+    "kl0.2-lr3e-4": ["grpo.kl_coef=0.2", "grpo.lr=3e-4"],
+    "kl1-lr1e-3": ["grpo.kl_coef=1.0", "grpo.lr=1e-3"],
+    # session 9: four minibatch updates per batch, so the ratio leaves 1 and the clip can act
+    "kl0.5-upb4": ["grpo.kl_coef=0.5", "grpo.updates_per_batch=4"],
 }
 
 REWARD = "total"
