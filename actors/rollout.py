@@ -13,7 +13,7 @@ from actors.device import actor_device
 from actors.experience import Group, SamplerSpec
 from actors.reward import RewardClient, set_threads
 from actors.stream import ExperienceStream, RedisAddress
-from proxmodel.lora import LoraSpec, add_lora, load_published
+from proxmodel.lora import LoraSpec, load_published, with_lora
 from proxmodel.policy import Policy
 from proxmodel.sampler import Trajectory
 
@@ -53,10 +53,8 @@ class RolloutActor:
         set_threads(torch_threads)
         self.device = actor_device(device)
         dtype = torch.bfloat16 if bf16 else torch.float32
-        self.model = load_checkpoint(checkpoint)
-        if lora:  # the learner publishes only the adapters' weights
-            add_lora(self.model, lora)
-        self.model = self.model.eval().to(self.device, dtype)
+        # (with LoRA the learner publishes only the adapters' weights)
+        self.model = with_lora(load_checkpoint(checkpoint), lora).eval().to(self.device, dtype)
         self.lora = lora
         self.policy = Policy.of(self.model, steps, eta, guidance)
         self.sampler = SamplerSpec.of(self.policy)

@@ -43,7 +43,7 @@ from learner.resume import Resume, config_fingerprint, json_bytes, merge_rank_fi
 from learner.signals import STOP, Interrupted
 from learner.tracking import Tracker
 from proxmodel.checkpoint import write_card
-from proxmodel.lora import add_lora, load_adapters, load_published, merged
+from proxmodel.lora import load_adapters, load_published, merged, with_lora
 from proxmodel.model import load_model, save_state
 from rewards import build as build_reward
 
@@ -319,13 +319,16 @@ class GrpoRun:
                             **{name: scores[name][:, 0].tolist() for name in scores}}, f"samples/step{step:05d}.json")
         return scores
 
-    def keep_if_best(self, state: dict, step: int, scores: dict[str, np.ndarray]) -> None:
-        """Export the weights evaluated at `step` as run_dir/best if they beat every earlier clean evaluation."""
+    def keep_if_best(self, step: int, scores: dict[str, np.ndarray], state: dict | None = None,
+                     saved: Path | None = None) -> None:
+        """Remember the weights evaluated at `step` as the best if they beat every earlier clean evaluation: the
+        checkpoint `saved`, or `state` exported as run_dir/best."""
         total = float(scores["total"].mean())
         if not self.hacked and total > self.best[1]:
             card = {**self.card(step), "held_out_reward_total": {"mean": total, "prompts": len(self.eval_prompts),
                                                                   "seeds": self.cfg.grpo.eval_seeds}}
-            path = save_state(self.plain_state(state), self.reference.cfg, self.run_dir / "best", card=card).resolve()
+            path = saved or save_state(self.plain_state(state), self.reference.cfg, self.run_dir / "best",
+                                       card=card).resolve()
             self.best = (step, total, path)
 
     def card(self, iterations: int) -> dict:
@@ -340,9 +343,7 @@ class GrpoRun:
         """The policy that published `state`, on the driver: the starting model, plus the adapters of a LoRA run."""
         lora = self.cfg.grpo.lora.spec()
         if self.current is None:
-            self.current = copy.deepcopy(self.reference)
-            if lora:
-                add_lora(self.current, lora)
+            self.current = with_lora(copy.deepcopy(self.reference), lora)
         load_published(self.current, state, lora)
         return self.current
 
@@ -352,8 +353,7 @@ class GrpoRun:
         lora = self.cfg.grpo.lora.spec()
         if not lora:
             return state
-        model = load_model(self.init_from)
-        add_lora(model, lora)
+        model = with_lora(load_model(self.init_from), lora)
         load_adapters(model, state)
         return merged(model).state_dict()
 
@@ -521,7 +521,7 @@ class GrpoRun:
             state = self.from_learners([self.state])[0]  # (rank 0's)
             scores = self.evaluate(self.policy_model(state), it + 1)
             if g.stop_on_hacking:
-                self.keep_if_best(state, it + 1, scores)
+                self.keep_if_best(it + 1, scores, state=state)
         return metrics
 
     def finish(self, loop: dict) -> dict:
@@ -537,8 +537,8 @@ class GrpoRun:
         if pending:
             raise RuntimeError(f"{pending} stream entries were never acknowledged")
         after = self.evaluate(load_model(checkpoint).to(dtype=self.dtype), done)
-        if g.stop_on_hacking and not self.hacked and float(after["total"].mean()) > self.best[1]:
-            self.best = (done, float(after["total"].mean()), checkpoint)
+        if g.stop_on_hacking:
+            self.keep_if_best(done, after, saved=checkpoint)
         shutil.copyfile(self.run_dir / "samples" / f"step{done:05d}.png", self.run_dir / "samples.png")
         self.tracker.artifact(self.run_dir / "samples.png")
         history, wall = loop["history"], loop["wall_time_s"]

@@ -25,7 +25,7 @@ from learner.config import RunConfig
 from learner.ema import make_ema, update_ema
 from learner.forward_objective import ForwardBatch, forward_loss
 from learner.policy_loss import PromptStats, clipped_policy_loss, compute_advantages, select_train_steps
-from proxmodel.lora import BaseOf, adapter_state, add_lora
+from proxmodel.lora import BaseOf, adapter_state, with_lora
 from proxmodel.model import ProxT2I
 from proxmodel.policy import Policy
 from proxmodel.sampler import gaussian_kl
@@ -85,11 +85,9 @@ class GrpoLearner:
         set_threads(self.cfg.actors.torch_threads)
         init_distributed(rank, world_size, *(master or ()))
         self.rank, self.world = rank, world_size
-        self.model = load_checkpoint(checkpoint)
-        self.lora = g.lora.spec()
-        if self.lora:  # only the adapters train and travel; the base stays as loaded
-            add_lora(self.model, self.lora)
-        elif not g.train_text:  # out of the optimiser; the weights still travel with the rest
+        self.lora = g.lora.spec()  # with LoRA only the adapters train and travel; the base stays as loaded
+        self.model = with_lora(load_checkpoint(checkpoint), self.lora)
+        if not self.lora and not g.train_text:  # out of the optimiser; the weights still travel with the rest
             self.model.text.requires_grad_(False)
         # objective forward with ema_decay: rollouts sample from (and e_old is) an EMA of the trained weights, as
         # DiffusionNFT's soft-updated sampling policy; a full copy made before DeepSpeed partitions the model.

@@ -27,6 +27,7 @@ import yaml
 
 from actors.redaction import is_redacted, redact
 from learner.config import ConfigError, RunConfig, _parse_override, load_config
+from proxmodel.checkpoint import replace_dir
 
 STATES_DIR = "resume"
 MARKER = "COMPLETE.json"
@@ -98,13 +99,7 @@ def write_state(run_dir: Path, iteration: int, files: dict[str, bytes], keep: in
     (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
     _fsync_dir(tmp)
     final = root / state_name(iteration)
-    if final.exists():  # the same iteration written again (a resumed run's end): swap, never half-replace
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
+    replace_dir(tmp, final)  # (the same iteration is written again at a resumed run's end)
     _fsync_dir(root)
     prune_states(root, keep)
     return final

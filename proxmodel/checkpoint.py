@@ -142,7 +142,7 @@ def save_checkpoint(state: dict[str, torch.Tensor], cfg: ModelConfig, directory:
     (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     (tmp / "pipeline.py").write_text(PIPELINE_STUB)
     write_card(tmp, cfg, card or {})
-    _replace_dir(tmp, directory)
+    replace_dir(tmp, directory)
     return directory
 
 
@@ -159,8 +159,10 @@ def quiet_progress_bars():
             hf_logging.enable_progress_bar()
 
 
-def _replace_dir(new: Path, directory: Path) -> None:
-    old = directory.with_name(directory.name + ".old")
+def replace_dir(new: Path, directory: Path) -> None:
+    """Put folder `new` at `directory` with renames only: a reader finds the old folder or the new one, never a mix.
+    The old one goes to a hidden sibling first (no glob for `directory`'s pattern matches it), then is deleted."""
+    old = directory.with_name(f".old-{directory.name}-{os.getpid()}")
     shutil.rmtree(old, ignore_errors=True)
     if directory.exists():
         os.replace(directory, old)

@@ -41,6 +41,13 @@ def add_lora(model: nn.Module, spec: LoraSpec) -> None:
         param.requires_grad_(is_adapter(name))
 
 
+def with_lora(model: nn.Module, spec: LoraSpec | None) -> nn.Module:
+    """`model` with adapters added if `spec` is given (a LoRA run's policy: published states hold only those)."""
+    if spec:
+        add_lora(model, spec)
+    return model
+
+
 def adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The adapters' part of a state dict: what a LoRA run publishes to its rollouts."""
     return {k: v for k, v in state.items() if is_adapter(k)}
