@@ -183,6 +183,9 @@ class GrpoRun:
         self.init_from = init_from
         self.streams = [ExperienceStream(address, tracker.run_id, learner_group(r)) for r in range(a.learner.count)]
         if resume is not None:  # entries past the run state (a shared Redis) are sampled again, with the same seeds
+            if stale := self.streams[0].length():
+                tqdm.write(f"resume: {stale} stream entries written after the run state (in {self.streams[0].key}) "
+                           f"are dropped; their groups are sampled again with the same seeds")
             self.streams[0].client.delete(self.streams[0].key)
         for stream in self.streams:
             stream.create()

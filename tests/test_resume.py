@@ -129,7 +129,7 @@ def test_a_state_is_read_only_when_complete_and_intact(tmp_path, monkeypatch):
         raise Boom
 
     with monkeypatch.context() as m:
-        m.setattr(os, "rename", fail)  # killed between writing the files and publishing them
+        m.setattr(os, "replace", fail)  # killed between writing the files and publishing them
         with pytest.raises(Boom):
             write_state(tmp_path, 5, {"run.json": b"{}"}, keep=2)
     assert latest_state(tmp_path, warn=warnings.append)[0].name == state_name(2)
