@@ -65,6 +65,10 @@ RECIPES: dict[str, list[str]] = {
     "kl1-lr1e-3": ["grpo.kl_coef=1.0", "grpo.lr=1e-3"],
     # session 9: four minibatch updates per batch, so the ratio leaves 1 and the clip can act
     "kl0.5-upb4": ["grpo.kl_coef=0.5", "grpo.updates_per_batch=4"],
+    # session 9: twice the groups per optimiser step (less gradient noise per step, twice the rollout per iteration)
+    "kl0.5-p12": ["grpo.kl_coef=0.5", "grpo.prompts_per_iteration=12"],
+    # session 9: the default twice as long (does the gain keep growing inside the trust region?)
+    "kl0.5-60it": ["grpo.kl_coef=0.5", "grpo.iterations=60"],
 }
 
 REWARD = "total"
