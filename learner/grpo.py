@@ -236,6 +236,8 @@ class GrpoRun:
         self.duplicates = 0  # entries that repeated a group already trained (a rollout made again), since this start
         if resume is None or resume.files is None:
             self.progress = Progress()
+            tqdm.write(f"evaluating the starting model on {len(self.eval_prompts)} held-out prompts x {g.eval_seeds} "
+                       f"noise seeds while the actors start (grpo.eval_prompts, grpo.eval_seeds)")
             self.before = self.evaluate(self.reference, 0)
             # (step, held-out total, checkpoint) of the best evaluation that showed no sign of hacking: the start so far.
             self.best = (0, float(self.before["total"].mean()), init_from)
@@ -539,6 +541,7 @@ class GrpoRun:
         entries, pending = self.streams[0].length() + self.trimmed, sum(s.pending() for s in self.streams)
         if pending:
             raise RuntimeError(f"{pending} stream entries were never acknowledged")
+        tqdm.write(f"evaluating the final model on the {len(self.eval_prompts)} held-out prompts")
         after = self.evaluate(load_model(checkpoint).to(dtype=self.dtype), done)
         if g.stop_on_hacking:
             self.keep_if_best(done, after, saved=checkpoint)
