@@ -347,6 +347,11 @@ class ActorsConfig(Strict):
         "node); the restarted actor gets the current weights and the driver samples its unfinished prompts again with "
         "the same seeds. One more death stops the run with a message",
     )
+    reward_restarts: int = Field(
+        3, ge=0, description="how many times Ray restarts a reward actor whose process died (with a single reward "
+        "actor there is no other to retry on); a scoring call lost with it is made again on the restarted actor "
+        "(scoring has no side effects)",
+    )
     learner_timeout_s: float = Field(
         3600.0, gt=0, description="the driver waits at most this long for a learner call (an update, publishing the "
         "weights, a run state); past it the run stops with a message naming the rank",

@@ -194,7 +194,8 @@ class GrpoRun:
         self.packed = packed = ray.put(pack(init_from))
         rewards_cfg = [r.model_dump() for r in cfg.rewards]
         self.reward_actors = reward_actors = [  # held: a restarted rollout actor is given them again
-            ray.remote(RewardActor).options(num_cpus=a.reward.num_cpus, num_gpus=a.reward.num_gpus)
+            ray.remote(RewardActor).options(num_cpus=a.reward.num_cpus, num_gpus=a.reward.num_gpus,
+                                            max_restarts=a.reward_restarts, max_task_retries=a.reward_restarts)
             .remote(rewards_cfg, a.reward.batch_size, a.torch_threads, address if a.reward.cache else None,
                     a.reward.cache_ttl_s)
             for _ in range(a.reward.count)

@@ -96,3 +96,23 @@ def test_a_rollout_whose_images_are_nonfinite_drops_its_groups_and_streams_nothi
         result = rollout.rollout(PROMPTS[:2], [2, 3], iteration=1, seed=0)
         assert result["groups"] == 0 and result["dropped"] == 2
         assert stream.length() == 2  # only the healthy groups were written
+
+
+def test_a_single_reward_actor_killed_mid_call_is_restarted_and_the_call_made_again(actors):
+    """With one reward actor there is no other to retry on: Ray restarts it (actors.reward_restarts) and makes the
+    lost call again. Would catch: no max_restarts (the call fails), no max_task_retries (the lost call fails with the
+    actor), a restarted actor scoring differently (rebuilt rewards differ from the first)."""
+    import os
+    import signal
+
+    images, captions = scene_batch(seed=5, start=0, count=7, side=32)
+    images = torch.from_numpy(images)
+    one = ray.remote(RewardActor).options(num_cpus=0.5, max_restarts=1, max_task_retries=1).remote(SPECS, 3, 1)
+    pid = ray.get(one.__ray_call__.remote(lambda self: os.getpid()))
+    before = RewardClient([one], timeout_s=120, retries=0).score(images, captions)
+    pending = one.score.remote(images, list(captions))
+    os.kill(pid, signal.SIGKILL)
+    after = ray.get(pending, timeout=120)
+    assert ray.get(one.__ray_call__.remote(lambda self: os.getpid())) != pid  # a new process: it was restarted
+    for name in before:
+        assert torch.equal(after[name], before[name])
