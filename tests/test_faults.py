@@ -252,35 +252,26 @@ def test_a_rollout_actor_killed_mid_iteration_is_restarted_and_the_run_ends_as_i
           f"kill to the run's end {took:.1f} s; entries written twice: {stream['duplicates']}")
 
 
-def test_a_killed_learner_rank_stops_the_run_at_once_with_one_message_naming_it(pretrained, store):
-    """SIGKILL of the learner rank's process while it trains iteration 1. Would catch: a raw Ray traceback, a
-    message without the rank or the resume command, a wait until actors.learner_timeout_s (3600 s), the run state
-    lost, a Ray worker or the redis-server left behind."""
+@pytest.mark.parametrize("victim, title, starts", [
+    ("learner rank", "ray::GrpoLearner.train", "learner rank 0 died: its process ended"),
+    ("redis-server", "redis-server", "the run's Redis stopped answering"),
+], ids=["learner-rank", "redis-server"])
+def test_a_killed_learner_rank_or_redis_server_stops_the_run_at_once_with_one_message(pretrained, store, victim,
+                                                                                       title, starts):
+    """SIGKILL of the learner rank's process while it trains iteration 1, or of the run's redis-server as soon as it
+    shows after run state 1. Would catch: a raw Ray or redis traceback, a message without the rank or the resume
+    command, a wait until actors.learner_timeout_s (3600 s) or a hang (a blocked stream read, a retried command),
+    the run state lost, a Ray worker or the redis-server left behind."""
     root, uri = store
-    run_dir = root / "learner-killed"
-    proc = start_until_state(grpo_args(root, uri, pretrained, "learner-killed"), run_dir, 1)
-    killed = kill_running(proc, "ray::GrpoLearner.train")
+    run_dir = root / f"{victim.replace(' ', '-')}-killed"
+    proc = start_until_state(grpo_args(root, uri, pretrained, run_dir.name), run_dir, 1)
+    killed = kill_running(proc, title)
     _, stderr, processes = finish_watching(proc, timeout=300)
     took = time.monotonic() - killed
-    stopped_run(stderr, proc, run_dir, "learner rank 0 died: its process ended")
+    stopped_run(stderr, proc, run_dir, starts)
     assert leftovers(processes, wait_s=10) == []
     assert took < 60
-    print(f"\nlearner rank killed: the driver exited {took:.1f} s later")
-
-
-def test_a_killed_redis_server_stops_the_run_at_once_with_one_message(pretrained, store):
-    """SIGKILL of the run's redis-server while iteration 1's rollout runs. Would catch: a raw redis or Ray traceback,
-    a hang (a blocked stream read, a retried command), the run state lost, a process left behind."""
-    root, uri = store
-    run_dir = root / "redis-killed"
-    proc = start_until_state(grpo_args(root, uri, pretrained, "redis-killed"), run_dir, 1)
-    killed = kill_running(proc, "redis-server")
-    _, stderr, processes = finish_watching(proc, timeout=300)
-    took = time.monotonic() - killed
-    stopped_run(stderr, proc, run_dir, "the run's Redis stopped answering")
-    assert leftovers(processes, wait_s=10) == []
-    assert took < 60
-    print(f"\nredis-server killed: the driver exited {took:.1f} s later")
+    print(f"\n{victim} killed: the driver exited {took:.1f} s later")
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "soon"])
