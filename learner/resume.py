@@ -27,7 +27,7 @@ import yaml
 
 from actors.redaction import is_redacted, redact
 from learner.config import ConfigError, RunConfig, _parse_override, load_config
-from proxmodel.checkpoint import replace_dir
+from proxmodel.files import replace_dir
 
 STATES_DIR = "resume"
 MARKER = "COMPLETE.json"

@@ -19,7 +19,6 @@ Read (`load_checkpoint_folder`): that layout, or the flat `config.json` + `model
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from proxmodel.config import ModelConfig
+from proxmodel.files import replace_dir
 
 INDEX_FILE = "model_index.json"
 OLD_WEIGHTS, OLD_CONFIG = "model.safetensors", "config.json"
@@ -157,17 +157,6 @@ def quiet_progress_bars():
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
-
-
-def replace_dir(new: Path, directory: Path) -> None:
-    """Put folder `new` at `directory` with renames only: a reader finds the old folder or the new one, never a mix.
-    The old one goes to a hidden sibling first (no glob for `directory`'s pattern matches it), then is deleted."""
-    old = directory.with_name(f".old-{directory.name}-{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(new, directory)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_card(directory: str | Path, cfg: ModelConfig, card: dict) -> Path:

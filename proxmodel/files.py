@@ -1,0 +1,18 @@
+"""Folder operations shared by checkpoints and run states, free of torch (the CLI's settings answer without it)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def replace_dir(new: Path, directory: Path) -> None:
+    """Put folder `new` at `directory` with renames only: a reader finds the old folder or the new one, never a mix.
+    The old one goes to a hidden sibling first (no glob for `directory`'s pattern matches it), then is deleted."""
+    old = directory.with_name(f".old-{directory.name}-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(new, directory)
+    shutil.rmtree(old, ignore_errors=True)
