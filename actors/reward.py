@@ -64,10 +64,17 @@ class RewardActor:
         self.batch_size = batch_size
         self.cache = ScoreCache(cache, cache_ttl_s) if cache is not None else None
 
-    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """{reward name: float32 scores [B]} for images [B, 3, H, W] in [0, 1]."""
+    def placement(self) -> str:
+        """The device the reward models were built on (rewards.build's rule; summary.json's `devices`)."""
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str],
+              names: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
+        """{reward name: float32 scores [B]} for images [B, 3, H, W] in [0, 1], of the rewards `names` (None: all)."""
         prompts = list(prompts)
-        return {name: self._score_one(name, images, prompts) for name in self.models}
+        if unknown := sorted(set(names or ()) - set(self.models)):
+            raise KeyError(f"this reward actor holds {sorted(self.models)}, not {unknown}")
+        return {name: self._score_one(name, images, prompts) for name in (names or self.models)}
 
     def _score_one(self, name: str, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         if self.cache is None:
@@ -96,13 +103,14 @@ class RewardClient:
         self.actors, self.timeout_s, self.retries = actors, timeout_s, retries
         self._next = 0
 
-    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    def score(self, images: torch.Tensor, prompts: Sequence[str],
+              names: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
         errors = []
         for _ in range(self.retries + 1):
             actor = self.actors[self._next % len(self.actors)]
             self._next += 1
             try:
-                return ray.get(actor.score.remote(images, list(prompts)), timeout=self.timeout_s)
+                return ray.get(actor.score.remote(images, list(prompts), names), timeout=self.timeout_s)
             except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as e:
                 log.warning("reward actor failed (%s); retrying on another", type(e).__name__)
                 errors.append(f"{type(e).__name__}: {e}")

@@ -1,7 +1,9 @@
-"""RolloutActor: a policy copy that samples groups with the stochastic prox sampler and streams finished groups."""
+"""RolloutActor: a policy copy that samples groups with the stochastic prox sampler and streams finished groups; it
+also draws and scores GRPO's held-out evaluation, so the driver runs no sampler and holds no reward model."""
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Optional, Sequence
 
@@ -13,7 +15,8 @@ from actors.device import actor_device
 from actors.experience import Group, SamplerSpec
 from actors.reward import RewardClient, set_threads
 from actors.stream import ExperienceStream, RedisAddress
-from proxmodel.lora import LoraSpec, load_published, with_lora
+from proxmodel.generate import generate, hacking_monitors
+from proxmodel.lora import BaseOf, LoraSpec, load_published, with_lora
 from proxmodel.policy import Policy
 from proxmodel.sampler import Trajectory
 
@@ -21,6 +24,11 @@ from proxmodel.sampler import Trajectory
 def group_seed(seed: int, iteration: int, prompt_index: int) -> int:
     """A distinct, reproducible noise seed per (run seed, iteration, prompt)."""
     return int(np.random.SeedSequence([seed, iteration, prompt_index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def eval_seed(seed: int, noise: int, chunk: int) -> int:
+    """The seed of the `noise`-th noise draw of held-out chunk `chunk`: reproducible, and apart from every group_seed."""
+    return int(np.random.SeedSequence([seed, noise, chunk], spawn_key=(1,)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 class RolloutActor:
@@ -56,6 +64,9 @@ class RolloutActor:
         # (with LoRA the learner publishes only the adapters' weights)
         self.model = with_lora(load_checkpoint(checkpoint), lora).eval().to(self.device, dtype)
         self.lora = lora
+        # The starting policy, for the drift monitor: the base with its adapters off under LoRA (no second copy),
+        # else a frozen copy taken before any published weights arrive (a restarted actor starts from it too).
+        self.reference = BaseOf(self.model) if lora else copy.deepcopy(self.model).requires_grad_(False)
         self.policy = Policy.of(self.model, steps, eta, guidance)
         self.sampler = SamplerSpec.of(self.policy)
         self.group_size = group_size
@@ -64,6 +75,10 @@ class RolloutActor:
         self.stream = ExperienceStream(stream_address, run_id)
         self.version = 0
         self.keep_trajectory = keep_trajectory  # the policy-gradient learner needs it; the forward objective does not
+
+    def placement(self) -> str:
+        """The device this actor samples on (summary.json's `devices`)."""
+        return str(self.device)
 
     def set_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
         load_published(self.model, state, self.lora)  # copied into the model's own device and dtype
@@ -91,7 +106,7 @@ class RolloutActor:
         with torch.no_grad():
             images = torch.cat([self.model.to_images(tr.images) for tr in trajectories]).cpu()
         texts = [p for p in prompts for _ in range(self.group_size)]
-        scores = self.rewards.score(images, texts)
+        scores = self.rewards.score(images, texts, list(self.weights))
         t2 = time.perf_counter()
 
         written, dropped = [], 0
@@ -113,3 +128,27 @@ class RolloutActor:
             "reward_s": t2 - t1,
             "policy_version": self.version,
         }
+
+    @torch.no_grad()
+    def evaluate(self, prompts: Sequence[str], steps: int, seeds: Sequence[int], eta: float, sampler: str,
+                 guidance: float, rewards: Sequence[str]) -> dict:
+        """Held-out evaluation with the current weights: `sampler`'s images of `prompts` with the noise of each of
+        `seeds`, scored by the reward actors' `rewards`.
+
+        Returns {"scores": {reward: float64 [prompts, seeds]}, "images": the first seed's images as uint8
+        [prompts, C, H, W] on the CPU (for grids and the between-prompt diversity), "policy_version"}."""
+        first, columns = None, {name: [] for name in rewards}
+        for seed in seeds:
+            images = generate(self.model, prompts, steps, seed, eta, sampler, guidance).float()
+            first = images if first is None else first
+            for name, scores in self.rewards.score(images, list(prompts), list(rewards)).items():
+                columns[name].append(scores.double().numpy())
+        return {"scores": {name: np.stack(cols, axis=1) for name, cols in columns.items()},
+                "images": (first * 255).round().to(torch.uint8), "policy_version": self.version}
+
+    @torch.no_grad()
+    def monitors(self, prompts: Sequence[str], steps: int, seed: int, eta: float, group: int,
+                 guidance: float) -> dict[str, float]:
+        """The reward-hacking monitors (proxmodel.generate.hacking_monitors) of the current weights against the
+        starting policy, on this actor's device."""
+        return hacking_monitors(self.model, self.reference, prompts, steps, seed, eta, group, guidance)

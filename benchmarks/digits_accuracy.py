@@ -82,7 +82,7 @@ class DigitJudge:
 
 
 def main() -> None:
-    from learner.evaluation import generate
+    from proxmodel.generate import generate
     from proxmodel.model import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -26,7 +26,8 @@ import torch
 from learner.bootstrap import bootstrap_ci
 from learner.config import load_config
 from learner.data import build_source, drop_captions
-from learner.evaluation import generate, reward_matrix
+from learner.evaluation import reward_matrix
+from proxmodel.generate import generate
 from learner.forward_objective import optimality, split_loss
 from learner.main import resolve_checkpoint
 from learner.prompts import prompt_source

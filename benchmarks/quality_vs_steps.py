@@ -120,7 +120,7 @@ def quality_table(checkpoints: dict[str, Path], metric: Metric, seeds: int, nfes
     """{sampler label: {NFE: {metric: Estimate}}} on the metric's prompts with noise seeds 0..seeds-1."""
     import torch
 
-    from learner.evaluation import generate
+    from proxmodel.generate import generate
     from proxmodel.model import load_model
 
     rows: dict = {}

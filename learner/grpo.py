@@ -7,12 +7,12 @@ One iteration (`GrpoRun.step`), each phase timed under its name:
            loss over the sampler steps, or the forward objective on the final samples), take the optimiser steps,
            and acknowledge the entries only after them;
   publish  the new weights go out (Ray object store, versioned) to the rollout actors;
-then the metrics are logged, and every eval_every iterations the policy is evaluated.
+then the metrics are logged, and every eval_every iterations the policy is evaluated: the rollout actors draw the
+held-out samples with the weights they hold and the reward actors score them (the driver runs no sampler).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import time
@@ -24,29 +24,28 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from actors.checkpoint import pack
 from actors.reward import RewardActor
-from actors.rollout import RolloutActor
+from actors.rollout import RolloutActor, eval_seed
 from actors.stream import ExperienceStream, RedisAddress, StreamStalled, learner_group
 from learner.cluster import ensure_resources, start_ray, stream_server
 from learner.config import RunConfig
 from learner.bootstrap import bootstrap_ci
 from learner.faults import RunFailed, nonfinite_stop, rank_died, redis_lost, stream_stalled, wait_for
-from learner.evaluation import hacking_monitors, reward_matrix, save_grid, to_pil
+from learner.evaluation import save_grid, to_pil
 from learner.grpo_learner import LearnerGroup
 from learner.progress import steady_range
 from learner.prompts import prompt_source
 from learner.resume import Resume, config_fingerprint, json_bytes, merge_rank_files, write_state
 from learner.signals import STOP, Interrupted
 from learner.tracking import Tracker
-from proxmodel.checkpoint import write_card
-from proxmodel.lora import load_adapters, load_published, merged, with_lora
+from proxmodel.checkpoint import read_config, write_card
+from proxmodel.lora import load_adapters, merged, with_lora
 from proxmodel.model import load_model, save_state
-from rewards import build as build_reward
 
+EVAL_CHUNK = 32  # held-out prompts per evaluation call (a batch on one rollout actor's device)
 
 @contextmanager
 def timed(name: str, timing: dict[str, float]) -> Iterator[None]:
@@ -132,15 +131,21 @@ def died(ray, ref):
 
 @dataclass
 class RolloutCall:
-    """One rollout call in flight: the actor (its index), its arguments (prompts, prompt indices, iteration, seed),
-    the result's ref, the actor's deaths before the call was made, and whether it is a call made again. The arguments
-    fix the groups' noise, so a call lost with its actor is made again as is."""
+    """One call to a rollout actor in flight: the actor (its index), the method (rollout, evaluate, monitors) and its
+    arguments, the result's ref, the actor's deaths before the call was made, and whether it is a call made again.
+    The arguments fix the noise, so a call lost with its actor is made again as is."""
 
     actor: int
     args: tuple
     ref: object
     deaths: int
     again: bool = False
+    method: str = "rollout"
+
+    def task(self) -> str:
+        if self.method == "rollout":  # args: prompts, prompt indices, iteration, seed
+            return f"sampling iteration {self.args[2]}'s prompts {list(self.args[1])} again with the same seeds"
+        return f"making its {self.method} call again with the same seeds"
 
 
 @dataclass
@@ -192,7 +197,8 @@ class GrpoRun:
         # The starting weights travel through the object store: actors on other nodes need no shared filesystem.
         # Held for the run: a rollout actor Ray restarts is built again from it (its constructor argument).
         self.packed = packed = ray.put(pack(init_from))
-        rewards_cfg = [r.model_dump() for r in cfg.rewards]
+        # The trained rewards and the held-out checks (never trained on: scored only in evaluation).
+        rewards_cfg = [r.model_dump() for r in cfg.rewards] + [{"name": name} for name in g.check_rewards]
         self.reward_actors = reward_actors = [  # held: a restarted rollout actor is given them again
             ray.remote(RewardActor).options(num_cpus=a.reward.num_cpus, num_gpus=a.reward.num_gpus,
                                             max_restarts=a.reward_restarts, max_task_retries=a.reward_restarts)
@@ -214,12 +220,9 @@ class GrpoRun:
         self.prompts = prompt_source(cfg)
         self.eval_prompts = self.prompts.held_out(g.eval_prompts)
         tracker.text("\n".join(self.eval_prompts) + "\n", "eval_prompts.txt")
-        self.eval_rewards = {r.name: build_reward(r.name, **r.options) for r in cfg.rewards}
-        self.check_rewards = {name: build_reward(name) for name in g.check_rewards}  # held out: never trained on
-        # Evaluated in the policy's own precision: under deepspeed.bf16 the trained network is the bf16 one.
-        self.dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
-        self.init_from = init_from
-        self.reference = load_model(init_from).to(dtype=self.dtype)
+        # Evaluation runs on the actors (RolloutActor.evaluate, in the policy's own precision): the driver holds no
+        # model, no reward model, and runs no sampler (a CPU-only head node in deploy/ stays light).
+        self.model_cfg = read_config(init_from)
         # The loop's state: rollouts in flight (a rollout actor runs its calls in order, so new weights reach it
         # only between two whole batches), the last weight broadcast, the model evaluated every eval_every.
         self.in_flight: deque[list[RolloutCall]] = deque()
@@ -227,7 +230,6 @@ class GrpoRun:
         self.weight_updates: list = []
         self.state = None
         self.version = 0  # of the weights the rollout actors have
-        self.current = None
         self.base_monitors: Optional[dict[str, float]] = None
         self.monitors: dict[str, float] = {}
         self.hacked: list[str] = []  # why the last evaluation looked like reward hacking (empty: it did not)
@@ -239,7 +241,7 @@ class GrpoRun:
             self.progress = Progress()
             tqdm.write(f"evaluating the starting model on {len(self.eval_prompts)} held-out prompts x {g.eval_seeds} "
                        f"noise seeds while the actors start (grpo.eval_prompts, grpo.eval_seeds)")
-            self.before = self.evaluate(self.reference, 0)
+            self.before = self.evaluate(0)
             # (step, held-out total, checkpoint) of the best evaluation that showed no sign of hacking: the start so far.
             self.best = (0, float(self.before["total"].mean()), init_from)
         else:
@@ -285,25 +287,25 @@ class GrpoRun:
         self.saved_at = p.iteration
         return path
 
-    def evaluate(self, model, step: int) -> dict[str, np.ndarray]:
-        """Held-out rewards at `step`: the policy's sampler on eval_prompts x eval_seeds fixed noises, each reward and
-        the weighted total with a 95% bootstrap interval; the probability-flow sampler's too where the model has one
-        (a prox model pretrained on lam = gamma/2, or a score model's ODE); monitors; a grid. Returns the score
-        matrices [prompts, seeds] of the policy's sampler."""
-        g, seed, prompts = self.cfg.grpo, self.cfg.seed, self.eval_prompts
-        prox = model.cfg.kind == "prox"
+    def evaluate(self, step: int) -> dict[str, np.ndarray]:
+        """Held-out rewards at `step` of the weights the rollout actors hold: the policy's sampler on eval_prompts x
+        eval_seeds fixed noises, each reward and the weighted total with a 95% bootstrap interval; the
+        probability-flow sampler's too where the model has one (a prox model pretrained on lam = gamma/2, or a score
+        model's ODE); monitors; a grid. Returns the score matrices [prompts, seeds] of the policy's sampler."""
+        g, cfg = self.cfg.grpo, self.model_cfg
+        prox = cfg.kind == "prox"
         policy_sampler, flow = ("hybrid", "flow") if prox else ("sde", "ode")
-        images, scores = reward_matrix(model, prompts, g.steps, seed, g.eval_seeds,
-                                       {**self.eval_rewards, **self.check_rewards}, g.eta, policy_sampler, g.guidance)
+        trained = [r.name for r in self.cfg.rewards]
+        images, scores = self.held_out(policy_sampler, g.eta, trained + list(g.check_rewards))
         scores = self.with_total(scores)
-        checks = {name: scores[name] for name in self.check_rewards}
+        checks = {name: scores[name] for name in g.check_rewards}
         metrics = {**ci_metrics("eval_reward", {k: v for k, v in scores.items() if k not in checks}),
                    **ci_metrics("eval_check", checks)}
-        if not prox or "flow" in (model.cfg.trained_variants or []):
-            _, flow_scores = reward_matrix(model, prompts, g.steps, seed, g.eval_seeds, self.eval_rewards, 0.0,
-                                           flow, g.guidance)
+        if not prox or "flow" in (cfg.trained_variants or []):
+            _, flow_scores = self.held_out(flow, 0.0, trained)
             metrics.update(ci_metrics("eval_flow_reward", self.with_total(flow_scores)))
-        monitors = hacking_monitors(model, self.reference, prompts[:4], g.steps, seed, g.eta, g.group_size, g.guidance)
+        args = (self.eval_prompts[:4], g.steps, self.cfg.seed, g.eta, g.group_size, g.guidance)
+        monitors = self.from_rollouts([self.call(0, "monitors", *args)])[0]
         # Between prompts: one image for every prompt (the collapse the ungated verifier was hacked with) drives it to 0.
         monitors["prompt_diversity"] = float(images.flatten(1).std(dim=0).mean())
         self.base_monitors = self.base_monitors or monitors
@@ -311,7 +313,6 @@ class GrpoRun:
             monitors[f"{name}_ratio"] = monitors[name] / max(self.base_monitors[name], 1e-8)
         self.monitors = monitors
         if step > 0:
-            g = self.cfg.grpo
             self.hacked = hacking_signs(checks, {k: self.before[k] for k in checks}, monitors,
                                         g.hacking_saturation, g.hacking_diversity)
             monitors["hacking"] = float(bool(self.hacked))
@@ -321,9 +322,27 @@ class GrpoRun:
         grid = save_grid(images, self.run_dir / "samples" / f"step{step:05d}.png")
         self.tracker.image(grid, f"samples/step{step:05d}.png")
         # The grid's images with their captions and rewards (first noise seed), as a table the MLflow UI shows.
-        self.tracker.table({"prompt": list(prompts), "image": to_pil(images),
+        self.tracker.table({"prompt": list(self.eval_prompts), "image": to_pil(images),
                             **{name: scores[name][:, 0].tolist() for name in scores}}, f"samples/step{step:05d}.json")
         return scores
+
+    def held_out(self, sampler: str, eta: float, rewards: list[str]) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+        """(the first noise's images [prompts, C, H, W] in [0, 1], {reward: scores [prompts, eval_seeds]}): `sampler`
+        on the held-out prompts, drawn and scored by the rollout actors with their current weights. The prompts go
+        out in chunks of EVAL_CHUNK, shared round-robin; a chunk's noise is fixed by the run seed and its position,
+        so the numbers do not depend on how many rollout actors there are."""
+        g, prompts, k = self.cfg.grpo, self.eval_prompts, len(self.rollouts)
+        calls = [self.call(c % k, "evaluate", prompts[start:start + EVAL_CHUNK], g.steps,
+                           [eval_seed(self.cfg.seed, s, c) for s in range(g.eval_seeds)], eta, sampler, g.guidance,
+                           rewards)
+                 for c, start in enumerate(range(0, len(prompts), EVAL_CHUNK))]
+        results = self.from_rollouts(calls)
+        images = torch.cat([r["images"] for r in results]).float() / 255
+        return images, {name: np.concatenate([r["scores"][name] for r in results]) for name in rewards}
+
+    def call(self, i: int, method: str, *args) -> RolloutCall:
+        """Call rollout actor `i`'s `method` (behind the calls already queued on it)."""
+        return RolloutCall(i, args, getattr(self.rollouts[i], method).remote(*args), self.deaths[i], method=method)
 
     def keep_if_best(self, step: int, scores: dict[str, np.ndarray], state: dict | None = None,
                      saved: Path | None = None) -> None:
@@ -333,7 +352,7 @@ class GrpoRun:
         if not self.hacked and total > self.best[1]:
             card = {**self.card(step), "held_out_reward_total": {"mean": total, "prompts": len(self.eval_prompts),
                                                                   "seeds": self.cfg.grpo.eval_seeds}}
-            path = saved or save_state(self.plain_state(state), self.reference.cfg, self.run_dir / "best",
+            path = saved or save_state(self.plain_state(state), self.model_cfg, self.run_dir / "best",
                                        card=card).resolve()
             self.best = (step, total, path)
 
@@ -344,14 +363,6 @@ class GrpoRun:
                 "objective": g.objective, "rewards": {r.name: r.weight for r in self.cfg.rewards},
                 "sampler": f"hybrid prox policy, {g.steps} steps, eta {g.eta}, guidance {g.guidance}",
                 "config_fingerprint": config_fingerprint(self.cfg), "mlflow_run_id": self.tracker.run_id}
-
-    def policy_model(self, state: dict) -> nn.Module:
-        """The policy that published `state`, on the driver: the starting model, plus the adapters of a LoRA run."""
-        lora = self.cfg.grpo.lora.spec()
-        if self.current is None:
-            self.current = with_lora(copy.deepcopy(self.reference), lora)
-        load_published(self.current, state, lora)
-        return self.current
 
     def plain_state(self, state: dict) -> dict:
         """A checkpoint's weights for published `state`: with LoRA, the adapters merged into the fp32 base (no peft
@@ -373,8 +384,7 @@ class GrpoRun:
         prompts, indices = self.prompts.train(it * n, n), list(range(it * n, (it + 1) * n))
         k = len(self.rollouts)
         shards = [(prompts[i::k], indices[i::k], it, self.cfg.seed) for i in range(k)]
-        return [RolloutCall(i, args, self.rollouts[i].rollout.remote(*args), self.deaths[i])
-                for i, args in enumerate(shards) if args[0]]
+        return [self.call(i, "rollout", *args) for i, args in enumerate(shards) if args[0]]
 
     def again(self, call: RolloutCall, error) -> RolloutCall:
         """Make a call its actor died in again, on the actor Ray restarted (which starts from the first weights):
@@ -390,8 +400,7 @@ class GrpoRun:
         if call.deaths == self.deaths[i] and not (unavailable and call.again):
             self.deaths[i] += 1
             tqdm.write(f"rollout actor {i} died; restarted by Ray ({self.deaths[i]} of actors.rollout_restarts="
-                       f"{limit}), sampling iteration {call.args[2]}'s prompts {list(call.args[1])} again with the "
-                       f"same seeds")
+                       f"{limit}), {call.task()}")
         if self.deaths[i] > limit:
             from learner.resume import resume_command
 
@@ -405,7 +414,8 @@ class GrpoRun:
         actor = self.rollouts[i]
         if self.state is not None:  # (before the first update the restarted actor's weights are already current)
             self.weight_updates[i] = actor.set_weights.remote(self.state, self.version)
-        return RolloutCall(i, call.args, actor.rollout.remote(*call.args), self.deaths[i], again=True)
+        return RolloutCall(i, call.args, getattr(actor, call.method).remote(*call.args), self.deaths[i], again=True,
+                           method=call.method)
 
     def iterate(self) -> dict:
         """The iterations from progress.iteration on: rollouts launched up to max_staleness ahead (until
@@ -524,10 +534,9 @@ class GrpoRun:
         if metrics["nonfinite_in_a_row"] >= g.max_nonfinite_updates:  # each was skipped: no run state is written
             raise nonfinite_stop(self.run_dir, metrics["nonfinite_in_a_row"], "grpo.max_nonfinite_updates", "grpo.lr")
         if g.eval_every and (it + 1) % g.eval_every == 0 and it + 1 < g.iterations:
-            state = self.from_learners([self.state])[0]  # (rank 0's)
-            scores = self.evaluate(self.policy_model(state), it + 1)
+            scores = self.evaluate(it + 1)  # (the rollout actors have the weights just published)
             if g.stop_on_hacking:
-                self.keep_if_best(it + 1, scores, state=state)
+                self.keep_if_best(it + 1, scores, state=self.from_learners([self.state])[0])  # (rank 0's)
         return metrics
 
     def finish(self, loop: dict) -> dict:
@@ -535,7 +544,7 @@ class GrpoRun:
         g = self.cfg.grpo
         final = self.learners.call("publish", num_returns=2)
         done = loop["iterations"]
-        checkpoint = save_state(self.plain_state(self.from_learners([final[0][0]])[0]), self.reference.cfg,
+        checkpoint = save_state(self.plain_state(self.from_learners([final[0][0]])[0]), self.model_cfg,
                                 self.run_dir / "checkpoint", card=self.card(done)).resolve()
         self.from_learners([v for _, v in final])
         # Entries written since this start: those still in the stream and those trimmed once acknowledged.
@@ -543,7 +552,7 @@ class GrpoRun:
         if pending:
             raise RuntimeError(f"{pending} stream entries were never acknowledged")
         tqdm.write(f"evaluating the final model on the {len(self.eval_prompts)} held-out prompts")
-        after = self.evaluate(load_model(checkpoint).to(dtype=self.dtype), done)
+        after = self.evaluate(done)  # the rollout actors hold the last published weights, the checkpoint's
         if g.stop_on_hacking:
             self.keep_if_best(done, after, saved=checkpoint)
         shutil.copyfile(self.run_dir / "samples" / f"step{done:05d}.png", self.run_dir / "samples.png")
@@ -554,8 +563,8 @@ class GrpoRun:
                            "after": bootstrap_ci(after[name]).as_dict(),
                            "difference": bootstrap_ci(after[name] - self.before[name]).as_dict()}
                     for name in after}
-        checks = {name: held_out.pop(name) for name in self.check_rewards}
-        write_card(checkpoint, self.reference.cfg, {
+        checks = {name: held_out.pop(name) for name in g.check_rewards}
+        write_card(checkpoint, self.model_cfg, {
             **self.card(done), "held_out": {"prompts": len(self.eval_prompts), "seeds": g.eval_seeds,
                                             **{name: {"before": v["before"]["mean"], "after": v["after"]["mean"],
                                                       "difference_ci95": [v["difference"]["ci_low"],
@@ -588,4 +597,12 @@ class GrpoRun:
             "resumed_at": loop["resumed_at"],
             "stream": {"key": self.streams[0].key, "entries": entries, "pending": pending,
                        "duplicates": self.duplicates},
+            "devices": self.devices(),
         }
+
+    def devices(self) -> dict[str, list[str]]:
+        """Where each actor computes, chosen from what Ray gave it: the first thing to check on a GPU cluster."""
+        ray = self.ray
+        return {"rollout": ray.get([r.placement.remote() for r in self.rollouts]),
+                "reward": ray.get([r.placement.remote() for r in self.reward_actors]),
+                "learner": self.from_learners(self.learners.call("placement"))}

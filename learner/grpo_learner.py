@@ -292,6 +292,10 @@ class GrpoLearner:
             self.ema.load_state_dict({k: v.to(self.device) for k, v in ema.items()})
         return self.version
 
+    def placement(self) -> str:
+        """The device this rank trains on (summary.json's `devices`)."""
+        return str(self.device)
+
     def publish(self) -> tuple[dict[str, torch.Tensor], int]:
         """The sampling policy's fp32 weights on the CPU (the EMA if there is one; only the adapters with LoRA), and
         the version (every rank must call it: ZeRO-3 gathers collectively)."""

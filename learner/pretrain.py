@@ -192,6 +192,7 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
     tracker.metrics({f"eval_reward_{k}": v for k, v in scores.items()}, step=pc.iterations)
     return {
         "iterations": pc.iterations,
+        "device": str(dev),
         "wall_time_s": wall,
         "samples_per_s": pc.iterations * pc.batch_size / wall,
         "checkpoint": str(checkpoint.resolve()),

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from learner.config import RunConfig
-from learner.evaluation import generate, save_grid, to_pil
+from learner.evaluation import save_grid, to_pil
+from proxmodel.generate import generate
 from learner.tracking import Tracker
 from proxmodel.model import ProxT2I, load_model
 

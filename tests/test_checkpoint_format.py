@@ -125,7 +125,7 @@ def test_convert_refuses_a_broken_checkpoint_with_exit_2(tiny_model, tmp_path):
 def test_diffusion_pipeline_loads_the_folder_and_samples_as_the_project_does(tiny_model, saved):
     from diffusers import DiffusionPipeline
 
-    from learner.evaluation import generate
+    from proxmodel.generate import generate
 
     pipe = DiffusionPipeline.from_pretrained(saved, trust_remote_code=True)
     assert type(pipe).__name__ == "ProxT2IPipeline"

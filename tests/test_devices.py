@@ -15,7 +15,8 @@ from actors.experience import Group
 from actors.reward import RewardActor
 from actors.rollout import RolloutActor
 from actors.stream import ExperienceStream
-from learner.evaluation import evaluate, hacking_monitors
+from learner.evaluation import evaluate
+from proxmodel.generate import hacking_monitors
 from learner.forward_objective import ForwardBatch, forward_loss
 from learner.grpo_learner import TrainGroup, transition_loss
 from learner.policy_loss import compute_advantages
@@ -39,7 +40,7 @@ def on_meta(model: ProxT2I) -> ProxT2I:
     return copy.deepcopy(model).to("meta").eval()
 
 
-def test_rollout_actor_samples_on_its_device_and_streams_cpu_groups(checkpoint, server):
+def test_rollout_actor_samples_and_evaluates_on_its_device_and_sends_cpu_results(checkpoint, server):
     env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "TRANSFORMERS_", "MLFLOW_", "DS_", "TOKENIZERS"))}
     ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env={"env_vars": env})
     try:
@@ -51,10 +52,17 @@ def test_rollout_actor_samples_on_its_device_and_streams_cpu_groups(checkpoint, 
         audit = OnDevice()
         with audit:
             result = actor.rollout(PROMPTS[:2], [0, 1], iteration=0, seed=0)
+            held_out = actor.evaluate(PROMPTS, STEPS, [5, 6], 1.0, "hybrid", GUIDANCE, ["compositional"])
+            monitors = actor.monitors(PROMPTS[:2], STEPS, 0, 1.0, G, GUIDANCE)
     finally:
         ray.shutdown()
     assert audit.network_devices() == {"meta"}
     assert result["groups"] == 2 and result["dropped"] == 0
+    # GRPO's evaluation runs here too: images and scores come back on the CPU
+    assert held_out["scores"]["compositional"].shape == (len(PROMPTS), 2)
+    assert held_out["images"].device.type == "cpu" and held_out["images"].dtype == torch.uint8
+    assert held_out["images"].shape[0] == len(PROMPTS)
+    assert set(monitors) == {"diversity", "saturation", "kl_ref", "kl_ref_per_transition"}
     for _, group in stream.read("rank0", count=2, timeout_s=5):  # the wire carries CPU tensors
         assert group.states.device.type == "cpu" and group.states.shape[:2] == (G, STEPS)
 

@@ -20,7 +20,7 @@ CHECKPOINT_FILES = ("model_index.json", "unet/diffusion_pytorch_model.safetensor
 
 def test_pretrain_writes_summary_checkpoint_and_mlflow_run(pretrained, store):
     _, uri = store
-    assert pretrained["mode"] == "pretrain" and pretrained["iterations"] == 6
+    assert pretrained["mode"] == "pretrain" and pretrained["iterations"] == 6 and pretrained["device"] == "cpu"
     for key in ("wall_time_s", "samples_per_s", "mlflow_run_id", "checkpoint", "loss_final"):
         assert key in pretrained
     ckpt = Path(pretrained["checkpoint"])
@@ -191,3 +191,55 @@ def test_time_limit_stops_launching_and_trains_what_is_in_flight(pretrained, sto
     assert (root / "timed" / "samples" / "step00001.png").is_file()
     first_pass = MlflowClient(uri).get_metric_history(summary["mlflow_run_id"], "first_pass_log_ratio_max")
     assert [m.value for m in first_pass] == [0.0]
+
+
+def test_the_driver_holds_no_reward_model_and_runs_no_network(pretrained, store, monkeypatch):
+    """GRPO's evaluations (the start's, each eval_every, the end's) are drawn by the rollout actors and scored by the
+    reward actors: the run goes in this process, where any network evaluation or any reward model built fails it (Ray's
+    actors are other processes, untouched). Two rollout actors share the held-out prompts in chunks of two; the
+    start's logged rewards must be the base's own on each chunk's noise, in the prompts' order."""
+    import numpy as np
+    import torch
+
+    import learner.grpo
+    import rewards
+    import rewards.base
+    from actors.rollout import eval_seed
+    from learner.main import main
+    from proxmodel.generate import generate
+    from proxmodel.model import ProxT2I, load_model
+
+    def forbidden(what):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"the driver {what}")
+        return fail
+
+    monkeypatch.setattr(ProxT2I, "_net", forbidden("ran the network"))
+    for module in (rewards, rewards.base):
+        monkeypatch.setattr(module, "build", forbidden("built a reward model"))
+    monkeypatch.setattr(learner.grpo, "EVAL_CHUNK", 2)
+    root, uri = store
+    run_dir = root / "driver"
+    code = main(["--mode", "grpo", "--config", str(SMOKE), f"run_dir={run_dir}", f"mlflow.tracking_uri={uri}",
+                 f"init_from={pretrained['checkpoint']}", "actors.rollout.count=2", "actors.rollout.num_cpus=0.5",
+                 "grpo.iterations=1", "grpo.check_rewards=[compositional_strict]"])
+    assert code == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["eval"]["prompts"] == 4 and summary["eval"]["seeds"] == 2
+    assert set(summary["eval"]["checks"]) == {"compositional_strict"}
+    assert summary["devices"] == {"rollout": ["cpu", "cpu"], "reward": ["cpu"], "learner": ["cpu"]}
+    assert {"diversity", "saturation", "kl_ref", "prompt_diversity"} <= set(summary["monitors"]["after"])
+
+    monkeypatch.undo()  # the network and rewards again, for the test's own computation of what was logged
+    table = json.loads(Path(MlflowClient(uri).download_artifacts(summary["mlflow_run_id"], "samples/step00000.json",
+                                                                 str(root))).read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    base = load_model(pretrained["checkpoint"]).eval()
+    reward = rewards.build("compositional")
+    expected = []
+    for chunk in range(2):
+        prompts = [r["prompt"] for r in rows[2 * chunk: 2 * chunk + 2]]
+        with torch.no_grad():
+            images = generate(base, prompts, 3, eval_seed(0, 0, chunk), 1.0, "hybrid", 1.0)
+        expected += reward.score(images, prompts).tolist()
+    np.testing.assert_allclose([r["compositional"] for r in rows], expected, atol=1e-6)

@@ -86,7 +86,7 @@ def test_a_deepspeed_pretrain_step_trains_in_latent_space_and_leaves_frozen_part
                                                                                         tiny_model_config):
     from learner.data import build_source
     from learner.engine import build_engine, init_distributed
-    from learner.evaluation import generate
+    from proxmodel.generate import generate
     from proxmodel.losses import make_training_pairs, proximal_matching_loss
     from proxmodel.schedule import VPSchedule
 
@@ -125,7 +125,7 @@ def test_pretrain_and_sample_in_latent_space_on_digits(vae_dir, tmp_path):
     assert summary["data_cursor"] == 2 * 8 and torch.isfinite(torch.tensor(summary["loss_final"]))
     checkpoint = load_model(summary["checkpoint"])
     assert checkpoint.cfg.vae == str(vae_dir) and checkpoint.sample_shape(1) == (1, 4, 8, 8)
-    from learner.evaluation import generate
+    from proxmodel.generate import generate
 
     images = generate(checkpoint, ["a handwritten digit 3"] * 2, steps=3, seed=0)
     assert images.shape == (2, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
