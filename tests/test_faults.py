@@ -224,22 +224,27 @@ def stopped_run(stderr: str, proc: subprocess.Popen, run_dir: Path, starts: str)
     return message
 
 
-def test_a_rollout_actor_killed_mid_iteration_is_restarted_and_the_run_ends_as_if_it_had_not_been(
-        pretrained, store, grpo_reference):
-    """SIGKILL of the rollout actor's process while it samples iteration 1 (after the first update). Would catch: no
-    restart (max_restarts), the lost call not made again (the run fails or hangs), the restarted actor sampling
-    with its first weights or other seeds (the final weights and the metrics differ from the uninterrupted run's),
-    a group trained twice or lost (stream counts), a process left behind."""
+@pytest.mark.parametrize("call, state, says", [
+    ("rollout", 1, "sampling iteration 1's prompts [2, 3] again with the same seeds"),
+    ("evaluate", 2, "making its evaluate call again with the same seeds"),
+], ids=["sampling", "final-evaluation"])
+def test_a_rollout_actor_killed_mid_call_is_restarted_and_the_run_ends_as_if_it_had_not_been(
+        pretrained, store, grpo_reference, call, state, says):
+    """SIGKILL of the rollout actor's process while it samples iteration 1 (after the first update), or while it
+    draws the final held-out evaluation (after the last run state). Would catch: no restart (max_restarts), the lost
+    call not made again (the run fails or hangs), the restarted actor sampling or evaluating with its first weights
+    or other seeds (the final weights, the metrics or the held-out numbers differ from the uninterrupted run's), a
+    group trained twice or lost (stream counts), a process left behind."""
     root, uri = store
-    run_dir = root / "rollout-killed"
-    proc = subprocess.Popen(cli(*grpo_args(root, uri, pretrained, "rollout-killed")), cwd=ROOT,
+    run_dir = root / f"rollout-killed-{call}"
+    proc = subprocess.Popen(cli(*grpo_args(root, uri, pretrained, run_dir.name)), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    killed = kill_running(proc, "ray::RolloutActor.rollout",  # iteration 1's call: after run state 1
-                          ready=lambda: (run_dir / "resume" / state_name(1) / MARKER).is_file())
+    killed = kill_running(proc, f"ray::RolloutActor.{call}",  # the first such call after run state `state`
+                          ready=lambda: (run_dir / "resume" / state_name(state) / MARKER).is_file())
     stdout, stderr, processes = finish_watching(proc)
     took = time.monotonic() - killed
     assert proc.returncode == 0, stderr[-3000:]
-    assert "rollout actor 0 died; restarted by Ray (1 of actors.rollout_restarts=3), sampling iteration 1's" in stdout
+    assert f"rollout actor 0 died; restarted by Ray (1 of actors.rollout_restarts=3), {says}" in stdout
     summary = json.loads(Path(stdout.strip().splitlines()[-1]).read_text())
     assert_same_run(uri, grpo_reference, summary)  # same seeds, same weights: the same run
     stream = summary["stream"]
@@ -248,7 +253,7 @@ def test_a_rollout_actor_killed_mid_iteration_is_restarted_and_the_run_ends_as_i
     assert leftovers(processes, wait_s=10) == []
     killed_s, reference_s = ([m.value for m in MlflowClient(uri).get_metric_history(s["mlflow_run_id"], "rollout_s")
                               if m.step == 1][-1] for s in (summary, grpo_reference))
-    print(f"\nrollout actor killed: iteration 1's rollout took {killed_s:.1f} s (uninterrupted: {reference_s:.1f} s); "
+    print(f"\nrollout actor killed in {call}: iteration 1's rollout took {killed_s:.1f} s (uninterrupted: {reference_s:.1f} s); "
           f"kill to the run's end {took:.1f} s; entries written twice: {stream['duplicates']}")
 
 
