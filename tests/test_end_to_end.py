@@ -159,6 +159,7 @@ def test_forward_objective_runs_end_to_end_without_trajectories_on_the_wire(pret
     assert len(history) == summary["iterations"] and all(math.isfinite(m.value) for m in history)
 
 
+@pytest.mark.slow
 def test_async_grpo_respects_the_staleness_bound(pretrained, store):
     root, uri = store
     proc = run_cli(
@@ -176,6 +177,7 @@ def test_async_grpo_respects_the_staleness_bound(pretrained, store):
     assert [m.value for m in stale] == [0.0, 0.0, 0.0]
 
 
+@pytest.mark.slow
 def test_time_limit_stops_launching_and_trains_what_is_in_flight(pretrained, store):
     """Also in bf16 (deepspeed.bf16 reaches the rollout actors: their log-probs are the learner's exactly)."""
     root, uri = store
@@ -193,6 +195,7 @@ def test_time_limit_stops_launching_and_trains_what_is_in_flight(pretrained, sto
     assert [m.value for m in first_pass] == [0.0]
 
 
+@pytest.mark.slow
 def test_the_driver_holds_no_reward_model_and_runs_no_network(pretrained, store, monkeypatch):
     """GRPO's evaluations (the start's, each eval_every, the end's) are drawn by the rollout actors and scored by the
     reward actors: the run goes in this process, where any network evaluation or any reward model built fails it (Ray's

@@ -226,7 +226,7 @@ def stopped_run(stderr: str, proc: subprocess.Popen, run_dir: Path, starts: str)
 
 @pytest.mark.parametrize("call, state, says", [
     ("rollout", 1, "sampling iteration 1's prompts [2, 3] again with the same seeds"),
-    ("evaluate", 2, "making its evaluate call again with the same seeds"),
+    pytest.param("evaluate", 2, "making its evaluate call again with the same seeds", marks=pytest.mark.slow),
 ], ids=["sampling", "final-evaluation"])
 def test_a_rollout_actor_killed_mid_call_is_restarted_and_the_run_ends_as_if_it_had_not_been(
         pretrained, store, grpo_reference, call, state, says):
@@ -259,7 +259,7 @@ def test_a_rollout_actor_killed_mid_call_is_restarted_and_the_run_ends_as_if_it_
 
 @pytest.mark.parametrize("victim, title, starts", [
     ("learner rank", "ray::GrpoLearner.train", "learner rank 0 died: its process ended"),
-    ("redis-server", "redis-server", "the run's Redis stopped answering"),
+    pytest.param("redis-server", "redis-server", "the run's Redis stopped answering", marks=pytest.mark.slow),
 ], ids=["learner-rank", "redis-server"])
 def test_a_killed_learner_rank_or_redis_server_stops_the_run_at_once_with_one_message(pretrained, store, victim,
                                                                                        title, starts):

@@ -57,6 +57,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_a_run_that_looks_hacked_stops_and_exports_its_best_clean_checkpoint(tmp_path):
     """The whole stack (real Ray actors, Redis, DeepSpeed, MLflow) in a driver process whose detector is forced to
     see hacking at the first evaluation (its own logic is tested above), with rollouts one version ahead in flight.

@@ -64,6 +64,7 @@ def test_grpo_zero2_killed_with_sigkill_resumes_exactly(pretrained, store, grpo_
     assert first["resumed_at"] == []
 
 
+@pytest.mark.slow
 def test_grpo_zero3_sigterm_checkpoints_stops_everything_and_resumes_exactly(pretrained, store):
     """SIGTERM mid-run: a run state, every child stopped, exit within 60 s with one line naming the resume command;
     then --resume matches an uninterrupted ZeRO-3 run. Would catch: no handler (exit without a state), a
