@@ -18,7 +18,7 @@ import torch
 
 from learner.config import RunConfig
 from learner.data import build_source, drop_captions
-from proxmodel.losses import make_score_pairs, make_training_pairs, mse_loss, proximal_matching_loss
+from proxmodel.losses import conditional_noise, make_score_pairs, make_training_pairs, mse_loss, proximal_matching_loss
 from proxmodel.model import ProxT2I
 from proxmodel.schedule import VPSchedule
 
@@ -37,6 +37,7 @@ class DataAnchor:
         self.steps = mc.trained_steps or cfg.pretrain.step_candidates
         self.variants = tuple(mc.trained_variants or cfg.pretrain.prox_variants)
         self.schedule = VPSchedule()
+        self.target = cfg.pretrain.target  # pretraining's eps target
 
     def loss(self, engine, model: ProxT2I, step: int, generator: torch.Generator,
              device: torch.device) -> torch.Tensor:
@@ -49,4 +50,6 @@ class DataAnchor:
             y, t, xi = make_score_pairs(x0, self.schedule, self.t_min, generator)
             return self.weight * mse_loss(engine(y, t, torch.zeros_like(t), tokens=tokens), xi)
         y, t, lam, xi = make_training_pairs(x0, self.schedule, self.steps, generator, self.variants)
+        if self.target == "conditional":
+            xi = conditional_noise(y, x0, t, lam, self.schedule)
         return self.weight * proximal_matching_loss(engine(y, t, lam, tokens=tokens), xi, self.zeta)

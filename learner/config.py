@@ -78,6 +78,12 @@ class PretrainConfig(Strict):
     )
     l1_warmup_frac: float = Field(0.33, ge=0, lt=1, description="fraction of training with the L1 loss")
     zeta0: float = Field(1.0, gt=0, description="proximal-matching zeta of the first stage; the second uses zeta0/2")
+    target: Literal["noise", "conditional"] = Field(
+        "conditional", description="kind prox: the regression target of eps. conditional: E[xi | x0, y], the same "
+        "conditional mean as the drawn noise without the noise of how y's noise splits between x_t and xi, which "
+        "otherwise drowns the caption's share of the gradient (a documented deviation from ProxDM; on the digits it "
+        "took caption accuracy at 10 steps from chance to 0.58, docs/results.md); noise: the drawn xi (ProxDM)"
+    )
     log_every: int = Field(10, ge=1, description="log losses to MLflow every this many steps")
     checkpoint_every: int = Field(
         500, ge=1, description="every this many steps: overwrite run_dir/checkpoint and write a run state "

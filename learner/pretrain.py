@@ -28,7 +28,8 @@ from learner.resume import (
 from learner.progress import steady_range
 from learner.signals import STOP
 from learner.tracking import Tracker
-from proxmodel.losses import LossSchedule, make_score_pairs, make_training_pairs, mse_loss
+from proxmodel.losses import (LossSchedule, conditional_noise, make_score_pairs, make_training_pairs,
+                              mse_loss)
 from proxmodel.config import ModelConfig
 from proxmodel.checkpoint import write_card
 from proxmodel.model import ProxT2I, load_model, save_state
@@ -46,7 +47,8 @@ def record_training(model: ProxT2I, source, cfg: RunConfig) -> ModelConfig:
     mc, pc = model.cfg, cfg.pretrain
     update: dict = {}
     if mc.kind == "prox":
-        update.update(trained_steps=list(pc.step_candidates), trained_variants=list(pc.prox_variants))
+        update.update(trained_steps=list(pc.step_candidates), trained_variants=list(pc.prox_variants),
+                      trained_target=pc.target)
         if mc.prox_param == "precond" and mc.sigma_data is None:
             images, _ = source.batch(cfg.data.cursor, SIGMA_DATA_SAMPLES)
             x0 = model.encode_images(images)
@@ -142,6 +144,8 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
                 lam = torch.zeros_like(t)
             else:
                 y, t, lam, xi = make_training_pairs(x0, schedule, pc.step_candidates, gen, tuple(pc.prox_variants))
+                if pc.target == "conditional":
+                    xi = conditional_noise(y, x0, t, lam, schedule)
             eps = engine(y, t, lam, tokens=model.tokenize(captions, dev))
             loss = mse_loss(eps, xi) if mc.kind == "score" else losses.loss(step, eps, xi)
             train_step(engine, loss)

@@ -62,6 +62,10 @@ class ModelConfig(Strict):
     trained_variants: Optional[list[Literal["hybrid", "backward", "flow"]]] = Field(
         None, description="recorded by pretraining: the samplers whose lam values were trained (pretrain.prox_variants)"
     )
+    trained_target: Optional[Literal["noise", "conditional"]] = Field(
+        None, description="recorded by pretraining: the eps regression target (pretrain.target); null = noise, as "
+        "every checkpoint written before the option existed"
+    )
     vae: Optional[str] = Field(
         None, description="folder of a diffusers AutoencoderKL (config.json + diffusion_pytorch_model.safetensors): "
         "the model then works in its latent space; frozen, and referenced by this path (not copied); null = pixels",

@@ -147,7 +147,8 @@ def precond_coefficients(alpha: torch.Tensor, lam: torch.Tensor,
     eps = sqrt(lam) / (v_t + lam) y: that is the skip term, so with F = 0 the prox is exact for Gaussian data and
     shrinks any input, however noisy, by the Gaussian's factor. c_in = 1 / sqrt(v_t + lam) gives F unit-variance
     inputs in training; c_out = sqrt(v_t / (v_t + lam)), the std of xi given y under the Gaussian, gives its target
-    unit variance (docs/calibration.md derives both). The prox is c_skip y - sqrt(lam v_t / (v_t + lam)) F.
+    unit variance (docs/results.md, "Sampler calibration", derives both). The prox is
+    c_skip y - sqrt(lam v_t / (v_t + lam)) F.
     """
     v = marginal_variance(alpha, sigma_data)
     total = v + lam

@@ -28,6 +28,9 @@ def test_pretrain_writes_summary_checkpoint_and_mlflow_run(pretrained, store):
     card = (ckpt / "README.md").read_text()  # the model card says how it was made
     assert "mode: pretrain" in card and "iterations: 6 of 6" in card and "config_fingerprint: " in card
     assert "held_out_rewards" in card
+    from proxmodel.model import load_model  # the checkpoint records what it was trained on
+    recorded = load_model(ckpt).cfg
+    assert recorded.trained_target == "conditional" and recorded.trained_steps == [3]
     client = MlflowClient(uri)
     run = client.get_run(pretrained["mlflow_run_id"])
     assert run.info.status == "FINISHED"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from proxmodel.losses import LossSchedule, make_training_pairs, proximal_matching_loss
+from proxmodel.losses import LossSchedule, conditional_noise, make_training_pairs, proximal_matching_loss
 from proxmodel.model import load_model, save_model
 from proxmodel.schedule import VPSchedule
 
@@ -52,6 +52,39 @@ def test_prox_parameterisation_and_loss_schedule():
     # Proximal matching is bounded in [0, 1) and zero only at a perfect match.
     assert float(proximal_matching_loss(xi, xi, 0.5)) == 0.0
     assert 0.0 < float(proximal_matching_loss(xi + 10, xi, 0.5)) <= 1.0
+
+
+
+def test_the_conditional_target_keeps_the_regression_and_drops_the_noise_split():
+    """E[xi | x0, y] as the eps target: on Gaussian data (x0 ~ N(0, s^2)) the best linear predictor of either target
+    from y is the same (so is the MSE minimiser, the exact Gaussian eps), while the conditional target's residual
+    variance is only the data's share. Would catch a wrong coefficient (e.g. 1/sqrt of the variance, or alpha for
+    sqrt(alpha)): the slopes would differ, or the residual xi - target would correlate with y's noise."""
+    g, s = torch.Generator().manual_seed(0), 0.8
+    schedule = VPSchedule()
+    x0 = s * torch.randn(4096, 1, 8, 8, generator=g)
+    for t_value, lam_value in ((0.9, 1.9), (0.5, 1.1), (0.1, 0.3)):
+        t, lam = torch.full((4096,), t_value), torch.full((4096,), lam_value)
+        alpha = float(schedule.alpha(t[:1]))
+        xi_t, xi = torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
+        n = (1 - alpha) ** 0.5 * xi_t + lam_value**0.5 * xi
+        y = alpha**0.5 * x0 + n
+        target = conditional_noise(y, x0, t, lam, schedule)
+        # E[xi | n] is the projection: what is left is uncorrelated with n, and has the split's variance.
+        left = xi - target
+        assert abs(float((left * n).mean())) < 0.03
+        assert abs(float(left.var()) - (1 - alpha) / (1 - alpha + lam_value)) < 0.03
+        # Same regression on y: slope cov(target, y) / var(y) equals the exact Gaussian eps's, sqrt(lam) / (v + lam).
+        v = alpha * s * s + 1 - alpha
+        exact = lam_value**0.5 / (v + lam_value)
+        for name, z in (("noise", xi), ("conditional", target)):
+            slope = float((z * y).mean() / (y * y).mean())
+            assert abs(slope - exact) < 0.02, (name, t_value, slope, exact)
+        # ... and exactly the split's variance less noise around it (total variance: xi - target is orthogonal to
+        # every function of (x0, y)).
+        split = (1 - alpha) / (1 - alpha + lam_value)
+        noise_var, target_var = float((xi - exact * y).var()), float((target - exact * y).var())
+        assert abs(noise_var - target_var - split) < 0.03 and target_var < noise_var - 0.2
 
 
 def _zero_correction(model):
