@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from proxmodel.losses import make_training_pairs
+from proxmodel.losses import conditional_noise, make_training_pairs
 from proxmodel.schedule import VPSchedule
 
 
@@ -53,12 +53,18 @@ class ForwardBatch:
     @classmethod
     def build(cls, model, x0: torch.Tensor, tokens: torch.Tensor, advantages: torch.Tensor, *,
               step_candidates: list[int], variants: tuple[str, ...], adv_scale: float,
-              generator: torch.Generator, tie: int = 1, negatives: bool = True) -> "ForwardBatch":
+              generator: torch.Generator, tie: int = 1, negatives: bool = True,
+              target: str = "noise") -> "ForwardBatch":
         """(t, lam) drawn as in pretraining from the (steps, variants) the model was trained on; e_old from `model`
         as it is now (call before the batch's first optimiser step). tie = G: the G samples of a group (consecutive
         in x0) share their (t, lam) and noises, so the part of their losses' gradients that does not depend on the
-        sample cancels in the advantage-weighted sum (sum_i (2 r_i - 1) = 0 in a group)."""
-        y, t, lam, xi = make_training_pairs(x0, VPSchedule(), step_candidates, generator, variants, tie)
+        sample cancels in the advantage-weighted sum (sum_i (2 r_i - 1) = 0 in a group). target = conditional:
+        xi is replaced by E[xi | x0, y] (pretrain.target), which leaves the minimiser above unchanged (r depends on
+        the sample only) and removes the noise of how y's noise splits between x_t and xi."""
+        schedule = VPSchedule()
+        y, t, lam, xi = make_training_pairs(x0, schedule, step_candidates, generator, variants, tie)
+        if target == "conditional":
+            xi = conditional_noise(y, x0, t, lam, schedule)
         with torch.no_grad():
             eps_old = model(y, t, lam, tokens=tokens)
         return cls(y, t, lam, xi, tokens, eps_old, optimality(advantages, adv_scale, negatives).to(y.device))

@@ -85,6 +85,32 @@ def test_one_improvement_step_on_gaussian_data_moves_towards_the_rewarded_side(s
         assert sign * b_star < -0.02
 
 
+
+def test_the_conditional_target_keeps_the_improvement_step_and_removes_its_noise():
+    """The improvement step's least-squares fit (as above: reward x, here on a 5- and 10-step grid so the noise
+    splits) over independent pair draws: with target=conditional its mean is the noise target's (the same
+    minimiser), and the per-pair noise around the fit, which is what each gradient carries, is far smaller. Would
+    catch a conditional target with another mean (the fits would disagree) or one that is still the drawn noise."""
+    torch.manual_seed(0)
+    n = 4000
+    x0 = torch.randn(n, 1).sign()  # two-point data: what x0 is shows through the noise, how the noise split does not
+    adv = (x0 - x0.mean()) / x0.std()
+    r = (0.5 + 0.5 * adv.view(n).clamp(-1, 1)).view(n, 1)
+    fits, noise_left = {"noise": [], "conditional": []}, {"noise": [], "conditional": []}
+    for seed in range(12):
+        for target in fits:
+            batch = ForwardBatch.build(LinearEps(0.3, 0.0), x0, None, adv.view(n), step_candidates=[5, 10],
+                                       variants=("hybrid",), adv_scale=1.0,
+                                       generator=torch.Generator().manual_seed(seed), target=target)
+            tilted = (batch.eps_old + (2 * r - 1) * (batch.xi - batch.eps_old)).double()
+            design = torch.cat([batch.y, torch.ones(n, 1)], dim=1).double()
+            fit = torch.linalg.lstsq(design, tilted).solution
+            fits[target].append(fit.view(2))
+            noise_left[target].append(float((tilted - design @ fit).pow(2).mean()))
+    noise, conditional = (torch.stack(f) for f in fits.values())
+    assert torch.allclose(noise.mean(0), conditional.mean(0), atol=3 * float(noise.std(0).max()) / 12**0.5)
+    assert sum(noise_left["conditional"]) < 0.5 * sum(noise_left["noise"])
+
 def test_the_anchor_pulls_towards_the_reference_on_the_same_inputs():
     x0 = torch.randn(64, 1)
     model, reference = LinearEps(), LinearEps(0.0, 0.5)
