@@ -69,6 +69,9 @@ RECIPES: dict[str, list[str]] = {
     "kl0.5-p12": ["grpo.kl_coef=0.5", "grpo.prompts_per_iteration=12"],
     # session 9: the default twice as long (does the gain keep growing inside the trust region?)
     "kl0.5-60it": ["grpo.kl_coef=0.5", "grpo.iterations=60"],
+    # session 11: the default from a base pretrained with the conditional eps target (pretrain.target), which
+    # follows its captions; run with --set init_from=<that checkpoint> (2000 steps of the default pretraining)
+    "default-condbase": [],
 }
 
 REWARD = "total"
