@@ -18,7 +18,7 @@ import torch
 
 from learner.config import RunConfig
 from learner.data import build_source, drop_captions
-from proxmodel.losses import conditional_noise, make_score_pairs, make_training_pairs, mse_loss, proximal_matching_loss
+from proxmodel.losses import make_score_pairs, make_training_pairs, mse_loss, proximal_matching_loss
 from proxmodel.model import ProxT2I
 from proxmodel.schedule import VPSchedule
 
@@ -49,7 +49,6 @@ class DataAnchor:
         if model.cfg.kind == "score":
             y, t, xi = make_score_pairs(x0, self.schedule, self.t_min, generator)
             return self.weight * mse_loss(engine(y, t, torch.zeros_like(t), tokens=tokens), xi)
-        y, t, lam, xi = make_training_pairs(x0, self.schedule, self.steps, generator, self.variants)
-        if self.target == "conditional":
-            xi = conditional_noise(y, x0, t, lam, self.schedule)
+        y, t, lam, xi = make_training_pairs(x0, self.schedule, self.steps, generator, self.variants,
+                                            target=self.target)
         return self.weight * proximal_matching_loss(engine(y, t, lam, tokens=tokens), xi, self.zeta)

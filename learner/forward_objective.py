@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from proxmodel.losses import conditional_noise, make_training_pairs
+from proxmodel.losses import make_training_pairs
 from proxmodel.schedule import VPSchedule
 
 
@@ -61,10 +61,7 @@ class ForwardBatch:
         sample cancels in the advantage-weighted sum (sum_i (2 r_i - 1) = 0 in a group). target = conditional:
         xi is replaced by E[xi | x0, y] (pretrain.target), which leaves the minimiser above unchanged (r depends on
         the sample only) and removes the noise of how y's noise splits between x_t and xi."""
-        schedule = VPSchedule()
-        y, t, lam, xi = make_training_pairs(x0, schedule, step_candidates, generator, variants, tie)
-        if target == "conditional":
-            xi = conditional_noise(y, x0, t, lam, schedule)
+        y, t, lam, xi = make_training_pairs(x0, VPSchedule(), step_candidates, generator, variants, tie, target)
         with torch.no_grad():
             eps_old = model(y, t, lam, tokens=tokens)
         return cls(y, t, lam, xi, tokens, eps_old, optimality(advantages, adv_scale, negatives).to(y.device))

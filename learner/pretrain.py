@@ -28,8 +28,7 @@ from learner.resume import (
 from learner.progress import steady_range
 from learner.signals import STOP
 from learner.tracking import Tracker
-from proxmodel.losses import (LossSchedule, conditional_noise, make_score_pairs, make_training_pairs,
-                              mse_loss)
+from proxmodel.losses import LossSchedule, make_score_pairs, make_training_pairs, mse_loss
 from proxmodel.config import ModelConfig
 from proxmodel.checkpoint import write_card
 from proxmodel.model import ProxT2I, load_model, save_state
@@ -143,9 +142,8 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
                 y, t, xi = make_score_pairs(x0, schedule, pc.score_t_min, gen)
                 lam = torch.zeros_like(t)
             else:
-                y, t, lam, xi = make_training_pairs(x0, schedule, pc.step_candidates, gen, tuple(pc.prox_variants))
-                if pc.target == "conditional":
-                    xi = conditional_noise(y, x0, t, lam, schedule)
+                y, t, lam, xi = make_training_pairs(x0, schedule, pc.step_candidates, gen, tuple(pc.prox_variants),
+                                                    target=pc.target)
             eps = engine(y, t, lam, tokens=model.tokenize(captions, dev))
             loss = mse_loss(eps, xi) if mc.kind == "score" else losses.loss(step, eps, xi)
             train_step(engine, loss)

@@ -52,10 +52,12 @@ def make_training_pairs(
     generator: torch.Generator | None = None,
     variants: tuple[str, ...] = ("hybrid",),
     tie: int = 1,
+    target: str = "noise",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, t, lam, xi) with x_t = sqrt(alpha_t) x0 + sqrt(1 - alpha_t) xi', y = x_t + sqrt(lam) xi.
+    """(y, t, lam, target) with x_t = sqrt(alpha_t) x0 + sqrt(1 - alpha_t) xi', y = x_t + sqrt(lam) xi.
 
-    The prox target is x_t; under prox = y - sqrt(lam) eps the regression target of eps is xi. With tie = k, each
+    The prox target is x_t; under prox = y - sqrt(lam) eps the regression target of eps is xi (target="noise",
+    ProxDM), or E[xi | x0, y] (target="conditional", `conditional_noise`; pretrain.target). With tie = k, each
     run of k consecutive samples shares its (t, lam, xi, xi') (common random numbers for samples compared with
     each other, e.g. a GRPO group).
     """
@@ -71,6 +73,8 @@ def make_training_pairs(
     alpha = schedule.alpha(t).view(view)
     x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * xi_t
     y = x_t + lam.sqrt().view(view) * xi
+    if target == "conditional":
+        xi = conditional_noise(y, x0, t, lam, schedule)
     return y, t, lam, xi
 
 

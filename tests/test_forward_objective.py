@@ -85,7 +85,6 @@ def test_one_improvement_step_on_gaussian_data_moves_towards_the_rewarded_side(s
         assert sign * b_star < -0.02
 
 
-
 def test_the_conditional_target_keeps_the_improvement_step_and_removes_its_noise():
     """The improvement step's least-squares fit (as above: reward x, here on a 5- and 10-step grid so the noise
     splits) over independent pair draws: with target=conditional its mean is the noise target's (the same
@@ -110,6 +109,7 @@ def test_the_conditional_target_keeps_the_improvement_step_and_removes_its_noise
     noise, conditional = (torch.stack(f) for f in fits.values())
     assert torch.allclose(noise.mean(0), conditional.mean(0), atol=3 * float(noise.std(0).max()) / 12**0.5)
     assert sum(noise_left["conditional"]) < 0.5 * sum(noise_left["noise"])
+
 
 def test_the_anchor_pulls_towards_the_reference_on_the_same_inputs():
     x0 = torch.randn(64, 1)

@@ -54,7 +54,6 @@ def test_prox_parameterisation_and_loss_schedule():
     assert 0.0 < float(proximal_matching_loss(xi + 10, xi, 0.5)) <= 1.0
 
 
-
 def test_the_conditional_target_keeps_the_regression_and_drops_the_noise_split():
     """E[xi | x0, y] as the eps target: on Gaussian data (x0 ~ N(0, s^2)) the best linear predictor of either target
     from y is the same (so is the MSE minimiser, the exact Gaussian eps), while the conditional target's residual
@@ -85,6 +84,13 @@ def test_the_conditional_target_keeps_the_regression_and_drops_the_noise_split()
         split = (1 - alpha) / (1 - alpha + lam_value)
         noise_var, target_var = float((xi - exact * y).var()), float((target - exact * y).var())
         assert abs(noise_var - target_var - split) < 0.03 and target_var < noise_var - 0.2
+    # make_training_pairs(target="conditional") is the same draw with this target (what pretraining, the data
+    # anchor and the forward objective train on).
+    drawn = make_training_pairs(x0, schedule, [5, 10], torch.Generator().manual_seed(1))
+    y, t, lam, target = make_training_pairs(x0, schedule, [5, 10], torch.Generator().manual_seed(1),
+                                            target="conditional")
+    assert all(torch.equal(a, b) for a, b in zip(drawn[:3], (y, t, lam)))
+    assert torch.equal(target, conditional_noise(y, x0, t, lam, schedule)) and not torch.equal(target, drawn[3])
 
 
 def _zero_correction(model):
