@@ -74,8 +74,10 @@ def measure(model, prompts: list[str], steps: int, seeds: int, sampler: str, dat
                 alpha = VPSchedule().alpha(grid.t[:-1].float()).flip(0)
                 trained = marginal_variance(alpha, model.cfg.sigma_data or 1.0) + grid.gamma.float().flip(0)
                 query.append(traj.states.transpose(0, 1).flatten(1).var(dim=1) / trained)
-    estimate = bootstrap_ci(torch.stack(scores, dim=1).numpy())
-    out = {"var_ratio": float(torch.cat(finals).var()) / data_var, "reward": estimate.as_dict(), "text": str(estimate)}
+    matrix = torch.stack(scores, dim=1).numpy()  # [prompts, seeds]
+    estimate = bootstrap_ci(matrix)
+    out = {"var_ratio": float(torch.cat(finals).var()) / data_var, "reward": estimate.as_dict(), "text": str(estimate),
+           "scores": matrix.tolist()}
     if query:
         out["query_ratios"] = [round(float(v), 2) for v in torch.stack(query).mean(0)]
     return out
@@ -91,8 +93,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "calibration")
     args = parser.parse_args()
 
+    import numpy as np
     import torch
 
+    from learner.bootstrap import bootstrap_ci
     from learner.config import DataConfig
     from learner.data import EVAL_SEED_OFFSET, ScenesSource
     from learner.main import resolve_checkpoint
@@ -106,8 +110,10 @@ def main() -> None:
     results: dict = {}
     lines = [f"{args.prompts} held-out scene prompts x {args.seeds} noise seeds; reward = compositional accuracy, "
              "mean [95% bootstrap CI over prompts and seeds]; var ratio = var(samples) / var(data); query ratios = "
-             "var(y_k) / (v_t + lam) along the stochastic chain, k = N..1", "",
-             "| model | sampler | N | var ratio | reward | query ratios |", "|---|---|---|---|---|---|"]
+             "var(y_k) / (v_t + lam) along the stochastic chain, k = N..1; vs first model = the paired difference of "
+             "the reward from the first --models entry (same prompts and noise) with its 95% bootstrap CI", "",
+             "| model | sampler | N | var ratio | reward | vs first model | query ratios |",
+             "|---|---|---|---|---|---|---|"]
     for spec in args.models:
         name, ref = spec.split("=", 1)
         model = load_model(resolve_checkpoint(ref))
@@ -120,7 +126,12 @@ def main() -> None:
             for sampler in samplers:
                 r = measure(model, prompts, steps, args.seeds, sampler, data_var, reward)
                 results.setdefault(name, {}).setdefault(sampler, {})[steps] = r
-                row = (f"| {name} | {sampler} | {steps} | {r['var_ratio']:.2f} | {r['text']} | "
+                first = results[next(iter(results))].get(sampler, {}).get(steps)
+                paired = "-"
+                if first is not None and first is not r:
+                    diff = bootstrap_ci(np.asarray(r["scores"]) - np.asarray(first["scores"]))
+                    r["vs_first"], paired = diff.as_dict(), str(diff)
+                row = (f"| {name} | {sampler} | {steps} | {r['var_ratio']:.2f} | {r['text']} | {paired} | "
                        f"{' '.join(map(str, r.get('query_ratios', []))) or '-'} |")
                 lines.append(row)
                 print(row, flush=True)
