@@ -72,6 +72,13 @@ RECIPES: dict[str, list[str]] = {
     # session 11: the default from a base pretrained with the conditional eps target (pretrain.target), which
     # follows its captions; run with --set init_from=<that checkpoint> (2000 steps of the default pretraining)
     "default-condbase": [],
+    # session 12: the default from the shipped base continued 2000 steps with the conditional eps target (the base
+    # shipped since session 12); run with --set init_from=<that checkpoint> before it was shipped
+    "default-condcont": [],
+    # session 12: looser trust regions at the default lr (kl 0 drifted ~23 nats per transition and hacked; 0.5 holds
+    # the policy at ~0.4 nats and gains ~+0.02: is the gain limited by the distance the KL allows?)
+    "kl0.2": ["grpo.kl_coef=0.2"],
+    "kl0.1": ["grpo.kl_coef=0.1"],
 }
 
 REWARD = "total"
