@@ -1,14 +1,22 @@
-"""Prox-GRPO vs score-GRPO: reward against wall-clock time and against sampler calls, on equal terms.
+"""Prox policy gradient vs prox forward objective vs score-GRPO: held-out reward against time and images, on equal terms.
 
-    python benchmarks/grpo_reward_vs_time.py [--quick] [--out benchmarks/results/grpo_vs_time]
+    python benchmarks/grpo_reward_vs_time.py [--models DIR] [--seeds 0 1 2] [--budget-s 300] [--quick]
 
-1. Pretrains a prox model and a score model (`model.kind: score`, eps-MSE) of the same backbone, data, seed,
-   iterations and batch size (`--pretrain-iterations`), with `python -m learner.main --mode pretrain`.
-2. Reward-fine-tunes each with GRPO on the same reward (the default config's compositional verifier), the same
-   prompts, group size and sampler steps, for the same wall-clock budget (`grpo.time_limit_s`): the prox model's
-   policy is its hybrid sampler, the score model's is Euler-Maruyama with its final denoising step (DDPO-style).
-3. Reads the per-iteration reward and timings from MLflow, prints a markdown table, writes the curves as a plot.
-The goal it reports on: prox-GRPO reaches score-GRPO's final reward in half the time or less.
+1. Bases: a prox and a score model of the same backbone, data, seed, iterations and batch size, pretrained here
+   (`--pretrain-iterations`, `python -m learner.main --mode pretrain`) or reused from `--models DIR`
+   (DIR/scenes/prox and DIR/scenes/score, as `quality_vs_steps.py --keep-models` or this script's `--keep-models`
+   write them).
+2. Reward-fine-tunes each policy with GRPO on the same reward (the config's compositional verifier), prompts, group
+   size and sampler steps, for the same wall-clock budget (`grpo.time_limit_s`), once per seed:
+       prox-pg       the prox model, per-step policy gradient on its stochastic hybrid sampler (the default)
+       prox-forward  the prox model, the forward-process objective on its samples (`grpo.objective=forward`)
+       score-pg      the score model, Euler-Maruyama with its final denoising step (DDPO-style)
+   Every `--eval-every` iterations the run evaluates the held-out prompts (the same prompts and noise for all).
+3. Reads rewards, timings and held-out evaluations from MLflow; prints a markdown table (final held-out reward with
+   its 95% interval, per seed and mean; seconds and images to reach score-pg's final held-out reward); plots the
+   held-out reward with its interval band against GRPO seconds (rollouts + updates + weight publication, evaluation
+   excluded) and against images sampled.
+The goal it reports on: prox (either objective) reaches score-GRPO's final held-out reward in <= 0.5x its time.
 """
 
 from __future__ import annotations
@@ -25,6 +33,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("prox", "score")
+POLICIES = {  # name -> (base model kind, overrides)
+    "prox-pg": ("prox", ["grpo.objective=policy_gradient"]),
+    "prox-forward": ("prox", ["grpo.objective=forward"]),
+    "score-pg": ("score", ["grpo.objective=policy_gradient"]),
+}
+COLORS = {"prox-pg": "#2a7", "prox-forward": "#27c", "score-pg": "#c44"}
 
 
 def cli(mode: str, config: Path, run_dir: Path, uri: str, overrides: list[str]) -> dict:
@@ -38,46 +52,74 @@ def cli(mode: str, config: Path, run_dir: Path, uri: str, overrides: list[str]) 
     return json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())
 
 
-def curve(summary: dict, uri: str, images_per_iteration: int, steps: int) -> dict[str, np.ndarray]:
-    """Per iteration: cumulative GRPO time (rollouts + updates + weight publication), cumulative sampler network calls, mean reward."""
+def curve(summary: dict, uri: str, images_per_iteration: int) -> dict[str, np.ndarray]:
+    """Per iteration: cumulative GRPO seconds (rollouts + updates + weight publication), images, training reward; and
+    the held-out evaluations (step 0 = the base) at the seconds and images of their step, with their intervals."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
 
-    def series(key: str) -> np.ndarray:
-        return np.array([m.value for m in sorted(client.get_metric_history(summary["mlflow_run_id"], key), key=lambda m: m.step)])
+    def series(key: str) -> tuple[np.ndarray, np.ndarray]:
+        ms = sorted(client.get_metric_history(summary["mlflow_run_id"], key), key=lambda m: m.step)
+        return np.array([m.step for m in ms]), np.array([m.value for m in ms])
 
-    reward = series("reward_mean")
-    seconds = np.cumsum(series("rollout_s") + series("update_s") + series("publish_s"))
-    calls = np.arange(1, len(reward) + 1) * images_per_iteration * steps
-    return {"seconds": seconds, "calls": calls, "reward": reward}
+    _, reward = series("reward_mean")
+    seconds = np.cumsum(series("rollout_s")[1] + series("update_s")[1] + series("publish_s")[1])
+    images = np.arange(1, len(reward) + 1) * images_per_iteration
+    steps, held = series("eval_reward_total")
+    at = np.concatenate([[0.0], seconds])  # seconds after `step` iterations
+    return {"seconds": seconds, "images": images, "reward": reward, "eval_step": steps, "eval": held,
+            "eval_low": series("eval_reward_total_ci_low")[1], "eval_high": series("eval_reward_total_ci_high")[1],
+            "eval_seconds": at[np.minimum(steps, len(seconds))].astype(float),
+            "eval_images": steps * images_per_iteration}
 
 
-def smooth(x: np.ndarray, window: int) -> np.ndarray:
-    """Trailing mean over `window` iterations (the per-iteration reward of 48 images is noisy)."""
-    return np.array([x[max(0, i - window + 1): i + 1].mean() for i in range(len(x))])
+def once_per_step(c: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The held-out evaluations with one per step (a run ending on an eval_every step evaluates it twice)."""
+    last = np.array([i for i, step in enumerate(c["eval_step"]) if i + 1 == len(c["eval_step"])
+                     or c["eval_step"][i + 1] != step])
+    return {k: (v[last] if k.startswith("eval") else v) for k, v in c.items()}
 
 
-def time_to_reach(c: dict[str, np.ndarray], target: float, window: int) -> float | None:
-    hit = np.nonzero(smooth(c["reward"], window) >= target)[0]
-    return float(c["seconds"][hit[0]]) if len(hit) else None
+def reach(c: dict[str, np.ndarray], target: float) -> tuple[float, float] | None:
+    """(seconds, images) at the first held-out evaluation at or above `target`; None if none is."""
+    hit = np.nonzero(c["eval"] >= target)[0]
+    return (float(c["eval_seconds"][hit[0]]), float(c["eval_images"][hit[0]])) if len(hit) else None
+
+
+def bases(args, scratch: Path, uri: str) -> dict[str, str]:
+    """kind -> checkpoint: reused from --models, or pretrained here (and kept with --keep-models)."""
+    if args.models:
+        return {kind: str(args.models / "scenes" / kind) for kind in KINDS}
+    out = {}
+    iterations = args.pretrain_iterations or (300 if args.quick else 2000)
+    for kind in KINDS:
+        pre = cli("pretrain", args.config, scratch / f"pretrain-{kind}", uri,
+                  [f"model.kind={kind}", f"pretrain.iterations={iterations}"])
+        out[kind] = pre["checkpoint"]
+        if args.keep_models:
+            shutil.copytree(pre["checkpoint"], args.keep_models / "scenes" / kind, dirs_exist_ok=True)
+            (args.keep_models / "scenes" / "pretrain.json").write_text(json.dumps({"iterations": iterations}) + "\n")
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small budgets (about 15 minutes on 2 cores)")
-    parser.add_argument("--pretrain-iterations", type=int, default=None, help="default 2000 (quick: 300)")
-    parser.add_argument("--budget-s", type=float, default=None, help="GRPO seconds per model; default 900 (quick: 120)")
-    parser.add_argument("--window", type=int, default=5, help="iterations averaged for the final reward")
+    parser.add_argument("--quick", action="store_true", help="small budgets (a smoke check of the pipeline)")
+    parser.add_argument("--models", type=Path, default=None, help="reuse DIR/scenes/prox and DIR/scenes/score")
+    parser.add_argument("--pretrain-iterations", type=int, default=None, help="without --models: default 2000 (quick: 300)")
+    parser.add_argument("--keep-models", type=Path, default=None, help="copy the pretrained bases to DIR/scenes/<kind>")
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--budget-s", type=float, default=None, help="GRPO seconds per run; default 300 (quick: 60)")
+    parser.add_argument("--eval-every", type=int, default=5, help="iterations between held-out evaluations")
+    parser.add_argument("--eval-prompts", type=int, default=64)
+    parser.add_argument("--eval-seeds", type=int, default=2)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "default.yaml",
-                        help="the run config both models use (configs/smoke.yaml checks the script in a minute)")
-    parser.add_argument("--keep-models", type=Path, default=None,
-                        help="copy the two pretrained checkpoints to DIR/scenes/prox and DIR/scenes/score "
-                        "(quality_vs_steps.py --models DIR --datasets scenes)")
+                        help="the run config every policy uses (configs/smoke.yaml checks the script in minutes)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "grpo_vs_time")
     args = parser.parse_args()
-    pretrain_its = args.pretrain_iterations or (300 if args.quick else 2000)
-    budget = args.budget_s or (120.0 if args.quick else 900.0)
+    budget = args.budget_s or (60.0 if args.quick else 300.0)
     args.out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="proxrl-bench-"))
     uri = f"sqlite:///{scratch / 'mlflow.db'}"
@@ -86,42 +128,58 @@ def main() -> None:
 
     g = load_config(args.config).grpo
     images = g.prompts_per_iteration * g.group_size
-    curves, summaries = {}, {}
-    for kind in KINDS:
-        pre = cli("pretrain", args.config, scratch / f"pretrain-{kind}", uri,
-                  [f"model.kind={kind}", f"pretrain.iterations={pretrain_its}"])
-        summaries[kind] = cli("grpo", args.config, scratch / f"grpo-{kind}", uri, [
-            f"init_from={pre['checkpoint']}", f"grpo.time_limit_s={budget}", "grpo.iterations=100000",
-            "grpo.eval_every=0",
-        ])
-        summaries[kind]["pretrain_loss_final"] = pre.get("loss_final")
-        if args.keep_models:
-            shutil.copytree(pre["checkpoint"], args.keep_models / "scenes" / kind, dirs_exist_ok=True)
-            (args.keep_models / "scenes" / "pretrain.json").write_text(json.dumps({"iterations": pretrain_its}) + "\n")
-        curves[kind] = curve(summaries[kind], uri, images, g.steps)
+    checkpoints = bases(args, scratch, uri)
+    curves: dict[str, list[dict]] = {}
+    for name in args.policies:
+        kind, overrides = POLICIES[name]
+        for seed in args.seeds:
+            # Each finished run's curves are kept under --out/runs, so the benchmark can be stopped and continued
+            # (e.g. one seed per session); a kept run is used only if it was made with the same settings.
+            kept = args.out / "runs" / f"{name}-seed{seed}.json"
+            settings = {"bases": checkpoints, "budget_s": budget, "eval": [args.eval_every, args.eval_prompts,
+                        args.eval_seeds], "config": str(args.config), "overrides": overrides}
+            if kept.exists() and json.loads(kept.read_text())["settings"] == settings:
+                curves.setdefault(name, []).append(once_per_step({k: np.asarray(v) for k, v in
+                                                                  json.loads(kept.read_text())["curve"].items()}))
+                continue
+            summary = cli("grpo", args.config, scratch / f"grpo-{name}-{seed}", uri, [
+                f"init_from={checkpoints[kind]}", f"seed={seed}", f"grpo.time_limit_s={budget}",
+                "grpo.iterations=100000", f"grpo.eval_every={args.eval_every}", f"grpo.eval_prompts={args.eval_prompts}",
+                f"grpo.eval_seeds={args.eval_seeds}", *overrides])
+            curves.setdefault(name, []).append(once_per_step(curve(summary, uri, images)))
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_text(json.dumps({"settings": settings, "curve": {k: v.tolist() for k, v in
+                                                                         curves[name][-1].items()}}) + "\n")
+    shutil.rmtree(scratch, ignore_errors=True)
 
-    w = args.window
-    final = {k: float(c["reward"][-w:].mean()) for k, c in curves.items()}
-    target = final["score"]
-    reach = {k: time_to_reach(c, target, w) for k, c in curves.items()}
-    lines = [
-        f"| policy ({pretrain_its} pretraining iterations each, GRPO budget {budget:.0f} s, {g.prompts_per_iteration} "
-        f"prompts x {g.group_size} images, {g.steps} steps) | iterations | reward, first {w} | reward, last {w} | "
-        f"held-out reward before -> after | seconds to reach score-GRPO's final reward |",
-        "|---|---|---|---|---|---|",
-    ]
-    for kind in KINDS:
-        s, c = summaries[kind], curves[kind]
-        before = ", ".join(f"{v:.3f}" for v in s["eval_reward_before"].values())
-        after = ", ".join(f"{v:.3f}" for v in s["eval_reward_after"].values())
-        t = "-" if reach[kind] is None else f"{reach[kind]:.0f}"
-        lines.append(f"| {kind}-GRPO | {s['iterations']} | {c['reward'][:w].mean():.3f} | {final[kind]:.3f} | "
-                     f"{before} -> {after} | {t} |")
-    ok = reach["prox"] is not None and reach["prox"] <= 0.5 * reach["score"]
-    verdict = (f"Goal (prox-GRPO reaches score-GRPO's final reward {target:.3f} in half the time or less): "
-               f"{'met' if ok else 'not met'}; prox {reach['prox'] if reach['prox'] is not None else 'never'} s vs "
-               f"score {reach['score']:.0f} s.")
-    table = "\n".join(lines) + "\n\n" + verdict
+    final = {n: [float(c["eval"][-1]) for c in cs] for n, cs in curves.items()}
+    target = float(np.mean(final["score-pg"])) if "score-pg" in final else None
+    lines = [f"Same bases, reward and budget ({budget:.0f} s of GRPO per run, {g.prompts_per_iteration} prompts x "
+             f"{g.group_size} images, {g.steps} steps); held-out: {args.eval_prompts} prompts x {args.eval_seeds} "
+             f"noise seeds every {args.eval_every} iterations, mean [95% interval]; seeds {args.seeds}.", "",
+             "| policy | iterations per run | held-out before | held-out after, per seed | mean after | "
+             "seconds / images to reach score-pg's final (median over seeds) |", "|---|---|---|---|---|---|"]
+    reached = {}
+    for name, cs in curves.items():
+        per_seed = "; ".join(f"{c['eval'][-1]:.3f} [{c['eval_low'][-1]:.3f}, {c['eval_high'][-1]:.3f}]" for c in cs)
+        hits = [reach(c, target) for c in cs] if target is not None else []
+        reached[name] = None if not hits or any(h is None for h in hits) else (
+            float(np.median([h[0] for h in hits])), float(np.median([h[1] for h in hits])))
+        when = "-" if reached[name] is None else f"{reached[name][0]:.0f} s / {reached[name][1]:.0f}"
+        lines.append(f"| {name} | {np.mean([len(c['reward']) for c in cs]):.0f} | {np.mean([c['eval'][0] for c in cs]):.3f} | "
+                     f"{per_seed} | {np.mean(final[name]):.3f} | {when} |")
+    if target is not None and reached.get("score-pg"):
+        score_base = float(np.mean([c["eval"][0] for c in curves["score-pg"]]))
+        best = min((reached[n][0] for n in ("prox-pg", "prox-forward") if reached.get(n)), default=None)
+        if reached["score-pg"][0] == 0.0:  # no time to beat: score-GRPO ended where (or below where) it started
+            verdict = (f"not measurable: score-pg's final held-out reward {target:.3f} is not above its base's "
+                       f"{score_base:.3f}, so there is no time to reach it in")
+        else:
+            ok = best is not None and best <= 0.5 * reached["score-pg"][0]
+            verdict = (f"{'met' if ok else 'not met'} (prox {'never' if best is None else f'{best:.0f} s'} vs "
+                       f"score-pg {reached['score-pg'][0]:.0f} s)")
+        lines += ["", f"Goal (prox reaches score-pg's final held-out reward {target:.3f} in <= 0.5x its time): {verdict}."]
+    table = "\n".join(lines)
     print(table)
     (args.out / "table.md").write_text(table + "\n")
 
@@ -130,16 +188,19 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
-    for kind, color in zip(KINDS, ("#2a7", "#c44")):
-        c = curves[kind]
-        for ax, x in zip(axes, (c["seconds"], c["calls"])):
-            ax.plot(x, c["reward"], color=color, alpha=0.25)
-            ax.plot(x, smooth(c["reward"], w), color=color, label=f"{kind}-GRPO")
-    axes[0].set_xlabel("GRPO wall-clock seconds (rollouts + updates)")
-    axes[1].set_xlabel("sampler network calls in rollouts")
-    axes[0].set_ylabel("mean training reward")
-    axes[0].legend()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for name, cs in curves.items():
+        for i, c in enumerate(cs):
+            for ax, x in zip(axes, (c["eval_seconds"], c["eval_images"])):
+                ax.plot(x, c["eval"], color=COLORS[name], marker="o", ms=3, label=name if i == 0 else None)
+                ax.fill_between(x, c["eval_low"], c["eval_high"], color=COLORS[name], alpha=0.12)
+    if target is not None:
+        for ax in axes:
+            ax.axhline(target, color="grey", lw=0.8, ls="--")
+    axes[0].set_xlabel("GRPO seconds (rollouts + updates + publication)")
+    axes[1].set_xlabel("images sampled")
+    axes[0].set_ylabel("held-out reward (95% interval)")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out / "reward_vs_time.png", dpi=120)
     print(f"wrote {args.out / 'table.md'} and {args.out / 'reward_vs_time.png'}")
