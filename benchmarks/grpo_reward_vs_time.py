@@ -133,9 +133,9 @@ def main() -> None:
     for name in args.policies:
         kind, overrides = POLICIES[name]
         for seed in args.seeds:
-            # Each finished run's curves are kept under --out/runs, so the benchmark can be stopped and continued
+            # Each finished run's curves are kept under --out/kept, so the benchmark can be stopped and continued
             # (e.g. one seed per session); a kept run is used only if it was made with the same settings.
-            kept = args.out / "runs" / f"{name}-seed{seed}.json"
+            kept = args.out / "kept" / f"{name}-seed{seed}.json"
             settings = {"bases": checkpoints, "budget_s": budget, "eval": [args.eval_every, args.eval_prompts,
                         args.eval_seeds], "config": str(args.config), "overrides": overrides}
             if kept.exists() and json.loads(kept.read_text())["settings"] == settings:
