@@ -38,7 +38,7 @@ def run(label: str, overrides: list[str], iterations: int, scratch: Path, uri: s
     per_it = {k: [m.value for m in client.get_metric_history(summary["mlflow_run_id"], k)]
               for k in ("rollout_s", "policy_lag_trained_max")}
     return {"label": label, **summary, "mean_rollout_s": sum(per_it["rollout_s"]) / iterations,
-            "max_lag": max(per_it["policy_lag_trained_max"])}
+            "max_lag": max(per_it["policy_lag_trained_max"], default=0)}  # not logged while it stays 0
 
 
 def main() -> None:
