@@ -117,13 +117,13 @@ class Kernels:
         prompts = [self.prompts[(prompt_offset + i // self.group) % len(self.prompts)] for i in range(batch)]
         return {"tokens": self.model.tokenize(prompts)}
 
-    def sample(self, batch: int, steps: int):
-        from proxmodel.policy import Policy
-
-        policy = Policy(self.policy.kind, steps, self.policy.eta, self.policy.guidance)
+    def sample(self, batch: int, steps: int, model: torch.nn.Module | None = None):
+        """A sampler call of `batch` images in `steps` steps with `model` (default: the float32 base)."""
+        model = model or self.model
+        policy = dataclasses.replace(self.policy, steps=steps)
         cond = self.condition(batch)
         gen = torch.Generator().manual_seed(0)
-        return lambda: policy.sample(self.model, cond, self.model.sample_shape(batch), gen)
+        return lambda: policy.sample(model, cond, model.sample_shape(batch), gen)
 
     def sampler_rows(self) -> list[dict]:
         """images/s and achieved GFLOP/s of whole sampler calls (text encoding included) against batch and steps."""
@@ -150,41 +150,35 @@ class Kernels:
                 model = model.to(memory_format=torch.channels_last)
             elif name == "bfloat16":
                 model = model.to(torch.bfloat16)
-            cond = self.condition(self.group)
-            gen = torch.Generator().manual_seed(0)
-
-            def call():
-                return self.policy.sample(model, cond, model.sample_shape(self.group), gen)
-
-            t = seconds(call, min_total_s=0.5 if self.quick else 2.0)
+            t = seconds(self.sample(self.group, self.steps, model), min_total_s=0.5 if self.quick else 2.0)
             rows.append({"variant": name, "s_per_call": t, "images_per_s": self.group / t})
         return rows
 
     def learner_rows(self, prompts: int) -> dict:
         """One trained transition over `prompts` groups: re-scored group by group (the rollout's shapes; what the
         learner does) vs in one call, each with the KL reference's forward and the backward; the optimiser step."""
-        g = self.cfg.grpo
-        trajectories = [self.sample(self.group, self.steps)() for _ in range(prompts)]
-        conds = [self.condition(self.group, p) for p in range(prompts)]
-        j = self.steps // 2
+        from learner.grpo_learner import TrainGroup, transition_loss
 
-        def loss(model, cond, states):
-            step = self.policy.transition(model, cond, states, j)
-            with torch.no_grad():
-                ref = self.policy.transition(self.reference, cond, states, j).mean
-            return -step.log_prob.mean() + g.kl_coef * ((step.mean - ref) ** 2).mean()
+        g = self.cfg.grpo
+        j = self.steps // 2
+        groups = []
+        for p in range(prompts):
+            tr = self.sample(self.group, self.steps)()
+            groups.append(TrainGroup(self.condition(self.group, p)["tokens"], tr.images, tr.states, tr.log_probs,
+                                     torch.randn(self.group)))
+
+        def step(batch):  # the learner's own loss: clipped policy loss + kl_coef x KL to the reference
+            self.model.zero_grad(set_to_none=True)
+            transition_loss(self.model, self.reference, self.policy, batch, j, g.clip_range, g.kl_coef)[0].backward()
+
+        whole = [TrainGroup(*(torch.cat([getattr(b, f) for b in groups]) for f in
+                              ("tokens", "samples", "states", "log_probs", "advantages")))]
 
         def per_group():
-            self.model.zero_grad(set_to_none=True)
-            for cond, tr in zip(conds, trajectories):
-                (loss(self.model, cond, tr.states) / prompts).backward()
-
-        whole_cond = {"tokens": torch.cat([c["tokens"] for c in conds])}
-        whole_states = torch.cat([tr.states for tr in trajectories])
+            step(groups)
 
         def batched():
-            self.model.zero_grad(set_to_none=True)
-            loss(self.model, whole_cond, whole_states).backward()
+            step(whole)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimiser = torch.optim.AdamW(params, lr=1e-12)
@@ -313,7 +307,7 @@ def tables(result: dict) -> str:
         f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch {result['machine']['torch']}, "
         f"{result['machine']['threads']} torch threads in this process.",
         f"Same-run peak: matmul {peak['matmul_gflops']:.0f} GFLOP/s (float32), convolution {conv:.0f} GFLOP/s "
-        f"({peak['conv_shape']}).",
+        f"({peak['conv_shape']}; {peak['conv_gflops_after']:.0f} again after the kernels).",
         "",
         "| sampler call (text encoding included) | batch | steps | s per call | images/s | GFLOP per image-step | "
         "GFLOP/s | of the conv peak |",
