@@ -7,7 +7,7 @@
    (DIR/scenes/prox and DIR/scenes/score, as `quality_vs_steps.py --keep-models` or this script's `--keep-models`
    write them).
 2. Reward-fine-tunes each policy with GRPO on the same reward (the config's compositional verifier), prompts, group
-   size and sampler steps, for the same wall-clock budget (`grpo.time_limit_s`), once per seed:
+   size and sampler steps, for the same training budget (`grpo.time_limit_s`, evaluations not counted), once per seed:
        prox-pg       the prox model, per-step policy gradient on its stochastic hybrid sampler (the default)
        prox-forward  the prox model, the forward-process objective on its samples (`grpo.objective=forward`)
        score-pg      the score model, Euler-Maruyama with its final denoising step (DDPO-style)

@@ -220,7 +220,8 @@ class GrpoConfig(Strict):
     )
     time_limit_s: Optional[float] = Field(
         None, gt=0, description="stop launching rollouts after this many seconds of training (the iterations in "
-        "flight are still trained); null = run all iterations",
+        "flight are still trained; the held-out evaluations every eval_every are not counted, so runs evaluated more "
+        "often get the same training time); null = run all iterations",
     )
     max_staleness: int = Field(
         0, ge=0, description="async mode: rollouts may run this many policy versions ahead of the learner "

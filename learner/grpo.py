@@ -157,6 +157,7 @@ class Progress:
     written: int = 0  # groups written to the stream
     dropped: int = 0  # groups dropped (non-finite rewards, or drained untrained)
     wall_time_s: float = 0.0  # GRPO loop time, earlier segments included
+    eval_time_s: float = 0.0  # of it, the held-out evaluations every eval_every (not counted by time_limit_s)
     resumed_at: list[int] = field(default_factory=list)  # iterations at which the run was resumed
 
 
@@ -423,6 +424,8 @@ class GrpoRun:
         state of the last whole iteration, then Interrupted."""
         g, p = self.cfg.grpo, self.progress
         start = time.time() - p.wall_time_s  # the time limit and the wall time count earlier segments too
+        # time_limit_s counts training (rollouts, updates, publication), not the evaluations in between: policies whose
+        # iterations cost differently get the same training time however often they are evaluated.
         deadline = start + g.time_limit_s if g.time_limit_s else float("inf")
         iterations = steady_range(p.iteration, g.iterations, desc="grpo", unit="it")  # ETA without the warm-up
         try:
@@ -430,7 +433,7 @@ class GrpoRun:
                 if g.stop_on_hacking and self.hacked:  # (a resumed run that had stopped here)
                     break
                 while (len(self.in_flight) <= g.max_staleness and it + len(self.in_flight) < g.iterations
-                       and (time.time() < deadline or it + len(self.in_flight) == 0)):  # at least one iteration
+                       and (time.time() - p.eval_time_s < deadline or it + len(self.in_flight) == 0)):  # >= 1 it
                     self.in_flight.append(self.launch(it + len(self.in_flight)))
                 if not self.in_flight:  # out of time, and every launched iteration has been trained
                     break
@@ -454,7 +457,7 @@ class GrpoRun:
             if self.steady and self.saved_at != p.iteration:  # between updates: the state is whole
                 self.save()
             raise
-        return {"wall_time_s": p.wall_time_s, "history": p.history, "written": p.written, "dropped": p.dropped,
+        return {"wall_time_s": p.wall_time_s, "eval_time_s": p.eval_time_s, "history": p.history, "written": p.written, "dropped": p.dropped,
                 "iterations": p.iteration, "resumed_at": p.resumed_at}
 
     def wait_rollouts(self, calls: list[RolloutCall]) -> list:
@@ -534,9 +537,12 @@ class GrpoRun:
         if metrics["nonfinite_in_a_row"] >= g.max_nonfinite_updates:  # each was skipped: no run state is written
             raise nonfinite_stop(self.run_dir, metrics["nonfinite_in_a_row"], "grpo.max_nonfinite_updates", "grpo.lr")
         if g.eval_every and (it + 1) % g.eval_every == 0 and it + 1 < g.iterations:
+            started = time.time()
             scores = self.evaluate(it + 1)  # (the rollout actors have the weights just published)
             if g.stop_on_hacking:
                 self.keep_if_best(it + 1, scores, state=self.from_learners([self.state])[0])  # (rank 0's)
+            self.progress.eval_time_s += time.time() - started
+            self.tracker.metrics({"eval_s": time.time() - started}, step=it + 1)
         return metrics
 
     def finish(self, loop: dict) -> dict:
@@ -578,7 +584,8 @@ class GrpoRun:
         return {
             "iterations": done,
             "wall_time_s": wall,
-            "samples_per_s": loop["written"] * g.group_size / wall,
+            "eval_time_s": loop["eval_time_s"],  # (of wall_time_s, the evaluations every eval_every)
+            "samples_per_s": loop["written"] * g.group_size / (wall - loop["eval_time_s"]),
             "checkpoint": str(best_path),
             "last_checkpoint": str(checkpoint),
             "best": {"step": best_step, "eval_reward_total": best_total},

@@ -5,6 +5,7 @@ Everything runs for real: the CLI in a subprocess, DeepSpeed, the embedded redis
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -290,13 +291,15 @@ def test_the_stream_read_bound_is_a_validated_setting(value):
 
 
 def test_a_learner_start_up_past_its_bound_is_one_paragraph_naming_the_setting(pretrained, store):
-    """The learner ranks' placement cannot be ready within 1 ms. Would catch: a raw GetTimeoutError traceback (the
-    former ray.get(..., timeout=600)), a message without the setting to raise or the resume command."""
+    """The learner ranks' start-up cannot finish within 1 ms: usually the placement is what runs out, rarely (CI, once)
+    the placement is ready at once and the first call to the rank's node is. Either is the same one paragraph. Would
+    catch: a raw GetTimeoutError traceback (the former ray.get(..., timeout=600)), a message without the setting to
+    raise or the resume command."""
     root, uri = store
     run_dir = root / "learner-start"
     proc = run_cli(*grpo_args(root, uri, pretrained, "learner-start", "actors.learner_timeout_s=0.001"), timeout=600)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     message = proc.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: the placement of the learner ranks (1 x {'CPU': 1.0}) did not answer within "
-                              "0.001 s (the bound actors.learner_timeout_s)"), message
+    assert re.match(r"error: (the placement of the learner ranks \(1 x \{'CPU': 1\.0\}\)|learner rank 0's node) did "
+                    r"not answer within 0\.001 s \(the bound actors\.learner_timeout_s\)", message), message
     assert "Raise actors.learner_timeout_s" in message and f"--resume {run_dir}" in message
