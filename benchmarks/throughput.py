@@ -225,14 +225,17 @@ class Kernels:
         return {"s_per_group": t, "mb_per_group": sum(len(v) for v in group.to_wire().values()) / 2**20}
 
 
-def grpo_phases(iterations: int, threads: int, scratch: Path) -> dict:
-    """The real CLI run: per-phase median seconds after the first two iterations, and the run's totals."""
+def grpo_phases(iterations: int, threads: int, scratch: Path, overrides: list[str] = ()) -> dict:
+    """The real CLI run (with `overrides`): per-phase median seconds after the first two iterations, the run's totals
+    and its training reward per iteration."""
     from mlflow.tracking import MlflowClient
 
+    scratch.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{scratch / 'mlflow.db'}"
     cmd = [sys.executable, "-m", "learner.main", "--mode", "grpo", f"run_dir={scratch / 'grpo'}",
            f"mlflow.tracking_uri={uri}", "mlflow.experiment=benchmark-throughput", f"grpo.iterations={iterations}",
-           "grpo.eval_every=0", "grpo.eval_prompts=8", "grpo.eval_seeds=1", f"actors.torch_threads={threads}"]
+           "grpo.eval_every=0", "grpo.eval_prompts=8", "grpo.eval_seeds=1", f"actors.torch_threads={threads}",
+           *overrides]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     total = time.perf_counter() - start
@@ -241,11 +244,12 @@ def grpo_phases(iterations: int, threads: int, scratch: Path) -> dict:
     summary = json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())
     client = MlflowClient(uri)
     history = {k: [m.value for m in sorted(client.get_metric_history(summary["mlflow_run_id"], k), key=lambda m: m.step)]
-               for k in PHASES}
+               for k in (*PHASES, "reward_mean")}
+    rewards = history.pop("reward_mean")
     steady = {k: statistics.median(v[2:] or v) for k, v in history.items() if v}
     return {"per_iteration_s": steady, "first_iteration_s": {k: v[0] for k, v in history.items() if v},
             "loop_s": summary["wall_time_s"], "process_s": total, "iterations": iterations,
-            "images_per_s": summary["samples_per_s"]}
+            "images_per_s": summary["samples_per_s"], "reward_mean": rewards, "overrides": list(overrides)}
 
 
 def rollout_scaling(counts: tuple[int, ...], threads: int, calls: int) -> list[dict]:
@@ -341,14 +345,25 @@ def tables(result: dict) -> str:
             "learner forward/backward": k["predicted"]["learner_s"], "optimiser step": ln["optimiser_step_s"],
             "Redis hops": k["predicted"]["redis_s"],
         }
+        b = result.get("grpo_before")
+        bit = b["per_iteration_s"] if b else None
+        before_head = f" before ({', '.join(b['overrides'])}) | speed-up |" if b else ""
         lines += ["", f"| GRPO iteration ({s['iterations']} iterations, median after the first two; first iteration "
                   f"{sum(s['first_iteration_s'].get(p, 0) for p in ('rollout_s', 'update_s', 'publish_s')):.1f} s) | "
-                  "seconds | share |", "|---|---|---|"]
+                  f"seconds | share |{before_head}", "|---|---|---|" + ("---|---|" if b else "")]
         for name in ("rollout_s", "sample_s", "reward_s", "update_s", "publish_s"):
             if name in it:
+                extra = f" {bit[name]:.2f} | {bit[name] / it[name]:.2f}x |" if b and name in bit else (" | |" if b else "")
                 lines.append(f"| {name[:-2]}{' (inside rollout)' if name in ('sample_s', 'reward_s') else ''} | "
-                             f"{it[name]:.2f} | {it[name] / iteration:.0%} |")
-        lines.append(f"| iteration | {iteration:.2f} | 100% |")
+                             f"{it[name]:.2f} | {it[name] / iteration:.0%} |{extra}")
+        if b:
+            before = sum(bit.get(p, 0.0) for p in ("rollout_s", "update_s", "publish_s"))
+            lines.append(f"| iteration | {iteration:.2f} | 100% | {before:.2f} | {before / iteration:.2f}x |")
+            diff = max(abs(x - y) for x, y in zip(s["reward_mean"], b["reward_mean"]))
+            lines += ["", f"Same seed, both runs: the training reward of every iteration differs by at most {diff:.2g} "
+                      f"(rewards {min(s['reward_mean']):.3f}-{max(s['reward_mean']):.3f})."]
+        else:
+            lines.append(f"| iteration | {iteration:.2f} | 100% |")
         lines += ["", "Predicted from the kernels (same process, no Ray): " +
                   ", ".join(f"{n} {v:.2f} s" for n, v in model.items()) +
                   f"; the Redis hops are {model['Redis hops'] / iteration:.1%} of the iteration."]
@@ -393,6 +408,9 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=6, help="GRPO iterations of the system measurement")
     parser.add_argument("--threads", type=int, default=0, help="torch threads here and per actor (0 = all cores)")
     parser.add_argument("--skip-system", action="store_true", help="kernels only")
+    parser.add_argument("--before", nargs="*", default=["grpo.recompute=group"],
+                        help="overrides that undo the measured speed-ups: the GRPO run is measured with them too "
+                             "(nothing: only the default)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput")
     args = parser.parse_args()
     from actors.reward import set_threads
@@ -425,7 +443,9 @@ def main() -> None:
     if not (args.quick or args.skip_system):
         scratch = Path(tempfile.mkdtemp(prefix="proxrl-throughput-"))
         try:
-            result["grpo"] = grpo_phases(args.iterations, args.threads, scratch)
+            if args.before:  # the same run before this issue's changes, in the same process's session
+                result["grpo_before"] = grpo_phases(args.iterations, args.threads, scratch / "before", args.before)
+            result["grpo"] = grpo_phases(args.iterations, args.threads, scratch / "after")
             result["scaling"] = rollout_scaling((1, 2), 1, calls=4)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

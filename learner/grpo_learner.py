@@ -9,7 +9,7 @@ advantage-split pretraining loss on the groups' final samples (learner/forward_o
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -47,13 +47,22 @@ class TrainGroup:
         return cls(model.tokenize([group.prompt] * group.size, device), on.samples, on.states, on.log_probs,
                    advantages.to(device))
 
+    @classmethod
+    def merged(cls, groups: list["TrainGroup"]) -> "TrainGroup":
+        """The groups as one batch (their images in order): one network call per transition instead of one per group."""
+        def cat(name: str) -> Optional[torch.Tensor]:
+            parts = [getattr(g, name) for g in groups]
+            return None if parts[0] is None else torch.cat(parts)
+        return cls(*(cat(f.name) for f in fields(cls)))
+
 
 def transition_loss(model: nn.Module, reference: Optional[nn.Module], policy: Policy, batch: list[TrainGroup],
                     j: int, clip_range: float, kl_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy loss (+ kl_coef x KL to `reference`) of transition j (0 = the noisiest), mean over `batch`.
 
-    Log-probs are recomputed group by group, in the rollout's batch shapes, so the first on-policy ratio is exactly
-    1. Statistics stay tensors (on the model's device).
+    Log-probs are recomputed with one network call per entry of `batch`: groups in the rollout's batch shapes keep
+    the first on-policy ratio exactly 1; one merged entry (TrainGroup.merged, grpo.recompute=batch) is faster and
+    differs from 1 by kernel rounding only. Statistics stay tensors (on the model's device).
     """
     steps = [policy.transition(model, {"tokens": b.tokens}, b.states, j) for b in batch]
     log_probs = torch.cat([st.log_prob for st in steps])
@@ -192,6 +201,8 @@ class GrpoLearner:
         """updates_per_batch passes of the clipped policy loss over the trained transitions (one step per pass)."""
         from learner.engine import train_step  # DeepSpeed: imported in the rank's process only
         g = self.cfg.grpo
+        if g.recompute == "batch":
+            batch = [TrainGroup.merged(batch)]
         sums: dict[str, list[float]] = {}
         first_pass: dict[str, list[float]] = {"max": [], "mean": []}
         for update in range(g.updates_per_batch):

@@ -85,13 +85,14 @@ def test_grpo_end_to_end_acks_every_entry_and_logs_every_iteration(pretrained, s
     for step in range(iterations):
         mixed = 0.7 * per_model["compositional"][step] + 0.3 * per_model["jpeg_compressibility"][step]
         assert {m.step: m.value for m in rewards}[step] == pytest.approx(mixed, abs=1e-5)
-    # On-policy (one optimiser step per batch): the policy ratio is exactly 1, through Ray, Redis and DeepSpeed.
+    # On-policy (one optimiser step per batch): the policy ratio is 1, through Ray, Redis and DeepSpeed.
     # ... which first_pass_log_ratio_max measures; sync mode, one update per batch, no skipped step: the metrics
     # these settings fix at 0 are not logged every iteration.
     for constant in ("ratio_max_dev", "clip_frac", "policy_lag_max", "groups_stale", "acked", "nonfinite_updates"):
         assert constant not in run.data.metrics, constant
     first_pass = mlflow.get_metric_history(run.info.run_id, "first_pass_log_ratio_max")
-    assert sorted(m.step for m in first_pass) == list(range(iterations)) and all(m.value == 0.0 for m in first_pass)
+    # (grpo.recompute=batch re-scores all groups in one call: 1 to kernel rounding, 0 here, <= 4e-7 measured elsewhere)
+    assert sorted(m.step for m in first_pass) == list(range(iterations)) and all(m.value <= 1e-6 for m in first_pass)
     artifacts = {a.path for a in mlflow.list_artifacts(run.info.run_id)}
     assert {"samples.png", "config.yaml", "summary.json", "eval_prompts.txt", "checkpoint"} <= artifacts
     assert {"checkpoint/model_index.json", "checkpoint/unet", "checkpoint/README.md"} <= {
@@ -195,7 +196,7 @@ def test_time_limit_stops_launching_and_trains_what_is_in_flight(pretrained, sto
     assert summary["stream"]["pending"] == 0
     assert (root / "timed" / "samples" / "step00001.png").is_file()
     first_pass = MlflowClient(uri).get_metric_history(summary["mlflow_run_id"], "first_pass_log_ratio_max")
-    assert [m.value for m in first_pass] == [0.0]
+    assert len(first_pass) == 1 and first_pass[0].value <= 1e-6  # bf16 both sides, up to the batch call's rounding
 
 
 @pytest.mark.slow

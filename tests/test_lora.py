@@ -86,7 +86,8 @@ def make_learner(checkpoint, server, run_id, **grpo):
 
 def test_lora_learner_trains_and_publishes_only_adapters_and_rollouts_stay_on_policy(checkpoint, server):
     write_batch(checkpoint, server.address, "a", steps=STEPS, group_size=G, lora=SPEC)
-    learner = make_learner(checkpoint, server, "a", kl_coef=0.5, updates_per_batch=2)
+    # recompute=group: the rollout's shapes, so any log-ratio is the adapters' doing, not kernel rounding
+    learner = make_learner(checkpoint, server, "a", kl_coef=0.5, updates_per_batch=2, recompute="group")
     start = {k: v.clone() for k, v in learner.engine.module.state_dict().items()}
     metrics = learner.train(0, len(PROMPTS))
     assert metrics["first_pass_log_ratio_max"] == 0.0  # the rollout's zero-initialised adapters: the base exactly
@@ -124,7 +125,8 @@ def test_lora_grpo_run_end_to_end_exports_a_plain_merged_checkpoint(pretrained, 
         "grpo.iterations=2", "grpo.eval_every=1",
     ))
     first_pass = MlflowClient(uri).get_metric_history(summary["mlflow_run_id"], "first_pass_log_ratio_max")
-    assert [m.value for m in first_pass] == [0.0, 0.0]  # the rollouts' adapters are the learner's, every iteration
+    # the rollouts' adapters are the learner's, every iteration (to the batched recomputation's rounding)
+    assert len(first_pass) == 2 and max(m.value for m in first_pass) <= 1e-6
     trained, start = load_model(summary["checkpoint"]), load_model(pretrained["checkpoint"])
     assert not any(is_adapter(k) for k in trained.state_dict())
     changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, start.state_dict()[k])]
