@@ -130,14 +130,15 @@ def main() -> None:
     images = g.prompts_per_iteration * g.group_size
     checkpoints = bases(args, scratch, uri)
     curves: dict[str, list[dict]] = {}
-    for name in args.policies:
-        kind, overrides = POLICIES[name]
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed by seed: a run stopped part-way has every policy on the same seeds
+        for name in args.policies:
+            kind, overrides = POLICIES[name]
             # Each finished run's curves are kept under --out/kept, so the benchmark can be stopped and continued
             # (e.g. one seed per session); a kept run is used only if it was made with the same settings.
             kept = args.out / "kept" / f"{name}-seed{seed}.json"
             settings = {"bases": checkpoints, "budget_s": budget, "eval": [args.eval_every, args.eval_prompts,
-                        args.eval_seeds], "config": str(args.config), "overrides": overrides}
+                        args.eval_seeds], "config": str(args.config), "overrides": overrides,
+                        "time_limit": "training only"}  # (runs before evaluations were excluded from it: not reused)
             if kept.exists() and json.loads(kept.read_text())["settings"] == settings:
                 curves.setdefault(name, []).append(once_per_step({k: np.asarray(v) for k, v in
                                                                   json.loads(kept.read_text())["curve"].items()}))
