@@ -166,7 +166,8 @@ def main() -> None:
         hits = [reach(c, target) for c in cs] if target is not None else []
         reached[name] = None if not hits or any(h is None for h in hits) else (
             float(np.median([h[0] for h in hits])), float(np.median([h[1] for h in hits])))
-        when = "-" if reached[name] is None else f"{reached[name][0]:.0f} s / {reached[name][1]:.0f}"
+        when = ("-" if reached[name] is None else "at its start" if reached[name][0] == 0.0
+                else f"{reached[name][0]:.0f} s / {reached[name][1]:.0f}")
         lines.append(f"| {name} | {np.mean([len(c['reward']) for c in cs]):.0f} | {np.mean([c['eval'][0] for c in cs]):.3f} | "
                      f"{per_seed} | {np.mean(final[name]):.3f} | {when} |")
     if target is not None and reached.get("score-pg"):
