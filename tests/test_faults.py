@@ -270,7 +270,9 @@ def test_a_killed_learner_rank_or_redis_server_stops_the_run_at_once_with_one_me
     the run state lost, a Ray worker or the redis-server left behind."""
     root, uri = store
     run_dir = root / f"{victim.replace(' ', '-')}-killed"
-    proc = start_until_state(grpo_args(root, uri, pretrained, run_dir.name), run_dir, 1)
+    # Eight optimiser steps per batch: the smoke model's train call alone lasts ~50 ms, which a poll every 2 ms on a
+    # loaded 2-core machine missed once (CI: the run ended first).
+    proc = start_until_state(grpo_args(root, uri, pretrained, run_dir.name, "grpo.updates_per_batch=8"), run_dir, 1)
     killed = kill_running(proc, title)
     _, stderr, processes = finish_watching(proc, timeout=300)
     took = time.monotonic() - killed
