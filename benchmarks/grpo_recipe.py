@@ -79,6 +79,11 @@ RECIPES: dict[str, list[str]] = {
     # the policy at ~0.4 nats and gains ~+0.02: is the gain limited by the distance the KL allows?)
     "kl0.2": ["grpo.kl_coef=0.2"],
     "kl0.1": ["grpo.kl_coef=0.1"],
+    # session 14: the lenient verifier's margins are what the policy hacks; half the reward from the strict one (each
+    # normalised in its group, so the sparse strict signal is not drowned) and the held-out check the contrastive
+    # verifier, never trained on (prompt-agnostic looks earn ~0 on it)
+    "mix-strict": ["rewards=[{name: compositional, weight: 0.5}, {name: compositional_strict, weight: 0.5}]",
+                   "grpo.reward_aggregation=advantage", "grpo.check_rewards=[compositional_contrastive]"],
 }
 
 REWARD = "total"
