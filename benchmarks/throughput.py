@@ -304,6 +304,19 @@ def rollout_scaling(counts: tuple[int, ...], threads: int, calls: int) -> list[d
     return rows
 
 
+def predicted(k: dict) -> dict[str, float]:
+    """One default iteration's phases from the kernels: the rollout's per-group sampler calls, and the learner's
+    re-scoring in the configured `grpo.recompute` shape (one call over all groups, or group by group)."""
+    per_group_call = next(r for r in k["sampler"] if r["batch"] == k["group"] and r["steps"] == k["steps"])
+    learner = k["learner"]["batched" if k.get("recompute", "group") == "batch" else "per_group"]
+    return {
+        "sample_s": k["learner_prompts"] * per_group_call["s_per_call"],
+        "reward_s": k["learner_prompts"] * k["group"] * k["reward_s_per_image"],
+        "learner_s": k["learner"]["trained_transitions"] * learner["s"],
+        "redis_s": k["learner_prompts"] * k["redis"]["s_per_group"],
+    }
+
+
 def tables(result: dict) -> str:
     peak, k = result["peak"], result["kernels"]
     conv = peak["conv_gflops"]
@@ -337,6 +350,7 @@ def tables(result: dict) -> str:
               f"with its trajectory ({k['redis']['mb_per_group']:.2f} MB: write, read, ack): "
               f"{k['redis']['s_per_group'] * 1e3:.1f} ms."]
     if "grpo" in result:
+        k["predicted"] = predicted(k)
         s = result["grpo"]
         it = s["per_iteration_s"]
         iteration = it["rollout_s"] + it["update_s"] + it.get("publish_s", 0.0)
@@ -360,7 +374,8 @@ def tables(result: dict) -> str:
             before = sum(bit.get(p, 0.0) for p in ("rollout_s", "update_s", "publish_s"))
             lines.append(f"| iteration | {iteration:.2f} | 100% | {before:.2f} | {before / iteration:.2f}x |")
             diff = max(abs(x - y) for x, y in zip(s["reward_mean"], b["reward_mean"]))
-            lines += ["", f"Same seed, both runs: the training reward of every iteration differs by at most {diff:.2g} "
+            same = "is identical in both runs" if diff == 0 else f"differs between the runs by at most {diff:.2g}"
+            lines += ["", f"Same seed: the training reward of every iteration {same} "
                       f"(rewards {min(s['reward_mean']):.3f}-{max(s['reward_mean']):.3f})."]
         else:
             lines.append(f"| iteration | {iteration:.2f} | 100% |")
@@ -412,7 +427,10 @@ def main() -> None:
                         help="overrides that undo the measured speed-ups: the GRPO run is measured with them too "
                              "(nothing: only the default)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput")
+    parser.add_argument("--render", type=Path, help="re-render table.md and the plot from a stored throughput.json")
     args = parser.parse_args()
+    if args.render:
+        return write(json.loads(args.render.read_text()), args.out)
     from actors.reward import set_threads
 
     set_threads(args.threads)
@@ -431,13 +449,7 @@ def main() -> None:
     k["learner"] = kernels.learner_rows(g.prompts_per_iteration)
     k["reward_s_per_image"] = kernels.reward_s_per_image()
     k["redis"] = kernels.redis_hop_s()
-    per_group_call = next(r for r in k["sampler"] if r["batch"] == g.group_size and r["steps"] == g.steps)
-    k["predicted"] = {
-        "sample_s": g.prompts_per_iteration * per_group_call["s_per_call"],
-        "reward_s": g.prompts_per_iteration * g.group_size * k["reward_s_per_image"],
-        "learner_s": k["learner"]["trained_transitions"] * k["learner"]["per_group"]["s"],
-        "redis_s": g.prompts_per_iteration * k["redis"]["s_per_group"],
-    }
+    k["recompute"] = g.recompute
     result["kernels"] = k
     result["peak"]["conv_gflops_after"] = peaks(widest, cfg.model.image_size // 2, True)["conv_gflops"]
     if not (args.quick or args.skip_system):
@@ -449,11 +461,15 @@ def main() -> None:
             result["scaling"] = rollout_scaling((1, 2), 1, calls=4)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+    write(result, args.out)
+
+
+def write(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     text = tables(result)
-    (args.out / "table.md").write_text(text + "\n")
-    (args.out / "throughput.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, args.out / "throughput.png")
+    (out / "table.md").write_text(text + "\n")
+    (out / "throughput.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out / "throughput.png")
     print(text)
 
 
