@@ -121,3 +121,18 @@ def set_threads(n: int) -> None:
     import os
 
     torch.set_num_threads(n if n > 0 else (os.cpu_count() or 1))
+
+
+class Threaded:
+    """An actor whose torch thread count the driver sets while the run goes (learner/layout.py)."""
+
+    def node(self) -> tuple[str, int]:
+        """(Ray node id, cores there): actors on one node that compute at the same time share its cores."""
+        import os
+
+        return ray.get_runtime_context().get_node_id(), os.cpu_count() or 1
+
+    def use_threads(self, n: int) -> int:
+        """Set this process's torch threads (0 = all cores); returns the count now in use."""
+        set_threads(n)
+        return torch.get_num_threads()

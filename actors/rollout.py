@@ -13,7 +13,7 @@ import torch
 from actors.checkpoint import load_checkpoint
 from actors.device import actor_device
 from actors.experience import Group, SamplerSpec
-from actors.reward import RewardClient, set_threads
+from actors.reward import RewardClient, Threaded, set_threads
 from actors.stream import ExperienceStream, RedisAddress
 from proxmodel.generate import generate, hacking_monitors
 from proxmodel.lora import BaseOf, LoraSpec, load_published, with_lora
@@ -31,7 +31,7 @@ def eval_seed(seed: int, noise: int, chunk: int) -> int:
     return int(np.random.SeedSequence([seed, noise, chunk], spawn_key=(1,)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-class RolloutActor:
+class RolloutActor(Threaded):
     """Samples G trajectories per prompt, has them scored, and writes each finished group to the stream.
 
     It samples on its device (the GPU Ray gave it, else the CPU), in bfloat16 when `bf16` (the learner's precision
@@ -127,6 +127,7 @@ class RolloutActor:
             "sample_s": t1 - t0,
             "reward_s": t2 - t1,
             "policy_version": self.version,
+            "threads": torch.get_num_threads(),
         }
 
     @torch.no_grad()

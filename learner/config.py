@@ -233,6 +233,11 @@ class GrpoConfig(Strict):
         0, ge=0, description="async mode: rollouts may run this many policy versions ahead of the learner "
         "(0 = synchronous); older groups are skipped by the learner"
     )
+    async_probe: int = Field(
+        3, ge=0, description="async mode: time this many iterations synchronous (all cores per actor) and as many "
+        "overlapped (actors on a node split its cores, with actors.torch_threads 0), then keep the faster for the rest "
+        "of the run (learner/layout.py); 0 = always overlap. Runs shorter than 2 x async_probe + 3 iterations overlap"
+    )
     prompt_file: Optional[str] = Field(
         None, description="UTF-8 text file, one prompt per line (eval_prompts of them held out); null = scene captions"
     )
@@ -375,8 +380,9 @@ class ActorsConfig(Strict):
         "without its data); past it the run stops with a message",
     )
     torch_threads: int = Field(
-        0, ge=0, description="torch threads in each actor; 0 = all cores. Rollout and learner use the same count, "
-        "so on CPU they run the same kernels and the first on-policy ratio is exactly 1",
+        0, ge=0, description="torch threads in each actor; 0 = all cores (while an async run overlaps rollout and "
+        "update, the node's cores split between the actors on it: grpo.async_probe). Rollout and learner use the same "
+        "count, so on CPU they run the same kernels and the first on-policy ratio is exactly 1",
     )
 
 

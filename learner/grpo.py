@@ -36,6 +36,7 @@ from learner.bootstrap import bootstrap_ci
 from learner.faults import RunFailed, nonfinite_stop, rank_died, redis_lost, stream_stalled, wait_for
 from learner.evaluation import save_grid, to_pil
 from learner.grpo_learner import LearnerGroup
+from learner.layout import LayoutProbe, split_threads
 from learner.progress import steady_range
 from learner.prompts import prompt_source
 from learner.resume import Resume, config_fingerprint, json_bytes, merge_rank_files, write_state
@@ -159,6 +160,7 @@ class Progress:
     wall_time_s: float = 0.0  # GRPO loop time, earlier segments included
     eval_time_s: float = 0.0  # of it, the held-out evaluations every eval_every (not counted by time_limit_s)
     resumed_at: list[int] = field(default_factory=list)  # iterations at which the run was resumed
+    layout: Optional[dict] = None  # async runs: the sync/async probe's times and choice (learner/layout.py)
 
 
 def unvarying_metrics(g, metrics: dict) -> set[str]:
@@ -170,8 +172,8 @@ def unvarying_metrics(g, metrics: dict) -> set[str]:
     - acked: equal to groups (a shortfall stops the run);
     - nonfinite_*: while no optimiser step has been skipped they are 0 (logged from the first skip on)."""
     names = {"acked"}
-    if g.max_staleness == 0:
-        names |= {"policy_lag_max", "policy_lag_trained_max", "groups_stale"}
+    if g.max_staleness == 0:  # (and every actor keeps its thread count)
+        names |= {"policy_lag_max", "policy_lag_trained_max", "groups_stale", "threads_rollout", "threads_learner"}
     if g.updates_per_batch == 1:
         names |= {"ratio_max_dev", "clip_frac"}
     if not metrics.get("nonfinite_updates"):
@@ -235,6 +237,10 @@ class GrpoRun:
         self.monitors: dict[str, float] = {}
         self.hacked: list[str] = []  # why the last evaluation looked like reward hacking (empty: it did not)
         self.steady = True  # False while an update is under way: no run state can be taken then
+        # Which layout the actors' torch threads are set for (all cores each: "sync"), and the rollout actors' counts
+        # (given again to an actor Ray restarts). learner/layout.py chooses the layout of an async run.
+        self.threads_layout, self.rollout_threads = "sync", [cfg.actors.torch_threads] * len(self.rollouts)
+        self.probe: Optional[LayoutProbe] = None
         self.saved_at: Optional[int] = None  # the iteration of the last run state written
         self.trimmed = 0  # stream entries deleted once every learner rank acknowledged them (since this start)
         self.duplicates = 0  # entries that repeated a group already trained (a rollout made again), since this start
@@ -413,6 +419,8 @@ class GrpoRun:
                 f"`{resume_command(self.run_dir)}`."
             )
         actor = self.rollouts[i]
+        if self.rollout_threads[i] != self.cfg.actors.torch_threads:  # (its constructor set torch_threads)
+            actor.use_threads.remote(self.rollout_threads[i])
         if self.state is not None:  # (before the first update the restarted actor's weights are already current)
             self.weight_updates[i] = actor.set_weights.remote(self.state, self.version)
         return RolloutCall(i, call.args, getattr(actor, call.method).remote(*call.args), self.deaths[i], again=True,
@@ -428,17 +436,25 @@ class GrpoRun:
         # iterations cost differently get the same training time however often they are evaluated.
         deadline = start + g.time_limit_s if g.time_limit_s else float("inf")
         iterations = steady_range(p.iteration, g.iterations, desc="grpo", unit="it")  # ETA without the warm-up
+        probe = self.probe = LayoutProbe.plan(g.max_staleness, g.async_probe, p.iteration, g.iterations, p.layout)
+        last = time.time()
         try:
             for it in iterations:
                 if g.stop_on_hacking and self.hacked:  # (a resumed run that had stopped here)
                     break
-                while (len(self.in_flight) <= g.max_staleness and it + len(self.in_flight) < g.iterations
+                self.use_layout(probe.layout(it))
+                while (len(self.in_flight) <= probe.staleness_at(it) and it + len(self.in_flight) < g.iterations
                        and (time.time() - p.eval_time_s < deadline or it + len(self.in_flight) == 0)):  # >= 1 it
                     self.in_flight.append(self.launch(it + len(self.in_flight)))
                 if not self.in_flight:  # out of time, and every launched iteration has been trained
                     break
                 with STOP.deferred():  # a first signal waits for the update (the rollout wait ends at once)
+                    evaluated = p.eval_time_s
                     metrics = self.step(it)
+                    now = time.time()
+                    if probe.record(it, now - last - (p.eval_time_s - evaluated)) is not None:
+                        self.report_layout(probe, it)
+                    p.layout, last = probe.as_dict(), now
                     p.iteration, p.wall_time_s, self.steady = it + 1, time.time() - start, True
                     if metrics is not None:
                         p.history.append(metrics["reward_mean"])
@@ -459,6 +475,37 @@ class GrpoRun:
             raise
         return {"wall_time_s": p.wall_time_s, "eval_time_s": p.eval_time_s, "history": p.history, "written": p.written, "dropped": p.dropped,
                 "iterations": p.iteration, "resumed_at": p.resumed_at}
+
+    def use_layout(self, layout: str) -> None:
+        """The actors' torch threads for a layout: all cores each while rollout and update take turns ("sync"), a
+        node's cores split between the rollout actors and learner ranks on it while they overlap ("async"). A fixed
+        actors.torch_threads stays as it is. A rollout actor applies it after the calls already queued on it."""
+        if layout == self.threads_layout:
+            return
+        self.threads_layout = layout
+        if self.cfg.actors.torch_threads:
+            return
+        actors = [*self.rollouts, *self.learners.ranks]
+        if layout == "async":  # (only at a start or after a sync iteration: no rollout is queued on an actor)
+            names = [f"rollout actor {i}" for i in range(len(self.rollouts))] + [
+                f"learner rank {r}" for r in range(len(self.learners.ranks))]
+            threads = split_threads(wait_for(self.ray, [a.node.remote() for a in actors], names,
+                                             self.cfg.actors.learner_timeout_s, "actors.learner_timeout_s", self.run_dir))
+        else:
+            threads = [0] * len(actors)
+        self.rollout_threads = threads[:len(self.rollouts)]
+        refs = [a.use_threads.remote(n) for a, n in zip(actors, threads)]
+        self.from_learners(refs[len(self.rollouts):])
+
+    def report_layout(self, probe: LayoutProbe, it: int) -> None:
+        """The probe's measurement and choice: one line, MLflow metrics at the iteration it was made, and a tag."""
+        sync, overlapped = (float(np.median(probe.times[n])) for n in ("sync", "async"))
+        tqdm.write(f"layout: {sync:.2f} s per iteration synchronous, {overlapped:.2f} s overlapped (grpo.max_staleness="
+                   f"{probe.staleness}; medians of {probe.iterations} each, grpo.async_probe): the rest of the run "
+                   f"is {'overlapped' if probe.chosen == 'async' else 'synchronous'}")
+        self.tracker.metrics({"layout_sync_s": sync, "layout_async_s": overlapped,
+                              "layout_async": float(probe.chosen == "async")}, step=it)
+        self.tracker.tag("layout", probe.chosen)
 
     def wait_rollouts(self, calls: list[RolloutCall]) -> list:
         """One iteration's rollouts, given up at once on SIGINT/SIGTERM (nothing is trained yet)."""
@@ -532,6 +579,7 @@ class GrpoRun:
             **timing, groups_dropped=dropped, policy_version=version,
             samples_per_s=groups * g.group_size / sum(timing.values()),
             sample_s=max(r["sample_s"] for r in results), reward_s=max(r["reward_s"] for r in results),
+            threads_rollout=min(r["threads"] for r in results),
         )
         self.tracker.metrics({k: v for k, v in metrics.items() if k not in unvarying_metrics(g, metrics)}, step=it)
         if metrics["nonfinite_in_a_row"] >= g.max_nonfinite_updates:  # each was skipped: no run state is written
@@ -557,6 +605,7 @@ class GrpoRun:
         entries, pending = self.streams[0].length() + self.trimmed, sum(s.pending() for s in self.streams)
         if pending:
             raise RuntimeError(f"{pending} stream entries were never acknowledged")
+        self.use_layout("sync")  # nothing overlaps any more: every actor may use all its cores
         tqdm.write(f"evaluating the final model on the {len(self.eval_prompts)} held-out prompts")
         after = self.evaluate(done)  # the rollout actors hold the last published weights, the checkpoint's
         if g.stop_on_hacking:
@@ -602,6 +651,7 @@ class GrpoRun:
             "groups_written": loop["written"],
             "groups_dropped": loop["dropped"],
             "resumed_at": loop["resumed_at"],
+            "layout": self.progress.layout,
             "stream": {"key": self.streams[0].key, "entries": entries, "pending": pending,
                        "duplicates": self.duplicates},
             "devices": self.devices(),

@@ -18,7 +18,7 @@ from torch import nn
 
 from actors.checkpoint import load_checkpoint
 from actors.experience import Group, SamplerSpec
-from actors.reward import set_threads
+from actors.reward import Threaded, set_threads
 from actors.stream import ExperienceStream, RedisAddress, learner_group
 from learner.anchor import DataAnchor
 from learner.config import RunConfig
@@ -77,7 +77,7 @@ def transition_loss(model: nn.Module, reference: Optional[nn.Module], policy: Po
     return loss, stats
 
 
-class GrpoLearner:
+class GrpoLearner(Threaded):
     """One DeepSpeed rank of the policy learner (a Ray actor).
 
     Every rank reads the whole batch through its own consumer group, computes the same advantages, and trains its
@@ -193,6 +193,7 @@ class GrpoLearner:
             stream_duplicates=duplicates,
             policy_lag_max=max(lags),
             policy_lag_trained_max=max(lags[i] for i in kept),
+            threads_learner=torch.get_num_threads(),  # set by the driver's layout (learner/layout.py)
             **{f"reward_{name}": float(r.mean()) for name, r in rewards.items()},
         )
         return out

@@ -99,6 +99,9 @@ class Tracker:
     def metrics(self, values: dict[str, float], step: int) -> None:
         mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
 
+    def tag(self, name: str, value: str) -> None:
+        mlflow.set_tag(name, value)
+
     def image(self, image, name: str) -> None:
         mlflow.log_image(image, name)
 

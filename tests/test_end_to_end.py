@@ -182,6 +182,42 @@ def test_async_grpo_respects_the_staleness_bound(pretrained, store):
 
 
 @pytest.mark.slow
+def test_an_async_run_times_both_layouts_and_the_actors_follow_the_one_it_keeps(pretrained, store):
+    """async_probe 1 on 7 iterations: 0 warm-up and 1 timed synchronous (all cores each), 2 the switch and 3 timed
+    overlapped (the node's cores split between the rollout actor and the learner), then the faster. Would catch:
+    thread counts never changed (or changed after the rollout had run), the loop overlapping while it times the
+    synchronous layout, a choice that contradicts the times."""
+    import os
+
+    root, uri = store
+    proc = run_cli(
+        "--mode", "grpo", "--config", str(SMOKE), f"run_dir={root / 'layout'}", f"mlflow.tracking_uri={uri}",
+        f"init_from={pretrained['checkpoint']}", "grpo.max_staleness=1", "grpo.async_probe=1", "grpo.iterations=7",
+        "grpo.eval_every=0", "actors.torch_threads=0",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(Path(last_line(proc)).read_text())
+    layout = summary["layout"]
+    assert len(layout["times"]["sync"]) == len(layout["times"]["async"]) == 1
+    faster = "async" if layout["times"]["async"][0] < layout["times"]["sync"][0] else "sync"
+    assert layout["chosen"] == faster and "layout: " in proc.stdout
+    history = MlflowClient(uri).get_metric_history
+    run_id = summary["mlflow_run_id"]
+    lag = {m.step: m.value for m in history(run_id, "policy_lag_trained_max")}
+    rollout = {m.step: m.value for m in history(run_id, "threads_rollout")}
+    learner = {m.step: m.value for m in history(run_id, "threads_learner")}
+    cores = os.cpu_count()
+    split = max(1, cores // 2)  # smoke: one rollout actor and one learner rank on this node
+    assert [lag[s] for s in range(4)] == [0, 0, 0, 1]  # synchronous until the switch; then one version ahead
+    assert [rollout[s] for s in range(4)] == [cores, cores, split, split]
+    assert [learner[s] for s in range(4)] == [cores, cores, split, split]
+    kept = {"sync": cores, "async": split}[layout["chosen"]]
+    assert rollout[5] == rollout[6] == learner[4] == learner[6] == kept  # (rollout 4 was launched overlapped)
+    assert lag[6] == (1 if layout["chosen"] == "async" else 0)
+    assert summary["stream"]["pending"] == 0 and summary["groups_written"] == 14
+
+
+@pytest.mark.slow
 def test_time_limit_stops_launching_and_trains_what_is_in_flight(pretrained, store):
     """Also in bf16 (deepspeed.bf16 reaches the rollout actors: their log-probs are the learner's exactly)."""
     root, uri = store
