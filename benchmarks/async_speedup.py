@@ -53,8 +53,8 @@ def kept(layout: dict | None) -> str:
     times = layout["times"]
     if not times["async"]:
         return "async (not probed)"
-    med = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
-    return f"{layout['chosen']} (probe: sync {med['sync']:.1f} s, async {med['async']:.1f} s)"
+    per = {n: sum(times[n]) / max(1, sum(layout["groups"][n])) for n in times}
+    return f"{layout['chosen']} (probe: sync {per['sync']:.2f} s, async {per['async']:.2f} s per trained group)"
 
 
 def main() -> None:

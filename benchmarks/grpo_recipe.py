@@ -84,6 +84,9 @@ RECIPES: dict[str, list[str]] = {
     # verifier, never trained on (prompt-agnostic looks earn ~0 on it)
     "mix-strict": ["rewards=[{name: compositional, weight: 0.5}, {name: compositional_strict, weight: 0.5}]",
                    "grpo.reward_aggregation=advantage", "grpo.check_rewards=[compositional_contrastive]"],
+    # session 15, a diagnostic: the default on 6 training prompts, each seen every iteration (128 others held out).
+    # Does the update learn the prompts it trains on (training reward windows), and does any of it transfer?
+    "prompts6": ["grpo.prompt_file=benchmarks/data/prompts-6-train-128-held-out.txt"],
 }
 
 REWARD = "total"
@@ -123,7 +126,7 @@ def row(name: str, runs: list[dict]) -> str:
     wall = np.mean([s["wall_time_s"] for s in runs])
     per_seed = "; ".join(cell(s) for s in runs)
     checks = [s["eval"].get("checks", {}) for s in runs]
-    check = "; ".join(f"{c[n]['difference']['mean']:+.3f}" for c in checks for n in c) or "-"
+    check = "; ".join(f"{n.removeprefix('compositional_')} {c[n]['difference']['mean']:+.3f}" for c in checks for n in c) or "-"
     return (f"| {name} | {len(runs)} | {before:.3f} -> {after:.3f} | {np.mean(diffs):+.3f} | {per_seed} | {check} | "
             f"{sat:.2f} / {div:.2f} | {wall:.0f} |")
 
@@ -141,15 +144,29 @@ def main() -> None:
         raise SystemExit(f"unknown recipe(s) {unknown}; known: {sorted(RECIPES)}")
     uri = f"sqlite:///{(args.out / 'mlflow.db').resolve()}"
     args.out.mkdir(parents=True, exist_ok=True)
-    lines = ["| recipe | seeds | held-out before -> after | mean change | change per seed [95% CI] | strict check change | "
-             "saturation / diversity vs base | GRPO s |", "|---|---|---|---|---|---|---|---|"]
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).search_experiments()  # creates the store now: two scripts started together both migrated it
     for name in names:
         runs = [run(name, RECIPES[name], seed, args.out, uri, args.set) for seed in args.seeds]
-        lines.append(row(name, runs))
-        print(lines[-1], flush=True)
-    table = "\n".join(lines)
+        print(row(name, runs), flush=True)
+    table = stored_table(args.out)
     (args.out / "table.md").write_text(table + "\n")
     print(table)
+
+
+def stored_table(out: Path) -> str:
+    """Every result stored under `out` (this invocation's and earlier ones'), a row per recipe, in RECIPES' order."""
+    by_recipe: dict[str, list[dict]] = {}
+    for path in sorted(out.glob("*-seed*.json")):
+        summary = json.loads(path.read_text())
+        by_recipe.setdefault(summary.get("recipe", path.stem.rsplit("-seed", 1)[0]), []).append(summary)
+    order = {name: i for i, name in enumerate(RECIPES)}
+    lines = ["| recipe | seeds | held-out before -> after | mean change | change per seed [95% CI] | check change | "
+             "saturation / diversity vs base | GRPO s |", "|---|---|---|---|---|---|---|---|"]
+    for name in sorted(by_recipe, key=lambda n: (order.get(n, len(order)), n)):
+        lines.append(row(name, sorted(by_recipe[name], key=lambda s: s.get("seed", 0))))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -452,7 +452,10 @@ class GrpoRun:
                     evaluated = p.eval_time_s
                     metrics = self.step(it)
                     now = time.time()
-                    if probe.record(it, now - last - (p.eval_time_s - evaluated)) is not None:
+                    seconds = now - last - (p.eval_time_s - evaluated)  # (the evaluation every eval_every excluded)
+                    trained = int(metrics["groups_trained"]) if metrics else 0
+                    self.tracker.metrics({"iteration_s": seconds}, step=it)
+                    if probe.record(it, seconds, trained) is not None:
                         self.report_layout(probe, it)
                     p.layout, last = probe.as_dict(), now
                     p.iteration, p.wall_time_s, self.steady = it + 1, time.time() - start, True
@@ -499,9 +502,9 @@ class GrpoRun:
 
     def report_layout(self, probe: LayoutProbe, it: int) -> None:
         """The probe's measurement and choice: one line, MLflow metrics at the iteration it was made, and a tag."""
-        sync, overlapped = (float(np.median(probe.times[n])) for n in ("sync", "async"))
-        tqdm.write(f"layout: {sync:.2f} s per iteration synchronous, {overlapped:.2f} s overlapped (grpo.max_staleness="
-                   f"{probe.staleness}; medians of {probe.iterations} each, grpo.async_probe): the rest of the run "
+        sync, overlapped = (probe.seconds_per_group(n) for n in ("sync", "async"))
+        tqdm.write(f"layout: {sync:.2f} s per trained group synchronous, {overlapped:.2f} s overlapped (grpo.max_staleness="
+                   f"{probe.staleness}; {probe.iterations} iterations each, grpo.async_probe): the rest of the run "
                    f"is {'overlapped' if probe.chosen == 'async' else 'synchronous'}")
         self.tracker.metrics({"layout_sync_s": sync, "layout_async_s": overlapped,
                               "layout_async": float(probe.chosen == "async")}, step=it)

@@ -4,7 +4,8 @@ Overlapping the rollout with the update (grpo.max_staleness >= 1) pays only when
 the same cores: on a 2-core machine each phase gets one core instead of two, and whether that beats running them one
 after the other with all cores depends on how well each phase's kernels scale with threads (measured: 1.37x faster
 on one machine of this kind, 0.91x on another). So an async run measures its first iterations both ways and keeps
-the faster layout:
+the faster layout, per trained group (an update's cost grows with the groups it trains, which vary between
+iterations: correlation 0.7-0.8 measured, 4-6 of 6 groups):
 
     iteration   start   start+1 .. start+k   start+k+1    start+k+2 .. start+2k+1   then
     layout      sync    sync (timed)         async        async (timed)             the faster (ties: sync)
@@ -17,7 +18,6 @@ uses all of them, as they take turns.
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -29,14 +29,15 @@ class LayoutProbe:
     staleness: int  # grpo.max_staleness: the async layout's
     iterations: int  # timed per layout (grpo.async_probe); 0 = no probe, the configured async layout throughout
     start: int = 0  # the first iteration of this run segment (a resumed run probes again unless it had chosen)
-    times: dict[str, list[float]] = field(default_factory=lambda: {"sync": [], "async": []})
+    times: dict[str, list[float]] = field(default_factory=lambda: {"sync": [], "async": []})  # timed iterations' s
+    groups: dict[str, list[int]] = field(default_factory=lambda: {"sync": [], "async": []})  # and groups trained
     chosen: Optional[str] = None  # "sync" | "async" once measured
 
     @classmethod
     def plan(cls, staleness: int, iterations: int, start: int, total: int, saved: Optional[dict] = None) -> "LayoutProbe":
         """The probe of a run segment from iteration `start` of `total`; `saved` is a resumed run's as_dict()."""
         if saved and saved.get("chosen"):
-            return cls(staleness, iterations, saved["start"], saved["times"], saved["chosen"])
+            return cls(staleness, iterations, saved["start"], saved["times"], saved["groups"], saved["chosen"])
         probe = cls(staleness, iterations, start)
         if staleness == 0:
             probe.chosen = "sync"
@@ -61,17 +62,23 @@ class LayoutProbe:
             return "async"
         return None
 
-    def record(self, it: int, seconds: float) -> Optional[str]:
-        """Count iteration `it`'s wall time; returns the choice when this iteration completes the measurement."""
+    def record(self, it: int, seconds: float, groups: int) -> Optional[str]:
+        """Count iteration `it`'s wall time and the groups it trained; returns the choice when this iteration
+        completes the measurement."""
         name = self.timed(it)
         if name is None:
             return None
         self.times[name].append(seconds)
+        self.groups[name].append(groups)
         if len(self.times["async"]) == self.iterations:
-            sync, overlapped = (statistics.median(self.times[n]) for n in ("sync", "async"))
+            sync, overlapped = (self.seconds_per_group(n) for n in ("sync", "async"))
             self.chosen = "async" if overlapped < sync else "sync"
             return self.chosen
         return None
+
+    def seconds_per_group(self, layout: str) -> float:
+        """The timed iterations' seconds over the groups they trained (a ratio of sums: robust to one slow one)."""
+        return sum(self.times[layout]) / max(1, sum(self.groups[layout]))
 
     def staleness_at(self, it: int) -> int:
         """How many versions ahead rollouts may be launched while iteration `it` is next to train."""

@@ -5,15 +5,16 @@ import pytest
 from learner.layout import LayoutProbe, split_threads
 
 
-def run_probe(probe: LayoutProbe, seconds: dict[str, float], iterations: int) -> list[str]:
-    """Drive the probe as the loop does: each iteration's layout, then its wall time under that layout (the
-    transition iteration is made very slow: it must not be counted)."""
+def run_probe(probe: LayoutProbe, seconds: dict[str, float], iterations: int,
+              groups: dict[str, int] | None = None) -> list[str]:
+    """Drive the probe as the loop does: each iteration's layout, then its wall time and groups trained under that
+    layout (the warm-up and the switch are made very slow: they must not be counted)."""
     layouts = []
     for it in range(probe.start, probe.start + iterations):
         layout = probe.layout(it)
         layouts.append(layout)
         switch = probe.chosen is None and it - probe.start == probe.iterations + 1
-        probe.record(it, 100.0 if switch or it == probe.start else seconds[layout])
+        probe.record(it, 100.0 if switch or it == probe.start else seconds[layout], (groups or {}).get(layout, 6))
     return layouts
 
 
@@ -24,7 +25,17 @@ def test_the_probe_keeps_the_faster_layout_and_ties_go_to_sync(sync_s, async_s, 
     layouts = run_probe(probe, {"sync": sync_s, "async": async_s}, 12)
     assert layouts[:6] == ["sync", "sync", "sync", "async", "async", "async"]
     assert probe.chosen == kept and layouts[6:] == [kept] * 6
-    assert probe.times == {"sync": [sync_s] * 2, "async": [async_s] * 2}
+    assert probe.times == {"sync": [sync_s] * 2, "async": [async_s] * 2} and probe.groups["async"] == [6, 6]
+
+
+def test_the_layouts_are_compared_per_trained_group_not_per_iteration():
+    """An update costs in proportion to the groups it trains (those whose rewards all tie are skipped), and that
+    varies between iterations: overlapped iterations that happened to train 3 groups in 6 s are slower than
+    synchronous ones that trained 6 in 9 s. Would catch: comparing raw iteration times (async kept here)."""
+    probe = LayoutProbe.plan(staleness=1, iterations=2, start=0, total=20)
+    run_probe(probe, {"sync": 9.0, "async": 6.0}, 8, groups={"sync": 6, "async": 3})
+    assert probe.seconds_per_group("sync") == 1.5 and probe.seconds_per_group("async") == 2.0
+    assert probe.chosen == "sync"
 
 
 def test_the_warm_up_and_the_switch_are_not_timed():
