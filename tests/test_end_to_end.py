@@ -12,7 +12,7 @@ import safetensors.torch
 from mlflow.tracking import MlflowClient
 
 from actors.stream import EmbeddedRedis
-from tests.cli import SMOKE, last_line, run_cli
+from tests.cli import SMOKE, grpo_args, last_line, run_cli, summary_of
 
 CHECKPOINT_FILES = ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
                     "scheduler/scheduler_config.json", "README.md")
@@ -190,13 +190,9 @@ def test_an_async_run_times_both_layouts_and_the_actors_follow_the_one_it_keeps(
     import os
 
     root, uri = store
-    proc = run_cli(
-        "--mode", "grpo", "--config", str(SMOKE), f"run_dir={root / 'layout'}", f"mlflow.tracking_uri={uri}",
-        f"init_from={pretrained['checkpoint']}", "grpo.max_staleness=1", "grpo.async_probe=1", "grpo.iterations=7",
-        "grpo.eval_every=0", "actors.torch_threads=0",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(Path(last_line(proc)).read_text())
+    proc = run_cli(*grpo_args(root, uri, pretrained, "layout", "grpo.max_staleness=1", "grpo.async_probe=1",
+                              "grpo.iterations=7", "actors.torch_threads=0"))
+    summary = summary_of(proc)
     layout = summary["layout"]
     assert len(layout["times"]["sync"]) == len(layout["times"]["async"]) == 1
     per_group = {n: layout["times"][n][0] / max(1, layout["groups"][n][0]) for n in ("sync", "async")}
