@@ -87,6 +87,9 @@ RECIPES: dict[str, list[str]] = {
     # session 15, a diagnostic: the default on 6 training prompts, each seen every iteration (128 others held out).
     # Does the update learn the prompts it trains on (training reward windows), and does any of it transfer?
     "prompts6": ["grpo.prompt_file=benchmarks/data/prompts-6-train-128-held-out.txt"],
+    # the same without the trust region and at 3x the lr: can the update raise the reward of its own 6 prompts at all?
+    "prompts6-kl0-lr3e-4": ["grpo.prompt_file=benchmarks/data/prompts-6-train-128-held-out.txt", "grpo.kl_coef=0",
+                            "grpo.lr=3e-4"],
 }
 
 REWARD = "total"
