@@ -47,14 +47,16 @@ def run(label: str, overrides: list[str], iterations: int, scratch: Path, uri: s
 
 
 def kept(layout: dict | None) -> str:
-    """The layout an async run kept, with the probe's medians (learner/layout.py)."""
+    """The layout an async run kept, with what its probe measured (learner/layout.py)."""
+    from learner.layout import LayoutProbe
+
     if not layout or layout["staleness"] == 0:
         return "sync"
-    times = layout["times"]
-    if not times["async"]:
+    probe = LayoutProbe(**layout)
+    if not probe.times["async"]:
         return "async (not probed)"
-    per = {n: sum(times[n]) / max(1, sum(layout["groups"][n])) for n in times}
-    return f"{layout['chosen']} (probe: sync {per['sync']:.2f} s, async {per['async']:.2f} s per trained group)"
+    sync, overlapped = (probe.seconds_per_group(n) for n in ("sync", "async"))
+    return f"{probe.chosen} (probe: sync {sync:.2f} s, async {overlapped:.2f} s per trained group)"
 
 
 def main() -> None:

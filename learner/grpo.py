@@ -240,7 +240,6 @@ class GrpoRun:
         # Which layout the actors' torch threads are set for (all cores each: "sync"), and the rollout actors' counts
         # (given again to an actor Ray restarts). learner/layout.py chooses the layout of an async run.
         self.threads_layout, self.rollout_threads = "sync", [cfg.actors.torch_threads] * len(self.rollouts)
-        self.probe: Optional[LayoutProbe] = None
         self.saved_at: Optional[int] = None  # the iteration of the last run state written
         self.trimmed = 0  # stream entries deleted once every learner rank acknowledged them (since this start)
         self.duplicates = 0  # entries that repeated a group already trained (a rollout made again), since this start
@@ -436,7 +435,7 @@ class GrpoRun:
         # iterations cost differently get the same training time however often they are evaluated.
         deadline = start + g.time_limit_s if g.time_limit_s else float("inf")
         iterations = steady_range(p.iteration, g.iterations, desc="grpo", unit="it")  # ETA without the warm-up
-        probe = self.probe = LayoutProbe.plan(g.max_staleness, g.async_probe, p.iteration, g.iterations, p.layout)
+        probe = LayoutProbe.plan(g.max_staleness, g.async_probe, p.iteration, g.iterations, p.layout)
         last = time.time()
         try:
             for it in iterations:

@@ -5,7 +5,7 @@ the same cores: on a 2-core machine each phase gets one core instead of two, and
 after the other with all cores depends on how well each phase's kernels scale with threads (measured: 1.37x faster
 on one machine of this kind, 0.91x on another). So an async run measures its first iterations both ways and keeps
 the faster layout, per trained group (an update's cost grows with the groups it trains, which vary between
-iterations: correlation 0.7-0.8 measured, 4-6 of 6 groups):
+iterations: correlation 0.7-0.8 measured, 3-6 of 6 groups):
 
     iteration   start   start+1 .. start+k   start+k+1    start+k+2 .. start+2k+1   then
     layout      sync    sync (timed)         async        async (timed)             the faster (ties: sync)
