@@ -90,6 +90,33 @@ RECIPES: dict[str, list[str]] = {
     # the same without the trust region and at 3x the lr: can the update raise the reward of its own 6 prompts at all?
     "prompts6-kl0-lr3e-4": ["grpo.prompt_file=benchmarks/data/prompts-6-train-128-held-out.txt", "grpo.kl_coef=0",
                             "grpo.lr=3e-4"],
+    # session 16: the 6-prompt diagnostic with 32 images per prompt (4x the samples per optimiser step, same KL 0.5):
+    # tilting the base's own samples by the reward gains +0.15 at 0.28 nats per prompt (benchmarks/tilt_bound.py),
+    # while the default spends about 2.8 nats of path KL for nothing. If a 4x less noisy gradient raises the
+    # training prompts' reward, the update's noise is what wastes the KL budget
+    "prompts6-g32": ["grpo.prompt_file=benchmarks/data/prompts-6-train-128-held-out.txt", "grpo.group_size=32"],
+    "prompts6-g32-lr3e-4": ["grpo.prompt_file=benchmarks/data/prompts-6-train-128-held-out.txt", "grpo.group_size=32",
+                            "grpo.lr=3e-4"],
+    # session 16: one std for the batch instead of each group's own. A group whose rewards differ only on the lenient
+    # verifier's margins (0.10 vs 0.12) gets |A| up to 2.65 under the group std, as much as a group with a real hit:
+    # the batch std weights groups by how much their rewards actually differ
+    "std-global": ["grpo.advantage_std=global"],
+    # session 16: an SGD-like step inside the KL trust region. Raw gradients of two batches agree (cosine 0.35) but
+    # their signs do not (agreement 0.49), and Adam's step is about lr x sign(g): at kl 0.5 / lr 1e-4 the policy
+    # spends its 0.3-0.5 nats per transition on sign noise (at lr 3e-4 the noise walked it 12.9 nats, past the KL).
+    # eps 1e-3 above every gradient entry makes the step follow the raw gradient (pg-sgd-lr2e-3 without the KL went
+    # 829 nats and hacked); with the KL it should move along the true gradient until the penalty balances it
+    "sgd-kl0.5": ["grpo.adam_eps=1e-3", "grpo.lr=2e-3"],
+    "sgd-kl0.5-lr5e-4": ["grpo.adam_eps=1e-3", "grpo.lr=5e-4"],
+    # session 16: train only what reads the caption. LoRA adapters on the cross-attention's key and value projections
+    # (their input is the text alone), so an update changes the image through the caption: a prompt-agnostic look,
+    # the direction every recipe so far drifted in, is hard to express. lr 3e-4: LoRA's B starts at 0, its steps
+    # move W by about a third of what a full-weight step of the same lr does
+    "xattn-lora": ["grpo.lora.rank=8", "grpo.lora.targets=[attn2.to_k, attn2.to_v]", "grpo.lr=3e-4"],
+    # the same without the trust region (the 6-prompt diagnostic rose 0.22 -> 0.53 in three updates at kl 0 before
+    # its prompt-agnostic collapse: does restricting the update to the caption's path keep the rise and not the collapse?)
+    "xattn-lora-kl0": ["grpo.lora.rank=8", "grpo.lora.targets=[attn2.to_k, attn2.to_v]", "grpo.lr=3e-4",
+                       "grpo.kl_coef=0"],
 }
 
 REWARD = "total"
