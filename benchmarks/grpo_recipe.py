@@ -97,6 +97,11 @@ RECIPES: dict[str, list[str]] = {
     "prompts6-g32": ["grpo.prompt_file=benchmarks/data/prompts-6-train-128-held-out.txt", "grpo.group_size=32"],
     "prompts6-g32-lr3e-4": ["grpo.prompt_file=benchmarks/data/prompts-6-train-128-held-out.txt", "grpo.group_size=32",
                             "grpo.lr=3e-4"],
+    # session 16: the first Adam step at lr 3e-4 is lr x sign(g) and raised the 6 training prompts' reward 0.19 -> 0.33
+    # (group 32, kl 0.5) and 0.22 -> 0.40 (kl 0) before later steps undid it or collapsed the samples. Does that
+    # first step, on fresh prompts, move the held-out reward? Eight iterations with a held-out evaluation after each
+    "early-kl0-lr3e-4": ["grpo.kl_coef=0", "grpo.lr=3e-4", "grpo.iterations=8", "grpo.eval_every=1"],
+    "early-kl0.5-lr3e-4": ["grpo.lr=3e-4", "grpo.iterations=8", "grpo.eval_every=1"],
     # session 16: one std for the batch instead of each group's own. A group whose rewards differ only on the lenient
     # verifier's margins (0.10 vs 0.12) gets |A| up to 2.65 under the group std, as much as a group with a real hit:
     # the batch std weights groups by how much their rewards actually differ
@@ -108,6 +113,12 @@ RECIPES: dict[str, list[str]] = {
     # 829 nats and hacked); with the KL it should move along the true gradient until the penalty balances it
     "sgd-kl0.5": ["grpo.adam_eps=1e-3", "grpo.lr=2e-3"],
     "sgd-kl0.5-lr5e-4": ["grpo.adam_eps=1e-3", "grpo.lr=5e-4"],
+    # session 16: train only the three noisiest transitions (where layout and colour are decided) so the KL budget is
+    # not spent on the late ones, which change details the verifier does not check
+    "window3": ["grpo.train_step_window=[0, 1, 2]"],
+    # session 16: LoRA rank 4 on the default targets (75k trainable weights instead of 1.5M): Adam's sign-noise walk
+    # has 20x fewer coordinates to spend the KL on
+    "lora4": ["grpo.lora.rank=4", "grpo.lr=3e-4"],
     # session 16: train only what reads the caption. LoRA adapters on the cross-attention's key and value projections
     # (their input is the text alone), so an update changes the image through the caption: a prompt-agnostic look,
     # the direction every recipe so far drifted in, is hard to express. lr 3e-4: LoRA's B starts at 0, its steps

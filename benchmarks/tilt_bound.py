@@ -13,7 +13,10 @@ prints:
   log k - (k - 1)/k;
 - the reward the optimal tilt reaches at the KL per prompt that GRPO runs spent (the per-transition KL to the start
   times the transitions: the path KL, an upper bound on the final images' KL), and the KL it needs for +0.05, +0.10,
-  +0.15, with 95% bootstrap intervals over prompts.
+  +0.15, with 95% bootstrap intervals over prompts;
+- the same gain split by what the tilt may look at: a prompt-agnostic tilt weights an image by its mean credit under
+  `--others` distractor captions, m(x), a function of the image alone (the one tilt a policy change that ignores the
+  caption can make: brighter, bigger, purer objects for every prompt), and a caption-specific tilt by r(x, c) - m(x).
 
 The empirical tilt cannot exceed log n nats per prompt (all weight on one sample), so larger gains read "> log n".
 Writes markdown and JSON to --out.
@@ -73,11 +76,13 @@ def kl_for_gain(rewards: np.ndarray, gain: float, betas: np.ndarray) -> float:
     return math.log(rewards.shape[1]) if math.isnan(beta) else float(tilt(rewards, beta)[1].mean())
 
 
-def gain_at_kl(rewards: np.ndarray, budget: float, betas: np.ndarray) -> float:
-    """The mean reward gain of the tilt whose mean KL per prompt is at most `budget`."""
+def gain_at_kl(rewards: np.ndarray, budget: float, betas: np.ndarray, by: np.ndarray | None = None) -> float:
+    """The largest mean reward gain of a tilt whose mean KL per prompt is at most `budget`; with `by`, the tilt is by
+    that score instead of the reward (e.g. a score that ignores the caption), and the gain is still the reward's."""
+    by = rewards if by is None else by
     best = 0.0
     for beta in betas:
-        mean, kl = tilt(rewards, beta)
+        mean, kl = tilt(by, beta, rewards)
         if kl.mean() <= budget:
             best = max(best, float(mean.mean() - rewards.mean()))
     return best
@@ -99,6 +104,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--spent", type=float, nargs="*", default=[],
                         help="path KLs (nats per prompt) that GRPO runs spent: the tilt's gain at each is printed")
+    parser.add_argument("--others", type=int, default=8,
+                        help="distractor captions per image for its prompt-agnostic credit m(x) (0 = skip the split)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tilt_bound")
     args = parser.parse_args()
 
@@ -115,6 +122,8 @@ def main() -> None:
     prompts = prompt_source(load_config(None, ["seed=0"])).held_out(args.prompts)
     model = load_model(resolve_checkpoint(args.init))
     verifiers = {"compositional": build("compositional"), "compositional_strict": build("compositional_strict")}
+    if args.others:  # own score minus this = m(x), the image's mean credit under other captions
+        verifiers["contrastive"] = build("compositional_contrastive", others=args.others)
     scores = {name: np.zeros((len(prompts), args.samples)) for name in verifiers}
     for s in range(args.samples):
         images = generate(model, prompts, args.steps, 10_000 + s)  # other noise than the held-out evaluation's
@@ -151,6 +160,24 @@ def main() -> None:
         e = bootstrap(lambda x: gain_at_kl(x, spent, betas), r)
         result["tilt"][f"kl {spent}"] = e
         lines.append(f"| optimal tilt at a GRPO run's path KL | {spent:.2f} | - | {fmt(e)} | - |")
+    if args.others:
+        agnostic = r - scores["contrastive"]  # m(x): the mean score under distractor captions
+        specific = r - agnostic
+        both = np.stack([r, agnostic, specific], axis=-1)  # bootstrapped together, row by row
+        result["split"] = {"agnostic_mean": float(agnostic.mean())}
+        lines += ["", f"What the tilt may look at ({args.others} distractor captions per image; the gain is always "
+                  "the trained verifier's under the image's own caption):", "",
+                  "| KL per prompt (nats) | tilt by r(x, c) | prompt-agnostic tilt, by m(x) | caption-specific tilt, "
+                  "by r - m |", "|---|---|---|---|"]
+        for budget in [0.1, 0.28, 0.5, 1.0, 2.8]:
+            cells = []
+            for name, col in [("reward", 0), ("agnostic", 1), ("specific", 2)]:
+                e = bootstrap(lambda x: gain_at_kl(x[..., 0], budget, betas, by=x[..., col]), both)
+                result["split"][f"{name} kl {budget}"] = e
+                cells.append(f"+{e[0]:.3f} [{e[1]:+.3f}, {e[2]:+.3f}]")
+            lines.append(f"| {budget:.2f} | " + " | ".join(cells) + " |")
+        lines += ["", f"m(x) averages {agnostic.mean():.3f} against the own caption's {r.mean():.3f}: that much of the "
+                  "base's credit is paid to any caption."]
     lines += ["", f"Base: verifier {r.mean():.3f}, strict check {strict.mean():.3f}; prompts whose best of "
               f"{args.samples} samples scores 0: {float((r.max(axis=1) == 0).mean()):.0%}; the empirical tilt's KL "
               f"cannot exceed log {args.samples} = {math.log(args.samples):.2f} nats."]

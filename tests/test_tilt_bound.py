@@ -50,3 +50,17 @@ def test_the_kl_for_a_gain_matches_the_closed_form_of_one_hit_among_n():
     assert gain_at_kl(rewards, exact, BETAS) == pytest.approx(gain, abs=2e-3)
     # a gain beyond the best sample is unreachable by any reweighting: reported at the cap log n
     assert kl_for_gain(rewards, 1.0, BETAS) == pytest.approx(math.log(n))
+
+
+def test_a_tilt_by_another_score_gains_only_what_that_score_says_about_the_reward():
+    rng = np.random.default_rng(1)
+    rewards = rng.random((6, 16))
+    budget = 0.5
+    own = gain_at_kl(rewards, budget, BETAS)
+    assert own > 0.05
+    # tilting by 2r is tilting by r at half the beta: the same KL frontier, and the gain is the reward's, not 2x
+    assert gain_at_kl(rewards, budget, BETAS, by=2 * rewards) == pytest.approx(own, abs=2e-3)
+    # a score that is constant within each prompt (an image-agnostic look) leaves the weights uniform: no gain
+    assert gain_at_kl(rewards, budget, BETAS, by=np.repeat(rng.random((6, 1)), 16, axis=1)) == pytest.approx(0, abs=1e-9)
+    # a score independent of the reward buys less at the same KL than the reward itself
+    assert gain_at_kl(rewards, budget, BETAS, by=rng.random((6, 16))) < own - 0.02
