@@ -113,6 +113,11 @@ RECIPES: dict[str, list[str]] = {
     # 829 nats and hacked); with the KL it should move along the true gradient until the penalty balances it
     "sgd-kl0.5": ["grpo.adam_eps=1e-3", "grpo.lr=2e-3"],
     "sgd-kl0.5-lr5e-4": ["grpo.adam_eps=1e-3", "grpo.lr=5e-4"],
+    # session 17: every recipe so far turned the KL it spent into a look shared by all captions (saturation, wash-out,
+    # blob size). Subtract the actions' advantage-weighted log-likelihood under the empty caption: what an update
+    # would change for every caption alike cancels, and only the caption's effect on the policy trains
+    "caption-contrast": ["grpo.caption_contrast=1.0"],
+    "caption-contrast-lr3e-4": ["grpo.caption_contrast=1.0", "grpo.lr=3e-4"],
     # session 16: train only the three noisiest transitions (where layout and colour are decided) so the KL budget is
     # not spent on the late ones, which change details the verifier does not check
     "window3": ["grpo.train_step_window=[0, 1, 2]"],

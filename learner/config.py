@@ -176,6 +176,11 @@ class GrpoConfig(Strict):
         1.0, gt=0, le=1, description="random fraction of the window trained each iteration (timestep subsampling)"
     )
     updates_per_batch: int = Field(1, ge=1, description="optimiser steps per batch; after the first the ratio != 1")
+    caption_contrast: float = Field(
+        0.0, ge=0, description="objective policy_gradient: subtract this times the actions' advantage-weighted "
+        "log-likelihood under the empty caption, so an update's caption-independent part cancels (1 = all of it) and "
+        "only how the policy depends on its caption trains; costs a second network call per transition; 0 = off"
+    )
     recompute: Literal["batch", "group"] = Field(
         "batch", description="how the learner re-scores a transition: batch = one network call over all of a rank's "
         "groups (1.28x faster on 2 CPU cores, benchmarks/throughput.py; the first ratio then differs from 1 by "
@@ -283,6 +288,9 @@ class GrpoConfig(Strict):
                     f"grpo.train_step_window={window}: entries must be distinct sampler transitions 0..{last} "
                     f"(grpo.steps={self.steps} has {last + 1}), at least one; null = all"
                 )
+        if self.caption_contrast and self.objective != "policy_gradient":
+            raise ValueError(f"grpo.caption_contrast={self.caption_contrast} needs grpo.objective=policy_gradient (it "
+                             "contrasts the sampler's transition log-likelihoods); set it to 0 for objective forward")
         if self.ema_decay > 0 and self.objective != "forward":
             raise ValueError(
                 f"grpo.ema_decay={self.ema_decay} needs grpo.objective=forward: the policy gradient re-scores the "

@@ -26,7 +26,7 @@ from learner.ema import make_ema, update_ema
 from learner.forward_objective import ForwardBatch, forward_loss
 from learner.policy_loss import PromptStats, clipped_policy_loss, compute_advantages, select_train_steps
 from proxmodel.lora import BaseOf, adapter_state, with_lora
-from proxmodel.model import ProxT2I
+from proxmodel.model import ProxT2I, empty_condition
 from proxmodel.policy import Policy
 from proxmodel.sampler import gaussian_kl
 
@@ -57,17 +57,30 @@ class TrainGroup:
 
 
 def transition_loss(model: nn.Module, reference: Optional[nn.Module], policy: Policy, batch: list[TrainGroup],
-                    j: int, clip_range: float, kl_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    j: int, clip_range: float, kl_coef: float,
+                    caption_contrast: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy loss (+ kl_coef x KL to `reference`) of transition j (0 = the noisiest), mean over `batch`.
 
     Log-probs are recomputed with one network call per entry of `batch`: groups in the rollout's batch shapes keep
     the first on-policy ratio exactly 1; one merged entry (TrainGroup.merged, grpo.recompute=batch) is faster and
     differs from 1 by kernel rounding only. Statistics stay tensors (on the model's device).
+
+    caption_contrast lam: minus lam x the same advantage-weighted log-likelihood of the actions under the empty
+    caption, so the objective is E[A (log pi(a | s, c) - lam log pi(a | s, empty))]: at lam = 1 whatever an update
+    would change for every caption alike (a brighter, bigger, more saturated look) cancels, and only how the policy
+    depends on its caption is trained. Its gradient is taken at the current weights (exp(l - l.detach()) has value 1
+    and gradient grad l), with no clipping: it is off-policy only after the batch's first optimiser step.
     """
     steps = [policy.transition(model, {"tokens": b.tokens}, b.states, j) for b in batch]
     log_probs = torch.cat([st.log_prob for st in steps])
     old = torch.cat([b.log_probs[:, j] for b in batch])
-    loss, stats = clipped_policy_loss(log_probs, old, torch.cat([b.advantages for b in batch]), clip_range)
+    advantages = torch.cat([b.advantages for b in batch])
+    loss, stats = clipped_policy_loss(log_probs, old, advantages, clip_range)
+    if caption_contrast:
+        empty = torch.cat([policy.transition(model, empty_condition(model, {"tokens": b.tokens}), b.states, j).log_prob
+                           for b in batch]).float()
+        loss = loss + caption_contrast * (advantages * torch.exp(empty - empty.detach())).mean()
+        stats["caption_log_ratio"] = (log_probs.float() - empty).mean().detach()  # log pi(a|c) - log pi(a|empty)
     if reference is not None:
         with torch.no_grad():
             ref = [policy.transition(reference, {"tokens": b.tokens}, b.states, j).mean for b in batch]
@@ -210,7 +223,7 @@ class GrpoLearner(Threaded):
             trained = select_train_steps(g.steps - 1, g.train_step_window, g.train_step_fraction, self.step_rng)
             for i, j in enumerate(trained):
                 loss, stats = transition_loss(self.engine, self.reference, self.policy, batch, j, g.clip_range,
-                                              g.kl_coef)
+                                              g.kl_coef, g.caption_contrast)
                 loss = loss * scale
                 if self.anchor is not None and i == len(trained) - 1:  # once per optimiser step; DeepSpeed
                     anchor = self._anchor_loss(update)  # divides each micro-step's loss by their number
