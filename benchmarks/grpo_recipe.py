@@ -118,6 +118,10 @@ RECIPES: dict[str, list[str]] = {
     # would change for every caption alike cancels, and only the caption's effect on the policy trains
     "caption-contrast": ["grpo.caption_contrast=1.0"],
     "caption-contrast-lr3e-4": ["grpo.caption_contrast=1.0", "grpo.lr=3e-4"],
+    # the cancellation is exact in the gradient, but Adam's first steps are lr x sign(g): they blow the small
+    # caption-specific residue up to full-size steps on every weight. With an SGD-like Adam the update itself is the
+    # contrasted gradient (the step rule of sgd-kl0.5)
+    "caption-contrast-sgd": ["grpo.caption_contrast=1.0", "grpo.adam_eps=1e-3", "grpo.lr=2e-3"],
     # session 16: train only the three noisiest transitions (where layout and colour are decided) so the KL budget is
     # not spent on the late ones, which change details the verifier does not check
     "window3": ["grpo.train_step_window=[0, 1, 2]"],
