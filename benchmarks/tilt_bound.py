@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from learner import env  # noqa: E402,F401  (offline, no telemetry)
+from learner.bootstrap import Estimate, bootstrap_ci  # noqa: E402
 
 
 def best_of_k(rewards: np.ndarray, k: int) -> np.ndarray:
@@ -88,6 +89,22 @@ def gain_at_kl(rewards: np.ndarray, budget: float, betas: np.ndarray, by: np.nda
     return best
 
 
+def split_change(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> dict[str, Estimate]:
+    """Paired change from `before` to `after` (scores [prompts, samples] of two policies on the same prompts and
+    noises, as this script writes them) of the verifier r, of the credit any caption earns m = r - contrastive, of
+    the caption-specific part r - m, and of the strict check, with 95% bootstrap intervals over prompts."""
+    n = min(before["compositional"].shape[1], after["compositional"].shape[1])
+
+    def parts(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        r = scores["compositional"][:, :n]
+        m = r - scores["contrastive"][:, :n]
+        return {"verifier": r, "any caption": m, "caption-specific": r - m,
+                "strict check": scores["compositional_strict"][:, :n]}
+
+    old, new = parts(before), parts(after)
+    return {name: bootstrap_ci(new[name] - old[name]) for name in old}
+
+
 def bootstrap(stat, rewards: np.ndarray, resamples: int = 500, seed: int = 0) -> tuple[float, float, float]:
     """stat(rewards) with a 95% percentile interval over prompts (rows)."""
     rng = np.random.default_rng(seed)
@@ -106,6 +123,9 @@ def main() -> None:
                         help="path KLs (nats per prompt) that GRPO runs spent: the tilt's gain at each is printed")
     parser.add_argument("--others", type=int, default=8,
                         help="distractor captions per image for its prompt-agnostic credit m(x) (0 = skip the split)")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="another run's tilt_bound.json on the same prompts (e.g. the base's): print the paired "
+                        "change of the verifier split into what any caption earns and what is caption-specific")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tilt_bound")
     args = parser.parse_args()
 
@@ -181,6 +201,13 @@ def main() -> None:
     lines += ["", f"Base: verifier {r.mean():.3f}, strict check {strict.mean():.3f}; prompts whose best of "
               f"{args.samples} samples scores 0: {float((r.max(axis=1) == 0).mean()):.0%}; the empirical tilt's KL "
               f"cannot exceed log {args.samples} = {math.log(args.samples):.2f} nats."]
+    if args.against is not None and args.others:
+        before = {k: np.asarray(v) for k, v in json.loads(args.against.read_text())["scores"].items()}
+        change = split_change(before, scores)
+        result["change"] = {name: e.as_dict() for name, e in change.items()}
+        lines += ["", f"Change from `{args.against}` (paired: same prompts and noises):", "",
+                  "| score | change [95% CI] |", "|---|---|"]
+        lines += [f"| {name} | {e.mean:+.3f} [{e.low:+.3f}, {e.high:+.3f}] |" for name, e in change.items()]
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

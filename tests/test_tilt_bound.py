@@ -64,3 +64,21 @@ def test_a_tilt_by_another_score_gains_only_what_that_score_says_about_the_rewar
     assert gain_at_kl(rewards, budget, BETAS, by=np.repeat(rng.random((6, 1)), 16, axis=1)) == pytest.approx(0, abs=1e-9)
     # a score independent of the reward buys less at the same KL than the reward itself
     assert gain_at_kl(rewards, budget, BETAS, by=rng.random((6, 16))) < own - 0.02
+
+
+def test_the_split_change_puts_a_look_every_caption_pays_for_in_m_and_a_caption_fit_in_r_minus_m():
+    from tilt_bound import split_change
+
+    rng = np.random.default_rng(2)
+    r = rng.random((40, 8))
+    before = {"compositional": r, "contrastive": 0.3 * r, "compositional_strict": 0.5 * r}
+    # a caption-blind gain: the image earns 0.1 more under its own caption and under every other one alike
+    blind = {"compositional": r + 0.1, "contrastive": 0.3 * r, "compositional_strict": 0.5 * r}
+    change = split_change(before, blind)
+    assert change["verifier"].mean == pytest.approx(0.1)
+    assert change["any caption"].mean == pytest.approx(0.1) and change["caption-specific"].mean == pytest.approx(0)
+    # a caption fit: more under its own caption only, so the contrast with other captions rises by as much
+    fit = {"compositional": r + 0.1, "contrastive": 0.3 * r + 0.1, "compositional_strict": 0.5 * r}
+    change = split_change(before, fit)
+    assert change["any caption"].mean == pytest.approx(0) and change["caption-specific"].mean == pytest.approx(0.1)
+    assert change["caption-specific"].low > 0.09  # a constant shift has no spread
