@@ -89,17 +89,24 @@ def gain_at_kl(rewards: np.ndarray, budget: float, betas: np.ndarray, by: np.nda
     return best
 
 
+def caption_split(scores: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(m, r - m) of this script's scores: m, the credit the image earns under any caption (its verifier score minus
+    the contrastive one, i.e. its mean under the distractor captions), and the caption-specific rest r - m, which is
+    the contrastive score itself."""
+    return scores["compositional"] - scores["contrastive"], scores["contrastive"]
+
+
 def split_change(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> dict[str, Estimate]:
     """Paired change from `before` to `after` (scores [prompts, samples] of two policies on the same prompts and
-    noises, as this script writes them) of the verifier r, of the credit any caption earns m = r - contrastive, of
-    the caption-specific part r - m, and of the strict check, with 95% bootstrap intervals over prompts."""
+    noises, as this script writes them) of the verifier r, of its caption_split parts and of the strict check, with
+    95% bootstrap intervals over prompts."""
     n = min(before["compositional"].shape[1], after["compositional"].shape[1])
 
     def parts(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        r = scores["compositional"][:, :n]
-        m = r - scores["contrastive"][:, :n]
-        return {"verifier": r, "any caption": m, "caption-specific": r - m,
-                "strict check": scores["compositional_strict"][:, :n]}
+        scores = {name: value[:, :n] for name, value in scores.items()}
+        agnostic, specific = caption_split(scores)
+        return {"verifier": scores["compositional"], "any caption": agnostic, "caption-specific": specific,
+                "strict check": scores["compositional_strict"]}
 
     old, new = parts(before), parts(after)
     return {name: bootstrap_ci(new[name] - old[name]) for name in old}
@@ -128,6 +135,8 @@ def main() -> None:
                         "change of the verifier split into what any caption earns and what is caption-specific")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tilt_bound")
     args = parser.parse_args()
+    if args.against is not None and not args.others:
+        parser.error("--against compares the caption split, which needs distractor captions: drop --others 0")
 
     import torch
 
@@ -181,8 +190,7 @@ def main() -> None:
         result["tilt"][f"kl {spent}"] = e
         lines.append(f"| optimal tilt at a GRPO run's path KL | {spent:.2f} | - | {fmt(e)} | - |")
     if args.others:
-        agnostic = r - scores["contrastive"]  # m(x): the mean score under distractor captions
-        specific = r - agnostic
+        agnostic, specific = caption_split(scores)
         both = np.stack([r, agnostic, specific], axis=-1)  # bootstrapped together, row by row
         result["split"] = {"agnostic_mean": float(agnostic.mean())}
         lines += ["", f"What the tilt may look at ({args.others} distractor captions per image; the gain is always "
@@ -201,7 +209,7 @@ def main() -> None:
     lines += ["", f"Base: verifier {r.mean():.3f}, strict check {strict.mean():.3f}; prompts whose best of "
               f"{args.samples} samples scores 0: {float((r.max(axis=1) == 0).mean()):.0%}; the empirical tilt's KL "
               f"cannot exceed log {args.samples} = {math.log(args.samples):.2f} nats."]
-    if args.against is not None and args.others:
+    if args.against is not None:
         before = {k: np.asarray(v) for k, v in json.loads(args.against.read_text())["scores"].items()}
         change = split_change(before, scores)
         result["change"] = {name: e.as_dict() for name, e in change.items()}
