@@ -11,7 +11,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from actors.experience import Group
+from actors.net import free_port
 from actors.redaction import redact
 
 
@@ -83,7 +83,7 @@ class EmbeddedRedis:
         os.chmod(self.dir, 0o700)
         self.password = password or secrets.token_hex(16)
         if host:
-            port = _free_port(host)
+            port = free_port(host)
             listen = [f"bind {host}", f"port {port}", "protected-mode yes"]
             self.socket = None
             self.address = RedisAddress(url=f"redis://{_url_host(host)}:{port}/0", password=self.password)
@@ -154,12 +154,6 @@ def _die_with_parent() -> None:
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _url_host(host: str) -> str:

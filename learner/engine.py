@@ -12,25 +12,19 @@ own overflow check under ZeRO 1-3, by `AdamWSkipNonFinite` without ZeRO. Either 
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from actors.net import free_port
+
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed  # noqa: E402  (DS_ACCELERATOR must be set before the import)
 import torch.distributed as dist  # noqa: E402
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` ("" = every interface) right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def device() -> torch.device:

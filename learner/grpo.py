@@ -94,11 +94,11 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path, r
     redis_server = None
     try:
         STOP.check()
+        ensure_resources(ray, cfg)  # first: a config the cluster cannot place fails before minutes of op building
         if started_ray:  # the learner ranks run here: build DeepSpeed's one-time op before they start, saying so
             from learner.engine import prepare_ops
 
             prepare_ops()
-        ensure_resources(ray, cfg)
         address, redis_server = stream_server(cfg, on_cluster=not started_ray)
         run = GrpoRun(ray, cfg, run_dir, tracker, init_from, address, resume)
         return run.finish(run.iterate())

@@ -336,7 +336,7 @@ class GrpoLearner(Threaded):
 def _rendezvous_address() -> tuple[str, int]:
     import ray
 
-    from learner.engine import free_port
+    from actors.net import free_port
 
     ip = ray.util.get_node_ip_address()
     return ip, free_port(ip)

@@ -6,7 +6,6 @@ Everything runs for real: the CLI in a subprocess, DeepSpeed, the embedded redis
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from actors.net import free_port
 from actors.stream import RedisAddress
 from learner.faults import RunFailed, wait_for
 from learner.resume import MARKER, complete_states, state_name
@@ -64,12 +64,6 @@ def test_a_diverging_pretraining_run_skips_nonfinite_steps_and_stops_with_its_la
 
 
 SECRET = "s3cr3t-pw-4242"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()

@@ -1,0 +1,39 @@
+"""free_port: the port it picks stays free until a server binds it by number."""
+
+import socket
+
+import pytest
+
+from actors import net
+
+
+def test_free_port_is_bindable_and_outside_the_ephemeral_range():
+    low, high = net.ephemeral_range()
+    for _ in range(20):
+        port = net.free_port("127.0.0.1")
+        # an ephemeral port can be handed to any outgoing connection between the probe and the bind
+        assert not low <= port <= high
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
+def test_free_port_skips_a_port_a_listener_holds(monkeypatch):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        taken = held.getsockname()[1]
+        held.listen()
+        # the only candidate below the "ephemeral range" is the held port, and nothing lies above it
+        monkeypatch.setattr(net, "LOWEST", taken)
+        monkeypatch.setattr(net, "ephemeral_range", lambda: (taken + 1, 65535))
+        port = net.free_port("127.0.0.1", attempts=5)
+        assert port != taken
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize("text", ["", "garbage", "1 2 3"])
+def test_an_unreadable_range_falls_back_to_linux_default(monkeypatch, tmp_path, text):
+    bad = tmp_path / "range"
+    bad.write_text(text)
+    monkeypatch.setattr(net, "EPHEMERAL_RANGE_FILE", bad)
+    assert net.ephemeral_range() == (32768, 60999)
