@@ -88,7 +88,8 @@ def main() -> None:
     source = prompt_source(load_config(None, ["seed=0"]))
     held_out = source.held_out(args.prompts)
     # scene captions repeat (about 4% of a training draw is a held-out caption): keep those out of the value's data
-    pool = [p for p in source.train(0, 4 * args.train_prompts) if p not in set(held_out)]
+    seen_held_out = set(held_out)
+    pool = [p for p in source.train(0, 4 * args.train_prompts) if p not in seen_held_out]
     train_prompts = list(dict.fromkeys(pool))[:args.train_prompts]
     model = load_model(resolve_checkpoint(args.init)).eval().requires_grad_(False)
     grid = Policy.of(model, args.steps).grid
@@ -152,8 +153,9 @@ def main() -> None:
     trainable = [p for g in groups for p in g["params"]]
     opt = torch.optim.Adam(groups, lr=args.lr)
     gen = torch.Generator().manual_seed(1)
-    t_of = torch.tensor([grid.t_at(k - 1) if k >= 1 else 0.0 for k in range(n + 1)], dtype=torch.float32)
-    lam_of = torch.tensor([state_inputs(grid, k, 1, "cpu")[1][0] if k >= 1 else 0.0 for k in range(n + 1)])
+    # (t, lam) of the state y_k, indexed by k (k = 0 is never trained: no transition leaves the image)
+    t_of, lam_of = (torch.cat([torch.zeros(1), torch.cat(column)]) for column in
+                    zip(*(state_inputs(grid, k, 1, "cpu") for k in range(1, n + 1))))
     losses = []
     for step in range(args.value_steps):
         i = torch.randint(len(rows), (args.batch,), generator=gen)
@@ -239,7 +241,7 @@ def main() -> None:
         k = torch.ones(len(held_out), dtype=torch.long)
         with torch.no_grad():
             v = torch.stack([value(pool["states"][s * len(held_out):(s + 1) * len(held_out), n - 1], t, lam,
-                                   held_ctx[[i for b in batches for i in b]], k) for s in range(args.select)], 1)
+                                   held_ctx, k) for s in range(args.select)], 1)
         pick = v.argmax(1).numpy()
         rows_ = np.arange(len(held_out))
         bound = float(np.log(args.select) - (args.select - 1) / args.select)
