@@ -9,7 +9,7 @@ attribute or leave some out ("a red circle, on a white background"), so prompts 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
@@ -89,6 +89,48 @@ def random_scene(rng: np.random.Generator, omit_prob: float = 0.0) -> tuple[Scen
         objects=tuple(SceneObject(o.colour, o.shape, keep(o.size), keep(o.position)) for o in objects),
     )
     return full, stated
+
+
+def near_miss(caption: str, rng: np.random.Generator) -> str:
+    """The caption with one stated attribute changed, or two objects' colours or shapes swapped: a caption that
+    differs from the image's own only in what binds a word to an object. Scored on one image, such captions teach
+    a reward model which object each word belongs to (free labels: the verifier reads any caption)."""
+    scene = parse_caption(caption)
+    objects = list(scene.objects)
+    edits = []  # (kind, object index or None)
+    if scene.background is not None:
+        edits.append(("background", None))
+    for i, obj in enumerate(objects):
+        edits += [(a, i) for a in ("colour", "shape", "size", "position") if getattr(obj, a) is not None]
+    if len(objects) == 2:
+        edits += [(f"swap {a}", None) for a in ("colour", "shape")
+                  if getattr(objects[0], a) != getattr(objects[1], a)]
+    kind, i = edits[int(rng.integers(len(edits)))]
+    choices = {"colour": list(OBJECT_COLOURS), "shape": list(SHAPES), "size": list(SIZES), "position": list(POSITIONS)}
+    if kind == "background":
+        scene = Scene(str(rng.choice([b for b in BACKGROUNDS if b != scene.background])), scene.objects)
+    elif kind.startswith("swap"):
+        attr = kind.split()[1]
+        a, b = objects
+        objects = [replace(a, **{attr: getattr(b, attr)}), replace(b, **{attr: getattr(a, attr)})]
+        scene = Scene(scene.background, tuple(objects))
+    else:
+        taken = {o.position for o in objects}  # a moved object goes to a free quadrant
+        current = getattr(objects[i], kind)
+        options = [v for v in choices[kind] if v != current and (kind != "position" or v not in taken)]
+        objects[i] = replace(objects[i], **{kind: str(rng.choice(options))})
+        scene = Scene(scene.background, tuple(objects))
+    return scene.caption()
+
+
+def mirror_caption(caption: str) -> str:
+    """The caption of the left-right mirror image: left and right exchanged (every shape is left-right symmetric,
+    so a mirrored image scores under the mirrored caption what the image scores under its own)."""
+    scene = parse_caption(caption)
+    flip = {"left": "right", "right": "left"}
+    objects = tuple(replace(o, position=" ".join(flip.get(w, w) for w in o.position.split())) if o.position else o
+                    for o in scene.objects)
+    return Scene(scene.background, objects).caption()
 
 
 def shape_mask(shape: str, size_px: int, cx: float, cy: float, side: int) -> np.ndarray:

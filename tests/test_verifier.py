@@ -6,7 +6,8 @@ import torch
 
 from rewards import build
 from rewards.compositional import verify
-from rewards.scenes import Scene, SceneObject, parse_caption, random_scene, render, scene_batch, scene_prompts
+from rewards.scenes import (Scene, SceneObject, mirror_caption, near_miss, parse_caption, random_scene, render,
+                           scene_batch, scene_prompts)
 
 SEEDS = 300
 
@@ -43,6 +44,54 @@ def test_captions_round_trip_through_the_parser():
     for _ in range(200):
         _, stated = random_scene(rng, omit_prob=0.5)
         assert parse_caption(stated.caption()) == stated
+
+
+def test_a_near_miss_caption_changes_one_binding_and_a_faithful_render_fails_it():
+    """near_miss feeds a reward model labels that differ only in which word binds to which object: each must stay in
+    the grammar, differ from its source in exactly one attribute (or one swap of two objects' colours or shapes),
+    and cost a faithful render of a fully stated caption some credit (a no-op edit, or one the verifier cannot see,
+    would teach the model nothing and fails here)."""
+    rng = np.random.default_rng(1)
+    kinds = set()
+    for index in range(300):
+        full, _ = random_scene(np.random.default_rng([7, index]))
+        caption = full.caption()
+        image = render(full, 32, np.random.default_rng([7, index]))
+        other = near_miss(caption, rng)
+        edited = parse_caption(other)
+        assert other != caption and len(edited.objects) == len(full.objects)
+        diffs = [(i, a) for i, (o, e) in enumerate(zip(full.objects, edited.objects))
+                 for a in ("colour", "shape", "size", "position") if getattr(o, a) != getattr(e, a)]
+        diffs += [(None, "background")] if edited.background != full.background else []
+        attr = diffs[0][1]
+        swapped = (len(diffs) == 2 and diffs[1][1] == attr
+                   and [getattr(o, attr) for o in edited.objects] == [getattr(o, attr) for o in full.objects][::-1])
+        assert len(diffs) == 1 or swapped, (caption, other)
+        kinds.add("swap" if swapped else diffs[0][1])
+        assert len({o.position for o in edited.objects}) == len(edited.objects)  # a moved object keeps its own quadrant
+        assert verify(image, full) == 1.0 and verify(image, edited) < 1.0, (caption, other)
+    assert kinds == {"background", "colour", "shape", "size", "position", "swap"}
+    # partially stated captions edit only what they state
+    colours = ("red", "green", "blue", "yellow", "cyan", "magenta")
+    edits = {f"a {c} {s}" for c in colours for s in ("circle", "square", "triangle")} - {"a red circle"}
+    assert near_miss("a red circle", rng) in edits
+
+
+def test_a_mirrored_image_scores_under_the_mirrored_caption_what_the_image_scores_under_its_own():
+    """The free augmentation a learned reward model trains with: flip left-right and exchange left and right in the
+    caption. Checked on imperfect images too (renders under other captions, and noisy ones), where a verifier or
+    mirror that is not symmetric would show."""
+    assert mirror_caption("a red circle at the top left and a blue square at the bottom right, on a white background") \
+        == "a red circle at the top right and a blue square at the bottom left, on a white background"
+    assert mirror_caption("a large red triangle") == "a large red triangle"
+    images, captions = scene_batch(seed=11, start=0, count=200, side=32, omit_prob=0.3)
+    rng = np.random.default_rng(0)
+    images = np.clip(images + rng.normal(0, 0.15, images.shape).astype(np.float32), 0, 1)  # imperfect images
+    pairs = list(zip(images, captions)) + list(zip(images, captions[1:] + captions[:1]))  # and wrong captions
+    own = np.array([verify(im, parse_caption(c)) for im, c in pairs])
+    mirrored = np.array([verify(im[:, :, ::-1].copy(), parse_caption(mirror_caption(c))) for im, c in pairs])
+    assert own.std() > 0.1  # the check sees scores of every kind, not only 1s
+    np.testing.assert_allclose(mirrored, own)
 
 
 def test_reward_interface_and_bad_captions():
