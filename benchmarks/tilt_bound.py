@@ -113,7 +113,8 @@ def split_change(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) ->
 
 
 def bootstrap(stat, rewards: np.ndarray, resamples: int = 500, seed: int = 0) -> tuple[float, float, float]:
-    """stat(rewards) with a 95% percentile interval over prompts (rows)."""
+    """stat(rewards) with a 95% percentile interval over prompts (rows): any statistic of the rows, e.g. the KL a
+    tilt needs for a gain (learner/bootstrap.py's bootstrap_ci is the vectorised mean of per-prompt scores only)."""
     rng = np.random.default_rng(seed)
     draws = [stat(rewards[rng.integers(len(rewards), size=len(rewards))]) for _ in range(resamples)]
     low, high = np.quantile(draws, [0.025, 0.975])

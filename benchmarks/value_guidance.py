@@ -40,6 +40,86 @@ EVAL_NOISE = 20_000  # held-out noise seeds: EVAL_NOISE + seed * 1000 + batch
 TRAIN_NOISE = 30_000
 
 
+def training_prompts(source, count: int, held_out: list[str]) -> list[str]:
+    """`count` distinct training captions; scene captions repeat (about 4% of a training draw is a held-out
+    caption), so those are kept out of the training data."""
+    seen = set(held_out)
+    return list(dict.fromkeys(p for p in source.train(0, 4 * count) if p not in seen))[:count]
+
+
+def base_rollouts(model, init: str, grid, prompts: list[str], group: int, batch: int, verifier,
+                  cache: Path | None, log):
+    """`group` stochastic base samples of each prompt: (rows, every state y_N..y_1 [rows, N, ...], final reward
+    [rows]), read from `cache` (safetensors) if it holds these rows, else sampled (noise TRAIN_NOISE + batch index)
+    and kept there."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from proxmodel.value import sample_steered
+
+    rows = [p for p in prompts for _ in range(group)]
+    meta = {"init": init, "steps": str(grid.steps), "prompts": json.dumps(rows)}
+    if cache is not None and cache.exists():
+        with safe_open(str(cache), "pt") as f:
+            if f.metadata() == meta:
+                saved = load_file(cache)
+                log(f"rollouts read from {cache}")
+                return rows, saved["states"], saved["rewards"]
+    ctx = model.encode_text(model.tokenize(prompts))
+    states, rewards = [], []
+    with torch.no_grad():
+        for b, first in enumerate(range(0, len(rows), batch)):
+            idx = list(range(first, min(first + batch, len(rows))))
+            out = sample_steered(model, None, ctx[[i // group for i in idx]], model.sample_shape(len(idx)), grid, 0.0,
+                                 generator=torch.Generator().manual_seed(TRAIN_NOISE + b))
+            states.append(out.states)
+            rewards.append(verifier.score(model.to_images(out.images), [rows[i] for i in idx]).float())
+    states, rewards = torch.cat(states), torch.cat(rewards)
+    if cache is not None:
+        save_file({"states": states.contiguous(), "rewards": rewards}, cache, metadata=meta)
+    return rows, states, rewards
+
+
+def final_images(model, grid, last_states, contexts, batch: int):
+    """x_0 = prox(y_1) of recorded trajectories, as images in [0, 1] (the sampler's last step is deterministic)."""
+    import torch
+
+    from proxmodel.model import prox_fn
+    from proxmodel.sampler import hybrid_step
+
+    with torch.no_grad():
+        return torch.cat([model.to_images(hybrid_step(prox_fn(model, context=contexts[f:f + batch]),
+                                                      last_states[f:f + batch], grid, 1).x)
+                          for f in range(0, len(last_states), batch)])
+
+
+def near_miss_labels(images, rows: list[str], verifier, relabel: int, index: dict[str, int], seed: int = 2):
+    """Each image scored under `relabel` near-miss captions of its own (rewards.scenes.near_miss): the captions'
+    indices [rows, relabel] (new captions are added to `index`) and the verifier's scores [rows, relabel]."""
+    import torch
+
+    from rewards.scenes import near_miss
+
+    rng = np.random.default_rng(seed)
+    others = [[near_miss(p, rng) for _ in range(relabel)] for p in rows]
+    slots = torch.tensor([[index.setdefault(c, len(index)) for c in cs] for cs in others])
+    labels = verifier.score(images.repeat_interleave(relabel, 0), [c for cs in others for c in cs])
+    return slots, labels.view(len(rows), relabel)
+
+
+def mirror_table(index: dict[str, int]):
+    """The row of every caption's mirror image's caption (added to `index` where new), as a tensor over `index`."""
+    import torch
+
+    from rewards.scenes import mirror_caption
+
+    mirrored = [mirror_caption(c) for c in list(index)]
+    for c in mirrored:
+        index.setdefault(c, len(index))
+    return torch.tensor([index[c] for c in mirrored])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--init", default="builtin:scenes-base", help="checkpoint folder or builtin:NAME")
@@ -58,6 +138,12 @@ def main() -> None:
     parser.add_argument("--select", type=int, default=8,
                         help="base samples per held-out prompt to pick the best of by V (0 = skip)")
     parser.add_argument("--others", type=int, default=8, help="distractor captions for the caption split")
+    parser.add_argument("--relabel", type=int, default=0,
+                        help="near-miss captions each training image is also scored under (free labels; 0 = none)")
+    parser.add_argument("--own-frac", type=float, default=0.5,
+                        help="with --relabel: the fraction of the value's training rows read under their own caption")
+    parser.add_argument("--mirror", action="store_true",
+                        help="train the value on left-right mirrored rows as well (flipped state, mirrored caption)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--rollouts", type=Path, default=None,
                         help="safetensors file keeping the training rollouts between runs (read if it matches)")
@@ -72,14 +158,10 @@ def main() -> None:
     from proxmodel.model import load_model
     from proxmodel.policy import Policy
     from proxmodel.value import DenoisedValue, ValueModel, sample_steered, state_inputs
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from rewards import build
-
-    def safe_open_meta(path: Path) -> dict:
-        with safe_open(str(path), "pt") as f:
-            return f.metadata()
+    from rewards.scenes import near_miss
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,10 +169,7 @@ def main() -> None:
     started = time.monotonic()
     source = prompt_source(load_config(None, ["seed=0"]))
     held_out = source.held_out(args.prompts)
-    # scene captions repeat (about 4% of a training draw is a held-out caption): keep those out of the value's data
-    seen_held_out = set(held_out)
-    pool = [p for p in source.train(0, 4 * args.train_prompts) if p not in seen_held_out]
-    train_prompts = list(dict.fromkeys(pool))[:args.train_prompts]
+    train_prompts = training_prompts(source, args.train_prompts, held_out)
     model = load_model(resolve_checkpoint(args.init)).eval().requires_grad_(False)
     grid = Policy.of(model, args.steps).grid
     n = args.steps
@@ -105,28 +184,33 @@ def main() -> None:
         print(f"[{time.monotonic() - started:6.0f} s] {msg}", file=sys.stderr, flush=True)
 
     # 1. the base's rollouts on training prompts: every state, and the final reward
-    rows = [p for p in train_prompts for _ in range(args.group)]
+    rows, states, rewards = base_rollouts(model, args.init, grid, train_prompts, args.group, args.batch, verifier,
+                                          args.rollouts, log)
     train_ctx = contexts(train_prompts)
-    meta = {"init": args.init, "steps": str(n), "prompts": json.dumps(rows)}
-    if args.rollouts is not None and args.rollouts.exists() and safe_open_meta(args.rollouts) == meta:
-        saved = load_file(args.rollouts)
-        states, rewards = saved["states"], saved["rewards"]
-        log(f"rollouts read from {args.rollouts}")
-    else:
-        states, rewards = [], []
-        with torch.no_grad():
-            for b, first in enumerate(range(0, len(rows), args.batch)):
-                idx = list(range(first, min(first + args.batch, len(rows))))
-                out = sample_steered(model, None, train_ctx[[i // args.group for i in idx]],
-                                     model.sample_shape(len(idx)), grid, 0.0,
-                                     generator=torch.Generator().manual_seed(TRAIN_NOISE + b))
-                states.append(out.states)
-                rewards.append(verifier.score(model.to_images(out.images), [rows[i] for i in idx]).float())
-        states, rewards = torch.cat(states), torch.cat(rewards)
-        if args.rollouts is not None:
-            save_file({"states": states.contiguous(), "rewards": rewards}, args.rollouts, metadata=meta)
     ctx_index = torch.arange(len(rows)) // args.group
     log(f"{len(rows)} base rollouts on {len(train_prompts)} training prompts: reward {rewards.mean():.3f}")
+
+    # 1b. free labels: each rollout's final image scored under --relabel near-miss captions as well (one attribute
+    # changed or two objects' colours / shapes swapped), so the value sees how the credit of ONE image depends on its
+    # caption; slot 0 of every rollout is its own caption. Captions index train_ctx (the training prompts first).
+    slots = ctx_index[:, None].repeat(1, 1 + args.relabel)
+    labels = rewards[:, None].repeat(1, 1 + args.relabel)
+    index = {p: i for i, p in enumerate(train_prompts)}  # caption -> its row of train_ctx
+    if args.relabel:
+        images = final_images(model, grid, states[:, -1], train_ctx[ctx_index], args.batch)
+        again = verifier.score(images, rows)
+        if not torch.allclose(again, rewards):  # the cache's rewards must be these images'
+            raise RuntimeError(f"final images recomputed from y_1 score {again.mean():.4f}, the rollouts "
+                               f"{rewards.mean():.4f}: stale --rollouts file?")
+        slots[:, 1:], labels[:, 1:] = near_miss_labels(images, rows, verifier, args.relabel, index)
+        log(f"{len(index) - len(train_prompts)} near-miss captions: label mean {labels[:, 1:].mean():.3f} "
+            f"(own {rewards.mean():.3f}); "
+            f"a near miss scores below the own caption on {(labels[:, 1:] < rewards[:, None]).float().mean():.0%}, "
+            f"above on {(labels[:, 1:] > rewards[:, None]).float().mean():.0%}")
+    if args.mirror:  # the left-right mirror of a row is a row: the verifier scores it under the mirrored caption alike
+        mirror_of = mirror_table(index)
+    extra = list(index)[len(train_prompts):]
+    train_ctx = torch.cat([train_ctx] + [contexts(extra[f:f + 1024]) for f in range(0, len(extra), 1024)])
 
     # 2. the value: V(y_k, c, k) regressed on the final reward from every state the steering reads (k < n)
     if args.value == "unet":
@@ -161,9 +245,16 @@ def main() -> None:
         i = torch.randint(len(rows), (args.batch,), generator=gen)
         j = torch.randint(1, n, (args.batch,), generator=gen)
         k = n - j
-        kwargs = {} if denoised is None else {"denoised": denoised[i, j]}
-        pred = value(states[i, j], t_of[k], lam_of[k], train_ctx[ctx_index[i]], k, **kwargs)
-        loss = (pred - rewards[i]).pow(2).mean()
+        m = torch.randint(1, 1 + args.relabel, (args.batch,), generator=gen) if args.relabel else torch.zeros_like(i)
+        m[torch.rand(args.batch, generator=gen) < args.own_frac] = 0
+        y, c = states[i, j], slots[i, m]
+        x = None if denoised is None else denoised[i, j]  # the base's prox under the own caption
+        if args.mirror:
+            flip = torch.rand(args.batch, generator=gen) < 0.5
+            y, c = torch.where(flip[:, None, None, None], y.flip(-1), y), torch.where(flip, mirror_of[c], c)
+            x = None if x is None else torch.where(flip[:, None, None, None], x.flip(-1), x)
+        pred = value(y, t_of[k], lam_of[k], train_ctx[c], k, **({} if x is None else {"denoised": x}))
+        loss = (pred - labels[i, m]).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -179,21 +270,23 @@ def main() -> None:
     held_ctx = contexts(held_out)
     batches = [list(range(f, min(f + args.batch, len(held_out)))) for f in range(0, len(held_out), args.batch)]
 
-    def run(scale: float, seeds: int) -> dict:
-        scores = {name: np.zeros((len(held_out), seeds)) for name in ["compositional", *checks]}
-        kl = np.zeros((len(held_out), seeds))
+    def run(scale: float, seeds: int, first: int = 0) -> dict:
+        """Noise seeds first..seeds-1 of every held-out prompt: scores and KL [prompts, seed], states seed-major."""
+        scores = {name: np.zeros((len(held_out), seeds - first)) for name in ["compositional", *checks]}
+        kl = np.zeros((len(held_out), seeds - first))
         kept = []
-        for seed in range(seeds):
+        for seed in range(first, seeds):
             for b, idx in enumerate(batches):
                 out = sample_steered(model, value, held_ctx[idx], model.sample_shape(len(idx)), grid, scale,
                                      generator=torch.Generator().manual_seed(EVAL_NOISE + 1000 * seed + b))
                 images, prompts = model.to_images(out.images), [held_out[i] for i in idx]
-                scores["compositional"][idx, seed] = verifier.score(images, prompts).double().numpy()
+                scores["compositional"][idx, seed - first] = verifier.score(images, prompts).double().numpy()
                 for name, check in checks.items():
-                    scores[name][idx, seed] = check.score(images, prompts).double().numpy()
-                kl[idx, seed] = out.kl.sum(1).double().numpy()
-                kept.append(out.states)
-        return {"scores": scores, "kl": kl, "states": torch.cat(kept)}
+                    scores[name][idx, seed - first] = check.score(images, prompts).double().numpy()
+                kl[idx, seed - first] = out.kl.sum(1).double().numpy()
+                kept.append((out.states, images))
+        return {"scores": scores, "kl": kl, "states": torch.cat([x for x, _ in kept]),
+                "images": torch.cat([x for _, x in kept])}
 
     base = run(0.0, args.seeds)
     log(f"held-out base: verifier {base['scores']['compositional'].mean():.3f}")
@@ -206,6 +299,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     others = [rng.choice([p for p in range(len(held_out)) if held_out[p] != held_out[i]], size=args.others,
                          replace=False) for i in order]
+    near_rng = np.random.default_rng(3)
+    near_captions = [[near_miss(held_out[i], near_rng) for i in order] for _ in range(4)]
+    near_rewards = [verifier.score(base["images"], near).float() for near in near_captions]
     prediction = []
     with torch.no_grad():
         for j in range(1, n):
@@ -217,8 +313,22 @@ def main() -> None:
                 v_other = torch.stack([value(base["states"][:, j], t, lam, held_ctx[[o[d] for o in others]], k)
                                        for d in range(args.others)]).mean(0)
                 row["corr_caption_specific"] = float(np.corrcoef(v - v_other, specific)[0, 1])
+                # binding: of the image's own caption and a near miss that the verifier scores differently, does V
+                # prefer the one the verifier prefers? (chance 0.5; V reads both on the base's prox under the own
+                # caption, as in its training rows)
+                read = {"denoised": value.denoise(base["states"][:, j], t, lam, own)} \
+                    if isinstance(value, DenoisedValue) else {}
+                v_own = value(base["states"][:, j], t, lam, own, k, **read)
+                right = []
+                for near, r_near in zip(near_captions, near_rewards):
+                    v_near = value(base["states"][:, j], t, lam, contexts(near), k, **read)
+                    differ = r_near != r
+                    right.append(((v_own - v_near).sign() == (r - r_near).sign())[differ].double().numpy())
+                row["binding"] = bootstrap_ci(np.concatenate(right)).as_dict()
             prediction.append(row)
-    log("value prediction: " + ", ".join(f"k={p['k']}: {p['corr_reward']:.2f}" for p in prediction))
+    log("value prediction: " + ", ".join(f"k={p['k']}: {p['corr_reward']:.2f}" for p in prediction)
+        + "; binding accuracy " + ", ".join(f"k={p['k']}: {p['binding']['mean']:.2f}" for p in prediction
+                                            if "binding" in p))
 
     results, lines = {}, []
     before = {name: s for name, s in base["scores"].items()}
@@ -236,7 +346,12 @@ def main() -> None:
 
     selection = []
     if args.select:  # the value as a ranking: of K base samples per prompt keep the one V rates best at y_1
-        pool = run(0.0, args.select)
+        pool = {"scores": {k: v[:, :args.select] for k, v in base["scores"].items()},  # the base's seeds come first
+                "states": base["states"][:args.select * len(held_out)]}
+        if args.select > args.seeds:
+            extra = run(0.0, args.select, first=args.seeds)
+            pool = {"scores": {k: np.hstack([v, extra["scores"][k]]) for k, v in pool["scores"].items()},
+                    "states": torch.cat([pool["states"], extra["states"]])}
         t, lam = state_inputs(grid, 1, len(held_out), "cpu")
         k = torch.ones(len(held_out), dtype=torch.long)
         with torch.no_grad():
@@ -274,9 +389,12 @@ def main() -> None:
                      f"{r_seen.mean():.3f} | {on_train['by_value']['mean']:+.3f} [{on_train['by_value']['ci_low']:+.3f}, "
                      f"{on_train['by_value']['ci_high']:+.3f}] | {on_train['by_verifier']['mean']:+.3f} |")
 
+    relabelled = (f", each image also labelled under {args.relabel} near-miss captions, own caption in "
+                  f"{args.own_frac:.0%} of the rows" if args.relabel else "")
+    relabelled += ", half the rows mirrored" if args.mirror else ""
     header = [
         f"`{args.init}`, value regressed on {len(rows)} base rollouts ({len(train_prompts)} training prompts x "
-        f"{args.group}; {args.value_steps} Adam steps of {args.batch}, lr {args.lr:g}); held out: {len(held_out)} "
+        f"{args.group}{relabelled}; {args.value_steps} Adam steps of {args.batch}, lr {args.lr:g}); held out: {len(held_out)} "
         f"prompts x {args.seeds} noise seeds, steered and base on the same noises; 95% bootstrap intervals over "
         f"prompts. Base verifier {base['scores']['compositional'].mean():.3f}, strict "
         f"{base['scores']['compositional_strict'].mean():.3f}.", "",
@@ -286,7 +404,13 @@ def main() -> None:
         "|---|" + "---|" * len(prediction),
         "| corr(V, r) | " + " | ".join(f"{p['corr_reward']:.2f}" for p in prediction) + " |",
         "| caption-specific | " + " | ".join(f"{p['corr_caption_specific']:.2f}" if "corr_caption_specific" in p
-                                           else "-" for p in prediction) + " |", "",
+                                           else "-" for p in prediction) + " |",
+        "| binding (own vs near miss) | " + " | ".join(
+            f"{p['binding']['mean']:.2f} [{p['binding']['ci_low']:.2f}, {p['binding']['ci_high']:.2f}]"
+            if "binding" in p else "-" for p in prediction) + " |", "",
+        "Binding: of an image's own caption and a near miss (one attribute changed or two objects' colours / shapes "
+        "swapped) that the verifier scores differently, the fraction where V prefers the verifier's choice (chance "
+        "0.5).", "",
         "| scale (1 / beta) | path KL (nats) | verifier | change | caption-blind part | caption-specific part | "
         "strict check change |", "|---|---|---|---|---|---|---|",
     ]
