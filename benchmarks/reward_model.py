@@ -150,23 +150,34 @@ def main() -> None:
             return torch.cat([reward_model(x[f:f + 256], None, None, ctx[f:f + 256], last[:len(x[f:f + 256])],
                                            denoised=x[f:f + 256]) for f in range(0, len(x), 256)]).numpy()
 
+    def measures(v: np.ndarray, v_near: np.ndarray) -> dict:
+        """How a scorer's ratings v [prompt, sample] (and under the near misses, v_near) rank as the verifier does."""
+        pick = bootstrap_ci(r[np.arange(len(r)), v.argmax(1)] - r.mean(1))
+        differ = r_near != r
+        binding = bootstrap_ci((np.sign(v - v_near) == np.sign(r - r_near))[differ].astype(float))
+        within = [np.corrcoef(v[i], r[i])[0, 1] for i in range(len(r)) if r[i].std() > 0 and v[i].std() > 0]
+        return {"pick": pick.as_dict(), "within_corr": float(np.mean(within)), "binding": binding.as_dict(),
+                "pairs": int(differ.sum()), "all_equal": float((v.std(1) == 0).mean())}
+
     def evaluate(step: int) -> dict:
         reward_model.eval()
         v = rate(flat, held_ctx.repeat_interleave(args.samples, 0)).reshape(r.shape)
         v_near = rate(flat, near_ctx).reshape(r.shape)
         seen = rate(x0[:len(rows)], table[slots[:len(rows), 0]]).reshape(-1, args.group)
         reward_model.train()
-        pick = bootstrap_ci(r[np.arange(len(r)), v.argmax(1)] - r.mean(1))
-        differ = r_near != r
-        binding = bootstrap_ci((np.sign(v - v_near) == np.sign(r - r_near))[differ].astype(float))
-        within = [np.corrcoef(v[i], r[i])[0, 1] for i in range(len(r)) if r[i].std() > 0 and v[i].std() > 0]
         r_seen = rewards.view(-1, args.group).numpy()
         on_train = float((r_seen[np.arange(len(r_seen)), seen.argmax(1)] - r_seen.mean(1)).mean())
-        result = {"step": step, "pick": pick.as_dict(), "within_corr": float(np.mean(within)),
-                  "binding": binding.as_dict(), "pairs": int(differ.sum()), "train_pick": on_train}
-        log(f"step {step}: pick {pick}, within-prompt corr {result['within_corr']:.2f}, binding {binding}, "
-            f"training prompts' pick {on_train:+.3f}")
+        result = {"step": step, **measures(v, v_near), "train_pick": on_train}
+        log(f"step {step}: pick {result['pick']}, within-prompt corr {result['within_corr']:.2f}, binding "
+            f"{result['binding']}, training prompts' pick {on_train:+.3f}")
         return result
+
+    # a hand-written dense reward on the same measures, for reference: no learning, no training captions
+    dense = build("compositional_soft")
+    reference = measures(dense.score(held_images, held_rows).view(r.shape).numpy(),
+                         dense.score(held_images, near).view(r.shape).numpy())
+    log(f"compositional_soft: pick {reference['pick']}, within-prompt corr {reference['within_corr']:.2f}, "
+        f"binding {reference['binding']}")
 
     opt = torch.optim.Adam(reward_model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(1)
@@ -199,18 +210,24 @@ def main() -> None:
              f"samples (verifier {r.mean():.3f}); the verifier's own pick gains {fmt(oracle.as_dict())}.", "",
              "| step | training mse (label variance " + f"{labels.var():.4f}) | held-out pick of {args.samples}: gain "
              "[95% CI] | within-prompt corr | binding accuracy [95% CI] | training prompts' pick |",
-             "|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|",
+             f"| `compositional_soft` (hand-written, not trained) | - | {fmt(reference['pick'])} | "
+             f"{reference['within_corr']:.2f} | {reference['binding']['mean']:.2f} [{reference['binding']['ci_low']:.2f}, "
+             f"{reference['binding']['ci_high']:.2f}] | - |"]
     lines += [f"| {p['step']} | {p['mse']:.4f} | {fmt(p['pick'])} | {p['within_corr']:.2f} | "
               f"{p['binding']['mean']:.2f} [{p['binding']['ci_low']:.2f}, {p['binding']['ci_high']:.2f}] | "
               f"{p['train_pick']:+.3f} |" for p in curve]
-    text = "\n".join(lines) + (f"\n\nBinding pairs (own vs near miss, scored differently): {curve[-1]['pairs']}. "
-                               f"Total time {time.monotonic() - started:.0f} s.\n")
+    text = "\n".join(lines) + (
+        f"\n\nBinding pairs (own vs near miss, scored differently): {reference['pairs']}. Prompts whose {args.samples} "
+        f"samples all score the same (no ranking, no GRPO gradient): {(r.std(1) == 0).mean():.0%} under the verifier, "
+        f"{reference['all_equal']:.0%} under `compositional_soft`. Total time {time.monotonic() - started:.0f} s.\n")
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "reward_model.md").write_text(text)
     (args.out / "reward_model.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(args).items()}, "oracle": oracle.as_dict(),
-         "held_out_reward": float(r.mean()), "curve": curve}, indent=1) + "\n")
+         "held_out_reward": float(r.mean()), "verifier_all_equal": float((r.std(1) == 0).mean()),
+         "compositional_soft": reference, "curve": curve}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ and size credit alone.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -28,6 +29,7 @@ from rewards.scenes import (
     POSITIONS,
     SHAPES,
     SIZE_FRACTION,
+    SIZES,
     Scene,
     SceneObject,
     parse_caption,
@@ -209,3 +211,87 @@ class ContrastiveCompositionalReward(CompositionalReward):
         tiled = images.repeat_interleave(self.others, dim=0)
         against = super().score(tiled, [c for cs in others for c in cs]).view(len(prompts), self.others)
         return own - against.mean(dim=1)
+
+
+SOFT_TEMPERATURE = 0.05  # of the soft palette classes: squared RGB distances between palette colours are >= 0.25
+
+
+@functools.lru_cache(maxsize=None)
+def _centroid_offset(shape: str, size_px: int) -> tuple[float, float]:
+    """Centroid minus box centre of a drawn shape (a triangle's centroid lies below the centre of its box)."""
+    side = 2 * size_px + 4
+    mask = shape_mask(shape, size_px, side / 2, side / 2, side)
+    ys, xs = np.nonzero(mask)
+    return float(ys.mean() + 0.5 - side / 2), float(xs.mean() + 0.5 - side / 2)
+
+
+def soft_verify(image: np.ndarray, scene: Scene, temperature: float = SOFT_TEMPERATURE) -> float:
+    """A dense version of `verify`: the same attributes, each credited in [0, 1] by how close the image is to holding
+    it, so that images which all fail the verifier's thresholds still differ in credit.
+
+    Pixels get soft palette classes (a softmax of minus squared distances over `temperature`). The background
+    credits the coverage of its class (full from half the image on). Each object is matched with the shape templates
+    the caption allows (stated shape and size, else all), centred on its colour's mass in its quadrant (stated, else
+    the one holding most of that colour): its colour is credited by how much of the best template its colour fills,
+    its shape and size by the soft overlap (intersection over union) of the colour's map with the template of the
+    stated shape (best size) and of the stated size (best shape), its place by the share of its colour's mass inside
+    the quadrant, times the colour credit (as in `verify`, a blob of another colour says nothing about this object).
+    """
+    side = image.shape[-1]
+    pixels = image.transpose(1, 2, 0).reshape(-1, 3)
+    logits = -((pixels[:, None, :] - PALETTE[None]) ** 2).sum(-1) / temperature
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = (probs / probs.sum(axis=1, keepdims=True)).reshape(side, side, len(PALETTE))
+
+    held, stated = 0.0, 0
+    if scene.background is not None:
+        stated += 1
+        held += min(1.0, probs[..., PALETTE_NAMES.index(scene.background)].mean() / MIN_BACKGROUND)
+    half = side // 2
+    for obj in scene.objects:
+        attrs = [a for a in ("colour", "shape", "size", "position") if getattr(obj, a) is not None]
+        stated += len(attrs)
+        if obj.colour is None:  # the grammar always states it; without it nothing below is defined
+            continue
+        colour_map = probs[..., PALETTE_NAMES.index(obj.colour)]
+        quadrants = [obj.position] if obj.position is not None else list(POSITIONS)
+        mass = {q: colour_map[_quadrant_slices(q, side)].sum() for q in quadrants}
+        position = max(mass, key=mass.get)
+        crop = colour_map[_quadrant_slices(position, side)]
+        total = crop.sum()
+        yy, xx = np.mgrid[0:half, 0:half] + 0.5
+        cy, cx = ((crop * yy).sum() / total, (crop * xx).sum() / total) if total > 1e-6 else (half / 2, half / 2)
+        overlap = {}
+        for shape in [obj.shape] if obj.shape else SHAPES:
+            for size in [obj.size] if obj.size else SIZES:
+                px = max(3, round(SIZE_FRACTION[size] * side))
+                dy, dx = _centroid_offset(shape, px)  # the template's centroid goes on the colour's
+                template = shape_mask(shape, px, cx - dx, cy - dy, half)
+                fill = crop[template].mean()
+                iou = np.minimum(crop, template).sum() / max(np.maximum(crop, template).sum(), 1e-6)
+                overlap[shape, size] = (fill, iou)
+        colour = max(fill for fill, _ in overlap.values())
+        held += colour
+        if obj.shape is not None:
+            held += max(iou for (shape, _), (_, iou) in overlap.items() if shape == obj.shape)
+        if obj.size is not None:
+            held += max(iou for (_, size), (_, iou) in overlap.items() if size == obj.size)
+        if obj.position is not None:
+            held += colour * total / (colour_map.sum() + 1.0)
+    return held / max(stated, 1)
+
+
+@register("compositional_soft")
+class SoftCompositionalReward(CompositionalReward):
+    """The dense verifier (`soft_verify`): partial credit for near misses, so groups that all fail the thresholds
+    still rank their images. A shaping reward to train on; the thresholded verifier stays the measure."""
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        arr = images.detach().float().clamp(0, 1).cpu().numpy()
+        out = []
+        for image, prompt in zip(arr, prompts):
+            scene = self._parsed.get(prompt)
+            if scene is None:
+                scene = self._parsed[prompt] = parse_caption(prompt)
+            out.append(soft_verify(image, scene))
+        return nan_where_nonfinite(images, torch.tensor(out, dtype=torch.float32))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rewards import build
-from rewards.compositional import verify
+from rewards.compositional import PALETTE, soft_verify, verify
 from rewards.scenes import (Scene, SceneObject, mirror_caption, near_miss, parse_caption, random_scene, render,
                            scene_batch, scene_prompts)
 
@@ -164,3 +164,31 @@ def test_the_contrastive_verifier_pays_faithful_renders_and_nothing_for_one_imag
     fixed = images[:1].repeat(len(prompts), 1, 1, 1)
     assert float(plain.score(fixed, prompts).mean()) > 0.05
     assert abs(float(contrastive.score(fixed, prompts).mean())) < 0.03
+
+
+def test_the_soft_verifier_credits_what_the_verifier_does_and_degrades_gradually():
+    """compositional_soft is a shaping reward: it must agree with the verifier where the verifier is sure (faithful
+    renders high, other captions, speckle and a blob of the wrong colour low) and, unlike it, keep ranking images
+    that all fail or all pass a threshold: an object slid out of its quadrant loses credit at every step, where the
+    verifier's score is a staircase."""
+    images, captions = scene_batch(seed=123, start=0, count=200, side=32, omit_prob=0.3)
+    soft = build("compositional_soft")
+    faithful = soft.score(torch.from_numpy(images), captions)
+    shuffled = soft.score(torch.from_numpy(images), captions[1:] + captions[:1])
+    assert faithful.mean() >= 0.95 and shuffled.mean() <= 0.2
+    rng = np.random.default_rng(0)
+    speckle = PALETTE[rng.integers(len(PALETTE), size=(200, 32, 32))].transpose(0, 3, 1, 2).copy()
+    assert soft.score(torch.from_numpy(speckle), captions).mean() <= 0.2
+
+    scene = Scene("white", (SceneObject("red", "square", "large", "top left"),))
+    image = render(scene, 32)
+    wrong_colour = Scene("white", (SceneObject("blue", "square", "large", "top left"),))
+    assert soft_verify(image, wrong_colour) == pytest.approx(1 / 5, abs=0.01)  # the background only, as verify
+    shifted, hard = [], []
+    for d in range(0, 15, 2):
+        moved = np.ones_like(image)
+        moved[:, :, d:] = image[:, :, :32 - d]
+        shifted.append(soft_verify(moved, scene))
+        hard.append(verify(moved, scene))
+    assert np.all(np.diff(shifted) < 0), shifted
+    assert len(set(hard)) < len(set(shifted)) / 2  # the verifier's staircase has few steps
