@@ -172,8 +172,11 @@ class CompositionalReward(RewardModel):
             scene = self._parsed.get(prompt)
             if scene is None:
                 scene = self._parsed[prompt] = parse_caption(prompt)
-            out.append(verify(image, scene, self.thresholds))
+            out.append(self.verify(image, scene))
         return nan_where_nonfinite(images, torch.tensor(out, dtype=torch.float32))
+
+    def verify(self, image: np.ndarray, scene: Scene) -> float:
+        return verify(image, scene, self.thresholds)
 
 
 @register("compositional_strict")
@@ -286,12 +289,5 @@ class SoftCompositionalReward(CompositionalReward):
     """The dense verifier (`soft_verify`): partial credit for near misses, so groups that all fail the thresholds
     still rank their images. A shaping reward to train on; the thresholded verifier stays the measure."""
 
-    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        arr = images.detach().float().clamp(0, 1).cpu().numpy()
-        out = []
-        for image, prompt in zip(arr, prompts):
-            scene = self._parsed.get(prompt)
-            if scene is None:
-                scene = self._parsed[prompt] = parse_caption(prompt)
-            out.append(soft_verify(image, scene))
-        return nan_where_nonfinite(images, torch.tensor(out, dtype=torch.float32))
+    def verify(self, image: np.ndarray, scene: Scene) -> float:
+        return soft_verify(image, scene)
