@@ -205,8 +205,9 @@ def main() -> None:
             + (f" + {args.renders} rendered scenes" if args.renders else "")
             + (f", each also under {args.relabel} near-miss captions (own caption in {args.own_frac:.0%} of the rows)"
                if args.relabel else "") + (", half the rows mirrored" if args.mirror else ""))
-    lines = [f"`{args.init}`; a reward model R(x_0, c) regressed on the verifier over {data}; Adam lr {args.lr:g}, "
-             f"batch {args.batch}, width {args.width}. Held out: {len(held_out)} prompts x {args.samples} base "
+    trained = (f"a reward model R(x_0, c) regressed on the verifier over {data}; Adam lr {args.lr:g}, batch "
+               f"{args.batch}, width {args.width}" if args.steps else "no reward model trained (--steps 0)")
+    lines = [f"`{args.init}`; {trained}. Held out: {len(held_out)} prompts x {args.samples} base "
              f"samples (verifier {r.mean():.3f}); the verifier's own pick gains {fmt(oracle.as_dict())}.", "",
              "| step | training mse (label variance " + f"{labels.var():.4f}) | held-out pick of {args.samples}: gain "
              "[95% CI] | within-prompt corr | binding accuracy [95% CI] | training prompts' pick |",
