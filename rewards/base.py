@@ -20,6 +20,8 @@ class RewardModel:
     """score(images [B, 3, H, W] in [0, 1], prompts) -> float32 tensor [B]; higher is better."""
 
     name: str = ""
+    # True: `score` is differentiable in the images (keeps their graph), so grpo.objective direct can train on it.
+    differentiable: bool = False
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError

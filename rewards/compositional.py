@@ -167,16 +167,14 @@ class CompositionalReward(RewardModel):
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         arr = images.detach().float().clamp(0, 1).cpu().numpy()
-        out = []
-        for image, prompt in zip(arr, prompts):
-            scene = self._parsed.get(prompt)
-            if scene is None:
-                scene = self._parsed[prompt] = parse_caption(prompt)
-            out.append(self.verify(image, scene))
+        out = [verify(image, self.scene(prompt), self.thresholds) for image, prompt in zip(arr, prompts)]
         return nan_where_nonfinite(images, torch.tensor(out, dtype=torch.float32))
 
-    def verify(self, image: np.ndarray, scene: Scene) -> float:
-        return verify(image, scene, self.thresholds)
+    def scene(self, prompt: str) -> Scene:
+        """The caption parsed (once per distinct caption)."""
+        if prompt not in self._parsed:
+            self._parsed[prompt] = parse_caption(prompt)
+        return self._parsed[prompt]
 
 
 @register("compositional_strict")
@@ -228,66 +226,90 @@ def _centroid_offset(shape: str, size_px: int) -> tuple[float, float]:
     return float(ys.mean() + 0.5 - side / 2), float(xs.mean() + 0.5 - side / 2)
 
 
-def soft_verify(image: np.ndarray, scene: Scene, temperature: float = SOFT_TEMPERATURE) -> float:
+def soft_verify(image: torch.Tensor | np.ndarray, scene: Scene, temperature: float = SOFT_TEMPERATURE) -> torch.Tensor:
     """A dense version of `verify`: the same attributes, each credited in [0, 1] by how close the image is to holding
-    it, so that images which all fail the verifier's thresholds still differ in credit.
+    it, so that images which all fail the verifier's thresholds still differ in credit. Differentiable in the pixels
+    (a 0-dim tensor, with gradients when `image` has them): grpo.objective direct backpropagates it into the sampler.
 
     Pixels get soft palette classes (a softmax of minus squared distances over `temperature`). The background
-    credits the coverage of its class (full from half the image on). Each object is matched with the shape templates
-    the caption allows (stated shape and size, else all), centred on its colour's mass in its quadrant (stated, else
-    the one holding most of that colour): its colour is credited by how much of the best template its colour fills,
-    its shape and size by the soft overlap (intersection over union) of the colour's map with the template of the
-    stated shape (best size) and of the stated size (best shape), its place by the share of its colour's mass inside
-    the quadrant, times the colour credit (as in `verify`, a blob of another colour says nothing about this object).
+    credits its class's mean over the pixels outside the objects' best templates. Each object is matched with the
+    shape templates the caption allows (stated shape and size, else all), centred on its colour's mass in its
+    quadrant (stated, else the one holding most of that colour among those no other object states): its colour is
+    credited by how much of the best template its colour fills times the share of the colour's mass inside the
+    quadrant (a colour everywhere is background, not an object), its shape and size by the soft overlap
+    (intersection over union) of the colour's map with the template of the stated shape (best size) and of the
+    stated size (best shape), its place as its colour (as in `verify`, a blob of another colour says nothing about
+    this object, and a blob outside the quadrant is not there). Which quadrant and where the templates sit are
+    choices, not functions: the gradient flows through the credits.
     """
+    image = torch.as_tensor(image)
     side = image.shape[-1]
-    pixels = image.transpose(1, 2, 0).reshape(-1, 3)
-    logits = -((pixels[:, None, :] - PALETTE[None]) ** 2).sum(-1) / temperature
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs = (probs / probs.sum(axis=1, keepdims=True)).reshape(side, side, len(PALETTE))
+    pixels = image.float().permute(1, 2, 0).reshape(-1, 3)
+    palette = torch.from_numpy(PALETTE).to(pixels.device)
+    logits = -((pixels[:, None, :] - palette[None]) ** 2).sum(-1) / temperature
+    probs = logits.softmax(dim=1).reshape(side, side, len(PALETTE))
 
-    held, stated = 0.0, 0
-    if scene.background is not None:
-        stated += 1
-        held += min(1.0, probs[..., PALETTE_NAMES.index(scene.background)].mean() / MIN_BACKGROUND)
+    held, stated = pixels.new_zeros(()), 0
+    objects = torch.zeros(side, side, dtype=torch.bool, device=pixels.device)  # the objects' best templates
     half = side // 2
+    centres = torch.arange(half, dtype=torch.float32, device=pixels.device) + 0.5
     for obj in scene.objects:
         attrs = [a for a in ("colour", "shape", "size", "position") if getattr(obj, a) is not None]
         stated += len(attrs)
         if obj.colour is None:  # the grammar always states it; without it nothing below is defined
             continue
         colour_map = probs[..., PALETTE_NAMES.index(obj.colour)]
-        quadrants = [obj.position] if obj.position is not None else list(POSITIONS)
-        mass = {q: colour_map[_quadrant_slices(q, side)].sum() for q in quadrants}
+        taken = {o.position for o in scene.objects if o is not obj}  # scenes never put two objects in one quadrant
+        quadrants = [obj.position] if obj.position is not None else [q for q in POSITIONS if q not in taken]
+        mass = {q: float(colour_map[_quadrant_slices(q, side)].sum().detach()) for q in quadrants}
         position = max(mass, key=mass.get)
         crop = colour_map[_quadrant_slices(position, side)]
         total = crop.sum()
-        yy, xx = np.mgrid[0:half, 0:half] + 0.5
-        cy, cx = ((crop * yy).sum() / total, (crop * xx).sum() / total) if total > 1e-6 else (half / 2, half / 2)
+        if float(total.detach()) > 1e-6:
+            weights = crop.detach() / total.detach()
+            cy, cx = float((weights.sum(1) * centres).sum()), float((weights.sum(0) * centres).sum())
+        else:
+            cy = cx = half / 2
         overlap = {}
         for shape in [obj.shape] if obj.shape else SHAPES:
             for size in [obj.size] if obj.size else SIZES:
                 px = max(3, round(SIZE_FRACTION[size] * side))
                 dy, dx = _centroid_offset(shape, px)  # the template's centroid goes on the colour's
-                template = shape_mask(shape, px, cx - dx, cy - dy, half)
+                template = torch.from_numpy(shape_mask(shape, px, cx - dx, cy - dy, half)).to(crop.device)
                 fill = crop[template].mean()
-                iou = np.minimum(crop, template).sum() / max(np.maximum(crop, template).sum(), 1e-6)
-                overlap[shape, size] = (fill, iou)
-        colour = max(fill for fill, _ in overlap.values())
-        held += colour
+                mask = template.float()
+                iou = torch.minimum(crop, mask).sum() / torch.maximum(crop, mask).sum().clamp(min=1e-6)
+                overlap[shape, size] = (fill, iou, template)
+        # The colour counts as this object's by the share of its mass in the object's quadrant (leaving out quadrants
+        # stated for other objects of that colour): a colour flooding the image is the verifier's background.
+        others = [o.position for o in scene.objects if o is not obj and o.colour == obj.colour and o.position]
+        claimed = sum((colour_map[_quadrant_slices(q, side)].sum() for q in others if q != position), total.new_zeros(()))
+        share = total / (colour_map.sum() - claimed + 1.0)
+        fill, _, template = max(overlap.values(), key=lambda o: float(o[0].detach()))
+        objects[_quadrant_slices(position, side)] |= template
+        colour = fill * share
+        held = held + colour
         if obj.shape is not None:
-            held += max(iou for (shape, _), (_, iou) in overlap.items() if shape == obj.shape)
+            held = held + torch.stack([iou for (shape, _), (_, iou, _) in overlap.items() if shape == obj.shape]).max()
         if obj.size is not None:
-            held += max(iou for (_, size), (_, iou) in overlap.items() if size == obj.size)
+            held = held + torch.stack([iou for (_, size), (_, iou, _) in overlap.items() if size == obj.size]).max()
         if obj.position is not None:
-            held += colour * total / (colour_map.sum() + 1.0)
+            held = held + colour
+    if scene.background is not None:  # every pixel outside the objects: a speckle there joins the verifier's blobs
+        stated += 1
+        outside = probs[..., PALETTE_NAMES.index(scene.background)][~objects]
+        held = held + (outside.mean() if outside.numel() else 0.0)
     return held / max(stated, 1)
 
 
 @register("compositional_soft")
 class SoftCompositionalReward(CompositionalReward):
     """The dense verifier (`soft_verify`): partial credit for near misses, so groups that all fail the thresholds
-    still rank their images. A shaping reward to train on; the thresholded verifier stays the measure."""
+    still rank their images. A shaping reward to train on; the thresholded verifier stays the measure. Differentiable:
+    `score` keeps the images' graph (no clamp either: pixels past the palette lose credit by their distance)."""
 
-    def verify(self, image: np.ndarray, scene: Scene) -> float:
-        return soft_verify(image, scene)
+    differentiable = True
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        scores = torch.stack([soft_verify(image, self.scene(prompt)) for image, prompt in zip(images, prompts)])
+        return nan_where_nonfinite(images, scores)

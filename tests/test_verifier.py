@@ -183,12 +183,31 @@ def test_the_soft_verifier_credits_what_the_verifier_does_and_degrades_gradually
     scene = Scene("white", (SceneObject("red", "square", "large", "top left"),))
     image = render(scene, 32)
     wrong_colour = Scene("white", (SceneObject("blue", "square", "large", "top left"),))
-    assert soft_verify(image, wrong_colour) == pytest.approx(1 / 5, abs=0.01)  # the background only, as verify
+    assert float(soft_verify(image, wrong_colour)) == pytest.approx(1 / 5, abs=0.01)  # the background only, as verify
     shifted, hard = [], []
     for d in range(0, 15, 2):
         moved = np.ones_like(image)
         moved[:, :, d:] = image[:, :, :32 - d]
-        shifted.append(soft_verify(moved, scene))
+        shifted.append(float(soft_verify(moved, scene)))
         hard.append(verify(moved, scene))
     assert np.all(np.diff(shifted) < 0), shifted
     assert len(set(hard)) < len(set(shifted)) / 2  # the verifier's staircase has few steps
+
+
+def test_ascending_the_soft_verifiers_pixel_gradient_satisfies_the_verifier():
+    """grpo.objective direct trains on the gradient of compositional_soft in the pixels: followed from noise, that
+    gradient must lead to images the thresholded verifier accepts. A detached or sign-flipped credit, or one a
+    colour flood or speckle can max out (both worthless to the verifier), fails this."""
+    generator = torch.Generator().manual_seed(0)
+    before, after = [], []
+    for caption in scene_prompts(5, 0, 8):
+        scene = parse_caption(caption)
+        x = (0.5 + 0.2 * torch.randn(3, 32, 32, generator=generator)).requires_grad_(True)
+        before.append(verify(x.detach().clamp(0, 1).numpy(), scene))
+        optimiser = torch.optim.Adam([x], lr=0.05)
+        for _ in range(300):
+            optimiser.zero_grad()
+            (-soft_verify(x, scene)).backward()
+            optimiser.step()
+        after.append(verify(x.detach().clamp(0, 1).numpy(), scene))
+    assert np.mean(before) < 0.2 and np.mean(after) >= 0.75, (before, after)
