@@ -138,6 +138,11 @@ RECIPES: dict[str, list[str]] = {
     # picking the best of 8 base samples by it gains +0.199 of the verifier's own +0.228)
     "soft": ["rewards=[{name: compositional_soft, weight: 1.0}]",
              "grpo.check_rewards=[compositional, compositional_strict]"],
+    # session 20: no advantages, no likelihood ratios: compositional_soft's pixel gradient backpropagated through
+    # the final prox (direct) or the whole 10-step chain (direct-k10), replayed on the rollouts' trajectories
+    # (DRaFT-K); the thresholded verifier stays the trained-on mix's measure, held out
+    "direct": ["grpo.objective=direct"],
+    "direct-k10": ["grpo.objective=direct", "grpo.direct_steps=10"],
 }
 
 REWARD = "total"

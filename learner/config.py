@@ -193,11 +193,22 @@ class GrpoConfig(Strict):
         "weights, so training it mostly adds noise to every update",
     )
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters (rank 0 = off)")
-    objective: Literal["policy_gradient", "forward"] = Field(
+    objective: Literal["policy_gradient", "forward", "direct"] = Field(
         "policy_gradient", description="policy_gradient: the clipped per-step likelihood-ratio loss over the "
         "sampler's transitions (method.md sec. 5); forward: the pretraining loss on the rollouts' own final samples, "
         "split by advantage into implicit positive and negative policies around the sampling policy "
-        "(docs/forward_objective.md): no trajectories travel, one forward/backward per image, not per transition",
+        "(docs/forward_objective.md): no trajectories travel, one forward/backward per image, not per transition; "
+        "direct: the gradient of a differentiable reward (direct_reward) backpropagated through the last "
+        "direct_steps sampler steps, replayed on the recorded trajectories (learner/direct_objective.py, DRaFT-K)",
+    )
+    direct_reward: str = Field(
+        "compositional_soft", description="objective direct: the reward whose pixel gradient trains the policy; it "
+        "must be differentiable (a RewardModel with differentiable = True). The `rewards` mix is still scored by the "
+        "reward actors, logged, and measured held out",
+    )
+    direct_steps: int = Field(
+        1, ge=1, description="objective direct: sampler steps replayed with gradient, counted from the last (1 = the "
+        "final prox only; grpo.steps = the whole chain). Each adds a network call's activations to the backward pass",
     )
     forward_beta: float = Field(
         1.0, gt=0, description="objective forward: the implicit policies are e_old +- beta (e - e_old); the "
@@ -296,6 +307,20 @@ class GrpoConfig(Strict):
                 f"grpo.ema_decay={self.ema_decay} needs grpo.objective=forward: the policy gradient re-scores the "
                 "sampled actions under the trained weights, so the sampler must be those weights (set ema_decay: 0)"
             )
+        if self.objective == "direct":
+            if self.direct_steps > self.steps:
+                raise ValueError(f"grpo.direct_steps={self.direct_steps} is more than the sampler's grpo.steps="
+                                 f"{self.steps}; replay at most the whole chain")
+            from rewards.base import reward_class
+
+            try:
+                cls = reward_class(self.direct_reward)
+            except KeyError as e:
+                raise ValueError(f"grpo.direct_reward: {e.args[0]}") from None
+            if not getattr(cls, "differentiable", False):
+                raise ValueError(f"grpo.direct_reward={self.direct_reward!r} is not differentiable in the pixels, so "
+                                 "objective direct cannot backpropagate it; use compositional_soft (the scenes) or a "
+                                 "reward declaring differentiable = True, or grpo.objective policy_gradient")
         if self.lora.rank and self.train_text:
             raise ValueError("grpo.lora.rank > 0 trains adapters on the U-Net only; set grpo.train_text: false (or "
                              "grpo.lora.rank: 0 to train every weight, the text encoder included)")

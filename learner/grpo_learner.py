@@ -3,7 +3,9 @@
 A rank reads groups from the stream (on the CPU), computes group-relative advantages there, moves its shard of the
 batch to the engine's device, and takes one optimiser step per pass over the batch with the clipped policy loss
 (+ the KL to the frozen reference, which lives on the same device), or, with grpo.objective=forward, with the
-advantage-split pretraining loss on the groups' final samples (learner/forward_objective.py). Weights leave on the CPU.
+advantage-split pretraining loss on the groups' final samples (learner/forward_objective.py), or, with
+grpo.objective=direct, with a differentiable reward backpropagated through the replayed last sampler steps
+(learner/direct_objective.py). Weights leave on the CPU.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from actors.experience import Group, SamplerSpec
 from actors.reward import Threaded, set_threads
 from actors.stream import ExperienceStream, RedisAddress, learner_group
 from learner.anchor import DataAnchor
+from learner.direct_objective import check_policy, direct_loss
 from learner.config import RunConfig
 from learner.ema import make_ema, update_ema
 from learner.forward_objective import ForwardBatch, forward_loss
@@ -29,6 +32,7 @@ from proxmodel.lora import BaseOf, adapter_state, with_lora
 from proxmodel.model import ProxT2I, empty_condition
 from proxmodel.policy import Policy
 from proxmodel.sampler import gaussian_kl
+from rewards import build as build_reward
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,7 @@ class GrpoLearner(Threaded):
         self.step_rng = torch.Generator().manual_seed(self.cfg.seed)
         n_train = len(select_train_steps(g.steps - 1, g.train_step_window, g.train_step_fraction, torch.Generator()))
         n_train = n_train if g.objective == "policy_gradient" else 1
-        # One micro-batch per trained sampler transition (forward: one per batch): one optimiser step per pass.
+        # One micro-batch per trained sampler transition (forward, direct: one per batch): one optimiser step per pass.
         self.engine = build_engine(
             self.model, lr=g.lr, weight_decay=g.weight_decay, grad_clip=g.grad_clip,
             zero_stage=self.cfg.deepspeed.zero_stage, bf16=self.cfg.deepspeed.bf16, grad_accum=n_train,
@@ -132,6 +136,9 @@ class GrpoLearner(Threaded):
         self.version = 0
         self.nonfinite = NonFiniteSteps(g.max_nonfinite_updates)
         self.weights = {r.name: r.weight for r in self.cfg.rewards}
+        self.direct_reward = build_reward(g.direct_reward) if g.objective == "direct" else None
+        if self.direct_reward is not None:
+            check_policy(self.policy)  # before the first batch, not at it
         self.prompt_stats = PromptStats(g.prompt_stats_buffer, g.prompt_stats_min_count)
         # The frozen starting policy for the KL term (kept only when it is used), in the engine's precision; with
         # LoRA the trained network itself with its adapters off.
@@ -152,9 +159,9 @@ class GrpoLearner(Threaded):
                                    f"trains {asdict(mine)}")
             if group.weights != self.weights:
                 raise RuntimeError(f"stream entry with reward weights {group.weights}; this learner uses {self.weights}")
-            if self.cfg.grpo.objective == "policy_gradient" and not group.has_trajectory:
-                raise RuntimeError("stream entry without its trajectory: the policy-gradient objective re-scores the "
-                                   "recorded transitions (was it written for grpo.objective=forward?)")
+            if self.cfg.grpo.objective != "forward" and not group.has_trajectory:
+                raise RuntimeError(f"stream entry without its trajectory: objective {self.cfg.grpo.objective} "
+                                   "replays the recorded transitions (was it written for grpo.objective=forward?)")
 
     def train(self, iteration: int, n_groups: int) -> dict:
         g = self.cfg.grpo
@@ -172,7 +179,7 @@ class GrpoLearner(Threaded):
         )
         lags = [self.version - gr.policy_version for gr in groups]
         kept = [i for i, lag in enumerate(lags) if lag <= g.max_staleness]  # the staleness bound
-        if g.drop_zero_std_groups:
+        if g.drop_zero_std_groups and g.objective != "direct":  # direct: every image has a reward gradient
             informative = [i for i in kept if float(total[i].std()) > 0]
             kept = informative if len(informative) >= self.world else kept  # every rank needs a group
         if len(kept) < self.world:  # too little fresh data for every rank: no update this time
@@ -187,6 +194,9 @@ class GrpoLearner(Threaded):
         self.engine.train()
         if g.objective == "forward":
             out = self._forward_updates(batch, scale)
+        elif g.objective == "direct":
+            prompts = [groups[i].prompt for i in kept[self.rank :: self.world] for _ in range(groups[i].size)]
+            out = self._direct_updates(TrainGroup.merged(batch), prompts, scale)
         else:
             out = self._policy_gradient_updates(batch, scale)
         acked = self.stream.ack(ids)
@@ -274,6 +284,25 @@ class GrpoLearner(Threaded):
             self.nonfinite.record(applied)
             if self.ema is not None and applied:
                 update_ema(self.ema, self.engine)
+            for name, value in {"loss": loss.detach(), **stats}.items():
+                sums.setdefault(name, []).append(float(value))
+        return {name: sum(v) / len(v) for name, v in sums.items()}
+
+    def _direct_updates(self, batch: TrainGroup, prompts: list[str], scale: float) -> dict[str, float]:
+        """updates_per_batch optimiser steps of the direct objective on the batch's recorded trajectories."""
+        from learner.engine import train_step  # DeepSpeed: imported in the rank's process only
+        g = self.cfg.grpo
+        sums: dict[str, list[float]] = {}
+        for update in range(g.updates_per_batch):
+            loss, stats = direct_loss(self.engine, self.reference, self.policy, batch.tokens, batch.states, prompts,
+                                      self.direct_reward, g.direct_steps, g.kl_coef)
+            loss = loss * scale
+            if self.anchor is not None:
+                anchor = self._anchor_loss(update)
+                loss = loss + anchor
+                stats["anchor_loss"] = anchor.detach() / g.data_anchor
+            train_step(self.engine, loss)
+            self.nonfinite.record(self.engine.was_step_applied())
             for name, value in {"loss": loss.detach(), **stats}.items():
                 sums.setdefault(name, []).append(float(value))
         return {name: sum(v) / len(v) for name, v in sums.items()}

@@ -78,9 +78,10 @@ class ProxT2I(nn.Module):
         """Data images in [-1, 1] -> model space (the identity without a VAE)."""
         return images if self._vae is None else encode(self._vae, images)
 
-    def to_images(self, x: torch.Tensor) -> torch.Tensor:
-        """Model-space samples -> images in [0, 1]: what rewards score and grids show (decoded by the VAE if any)."""
-        return to_unit(x if self._vae is None else decode(self._vae, x))
+    def to_images(self, x: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Model-space samples -> images in [0, 1]: what rewards score and grids show (decoded by the VAE if any).
+        clamp=False: the same map without the clamp to [0, 1], for gradients that must reach every pixel."""
+        return to_unit(x if self._vae is None else decode(self._vae, x), clamp)
 
     def train(self, mode: bool = True) -> "ProxT2I":
         super().train(mode)
@@ -155,9 +156,10 @@ def precond_coefficients(alpha: torch.Tensor, lam: torch.Tensor,
     return lam.sqrt() / total, total.rsqrt(), (v / total).sqrt()
 
 
-def to_unit(x: torch.Tensor) -> torch.Tensor:
+def to_unit(x: torch.Tensor, clamp: bool = True) -> torch.Tensor:
     """Pixel space [-1, 1] to image space [0, 1]; samples go through ProxT2I.to_images, which decodes latents first."""
-    return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    unit = (x.float() + 1.0) / 2.0
+    return unit.clamp(0.0, 1.0) if clamp else unit
 
 
 def empty_condition(model: nn.Module, condition: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

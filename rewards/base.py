@@ -65,12 +65,17 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build(name: str, **options) -> RewardModel:
-    """The reward `name`; one that takes a `device` gets this process's GPU if it has one and none was given."""
+def reward_class(name: str) -> type[RewardModel]:
+    """The class registered as `name` (nothing loaded)."""
     _import_builtin()
     if name not in _REGISTRY:
         raise KeyError(f"unknown reward {name!r}; registered rewards are {sorted(_REGISTRY)}")
-    cls = _REGISTRY[name]
+    return _REGISTRY[name]
+
+
+def build(name: str, **options) -> RewardModel:
+    """The reward `name`; one that takes a `device` gets this process's GPU if it has one and none was given."""
+    cls = reward_class(name)
     if "device" not in options and "device" in inspect.signature(cls).parameters:
         options["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     return cls(**options)

@@ -38,3 +38,15 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_bytes(b"\xff\xfe: [")
     with pytest.raises(ConfigError, match="not valid UTF-8 YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["grpo.direct_reward=compositional"], "'compositional' is not differentiable in the pixels"),
+    (["grpo.direct_reward=nope"], "unknown reward 'nope'"),
+    (["grpo.direct_steps=11"], "grpo.direct_steps=11 is more than the sampler's grpo.steps=10"),
+])
+def test_the_direct_objective_needs_a_differentiable_reward_and_a_replay_inside_the_chain(overrides, fragment):
+    load_config(DEFAULT_CONFIG, ["grpo.objective=direct", "grpo.direct_steps=10"])  # the whole chain is allowed
+    with pytest.raises(ConfigError) as info:
+        load_config(DEFAULT_CONFIG, ["grpo.objective=direct", *overrides])
+    assert fragment in str(info.value)

@@ -127,6 +127,29 @@ def test_forward_objective_sees_rewards_only_through_advantages(checkpoint, serv
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 
 
+def test_direct_objective_trains_every_group_on_its_replayed_trajectories(checkpoint, server):
+    """Groups whose verifier rewards are all equal still carry the differentiable reward's gradient, so none is
+    dropped; the batch is acknowledged and the weights move, one optimiser step per pass. Would catch: direct runs
+    losing the zero-std groups, or a pass that does not step."""
+    flat = torch.full((G,), 0.5)
+    write_batch(checkpoint, server.address, "dr", steps=STEPS, group_size=G, rewards=[flat] * len(PROMPTS))
+    learner = make_learner(checkpoint, server, "dr", objective="direct", direct_steps=2, updates_per_batch=3)
+    before = {k: v.clone() for k, v in learner.publish()[0].items()}
+    metrics = learner.train(0, len(PROMPTS))
+    assert metrics["groups_trained"] == len(PROMPTS) and metrics["acked"] == len(PROMPTS)
+    assert learner.stream.pending() == 0 and learner.engine.global_steps == 3
+    after, _ = learner.publish()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert 0.0 <= metrics["direct_reward"] <= 1.0 and metrics["loss"] < 0
+
+
+def test_direct_learner_refuses_groups_without_trajectories(checkpoint, server):
+    write_batch(checkpoint, server.address, "dn", steps=STEPS, group_size=G, trajectory=False)
+    learner = make_learner(checkpoint, server, "dn", objective="direct")
+    with pytest.raises(RuntimeError, match="objective direct replays"):
+        learner.train(0, len(PROMPTS))
+
+
 def test_policy_gradient_learner_refuses_groups_without_trajectories(checkpoint, server):
     write_batch(checkpoint, server.address, "h", steps=STEPS, group_size=G, trajectory=False)
     learner = make_learner(checkpoint, server, "h")

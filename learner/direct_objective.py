@@ -1,0 +1,86 @@
+"""The direct objective (grpo.objective direct): a differentiable reward backpropagated through the last K steps of
+the prox sampler (DRaFT-K, ReFL), replayed on the rollouts' recorded trajectories.
+
+A recorded trajectory y_N..y_1 fixes the noise of every transition: the policy that drew it put
+y_{k-1} = mu_theta(y_k) + sigma_{k-1} z_{k-1}. Replaying the last K steps from the recorded y_K with the current
+weights and that noise,
+
+    y_{k-1} = mu_theta(y_k) + sg(y_{k-1}^rec - mu_theta(y_k)),      x_0 = prox_theta(y_1; 0, gamma_1, c)
+
+(sg = stop-gradient) has the recorded values on policy and the reparameterised gradient: d y_{k-1} / d theta flows
+through mu_theta and, through y_k, through every replayed step before it. The loss is -R(x_0, c) for a reward that
+is differentiable in the pixels (`rewards.base.RewardModel.differentiable`), so the policy gets the reward's exact
+pixel gradient per image instead of one scalar per image; no advantages, no likelihood ratios. After the first
+optimiser step of a batch the recorded states stay the path and the noise is what makes them so under the moved
+weights (the replay is then off-policy, like the policy gradient's later passes).
+
+The KL to the frozen reference, as in the policy gradient: ||mu_theta - mu_ref||^2 / (2 var) per replayed
+transition, and for the final prox the same with the variance of the noise in y_1 (the last transition's), mean
+over dimensions and steps.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from proxmodel.model import prox_fn
+from proxmodel.policy import Policy
+from proxmodel.sampler import gaussian_kl, half_step, hybrid_step
+from rewards.base import RewardModel
+
+
+def check_policy(policy: Policy) -> None:
+    if policy.kind != "prox":
+        raise ValueError("grpo.objective direct replays the prox sampler; this checkpoint is a score model (use "
+                         "grpo.objective policy_gradient for it)")
+
+
+def replay(model: nn.Module, policy: Policy, tokens: torch.Tensor, states: torch.Tensor,
+           last_steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The last `last_steps` sampler steps re-run from the recorded y_K (states [B, N, ...], index 0 = y_N) under
+    `model`, with the recorded noise: returns x_0 and the policy means of the replayed transitions (y_{K-1}..y_1)."""
+    n = policy.steps
+    check_policy(policy)
+    if not 1 <= last_steps <= n:
+        raise ValueError(f"grpo.direct_steps={last_steps}: between 1 and grpo.steps={n}")
+    prox = prox_fn(model, policy.guidance, tokens=tokens)
+    y, means = states[:, n - last_steps], []
+    for k in range(last_steps, 0, -1):
+        recorded = states[:, n - k + 1] if k > 1 else None
+        out = hybrid_step(prox, y, policy.grid, k, eta=policy.eta, y_next=recorded, variant=policy.variant)
+        if k == 1:
+            return out.x, means
+        means.append(out.mean)
+        y = out.mean + (recorded - out.mean).detach()
+    raise AssertionError("unreachable: the loop returns at k = 1")
+
+
+def direct_loss(model: nn.Module, reference: Optional[nn.Module], policy: Policy, tokens: torch.Tensor,
+                states: torch.Tensor, prompts: Sequence[str], reward: RewardModel, last_steps: int,
+                kl_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """-mean reward of the replayed x_0 (+ kl_coef x the KL to `reference` on the same inputs). Trajectories with a
+    non-finite recorded state are left out before the network sees them (a NaN row in a batched call makes every
+    weight's gradient NaN, 0 x NaN); a reward that is still not finite makes the loss NaN, and the step is skipped."""
+    finite = torch.isfinite(states.flatten(1)).all(dim=1)
+    keep = finite.nonzero().squeeze(1)
+    tokens, states, prompts = tokens[keep], states[keep], [prompts[int(i)] for i in keep]
+    x0, means = replay(model, policy, tokens, states, last_steps)
+    network = getattr(model, "module", model)
+    images = network.to_images(x0, clamp=False)  # a clamp would stop the gradient of every pixel past [0, 1]
+    rewards = reward.score(images, prompts).to(x0.device)
+    loss = -rewards.mean()
+    stats = {"direct_reward": rewards.detach().mean(), "direct_images_dropped": (~finite).sum().float()}
+    if reference is not None and kl_coef > 0:
+        with torch.no_grad():
+            ref_x0, ref_means = replay(reference, policy, tokens, states, last_steps)
+        variances = [(policy.eta * half_step(policy.grid, k - 1, policy.variant).noise_std) ** 2
+                     for k in range(last_steps, 1, -1)]
+        variances.append((policy.eta * half_step(policy.grid, 1, policy.variant).noise_std) ** 2)
+        pairs = list(zip(means + [x0], ref_means + [ref_x0], variances))
+        kl = torch.stack([gaussian_kl(m, r, v).mean() for m, r, v in pairs]).mean()
+        loss = loss + kl_coef * kl
+        stats["kl"] = kl.detach()
+    return loss, stats
