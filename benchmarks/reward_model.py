@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from learner import env  # noqa: E402,F401  (offline, no telemetry)
 from learner.bootstrap import bootstrap_ci  # noqa: E402
-from value_guidance import (EVAL_NOISE, base_rollouts, final_images, mirror_table,  # noqa: E402  (sibling script)
+from value_guidance import (base_rollouts, final_images, held_out_samples, mirror_table,  # noqa: E402  (sibling script)
                             near_miss_labels, training_prompts)
 
 
@@ -68,7 +68,7 @@ def main() -> None:
     from learner.prompts import prompt_source
     from proxmodel.model import load_model
     from proxmodel.policy import Policy
-    from proxmodel.value import DenoisedValue, sample_steered
+    from proxmodel.value import DenoisedValue
     from rewards import build
     from rewards.scenes import near_miss, scene_batch
 
@@ -121,13 +121,9 @@ def main() -> None:
 
     # held-out: `samples` base samples per prompt on value_guidance.py's noises (its seeds 0..samples-1)
     held_ctx = contexts(held_out)
-    held = []
     with torch.no_grad():
-        for seed in range(args.samples):
-            for b, first in enumerate(range(0, len(held_out), args.batch)):
-                ctx = held_ctx[first:first + args.batch]
-                held.append(sample_steered(model, None, ctx, model.sample_shape(len(ctx)), grid, 0.0,
-                                           generator=torch.Generator().manual_seed(EVAL_NOISE + 1000 * seed + b)).images)
+        held = [out.images for _, _, out in held_out_samples(model, None, held_ctx, grid, 0.0, args.batch,
+                                                              range(args.samples))]
     held = torch.stack(torch.cat(held).split(len(held_out)), 1)  # [prompt, sample, ...]
     flat = held.flatten(0, 1)
     held_images = model.to_images(flat)

@@ -120,6 +120,18 @@ def mirror_table(index: dict[str, int]):
     return torch.tensor([index[c] for c in mirrored])
 
 
+def held_out_samples(model, value, contexts: torch.Tensor, grid, scale: float, batch: int, seeds: range):
+    """The held-out prompts' samples on their fixed noises (EVAL_NOISE + 1000 x seed + batch number), seed-major:
+    (seed, prompt rows, sample_steered's output) per batch of `batch` prompts. value None or scale 0: the base."""
+    from proxmodel.value import sample_steered
+
+    for seed in seeds:
+        for b, first in enumerate(range(0, len(contexts), batch)):
+            idx = list(range(first, min(first + batch, len(contexts))))
+            yield seed, idx, sample_steered(model, value, contexts[idx], model.sample_shape(len(idx)), grid, scale,
+                                            generator=torch.Generator().manual_seed(EVAL_NOISE + 1000 * seed + b))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--init", default="builtin:scenes-base", help="checkpoint folder or builtin:NAME")
@@ -157,7 +169,7 @@ def main() -> None:
     from learner.prompts import prompt_source
     from proxmodel.model import load_model
     from proxmodel.policy import Policy
-    from proxmodel.value import DenoisedValue, ValueModel, sample_steered, state_inputs
+    from proxmodel.value import DenoisedValue, ValueModel, state_inputs
     from safetensors.torch import save_file
 
     from rewards import build
@@ -275,16 +287,13 @@ def main() -> None:
         scores = {name: np.zeros((len(held_out), seeds - first)) for name in ["compositional", *checks]}
         kl = np.zeros((len(held_out), seeds - first))
         kept = []
-        for seed in range(first, seeds):
-            for b, idx in enumerate(batches):
-                out = sample_steered(model, value, held_ctx[idx], model.sample_shape(len(idx)), grid, scale,
-                                     generator=torch.Generator().manual_seed(EVAL_NOISE + 1000 * seed + b))
-                images, prompts = model.to_images(out.images), [held_out[i] for i in idx]
-                scores["compositional"][idx, seed - first] = verifier.score(images, prompts).double().numpy()
-                for name, check in checks.items():
-                    scores[name][idx, seed - first] = check.score(images, prompts).double().numpy()
-                kl[idx, seed - first] = out.kl.sum(1).double().numpy()
-                kept.append((out.states, images))
+        for seed, idx, out in held_out_samples(model, value, held_ctx, grid, scale, args.batch, range(first, seeds)):
+            images, prompts = model.to_images(out.images), [held_out[i] for i in idx]
+            scores["compositional"][idx, seed - first] = verifier.score(images, prompts).double().numpy()
+            for name, check in checks.items():
+                scores[name][idx, seed - first] = check.score(images, prompts).double().numpy()
+            kl[idx, seed - first] = out.kl.sum(1).double().numpy()
+            kept.append((out.states, images))
         return {"scores": scores, "kl": kl, "states": torch.cat([x for x, _ in kept]),
                 "images": torch.cat([x for _, x in kept])}
 
