@@ -123,6 +123,8 @@ def mirror_table(index: dict[str, int]):
 def held_out_samples(model, value, contexts: torch.Tensor, grid, scale: float, batch: int, seeds: range):
     """The held-out prompts' samples on their fixed noises (EVAL_NOISE + 1000 x seed + batch number), seed-major:
     (seed, prompt rows, sample_steered's output) per batch of `batch` prompts. value None or scale 0: the base."""
+    import torch
+
     from proxmodel.value import sample_steered
 
     for seed in seeds:
