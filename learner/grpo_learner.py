@@ -23,8 +23,8 @@ from actors.experience import Group, SamplerSpec
 from actors.reward import Threaded, set_threads
 from actors.stream import ExperienceStream, RedisAddress, learner_group
 from learner.anchor import DataAnchor
-from learner.direct_objective import check_policy, direct_loss
 from learner.config import RunConfig
+from learner.direct_objective import check_policy, direct_loss
 from learner.ema import make_ema, update_ema
 from learner.forward_objective import ForwardBatch, forward_loss
 from learner.policy_loss import PromptStats, clipped_policy_loss, compute_advantages, select_train_steps
