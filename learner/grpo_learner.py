@@ -258,7 +258,6 @@ class GrpoLearner(Threaded):
         noise) pairs (one per image, drawn from what the model was pretrained on): one pair per image is a very noisy
         estimate of the image's loss, so every step sees new ones. All e_old are the sampling policy's, computed
         before the first step."""
-        from learner.engine import train_step  # DeepSpeed: imported in the rank's process only
         g, cfg = self.cfg.grpo, self.model.cfg
         k = g.forward_pairs  # each image k times in a step, with its own pairs: one step, k times less noise
         x0 = torch.cat([b.samples for b in batch]).repeat(k, 1, 1, 1)
@@ -274,38 +273,34 @@ class GrpoLearner(Threaded):
         sums: dict[str, list[float]] = {}
         for u, update in enumerate(pairs):
             loss, stats = forward_loss(self.engine, update, g.forward_beta, self.reference, g.kl_coef)
-            loss = loss * scale
-            if self.anchor is not None:
-                anchor = self._anchor_loss(u)
-                loss = loss + anchor
-                stats["anchor_loss"] = anchor.detach() / g.data_anchor
-            train_step(self.engine, loss)
-            applied = self.engine.was_step_applied()
-            self.nonfinite.record(applied)
-            if self.ema is not None and applied:
+            if self._optimiser_step(loss * scale, stats, u, sums) and self.ema is not None:
                 update_ema(self.ema, self.engine)
-            for name, value in {"loss": loss.detach(), **stats}.items():
-                sums.setdefault(name, []).append(float(value))
         return {name: sum(v) / len(v) for name, v in sums.items()}
 
     def _direct_updates(self, batch: TrainGroup, prompts: list[str], scale: float) -> dict[str, float]:
         """updates_per_batch optimiser steps of the direct objective on the batch's recorded trajectories."""
-        from learner.engine import train_step  # DeepSpeed: imported in the rank's process only
         g = self.cfg.grpo
         sums: dict[str, list[float]] = {}
         for update in range(g.updates_per_batch):
             loss, stats = direct_loss(self.engine, self.reference, self.policy, batch.tokens, batch.states, prompts,
                                       self.direct_reward, g.direct_steps, g.kl_coef)
-            loss = loss * scale
-            if self.anchor is not None:
-                anchor = self._anchor_loss(update)
-                loss = loss + anchor
-                stats["anchor_loss"] = anchor.detach() / g.data_anchor
-            train_step(self.engine, loss)
-            self.nonfinite.record(self.engine.was_step_applied())
-            for name, value in {"loss": loss.detach(), **stats}.items():
-                sums.setdefault(name, []).append(float(value))
+            self._optimiser_step(loss * scale, stats, update, sums)
         return {name: sum(v) / len(v) for name, v in sums.items()}
+
+    def _optimiser_step(self, loss: torch.Tensor, stats: dict, update: int, sums: dict[str, list[float]]) -> bool:
+        """One whole optimiser step on `loss` (+ the data anchor's, step `update` of the batch), its statistics
+        appended to `sums`; whether it was applied (a non-finite one is skipped)."""
+        from learner.engine import train_step  # DeepSpeed: imported in the rank's process only
+        if self.anchor is not None:
+            anchor = self._anchor_loss(update)
+            loss = loss + anchor
+            stats["anchor_loss"] = anchor.detach() / self.cfg.grpo.data_anchor
+        train_step(self.engine, loss)
+        applied = self.engine.was_step_applied()
+        self.nonfinite.record(applied)
+        for name, value in {"loss": loss.detach(), **stats}.items():
+            sums.setdefault(name, []).append(float(value))
+        return applied
 
     def _anchor_loss(self, update: int) -> torch.Tensor:
         """The data anchor's weighted loss for optimiser step `update` of this batch (the step index in the run
