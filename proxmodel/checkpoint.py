@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from proxmodel.config import ModelConfig
 from proxmodel.files import replace_dir
+from proxmodel.text import frozen
 
 INDEX_FILE = "model_index.json"
 OLD_WEIGHTS, OLD_CONFIG = "model.safetensors", "config.json"
@@ -146,6 +147,22 @@ def save_checkpoint(state: dict[str, torch.Tensor], cfg: ModelConfig, directory:
     return directory
 
 
+def save_flat(model, directory: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """The flat layout the builtin weights ship in (proxmodel/weights/README.md): config.json + model.safetensors
+    in `dtype`. A frozen pretrained text encoder (e.g. MiniLM from its package) is left out, since the loader rebuilds
+    it from the same source: the repository stores only what training changed (the MiniLM alone is 45 MB in fp16)."""
+    keep_text = not frozen(model.cfg.text)
+    state = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items() if keep_text or not k.startswith("text.")}
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".writing")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(state, str(tmp / OLD_WEIGHTS), metadata={"format": "proxrl"})
+    (tmp / OLD_CONFIG).write_text(model.cfg.model_dump_json(indent=2) + "\n")
+    replace_dir(tmp, directory)
+    return directory
+
+
 @contextmanager
 def quiet_progress_bars():
     from transformers.utils import logging as hf_logging
@@ -199,7 +216,12 @@ def load_checkpoint_folder(directory: str | Path):
     try:
         cfg = read_config(directory)
         model = ProxT2I(cfg)
-        model.load_state_dict({k: v.float() for k, v in read_state(directory).items()})
+        state = {k: v.float() for k, v in read_state(directory).items()}
+        if frozen(cfg.text) and not any(k.startswith("text.") for k in state):
+            # a flat checkpoint may leave a frozen pretrained encoder out (save_flat): ProxT2I(cfg) just built it
+            # from its source, and those are the weights it trained with
+            state.update({k: v for k, v in model.state_dict().items() if k.startswith("text.")})
+        model.load_state_dict(state)
     except Exception as e:  # corrupt or foreign files: say which and what to do
         raise ValueError(
             f"checkpoint {directory} could not be read ({type(e).__name__}: {e}). Re-export it with "

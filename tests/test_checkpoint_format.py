@@ -144,3 +144,38 @@ def test_saving_leaves_the_callers_random_stream_alone(tiny_model, tmp_path):
     torch.manual_seed(5)
     save_model(tiny_model, tmp_path / "c")
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_flat_checkpoint_leaves_a_frozen_pretrained_encoder_out_and_the_loader_rebuilds_it(tiny_model_config, tmp_path):
+    """The builtin weights' layout: a frozen MiniLM is not stored (45 MB) but comes back from its package exactly."""
+    from proxmodel.checkpoint import save_flat
+    from tests.test_latent_text import with_text
+
+    model = ProxT2I(with_text(tiny_model_config, pretrained="minilm"))
+    with torch.no_grad():  # weights unlike a fresh init, so a loader that ignored the file would show
+        for p in model.unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_flat(model, tmp_path / "flat")
+    stored = load_file(str(tmp_path / "flat" / "model.safetensors"))
+    assert stored and not any(k.startswith("text.") for k in stored)
+    assert all(v.dtype == torch.float16 for v in stored.values())
+    loaded = load_model(tmp_path / "flat")
+    assert loaded.cfg == model.cfg
+    for name, value in model.state_dict().items():
+        expected = value if name.startswith("text.") else value.half().float()
+        assert torch.equal(loaded.state_dict()[name], expected), name
+
+
+def test_a_flat_checkpoint_keeps_a_trained_encoder_and_refuses_to_load_without_it(tiny_model, tmp_path):
+    from safetensors.torch import save_file
+
+    from proxmodel.checkpoint import save_flat
+
+    save_flat(tiny_model, tmp_path / "flat", dtype=torch.float32)
+    assert_same_weights(tiny_model, load_model(tmp_path / "flat"))
+    weights = tmp_path / "flat" / "model.safetensors"
+    stored = load_file(str(weights))
+    assert any(k.startswith("text.") for k in stored)
+    save_file({k: v for k, v in stored.items() if not k.startswith("text.")}, str(weights))
+    with pytest.raises(ValueError, match="text"):  # a trainable encoder is never filled in from a fresh init
+        load_model(tmp_path / "flat")
