@@ -143,6 +143,11 @@ RECIPES: dict[str, list[str]] = {
     # (DRaFT-K); the thresholded verifier stays the trained-on mix's measure, held out
     "direct": ["grpo.objective=direct"],
     "direct-k10": ["grpo.objective=direct", "grpo.direct_steps=10"],
+    # session 21: the default from a base that reads the object words (frozen MiniLM text encoder, cross-attention at
+    # 16x16 too; benchmarks/binding.py): the shipped base ignores them, so every recipe above had to teach binding
+    # from nothing. Run with --set init_from=<that checkpoint> before it ships
+    "default-minilmbase": [],
+    "direct-k3-minilmbase": ["grpo.objective=direct", "grpo.direct_steps=3"],
 }
 
 REWARD = "total"

@@ -179,3 +179,19 @@ def test_a_flat_checkpoint_keeps_a_trained_encoder_and_refuses_to_load_without_i
     save_file({k: v for k, v in stored.items() if not k.startswith("text.")}, str(weights))
     with pytest.raises(ValueError, match="text"):  # a trainable encoder is never filled in from a fresh init
         load_model(tmp_path / "flat")
+
+
+def test_the_minilm_builtin_ships_only_its_unet_and_loads_the_package_encoder():
+    from proxmodel.text import minilm_folder
+    from transformers import BertModel
+
+    folder = ROOT / "proxmodel" / "weights" / "scenes-minilm"
+    model = load_model(folder)
+    stored = load_file(str(folder / "model.safetensors"))
+    assert model.cfg.text.pretrained == "minilm" and not model.cfg.text.train
+    assert stored and not any(k.startswith("text.") for k in stored)
+    for name, value in stored.items():
+        assert torch.equal(model.state_dict()[name], value.float()), name
+    package = BertModel.from_pretrained(minilm_folder(), add_pooling_layer=False).state_dict()
+    ours = model.text.bert.state_dict()
+    assert all(torch.equal(ours[k], package[k]) for k in package)
