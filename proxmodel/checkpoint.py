@@ -19,7 +19,6 @@ Read (`load_checkpoint_folder`): that layout, or the flat `config.json` + `model
 from __future__ import annotations
 
 import json
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -29,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from proxmodel.config import ModelConfig
-from proxmodel.files import replace_dir
+from proxmodel.files import replace_dir, staging_dir
 from proxmodel.text import frozen
 
 INDEX_FILE = "model_index.json"
@@ -121,8 +120,7 @@ def save_checkpoint(state: dict[str, torch.Tensor], cfg: ModelConfig, directory:
         model = ProxT2I(cfg)
     model.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in state.items()})
     model.to(dtype)
-    tmp = directory.with_name(directory.name + ".writing")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_dir(directory)
     if isinstance(model.text, ClipText):
         model.text.config.architectures = ["CLIPTextModel"]
     pipe = ProxT2IPipeline.from_model(model)
@@ -154,8 +152,7 @@ def save_flat(model, directory: str | Path, dtype: torch.dtype = torch.float16) 
     keep_text = not frozen(model.cfg.text)
     state = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items() if keep_text or not k.startswith("text.")}
     directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".writing")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_dir(directory)
     tmp.mkdir(parents=True)
     save_file(state, str(tmp / OLD_WEIGHTS), metadata={"format": "proxrl"})
     (tmp / OLD_CONFIG).write_text(model.cfg.model_dump_json(indent=2) + "\n")

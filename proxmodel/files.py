@@ -7,6 +7,13 @@ import shutil
 from pathlib import Path
 
 
+def staging_dir(directory: Path) -> Path:
+    """The sibling a folder is written to before `replace_dir` swaps it in; a leftover from a crashed write is removed."""
+    tmp = directory.with_name(directory.name + ".writing")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
 def replace_dir(new: Path, directory: Path) -> None:
     """Put folder `new` at `directory` with renames only: a reader finds the old folder or the new one, never a mix.
     The old one goes to a hidden sibling first (no glob for `directory`'s pattern matches it), then is deleted."""
