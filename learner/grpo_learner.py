@@ -44,12 +44,24 @@ class TrainGroup:
     states: Optional[torch.Tensor]  # [G, N, C, H, W] as recorded by the rollout (policy gradient only)
     log_probs: Optional[torch.Tensor]  # [G, N-1] as recorded by the rollout (the "old" policy)
     advantages: torch.Tensor  # [G]
+    context: Optional[torch.Tensor] = None  # [G, L, D] the encoded captions, when the text encoder is frozen
 
     @classmethod
     def of(cls, group: Group, advantages: torch.Tensor, model: ProxT2I, device: torch.device) -> "TrainGroup":
         on = group.to(device)
-        return cls(model.tokenize([group.prompt] * group.size, device), on.samples, on.states, on.log_probs,
-                   advantages.to(device))
+        tokens = model.tokenize([group.prompt] * group.size, device)
+        context = None
+        if not any(p.requires_grad for p in model.text.parameters()):
+            # Encoded once instead of twice per transition (policy and reference): the same frozen weights give the
+            # same context, and a pretrained encoder (MiniLM) costs as much per call as the U-Net
+            with torch.no_grad():
+                context = model.encode_text(tokens)
+        return cls(tokens, on.samples, on.states, on.log_probs, advantages.to(device), context)
+
+    @property
+    def condition(self) -> dict[str, torch.Tensor]:
+        """What the network reads the captions from: the cached context, else the tokens."""
+        return {"tokens": self.tokens} if self.context is None else {"context": self.context}
 
     @classmethod
     def merged(cls, groups: list["TrainGroup"]) -> "TrainGroup":
@@ -75,19 +87,19 @@ def transition_loss(model: nn.Module, reference: Optional[nn.Module], policy: Po
     depends on its caption is trained. Its gradient is taken at the current weights (exp(l - l.detach()) has value 1
     and gradient grad l), with no clipping: it is off-policy only after the batch's first optimiser step.
     """
-    steps = [policy.transition(model, {"tokens": b.tokens}, b.states, j) for b in batch]
+    steps = [policy.transition(model, b.condition, b.states, j) for b in batch]
     log_probs = torch.cat([st.log_prob for st in steps])
     old = torch.cat([b.log_probs[:, j] for b in batch])
     advantages = torch.cat([b.advantages for b in batch])
     loss, stats = clipped_policy_loss(log_probs, old, advantages, clip_range)
     if caption_contrast:
-        empty = torch.cat([policy.transition(model, empty_condition(model, {"tokens": b.tokens}), b.states, j).log_prob
+        empty = torch.cat([policy.transition(model, empty_condition(model, b.condition), b.states, j).log_prob
                            for b in batch]).float()
         loss = loss + caption_contrast * (advantages * torch.exp(empty - empty.detach())).mean()
         stats["caption_log_ratio"] = (log_probs.float() - empty).mean().detach()  # log pi(a|c) - log pi(a|empty)
     if reference is not None:
         with torch.no_grad():
-            ref = [policy.transition(reference, {"tokens": b.tokens}, b.states, j).mean for b in batch]
+            ref = [policy.transition(reference, b.condition, b.states, j).mean for b in batch]
         kl = torch.cat([gaussian_kl(st.mean, r, st.var) for st, r in zip(steps, ref)]).mean()
         loss = loss + kl_coef * kl
         stats["kl"] = kl.detach()
