@@ -12,10 +12,11 @@ stated number. Prints a markdown table, writes it and a JSON to --out.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
+
+from report import publish  # a sibling script (see report.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKS = ("compositional", "compositional_strict", "compositional_count")
@@ -73,11 +74,7 @@ def main() -> None:
              "|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {' | '.join(cell(r, c) for c in CHECKS)} | {r['objects_per_image']:.2f} "
               f"(stated {r['stated_per_image']:.2f}) |" for r in rows]
-    text = "\n".join(lines)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table.md").write_text(text + "\n")
-    (args.out / "count_check.json").write_text(json.dumps(rows, indent=1) + "\n")
+    publish("\n".join(lines), rows, args.out, "count_check")
 
 
 if __name__ == "__main__":

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 import torch
+
+from report import publish  # a sibling script (see report.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,11 +75,7 @@ def main() -> None:
     lines = ["| base | images | tokens per call (before) s | cached context (after) s | speed-up |", "|---|---|---|---|---|"]
     lines += [f"| {r['base']} | {r['images']} | {r['before_s']:.3f} | {r['after_s']:.3f} | {r['speedup']:.2f}x |"
               for r in rows]
-    text = "\n".join(lines)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table.md").write_text(text + "\n")
-    (args.out / "learner_context.json").write_text(json.dumps(rows, indent=1) + "\n")
+    publish("\n".join(lines), rows, args.out, "learner_context")
 
 
 if __name__ == "__main__":
