@@ -51,7 +51,10 @@ class TrainGroup:
         on = group.to(device)
         tokens = model.tokenize([group.prompt] * group.size, device)
         context = None
-        if not any(p.requires_grad for p in model.text.parameters()):
+        text = list(model.text.parameters())
+        # Under ZeRO-3 this rank holds shards of the text weights (ds_id): the engine's forward gathers them, a call
+        # here would not, and a gather here would be a collective over ranks with unequal numbers of groups.
+        if not any(p.requires_grad or hasattr(p, "ds_id") for p in text):
             # Encoded once instead of twice per transition (policy and reference): the same frozen weights give the
             # same context, and a pretrained encoder (MiniLM) costs as much per call as the U-Net
             with torch.no_grad():
