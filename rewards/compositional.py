@@ -192,8 +192,12 @@ class CompositionalReward(RewardModel):
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         arr = images.detach().float().clamp(0, 1).cpu().numpy()
-        out = [verify(image, self.scene(prompt), self.thresholds) for image, prompt in zip(arr, prompts)]
+        out = [self.judge(image, self.scene(prompt)) for image, prompt in zip(arr, prompts)]
         return nan_where_nonfinite(images, torch.tensor(out, dtype=torch.float32))
+
+    def judge(self, image: np.ndarray, scene: Scene) -> float:
+        """One image's score ([3, H, W] in [0, 1]) against its parsed caption."""
+        return verify(image, scene, self.thresholds)
 
     def scene(self, prompt: str) -> Scene:
         """The caption parsed (once per distinct caption)."""
@@ -218,11 +222,8 @@ class ObjectCountReward(CompositionalReward):
     (the direct objective at lr 3e-4) was that. A held-out check: never train on it alone (an image with the right
     number of wrong objects passes)."""
 
-    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        arr = images.detach().float().clamp(0, 1).cpu().numpy()
-        out = [float(count_objects(image, self.thresholds) == len(self.scene(prompt).objects))
-               for image, prompt in zip(arr, prompts)]
-        return nan_where_nonfinite(images, torch.tensor(out, dtype=torch.float32))
+    def judge(self, image: np.ndarray, scene: Scene) -> float:
+        return float(count_objects(image, self.thresholds) == len(scene.objects))
 
 
 @register("compositional_contrastive")

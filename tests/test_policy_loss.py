@@ -14,8 +14,10 @@ def test_advantages_are_normalised_and_invariant_to_affine_rewards(rewards, shif
     if float(r.std(unbiased=False)) > 1e-3:
         assert abs(float(a.mean())) < 1e-6
         assert abs(float(a.std(unbiased=False)) - 1) < 1e-3
-        b = group_advantages(r * scale + shift, eps=1e-6)
-        assert torch.allclose(a, b, atol=1e-3)
+        # Exact when eps scales with the rewards; a fixed eps would shrink a rescaled tiny group's advantages by
+        # std / (std + eps), which is the eps's purpose, not a failure of invariance.
+        b = group_advantages(r * scale + shift, eps=1e-6 * scale)
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-9)
 
 
 def test_equal_rewards_give_zero_advantage_per_group():
