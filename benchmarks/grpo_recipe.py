@@ -159,6 +159,10 @@ RECIPES: dict[str, list[str]] = {
     # lr 3e-4 gained +0.09 by hedging with extra copies of the stated object (the count check, held out since
     # this session, fell -0.37): is there a step size between 1e-4 (nothing) and 3e-4 (hedging) that gains honestly?
     "direct-k3-lr2e-4-minilmbase": ["grpo.objective=direct", "grpo.direct_steps=3", "grpo.lr=2e-4"],
+    # Session 23: the same step trained on the dense verifier that also charges for objects the caption does not
+    # state (compositional_soft_exact): does the lr 3e-4 gain survive without the hedge?
+    "direct-k3-lr3e-4-exact-minilmbase": ["grpo.objective=direct", "grpo.direct_steps=3", "grpo.lr=3e-4",
+                                          "grpo.direct_reward=compositional_soft_exact"],
 }
 
 REWARD = "total"

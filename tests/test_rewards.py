@@ -25,8 +25,8 @@ def test_jpeg_rewards_order_flat_above_noisy_and_are_deterministic():
     assert bool((s < c[:2].min()).all()) and bool((s > c[2:].max()).all())
 
 
-@pytest.mark.parametrize("name", ["compositional", "compositional_strict", "compositional_soft", "compositional_count",
-                                  "jpeg_compressibility", "jpeg_incompressibility"])
+@pytest.mark.parametrize("name", ["compositional", "compositional_strict", "compositional_soft", "compositional_soft_exact",
+                                  "compositional_count", "jpeg_compressibility", "jpeg_incompressibility"])
 def test_a_nonfinite_image_scores_nan_and_the_others_keep_their_scores(name):
     scenes, captions = scene_batch(seed=1, start=0, count=4, side=32)
     images = torch.from_numpy(scenes)

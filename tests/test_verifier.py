@@ -213,6 +213,42 @@ def test_ascending_the_soft_verifiers_pixel_gradient_satisfies_the_verifier():
     assert np.mean(before) < 0.2 and np.mean(after) >= 0.75, (before, after)
 
 
+def test_the_exact_soft_verifier_charges_for_objects_the_caption_does_not_state():
+    """compositional_soft_exact adds "nothing else" to the dense verifier, so that grpo.objective direct cannot gain
+    by hedging. The plain dense verifier charges a copy of the stated colour (its share of the colour's mass) but
+    barely one of another colour; the exact one charges both, and keeps the data's credit. Would catch: the charge
+    measured outside the fill-best templates (a small template inside a large square leaves the rest of the square
+    as clutter: the data's mean falls to 0.956), a flat or detached clutter credit, two same-colour objects of unstated
+    place matched in one quadrant."""
+    images, captions = scene_batch(seed=123, start=0, count=200, side=32, omit_prob=0.3)
+    exact = build("compositional_soft_exact").score(torch.from_numpy(images), captions)
+    assert float(exact.mean()) >= 0.97
+
+    scene = parse_caption("a small red square at the top left, on a white background")
+    clean = render(Scene("white", (SceneObject("red", "square", "small", "top left"),)), 32)
+    for colour in ("red", "blue"):
+        hedge = render(Scene("white", (SceneObject("red", "square", "small", "top left"),
+                                       SceneObject(colour, "square", "small", "bottom right"))), 32)
+        assert verify(hedge, scene) == verify(clean, scene) == 1.0  # what the hedge exploits
+        assert float(soft_verify(hedge, scene, exact=True)) < float(soft_verify(clean, scene, exact=True)) - 0.1
+    assert float(soft_verify(hedge, scene)) > float(soft_verify(clean, scene)) - 0.05  # the blue copy, plain
+
+    credits = []  # the blue copy fading into the background: credit rises, with a gradient that says so
+    for alpha in np.linspace(0, 1, 9):
+        faded = torch.from_numpy((1 - alpha) * hedge + alpha * clean).requires_grad_(True)
+        credit = soft_verify(faded, scene, exact=True)
+        credit.backward()
+        credits.append(float(credit.detach()))
+        if alpha == 0.625:  # between the two colours' soft classes (saturated near either)
+            assert float((faded.grad * torch.from_numpy(clean - hedge)).sum()) > 0.1
+    assert np.all(np.diff(credits) >= -1e-6) and credits[-1] > credits[0] + 0.1, credits
+
+    pair = parse_caption("a large green square and a green triangle, on a gray background")
+    both = render(Scene("gray", (SceneObject("green", "square", "large", "top left"),
+                                 SceneObject("green", "triangle", "small", "bottom right"))), 32)
+    assert float(soft_verify(both, pair, exact=True)) >= 0.82  # 0.78 with both matched to the large square
+
+
 def test_the_count_check_passes_the_data_and_fails_hedged_copies_the_verifier_pays_for():
     """compositional_count, the held-out check against hedging: session 22's direct objective at lr 3e-4 drew copies
     of the stated object in several quadrants (+0.09 on the verifier, which never charges for an extra object).
