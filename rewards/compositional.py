@@ -284,12 +284,13 @@ def soft_verify(image: torch.Tensor | np.ndarray, scene: Scene, temperature: flo
     this object, and a blob outside the quadrant is not there). Which quadrant and where the templates sit are
     choices, not functions: the gradient flows through the credits.
 
-    exact: one more attribute, "nothing else": the pixels outside the objects' best-overlapping templates that are not
-    background
-    (the stated one, else the class most common there), counted in units of an object's smallest area (`_min_area`),
-    are credited as area / (area + clutter): 1 for a clean image, 1/2 for one stray object of that area, and no
-    clamp, so it never stops charging at some count. The background attribute above averages over every outside pixel, so an extra object costs
-    it a few percent; this charges a copy like a missing attribute.
+    exact: "and nothing else": the credit is multiplied by area / (area + clutter), where clutter is the mass of the
+    pixels outside the objects' best-overlapping templates that are not background (the stated one, else the class
+    most common there) and area an object's smallest (`_min_area`): 1 for a clean image, about 1/6 with one stray
+    small object, no clamp. Multiplied, not one more attribute: as an attribute a stray copy cost about 0.15 of the
+    credit while a copy landing in the stated place earned 0.3-0.4, and direct training on it hedged more than on the
+    plain verifier (session 23, docs/results.md). The background attribute above averages over every outside pixel,
+    so an extra object costs it a few percent.
     """
     image = torch.as_tensor(image)
     side = image.shape[-1]
@@ -353,8 +354,8 @@ def soft_verify(image: torch.Tensor | np.ndarray, scene: Scene, temperature: flo
         stated += 1
         outside = probs[..., PALETTE_NAMES.index(scene.background)][~objects]
         held = held + (outside.mean() if outside.numel() else 0.0)
+    credit = held / max(stated, 1)
     if exact:
-        stated += 1
         outside = probs[~drawn]
         if scene.background is not None:
             background = PALETTE_NAMES.index(scene.background)
@@ -362,8 +363,8 @@ def soft_verify(image: torch.Tensor | np.ndarray, scene: Scene, temperature: flo
             background = int(outside.detach().mean(0).argmax()) if outside.numel() else 0
         clutter = (1.0 - outside[:, background]).sum() if outside.numel() else held.new_zeros(())
         area = _min_area(side)
-        held = held + area / (area + clutter)
-    return held / max(stated, 1)
+        credit = credit * area / (area + clutter)
+    return credit
 
 
 @register("compositional_soft")
@@ -385,7 +386,8 @@ class SoftCompositionalReward(CompositionalReward):
 @register("compositional_soft_exact")
 class ExactSoftCompositionalReward(SoftCompositionalReward):
     """The dense verifier that also charges for what the caption does not state (`soft_verify(exact=True)`): the
-    caption's objects and nothing else. Trained on with grpo.objective direct, the plain dense verifier let session
-    22's lr 3e-4 run hedge with extra objects (count check -0.37) that neither verifier charges for."""
+    caption's objects and nothing else, its credit scaled down by any clutter. Trained on with grpo.objective direct,
+    the plain dense verifier let session 22's lr 3e-4 run hedge with copies of the stated object (count check
+    -0.37), which it charges only through the colour's share and the thresholded verifier not at all."""
 
     exact = True

@@ -218,11 +218,11 @@ def test_the_exact_soft_verifier_charges_for_objects_the_caption_does_not_state(
     by hedging. The plain dense verifier charges a copy of the stated colour (its share of the colour's mass) but
     barely one of another colour; the exact one charges both, and keeps the data's credit. Would catch: the charge
     measured outside the fill-best templates (a small template inside a large square leaves the rest of the square
-    as clutter: the data's mean falls to 0.956), a flat or detached clutter credit, two same-colour objects of unstated
+    as clutter: the data's mean falls to 0.84), a flat or detached clutter credit, two same-colour objects of unstated
     place matched in one quadrant."""
     images, captions = scene_batch(seed=123, start=0, count=200, side=32, omit_prob=0.3)
     exact = build("compositional_soft_exact").score(torch.from_numpy(images), captions)
-    assert float(exact.mean()) >= 0.97
+    assert float(exact.mean()) >= 0.95
 
     scene = parse_caption("a small red square at the top left, on a white background")
     clean = render(Scene("white", (SceneObject("red", "square", "small", "top left"),)), 32)
