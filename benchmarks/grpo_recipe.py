@@ -163,6 +163,12 @@ RECIPES: dict[str, list[str]] = {
     # state (compositional_soft_exact): does the lr 3e-4 gain survive without the hedge?
     "direct-k3-lr3e-4-exact-minilmbase": ["grpo.objective=direct", "grpo.direct_steps=3", "grpo.lr=3e-4",
                                           "grpo.direct_reward=compositional_soft_exact"],
+    # The last 3 of 10 steps can paint an object where the caption asks but not move one drawn earlier (where a copy
+    # comes from): the gradient through every step.
+    "direct-k10-lr3e-4-exact-minilmbase": ["grpo.objective=direct", "grpo.direct_steps=10", "grpo.lr=3e-4",
+                                           "grpo.direct_reward=compositional_soft_exact"],
+    "direct-k10-lr1e-4-exact-minilmbase": ["grpo.objective=direct", "grpo.direct_steps=10", "grpo.lr=1e-4",
+                                           "grpo.direct_reward=compositional_soft_exact"],
 }
 
 REWARD = "total"
