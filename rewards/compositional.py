@@ -361,7 +361,7 @@ def soft_verify(image: torch.Tensor | np.ndarray, scene: Scene, temperature: flo
             background = PALETTE_NAMES.index(scene.background)
         else:
             background = int(outside.detach().mean(0).argmax()) if outside.numel() else 0
-        clutter = (1.0 - outside[:, background]).sum() if outside.numel() else held.new_zeros(())
+        clutter = (1.0 - outside[:, background]).sum()  # 0 when the templates cover the image
         area = _min_area(side)
         credit = credit * area / (area + clutter)
     return credit
