@@ -169,6 +169,15 @@ RECIPES: dict[str, list[str]] = {
                                            "grpo.direct_reward=compositional_soft_exact"],
     "direct-k10-lr1e-4-exact-minilmbase": ["grpo.objective=direct", "grpo.direct_steps=10", "grpo.lr=1e-4",
                                            "grpo.direct_reward=compositional_soft_exact"],
+    # Session 24: the full chain's gradient is the product of 10 network Jacobians (collapsed at 3e-4, fell at 1e-4);
+    # stopping it at each network's input (DRTune) gives every step, the layout-deciding early ones included, the
+    # pixel gradient along the sampler's linear path only.
+    "direct-k10-detach-lr1e-4-exact-minilmbase": ["grpo.objective=direct", "grpo.direct_steps=10", "grpo.lr=1e-4",
+                                                  "grpo.direct_detach_inputs=true",
+                                                  "grpo.direct_reward=compositional_soft_exact"],
+    "direct-k10-detach-lr3e-4-exact-minilmbase": ["grpo.objective=direct", "grpo.direct_steps=10", "grpo.lr=3e-4",
+                                                  "grpo.direct_detach_inputs=true",
+                                                  "grpo.direct_reward=compositional_soft_exact"],
     # The forward objective (DiffusionNFT-style: low-noise pairs, EMA sampling policy, the default's anchor 0.5) had
     # only been measured from the old bases, where every variant lost: from the base that reads its captions?
     "fwd-lownoise-ema0.9-minilmbase": [*_FWD, *_LOW_NOISE, "grpo.ema_decay=0.9"],

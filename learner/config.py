@@ -210,6 +210,11 @@ class GrpoConfig(Strict):
         1, ge=1, description="objective direct: sampler steps replayed with gradient, counted from the last (1 = the "
         "final prox only; grpo.steps = the whole chain). Each adds a network call's activations to the backward pass",
     )
+    direct_detach_inputs: bool = Field(
+        False, description="objective direct: stop the gradient at every replayed network's input (DRTune), so it "
+        "reaches each step's output along the sampler's linear path only, not through the later networks' Jacobians: "
+        "the early steps, where the layout is decided, get a gradient of the last one's size",
+    )
     forward_beta: float = Field(
         1.0, gt=0, description="objective forward: the implicit policies are e_old +- beta (e - e_old); the "
         "optimum moves eps by 1/beta times the advantage-weighted residual, so larger beta = smaller steps",
@@ -307,6 +312,9 @@ class GrpoConfig(Strict):
                 f"grpo.ema_decay={self.ema_decay} needs grpo.objective=forward: the policy gradient re-scores the "
                 "sampled actions under the trained weights, so the sampler must be those weights (set ema_decay: 0)"
             )
+        if self.direct_detach_inputs and self.objective != "direct":
+            raise ValueError("grpo.direct_detach_inputs=true shapes the gradient of grpo.objective=direct, but the "
+                             f"objective is {self.objective}; set grpo.objective=direct or drop the option")
         if self.objective == "direct":
             if self.direct_steps > self.steps:
                 raise ValueError(f"grpo.direct_steps={self.direct_steps} is more than the sampler's grpo.steps="

@@ -298,7 +298,8 @@ class GrpoLearner(Threaded):
         sums: dict[str, list[float]] = {}
         for update in range(g.updates_per_batch):
             loss, stats = direct_loss(self.engine, self.reference, self.policy, batch.tokens, batch.states, prompts,
-                                      self.direct_reward, g.direct_steps, g.kl_coef)
+                                      self.direct_reward, g.direct_steps, g.kl_coef,
+                                      g.direct_detach_inputs)
             self._optimiser_step(loss * scale, stats, update, sums)
         return {name: sum(v) / len(v) for name, v in sums.items()}
 

@@ -50,3 +50,9 @@ def test_the_direct_objective_needs_a_differentiable_reward_and_a_replay_inside_
     with pytest.raises(ConfigError) as info:
         load_config(DEFAULT_CONFIG, ["grpo.objective=direct", *overrides])
     assert fragment in str(info.value)
+
+
+def test_detached_replay_inputs_are_refused_outside_the_direct_objective():
+    load_config(DEFAULT_CONFIG, ["grpo.objective=direct", "grpo.direct_detach_inputs=true"])
+    with pytest.raises(ConfigError, match="direct_detach_inputs=true shapes the gradient of grpo.objective=direct"):
+        load_config(DEFAULT_CONFIG, ["grpo.direct_detach_inputs=true"])

@@ -8,7 +8,7 @@ import torch
 from learner.direct_objective import direct_loss, replay
 from proxmodel.model import prox_fn
 from proxmodel.policy import Policy
-from proxmodel.sampler import hybrid_step, initial_state
+from proxmodel.sampler import half_step, hybrid_step, initial_state
 from rewards import build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,6 +82,43 @@ def test_the_replay_is_the_recorded_sample_with_the_samplers_own_gradient(model,
     if last_steps > 1:  # and the earlier calls do contribute: the one-step gradient is a different one
         one_step = gradient(replay(model, policy, tokens, states, 1)[0])
         assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-7) for a, b in zip(got, one_step))
+
+
+@pytest.mark.parametrize("last_steps", [2, STEPS])
+def test_detached_inputs_keep_the_sample_and_carry_each_steps_gradient_along_the_linear_path(model, last_steps):
+    """With the networks' inputs detached (DRTune) the replay still gives the recorded image, and its gradient is
+    computed independently here: step k's prox output reaches x_0 times the half-step scales after it,
+    dx_0/dx_k = prod_{j<k} scale_j, with no network Jacobian between. Would catch: a detach that also cuts the skip
+    path (the earlier steps would get nothing), a detach that is not applied (the later networks' Jacobians would
+    enter), or a scale applied at the wrong step."""
+    policy = Policy.of(model, STEPS)
+    tokens = model.tokenize(CAPTIONS)
+    states, _ = recorded(model, policy, tokens)
+    weight = torch.randn(shape_of(model, len(CAPTIONS)), generator=torch.Generator().manual_seed(9))
+    start = states.clone().requires_grad_(True)
+    x0, _ = replay(model, policy, tokens, start, last_steps, detach_inputs=True)
+    full_x0, _ = replay(model, policy, tokens, states, last_steps)
+    torch.testing.assert_close(x0, full_x0, rtol=0, atol=1e-6)
+    model.zero_grad()
+    (x0 * weight).sum().backward()
+    got = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+    n, grid, prox = STEPS, policy.grid, prox_fn(model, policy.guidance, tokens=tokens)
+    factors = {k: torch.prod(torch.tensor([half_step(grid, j).scale for j in range(1, k)], dtype=torch.float64))
+               for k in range(1, last_steps + 1)}
+    # the recorded y_K reaches x_0 along the linear path only: a constant, whatever the network
+    torch.testing.assert_close(start.grad[:, n - last_steps], weight * float(factors[last_steps]), rtol=1e-5, atol=0)
+    model.zero_grad()
+    surrogate = 0.0
+    for k in range(last_steps, 0, -1):
+        t = torch.full((len(CAPTIONS),), grid.t_at(k - 1))
+        lam = torch.full((len(CAPTIONS),), half_step(grid, k).lam)
+        surrogate = surrogate + float(factors[k]) * (prox(states[:, n - k], t, lam) * weight).sum()
+    surrogate.backward()
+    scale = max(float(g.abs().max()) for g in got)  # biases a norm layer cancels get ~1e-5 of float noise, not 0
+    for g, p in zip(got, model.parameters()):
+        expected = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-6 * scale)
 
 
 def test_a_step_along_the_gradient_raises_the_differentiable_reward(model):
