@@ -173,7 +173,8 @@ class GrpoConfig(Strict):
         None, description="sampler transitions to train, 0 = the first (noisiest); null = all N-1"
     )
     train_step_fraction: float = Field(
-        1.0, gt=0, le=1, description="random fraction of the window trained each iteration (timestep subsampling)"
+        1.0, gt=0, le=1, description="random fraction of the window trained each iteration (timestep subsampling); "
+        "objective direct (with direct_detach_inputs): of the replayed network calls, per optimiser step"
     )
     updates_per_batch: int = Field(1, ge=1, description="optimiser steps per batch; after the first the ratio != 1")
     caption_contrast: float = Field(
@@ -316,6 +317,10 @@ class GrpoConfig(Strict):
             raise ValueError("grpo.direct_detach_inputs=true shapes the gradient of grpo.objective=direct, but the "
                              f"objective is {self.objective}; set grpo.objective=direct or drop the option")
         if self.objective == "direct":
+            if self.train_step_fraction < 1.0 and not self.direct_detach_inputs:
+                raise ValueError(f"grpo.train_step_fraction={self.train_step_fraction} with grpo.objective=direct "
+                                 "needs grpo.direct_detach_inputs=true: through the full chain a step run without its "
+                                 "graph would cut the gradient of every step before it")
             if self.direct_steps > self.steps:
                 raise ValueError(f"grpo.direct_steps={self.direct_steps} is more than the sampler's grpo.steps="
                                  f"{self.steps}; replay at most the whole chain")

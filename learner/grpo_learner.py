@@ -297,9 +297,12 @@ class GrpoLearner(Threaded):
         g = self.cfg.grpo
         sums: dict[str, list[float]] = {}
         for update in range(g.updates_per_batch):
+            trained = None  # steps whose network keeps its graph: a random fraction, if asked, of the replayed ones
+            if g.train_step_fraction < 1.0:
+                trained = [g.direct_steps - i for i in select_train_steps(g.direct_steps, None, g.train_step_fraction,
+                                                                          self.step_rng)]
             loss, stats = direct_loss(self.engine, self.reference, self.policy, batch.tokens, batch.states, prompts,
-                                      self.direct_reward, g.direct_steps, g.kl_coef,
-                                      g.direct_detach_inputs)
+                                      self.direct_reward, g.direct_steps, g.kl_coef, g.direct_detach_inputs, trained)
             self._optimiser_step(loss * scale, stats, update, sums)
         return {name: sum(v) / len(v) for name, v in sums.items()}
 

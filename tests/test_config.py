@@ -56,3 +56,5 @@ def test_detached_replay_inputs_are_refused_outside_the_direct_objective():
     load_config(DEFAULT_CONFIG, ["grpo.objective=direct", "grpo.direct_detach_inputs=true"])
     with pytest.raises(ConfigError, match="direct_detach_inputs=true shapes the gradient of grpo.objective=direct"):
         load_config(DEFAULT_CONFIG, ["grpo.direct_detach_inputs=true"])
+    with pytest.raises(ConfigError, match="needs grpo.direct_detach_inputs=true: through the full chain"):
+        load_config(DEFAULT_CONFIG, ["grpo.objective=direct", "grpo.train_step_fraction=0.5"])

@@ -84,19 +84,21 @@ def test_the_replay_is_the_recorded_sample_with_the_samplers_own_gradient(model,
         assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-7) for a, b in zip(got, one_step))
 
 
-@pytest.mark.parametrize("last_steps", [2, STEPS])
-def test_detached_inputs_keep_the_sample_and_carry_each_steps_gradient_along_the_linear_path(model, last_steps):
+@pytest.mark.parametrize("last_steps, trained", [(2, None), (STEPS, None), (STEPS, [4, 2])])
+def test_detached_inputs_keep_the_sample_and_carry_each_steps_gradient_along_the_linear_path(model, last_steps,
+                                                                                              trained):
     """With the networks' inputs detached (DRTune) the replay still gives the recorded image, and its gradient is
     computed independently here: step k's prox output reaches x_0 times the half-step scales after it,
     dx_0/dx_k = prod_{j<k} scale_j, with no network Jacobian between. Would catch: a detach that also cuts the skip
     path (the earlier steps would get nothing), a detach that is not applied (the later networks' Jacobians would
-    enter), or a scale applied at the wrong step."""
+    enter), or a scale applied at the wrong step. A trained subset: only its steps' terms, times K / len(subset)
+    (an unscaled or unmasked subset fails)."""
     policy = Policy.of(model, STEPS)
     tokens = model.tokenize(CAPTIONS)
     states, _ = recorded(model, policy, tokens)
     weight = torch.randn(shape_of(model, len(CAPTIONS)), generator=torch.Generator().manual_seed(9))
     start = states.clone().requires_grad_(True)
-    x0, _ = replay(model, policy, tokens, start, last_steps, detach_inputs=True)
+    x0, _ = replay(model, policy, tokens, start, last_steps, detach_inputs=True, trained=trained)
     full_x0, _ = replay(model, policy, tokens, states, last_steps)
     torch.testing.assert_close(x0, full_x0, rtol=0, atol=1e-6)
     model.zero_grad()
@@ -109,11 +111,12 @@ def test_detached_inputs_keep_the_sample_and_carry_each_steps_gradient_along_the
     # the recorded y_K reaches x_0 along the linear path only: a constant, whatever the network
     torch.testing.assert_close(start.grad[:, n - last_steps], weight * float(factors[last_steps]), rtol=1e-5, atol=0)
     model.zero_grad()
-    surrogate = 0.0
-    for k in range(last_steps, 0, -1):
+    surrogate, subset = 0.0, trained or range(1, last_steps + 1)
+    for k in subset:
         t = torch.full((len(CAPTIONS),), grid.t_at(k - 1))
         lam = torch.full((len(CAPTIONS),), half_step(grid, k).lam)
-        surrogate = surrogate + float(factors[k]) * (prox(states[:, n - k], t, lam) * weight).sum()
+        term = float(factors[k]) * (prox(states[:, n - k], t, lam) * weight).sum()
+        surrogate = surrogate + term * last_steps / len(subset)
     surrogate.backward()
     scale = max(float(g.abs().max()) for g in got)  # biases a norm layer cancels get ~1e-5 of float noise, not 0
     for g, p in zip(got, model.parameters()):
@@ -173,6 +176,8 @@ def test_a_score_model_or_a_replay_longer_than_the_chain_is_refused(model, tiny_
     states = torch.zeros(1, STEPS, *shape_of(model, 1)[1:])
     with pytest.raises(ValueError, match="direct_steps=5: between 1 and grpo.steps=4"):
         replay(model, Policy.of(model, STEPS), tokens, states, STEPS + 1)
+    with pytest.raises(ValueError, match="only with detached inputs"):
+        replay(model, Policy.of(model, STEPS), tokens, states, STEPS, trained=[1])
     score = ProxT2I(tiny_model_config.model_copy(update={"kind": "score"}))
     with pytest.raises(ValueError, match="score model"):
         replay(score, Policy.of(score, STEPS), tokens, states, 1)

@@ -127,13 +127,16 @@ def test_forward_objective_sees_rewards_only_through_advantages(checkpoint, serv
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 
 
-def test_direct_objective_trains_every_group_on_its_replayed_trajectories(checkpoint, server):
+@pytest.mark.parametrize("subset", [{}, {"direct_detach_inputs": True, "train_step_fraction": 0.5}])
+def test_direct_objective_trains_every_group_on_its_replayed_trajectories(checkpoint, server, subset):
     """Groups whose verifier rewards are all equal still carry the differentiable reward's gradient, so none is
     dropped; the batch is acknowledged and the weights move, one optimiser step per pass. Would catch: direct runs
-    losing the zero-std groups, or a pass that does not step."""
+    losing the zero-std groups, or a pass that does not step; with a random half of the detached replayed steps
+    trained, a step index mapped outside the replayed ones."""
     flat = torch.full((G,), 0.5)
-    write_batch(checkpoint, server.address, "dr", steps=STEPS, group_size=G, rewards=[flat] * len(PROMPTS))
-    learner = make_learner(checkpoint, server, "dr", objective="direct", direct_steps=2, updates_per_batch=3)
+    run = "dr" + str(len(subset))
+    write_batch(checkpoint, server.address, run, steps=STEPS, group_size=G, rewards=[flat] * len(PROMPTS))
+    learner = make_learner(checkpoint, server, run, objective="direct", direct_steps=2, updates_per_batch=3, **subset)
     before = {k: v.clone() for k, v in learner.publish()[0].items()}
     metrics = learner.train(0, len(PROMPTS))
     assert metrics["groups_trained"] == len(PROMPTS) and metrics["acked"] == len(PROMPTS)
