@@ -184,6 +184,8 @@ class GrpoLearner(Threaded):
         entries = self.stream.read(consumer=f"rank{self.rank}", count=n_groups,
                                    timeout_s=self.cfg.actors.stream_read_timeout_s)
         duplicates = self.stream.duplicates - duplicates  # copies of groups already trained, acknowledged unread
+        # Actors finish in whatever order the machine lets them; the batch must not (float sums follow its order).
+        entries.sort(key=lambda entry: (entry[1].iteration, entry[1].prompt_index))
         ids, groups = [entry_id for entry_id, _ in entries], [group for _, group in entries]
         self.check_source(groups)
         rewards = {name: torch.stack([gr.scores[name] for gr in groups]) for name in self.weights}  # [P, G] each

@@ -16,9 +16,11 @@ WEIGHTS = {"compositional": 1.0}  # the learner's default reward mix
 
 
 def write_batch(checkpoint, address, run_id, *, steps, group_size, eta=1.0, guidance=1.0, ranks=1, rewards=None,
-                seed=0, bf16=False, trajectory=True, iteration=0, lora=None, weights=None) -> list[torch.Tensor]:
+                seed=0, bf16=False, trajectory=True, iteration=0, lora=None, weights=None,
+                order=None) -> list[torch.Tensor]:
     """Sample one group per prompt as a rollout actor does and stream it; returns the per-group rewards.
-    `weights`: a learner's published state, set on the actor first (with `lora`, the adapters' alone)."""
+    `weights`: a learner's published state, set on the actor first (with `lora`, the adapters' alone). `order`: the
+    prompt indices in the order their groups reach the stream (as actors finishing in another order write them)."""
     actor = RolloutActor(checkpoint, steps, group_size, eta, guidance, [], WEIGHTS, 1.0, 0, address, run_id,
                          torch_threads=torch.get_num_threads(), bf16=bf16, lora=lora)
     if weights is not None:
@@ -27,11 +29,13 @@ def write_batch(checkpoint, address, run_id, *, steps, group_size, eta=1.0, guid
         ExperienceStream(address, run_id, learner_group(r)).create()
     trajectories = actor.sample(PROMPTS, list(range(len(PROMPTS))), 0, seed)
     gen = torch.Generator().manual_seed(seed)
-    out = []
+    out, groups = [], []
     for i, (prompt, traj) in enumerate(zip(PROMPTS, trajectories)):
         reward = rewards[i] if rewards is not None else torch.rand(group_size, generator=gen)
         recorded = (traj.states, traj.log_probs) if trajectory else (None, None)
-        actor.stream.add(Group(prompt, i, iteration, 0, actor.sampler, {"compositional": reward}, WEIGHTS, traj.images,
-                               *recorded))
+        groups.append(Group(prompt, i, iteration, 0, actor.sampler, {"compositional": reward}, WEIGHTS, traj.images,
+                            *recorded))
         out.append(reward)
+    for i in order if order is not None else range(len(groups)):
+        actor.stream.add(groups[i])
     return out
