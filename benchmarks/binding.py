@@ -1,13 +1,14 @@
 """Which of a caption's attributes does a model's sampler get right, and how much of it is the caption's doing?
 
-    python benchmarks/binding.py [--init builtin:scenes-base] [--prompts 128] [--seeds 2] [--out DIR]
+    python benchmarks/binding.py [--init builtin:scenes-base] [--prompts 128] [--seeds 2] [--guidance 1] [--out DIR]
 
 Samples GRPO's held-out prompts with the stochastic 10-step hybrid sampler (GRPO's policy) and checks each stated
 attribute on its own with the verifier (`rewards.compositional.verify` on the caption reduced to that attribute):
 the background; an object's colour in its stated quadrant (or, with no position stated, in any quadrant); its shape
 and its size where its colour was found. The same checks against another held-out prompt's caption (prompt i + 1's,
 on prompt i's images) are the chance level: what a sampler that ignored its caption would score. The difference,
-paired per prompt, is what the caption makes the model do. 95% bootstrap intervals over prompts. Writes markdown and
+paired per prompt, is what the caption makes the model do. 95% bootstrap intervals over prompts. `--guidance w` samples with
+classifier-free guidance w (1 = none; every base here was pretrained with caption dropout). Writes markdown and
 JSON to --out.
 """
 
@@ -73,6 +74,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "binding")
     args = parser.parse_args()
@@ -89,7 +91,7 @@ def main() -> None:
     started = time.monotonic()
     model = load_model(resolve_checkpoint(args.init)).eval()
     captions = prompt_source(load_config(None, [])).held_out(args.prompts)
-    images = np.stack([generate(model, captions, args.steps, seed).numpy() for seed in range(args.seeds)], axis=1)
+    images = np.stack([generate(model, captions, args.steps, seed, guidance=args.guidance).numpy() for seed in range(args.seeds)], axis=1)
     own = per_prompt(images, captions)
     control = per_prompt(images, captions[1:] + captions[:1])
 
@@ -103,16 +105,16 @@ def main() -> None:
         rows.append(f"| {name} | {int(kept.sum())} | {mine} | {chance} | {lift.mean:+.3f} [{lift.low:+.3f}, "
                     f"{lift.high:+.3f}] |")
     text = (f"`{args.init}`, {args.prompts} held-out prompts x {args.seeds} noise seeds, stochastic hybrid sampler, "
-            f"{args.steps} steps. Chance: the same images checked against the next prompt's caption. Rates per "
+            f"{args.steps} steps, guidance {args.guidance:g}. Chance: the same images checked against the next prompt's caption. Rates per "
             f"stated attribute, mean per prompt; 95% bootstrap intervals over prompts.\n\n"
             "| check | prompts | own caption | another caption (chance) | lift over chance |\n|---|---|---|---|---|\n"
             + "\n".join(rows) + f"\n\nTotal time {time.monotonic() - started:.0f} s.\n")
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.init.replace("builtin:", "").replace("/", "_")
+    stem = args.init.replace("builtin:", "").replace("/", "_") + (f"-guidance{args.guidance:g}" if args.guidance != 1 else "")
     (args.out / f"{stem}.md").write_text(text)
     (args.out / f"{stem}.json").write_text(json.dumps({"init": args.init, "prompts": args.prompts,
-                                                       "seeds": args.seeds, "steps": args.steps,
+                                                       "seeds": args.seeds, "steps": args.steps, "guidance": args.guidance,
                                                        "checks": results}, indent=1) + "\n")
 
 

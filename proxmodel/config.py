@@ -44,6 +44,12 @@ class ModelConfig(Strict):
         [2], description="U-Net levels (0 = top) with text cross-attention; others are plain ResNet blocks"
     )
     attention_head_dim: int = Field(16, ge=4, description="channels per attention head")
+    position_channels: bool = Field(
+        False, description="append two constant input channels holding each pixel's (x, y) in [-1, 1] "
+        "(CoordConv): diffusers' U-Net has no spatial position embedding, so without them an attention query knows "
+        "where it is only through the convolutions' zero padding, and a caption's 'top left' has little to bind to. "
+        "Checkpoints without this key have none",
+    )
     text: TextConfig = Field(default_factory=TextConfig)
     prox_param: Literal["eps", "precond"] = Field(
         "precond", description="kind prox: how the network's output becomes the prox. eps: ProxDM's prox = y - "

@@ -8,7 +8,7 @@ and that of lam in its class-embedding slot, concatenated (`class_embeddings_con
 ProxDM. With `kind: score` the same backbone is the score baseline eps_theta(x_t; t, c): its lam input is held at 0.
 Classifier-free guidance (method.md sec. 4) mixes the conditional and empty-caption outputs. Text: a small trainable
 CLIP text transformer, or a pretrained encoder (proxmodel/text.py); the U-Net's cross-attention width follows the
-encoder's. Optionally the model works in a frozen VAE's latent space (proxmodel/latent.py); `to_images` is the one
+encoder's. With `position_channels` the U-Net also sees each pixel's coordinates. Optionally the model works in a frozen VAE's latent space (proxmodel/latent.py); `to_images` is the one
 way from model-space samples to [0, 1] images.
 """
 
@@ -50,7 +50,7 @@ class ProxT2I(nn.Module):
         heads = [max(1, c // cfg.attention_head_dim) for c in channels]
         self.unet = UNet2DConditionModel(
             sample_size=shape[-1],
-            in_channels=shape[1],
+            in_channels=shape[1] + (2 if cfg.position_channels else 0),
             out_channels=shape[1],
             down_block_types=tuple(down),
             up_block_types=tuple(up),
@@ -125,6 +125,8 @@ class ProxT2I(nn.Module):
 
     def _net(self, y_in: torch.Tensor, t: torch.Tensor, lam: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         dtype = self.unet.conv_in.weight.dtype  # bf16 under mixed precision; the output comes back in float32
+        if self.cfg.position_channels:
+            y_in = torch.cat([y_in, position_grid(y_in)], dim=1)
         out = self.unet(
             y_in.to(dtype),
             t * EMBED_SCALE,
@@ -133,6 +135,15 @@ class ProxT2I(nn.Module):
             return_dict=False,
         )
         return out[0].float()
+
+
+def position_grid(y: torch.Tensor) -> torch.Tensor:
+    """[B, 2, H, W]: each pixel's x (along the width) and y (along the height) in [-1, 1], left/top = -1."""
+    b, _, h, w = y.shape
+    ys = torch.linspace(-1.0, 1.0, h, device=y.device, dtype=y.dtype)
+    xs = torch.linspace(-1.0, 1.0, w, device=y.device, dtype=y.dtype)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # [2, H, W]: grid[0] varies along W, grid[1] along H
+    return grid.expand(b, -1, -1, -1)
 
 
 def marginal_variance(alpha, sigma_data: float):

@@ -165,3 +165,36 @@ def test_checkpoints_without_prox_param_load_as_proxdm_eps_and_sample_as_before(
         # the key matters: the same weights read as precond are another function
         loaded.cfg = loaded.cfg.model_copy(update={"prox_param": "precond"})
         assert not torch.allclose(prox_fn(loaded, tokens=tokens)(y, t, lam), before, atol=1e-3)
+
+
+def test_position_channels_give_the_unet_each_pixels_place_and_survive_a_round_trip(tiny_model_config, tmp_path):
+    """The two extra input channels are the pixel's (x, y), left/top = -1, unscaled by the prox's input scaling;
+    a model without the option sees none; the option is part of the checkpoint."""
+    from proxmodel.model import ProxT2I
+
+    torch.manual_seed(0)
+    model = ProxT2I(tiny_model_config.model_copy(update={"position_channels": True})).eval()
+    seen = []
+    model.unet.conv_in.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    y = 5.0 * torch.randn(2, 3, 8, 8)
+    t, lam = torch.tensor([0.3, 0.7]), torch.tensor([0.1, 0.4])
+    tokens = model.tokenize(["a red circle top left", "a blue square"])
+    with torch.no_grad():
+        out = model(y, t, lam, tokens)
+    x_grid, y_grid = seen[0][:, 3], seen[0][:, 4]
+    assert seen[0].shape == (2, 5, 8, 8)
+    assert torch.allclose(x_grid[:, 0, 0], torch.tensor(-1.0)) and torch.allclose(x_grid[:, 0, -1], torch.tensor(1.0))
+    assert torch.allclose(y_grid[:, 0, 0], torch.tensor(-1.0)) and torch.allclose(y_grid[:, -1, 0], torch.tensor(1.0))
+    assert torch.equal(x_grid[:, 3], x_grid[:, 5]) and torch.equal(y_grid[:, :, 2], y_grid[:, :, 6])
+    # The place is an input: zeroing the grid's weights changes the output (a grid the U-Net ignored would not).
+    with torch.no_grad():
+        model.unet.conv_in.weight[:, 3:] = 0.0
+        assert not torch.allclose(model(y, t, lam, tokens), out)
+        model.unet.conv_in.weight[:, 3:] = 1.0
+
+    save_model(model, tmp_path / "ckpt")
+    loaded = load_model(tmp_path / "ckpt").eval()
+    assert loaded.cfg.position_channels
+    with torch.no_grad():
+        assert torch.equal(loaded(y, t, lam, tokens), model(y, t, lam, tokens))
+    assert ProxT2I(tiny_model_config).unet.conv_in.in_channels == 3
