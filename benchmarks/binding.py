@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from learner import env  # noqa: E402,F401  (offline, no telemetry)
 from learner.bootstrap import bootstrap_ci  # noqa: E402
-from rewards.compositional import verify  # noqa: E402
-from rewards.scenes import Scene, SceneObject, parse_caption  # noqa: E402
+from rewards.compositional import PALETTE, PALETTE_NAMES, quadrant_slices, verify  # noqa: E402
+from rewards.scenes import OBJECT_COLOURS, POSITIONS, SHAPES, Scene, SceneObject, parse_caption  # noqa: E402
 
 CHECKS = ["background", "colour at its stated place", "colour, no place stated", "shape where the colour is",
           "size where the colour is", "verifier (all attributes)"]
@@ -68,6 +68,37 @@ def per_prompt(images: np.ndarray, captions: list[str]) -> dict[str, np.ndarray]
     return table
 
 
+def place_share(images: np.ndarray, colour: str, position: str) -> float:
+    """Of the pixels whose nearest palette colour is `colour` in images [N, 3, H, W], the fraction inside the
+    quadrant `position` (nan if there are none). 1: all of the colour where the caption put it; 0.25: anywhere."""
+    index = PALETTE_NAMES.index(colour)
+    pixels = np.moveaxis(images, 1, -1)  # [N, H, W, 3]
+    nearest = ((pixels[..., None, :] - PALETTE) ** 2).sum(-1).argmin(-1) == index  # [N, H, W]
+    rows, cols = quadrant_slices(position, images.shape[-1])
+    total = nearest.sum()
+    return float(nearest[:, rows, cols].sum() / total) if total else float("nan")
+
+
+def place_effect(generate_images, noises: int) -> tuple[np.ndarray, np.ndarray]:
+    """Does the place word move the object? Each single-object caption "a large C S at the P" (6 colours x 3
+    shapes) is drawn at each of the four places with the same `noises` noises (paired), and scored by the share of
+    its colour in the stated quadrant; the same images scored against the other three quadrants are what a model
+    that ignored the place word would get. generate_images(captions, seed) -> [len(captions), 3, H, W] in [0, 1].
+    Returns (stated, control) [18] shares, each a mean over places and noises."""
+    items = [(c, s) for c in OBJECT_COLOURS for s in SHAPES]
+    stated = np.zeros((len(items), len(POSITIONS)))
+    control = np.zeros_like(stated)
+    for p, position in enumerate(POSITIONS):
+        captions = [f"a large {c} {s} at the {position}" for c, s in items for _ in range(noises)]
+        images = generate_images(captions, 0)
+        images = images.reshape(len(items), noises, *images.shape[1:])
+        for i, (colour, _) in enumerate(items):
+            stated[i, p] = place_share(images[i], colour, position)
+            control[i, p] = np.nanmean([place_share(images[i], colour, other) for other in POSITIONS
+                                        if other != position])
+    return np.nanmean(stated, axis=1), np.nanmean(control, axis=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--init", default="builtin:scenes-base")
@@ -75,6 +106,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    parser.add_argument("--place-noises", type=int, default=16,
+                        help="noises per single-object caption and place in the place-word check (0: skip it)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "binding")
     args = parser.parse_args()
@@ -104,11 +137,25 @@ def main() -> None:
                          "lift": lift.as_dict()}
         rows.append(f"| {name} | {int(kept.sum())} | {mine} | {chance} | {lift.mean:+.3f} [{lift.low:+.3f}, "
                     f"{lift.high:+.3f}] |")
+    place = ""
+    if args.place_noises:
+        stated, control = place_effect(
+            lambda caps, seed: generate(model, caps, args.steps, seed, guidance=args.guidance).numpy(), args.place_noises)
+        kept = ~np.isnan(stated) & ~np.isnan(control)  # a caption whose colour never appeared has no share
+        stated, control = stated[kept], control[kept]
+        share, lift = bootstrap_ci(stated), bootstrap_ci(stated - control)
+        results["place word"] = {"captions": len(stated), "noises": args.place_noises, "share": share.as_dict(),
+                                 "lift": lift.as_dict()}
+        place = (f"\n\nDoes the place word move the object? {len(stated)} single-object captions (\"a large C S at the "
+                 f"P\", every colour and shape), each at the four places with the same {args.place_noises} noises: share "
+                 f"of the colour's pixels in the stated quadrant {share} (0.25 if the place word is ignored, 1 if obeyed); "
+                 f"minus its share in the other quadrants {lift.mean:+.3f} [{lift.low:+.3f}, {lift.high:+.3f}] "
+                 f"(95% intervals over captions).")
     text = (f"`{args.init}`, {args.prompts} held-out prompts x {args.seeds} noise seeds, stochastic hybrid sampler, "
             f"{args.steps} steps, guidance {args.guidance:g}. Chance: the same images checked against the next prompt's caption. Rates per "
             f"stated attribute, mean per prompt; 95% bootstrap intervals over prompts.\n\n"
             "| check | prompts | own caption | another caption (chance) | lift over chance |\n|---|---|---|---|---|\n"
-            + "\n".join(rows) + f"\n\nTotal time {time.monotonic() - started:.0f} s.\n")
+            + "\n".join(rows) + place + f"\n\nTotal time {time.monotonic() - started:.0f} s.\n")
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.init.replace("builtin:", "").replace("/", "_") + (f"-guidance{args.guidance:g}" if args.guidance != 1 else "")

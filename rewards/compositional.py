@@ -62,7 +62,7 @@ PALETTE_NAMES = list(BACKGROUNDS) + list(OBJECT_COLOURS)
 PALETTE = np.array([BACKGROUNDS.get(n) or OBJECT_COLOURS[n] for n in PALETTE_NAMES], dtype=np.float32)
 
 
-def _quadrant_slices(position: str, side: int) -> tuple[slice, slice]:
+def quadrant_slices(position: str, side: int) -> tuple[slice, slice]:
     half = side // 2
     cx, cy = quadrant_centre(position, side)
     rows = slice(0, half) if cy < half else slice(half, side)
@@ -157,7 +157,7 @@ def _find_object(obj: SceneObject, classes: np.ndarray, foreground: np.ndarray, 
         candidates = list(POSITIONS)
     best, best_score = None, -1
     for position in candidates:
-        rows, cols = _quadrant_slices(position, side)
+        rows, cols = quadrant_slices(position, side)
         blob = _largest_component(foreground[rows, cols])
         if obj.colour is not None and len(candidates) > 1:
             score = int((classes[rows, cols][blob] == PALETTE_NAMES.index(obj.colour)).sum())
@@ -314,10 +314,10 @@ def soft_verify(image: torch.Tensor | np.ndarray, scene: Scene, temperature: flo
         # Scenes never put two objects in one quadrant: not one another object states or an earlier one was matched in.
         taken = {o.position for o in scene.objects if o is not obj} | chosen
         quadrants = [obj.position] if obj.position is not None else [q for q in POSITIONS if q not in taken]
-        mass = {q: float(colour_map[_quadrant_slices(q, side)].sum().detach()) for q in quadrants}
+        mass = {q: float(colour_map[quadrant_slices(q, side)].sum().detach()) for q in quadrants}
         position = max(mass, key=mass.get)
         chosen.add(position)
-        crop = colour_map[_quadrant_slices(position, side)]
+        crop = colour_map[quadrant_slices(position, side)]
         total = crop.sum()
         if float(total.detach()) > 1e-6:
             weights = crop.detach() / total.detach()
@@ -337,11 +337,11 @@ def soft_verify(image: torch.Tensor | np.ndarray, scene: Scene, temperature: flo
         # The colour counts as this object's by the share of its mass in the object's quadrant (leaving out quadrants
         # stated for other objects of that colour): a colour flooding the image is the verifier's background.
         others = [o.position for o in scene.objects if o is not obj and o.colour == obj.colour and o.position]
-        claimed = sum((colour_map[_quadrant_slices(q, side)].sum() for q in others if q != position), total.new_zeros(()))
+        claimed = sum((colour_map[quadrant_slices(q, side)].sum() for q in others if q != position), total.new_zeros(()))
         share = total / (colour_map.sum() - claimed + 1.0)
         fill, _, template = max(overlap.values(), key=lambda o: float(o[0].detach()))
-        objects[_quadrant_slices(position, side)] |= template
-        drawn[_quadrant_slices(position, side)] |= max(overlap.values(), key=lambda o: float(o[1].detach()))[2]
+        objects[quadrant_slices(position, side)] |= template
+        drawn[quadrant_slices(position, side)] |= max(overlap.values(), key=lambda o: float(o[1].detach()))[2]
         colour = fill * share
         held = held + colour
         if obj.shape is not None:

@@ -1,0 +1,52 @@
+"""The place-word check of benchmarks/binding.py: the share of a caption's colour in its stated quadrant.
+
+Its number backs a claim in docs/results.md (the shipped base ignores "at the top left" entirely), so it is checked
+on samplers whose behaviour is known: one that obeys the place word, one that ignores it, one that swaps it.
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from binding import place_effect, place_share  # noqa: E402
+
+from rewards.scenes import POSITIONS, Scene, SceneObject, parse_caption, render  # noqa: E402
+
+SIDE = 32
+
+
+def renderer(where):
+    """generate_images for place_effect: row k of a batch draws the caption's object at where(stated place, k)."""
+    def generate_images(captions, seed):
+        rng = np.random.default_rng(seed)
+        images = []
+        for k, caption in enumerate(captions):
+            obj = parse_caption(caption).objects[0]
+            placed = SceneObject(obj.colour, obj.shape, obj.size, where(obj.position, k))
+            images.append(render(Scene("black", (placed,)), SIDE, rng))
+        return np.stack(images)
+    return generate_images
+
+
+def test_place_share_is_the_stated_colours_fraction_in_the_stated_quadrant():
+    image = render(Scene("black", (SceneObject("red", "square", "large", "top left"),
+                                   SceneObject("blue", "circle", "large", "bottom right"))), SIDE)[None]
+    assert place_share(image, "red", "top left") == 1.0
+    assert place_share(image, "red", "bottom right") == 0.0
+    assert place_share(image, "blue", "bottom right") == 1.0
+    assert np.isnan(place_share(image, "green", "top left"))  # a colour that is not drawn has no share
+
+
+def test_obeying_ignoring_and_swapping_the_place_word_give_one_a_quarter_and_zero():
+    noises = 4
+    obeyed, control = place_effect(renderer(lambda stated, k: stated), noises)
+    assert np.allclose(obeyed, 1.0) and np.allclose(control, 0.0)
+    # Row k draws at quadrant k mod 4 whatever the caption says: a sampler whose layout is its noise's alone.
+    ignored, control = place_effect(renderer(lambda stated, k: POSITIONS[k % 4]), noises)
+    assert np.allclose(ignored, 0.25) and np.allclose(control, 0.25)
+    mirrored = {"top left": "top right", "top right": "top left", "bottom left": "bottom right",
+                "bottom right": "bottom left"}
+    swapped, control = place_effect(renderer(lambda stated, k: mirrored[stated]), noises)
+    assert np.allclose(swapped, 0.0) and np.allclose(control, 1 / 3)
