@@ -84,6 +84,13 @@ class PretrainConfig(Strict):
         "otherwise drowns the caption's share of the gradient (a documented deviation from ProxDM; on the digits it "
         "took caption accuracy at 10 steps from chance to 0.58, docs/results.md); noise: the drawn xi (ProxDM)"
     )
+    loss_space: Literal["eps", "x0"] = Field(
+        "eps", description="kind prox, target conditional: where the loss measures the prediction's error. eps: as "
+        "ProxDM. x0: each pair's eps residual divided by min(k, 1), k = sqrt(lam alpha_t) / (1 - alpha_t + lam) "
+        "the weight of x0 in the target, i.e. the error of the clean image the prediction implies: at the noisiest "
+        "pairs, where the layout is decided, x0 has 0.004-0.04 of the eps target and a caption's place word hardly "
+        "reaches the eps loss (docs/results.md, Session 25)"
+    )
     log_every: int = Field(10, ge=1, description="log losses to MLflow every this many steps")
     checkpoint_every: int = Field(
         500, ge=1, description="every this many steps: overwrite run_dir/checkpoint and write a run state "
@@ -105,6 +112,14 @@ class PretrainConfig(Strict):
         None, description="sampler of the final sample grid; null = hybrid (kind prox) or ddim (kind score)"
     )
     eval_guidance: float = Field(1.0, ge=0, description="classifier-free guidance scale w of the final samples")
+
+    @model_validator(mode="after")
+    def _check_loss_space(self) -> "PretrainConfig":
+        if self.loss_space == "x0" and self.target != "conditional":
+            raise ValueError("pretrain.loss_space=x0 needs pretrain.target=conditional: the drawn noise target's "
+                             "residual is mostly unpredictable noise, which the x0 scaling would amplify up to 300x. "
+                             "Set pretrain.target=conditional or pretrain.loss_space=eps.")
+        return self
 
 
 class LoraSettings(Strict):

@@ -93,6 +93,17 @@ def conditional_noise(y: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, lam: t
     return lam.sqrt() * (y - alpha.sqrt() * x0) / (1.0 - alpha + lam)
 
 
+def x0_loss_scale(t: torch.Tensor, lam: torch.Tensor, schedule: VPSchedule) -> torch.Tensor:
+    """[B]: 1 / min(k, 1), k = sqrt(lam alpha_t) / (1 - alpha_t + lam) the weight of x0 in `conditional_noise`.
+
+    An eps prediction implies a clean image; with the conditional target its residual is k times that image's error,
+    so the residual times this scale is the x0 error wherever k < 1 (the noisy pairs) and stays the eps error
+    elsewhere (pretrain.loss_space=x0)."""
+    alpha = schedule.alpha(t)
+    k = (lam * alpha).sqrt() / (1.0 - alpha + lam)
+    return 1.0 / k.clamp(max=1.0)
+
+
 def make_score_pairs(
     x0: torch.Tensor, schedule: VPSchedule, t_min: float, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -198,3 +198,44 @@ def test_position_channels_give_the_unet_each_pixels_place_and_survive_a_round_t
     with torch.no_grad():
         assert torch.equal(loaded(y, t, lam, tokens), model(y, t, lam, tokens))
     assert ProxT2I(tiny_model_config).unet.conv_in.in_channels == 3
+
+
+def test_the_x0_loss_scale_turns_the_conditional_targets_residual_into_the_clean_images_error():
+    """pretrain.loss_space=x0: an eps prediction made from a wrong clean image x0 + delta has residual k delta
+    against the conditional target; scaled, it is delta itself where k < 1 (the noisy pairs) and k delta elsewhere."""
+    from proxmodel.losses import conditional_noise, x0_loss_scale
+
+    schedule = VPSchedule()
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(64, 3, 8, 8, generator=gen) * 2 - 1
+    y, t, lam, target = make_training_pairs(x0, schedule, [5, 10, 20], gen, ("hybrid", "flow"), target="conditional")
+    delta = 0.1 * torch.randn(x0.shape, generator=gen)
+    pred = conditional_noise(y, x0 + delta, t, lam, schedule)
+    scale = x0_loss_scale(t, lam, schedule).view(-1, 1, 1, 1)
+    alpha = schedule.alpha(t)
+    k = ((lam * alpha).sqrt() / (1 - alpha + lam)).view(-1, 1, 1, 1)
+    noisy = k.flatten() < 1
+    assert noisy.any() and (~noisy).any()  # both regimes are in the batch
+    scaled = (target - pred) * scale
+    assert torch.allclose(scaled[noisy], delta[noisy], atol=1e-4)
+    assert torch.allclose(scaled[~noisy], k[~noisy] * delta[~noisy], atol=1e-5)
+    assert scale.max() > 50  # the noisiest pairs' residual is amplified by two orders of magnitude
+
+
+def test_pretraining_measures_its_loss_in_x0_space_when_asked(tmp_path):
+    """The option reaches the pretraining loop: the first step's loss (same weights, data and pairs) is larger in x0
+    space, where the noisy pairs' residuals are amplified, and a noise target is refused by name."""
+    from learner.main import main
+
+    first = {}
+    for space in ("eps", "x0"):
+        run_dir = tmp_path / space
+        code = main(["--mode", "pretrain", "--config", "configs/smoke.yaml", f"run_dir={run_dir}",
+                     f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "pretrain.iterations=1",
+                     "pretrain.l1_warmup_frac=0", f"pretrain.loss_space={space}"])
+        assert code == 0
+        first[space] = json.loads((run_dir / "summary.json").read_text())["loss_final"]
+    assert first["x0"] > 1.5 * first["eps"]
+    assert main(["--mode", "pretrain", "--config", "configs/smoke.yaml", f"run_dir={tmp_path / 'bad'}",
+                 "pretrain.loss_space=x0", "pretrain.target=noise"]) == 2
+    assert not (tmp_path / "bad").exists()
