@@ -7,8 +7,11 @@ attribute on its own with the verifier (`rewards.compositional.verify` on the ca
 the background; an object's colour in its stated quadrant (or, with no position stated, in any quadrant); its shape
 and its size where its colour was found. The same checks against another held-out prompt's caption (prompt i + 1's,
 on prompt i's images) are the chance level: what a sampler that ignored its caption would score. The difference,
-paired per prompt, is what the caption makes the model do. 95% bootstrap intervals over prompts. `--guidance w` samples with
-classifier-free guidance w (1 = none; every base here was pretrained with caption dropout). Writes markdown and
+paired per prompt, is what the caption makes the model do. Then a paired check of the place word alone
+(`place_effect`): single-object captions drawn at each of the four places with the same noises, scored by the
+colour's share in the stated quadrant (0.25 if the word is ignored). 95% bootstrap intervals over prompts (over
+captions for the place check). `--guidance w` samples with classifier-free guidance w (1 = none; every base here was
+pretrained with caption dropout). Writes markdown and
 JSON to --out.
 """
 
