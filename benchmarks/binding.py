@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from learner import env  # noqa: E402,F401  (offline, no telemetry)
 from learner.bootstrap import bootstrap_ci  # noqa: E402
-from rewards.compositional import PALETTE, PALETTE_NAMES, quadrant_slices, verify  # noqa: E402
+from rewards.compositional import PALETTE_NAMES, Thresholds, classify, quadrant_slices, verify  # noqa: E402
 from rewards.scenes import OBJECT_COLOURS, POSITIONS, SHAPES, Scene, SceneObject, parse_caption  # noqa: E402
 
 CHECKS = ["background", "colour at its stated place", "colour, no place stated", "shape where the colour is",
@@ -71,15 +71,14 @@ def per_prompt(images: np.ndarray, captions: list[str]) -> dict[str, np.ndarray]
     return table
 
 
-def place_share(images: np.ndarray, colour: str, position: str) -> float:
-    """Of the pixels whose nearest palette colour is `colour` in images [N, 3, H, W], the fraction inside the
-    quadrant `position` (nan if there are none). 1: all of the colour where the caption put it; 0.25: anywhere."""
+def quadrant_shares(images: np.ndarray, colour: str) -> dict[str, float]:
+    """Of the pixels of images [N, 3, H, W] whose palette class (the verifier's `classify`) is `colour`, the
+    fraction in each quadrant (nan if there are none). 1 in the caption's quadrant: obeyed; 0.25 each: anywhere."""
     index = PALETTE_NAMES.index(colour)
-    pixels = np.moveaxis(images, 1, -1)  # [N, H, W, 3]
-    nearest = ((pixels[..., None, :] - PALETTE) ** 2).sum(-1).argmin(-1) == index  # [N, H, W]
-    rows, cols = quadrant_slices(position, images.shape[-1])
-    total = nearest.sum()
-    return float(nearest[:, rows, cols].sum() / total) if total else float("nan")
+    found = np.stack([classify(image, Thresholds())[0] == index for image in images])  # [N, H, W]
+    total = found.sum()
+    return {position: float(found[(slice(None), *quadrant_slices(position, images.shape[-1]))].sum() / total)
+            if total else float("nan") for position in POSITIONS}
 
 
 def place_effect(generate_images, noises: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,9 +95,9 @@ def place_effect(generate_images, noises: int) -> tuple[np.ndarray, np.ndarray]:
         images = generate_images(captions, 0)
         images = images.reshape(len(items), noises, *images.shape[1:])
         for i, (colour, _) in enumerate(items):
-            stated[i, p] = place_share(images[i], colour, position)
-            control[i, p] = np.nanmean([place_share(images[i], colour, other) for other in POSITIONS
-                                        if other != position])
+            shares = quadrant_shares(images[i], colour)
+            stated[i, p] = shares[position]
+            control[i, p] = np.nanmean([shares[other] for other in POSITIONS if other != position])
     return np.nanmean(stated, axis=1), np.nanmean(control, axis=1)
 
 

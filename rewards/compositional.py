@@ -78,7 +78,7 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == (1 + int(np.argmax(sizes)))
 
 
-def _classify(image: np.ndarray, thresholds: Thresholds) -> tuple[np.ndarray, np.ndarray, int]:
+def classify(image: np.ndarray, thresholds: Thresholds) -> tuple[np.ndarray, np.ndarray, int]:
     """Each pixel's palette class [H, W] (len(PALETTE) = unclassified), the count of each class, the background's."""
     side = image.shape[-1]
     pixels = image.transpose(1, 2, 0).reshape(-1, 3)
@@ -99,7 +99,7 @@ def _min_area(side: int) -> float:
 def count_objects(image: np.ndarray, thresholds: Thresholds = Thresholds()) -> int:
     """How many objects `image` ([3, H, W] in [0, 1]) shows: connected one-colour regions other than the background,
     each at least an object's smallest area (so speckle and thin rims are not objects)."""
-    classes, counts, background = _classify(image, thresholds)
+    classes, counts, background = classify(image, thresholds)
     found = 0
     for colour in np.nonzero(counts)[0]:
         if colour == background:
@@ -113,7 +113,7 @@ def count_objects(image: np.ndarray, thresholds: Thresholds = Thresholds()) -> i
 def verify(image: np.ndarray, scene: Scene, thresholds: Thresholds = Thresholds()) -> float:
     """Fraction in [0, 1] of the attributes stated in `scene` that hold in `image` ([3, H, W] in [0, 1])."""
     side = image.shape[-1]
-    classes, counts, background = _classify(image, thresholds)
+    classes, counts, background = classify(image, thresholds)
     foreground = classes != background
 
     small_px = SIZE_FRACTION["small"] * side

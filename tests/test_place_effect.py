@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from binding import place_effect, place_share  # noqa: E402
+from binding import place_effect, quadrant_shares  # noqa: E402
 
 from rewards.scenes import POSITIONS, Scene, SceneObject, parse_caption, render  # noqa: E402
 
@@ -30,13 +30,13 @@ def renderer(where):
     return generate_images
 
 
-def test_place_share_is_the_stated_colours_fraction_in_the_stated_quadrant():
+def test_quadrant_shares_are_the_colours_fraction_in_each_quadrant():
     image = render(Scene("black", (SceneObject("red", "square", "large", "top left"),
                                    SceneObject("blue", "circle", "large", "bottom right"))), SIDE)[None]
-    assert place_share(image, "red", "top left") == 1.0
-    assert place_share(image, "red", "bottom right") == 0.0
-    assert place_share(image, "blue", "bottom right") == 1.0
-    assert np.isnan(place_share(image, "green", "top left"))  # a colour that is not drawn has no share
+    assert quadrant_shares(image, "red")["top left"] == 1.0
+    assert quadrant_shares(image, "red")["bottom right"] == 0.0
+    assert quadrant_shares(image, "blue")["bottom right"] == 1.0
+    assert np.isnan(quadrant_shares(image, "green")["top left"])  # a colour that is not drawn has no share
 
 
 def test_obeying_ignoring_and_swapping_the_place_word_give_one_a_quarter_and_zero():
