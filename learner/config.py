@@ -260,6 +260,11 @@ class GrpoConfig(Strict):
         "initial model), and the split loss is taken around the EMA's prediction (DiffusionNFT's soft-updated "
         "sampling policy); 0 = the trained weights themselves",
     )
+    forward_loss_space: Literal["eps", "x0"] = Field(
+        "eps", description="objective forward: x0 weights each pair's split loss (and anchor) by x0_loss_scale^2, "
+        "so it is the implied clean images' error, as pretrain.loss_space=x0 does for pretraining (the eps loss "
+        "hears the early, layout-deciding steps ~1/k^2 less); needs pretrain.target=conditional",
+    )
     forward_pairs: int = Field(
         1, ge=1, description="objective forward: (t, lam, noise) pairs per image in each optimiser step (the batch "
         "is this many times larger): one pair is a very noisy estimate of an image's loss",
@@ -533,6 +538,10 @@ class RunConfig(Strict):
                 f"grpo.prompts_per_iteration ({self.grpo.prompts_per_iteration}) must be at least the number of "
                 f"learner ranks actors.learner.count ({self.actors.learner.count}): each rank trains whole groups"
             )
+        if self.grpo.forward_loss_space == "x0" and self.pretrain.target != "conditional":
+            raise ValueError("grpo.forward_loss_space=x0 needs pretrain.target=conditional (the forward objective's "
+                             "target): only then is the residual k times the clean image's error. Set "
+                             "pretrain.target=conditional or grpo.forward_loss_space=eps.")
         return self
 
     @model_validator(mode="after")

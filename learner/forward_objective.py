@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from proxmodel.losses import make_training_pairs
+from proxmodel.losses import make_training_pairs, x0_loss_scale
 from proxmodel.schedule import VPSchedule
 
 
@@ -30,12 +30,14 @@ def optimality(advantages: torch.Tensor, adv_scale: float, negatives: bool = Tru
 
 
 def split_loss(eps: torch.Tensor, eps_old: torch.Tensor, xi: torch.Tensor, r: torch.Tensor,
-               beta: float) -> torch.Tensor:
-    """mean_i r_i ||e+_i - xi_i||^2 / d + (1 - r_i) ||e-_i - xi_i||^2 / d (see the module docstring)."""
+               beta: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """mean_i w_i [r_i ||e+_i - xi_i||^2 / d + (1 - r_i) ||e-_i - xi_i||^2 / d] (see the module docstring);
+    w = 1 unless given (ForwardBatch.weight)."""
     eps, eps_old, xi = eps.float(), eps_old.float(), xi.float()
     positive = ((1 - beta) * eps_old + beta * eps - xi).pow(2).flatten(1).mean(dim=1)
     negative = ((1 + beta) * eps_old - beta * eps - xi).pow(2).flatten(1).mean(dim=1)
-    return (r * positive + (1 - r) * negative).mean()
+    per_sample = r * positive + (1 - r) * negative
+    return (per_sample if weight is None else weight * per_sample).mean()
 
 
 @dataclass(frozen=True)
@@ -49,22 +51,30 @@ class ForwardBatch:
     tokens: torch.Tensor
     eps_old: torch.Tensor
     r: torch.Tensor
+    weight: torch.Tensor | None = None  # [B] per-pair loss weight (loss_space x0); None = 1
 
     @classmethod
     def build(cls, model, x0: torch.Tensor, tokens: torch.Tensor, advantages: torch.Tensor, *,
               step_candidates: list[int], variants: tuple[str, ...], adv_scale: float,
               generator: torch.Generator, tie: int = 1, negatives: bool = True,
-              target: str = "noise") -> "ForwardBatch":
+              target: str = "noise", loss_space: str = "eps") -> "ForwardBatch":
         """(t, lam) drawn as in pretraining from the (steps, variants) the model was trained on; e_old from `model`
         as it is now (call before the batch's first optimiser step). tie = G: the G samples of a group (consecutive
         in x0) share their (t, lam) and noises, so the part of their losses' gradients that does not depend on the
         sample cancels in the advantage-weighted sum (sum_i (2 r_i - 1) = 0 in a group). target = conditional:
         xi is replaced by E[xi | x0, y] (pretrain.target), which leaves the minimiser above unchanged (r depends on
-        the sample only) and removes the noise of how y's noise splits between x_t and xi."""
-        y, t, lam, xi = make_training_pairs(x0, VPSchedule(), step_candidates, generator, variants, tie, target)
+        the sample only) and removes the noise of how y's noise splits between x_t and xi. loss_space = x0 (needs
+        target conditional): each pair's squared residuals are weighted by x0_loss_scale^2, so the loss is the
+        implied clean images' squared error wherever x0 enters the target with weight k < 1, as in
+        pretrain.loss_space=x0: the early, layout-deciding steps are no longer ~1/k^2 quieter than the late ones."""
+        if loss_space == "x0" and target != "conditional":
+            raise ValueError("loss_space=x0 needs target=conditional: only that target is k x0 + (a function of y)")
+        schedule = VPSchedule()
+        y, t, lam, xi = make_training_pairs(x0, schedule, step_candidates, generator, variants, tie, target)
         with torch.no_grad():
             eps_old = model(y, t, lam, tokens=tokens)
-        return cls(y, t, lam, xi, tokens, eps_old, optimality(advantages, adv_scale, negatives).to(y.device))
+        weight = x0_loss_scale(t, lam, schedule).pow(2) if loss_space == "x0" else None
+        return cls(y, t, lam, xi, tokens, eps_old, optimality(advantages, adv_scale, negatives).to(y.device), weight)
 
 
 def forward_loss(model, batch: ForwardBatch, beta: float, reference=None,
@@ -72,12 +82,13 @@ def forward_loss(model, batch: ForwardBatch, beta: float, reference=None,
     """The split loss of `model` on `batch`; with a `reference` and anchor > 0, plus anchor x the mean squared eps
     difference to it on the same inputs (the per-step KL of the two policies up to a constant)."""
     eps = model(batch.y, batch.t, batch.lam, tokens=batch.tokens)
-    loss = split_loss(eps, batch.eps_old, batch.xi, batch.r, beta)
+    loss = split_loss(eps, batch.eps_old, batch.xi, batch.r, beta, batch.weight)
     stats = {"forward_loss": loss.detach(), "forward_step": (eps.detach() - batch.eps_old).pow(2).mean()}
     if reference is not None and anchor > 0:
         with torch.no_grad():
             eps_ref = reference(batch.y, batch.t, batch.lam, tokens=batch.tokens)
-        drift = (eps - eps_ref).pow(2).flatten(1).mean(dim=1).mean()
+        drift = (eps - eps_ref).pow(2).flatten(1).mean(dim=1)
+        drift = (drift if batch.weight is None else batch.weight * drift).mean()  # in the loss's own space
         loss = loss + anchor * drift
         stats["anchor_mse"] = drift.detach()
     return loss, stats

@@ -285,7 +285,8 @@ class GrpoLearner(Threaded):
                                     variants=tuple(cfg.trained_variants or ["hybrid"]),
                                     adv_scale=g.forward_adv_scale or math.sqrt(g.group_size - 1),
                                     generator=self.step_rng, tie=g.group_size if g.forward_shared_noise else 1,
-                                    negatives=g.forward_negatives, target=self.cfg.pretrain.target)
+                                    negatives=g.forward_negatives, target=self.cfg.pretrain.target,
+                                    loss_space=g.forward_loss_space)
                  for _ in range(g.updates_per_batch)]
         sums: dict[str, list[float]] = {}
         for u, update in enumerate(pairs):

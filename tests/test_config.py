@@ -58,3 +58,9 @@ def test_detached_replay_inputs_are_refused_outside_the_direct_objective():
         load_config(DEFAULT_CONFIG, ["grpo.direct_detach_inputs=true"])
     with pytest.raises(ConfigError, match="needs grpo.direct_detach_inputs=true: through the full chain"):
         load_config(DEFAULT_CONFIG, ["grpo.objective=direct", "grpo.train_step_fraction=0.5"])
+
+
+def test_the_forward_objectives_x0_space_is_refused_with_the_noise_target():
+    load_config(DEFAULT_CONFIG, ["grpo.objective=forward", "grpo.forward_loss_space=x0"])
+    with pytest.raises(ConfigError, match="grpo.forward_loss_space=x0 needs pretrain.target=conditional"):
+        load_config(DEFAULT_CONFIG, ["grpo.objective=forward", "grpo.forward_loss_space=x0", "pretrain.target=noise"])

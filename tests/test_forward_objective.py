@@ -182,3 +182,44 @@ def test_tied_pairs_cancel_what_a_group_has_in_common():
     assert not torch.allclose(own, tied, atol=1e-3)
     with pytest.raises(ValueError, match="tie=3"):
         make_training_pairs(x0, VPSchedule(), [5], tie=3)
+
+
+def test_in_x0_space_the_split_loss_is_the_implied_clean_images_error():
+    """forward_loss_space=x0: with the conditional target, the weighted split loss equals r ||x0(e+) - x0||^2 / d +
+    (1 - r) ||x0(e-) - x0||^2 / d on the noisy pairs (k < 1), x0(e) the clean image an eps prediction implies
+    (inverted here from y = sqrt(alpha) x0 + noise by hand, apart from the code), and the eps-space loss elsewhere.
+    Would catch a wrong k, a weight applied to the residual instead of its square, or the weight not applied."""
+    from proxmodel.schedule import VPSchedule
+
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(32, 3, 4, 4, generator=gen) * 2 - 1
+    adv = torch.randn(32, generator=gen)
+    batch = ForwardBatch.build(LinearEps(0.3, 0.1), x0, None, adv, step_candidates=[5, 10], variants=("hybrid",),
+                               adv_scale=2.0, generator=gen, target="conditional", loss_space="x0")
+    eps = batch.eps_old + 0.05 * torch.randn(x0.shape, generator=gen)
+    beta = 0.7
+    got = split_loss(eps, batch.eps_old, batch.xi, batch.r, beta, batch.weight)
+
+    view = (-1, 1, 1, 1)
+    alpha, lam = VPSchedule().alpha(batch.t).view(view), batch.lam.view(view)
+    k = (lam * alpha).sqrt() / (1 - alpha + lam)
+    noisy = k.flatten() < 1
+    assert noisy.sum() >= 8 and (~noisy).sum() >= 4
+
+    def implied_x0(e):  # y - sqrt(alpha) x0 = (1 - alpha + lam) / sqrt(lam) * E[xi | x0, y]
+        return (batch.y - (1 - alpha + lam) / lam.sqrt() * e) / alpha.sqrt()
+
+    assert torch.allclose(implied_x0(batch.xi), x0, atol=1e-4)  # the target implies the sample itself
+    plus, minus = (1 - beta) * batch.eps_old + beta * eps, (1 + beta) * batch.eps_old - beta * eps
+    per = lambda a, b: (a - b).pow(2).flatten(1).mean(dim=1)  # noqa: E731
+    in_x0 = batch.r * per(implied_x0(plus), x0) + (1 - batch.r) * per(implied_x0(minus), x0)
+    in_eps = batch.r * per(plus, batch.xi) + (1 - batch.r) * per(minus, batch.xi)
+    expected = torch.where(noisy, in_x0, in_eps).mean()
+    assert torch.allclose(got, expected, rtol=1e-4)
+    assert got > 5 * split_loss(eps, batch.eps_old, batch.xi, batch.r, beta)  # the noisy pairs are amplified
+
+
+def test_x0_space_needs_the_conditional_target():
+    with pytest.raises(ValueError, match="target=conditional"):
+        ForwardBatch.build(LinearEps(), torch.zeros(4, 1, 2, 2), None, torch.zeros(4), step_candidates=[5],
+                           variants=("hybrid",), adv_scale=1.0, generator=torch.Generator(), loss_space="x0")

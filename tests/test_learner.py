@@ -112,6 +112,18 @@ def test_forward_objective_trains_on_samples_alone_and_acknowledges_the_batch(ch
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_forward_objective_measures_its_loss_in_x0_space_when_asked(checkpoint, server):
+    """grpo.forward_loss_space=x0 reaches the update: on the same batch, weights and pairs the first pass's loss is
+    larger (each pair's weight is x0_loss_scale^2 >= 1, > 100 at the noisiest pairs). Would catch the option being
+    accepted and then dropped between the config and ForwardBatch."""
+    losses = {}
+    for space in ("eps", "x0"):
+        write_batch(checkpoint, server.address, f"x-{space}", steps=STEPS, group_size=G, trajectory=False)
+        learner = make_learner(checkpoint, server, f"x-{space}", objective="forward", forward_loss_space=space)
+        losses[space] = learner.train(0, len(PROMPTS))["forward_loss"]
+    assert losses["x0"] > 2 * losses["eps"] > 0
+
+
 def test_forward_objective_sees_rewards_only_through_advantages(checkpoint, server):
     """Shifting each group's rewards by a constant leaves its advantages, and so the update, bit for bit the same;
     a reward that leaked in another way (unnormalised, or compared across groups) would make them differ."""
