@@ -187,6 +187,12 @@ RECIPES: dict[str, list[str]] = {
     # The forward objective (DiffusionNFT-style: low-noise pairs, EMA sampling policy, the default's anchor 0.5) had
     # only been measured from the old bases, where every variant lost: from the base that reads its captions?
     "fwd-lownoise-ema0.9-minilmbase": [*_FWD, *_LOW_NOISE, "grpo.ema_decay=0.9"],
+    # Session 26, from a base pretrained with the x0-space loss (it places the object where the caption says about
+    # half the time; the default's first run from it gained +0.006): the forward objective is the pretraining loss
+    # on the policy's own samples, so measure it where that loss heard the layout, in x0 space.
+    # Run with --set init_from=<that checkpoint> before it ships
+    "fwd-x0-x0base": [*_FWD, *_LOW_NOISE, "grpo.forward_loss_space=x0"],
+    "fwd-x0-ema0.9-x0base": [*_FWD, *_LOW_NOISE, "grpo.forward_loss_space=x0", "grpo.ema_decay=0.9"],
 }
 
 REWARD = "total"

@@ -181,11 +181,12 @@ def test_a_flat_checkpoint_keeps_a_trained_encoder_and_refuses_to_load_without_i
         load_model(tmp_path / "flat")
 
 
-def test_the_minilm_builtin_ships_only_its_unet_and_loads_the_package_encoder():
+@pytest.mark.parametrize("name", ["scenes-minilm", "scenes-minilm-x0"])
+def test_the_minilm_builtins_ship_only_their_unet_and_load_the_package_encoder(name):
     from proxmodel.text import minilm_folder
     from transformers import BertModel
 
-    folder = ROOT / "proxmodel" / "weights" / "scenes-minilm"
+    folder = ROOT / "proxmodel" / "weights" / name
     model = load_model(folder)
     stored = load_file(str(folder / "model.safetensors"))
     assert model.cfg.text.pretrained == "minilm" and not model.cfg.text.train
