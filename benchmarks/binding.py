@@ -81,15 +81,26 @@ def quadrant_shares(images: np.ndarray, colour: str) -> dict[str, float]:
             if total else float("nan") for position in POSITIONS}
 
 
-def place_effect(generate_images, noises: int) -> tuple[np.ndarray, np.ndarray]:
+def half_shares(shares: dict[str, float], position: str) -> tuple[float, float]:
+    """From quadrant_shares: the colour's share in the stated half of the image along each axis, (vertical: the
+    stated top/bottom half, horizontal: the stated left/right half); 0.5 = that word ignored, 1 = obeyed."""
+    row, column = position.split()
+    return (sum(v for q, v in shares.items() if q.split()[0] == row),
+            sum(v for q, v in shares.items() if q.split()[1] == column))
+
+
+def place_effect(generate_images, noises: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Does the place word move the object? Each single-object caption "a large C S at the P" (6 colours x 3
     shapes) is drawn at each of the four places with the same `noises` noises (paired), and scored by the share of
     its colour in the stated quadrant; the same images scored against the other three quadrants are what a model
     that ignored the place word would get. generate_images(captions, seed) -> [len(captions), 3, H, W] in [0, 1].
-    Returns (stated, control) [18] shares, each a mean over places and noises."""
+    Returns (stated, control) [18] shares, each a mean over places and noises, and halves [18, 2]: the shares in the
+    stated vertical and horizontal half (half_shares), so a model that obeys one word of "top left" and not the
+    other shows which."""
     items = [(c, s) for c in OBJECT_COLOURS for s in SHAPES]
     stated = np.zeros((len(items), len(POSITIONS)))
     control = np.zeros_like(stated)
+    halves = np.zeros((len(items), len(POSITIONS), 2))
     for p, position in enumerate(POSITIONS):
         captions = [f"a large {c} {s} at the {position}" for c, s in items for _ in range(noises)]
         images = generate_images(captions, 0)
@@ -98,7 +109,8 @@ def place_effect(generate_images, noises: int) -> tuple[np.ndarray, np.ndarray]:
             shares = quadrant_shares(images[i], colour)
             stated[i, p] = shares[position]
             control[i, p] = np.nanmean([shares[other] for other in POSITIONS if other != position])
-    return np.nanmean(stated, axis=1), np.nanmean(control, axis=1)
+            halves[i, p] = half_shares(shares, position)
+    return np.nanmean(stated, axis=1), np.nanmean(control, axis=1), np.nanmean(halves, axis=1)
 
 
 def main() -> None:
@@ -141,18 +153,21 @@ def main() -> None:
                     f"{lift.high:+.3f}] |")
     place = ""
     if args.place_noises:
-        stated, control = place_effect(
+        stated, control, halves = place_effect(
             lambda caps, seed: generate(model, caps, args.steps, seed, guidance=args.guidance).numpy(), args.place_noises)
         kept = ~np.isnan(stated) & ~np.isnan(control)  # a caption whose colour never appeared has no share
-        stated, control = stated[kept], control[kept]
+        stated, control, halves = stated[kept], control[kept], halves[kept]
         share, lift = bootstrap_ci(stated), bootstrap_ci(stated - control)
+        vertical, horizontal = bootstrap_ci(halves[:, 0]), bootstrap_ci(halves[:, 1])
         results["place word"] = {"captions": len(stated), "noises": args.place_noises, "share": share.as_dict(),
-                                 "lift": lift.as_dict()}
+                                 "lift": lift.as_dict(), "vertical_half": vertical.as_dict(),
+                                 "horizontal_half": horizontal.as_dict()}
         place = (f"\n\nDoes the place word move the object? {len(stated)} single-object captions (\"a large C S at the "
                  f"P\", every colour and shape), each at the four places with the same {args.place_noises} noises: share "
                  f"of the colour's pixels in the stated quadrant {share} (0.25 if the place word is ignored, 1 if obeyed); "
                  f"minus its share in the other quadrants {lift.mean:+.3f} [{lift.low:+.3f}, {lift.high:+.3f}] "
-                 f"(95% intervals over captions).")
+                 f"(95% intervals over captions). By axis, the share in the stated half (0.5 = that word ignored): "
+                 f"top / bottom {vertical}, left / right {horizontal}.")
     text = (f"`{args.init}`, {args.prompts} held-out prompts x {args.seeds} noise seeds, stochastic hybrid sampler, "
             f"{args.steps} steps, guidance {args.guidance:g}. Chance: the same images checked against the next prompt's caption. Rates per "
             f"stated attribute, mean per prompt; 95% bootstrap intervals over prompts.\n\n"

@@ -41,12 +41,19 @@ def test_quadrant_shares_are_the_colours_fraction_in_each_quadrant():
 
 def test_obeying_ignoring_and_swapping_the_place_word_give_one_a_quarter_and_zero():
     noises = 4
-    obeyed, control = place_effect(renderer(lambda stated, k: stated), noises)
-    assert np.allclose(obeyed, 1.0) and np.allclose(control, 0.0)
+    obeyed, control, halves = place_effect(renderer(lambda stated, k: stated), noises)
+    assert np.allclose(obeyed, 1.0) and np.allclose(control, 0.0) and np.allclose(halves, 1.0)
     # Row k draws at quadrant k mod 4 whatever the caption says: a sampler whose layout is its noise's alone.
-    ignored, control = place_effect(renderer(lambda stated, k: POSITIONS[k % 4]), noises)
-    assert np.allclose(ignored, 0.25) and np.allclose(control, 0.25)
+    ignored, control, halves = place_effect(renderer(lambda stated, k: POSITIONS[k % 4]), noises)
+    assert np.allclose(ignored, 0.25) and np.allclose(control, 0.25) and np.allclose(halves, 0.5)
     mirrored = {"top left": "top right", "top right": "top left", "bottom left": "bottom right",
                 "bottom right": "bottom left"}
-    swapped, control = place_effect(renderer(lambda stated, k: mirrored[stated]), noises)
+    swapped, control, halves = place_effect(renderer(lambda stated, k: mirrored[stated]), noises)
     assert np.allclose(swapped, 0.0) and np.allclose(control, 1 / 3)
+    # left and right exchanged, top and bottom kept: the axes tell the two words apart (a model that learned the
+    # vertical word and not the horizontal one shows 1 and 0.5; swapping the halves' columns fails here)
+    assert np.allclose(halves[:, 0], 1.0) and np.allclose(halves[:, 1], 0.0)
+    flipped = {"top left": "bottom left", "top right": "bottom right", "bottom left": "top left",
+               "bottom right": "top right"}
+    _, _, halves = place_effect(renderer(lambda stated, k: flipped[stated]), noises)
+    assert np.allclose(halves[:, 0], 0.0) and np.allclose(halves[:, 1], 1.0)
