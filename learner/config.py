@@ -92,6 +92,14 @@ class PretrainConfig(Strict):
         "reaches the eps loss. 1800 steps of it from scenes-minilm took the place word's share 0.25 -> 0.47 and the "
         "held-out verifier 0.41 -> 0.50 (docs/results.md, Session 25); not yet measured from scratch"
     )
+    mirror_pairs: bool = Field(
+        False, description="data.kind scenes: each batch is batch_size / 2 scenes, each beside its left-right "
+        "mirror under the mirrored caption (left and right exchanged, an exact symmetry of the scenes), the two "
+        "sharing their (t, lam) and noises, so what a pair's gradients share cancels and what is left is the "
+        "difference left and right make. The x0-space loss taught scenes-minilm-x0 'top' and 'bottom' and none of "
+        "'left' and 'right' (place in the stated left/right half at chance after 3000 steps); 1200 steps with "
+        "mirror pairs took it to ~0.98 (docs/results.md, Session 26)",
+    )
     log_every: int = Field(10, ge=1, description="log losses to MLflow every this many steps")
     checkpoint_every: int = Field(
         500, ge=1, description="every this many steps: overwrite run_dir/checkpoint and write a run state "
@@ -120,6 +128,9 @@ class PretrainConfig(Strict):
             raise ValueError("pretrain.loss_space=x0 needs pretrain.target=conditional: the drawn noise target's "
                              "residual is mostly unpredictable noise, which the x0 scaling would amplify up to 300x. "
                              "Set pretrain.target=conditional or pretrain.loss_space=eps.")
+        if self.mirror_pairs and self.batch_size % 2:
+            raise ValueError(f"pretrain.mirror_pairs=true pairs each scene with its mirror: pretrain.batch_size "
+                             f"({self.batch_size}) must be even")
         return self
 
 
@@ -538,6 +549,9 @@ class RunConfig(Strict):
                 f"grpo.prompts_per_iteration ({self.grpo.prompts_per_iteration}) must be at least the number of "
                 f"learner ranks actors.learner.count ({self.actors.learner.count}): each rank trains whole groups"
             )
+        if self.pretrain.mirror_pairs and self.data.kind != "scenes":
+            raise ValueError(f"pretrain.mirror_pairs=true mirrors scenes under their mirrored captions, but data.kind="
+                             f"{self.data.kind}: a digit or a photo is not the same thing mirrored. Set it to false.")
         if self.grpo.forward_loss_space == "x0" and self.pretrain.target != "conditional":
             raise ValueError("grpo.forward_loss_space=x0 needs pretrain.target=conditional (the forward objective's "
                              "target): only then is the residual k times the clean image's error. Set "

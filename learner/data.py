@@ -75,6 +75,15 @@ class ScenesSource:
         return scene_prompts(self.cfg.seed, EVAL_SEED_OFFSET, count, self.cfg.omit_prob)
 
 
+def mirror_pairs(images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, list[str]]:
+    """[B, C, H, W] scenes -> [2B, ...]: each followed by its left-right mirror under the mirrored caption
+    (pretrain.mirror_pairs; every scene shape is left-right symmetric, so the pair is exact)."""
+    from rewards.scenes import mirror_caption
+
+    paired = torch.stack([images, images.flip(-1)], dim=1).flatten(0, 1)
+    return paired, [c for caption in captions for c in (caption, mirror_caption(caption))]
+
+
 class IndexedSource:
     """A finite list of (image loader, caption), split once into train / held out, trained epoch by epoch."""
 

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from learner.config import RunConfig
-from learner.data import build_source, drop_captions
+from learner.data import build_source, drop_captions, mirror_pairs
 from learner.engine import (
     NonFiniteSteps, build_engine, device, full_state_dict, init_distributed, prepare_ops, train_step,
 )
@@ -37,6 +37,11 @@ from rewards import build as build_reward
 
 
 SIGMA_DATA_SAMPLES = 512  # images whose RMS sets model.sigma_data: its standard error is well under 1%
+
+
+def fresh_per_step(pc) -> int:
+    """New data items a step reads: half the batch with pretrain.mirror_pairs (the other half are their mirrors)."""
+    return pc.batch_size // 2 if pc.mirror_pairs else pc.batch_size
 
 
 @torch.no_grad()
@@ -82,7 +87,7 @@ def save_run_state(cfg: RunConfig, run_dir: Path, tracker: Tracker, engine, ema,
     files["rng.safetensors"] = tensor_bytes({"pairs": gen.get_state(), "torch": torch.get_rng_state()})
     files["run.json"] = json_bytes({
         "mode": "pretrain", **progress, "mlflow_run_id": tracker.run_id,
-        "data_cursor": cfg.data.cursor + progress["iteration"] * cfg.pretrain.batch_size,
+        "data_cursor": cfg.data.cursor + progress["iteration"] * fresh_per_step(cfg.pretrain),
         "config_fingerprint": config_fingerprint(cfg),
     })
     with STOP.deferred():
@@ -135,7 +140,10 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
     saved_at = first if resume is not None and resume.files is not None else None
     with STOP.deferred():  # a signal is acted on at a step's end (STOP.check), never mid-step
         for step in steps:
-            images, captions = source.batch(cfg.data.cursor + step * pc.batch_size, pc.batch_size)
+            fresh = fresh_per_step(pc)
+            images, captions = source.batch(cfg.data.cursor + step * fresh, fresh)
+            if pc.mirror_pairs:
+                images, captions = mirror_pairs(images, captions)
             x0 = model.encode_images(images.to(dev))  # pixels, or the frozen VAE's latents
             captions = drop_captions(captions, pc.cfg_dropout, gen)
             if mc.kind == "score":
@@ -143,7 +151,7 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
                 lam = torch.zeros_like(t)
             else:
                 y, t, lam, xi = make_training_pairs(x0, schedule, pc.step_candidates, gen, tuple(pc.prox_variants),
-                                                    target=pc.target)
+                                                    tie=2 if pc.mirror_pairs else 1, target=pc.target)
             eps = engine(y, t, lam, tokens=model.tokenize(captions, dev))
             if mc.kind == "prox" and pc.loss_space == "x0":
                 scale = x0_loss_scale(t, lam, schedule).view(-1, *([1] * (eps.dim() - 1)))
@@ -202,7 +210,7 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
         "samples_per_s": pc.iterations * pc.batch_size / wall,
         "checkpoint": str(checkpoint.resolve()),
         "loss_final": loss_value,
-        "data_cursor": cfg.data.cursor + pc.iterations * pc.batch_size,  # data.cursor that continues this run
+        "data_cursor": cfg.data.cursor + pc.iterations * fresh_per_step(pc),  # data.cursor that continues this run
         "eval_reward": scores,
         "resumed_at": progress["resumed_at"],
     }

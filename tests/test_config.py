@@ -64,3 +64,11 @@ def test_the_forward_objectives_x0_space_is_refused_with_the_noise_target():
     load_config(DEFAULT_CONFIG, ["grpo.objective=forward", "grpo.forward_loss_space=x0"])
     with pytest.raises(ConfigError, match="grpo.forward_loss_space=x0 needs pretrain.target=conditional"):
         load_config(DEFAULT_CONFIG, ["grpo.objective=forward", "grpo.forward_loss_space=x0", "pretrain.target=noise"])
+
+
+def test_mirror_pairs_need_scenes_and_an_even_batch():
+    load_config(DEFAULT_CONFIG, ["pretrain.mirror_pairs=true"])
+    with pytest.raises(ConfigError, match="batch_size \\(31\\) must be even"):
+        load_config(DEFAULT_CONFIG, ["pretrain.mirror_pairs=true", "pretrain.batch_size=31"])
+    with pytest.raises(ConfigError, match="data.kind=digits"):
+        load_config(DEFAULT_CONFIG, ["pretrain.mirror_pairs=true", "data.kind=digits"])

@@ -174,3 +174,27 @@ def test_data_config_needs_a_path_for_files():
     with pytest.raises(ValueError, match="data.path"):
         DataConfig(kind="folder")
     assert np.isclose(DataConfig(kind="digits").holdout, 0.1)
+
+
+def test_mirror_pairs_put_each_scene_beside_its_mirror_under_the_mirrored_caption():
+    """pretrain.mirror_pairs: the second of each pair is the first flipped left-right, and the verifier scores it
+    under its caption as the first under its own (an exact symmetry), while the first under the second's caption
+    loses every placed object's place. Would catch a vertical flip, captions left unmirrored, or pairs misaligned."""
+    from learner.data import mirror_pairs
+    from rewards.compositional import verify
+    from rewards.scenes import parse_caption, scene_batch
+
+    raw, captions = scene_batch(0, 0, 24, 32)
+    images, paired = mirror_pairs(torch.from_numpy(raw), captions)
+    assert images.shape[0] == 48 and len(paired) == 48
+    assert torch.equal(images[0::2], torch.from_numpy(raw)) and torch.equal(images[1::2], torch.from_numpy(raw).flip(-1))
+    sided = 0
+    for i, caption in enumerate(captions):
+        own, mirrored = images[2 * i].numpy(), images[2 * i + 1].numpy()
+        assert paired[2 * i] == caption
+        assert verify(mirrored, parse_caption(paired[2 * i + 1])) == pytest.approx(verify(own, parse_caption(caption)))
+        if any(o.position for o in parse_caption(caption).objects):
+            sided += 1
+            assert paired[2 * i + 1] != caption
+            assert verify(own, parse_caption(paired[2 * i + 1])) < verify(own, parse_caption(caption))
+    assert sided >= 8  # most scenes state a place, so the pairs differ in their captions

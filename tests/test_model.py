@@ -239,3 +239,16 @@ def test_pretraining_measures_its_loss_in_x0_space_when_asked(tmp_path):
     assert main(["--mode", "pretrain", "--config", "configs/smoke.yaml", f"run_dir={tmp_path / 'bad'}",
                  "pretrain.loss_space=x0", "pretrain.target=noise"]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_pretraining_with_mirror_pairs_reads_half_as_many_new_scenes(tmp_path):
+    """pretrain.mirror_pairs reaches the loop: a step reads batch_size / 2 new scenes (the rest are their mirrors),
+    so the data cursor that continues the run advances by half a batch per step."""
+    from learner.main import main
+
+    run_dir = tmp_path / "mirror"
+    assert main(["--mode", "pretrain", "--config", "configs/smoke.yaml", f"run_dir={run_dir}",
+                 f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "pretrain.iterations=2",
+                 "pretrain.l1_warmup_frac=0", "pretrain.mirror_pairs=true", "data.cursor=100"]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["data_cursor"] == 100 + 2 * 8 // 2
