@@ -138,9 +138,9 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
     elapsed_before = progress["wall_time_s"]
     steps = steady_range(first, pc.iterations, desc="pretrain", unit="step")  # ETA without the warm-up
     saved_at = first if resume is not None and resume.files is not None else None
+    fresh = fresh_per_step(pc)
     with STOP.deferred():  # a signal is acted on at a step's end (STOP.check), never mid-step
         for step in steps:
-            fresh = fresh_per_step(pc)
             images, captions = source.batch(cfg.data.cursor + step * fresh, fresh)
             if pc.mirror_pairs:
                 images, captions = mirror_pairs(images, captions)
