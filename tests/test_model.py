@@ -241,14 +241,47 @@ def test_pretraining_measures_its_loss_in_x0_space_when_asked(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_pretraining_with_mirror_pairs_reads_half_as_many_new_scenes(tmp_path):
-    """pretrain.mirror_pairs reaches the loop: a step reads batch_size / 2 new scenes (the rest are their mirrors),
-    so the data cursor that continues the run advances by half a batch per step."""
+def test_pretraining_with_mirror_pairs_trains_each_scene_beside_its_mirror(tmp_path, monkeypatch):
+    """pretrain.mirror_pairs reaches the loop: the batch the model trains on is half a batch of new scenes, each followed
+    by its left-right mirror under the mirrored caption, the pair sharing its (t, lam); the data cursor that continues
+    the run advances by half a batch per step. Would catch a loop that reads half a batch but forgets the mirrors,
+    that drops the tie, or that mirrors the captions without the images."""
+    import learner.pretrain as pretrain
     from learner.main import main
+    from rewards.scenes import mirror_caption
 
+    seen = []
+    real_pairs = pretrain.make_training_pairs
+
+    def recording_pairs(x0, *args, **kwargs):
+        y, t, lam, xi = real_pairs(x0, *args, **kwargs)
+        seen.append({"x0": x0.detach().clone(), "t": t.clone(), "lam": lam.clone()})
+        return y, t, lam, xi
+
+    real_drop = pretrain.drop_captions
+
+    def recording_drop(captions, *args, **kwargs):
+        seen.append({"captions": list(captions)})
+        return real_drop(captions, *args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "make_training_pairs", recording_pairs)
+    monkeypatch.setattr(pretrain, "drop_captions", recording_drop)
     run_dir = tmp_path / "mirror"
     assert main(["--mode", "pretrain", "--config", "configs/smoke.yaml", f"run_dir={run_dir}",
                  f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "pretrain.iterations=2",
                  "pretrain.l1_warmup_frac=0", "pretrain.mirror_pairs=true", "data.cursor=100"]) == 0
+    captions = [r["captions"] for r in seen if "captions" in r]
+    pairs = [r for r in seen if "x0" in r]
+    assert len(pairs) == len(captions) == 2
+    for batch, step in zip(captions, pairs):
+        assert len(batch) == step["x0"].shape[0] == 8
+        assert len(set(batch[0::2])) == 4  # four different scenes, not one repeated
+        assert batch[1::2] == [mirror_caption(c) for c in batch[0::2]]
+        assert any(a != b for a, b in zip(batch[0::2], batch[1::2]))  # some caption states a place to mirror
+        torch.testing.assert_close(step["x0"][1::2], step["x0"][0::2].flip(-1))
+        assert not torch.equal(step["x0"][1::2], step["x0"][0::2])
+        torch.testing.assert_close(step["t"][1::2], step["t"][0::2])
+        torch.testing.assert_close(step["lam"][1::2], step["lam"][0::2])
+    assert captions[0] != captions[1]  # the second step read new scenes
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["data_cursor"] == 100 + 2 * 8 // 2
