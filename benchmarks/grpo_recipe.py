@@ -193,6 +193,9 @@ RECIPES: dict[str, list[str]] = {
     # Run with --set init_from=<that checkpoint> before it ships
     "fwd-x0-x0base": [*_FWD, *_LOW_NOISE, "grpo.forward_loss_space=x0"],
     "fwd-x0-ema0.9-x0base": [*_FWD, *_LOW_NOISE, "grpo.forward_loss_space=x0", "grpo.ema_decay=0.9"],
+    # Session 27, from scenes-minilm-mirror (the default's start): the 30-minute budget, the default recipe
+    # run until grpo.time_limit_s (training seconds; the held-out evaluations every 40 iterations are not counted).
+    "budget30": ["grpo.iterations=1000", "grpo.time_limit_s=1800", "grpo.eval_every=40"],
 }
 
 REWARD = "total"
