@@ -1,6 +1,7 @@
 """Which of a caption's attributes does a model's sampler get right, and how much of it is the caption's doing?
 
-    python benchmarks/binding.py [--init builtin:scenes-base] [--prompts 128] [--seeds 2] [--guidance 1] [--out DIR]
+    python benchmarks/binding.py [--init builtin:scenes-base] [--against CKPT] [--prompts 128] [--seeds 2]
+                                 [--guidance 1] [--out DIR]
 
 Samples GRPO's held-out prompts with the stochastic 10-step hybrid sampler (GRPO's policy) and checks each stated
 attribute on its own with the verifier (`rewards.compositional.verify` on the caption reduced to that attribute):
@@ -10,7 +11,8 @@ on prompt i's images) are the chance level: what a sampler that ignored its capt
 paired per prompt, is what the caption makes the model do. Then a paired check of the place word alone
 (`place_effect`): single-object captions drawn at each of the four places with the same noises, scored by the
 colour's share in the stated quadrant (0.25 if the word is ignored). 95% bootstrap intervals over prompts (over
-captions for the place check). `--guidance w` samples with classifier-free guidance w (1 = none; every base here was
+captions for the place check). `--against CKPT` samples the same prompts and noises with a second model and adds
+each check's paired difference (init - CKPT) over the prompts both have it for. `--guidance w` samples with classifier-free guidance w (1 = none; every base here was
 pretrained with caption dropout). Writes markdown and
 JSON to --out.
 """
@@ -71,6 +73,12 @@ def per_prompt(images: np.ndarray, captions: list[str]) -> dict[str, np.ndarray]
     return table
 
 
+def paired(a: np.ndarray, b: np.ndarray):
+    """Per-prompt values of two samplers (or one against chance): (prompts that have both, bootstrap of a - b)."""
+    kept = ~np.isnan(a) & ~np.isnan(b)
+    return int(kept.sum()), bootstrap_ci(a[kept] - b[kept])
+
+
 def quadrant_shares(images: np.ndarray, colour: str) -> dict[str, float]:
     """Of the pixels of images [N, 3, H, W] whose palette class (the verifier's `classify`) is `colour`, the
     fraction in each quadrant (nan if there are none). 1 in the caption's quadrant: obeyed; 0.25 each: anywhere."""
@@ -120,6 +128,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    parser.add_argument("--against", default=None,
+                        help="a second checkpoint sampled on the same prompts and noises: paired differences")
     parser.add_argument("--place-noises", type=int, default=16,
                         help="noises per single-object caption and place in the place-word check (0: skip it)")
     parser.add_argument("--threads", type=int, default=2)
@@ -136,21 +146,30 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     started = time.monotonic()
-    model = load_model(resolve_checkpoint(args.init)).eval()
     captions = prompt_source(load_config(None, [])).held_out(args.prompts)
-    images = np.stack([generate(model, captions, args.steps, seed, guidance=args.guidance).numpy() for seed in range(args.seeds)], axis=1)
+
+    def sample(init: str):
+        """The model and its images [prompts, seeds, 3, H, W]; noise seed s is the same for every model."""
+        net = load_model(resolve_checkpoint(init)).eval()
+        return net, np.stack([generate(net, captions, args.steps, seed, guidance=args.guidance).numpy()
+                              for seed in range(args.seeds)], axis=1)
+
+    model, images = sample(args.init)
     own = per_prompt(images, captions)
     control = per_prompt(images, captions[1:] + captions[:1])
+    other = per_prompt(sample(args.against)[1], captions) if args.against else None
 
-    rows, results = [], {}
+    rows, results, against_rows = [], {}, []
     for name in CHECKS:
+        count, lift = paired(own[name], control[name])
         kept = ~np.isnan(own[name]) & ~np.isnan(control[name])
         mine, chance = bootstrap_ci(own[name][kept]), bootstrap_ci(control[name][kept])
-        lift = bootstrap_ci(own[name][kept] - control[name][kept])
-        results[name] = {"prompts": int(kept.sum()), "own": mine.as_dict(), "chance": chance.as_dict(),
-                         "lift": lift.as_dict()}
-        rows.append(f"| {name} | {int(kept.sum())} | {mine} | {chance} | {lift.mean:+.3f} [{lift.low:+.3f}, "
-                    f"{lift.high:+.3f}] |")
+        results[name] = {"prompts": count, "own": mine.as_dict(), "chance": chance.as_dict(), "lift": lift.as_dict()}
+        rows.append(f"| {name} | {count} | {mine} | {chance} | {lift.mean:+.3f} [{lift.low:+.3f}, {lift.high:+.3f}] |")
+        if other is not None:
+            count, diff = paired(own[name], other[name])
+            results[name]["against"] = {"init": args.against, "prompts": count, "difference": diff.as_dict()}
+            against_rows.append(f"| {name} | {count} | {diff.mean:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}] |")
     place = ""
     if args.place_noises:
         stated, control, halves = place_effect(
@@ -172,7 +191,11 @@ def main() -> None:
             f"{args.steps} steps, guidance {args.guidance:g}. Chance: the same images checked against the next prompt's caption. Rates per "
             f"stated attribute, mean per prompt; 95% bootstrap intervals over prompts.\n\n"
             "| check | prompts | own caption | another caption (chance) | lift over chance |\n|---|---|---|---|---|\n"
-            + "\n".join(rows) + place + f"\n\nTotal time {time.monotonic() - started:.0f} s.\n")
+            + "\n".join(rows) + place
+            + (f"\n\nAgainst `{args.against}` on the same prompts and noises, paired per prompt (this model minus "
+               f"it):\n\n| check | prompts | difference |\n|---|---|---|\n" + "\n".join(against_rows)
+               if against_rows else "")
+            + f"\n\nTotal time {time.monotonic() - started:.0f} s.\n")
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.init.replace("builtin:", "").replace("/", "_") + (f"-guidance{args.guidance:g}" if args.guidance != 1 else "")

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from binding import place_effect, quadrant_shares  # noqa: E402
+from binding import paired, place_effect, quadrant_shares  # noqa: E402
 
 from rewards.scenes import POSITIONS, Scene, SceneObject, parse_caption, render  # noqa: E402
 
@@ -57,3 +58,13 @@ def test_obeying_ignoring_and_swapping_the_place_word_give_one_a_quarter_and_zer
                "bottom right": "top right"}
     _, _, halves = place_effect(renderer(lambda stated, k: flipped[stated]), noises)
     assert np.allclose(halves[:, 0], 0.0) and np.allclose(halves[:, 1], 1.0)
+
+
+def test_paired_differences_match_prompts_and_drop_those_either_sampler_lacks():
+    """binding.py's --against and lift columns: a - b per prompt, over prompts both have. Would catch dropping each
+    side's missing prompts separately (the rest then misaligned: here 0.5 - 1.0 and 0.0 - 0.5 would give -0.5)."""
+    a = np.array([1.0, 0.5, np.nan, 0.0, 0.5])
+    b = np.array([0.0, 0.5, 1.0, np.nan, 0.5])
+    count, diff = paired(a, b)
+    assert count == 3
+    assert diff.mean == pytest.approx((1.0 + 0.0 + 0.0) / 3)
