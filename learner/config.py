@@ -96,9 +96,10 @@ class PretrainConfig(Strict):
         False, description="data.kind scenes: each batch is batch_size / 2 scenes, each beside its left-right "
         "mirror under the mirrored caption (left and right exchanged, an exact symmetry of the scenes), the two "
         "sharing their (t, lam) and noises, so what a pair's gradients share cancels and what is left is the "
-        "difference left and right make. The x0-space loss taught scenes-minilm-x0 'top' and 'bottom' and none of "
-        "'left' and 'right' (place in the stated left/right half at chance after 3000 steps); 1200 steps with "
-        "mirror pairs took it to ~0.98 (docs/results.md, Session 26)",
+        "difference left and right make. Measured against the same 1200 steps without it (from scenes-minilm-x0, "
+        "which placed objects at chance left/right): both learned left and right (0.985 vs 0.988 in the stated "
+        "half), and the run without it, which read twice the fresh scenes, scored +0.049 [+0.025, +0.077] higher "
+        "on the verifier (docs/results.md, Session 27): no gain over plain training shown",
     )
     log_every: int = Field(10, ge=1, description="log losses to MLflow every this many steps")
     checkpoint_every: int = Field(
@@ -513,7 +514,7 @@ class RunConfig(Strict):
     init_from: Optional[str] = Field(
         None,
         description="checkpoint folder to start from ('builtin:NAME' = shipped with ProxRL); "
-        "null = from scratch (pretrain) or builtin:scenes-minilm-mirror (grpo, sample). Its config (model_index.json, or config.json in older checkpoints) sets the architecture.",
+        "null = from scratch (pretrain) or builtin:scenes-minilm-x0-4200 (grpo, sample). Its config (model_index.json, or config.json in older checkpoints) sets the architecture.",
     )
     model: ModelConfig = Field(
         default_factory=ModelConfig, description="architecture: U-Net sizes, text encoder, optional VAE (pretrain from scratch)"

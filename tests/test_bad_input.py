@@ -254,7 +254,7 @@ def test_bad_checkpoints(box, capsys, case, fragment):
 
 
 def test_unknown_builtin_checkpoint(box, capsys):
-    assert_rejected(*run([*GRPO, "init_from=builtin:scenes-bsae"], capsys), box, "the built-in ones are ['scenes-base', 'scenes-minilm', 'scenes-minilm-mirror', 'scenes-minilm-x0']")
+    assert_rejected(*run([*GRPO, "init_from=builtin:scenes-bsae"], capsys), box, "the built-in ones are ['scenes-base', 'scenes-minilm', 'scenes-minilm-mirror', 'scenes-minilm-x0', 'scenes-minilm-x0-4200']")
 
 
 # --- rewards -----------------------------------------------------------------------------------------------------
