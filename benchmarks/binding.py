@@ -74,9 +74,10 @@ def per_prompt(images: np.ndarray, captions: list[str]) -> dict[str, np.ndarray]
 
 
 def paired(a: np.ndarray, b: np.ndarray):
-    """Per-prompt values of two samplers (or one against chance): (prompts that have both, bootstrap of a - b)."""
+    """Per-prompt values of two samplers (or one against chance): (mask of the prompts both have, bootstrap of a - b
+    over them)."""
     kept = ~np.isnan(a) & ~np.isnan(b)
-    return int(kept.sum()), bootstrap_ci(a[kept] - b[kept])
+    return kept, bootstrap_ci(a[kept] - b[kept])
 
 
 def quadrant_shares(images: np.ndarray, colour: str) -> dict[str, float]:
@@ -161,15 +162,15 @@ def main() -> None:
 
     rows, results, against_rows = [], {}, []
     for name in CHECKS:
-        count, lift = paired(own[name], control[name])
-        kept = ~np.isnan(own[name]) & ~np.isnan(control[name])
+        kept, lift = paired(own[name], control[name])
+        count = int(kept.sum())
         mine, chance = bootstrap_ci(own[name][kept]), bootstrap_ci(control[name][kept])
         results[name] = {"prompts": count, "own": mine.as_dict(), "chance": chance.as_dict(), "lift": lift.as_dict()}
         rows.append(f"| {name} | {count} | {mine} | {chance} | {lift.mean:+.3f} [{lift.low:+.3f}, {lift.high:+.3f}] |")
         if other is not None:
-            count, diff = paired(own[name], other[name])
-            results[name]["against"] = {"init": args.against, "prompts": count, "difference": diff.as_dict()}
-            against_rows.append(f"| {name} | {count} | {diff.mean:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}] |")
+            both, diff = paired(own[name], other[name])
+            results[name]["against"] = {"init": args.against, "prompts": int(both.sum()), "difference": diff.as_dict()}
+            against_rows.append(f"| {name} | {int(both.sum())} | {diff.mean:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}] |")
     place = ""
     if args.place_noises:
         stated, control, halves = place_effect(

@@ -62,9 +62,9 @@ def test_obeying_ignoring_and_swapping_the_place_word_give_one_a_quarter_and_zer
 
 def test_paired_differences_match_prompts_and_drop_those_either_sampler_lacks():
     """binding.py's --against and lift columns: a - b per prompt, over prompts both have. Would catch dropping each
-    side's missing prompts separately (the rest then misaligned: here 0.5 - 1.0 and 0.0 - 0.5 would give -0.5)."""
+    side's missing prompts separately (the rest then misaligned: 1 - 0, 0.5 - 0.5, 0 - 1, 0.5 - 0.5, mean 0)."""
     a = np.array([1.0, 0.5, np.nan, 0.0, 0.5])
     b = np.array([0.0, 0.5, 1.0, np.nan, 0.5])
-    count, diff = paired(a, b)
-    assert count == 3
+    kept, diff = paired(a, b)
+    assert kept.tolist() == [True, True, False, False, True]
     assert diff.mean == pytest.approx((1.0 + 0.0 + 0.0) / 3)
