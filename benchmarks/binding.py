@@ -75,9 +75,34 @@ def per_prompt(images: np.ndarray, captions: list[str]) -> dict[str, np.ndarray]
 
 def paired(a: np.ndarray, b: np.ndarray):
     """Per-prompt values of two samplers (or one against chance): (mask of the prompts both have, bootstrap of a - b
-    over them)."""
+    over them, None if there are none)."""
     kept = ~np.isnan(a) & ~np.isnan(b)
-    return kept, bootstrap_ci(a[kept] - b[kept])
+    return kept, bootstrap_ci(a[kept] - b[kept]) if kept.any() else None
+
+
+def signed(estimate) -> str:
+    return "-" if estimate is None else f"{estimate.mean:+.3f} [{estimate.low:+.3f}, {estimate.high:+.3f}]"
+
+
+def check_table(own: dict, control: dict, other: dict | None = None, other_name: str = ""):
+    """Per check: the own-caption rate, the chance rate, their paired lift and (with `other`) the paired difference.
+    Returns (table rows, rows against `other`, results for the JSON); a check no prompt states gets a row of dashes
+    (few prompts may state no place, say) instead of stopping the script after the sampling."""
+    rows, against_rows, results = [], [], {}
+    for name in CHECKS:
+        kept, lift = paired(own[name], control[name])
+        count = int(kept.sum())
+        mine = bootstrap_ci(own[name][kept]) if count else None
+        chance = bootstrap_ci(control[name][kept]) if count else None
+        results[name] = {"prompts": count, **({"own": mine.as_dict(), "chance": chance.as_dict(),
+                                                "lift": lift.as_dict()} if count else {})}
+        rows.append(f"| {name} | {count} | {mine or '-'} | {chance or '-'} | {signed(lift)} |")
+        if other is not None:
+            both, diff = paired(own[name], other[name])
+            results[name]["against"] = {"init": other_name, "prompts": int(both.sum()),
+                                        **({"difference": diff.as_dict()} if diff is not None else {})}
+            against_rows.append(f"| {name} | {int(both.sum())} | {signed(diff)} |")
+    return rows, against_rows, results
 
 
 def quadrant_shares(images: np.ndarray, colour: str) -> dict[str, float]:
@@ -160,17 +185,7 @@ def main() -> None:
     control = per_prompt(images, captions[1:] + captions[:1])
     other = per_prompt(sample(args.against)[1], captions) if args.against else None
 
-    rows, results, against_rows = [], {}, []
-    for name in CHECKS:
-        kept, lift = paired(own[name], control[name])
-        count = int(kept.sum())
-        mine, chance = bootstrap_ci(own[name][kept]), bootstrap_ci(control[name][kept])
-        results[name] = {"prompts": count, "own": mine.as_dict(), "chance": chance.as_dict(), "lift": lift.as_dict()}
-        rows.append(f"| {name} | {count} | {mine} | {chance} | {lift.mean:+.3f} [{lift.low:+.3f}, {lift.high:+.3f}] |")
-        if other is not None:
-            both, diff = paired(own[name], other[name])
-            results[name]["against"] = {"init": args.against, "prompts": int(both.sum()), "difference": diff.as_dict()}
-            against_rows.append(f"| {name} | {int(both.sum())} | {diff.mean:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}] |")
+    rows, against_rows, results = check_table(own, control, other, args.against)
     place = ""
     if args.place_noises:
         stated, control, halves = place_effect(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from binding import paired, place_effect, quadrant_shares  # noqa: E402
+from binding import CHECKS, check_table, paired, place_effect, quadrant_shares  # noqa: E402
 
 from rewards.scenes import POSITIONS, Scene, SceneObject, parse_caption, render  # noqa: E402
 
@@ -68,3 +68,22 @@ def test_paired_differences_match_prompts_and_drop_those_either_sampler_lacks():
     kept, diff = paired(a, b)
     assert kept.tolist() == [True, True, False, False, True]
     assert diff.mean == pytest.approx((1.0 + 0.0 + 0.0) / 3)
+
+
+def test_a_check_no_prompt_states_gets_a_row_of_dashes_and_the_others_their_numbers():
+    """Few prompts may state no place at all: that check's row is dashes (it stopped the script, after all the
+    sampling, with bootstrap_ci's empty-input error) while every other check is still reported and paired."""
+    n = 4
+    own = {name: np.array([1.0, 0.0, 1.0, 1.0]) for name in CHECKS}
+    control = {name: np.array([0.0, 0.0, 1.0, 0.0]) for name in CHECKS}
+    other = {name: np.array([0.0, 0.0, 0.0, 0.0]) for name in CHECKS}
+    own["colour at its stated place"] = np.full(n, np.nan)
+    rows, against_rows, results = check_table(own, control, other, "builtin:x")
+    empty = CHECKS.index("colour at its stated place")
+    assert rows[empty] == "| colour at its stated place | 0 | - | - | - |"
+    assert against_rows[empty] == "| colour at its stated place | 0 | - |"
+    assert results["colour at its stated place"] == {"prompts": 0, "against": {"init": "builtin:x", "prompts": 0}}
+    full = results["background"]
+    assert full["prompts"] == n and full["own"]["mean"] == pytest.approx(0.75)
+    assert full["lift"]["mean"] == pytest.approx(0.5) and full["against"]["difference"]["mean"] == pytest.approx(0.75)
+    assert len(rows) == len(against_rows) == len(CHECKS)
