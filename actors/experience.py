@@ -29,10 +29,15 @@ class SamplerSpec:
     steps: int  # N: a trajectory has N states and N-1 transitions
     eta: float
     guidance: float
+    stochastic_steps: Optional[int] = None  # only the first K transitions stochastic (and logged), the rest the ODE
 
     @classmethod
     def of(cls, policy: Policy) -> "SamplerSpec":
-        return cls(policy.kind, policy.steps, policy.eta, policy.guidance)
+        return cls(policy.kind, policy.steps, policy.eta, policy.guidance, policy.stochastic_steps)
+
+    @property
+    def transitions(self) -> int:
+        return self.steps - 1 if self.stochastic_steps is None else self.stochastic_steps
 
 
 @dataclass(frozen=True)
@@ -56,9 +61,9 @@ class Group:
         if self.states is not None:
             n = self.states.shape[1]
             if (self.states.shape[0] != g or n != self.sampler.steps
-                    or tuple(self.log_probs.shape) != (g, n - 1)):
+                    or tuple(self.log_probs.shape) != (g, self.sampler.transitions)):
                 raise ValueError(f"a {self.sampler.steps}-step group of {g} needs states [{g}, {self.sampler.steps}, "
-                                 f"...] and log_probs [{g}, {self.sampler.steps - 1}]; got "
+                                 f"...] and log_probs [{g}, {self.sampler.transitions}]; got "
                                  f"{tuple(self.states.shape)} and {tuple(self.log_probs.shape)}")
         if set(self.scores) != set(self.weights) or any(s.shape != (g,) for s in self.scores.values()):
             raise ValueError(f"scores {({k: tuple(v.shape) for k, v in self.scores.items()})} must be [{g}] for "

@@ -57,6 +57,7 @@ class RolloutActor(Threaded):
         device: Optional[str] = None,
         keep_trajectory: bool = True,
         lora: Optional[LoraSpec] = None,
+        stochastic_steps: Optional[int] = None,
     ):
         set_threads(torch_threads)
         self.device = actor_device(device)
@@ -67,7 +68,7 @@ class RolloutActor(Threaded):
         # The starting policy, for the drift monitor: the base with its adapters off under LoRA (no second copy),
         # else a frozen copy taken before any published weights arrive (a restarted actor starts from it too).
         self.reference = BaseOf(self.model) if lora else copy.deepcopy(self.model).requires_grad_(False)
-        self.policy = Policy.of(self.model, steps, eta, guidance)
+        self.policy = Policy.of(self.model, steps, eta, guidance, stochastic_steps=stochastic_steps)
         self.sampler = SamplerSpec.of(self.policy)
         self.group_size = group_size
         self.rewards = RewardClient(reward_actors, reward_timeout_s, reward_retries)

@@ -157,6 +157,13 @@ class GrpoConfig(Strict):
     group_size: int = Field(8, ge=2, description="images G sampled per prompt (the group of the advantage)")
     steps: int = Field(10, ge=2, description="hybrid-sampler steps N (a trajectory has N-1 policy log-probs)")
     eta: float = Field(1.0, gt=0, description="noise scale of the stochastic sampler (1 = the method)")
+    stochastic_steps: Optional[int] = Field(
+        None, ge=1, description="prox only. null: every sampler transition is stochastic and trained. K: the "
+        "rollouts' first K transitions are the stochastic hybrid steps (the policy, trained), the rest the "
+        "probability-flow ODE (pretrain.prox_variants must have included flow), so a group's spread in reward comes "
+        "from the trained steps' noise alone and the learner re-scores K transitions, not N-1 (MixGRPO, "
+        "Flow-GRPO-Fast). The held-out evaluation keeps the fully stochastic sampler",
+    )
     guidance: float = Field(
         1.0, ge=0, description="classifier-free guidance scale w of the rollouts (1 = none); the learner re-scores "
         "actions under the same guided network, so the policy is the guided sampler",
@@ -332,13 +339,23 @@ class GrpoConfig(Strict):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "GrpoConfig":
-        window, last = self.train_step_window, self.steps - 2
+        if self.stochastic_steps is not None:
+            if self.stochastic_steps > self.steps - 1:
+                raise ValueError(f"grpo.stochastic_steps={self.stochastic_steps}: grpo.steps={self.steps} has "
+                                 f"{self.steps - 1} transitions; use 1..{self.steps - 1}, or null for all of them")
+            if self.objective == "direct":
+                raise ValueError(f"grpo.objective=direct replays the fully stochastic chain, but grpo.stochastic_steps="
+                                 f"{self.stochastic_steps} makes its later steps the ODE; also set "
+                                 "grpo.stochastic_steps=null (the default config's value is for the policy gradient)")
+        window, last = self.train_step_window, (self.stochastic_steps or self.steps - 1) - 1
+        has = (f"grpo.steps={self.steps} has {last + 1}" if self.stochastic_steps is None else
+               f"grpo.stochastic_steps={self.stochastic_steps} makes {last + 1} of them stochastic")
         if window is not None:
             bad = [j for j in window if not 0 <= j <= last]
             if not window or bad or len(set(window)) != len(window):
                 raise ValueError(
                     f"grpo.train_step_window={window}: entries must be distinct sampler transitions 0..{last} "
-                    f"(grpo.steps={self.steps} has {last + 1}), at least one; null = all"
+                    f"({has}), at least one; null = all"
                 )
         if self.caption_contrast and self.objective != "policy_gradient":
             raise ValueError(f"grpo.caption_contrast={self.caption_contrast} needs grpo.objective=policy_gradient (it "

@@ -133,9 +133,10 @@ class GrpoLearner(Threaded):
         # objective forward with ema_decay: rollouts sample from (and e_old is) an EMA of the trained weights, as
         # DiffusionNFT's soft-updated sampling policy; a full copy made before DeepSpeed partitions the model.
         self.ema = make_ema(self.model, g.ema_decay, warmup=False)
-        self.policy = Policy.of(self.model, g.steps, g.eta, g.guidance)
+        self.policy = Policy.of(self.model, g.steps, g.eta, g.guidance, stochastic_steps=g.stochastic_steps)
         self.step_rng = torch.Generator().manual_seed(self.cfg.seed)
-        n_train = len(select_train_steps(g.steps - 1, g.train_step_window, g.train_step_fraction, torch.Generator()))
+        n_train = len(select_train_steps(self.policy.transitions, g.train_step_window, g.train_step_fraction,
+                                         torch.Generator()))
         n_train = n_train if g.objective == "policy_gradient" else 1
         # One micro-batch per trained sampler transition (forward, direct: one per batch): one optimiser step per pass.
         self.engine = build_engine(
@@ -247,7 +248,8 @@ class GrpoLearner(Threaded):
         sums: dict[str, list[float]] = {}
         first_pass: dict[str, list[float]] = {"max": [], "mean": []}
         for update in range(g.updates_per_batch):
-            trained = select_train_steps(g.steps - 1, g.train_step_window, g.train_step_fraction, self.step_rng)
+            trained = select_train_steps(self.policy.transitions, g.train_step_window, g.train_step_fraction,
+                                         self.step_rng)
             for i, j in enumerate(trained):
                 loss, stats = transition_loss(self.engine, self.reference, self.policy, batch, j, g.clip_range,
                                               g.kl_coef, g.caption_contrast)

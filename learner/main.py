@@ -192,7 +192,23 @@ def preflight(cfg: RunConfig, mode: str) -> Path | None:
     if mode == "pretrain":
         check_data(cfg, model)
     check_weights(model, init_from)
+    if mode == "grpo":
+        check_policy_sampler(cfg, model)
     return init_from
+
+
+def check_policy_sampler(cfg: RunConfig, model: ModelConfig) -> None:
+    """grpo.stochastic_steps switches the rollouts to the probability-flow ODE: the model must have learned it."""
+    k = cfg.grpo.stochastic_steps
+    if k is None:
+        return
+    if model.kind != "prox":
+        raise ConfigError(f"grpo.stochastic_steps={k} is for prox models (the rest of the chain is the prox "
+                          f"probability-flow step); this model is kind {model.kind}. Set grpo.stochastic_steps: null.")
+    if "flow" not in (model.trained_variants or []):
+        raise ConfigError(f"grpo.stochastic_steps={k} runs the sampler's later steps as the probability-flow ODE, but "
+                          f"this model was trained on {model.trained_variants or 'the hybrid steps only'}. Pretrain "
+                          "with pretrain.prox_variants including flow (the default), or set grpo.stochastic_steps: null.")
 
 
 def settings_help() -> str:

@@ -6,7 +6,8 @@
   model); the image is the final denoising step from x at tau_0.
 
 Either way a trajectory has N states ([B, N, ...]), N-1 transitions with Gaussian log-probs ([B, N-1], means over
-dimensions, float32) and N network evaluations. Rollouts, the learner's recomputation and evaluation all call
+dimensions, float32) and N network evaluations; with `stochastic_steps` K (prox) only the first K transitions are
+stochastic and have log-probs ([B, K]), the rest follow the probability-flow ODE. Rollouts, the learner's recomputation and evaluation all call
 `Policy.sample` / `Policy.transition`, so they can never disagree; classifier-free guidance (`guidance` w) is part of
 the policy, so a guided rollout is scored under the same guided network by the learner.
 """
@@ -41,12 +42,28 @@ class Policy:
     eta: float = 1.0
     guidance: float = 1.0
     variant: Variant = "hybrid"  # prox only: hybrid or fully backward
+    # prox only: the first K transitions are the policy, the rest probability-flow steps (None: all N-1 are)
+    stochastic_steps: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.stochastic_steps is not None:
+            if self.kind != "prox":
+                raise ValueError("stochastic_steps (stochastic early transitions, then the probability-flow ODE) is "
+                                 "for prox models; a score model's policy has every transition stochastic")
+            if not 1 <= self.stochastic_steps <= self.steps - 1:
+                raise ValueError(f"stochastic_steps={self.stochastic_steps}: a {self.steps}-step sampler has "
+                                 f"{self.steps - 1} transitions; use 1..{self.steps - 1}, or null for all of them")
 
     @classmethod
     def of(cls, model: nn.Module, steps: int, eta: float = 1.0, guidance: float = 1.0,
-           variant: Variant = "hybrid") -> "Policy":
+           variant: Variant = "hybrid", stochastic_steps: Optional[int] = None) -> "Policy":
         """The policy of `model` (a ProxT2I, or a DeepSpeed engine around one)."""
-        return cls(getattr(model, "module", model).cfg.kind, steps, eta, guidance, variant)
+        return cls(getattr(model, "module", model).cfg.kind, steps, eta, guidance, variant, stochastic_steps)
+
+    @property
+    def transitions(self) -> int:
+        """How many transitions a trajectory has log-probs for (0 = the noisiest)."""
+        return self.steps - 1 if self.stochastic_steps is None else self.stochastic_steps
 
     @property
     def grid(self):
@@ -58,7 +75,8 @@ class Policy:
         """One trajectory per row of `condition` (`tokens=` or `context=`), with noise from `generator`."""
         if self.kind == "prox":
             return sample_hybrid(prox_fn(model, self.guidance, **condition), shape, self.grid, eta=self.eta,
-                                 generator=generator, device=device, variant=self.variant)
+                                 generator=generator, device=device, variant=self.variant,
+                                 stochastic_steps=self.stochastic_steps)
         out = sample_score(eps_fn(model, self.guidance, **condition), shape, self.steps, method="sde", eta=self.eta,
                            generator=generator, device=device)
         return Trajectory(states=out.states, images=out.images, log_probs=out.log_probs)
@@ -66,8 +84,8 @@ class Policy:
     def transition(self, model: nn.Module, condition: dict[str, torch.Tensor], states: torch.Tensor,
                    j: int) -> Transition:
         """Transition j (0 = the noisiest) of recorded `states` [B, N, ...] re-scored under `model` (with grad)."""
-        if not 0 <= j < self.steps - 1:
-            raise IndexError(f"transition {j} of a {self.steps}-step policy (it has {self.steps - 1})")
+        if not 0 <= j < self.transitions:
+            raise IndexError(f"transition {j} of a {self.steps}-step policy (it has {self.transitions})")
         if self.kind == "prox":
             k = self.steps - j
             out = hybrid_step(prox_fn(model, self.guidance, **condition), states[:, j], self.grid, k, eta=self.eta,

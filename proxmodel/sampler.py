@@ -113,11 +113,14 @@ def hybrid_step(
     noise: Optional[torch.Tensor] = None,
     y_next: Optional[torch.Tensor] = None,
     variant: Variant = "hybrid",
+    next_variant: Optional[Variant] = None,
 ) -> StepOutput:
     """Step k (N..1) of the hybrid (or fully backward) prox sampler, from y_k.
 
     Either draws y_{k-1} with `noise` (z_{k-1}; zero/None with eta=0 gives the deterministic sampler) or, when
     `y_next` is given, scores that recorded action under the current prox (the learner's recomputation).
+    `variant` made y_k (it sets the prox's lam); `next_variant` (default: the same) makes y_{k-1}: "flow" there
+    switches a stochastic chain to the probability-flow ODE from this step on.
     """
     batch = y.shape[0]
     t_prev = torch.full((batch,), grid.t_at(k - 1), dtype=torch.float32, device=y.device)
@@ -125,7 +128,7 @@ def hybrid_step(
     x = prox(y, t_prev, lam)
     if k == 1:
         return StepOutput(x=x, y=None, log_prob=None, mean=None)
-    nxt = half_step(grid, k - 1, variant)
+    nxt = half_step(grid, k - 1, next_variant or variant)
     mean = nxt.scale * x
     deterministic = eta == 0.0 or nxt.noise_std == 0.0
     if y_next is None:
@@ -173,19 +176,27 @@ def sample_hybrid(
     generator: Optional[torch.Generator] = None,
     device: torch.device | str = "cpu",
     variant: Variant = "hybrid",
+    stochastic_steps: Optional[int] = None,
 ) -> Trajectory:
-    """Run the hybrid (or fully backward) sampler for len(grid) steps from x_N ~ N(0, I), recording the trajectory."""
+    """Run the hybrid (or fully backward) sampler for len(grid) steps from x_N ~ N(0, I), recording the trajectory.
+
+    `stochastic_steps` K: only the first K transitions are `variant` steps; the rest are probability-flow steps
+    (deterministic, no log-prob), so the trajectory has K log-probs. The SDE and the ODE share their marginals, so
+    the switch keeps the chain a sampler of p_0 (MixGRPO, Flow-GRPO-Fast); the model must know the flow variant."""
     n = grid.steps
 
     def draw() -> torch.Tensor:
         return standard_normal(shape, generator, device)
 
+    def made_by(k: int) -> Variant:  # the half-step into y_k: transition n - k made it (y_N: the initial state)
+        return variant if stochastic_steps is None or n - k <= stochastic_steps else "flow"
+
     y = initial_state(draw(), draw(), grid, eta, variant)
     states, log_probs = [y], []
-    stochastic = eta != 0.0 and variant != "flow"
     for k in range(n, 0, -1):
+        stochastic = eta != 0.0 and made_by(k - 1) != "flow"
         noise = draw() if (k > 1 and stochastic) else None
-        out = hybrid_step(prox, y, grid, k, eta=eta, noise=noise, variant=variant)
+        out = hybrid_step(prox, y, grid, k, eta=eta, noise=noise, variant=made_by(k), next_variant=made_by(k - 1))
         if k == 1:
             images = out.x
         else:

@@ -66,11 +66,15 @@ def step_coefficients(steps: int, k: int, variant: str, eta: float = 1.0) -> tup
     raise ValueError(variant)
 
 
-def chain_moments(steps: int, variant: str, eta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and covariance of the prox sampler's output with the exact prox, by the linear-Gaussian recursion."""
+def chain_moments(steps: int, variant: str, eta: float = 1.0,
+                  stochastic: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance of the prox sampler's output with the exact prox, by the linear-Gaussian recursion.
+    `stochastic` K: y_N .. y_{N-K} come from `variant` half-steps, the later ones from flow half-steps (each step's
+    prox takes the lam of the half-step that made its input)."""
     mean, cov = torch.zeros(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64)
     for k in range(steps, 0, -1):
-        scale, noise_var, lam = step_coefficients(steps, k, variant, eta)
+        made_by = variant if stochastic is None or steps - k <= stochastic else "flow"
+        scale, noise_var, lam = step_coefficients(steps, k, made_by, eta)
         mean, cov = scale * mean, scale**2 * cov + noise_var * torch.eye(3, dtype=torch.float64)
         op, c = gaussian_prox_operator((k - 1) / steps, lam)
         mean, cov = op @ mean + c, op @ cov @ op.T
@@ -90,6 +94,27 @@ def test_gaussian_samplers_reproduce_the_exact_chain_moments(variant, steps, eta
     se_cov = ((torch.outer(torch.diagonal(cov), torch.diagonal(cov)) + cov**2) / n).sqrt()
     assert ((emp_mean - mean).abs() <= SIGMAS * se_mean).all(), (emp_mean, mean)
     assert ((emp_cov - cov).abs() <= SIGMAS * se_cov).all(), (emp_cov, cov)
+
+
+@pytest.mark.parametrize("stochastic", [1, 4])
+def test_stochastic_early_steps_then_the_flow_ode_give_the_exact_chain_moments_and_sample(stochastic, one_thread):
+    """grpo.stochastic_steps: K hybrid transitions, then probability-flow steps. Its moments must follow the recursion
+    in which the first flow step's prox still takes the hybrid lam (its input was made by a hybrid half-step), and
+    the chain must converge to N(m, S) like either pure sampler: it samples, it does not seek the mode."""
+    n, steps = 40_000, 10
+    x = sample_hybrid(gaussian_prox, (n, 3), SCHEDULE.grid(steps), generator=torch.Generator().manual_seed(1),
+                      stochastic_steps=stochastic)
+    assert x.log_probs.shape == (n, stochastic)  # only the stochastic transitions are the policy's actions
+    assert x.states.shape[1] == steps
+    images = x.images.double()
+    mean, cov = chain_moments(steps, "hybrid", stochastic=stochastic)
+    se_mean = (torch.diagonal(cov) / n).sqrt()
+    se_cov = ((torch.outer(torch.diagonal(cov), torch.diagonal(cov)) + cov**2) / n).sqrt()
+    assert ((images.mean(0) - mean).abs() <= SIGMAS * se_mean).all(), (images.mean(0), mean)
+    assert ((torch.cov(images.T) - cov).abs() <= SIGMAS * se_cov).all(), (torch.cov(images.T), cov)
+    # In the limit of many steps the mixed chain lands on the data distribution (the mode chain's spread would not).
+    fine = chain_moments(2000, "hybrid", stochastic=1000)
+    assert float(torch.linalg.norm(fine[1] - COV) + torch.linalg.norm(fine[0] - MEAN)) < 5e-3
 
 
 def test_gaussian_chain_converges_to_the_target_at_first_order():

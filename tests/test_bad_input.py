@@ -123,6 +123,11 @@ def test_bad_command_lines_and_config_files(box, capsys, argv, fragment):
     ([*GRPO, "grpo.train_step_window=[0,2]"], "grpo.train_step_window=[0, 2]: entries must be distinct sampler "
                                               "transitions 0..1 (grpo.steps=3 has 2)"),
     ([*GRPO, "grpo.train_step_window=[]"], "grpo.train_step_window=[]: entries must be"),
+    ([*GRPO, "grpo.stochastic_steps=3"], "grpo.stochastic_steps=3: grpo.steps=3 has 2 transitions; use 1..2"),
+    ([*GRPO, "grpo.stochastic_steps=0"], "'grpo.stochastic_steps' = 0: Input should be greater than or equal to 1"),
+    ([*GRPO, "grpo.stochastic_steps=1", "grpo.train_step_window=[1]"],
+     "transitions 0..0 (grpo.stochastic_steps=1 makes 1 of them stochastic)"),
+    ([*GRPO, "grpo.stochastic_steps=1", "grpo.objective=direct"], "also set grpo.stochastic_steps=null"),
     ([*GRPO, "grpo.train_step_window=[1,1]"], "grpo.train_step_window=[1, 1]: entries must be distinct"),
     ([*GRPO, "grpo.prompts_per_iteration=1", "actors.learner.count=2"],
      "grpo.prompts_per_iteration (1) must be at least the number of learner ranks actors.learner.count (2)"),
@@ -251,6 +256,16 @@ def test_bad_checkpoints(box, capsys, case, fragment):
     ckpt = make_checkpoint(box / "in", case)
     capsys.readouterr()  # (what making it printed)
     assert_rejected(*run([*GRPO, f"init_from={ckpt}"], capsys), box, fragment)
+
+
+def test_a_partly_stochastic_policy_needs_a_model_that_learned_the_flow_step(box, capsys):
+    """grpo.stochastic_steps runs the later steps as the probability-flow ODE: a model trained on the hybrid steps
+    alone would run them off its training distribution, silently."""
+    ckpt = make_checkpoint(box / "in", "hybrid-only")
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "trained_variants": ["hybrid"]}))
+    assert_rejected(*run([*GRPO, f"init_from={ckpt}", "grpo.stochastic_steps=1"], capsys), box,
+                    "this model was trained on ['hybrid']")
 
 
 def test_unknown_builtin_checkpoint(box, capsys):

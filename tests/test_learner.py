@@ -75,6 +75,20 @@ def test_zero_std_groups_are_dropped_and_step_window_limits_the_transitions(chec
     json.dumps(metrics)  # plain numbers, ready for MLflow
 
 
+def test_a_policy_stochastic_only_early_trains_those_transitions_on_policy(checkpoint, server):
+    """grpo.stochastic_steps=1: the rollouts log one transition, the learner re-scores that one alone (ratio exactly
+    1, one micro-batch), and a learner of the fully stochastic sampler refuses the entries instead of misreading
+    them. Would catch a learner still looping over N-1 transitions (IndexError) or mixing the two samplers."""
+    write_batch(checkpoint, server.address, "k1", steps=STEPS, group_size=G, stochastic_steps=1)
+    learner = make_learner(checkpoint, server, "k1", stochastic_steps=1, recompute="group")
+    metrics = learner.train(0, len(PROMPTS))
+    assert metrics["ratio_max_dev"] == 0.0 and metrics["acked"] == len(PROMPTS)
+    assert learner.engine.global_steps == 1 and learner.engine.gradient_accumulation_steps() == 1
+    write_batch(checkpoint, server.address, "k2", steps=STEPS, group_size=G, stochastic_steps=1)
+    with pytest.raises(RuntimeError, match="'stochastic_steps': 1"):
+        make_learner(checkpoint, server, "k2").train(0, len(PROMPTS))
+
+
 @pytest.fixture(scope="module")
 def score_checkpoint(tiny_model_config, tmp_path_factory):
     from proxmodel.model import ProxT2I

@@ -72,3 +72,31 @@ def test_transition_index_is_checked(model):
     states = torch.zeros(G, STEPS, *shape_of(model)[1:])
     with pytest.raises(IndexError, match="has 3"):
         Policy.of(model, STEPS).transition(model, {"tokens": model.tokenize([""] * G)}, states, STEPS - 1)
+
+
+@pytest.mark.parametrize("k", [1, STEPS - 1])
+def test_a_policy_stochastic_only_early_records_and_rescores_just_those_transitions(model, k):
+    """grpo.stochastic_steps: K log-probs, each equal to the learner's recomputation; transition K is not a policy
+    action. K = N-1 is the fully stochastic policy, draw for draw (an off-by-one that made the last step flow fails)."""
+    if model.cfg.kind == "score":
+        with pytest.raises(ValueError, match="for prox models"):
+            Policy.of(model, STEPS, stochastic_steps=k)
+        return
+    tokens = model.tokenize(["a red circle", "a blue square", ""])
+    policy = Policy.of(model, STEPS, stochastic_steps=k)
+    traj = policy.sample(model, {"tokens": tokens}, shape_of(model), torch.Generator().manual_seed(3))
+    assert traj.states.shape[1] == STEPS and traj.log_probs.shape == (G, k) and policy.transitions == k
+    for j in range(k):
+        step = policy.transition(model, {"tokens": tokens}, traj.states, j)
+        assert torch.allclose(step.log_prob.detach(), traj.log_probs[:, j], atol=1e-6), f"transition {j}"
+    if k < STEPS - 1:
+        with pytest.raises(IndexError, match=f"has {k}"):
+            policy.transition(model, {"tokens": tokens}, traj.states, k)
+    full = Policy.of(model, STEPS).sample(model, {"tokens": tokens}, shape_of(model), torch.Generator().manual_seed(3))
+    if k == STEPS - 1:
+        assert torch.equal(traj.images, full.images) and torch.equal(traj.log_probs, full.log_probs)
+    else:  # the later steps follow the ODE: the same first draws, other images
+        assert torch.equal(traj.states[:, : k + 1], full.states[:, : k + 1])
+        assert not torch.allclose(traj.images, full.images)
+    with pytest.raises(ValueError, match="use 1.."):
+        Policy.of(model, STEPS, stochastic_steps=STEPS)

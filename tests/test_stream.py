@@ -179,3 +179,18 @@ def test_clients_time_out_explicitly_and_never_retry_a_command(server):
     with pytest.raises(TimeoutError):  # a wait longer than one XREADGROUP block: looped, not a socket timeout
         stream.read("rank0", count=1, timeout_s=BLOCK_S + 1)
     assert time.monotonic() - start >= BLOCK_S + 1
+
+
+def test_a_group_from_a_partly_stochastic_sampler_carries_one_log_prob_per_stochastic_transition(server):
+    """grpo.stochastic_steps K: N states, K log-probs; the spec travels, so a learner of another K refuses it."""
+    base = make_group("z", steps=5)
+    spec = SamplerSpec("prox", 5, 1.0, 2.0, stochastic_steps=2)
+    group = Group(**{**vars(base), "sampler": spec, "log_probs": torch.randn(2, 2)})
+    with pytest.raises(ValueError, match=r"log_probs \[2, 2\]"):
+        Group(**{**vars(group), "log_probs": torch.randn(2, 4)})  # N-1 log-probs from a K-stochastic sampler
+    stream = ExperienceStream(server.address, "mixed")
+    stream.create()
+    stream.add(group)
+    got = stream.read("rank0", count=1, timeout_s=5)[0][1]
+    assert_same(got, group)
+    assert got.sampler.stochastic_steps == 2 and got.sampler != base.sampler
