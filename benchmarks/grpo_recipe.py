@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # name -> overrides on configs/default.yaml. Each comment says what the recipe tests.
 _FWD = ["grpo.objective=forward"]
+_FULL_CHAIN = "grpo.stochastic_steps=null"  # objective direct replays the fully stochastic chain
 _LOW_NOISE = ["grpo.forward_shared_noise=true", "grpo.forward_pairs=4"]  # group-shared pairs, 4 per image
 RECIPES: dict[str, list[str]] = {
     # the shipped default (whatever configs/default.yaml says)
@@ -142,45 +143,45 @@ RECIPES: dict[str, list[str]] = {
     # session 20: no advantages, no likelihood ratios: compositional_soft's pixel gradient backpropagated through
     # the final prox (direct) or the whole 10-step chain (direct-k10), replayed on the rollouts' trajectories
     # (DRaFT-K); the thresholded verifier stays the trained-on mix's measure, held out
-    "direct": ["grpo.objective=direct"],
-    "direct-k10": ["grpo.objective=direct", "grpo.direct_steps=10"],
+    "direct": ["grpo.objective=direct", _FULL_CHAIN],
+    "direct-k10": ["grpo.objective=direct", _FULL_CHAIN, "grpo.direct_steps=10"],
     # session 21: the default from a base that reads the object words (frozen MiniLM text encoder, cross-attention at
     # 16x16 too; benchmarks/binding.py): the shipped base ignores them, so every recipe above had to teach binding
     # from nothing. Run with --set init_from=<that checkpoint> before it ships
     "default-minilmbase": [],
-    "direct-k3-minilmbase": ["grpo.objective=direct", "grpo.direct_steps=3"],
+    "direct-k3-minilmbase": ["grpo.objective=direct", _FULL_CHAIN, "grpo.direct_steps=3"],
     # session 22, from the same base: the default and direct-k3 each moved it within noise (+0.006, +0.008). The
     # dense verifier gives nearly every group a ranking now that samples follow their captions half the time; a
     # looser trust region (the default spent 0.29 nats per transition, the KL binding); the direct objective at 3x lr
     "soft-minilmbase": ["rewards=[{name: compositional_soft, weight: 1.0}]",
                         "grpo.check_rewards=[compositional, compositional_strict]"],
     "kl0.1-minilmbase": ["grpo.kl_coef=0.1"],
-    "direct-k3-lr3e-4-minilmbase": ["grpo.objective=direct", "grpo.direct_steps=3", "grpo.lr=3e-4"],
+    "direct-k3-lr3e-4-minilmbase": ["grpo.objective=direct", _FULL_CHAIN, "grpo.direct_steps=3", "grpo.lr=3e-4"],
     # lr 3e-4 gained +0.09 by hedging with extra copies of the stated object (the count check, held out since
     # this session, fell -0.37): is there a step size between 1e-4 (nothing) and 3e-4 (hedging) that gains honestly?
-    "direct-k3-lr2e-4-minilmbase": ["grpo.objective=direct", "grpo.direct_steps=3", "grpo.lr=2e-4"],
+    "direct-k3-lr2e-4-minilmbase": ["grpo.objective=direct", _FULL_CHAIN, "grpo.direct_steps=3", "grpo.lr=2e-4"],
     # Session 23: the same step trained on the dense verifier that also charges for objects the caption does not
     # state (compositional_soft_exact): does the lr 3e-4 gain survive without the hedge?
-    "direct-k3-lr3e-4-exact-minilmbase": ["grpo.objective=direct", "grpo.direct_steps=3", "grpo.lr=3e-4",
+    "direct-k3-lr3e-4-exact-minilmbase": ["grpo.objective=direct", _FULL_CHAIN, "grpo.direct_steps=3", "grpo.lr=3e-4",
                                           "grpo.direct_reward=compositional_soft_exact"],
     # The last 3 of 10 steps can paint an object where the caption asks but not move one drawn earlier (where a copy
     # comes from): the gradient through every step.
-    "direct-k10-lr3e-4-exact-minilmbase": ["grpo.objective=direct", "grpo.direct_steps=10", "grpo.lr=3e-4",
+    "direct-k10-lr3e-4-exact-minilmbase": ["grpo.objective=direct", _FULL_CHAIN, "grpo.direct_steps=10", "grpo.lr=3e-4",
                                            "grpo.direct_reward=compositional_soft_exact"],
-    "direct-k10-lr1e-4-exact-minilmbase": ["grpo.objective=direct", "grpo.direct_steps=10", "grpo.lr=1e-4",
+    "direct-k10-lr1e-4-exact-minilmbase": ["grpo.objective=direct", _FULL_CHAIN, "grpo.direct_steps=10", "grpo.lr=1e-4",
                                            "grpo.direct_reward=compositional_soft_exact"],
     # Session 24: the full chain's gradient is the product of 10 network Jacobians (collapsed at 3e-4, fell at 1e-4);
     # stopping it at each network's input (DRTune) gives every step, the layout-deciding early ones included, the
     # pixel gradient along the sampler's linear path only.
-    "direct-k10-detach-lr1e-4-exact-minilmbase": ["grpo.objective=direct", "grpo.direct_steps=10", "grpo.lr=1e-4",
+    "direct-k10-detach-lr1e-4-exact-minilmbase": ["grpo.objective=direct", _FULL_CHAIN, "grpo.direct_steps=10", "grpo.lr=1e-4",
                                                   "grpo.direct_detach_inputs=true",
                                                   "grpo.direct_reward=compositional_soft_exact"],
-    "direct-k10-detach-lr3e-4-exact-minilmbase": ["grpo.objective=direct", "grpo.direct_steps=10", "grpo.lr=3e-4",
+    "direct-k10-detach-lr3e-4-exact-minilmbase": ["grpo.objective=direct", _FULL_CHAIN, "grpo.direct_steps=10", "grpo.lr=3e-4",
                                                   "grpo.direct_detach_inputs=true",
                                                   "grpo.direct_reward=compositional_soft_exact"],
     # 10 network backward passes per update made the detached replay cost 645 s of loop: a random 3 of the 10
     # (unbiased, DRTune's subsampling) to fit the default's 10-minute budget.
-    "direct-k10-detach-frac0.3-lr1e-4-exact-minilmbase": ["grpo.objective=direct", "grpo.direct_steps=10",
+    "direct-k10-detach-frac0.3-lr1e-4-exact-minilmbase": ["grpo.objective=direct", _FULL_CHAIN, "grpo.direct_steps=10",
                                                           "grpo.lr=1e-4", "grpo.direct_detach_inputs=true",
                                                           "grpo.train_step_fraction=0.3",
                                                           "grpo.direct_reward=compositional_soft_exact"],
@@ -196,6 +197,16 @@ RECIPES: dict[str, list[str]] = {
     # Session 27, from scenes-minilm-mirror (the default's start): the issue's 30-minute budget, the default recipe
     # run until grpo.time_limit_s (training seconds; the held-out evaluations every 40 iterations are not counted).
     "budget30": ["grpo.iterations=1000", "grpo.time_limit_s=1800", "grpo.eval_every=40"],
+    # Session 28: the sampler's noise at every step spreads a group's rewards, but the learner can only credit the
+    # transitions it trains; the late steps' noise (colour and edges) blurs the advantage of the early ones (layout).
+    # Only the first K transitions stochastic, the rest the probability-flow ODE (MixGRPO, Flow-GRPO-Fast): the
+    # reward's spread is then the trained steps' own, and an iteration re-scores K transitions instead of 9.
+    # The held-out evaluation keeps the fully stochastic sampler.
+    "sde3": ["grpo.stochastic_steps=3"],  # the default since session 28
+    "all-stochastic": ["grpo.stochastic_steps=null"],  # the default before it: all 9 transitions trained
+    "sde1": ["grpo.stochastic_steps=1"],
+    "sde3-budget30": ["grpo.stochastic_steps=3", "grpo.iterations=1000", "grpo.time_limit_s=1800",
+                      "grpo.eval_every=40"],
 }
 
 REWARD = "total"

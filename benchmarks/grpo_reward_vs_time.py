@@ -36,7 +36,7 @@ KINDS = ("prox", "score")
 POLICIES = {  # name -> (base model kind, overrides)
     "prox-pg": ("prox", ["grpo.objective=policy_gradient"]),
     "prox-forward": ("prox", ["grpo.objective=forward"]),
-    "score-pg": ("score", ["grpo.objective=policy_gradient"]),
+    "score-pg": ("score", ["grpo.objective=policy_gradient", "grpo.stochastic_steps=null"]),  # its full SDE chain
 }
 COLORS = {"prox-pg": "#2a7", "prox-forward": "#27c", "score-pg": "#c44"}
 

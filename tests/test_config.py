@@ -46,18 +46,18 @@ def test_missing_and_malformed_files(tmp_path):
     (["grpo.direct_steps=11"], "grpo.direct_steps=11 is more than the sampler's grpo.steps=10"),
 ])
 def test_the_direct_objective_needs_a_differentiable_reward_and_a_replay_inside_the_chain(overrides, fragment):
-    load_config(DEFAULT_CONFIG, ["grpo.objective=direct", "grpo.direct_steps=10"])  # the whole chain is allowed
+    load_config(DEFAULT_CONFIG, ["grpo.objective=direct", "grpo.stochastic_steps=null", "grpo.direct_steps=10"])  # the whole chain is allowed
     with pytest.raises(ConfigError) as info:
-        load_config(DEFAULT_CONFIG, ["grpo.objective=direct", *overrides])
+        load_config(DEFAULT_CONFIG, ["grpo.objective=direct", "grpo.stochastic_steps=null", *overrides])
     assert fragment in str(info.value)
 
 
 def test_detached_replay_inputs_are_refused_outside_the_direct_objective():
-    load_config(DEFAULT_CONFIG, ["grpo.objective=direct", "grpo.direct_detach_inputs=true"])
+    load_config(DEFAULT_CONFIG, ["grpo.objective=direct", "grpo.stochastic_steps=null", "grpo.direct_detach_inputs=true"])
     with pytest.raises(ConfigError, match="direct_detach_inputs=true shapes the gradient of grpo.objective=direct"):
         load_config(DEFAULT_CONFIG, ["grpo.direct_detach_inputs=true"])
     with pytest.raises(ConfigError, match="needs grpo.direct_detach_inputs=true: through the full chain"):
-        load_config(DEFAULT_CONFIG, ["grpo.objective=direct", "grpo.train_step_fraction=0.5"])
+        load_config(DEFAULT_CONFIG, ["grpo.objective=direct", "grpo.stochastic_steps=null", "grpo.train_step_fraction=0.5"])
 
 
 def test_the_forward_objectives_x0_space_is_refused_with_the_noise_target():

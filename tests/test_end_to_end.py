@@ -48,6 +48,7 @@ def test_grpo_end_to_end_acks_every_entry_and_logs_every_iteration(pretrained, s
         proc = run_cli(
             "--mode", "grpo", "--config", str(SMOKE), f"run_dir={root / 'grpo'}", f"mlflow.tracking_uri={uri}",
             f"init_from={pretrained['checkpoint']}", f"redis.url=unix://{server.socket}",
+            "grpo.stochastic_steps=1",  # the default's policy (stochastic early, then the ODE), 1 of smoke's 2
             env={"PROXRL_REDIS_PASSWORD": server.password},
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -73,7 +74,7 @@ def test_grpo_end_to_end_acks_every_entry_and_logs_every_iteration(pretrained, s
     assert "mode: grpo" in card and "held_out: " in card and '"compositional": {"before": ' in card
     mlflow = MlflowClient(uri)
     run = mlflow.get_run(summary["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.data.params["grpo.stochastic_steps"] == "1"
     rewards = mlflow.get_metric_history(run.info.run_id, "reward_mean")
     assert sorted(m.step for m in rewards) == list(range(iterations))
     assert rewards[0].value == pytest.approx(summary["reward_first"])
