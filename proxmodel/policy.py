@@ -7,8 +7,8 @@
 
 Either way a trajectory has N states ([B, N, ...]), N-1 transitions with Gaussian log-probs ([B, N-1], means over
 dimensions, float32) and N network evaluations; with `stochastic_steps` K (prox) only the first K transitions are
-stochastic and have log-probs ([B, K]), the rest follow the probability-flow ODE. Rollouts, the learner's recomputation and evaluation all call
-`Policy.sample` / `Policy.transition`, so they can never disagree; classifier-free guidance (`guidance` w) is part of
+stochastic and have log-probs ([B, K]), the rest follow the probability-flow ODE. Rollouts, the learner's
+recomputation and evaluation all call `Policy.sample` / `Policy.transition`, so they can never disagree; classifier-free guidance (`guidance` w) is part of
 the policy, so a guided rollout is scored under the same guided network by the learner.
 """
 
