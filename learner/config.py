@@ -187,6 +187,11 @@ class GrpoConfig(Strict):
         0.0, ge=0, description="weight of the closed-form per-step KL to the frozen starting policy (0 = off); "
         "objective forward: weight of the mean squared eps difference to it on the same inputs"
     )
+    kl_flow_steps: bool = Field(
+        True, description="with stochastic_steps K and kl_coef > 0: the KL term also covers the probability-flow "
+        "transitions (each optimiser step adds one drawn at random, weighted to stand for all N-1-K), so the part of "
+        "the chain the policy gradient does not train cannot drift from the starting policy unpenalised",
+    )
     data_anchor: float = Field(
         0.0, ge=0, description="weight of the pretraining loss on training data (data.*; proximal matching at "
         "pretrain.zeta0 / 2, pretraining's last stage) added to every optimiser step: a restoring force toward the "

@@ -253,9 +253,14 @@ class GrpoLearner(Threaded):
             for i, j in enumerate(trained):
                 loss, stats = transition_loss(self.engine, self.reference, self.policy, batch, j, g.clip_range,
                                               g.kl_coef, g.caption_contrast)
+                last = i == len(trained) - 1  # once-per-optimiser-step terms go here, times len(trained): DeepSpeed
+                if last and self.flow_kl_steps:  # divides each micro-step's loss by their number
+                    drift = self._flow_drift(batch)
+                    loss = loss + g.kl_coef * len(trained) * len(self.flow_kl_steps) / self.policy.transitions * drift
+                    stats["kl_flow"] = drift.detach()
                 loss = loss * scale
-                if self.anchor is not None and i == len(trained) - 1:  # once per optimiser step; DeepSpeed
-                    anchor = self._anchor_loss(update)  # divides each micro-step's loss by their number
+                if self.anchor is not None and last:
+                    anchor = self._anchor_loss(update)
                     loss = loss + len(trained) * anchor
                     stats["anchor_loss"] = anchor.detach() / g.data_anchor
                 train_step(self.engine, loss)
@@ -271,6 +276,22 @@ class GrpoLearner(Threaded):
         out.update(first_pass_log_ratio_max=max(first_pass["max"]),
                    first_pass_log_ratio_mean=sum(first_pass["mean"]) / len(first_pass["mean"]))
         return out
+
+    @property
+    def flow_kl_steps(self) -> list[int]:
+        """The probability-flow transitions the KL term covers (none without a reference or grpo.kl_flow_steps)."""
+        p = self.policy
+        if self.reference is None or not self.cfg.grpo.kl_flow_steps or p.stochastic_steps is None:
+            return []
+        return list(range(p.stochastic_steps, p.steps - 1))
+
+    def _flow_drift(self, batch: list[TrainGroup]) -> torch.Tensor:
+        """The KL-style drift of one probability-flow transition, drawn uniformly, mean over the batch: with weight
+        (N-1-K) / K next to the K trained transitions' mean it estimates the whole chain's per-transition KL."""
+        steps = self.flow_kl_steps
+        j = steps[int(torch.randint(len(steps), (1,), generator=self.step_rng))]
+        return torch.cat([self.policy.flow_drift(self.engine, self.reference, b.condition, b.states, j)
+                          for b in batch]).mean()
 
     def _forward_updates(self, batch: list[TrainGroup], scale: float) -> dict[str, float]:
         """updates_per_batch optimiser steps of the forward objective on the groups' samples, each on fresh (t, lam,

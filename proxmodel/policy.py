@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from proxmodel.model import prox_fn
-from proxmodel.sampler import Trajectory, Variant, half_step, hybrid_step, sample_hybrid
+from proxmodel.sampler import Trajectory, Variant, gaussian_kl, half_step, hybrid_step, made_by, sample_hybrid
 from proxmodel.schedule import VPSchedule
 from proxmodel.score import eps_fn, sample_score, score_times, sde_step
 
@@ -98,3 +98,26 @@ class Policy:
                        x_next=states[:, j + 1])
         var = self.eta**2 * float(VPSchedule().beta(t)) * (t - t_next)
         return Transition(out.mean, out.log_prob, var)
+
+    def flow_step(self, model: nn.Module, condition: dict[str, torch.Tensor], states: torch.Tensor,
+                  j: int) -> torch.Tensor:
+        """The next state of probability-flow transition j (K <= j < N-1: deterministic, no log-prob) from recorded
+        `states` [B, N, ...] under `model`."""
+        if self.stochastic_steps is None or not self.stochastic_steps <= j < self.steps - 1:
+            raise IndexError(f"transition {j} is not a probability-flow step of a {self.steps}-step policy with "
+                             f"stochastic_steps={self.stochastic_steps}")
+        k = self.steps - j
+        return hybrid_step(prox_fn(model, self.guidance, **condition), states[:, j], self.grid, k, eta=0.0,
+                           variant=made_by(self.steps, k, self.variant, self.stochastic_steps), next_variant="flow").y
+
+    def flow_drift(self, model: nn.Module, reference: nn.Module, condition: dict[str, torch.Tensor],
+                   states: torch.Tensor, j: int) -> torch.Tensor:
+        """[B] how far `model` has moved probability-flow transition j from `reference`: the closed-form KL the
+        trained stochastic step there would have between the two next states (squared difference over 2 eta^2
+        gamma, mean over dimensions). The ODE steps carry no log-prob, so without this the KL to the reference binds
+        on the first K transitions only, and the rest of the chain, the same network at other inputs, drifts
+        unpenalised. Gradient through `model` only."""
+        with torch.no_grad():
+            target = self.flow_step(reference, condition, states, j)
+        var = (self.eta * half_step(self.grid, self.steps - j - 1, self.variant).noise_std) ** 2
+        return gaussian_kl(self.flow_step(model, condition, states, j), target, var)

@@ -157,6 +157,12 @@ def standard_normal(shape: tuple[int, ...], generator: Optional[torch.Generator]
     return torch.randn(shape, generator=generator, device=where).to(device)
 
 
+def made_by(n: int, k: int, variant: Variant, stochastic_steps: Optional[int]) -> Variant:
+    """The half-step that made y_k in an n-step chain whose first `stochastic_steps` transitions are `variant` and
+    the rest probability-flow steps (transition n - k makes y_k; y_N is the initial state)."""
+    return variant if stochastic_steps is None or n - k <= stochastic_steps else "flow"
+
+
 @dataclass
 class Trajectory:
     """What the policy did: auxiliary states y_N..y_1 ([B, N, ...], index 0 is y_N), images x_0, log-probs."""
@@ -188,15 +194,15 @@ def sample_hybrid(
     def draw() -> torch.Tensor:
         return standard_normal(shape, generator, device)
 
-    def made_by(k: int) -> Variant:  # the half-step into y_k: transition n - k made it (y_N: the initial state)
-        return variant if stochastic_steps is None or n - k <= stochastic_steps else "flow"
+    def by(k: int) -> Variant:
+        return made_by(n, k, variant, stochastic_steps)
 
     y = initial_state(draw(), draw(), grid, eta, variant)
     states, log_probs = [y], []
     for k in range(n, 0, -1):
-        stochastic = eta != 0.0 and made_by(k - 1) != "flow"
+        stochastic = eta != 0.0 and by(k - 1) != "flow"
         noise = draw() if (k > 1 and stochastic) else None
-        out = hybrid_step(prox, y, grid, k, eta=eta, noise=noise, variant=made_by(k), next_variant=made_by(k - 1))
+        out = hybrid_step(prox, y, grid, k, eta=eta, noise=noise, variant=by(k), next_variant=by(k - 1))
         if k == 1:
             images = out.x
         else:

@@ -1,5 +1,6 @@
 """The GRPO learner in this process: a real DeepSpeed engine (gloo, one rank) reading a real Redis stream."""
 
+import copy
 import json
 from dataclasses import replace
 
@@ -10,6 +11,7 @@ from actors.stream import ExperienceStream
 from learner.config import RunConfig
 from learner.grpo_learner import GrpoLearner
 from proxmodel.model import save_model
+from proxmodel.policy import Policy
 from tests.grpo_batch import PROMPTS, write_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -336,3 +338,47 @@ def test_learner_with_caption_contrast_updates_and_reports_the_caption_log_ratio
     assert metrics["acked"] == len(PROMPTS) and "caption_log_ratio" in metrics
     after = learner.publish()[0]
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+class MovedLate(torch.nn.Module):
+    """A KL reference equal to `model` at the noisiest step's time and to `moved` at every later one."""
+
+    def __init__(self, model, moved, t_first: float):
+        super().__init__()
+        self.model, self.moved, self.t_first = model, moved, t_first
+
+    def forward(self, y, t, lam, **condition):
+        return (self.model if abs(float(t[0]) - self.t_first) < 1e-6 else self.moved)(y, t, lam, **condition)
+
+
+def test_the_kl_term_pulls_the_flow_steps_back_to_the_reference(checkpoint, server, tiny_model):
+    """grpo.kl_flow_steps: equal rewards (zero advantages) and a reference that differs from the weights only at
+    the probability-flow transition, so only the flow term can train: without it nothing moves, with it that
+    transition's drift shrinks. Would catch the flow term dropped, given the wrong sign, or computed without a
+    gradient."""
+    policy = Policy.of(tiny_model, STEPS, stochastic_steps=1)
+    condition = {"tokens": tiny_model.tokenize(PROMPTS)}
+    shape = (len(PROMPTS), tiny_model.cfg.channels, tiny_model.cfg.image_size, tiny_model.cfg.image_size)
+    states = policy.sample(tiny_model, condition, shape, torch.Generator().manual_seed(5)).states
+    moved = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    reference = MovedLate(tiny_model, moved, policy.grid.t_at(STEPS - 1)).requires_grad_(False)
+
+    def drift(net) -> float:
+        with torch.no_grad():
+            return float(policy.flow_drift(net, reference, condition, states, 1).mean())
+
+    before, after, metrics = drift(tiny_model), {}, {}
+    for on in (False, True):
+        run = f"kl-flow-{on}"
+        write_batch(checkpoint, server.address, run, steps=STEPS, group_size=G, stochastic_steps=1,
+                    rewards=[torch.ones(G)] * len(PROMPTS))
+        learner = make_learner(checkpoint, server, run, stochastic_steps=1, kl_coef=1.0, kl_flow_steps=on,
+                               updates_per_batch=4, recompute="group")
+        learner.reference = reference
+        metrics[on] = learner.train(0, len(PROMPTS))
+        after[on] = drift(learner.engine.module)
+    assert "kl_flow" not in metrics[False] and metrics[False]["kl"] == 0 and metrics[True]["kl_flow"] > 0
+    assert before > 0 and after[False] == before and after[True] < 0.8 * before, (before, after)

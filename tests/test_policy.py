@@ -1,5 +1,7 @@
 """The sampler as a policy, for both model kinds: what a rollout records is exactly what the learner re-scores."""
 
+import copy
+
 import pytest
 import torch
 
@@ -100,3 +102,30 @@ def test_a_policy_stochastic_only_early_records_and_rescores_just_those_transiti
         assert not torch.allclose(traj.images, full.images)
     with pytest.raises(ValueError, match="use 1.."):
         Policy.of(model, STEPS, stochastic_steps=STEPS)
+
+
+def test_the_flow_steps_drift_is_zero_at_the_reference_and_grows_with_the_network_moving(model):
+    """The KL term's stand-in on the probability-flow transitions: flow_step re-runs the recorded ODE steps exactly
+    (a wrong lam at the switch, transition K, or an index off by one would not reproduce them); flow_drift is 0
+    against the sampling network itself and positive, with a gradient, for a moved one."""
+    if model.cfg.kind == "score":
+        return
+    steps = 5
+    tokens = model.tokenize(["a red circle", "a blue square", ""])
+    policy = Policy.of(model, steps, stochastic_steps=1)
+    traj = policy.sample(model, {"tokens": tokens}, shape_of(model), torch.Generator().manual_seed(4))
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    for j in range(1, steps - 1):
+        with torch.no_grad():
+            assert torch.allclose(policy.flow_step(model, {"tokens": tokens}, traj.states, j), traj.states[:, j + 1],
+                                  atol=1e-6), f"transition {j}"
+            assert torch.equal(policy.flow_drift(model, model, {"tokens": tokens}, traj.states, j), torch.zeros(G))
+        drift = policy.flow_drift(moved, model, {"tokens": tokens}, traj.states, j)
+        assert drift.shape == (G,) and bool((drift > 0).all()) and drift.requires_grad
+    with pytest.raises(IndexError, match="not a probability-flow step"):
+        policy.flow_step(model, {"tokens": tokens}, traj.states, 0)
+    with pytest.raises(IndexError, match="not a probability-flow step"):
+        Policy.of(model, steps).flow_step(model, {"tokens": tokens}, traj.states, 2)
