@@ -207,6 +207,11 @@ RECIPES: dict[str, list[str]] = {
     "sde1": ["grpo.stochastic_steps=1"],
     "sde3-budget30": ["grpo.stochastic_steps=3", "grpo.iterations=1000", "grpo.time_limit_s=1800",
                       "grpo.eval_every=40"],
+    # Session 29: with K stochastic steps the KL binds only those; the ODE steps (the same network at other inputs)
+    # drifted in the 30-minute run. grpo.kl_flow_steps adds one random ODE transition's drift per optimiser step.
+    "sde3-flow-kl": ["grpo.stochastic_steps=3", "grpo.kl_flow_steps=true"],
+    "sde3-flow-kl-budget30": ["grpo.stochastic_steps=3", "grpo.kl_flow_steps=true", "grpo.iterations=1000",
+                              "grpo.time_limit_s=1800", "grpo.eval_every=40"],
 }
 
 REWARD = "total"
