@@ -58,6 +58,7 @@ class RolloutActor(Threaded):
         keep_trajectory: bool = True,
         lora: Optional[LoraSpec] = None,
         stochastic_steps: Optional[int] = None,
+        shared_start: bool = False,
     ):
         set_threads(torch_threads)
         self.device = actor_device(device)
@@ -68,7 +69,8 @@ class RolloutActor(Threaded):
         # The starting policy, for the drift monitor: the base with its adapters off under LoRA (no second copy),
         # else a frozen copy taken before any published weights arrive (a restarted actor starts from it too).
         self.reference = BaseOf(self.model) if lora else copy.deepcopy(self.model).requires_grad_(False)
-        self.policy = Policy.of(self.model, steps, eta, guidance, stochastic_steps=stochastic_steps)
+        self.policy = Policy.of(self.model, steps, eta, guidance, stochastic_steps=stochastic_steps,
+                                shared_start=shared_start)
         self.sampler = SamplerSpec.of(self.policy)
         self.group_size = group_size
         self.rewards = RewardClient(reward_actors, reward_timeout_s, reward_retries)

@@ -212,6 +212,16 @@ RECIPES: dict[str, list[str]] = {
     "sde3-flow-kl": ["grpo.stochastic_steps=3", "grpo.kl_flow_steps=true"],
     "sde3-flow-kl-budget30": ["grpo.stochastic_steps=3", "grpo.kl_flow_steps=true", "grpo.iterations=1000",
                               "grpo.time_limit_s=1800", "grpo.eval_every=40"],
+    # Session 29: the default's lr, KL and batch were set on the all-9-transitions policy (sessions 8-27); with 3
+    # trained transitions an update is cheaper and each step's KL budget is spent on fewer transitions.
+    "sde3-lr2e-4": ["grpo.stochastic_steps=3", "grpo.lr=2e-4"],
+    "sde3-kl0.2": ["grpo.stochastic_steps=3", "grpo.kl_coef=0.2"],
+    "sde3-p12": ["grpo.stochastic_steps=3", "grpo.prompts_per_iteration=12"],  # 96 images per update
+    "sde3-60it": ["grpo.stochastic_steps=3", "grpo.iterations=60"],
+    # Session 29: a group's 8 rollouts started from 8 independent noises, so part of their reward spread is the start
+    # (independent of theta), which the advantage credits to the actions. grpo.shared_start: one start per group
+    # (DanceGRPO's shared initial noise); with 3 stochastic transitions the spread is then their noise alone.
+    "sde3-shared-start": ["grpo.stochastic_steps=3", "grpo.shared_start=true"],
 }
 
 REWARD = "total"

@@ -164,6 +164,11 @@ class GrpoConfig(Strict):
         "from the trained steps' noise alone and the learner re-scores K transitions, not N-1 (MixGRPO, "
         "Flow-GRPO-Fast). The held-out evaluation keeps the fully stochastic sampler",
     )
+    shared_start: bool = Field(
+        False, description="a group's G rollouts start from the same noise (DanceGRPO's shared initial noise), so "
+        "their rewards differ by the policy's own noise alone and the group-relative advantage credits the actions, "
+        "not the starting point; the held-out evaluation keeps independent noise",
+    )
     guidance: float = Field(
         1.0, ge=0, description="classifier-free guidance scale w of the rollouts (1 = none); the learner re-scores "
         "actions under the same guided network, so the policy is the guided sampler",

@@ -44,6 +44,9 @@ class Policy:
     variant: Variant = "hybrid"  # prox only: hybrid or fully backward
     # prox only: the first K transitions are the policy, the rest probability-flow steps (None: all N-1 are)
     stochastic_steps: Optional[int] = None
+    # the rows of one sample() call (a GRPO group) start from the same noise: rewards then differ by the policy's
+    # own actions alone (the start is independent of theta, so the log-probs and the learner do not change)
+    shared_start: bool = False
 
     def __post_init__(self) -> None:
         if self.stochastic_steps is not None:
@@ -56,9 +59,11 @@ class Policy:
 
     @classmethod
     def of(cls, model: nn.Module, steps: int, eta: float = 1.0, guidance: float = 1.0,
-           variant: Variant = "hybrid", stochastic_steps: Optional[int] = None) -> "Policy":
+           variant: Variant = "hybrid", stochastic_steps: Optional[int] = None,
+           shared_start: bool = False) -> "Policy":
         """The policy of `model` (a ProxT2I, or a DeepSpeed engine around one)."""
-        return cls(getattr(model, "module", model).cfg.kind, steps, eta, guidance, variant, stochastic_steps)
+        return cls(getattr(model, "module", model).cfg.kind, steps, eta, guidance, variant, stochastic_steps,
+                   shared_start)
 
     @property
     def transitions(self) -> int:
@@ -76,9 +81,9 @@ class Policy:
         if self.kind == "prox":
             return sample_hybrid(prox_fn(model, self.guidance, **condition), shape, self.grid, eta=self.eta,
                                  generator=generator, device=device, variant=self.variant,
-                                 stochastic_steps=self.stochastic_steps)
+                                 stochastic_steps=self.stochastic_steps, shared_start=self.shared_start)
         out = sample_score(eps_fn(model, self.guidance, **condition), shape, self.steps, method="sde", eta=self.eta,
-                           generator=generator, device=device)
+                           generator=generator, device=device, shared_start=self.shared_start)
         return Trajectory(states=out.states, images=out.images, log_probs=out.log_probs)
 
     def transition(self, model: nn.Module, condition: dict[str, torch.Tensor], states: torch.Tensor,

@@ -163,6 +163,15 @@ def made_by(n: int, k: int, variant: Variant, stochastic_steps: Optional[int]) -
     return variant if stochastic_steps is None or n - k <= stochastic_steps else "flow"
 
 
+def start_noise(shape: tuple[int, ...], generator: Optional[torch.Generator], device: torch.device | str,
+                shared: bool = False) -> torch.Tensor:
+    """N(0, I) for a chain's starting state; `shared`: one draw for every row, so a GRPO group's members differ only
+    by the policy's own noise (DanceGRPO's shared initial noise)."""
+    if not shared:
+        return standard_normal(shape, generator, device)
+    return standard_normal((1, *shape[1:]), generator, device).expand(shape).contiguous()
+
+
 @dataclass
 class Trajectory:
     """What the policy did: auxiliary states y_N..y_1 ([B, N, ...], index 0 is y_N), images x_0, log-probs."""
@@ -183,12 +192,14 @@ def sample_hybrid(
     device: torch.device | str = "cpu",
     variant: Variant = "hybrid",
     stochastic_steps: Optional[int] = None,
+    shared_start: bool = False,
 ) -> Trajectory:
     """Run the hybrid (or fully backward) sampler for len(grid) steps from x_N ~ N(0, I), recording the trajectory.
 
     `stochastic_steps` K: only the first K transitions are `variant` steps; the rest are probability-flow steps
     (deterministic, no log-prob), so the trajectory has K log-probs. The SDE and the ODE share their marginals, so
-    the switch keeps the chain a sampler of p_0 (MixGRPO, Flow-GRPO-Fast); the model must know the flow variant."""
+    the switch keeps the chain a sampler of p_0 (MixGRPO, Flow-GRPO-Fast); the model must know the flow variant.
+    `shared_start`: every row starts from the same y_N (its x_N and z_N), independent of theta like any y_N."""
     n = grid.steps
 
     def draw() -> torch.Tensor:
@@ -197,7 +208,8 @@ def sample_hybrid(
     def by(k: int) -> Variant:
         return made_by(n, k, variant, stochastic_steps)
 
-    y = initial_state(draw(), draw(), grid, eta, variant)
+    y = initial_state(start_noise(shape, generator, device, shared_start),
+                      start_noise(shape, generator, device, shared_start), grid, eta, variant)
     states, log_probs = [y], []
     for k in range(n, 0, -1):
         stochastic = eta != 0.0 and by(k - 1) != "flow"

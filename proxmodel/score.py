@@ -23,7 +23,7 @@ from diffusers import DDIMScheduler
 from torch import nn
 
 from proxmodel.model import guided_eps
-from proxmodel.sampler import gaussian_log_prob, standard_normal
+from proxmodel.sampler import gaussian_log_prob, standard_normal, start_noise
 from proxmodel.schedule import VPSchedule
 
 # eps(x, t) -> eps_hat: t is a float tensor of shape [B].
@@ -121,10 +121,12 @@ def sample_score(
     device: torch.device | str = "cpu",
     schedule: VPSchedule = VPSchedule(),
     t_min: float = T_MIN,
+    shared_start: bool = False,
 ) -> ScoreSample:
-    """Euler-Maruyama (`sde`) or probability-flow (`ode`) sampling with `steps` network evaluations."""
+    """Euler-Maruyama (`sde`) or probability-flow (`ode`) sampling with `steps` network evaluations; `shared_start`:
+    every row starts from the same x at tau = 1."""
     times = score_times(steps, t_min).tolist()
-    x = standard_normal(shape, generator, device)
+    x = start_noise(shape, generator, device, shared_start)
     states, log_probs = [x], []
     for t, t_next in zip(times[:0:-1], times[-2::-1]):
         if method == "ode":

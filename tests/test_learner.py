@@ -382,3 +382,18 @@ def test_the_kl_term_pulls_the_flow_steps_back_to_the_reference(checkpoint, serv
         after[on] = drift(learner.engine.module)
     assert "kl_flow" not in metrics[False] and metrics[False]["kl"] == 0 and metrics[True]["kl_flow"] > 0
     assert before > 0 and after[False] == before and after[True] < 0.8 * before, (before, after)
+
+
+def test_groups_with_a_shared_start_reach_the_learner_and_train_on_policy(checkpoint, server):
+    """grpo.shared_start through the rollout actor and the stream: each group's trajectories start from one state
+    (and differ after it), and the learner re-scores them as any other group (ratio exactly 1). Would catch the
+    option dropped between the actor and its policy, or a shared start the learner scores differently."""
+    write_batch(checkpoint, server.address, "shared", steps=STEPS, group_size=G, shared_start=True)
+    peek = ExperienceStream(server.address, "shared", group="peek")
+    peek.create()  # a second consumer group reads every entry from the start, leaving them to the learner's
+    for _, group in peek.read("peek", len(PROMPTS), 5.0):
+        start = group.states[:, 0]
+        assert torch.equal(start, start[:1].expand_as(start)) and not torch.allclose(group.samples[0], group.samples[1])
+    learner = make_learner(checkpoint, server, "shared", recompute="group")
+    metrics = learner.train(0, len(PROMPTS))
+    assert metrics["ratio_max_dev"] == 0.0 and metrics["acked"] == len(PROMPTS)

@@ -129,3 +129,21 @@ def test_the_flow_steps_drift_is_zero_at_the_reference_and_grows_with_the_networ
         policy.flow_step(model, {"tokens": tokens}, traj.states, 0)
     with pytest.raises(IndexError, match="not a probability-flow step"):
         Policy.of(model, steps).flow_step(model, {"tokens": tokens}, traj.states, 2)
+
+
+def test_a_group_with_a_shared_start_differs_by_the_policys_own_noise_only(model):
+    """grpo.shared_start: every row of one sample() starts from the same state, the actions after it are drawn per
+    row, and the log-probs are still the learner's recomputation. Would catch sharing nothing (the start's noise
+    stays in the advantage) or sharing every draw (a group of identical images: no advantage at all)."""
+    tokens = model.tokenize(["a red circle"] * G)
+    shared = Policy.of(model, STEPS, shared_start=True)
+    traj = shared.sample(model, {"tokens": tokens}, shape_of(model), torch.Generator().manual_seed(6))
+    start = traj.states[:, 0]
+    assert torch.equal(start, start[:1].expand_as(start))
+    assert all(not torch.allclose(traj.states[0, 1], traj.states[i, 1]) for i in range(1, G))
+    assert all(not torch.allclose(traj.images[0], traj.images[i]) for i in range(1, G))
+    for j in range(STEPS - 1):
+        step = shared.transition(model, {"tokens": tokens}, traj.states, j)
+        assert torch.allclose(step.log_prob.detach(), traj.log_probs[:, j], atol=1e-6), f"transition {j}"
+    own = Policy.of(model, STEPS).sample(model, {"tokens": tokens}, shape_of(model), torch.Generator().manual_seed(6))
+    assert not torch.allclose(own.states[0, 0], own.states[1, 0])
