@@ -364,7 +364,8 @@ def test_the_kl_term_pulls_the_flow_steps_back_to_the_reference(checkpoint, serv
     with torch.no_grad():
         for p in moved.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    reference = MovedLate(tiny_model, moved, policy.grid.t_at(STEPS - 1)).requires_grad_(False)
+    # copies: requires_grad_(False) on the shared fixture itself would freeze it for every later test
+    reference = MovedLate(copy.deepcopy(tiny_model), moved, policy.grid.t_at(STEPS - 1)).requires_grad_(False)
 
     def drift(net) -> float:
         with torch.no_grad():
