@@ -37,7 +37,7 @@ from torch import nn
 
 from proxmodel.model import prox_fn
 from proxmodel.policy import Policy
-from proxmodel.sampler import gaussian_kl, half_step, hybrid_step
+from proxmodel.sampler import gaussian_kl, hybrid_step
 from rewards.base import RewardModel
 
 
@@ -108,9 +108,8 @@ def direct_loss(model: nn.Module, reference: Optional[nn.Module], policy: Policy
     if reference is not None and kl_coef > 0:
         with torch.no_grad():
             ref_x0, ref_means = replay(reference, policy, tokens, states, last_steps)
-        variances = [(policy.eta * half_step(policy.grid, k - 1, policy.variant).noise_std) ** 2
-                     for k in range(last_steps, 1, -1)]
-        variances.append((policy.eta * half_step(policy.grid, 1, policy.variant).noise_std) ** 2)
+        variances = [policy.variance(policy.steps - k) for k in range(last_steps, 1, -1)]
+        variances.append(policy.variance(policy.steps - 2))
         pairs = list(zip(means + [x0], ref_means + [ref_x0], variances))
         kl = torch.stack([gaussian_kl(m, r, v).mean() for m, r, v in pairs]).mean()
         loss = loss + kl_coef * kl

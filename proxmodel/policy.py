@@ -86,6 +86,10 @@ class Policy:
                            generator=generator, device=device, shared_start=self.shared_start)
         return Trajectory(states=out.states, images=out.images, log_probs=out.log_probs)
 
+    def variance(self, j: int) -> float:
+        """The noise variance of prox transition j (0 = the noisiest) when it is stochastic: (eta * sqrt(gamma))^2."""
+        return (self.eta * half_step(self.grid, self.steps - j - 1, self.variant).noise_std) ** 2
+
     def transition(self, model: nn.Module, condition: dict[str, torch.Tensor], states: torch.Tensor,
                    j: int) -> Transition:
         """Transition j (0 = the noisiest) of recorded `states` [B, N, ...] re-scored under `model` (with grad)."""
@@ -95,8 +99,7 @@ class Policy:
             k = self.steps - j
             out = hybrid_step(prox_fn(model, self.guidance, **condition), states[:, j], self.grid, k, eta=self.eta,
                               y_next=states[:, j + 1], variant=self.variant)
-            var = (self.eta * half_step(self.grid, k - 1, self.variant).noise_std) ** 2
-            return Transition(out.mean, out.log_prob, var)
+            return Transition(out.mean, out.log_prob, self.variance(j))
         times = score_times(self.steps).tolist()
         t, t_next = times[self.steps - 1 - j], times[self.steps - 2 - j]
         out = sde_step(eps_fn(model, self.guidance, **condition), states[:, j], t, t_next, eta=self.eta,
@@ -124,5 +127,4 @@ class Policy:
         unpenalised. Gradient through `model` only."""
         with torch.no_grad():
             target = self.flow_step(reference, condition, states, j)
-        var = (self.eta * half_step(self.grid, self.steps - j - 1, self.variant).noise_std) ** 2
-        return gaussian_kl(self.flow_step(model, condition, states, j), target, var)
+        return gaussian_kl(self.flow_step(model, condition, states, j), target, self.variance(j))
