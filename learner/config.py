@@ -85,12 +85,13 @@ class PretrainConfig(Strict):
         "took caption accuracy at 10 steps from chance to 0.58, docs/results.md); noise: the drawn xi (ProxDM)"
     )
     loss_space: Literal["eps", "x0"] = Field(
-        "eps", description="kind prox, target conditional: where the loss measures the prediction's error. eps: as "
+        "eps", description="target conditional (kind prox): where the loss measures the prediction's error. eps: as "
         "ProxDM. x0: each pair's eps residual divided by min(k, 1), k = sqrt(lam alpha_t) / (1 - alpha_t + lam) "
         "the weight of x0 in the target, i.e. the error of the clean image the prediction implies: at the noisiest "
         "pairs, where the layout is decided, x0 has 0.004-0.04 of the eps target and a caption's place word hardly "
         "reaches the eps loss. 1800 steps of it from scenes-minilm took the place word's share 0.25 -> 0.47 and the "
-        "held-out verifier 0.41 -> 0.50 (docs/results.md, Session 25); not yet measured from scratch"
+        "held-out verifier 0.41 -> 0.50 (docs/results.md, Session 25); not yet measured from scratch. Kind score: "
+        "the eps-MSE residual divided by min(k, 1), k = sqrt(alpha_t / (1 - alpha_t)), the same clean-image error"
     )
     mirror_pairs: bool = Field(
         False, description="data.kind scenes: each batch is batch_size / 2 scenes, each beside its left-right "

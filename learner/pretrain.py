@@ -28,7 +28,8 @@ from learner.resume import (
 from learner.progress import steady_range
 from learner.signals import STOP
 from learner.tracking import Tracker
-from proxmodel.losses import LossSchedule, make_score_pairs, make_training_pairs, mse_loss, x0_loss_scale
+from proxmodel.losses import (LossSchedule, make_score_pairs, make_training_pairs, mse_loss, score_x0_loss_scale,
+                              x0_loss_scale)
 from proxmodel.config import ModelConfig
 from proxmodel.checkpoint import write_card
 from proxmodel.model import ProxT2I, load_model, save_state
@@ -153,8 +154,9 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
                 y, t, lam, xi = make_training_pairs(x0, schedule, pc.step_candidates, gen, tuple(pc.prox_variants),
                                                     tie=2 if pc.mirror_pairs else 1, target=pc.target)
             eps = engine(y, t, lam, tokens=model.tokenize(captions, dev))
-            if mc.kind == "prox" and pc.loss_space == "x0":
-                scale = x0_loss_scale(t, lam, schedule).view(-1, *([1] * (eps.dim() - 1)))
+            if pc.loss_space == "x0":
+                scale = x0_loss_scale(t, lam, schedule) if mc.kind == "prox" else score_x0_loss_scale(t, schedule)
+                scale = scale.view(-1, *([1] * (eps.dim() - 1)))
                 eps, xi = eps * scale, xi * scale
             loss = mse_loss(eps, xi) if mc.kind == "score" else losses.loss(step, eps, xi)
             train_step(engine, loss)

@@ -104,6 +104,15 @@ def x0_loss_scale(t: torch.Tensor, lam: torch.Tensor, schedule: VPSchedule) -> t
     return 1.0 / k.clamp(max=1.0)
 
 
+def score_x0_loss_scale(t: torch.Tensor, schedule: VPSchedule) -> torch.Tensor:
+    """[B]: 1 / min(k, 1), k = sqrt(alpha_t / (1 - alpha_t)) the ratio of an eps residual to the error of the clean
+    image it implies (x0 = (x_t - sqrt(1 - alpha_t) eps) / sqrt(alpha_t)): the score model's twin of
+    `x0_loss_scale` (pretrain.loss_space=x0 for kind score)."""
+    alpha = schedule.alpha(t)
+    k = (alpha / (1.0 - alpha)).sqrt()
+    return 1.0 / k.clamp(max=1.0)
+
+
 def make_score_pairs(
     x0: torch.Tensor, schedule: VPSchedule, t_min: float, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

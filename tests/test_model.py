@@ -222,20 +222,45 @@ def test_the_x0_loss_scale_turns_the_conditional_targets_residual_into_the_clean
     assert scale.max() > 50  # the noisiest pairs' residual is amplified by two orders of magnitude
 
 
+def test_the_score_models_x0_loss_scale_turns_its_eps_residual_into_the_clean_images_error():
+    """pretrain.loss_space=x0 for kind score: an eps prediction made from a wrong clean image x0 + delta (the eps
+    that x_t and x0 + delta imply) has residual k delta, k = sqrt(alpha / (1 - alpha)); scaled, it is delta where
+    k < 1 (the noisy half of t) and k delta elsewhere."""
+    from proxmodel.losses import make_score_pairs, score_x0_loss_scale
+
+    schedule = VPSchedule()
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(256, 3, 8, 8, generator=gen) * 2 - 1
+    x_t, t, eps = make_score_pairs(x0, schedule, 1e-3, gen)
+    delta = 0.1 * torch.randn(x0.shape, generator=gen)
+    alpha = schedule.alpha(t).view(-1, 1, 1, 1)
+    pred = (x_t - alpha.sqrt() * (x0 + delta)) / (1 - alpha).sqrt()
+    scale = score_x0_loss_scale(t, schedule).view(-1, 1, 1, 1)
+    k = (alpha / (1 - alpha)).sqrt()
+    noisy = k.flatten() < 1
+    assert noisy.any() and (~noisy).any()  # both regimes are in the batch
+    scaled = (eps - pred) * scale
+    assert torch.allclose(scaled[noisy], delta[noisy], atol=1e-4)
+    assert torch.allclose(scaled[~noisy], k[~noisy] * delta[~noisy], atol=1e-4)
+    assert scale.max() > 50
+
+
 def test_pretraining_measures_its_loss_in_x0_space_when_asked(tmp_path):
-    """The option reaches the pretraining loop: the first step's loss (same weights, data and pairs) is larger in x0
-    space, where the noisy pairs' residuals are amplified, and a noise target is refused by name."""
+    """The option reaches the pretraining loop of both model kinds: the first step's loss (same weights, data and
+    pairs) is larger in x0 space, where the noisy pairs' residuals are amplified, and a noise target is refused by name."""
     from learner.main import main
 
     first = {}
-    for space in ("eps", "x0"):
-        run_dir = tmp_path / space
-        code = main(["--mode", "pretrain", "--config", "configs/smoke.yaml", f"run_dir={run_dir}",
-                     f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "pretrain.iterations=1",
-                     "pretrain.l1_warmup_frac=0", f"pretrain.loss_space={space}"])
-        assert code == 0
-        first[space] = json.loads((run_dir / "summary.json").read_text())["loss_final"]
-    assert first["x0"] > 1.5 * first["eps"]
+    for kind in ("prox", "score"):
+        for space in ("eps", "x0"):
+            run_dir = tmp_path / f"{kind}-{space}"
+            code = main(["--mode", "pretrain", "--config", "configs/smoke.yaml", f"run_dir={run_dir}",
+                         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "pretrain.iterations=1",
+                         "pretrain.l1_warmup_frac=0", f"pretrain.loss_space={space}", f"model.kind={kind}"])
+            assert code == 0
+            first[kind, space] = json.loads((run_dir / "summary.json").read_text())["loss_final"]
+    assert first["prox", "x0"] > 1.5 * first["prox", "eps"]
+    assert first["score", "x0"] > 1.5 * first["score", "eps"]  # the score model's loss is scaled too
     assert main(["--mode", "pretrain", "--config", "configs/smoke.yaml", f"run_dir={tmp_path / 'bad'}",
                  "pretrain.loss_space=x0", "pretrain.target=noise"]) == 2
     assert not (tmp_path / "bad").exists()
