@@ -5,7 +5,11 @@
 1. Bases: a prox and a score model of the same backbone, data, seed, iterations and batch size, pretrained here
    (`--pretrain-iterations`, `python -m learner.main --mode pretrain`) or reused from `--models DIR`
    (DIR/scenes/prox and DIR/scenes/score, as `quality_vs_steps.py --keep-models` or this script's `--keep-models`
-   write them).
+   write them). From scratch by default; with `--warm-start CKPT` both start from one prox checkpoint's network
+   (the score one re-read as kind score) and continue the same steps on the same scenes with their own loss, so
+   the score base has read as many captions as the prox one. Session 30's bases (README):
+       --warm-start builtin:scenes-minilm-x0-4200 --pretrain-iterations 1200 --pretrain-set pretrain.loss_space=x0
+       pretrain.l1_warmup_frac=0 data.cursor=294400 --budget-s 240 --eval-every 10 --eval-prompts 128
 2. Reward-fine-tunes each policy with GRPO on the same reward (the config's compositional verifier), prompts, group
    size and sampler steps, for the same training budget (`grpo.time_limit_s`, evaluations not counted), once per seed:
        prox-pg       the prox model, per-step policy gradient on its stochastic hybrid sampler (the default)
@@ -87,19 +91,42 @@ def reach(c: dict[str, np.ndarray], target: float) -> tuple[float, float] | None
     return (float(c["eval_seconds"][hit[0]]), float(c["eval_images"][hit[0]])) if len(hit) else None
 
 
+def score_twin(prox_checkpoint: str, directory: Path) -> Path:
+    """A prox checkpoint's network (U-Net and text encoder) as a score model's starting point: a score base that
+    has read as many captions as the prox base it is compared with."""
+    from learner.main import resolve_checkpoint
+    from proxmodel.model import ProxT2I, load_model, save_model
+
+    prox = load_model(resolve_checkpoint(prox_checkpoint))
+    if prox.cfg.kind != "prox":
+        raise SystemExit(f"--warm-start {prox_checkpoint} is a {prox.cfg.kind} model; give a prox checkpoint")
+    twin = ProxT2I(prox.cfg.model_copy(update={"kind": "score", "trained_steps": None, "trained_variants": None}))
+    twin.load_state_dict(prox.state_dict())
+    save_model(twin, directory)
+    return directory
+
+
 def bases(args, scratch: Path, uri: str) -> dict[str, str]:
-    """kind -> checkpoint: reused from --models, or pretrained here (and kept with --keep-models)."""
+    """kind -> checkpoint: reused from --models, or pretrained here (and kept with --keep-models): from scratch, or
+    with --warm-start both from one prox checkpoint's network, each continued with its own loss."""
     if args.models:
         return {kind: str(args.models / "scenes" / kind) for kind in KINDS}
     out = {}
     iterations = args.pretrain_iterations or (300 if args.quick else 2000)
     for kind in KINDS:
-        pre = cli("pretrain", args.config, scratch / f"pretrain-{kind}", uri,
-                  [f"model.kind={kind}", f"pretrain.iterations={iterations}"])
+        overrides = [f"pretrain.iterations={iterations}", *args.pretrain_set]
+        if args.warm_start is None:
+            overrides.append(f"model.kind={kind}")
+        elif kind == "prox":
+            overrides.append(f"init_from={args.warm_start}")
+        else:  # a shorter EMA: the prox weights it starts from are no score model, and 0.999^N would keep them
+            overrides += [f"init_from={score_twin(args.warm_start, scratch / 'score-init')}", "pretrain.ema_decay=0.995"]
+        pre = cli("pretrain", args.config, scratch / f"pretrain-{kind}", uri, overrides)
         out[kind] = pre["checkpoint"]
         if args.keep_models:
             shutil.copytree(pre["checkpoint"], args.keep_models / "scenes" / kind, dirs_exist_ok=True)
-            (args.keep_models / "scenes" / "pretrain.json").write_text(json.dumps({"iterations": iterations}) + "\n")
+            (args.keep_models / "scenes" / "pretrain.json").write_text(json.dumps(
+                {"iterations": iterations, "warm_start": args.warm_start, "overrides": args.pretrain_set}) + "\n")
     return out
 
 
@@ -108,6 +135,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small budgets (a smoke check of the pipeline)")
     parser.add_argument("--models", type=Path, default=None, help="reuse DIR/scenes/prox and DIR/scenes/score")
     parser.add_argument("--pretrain-iterations", type=int, default=None, help="without --models: default 2000 (quick: 300)")
+    parser.add_argument("--warm-start", default=None, help="without --models: start both bases from this prox "
+                        "checkpoint's network (the score one as kind score, EMA decay 0.995) instead of from scratch")
+    parser.add_argument("--pretrain-set", nargs="*", default=[], help="overrides for both bases' pretraining, e.g. "
+                        "pretrain.loss_space=x0 data.cursor=294400")
     parser.add_argument("--keep-models", type=Path, default=None, help="copy the pretrained bases to DIR/scenes/<kind>")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

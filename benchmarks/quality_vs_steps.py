@@ -199,8 +199,10 @@ def main() -> None:
             if args.models:
                 kept = args.models / dataset
                 checkpoints = {kind: kept / kind for kind in SAMPLERS}
-                iterations = json.loads((kept / "pretrain.json").read_text())["iterations"]
+                made = json.loads((kept / "pretrain.json").read_text())
+                iterations, warm_start = made["iterations"], made.get("warm_start")
             else:
+                warm_start = None
                 checkpoints = {kind: pretrain(kind, CONFIGS[dataset], iterations, scratch / dataset / kind, uri)
                                for kind in SAMPLERS}
                 if iterations is None:
@@ -217,7 +219,9 @@ def main() -> None:
             else:
                 metric = digits_metric(20 if args.quick else 50)
             title = (f"{dataset}: prox and score models pretrained {iterations} iterations "
-                     f"({CONFIGS[dataset].name}; same backbone, data, batch and seed)")
+                     f"({CONFIGS[dataset].name}; same backbone, data, batch and seed)" if warm_start is None else
+                     f"{dataset}: prox and score models, both {warm_start}'s network continued {iterations} "
+                     "iterations with their own loss (same data, batch and seed)")
             nfes = tuple(args.nfes)
             rows = quality_table(checkpoints, metric, args.seeds, nfes)
             table = markdown(rows, metric, title, nfes)
