@@ -87,7 +87,8 @@ class Policy:
         return Trajectory(states=out.states, images=out.images, log_probs=out.log_probs)
 
     def variance(self, j: int) -> float:
-        """The noise variance of prox transition j (0 = the noisiest) when it is stochastic: (eta * sqrt(gamma))^2."""
+        """The noise variance of prox transition j (0 = the noisiest) when it is stochastic: (eta * noise_std)^2 of
+        the half-step that draws it (sqrt(gamma) for hybrid, sqrt(gamma) / shrink for backward)."""
         return (self.eta * half_step(self.grid, self.steps - j - 1, self.variant).noise_std) ** 2
 
     def transition(self, model: nn.Module, condition: dict[str, torch.Tensor], states: torch.Tensor,
