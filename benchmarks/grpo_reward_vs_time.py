@@ -17,7 +17,9 @@
        score-pg      the score model, Euler-Maruyama with its final denoising step (DDPO-style)
    Every `--eval-every` iterations the run evaluates the held-out prompts (the same prompts and noise for all).
 3. Reads rewards, timings and held-out evaluations from MLflow; prints a markdown table (final held-out reward with
-   its 95% interval, per seed and mean; seconds and images to reach score-pg's final held-out reward); plots the
+   its 95% interval, per seed and mean; seconds and images to reach score-pg's final held-out reward; each policy's
+   gain and each pair's difference of gains, paired per prompt and noise seed from the runs' held_out_scores.json,
+   kept under --out/kept); plots the
    held-out reward with its interval band against GRPO seconds (rollouts + updates + weight publication, evaluation
    excluded) and against images sampled.
 The goal it reports on: prox (either objective) reaches score-GRPO's final held-out reward in <= 0.5x its time.
@@ -130,6 +132,37 @@ def bases(args, scratch: Path, uri: str) -> dict[str, str]:
     return out
 
 
+def paired_gains(scores: dict[str, dict[int, dict]]) -> list[str]:
+    """Markdown rows: each policy's held-out gain (after - before), and each pair's difference of gains, paired per
+    prompt and noise seed over the seeds both ran (all runs share the held-out prompts; a run seed fixes the noise),
+    with a 95% bootstrap interval over prompts. Between a prox and a score policy this is a difference of
+    differences: their starts differ, their prompts and noise indices do not."""
+    from learner.bootstrap import bootstrap_ci
+
+    def gain(s: dict) -> np.ndarray:
+        return np.asarray(s["after"]["total"]) - np.asarray(s["before"]["total"])
+
+    names = [n for n in POLICIES if scores.get(n)]
+    if not names:
+        return []
+    lines = ["", "Held-out gain (after - before), paired per prompt and noise seed, 95% interval over prompts:", "",
+             "| policy or pair | seeds | gain |", "|---|---|---|"]
+    for n in names:
+        seeds = sorted(scores[n])
+        lines.append(f"| {n} | {len(seeds)} | {bootstrap_ci(np.concatenate([gain(scores[n][s]) for s in seeds], 1))} |")
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            seeds = sorted(set(scores[a]) & set(scores[b]))
+            if not seeds:
+                continue
+            for s in seeds:
+                if scores[a][s]["prompts"] != scores[b][s]["prompts"]:
+                    raise SystemExit(f"{a} and {b} (seed {s}) were evaluated on other prompts: not a pair")
+            diff = np.concatenate([gain(scores[a][s]) - gain(scores[b][s]) for s in seeds], 1)
+            lines.append(f"| {a} - {b} | {len(seeds)} | {bootstrap_ci(diff)} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small budgets (a smoke check of the pipeline)")
@@ -161,6 +194,7 @@ def main() -> None:
     images = g.prompts_per_iteration * g.group_size
     checkpoints = bases(args, scratch, uri)
     curves: dict[str, list[dict]] = {}
+    scores: dict[str, dict[int, dict]] = {}  # policy -> seed -> its held_out_scores.json
     for seed in args.seeds:  # seed by seed: a run stopped part-way has every policy on the same seeds
         for name in args.policies:
             kind, overrides = POLICIES[name]
@@ -170,9 +204,12 @@ def main() -> None:
             settings = {"bases": checkpoints, "budget_s": budget, "eval": [args.eval_every, args.eval_prompts,
                         args.eval_seeds], "config": str(args.config), "overrides": overrides,
                         "time_limit": "training only"}  # (runs before evaluations were excluded from it: not reused)
+            kept_scores = kept.with_name(f"{name}-seed{seed}-scores.json")  # every held-out score, before and after
             if kept.exists() and json.loads(kept.read_text())["settings"] == settings:
                 curves.setdefault(name, []).append(once_per_step({k: np.asarray(v) for k, v in
                                                                   json.loads(kept.read_text())["curve"].items()}))
+                if kept_scores.exists():
+                    scores.setdefault(name, {})[seed] = json.loads(kept_scores.read_text())
                 continue
             summary = cli("grpo", args.config, scratch / f"grpo-{name}-{seed}", uri, [
                 f"init_from={checkpoints[kind]}", f"seed={seed}", f"grpo.time_limit_s={budget}",
@@ -182,6 +219,8 @@ def main() -> None:
             kept.parent.mkdir(parents=True, exist_ok=True)
             kept.write_text(json.dumps({"settings": settings, "curve": {k: v.tolist() for k, v in
                                                                          curves[name][-1].items()}}) + "\n")
+            shutil.copyfile(summary["held_out_scores"], kept_scores)
+            scores.setdefault(name, {})[seed] = json.loads(kept_scores.read_text())
     shutil.rmtree(scratch, ignore_errors=True)
 
     final = {n: [float(c["eval"][-1]) for c in cs] for n, cs in curves.items()}
@@ -212,6 +251,7 @@ def main() -> None:
             verdict = (f"{'met' if ok else 'not met'} (prox {'never' if best is None else f'{best:.0f} s'} vs "
                        f"score-pg {reached['score-pg'][0]:.0f} s)")
         lines += ["", f"Goal (prox reaches score-pg's final held-out reward {target:.3f} in <= 0.5x its time): {verdict}."]
+    lines += paired_gains(scores)
     table = "\n".join(lines)
     print(table)
     (args.out / "table.md").write_text(table + "\n")

@@ -622,6 +622,14 @@ class GrpoRun:
                            "difference": bootstrap_ci(after[name] - self.before[name]).as_dict()}
                     for name in after}
         checks = {name: held_out.pop(name) for name in g.check_rewards}
+        # Every prompt's scores under every noise seed, before and after: what paired comparisons of runs that share
+        # the held-out prompts and seeds bootstrap (benchmarks/paired_runs.py, grpo_reward_vs_time.py).
+        scores_path = self.run_dir / "held_out_scores.json"
+        scores_path.write_text(json.dumps({
+            "prompts": list(self.eval_prompts), "seeds": g.eval_seeds, "layout": "[prompt][noise seed]",
+            "before": {name: m.tolist() for name, m in self.before.items()},
+            "after": {name: m.tolist() for name, m in after.items()}}) + "\n")
+        self.tracker.artifact(scores_path)
         write_card(checkpoint, self.model_cfg, {
             **self.card(done), "held_out": {"prompts": len(self.eval_prompts), "seeds": g.eval_seeds,
                                             **{name: {"before": v["before"]["mean"], "after": v["after"]["mean"],
@@ -650,6 +658,7 @@ class GrpoRun:
             "eval_reward_after": {name: float(m.mean()) for name, m in after.items()},
             "eval": {"prompts": len(self.eval_prompts), "seeds": g.eval_seeds, "level": 0.95, "rewards": held_out,
                      "checks": checks},
+            "held_out_scores": str(scores_path.resolve()),
             "monitors": {"before": self.base_monitors, "after": self.monitors},
             "groups_written": loop["written"],
             "groups_dropped": loop["dropped"],

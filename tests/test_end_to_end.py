@@ -6,6 +6,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 import safetensors.torch
@@ -114,6 +115,15 @@ def test_grpo_end_to_end_acks_every_entry_and_logs_every_iteration(pretrained, s
         for part in ("before", "after", "difference"):
             assert parts[part]["ci_low"] <= parts[part]["mean"] <= parts[part]["ci_high"], (name, part)
         assert parts["difference"]["mean"] == pytest.approx(parts["after"]["mean"] - parts["before"]["mean"])
+    # ... and every prompt's scores under each noise seed, the matrices those intervals came from (for paired
+    # comparisons between runs): the same prompts, the means summary.json reports, the first noise the logged table's.
+    scores = json.loads(Path(mlflow.download_artifacts(run.info.run_id, "held_out_scores.json", str(root))).read_text())
+    assert scores["prompts"] == prompts and Path(summary["held_out_scores"]).is_file()
+    for part, means in (("before", summary["eval_reward_before"]), ("after", summary["eval_reward_after"])):
+        assert set(scores[part]) == set(means)
+        for name, matrix in scores[part].items():
+            assert np.asarray(matrix).shape == (4, 2) and np.mean(matrix) == pytest.approx(means[name]), (part, name)
+    assert [row[0] for row in scores["after"]["compositional"]] == pytest.approx([r["compositional"] for r in rows])  # (rows: the final table)
     metrics = run.data.metrics
     for key in ("eval_reward_total_ci_low", "eval_reward_gain_total", "monitor_prompt_diversity_ratio",
                 "monitor_kl_ref_per_transition"):
