@@ -125,11 +125,7 @@ class PretrainConfig(Strict):
     eval_guidance: float = Field(1.0, ge=0, description="classifier-free guidance scale w of the final samples")
 
     @model_validator(mode="after")
-    def _check_loss_space(self) -> "PretrainConfig":
-        if self.loss_space == "x0" and self.target != "conditional":
-            raise ValueError("pretrain.loss_space=x0 needs pretrain.target=conditional: the drawn noise target's "
-                             "residual is mostly unpredictable noise, which the x0 scaling would amplify up to 300x. "
-                             "Set pretrain.target=conditional or pretrain.loss_space=eps.")
+    def _check_mirror_pairs(self) -> "PretrainConfig":
         if self.mirror_pairs and self.batch_size % 2:
             raise ValueError(f"pretrain.mirror_pairs=true pairs each scene with its mirror: pretrain.batch_size "
                              f"({self.batch_size}) must be even")

@@ -191,10 +191,21 @@ def preflight(cfg: RunConfig, mode: str) -> Path | None:
     check_model_files(model, init_from)
     if mode == "pretrain":
         check_data(cfg, model)
+        check_loss_space(cfg, model)
     check_weights(model, init_from)
     if mode == "grpo":
         check_policy_sampler(cfg, model)
     return init_from
+
+
+def check_loss_space(cfg: RunConfig, model: ModelConfig) -> None:
+    """pretrain.loss_space=x0 with the drawn-noise target: refused for a prox model, the kind it applies to (known
+    only here, where a checkpoint's kind wins over model.kind); a score model has no target option."""
+    pc = cfg.pretrain
+    if model.kind == "prox" and pc.loss_space == "x0" and pc.target != "conditional":
+        raise ConfigError("pretrain.loss_space=x0 needs pretrain.target=conditional for a prox model: the drawn noise "
+                          "target's residual is mostly unpredictable noise, which the x0 scaling would amplify up to "
+                          "300x. Set pretrain.target=conditional or pretrain.loss_space=eps.")
 
 
 def check_policy_sampler(cfg: RunConfig, model: ModelConfig) -> None:

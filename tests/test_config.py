@@ -66,6 +66,21 @@ def test_the_forward_objectives_x0_space_is_refused_with_the_noise_target():
         load_config(DEFAULT_CONFIG, ["grpo.objective=forward", "grpo.forward_loss_space=x0", "pretrain.target=noise"])
 
 
+def test_the_x0_loss_space_with_the_noise_target_is_refused_for_prox_models_only(tmp_path, tiny_model_config):
+    """The target option is the prox loss's; a score model (by model.kind, or a checkpoint's kind, which wins) has
+    none, so its x0-space loss must not be refused for it (it was, while the check knew only the pretrain section)."""
+    from learner.main import preflight
+    from proxmodel.model import ProxT2I, save_model
+
+    x0_noise = ["pretrain.loss_space=x0", "pretrain.target=noise"]
+    with pytest.raises(ConfigError, match="needs pretrain.target=conditional for a prox model"):
+        preflight(load_config(DEFAULT_CONFIG, x0_noise), "pretrain")
+    assert preflight(load_config(DEFAULT_CONFIG, [*x0_noise, "model.kind=score"]), "pretrain") is None
+    save_model(ProxT2I(tiny_model_config.model_copy(update={"kind": "score"})), tmp_path / "score")
+    assert preflight(load_config(DEFAULT_CONFIG, [*x0_noise, f"init_from={tmp_path / 'score'}"]), "pretrain") == \
+        tmp_path / "score"
+
+
 def test_mirror_pairs_need_scenes_and_an_even_batch():
     load_config(DEFAULT_CONFIG, ["pretrain.mirror_pairs=true"])
     with pytest.raises(ConfigError, match="batch_size \\(31\\) must be even"):
