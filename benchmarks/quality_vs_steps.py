@@ -89,7 +89,8 @@ def scenes_metric(prompts: int) -> Metric:
     def score(per_seed) -> dict:
         return {"accuracy": bootstrap_ci(np.stack([reward.score(im, texts).numpy() for im in per_seed], axis=1))}
 
-    return Metric(texts, score, ("accuracy",), f"compositional accuracy on {prompts} held-out scene prompts (GRPO's evaluation set)")
+    return Metric(texts, score, ("accuracy",),
+                  f"compositional accuracy on {prompts} held-out scene prompts (GRPO's evaluation set)")
 
 
 def digits_metric(per_digit: int) -> Metric:

@@ -623,7 +623,7 @@ class GrpoRun:
                     for name in after}
         checks = {name: held_out.pop(name) for name in g.check_rewards}
         # Every prompt's scores under every noise seed, before and after: what paired comparisons of runs that share
-        # the held-out prompts and seeds bootstrap (benchmarks/paired_runs.py, grpo_reward_vs_time.py).
+        # the held-out prompts and seeds bootstrap (benchmarks/grpo_reward_vs_time.py).
         scores_path = self.run_dir / "held_out_scores.json"
         scores_path.write_text(json.dumps({
             "prompts": list(self.eval_prompts), "seeds": g.eval_seeds, "layout": "[prompt][noise seed]",

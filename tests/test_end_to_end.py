@@ -123,7 +123,8 @@ def test_grpo_end_to_end_acks_every_entry_and_logs_every_iteration(pretrained, s
         assert set(scores[part]) == set(means)
         for name, matrix in scores[part].items():
             assert np.asarray(matrix).shape == (4, 2) and np.mean(matrix) == pytest.approx(means[name]), (part, name)
-    assert [row[0] for row in scores["after"]["compositional"]] == pytest.approx([r["compositional"] for r in rows])  # (rows: the final table)
+    final_table = [r["compositional"] for r in rows]  # (rows: the last table read above, the final evaluation's)
+    assert [row[0] for row in scores["after"]["compositional"]] == pytest.approx(final_table)
     metrics = run.data.metrics
     for key in ("eval_reward_total_ci_low", "eval_reward_gain_total", "monitor_prompt_diversity_ratio",
                 "monitor_kl_ref_per_transition"):
