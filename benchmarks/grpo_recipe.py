@@ -223,6 +223,10 @@ RECIPES: dict[str, list[str]] = {
     # (independent of theta), which the advantage credits to the actions. grpo.shared_start: one start per group
     # (DanceGRPO's shared initial noise); with 3 stochastic transitions the spread is then their noise alone.
     "sde3-shared-start": ["grpo.stochastic_steps=3", "grpo.shared_start=true"],
+    # Session 31: the tilt bound finds the goal's gain within a prompt's own samples (best of 4: +0.16), i.e. in
+    # selection among a prompt's draws; 16 per group (at 3 prompts: the same 48 images and cost per iteration) see
+    # twice the draws of each prompt and estimate its advantages from twice the samples.
+    "sde3-g16": ["grpo.stochastic_steps=3", "grpo.group_size=16", "grpo.prompts_per_iteration=3"],
 }
 
 REWARD = "total"
