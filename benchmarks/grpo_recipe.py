@@ -225,8 +225,8 @@ RECIPES: dict[str, list[str]] = {
     "sde3-shared-start": ["grpo.stochastic_steps=3", "grpo.shared_start=true"],
     # Session 31: the tilt bound finds the goal's gain within a prompt's own samples (best of 4: +0.16), i.e. in
     # selection among a prompt's draws; 16 per group (at 3 prompts: the same 48 images and cost per iteration) see
-    # twice the draws of each prompt and estimate its advantages from twice the samples. (Not yet measured: session
-    # 31's runs were stopped for time.)
+    # twice the draws of each prompt and estimate its advantages from twice the samples. (Session 31, seeds 0-1:
+    # +0.003, -0.003 against the default's +0.011, +0.021; paired -0.008 [-0.025, +0.010]: no better.)
     "sde3-g16": ["grpo.stochastic_steps=3", "grpo.group_size=16", "grpo.prompts_per_iteration=3"],
 }
 
