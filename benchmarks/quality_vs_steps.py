@@ -77,14 +77,14 @@ def scenes_metric(prompts: int) -> Metric:
 
     from learner.bootstrap import bootstrap_ci
     from learner.config import load_config
-    from learner.prompts import ScenePrompts
+    from learner.prompts import prompt_source
     from rewards import build
 
     # GRPO's held-out prompts (the default config's prompt_seed and omit_prob), so that a base's numbers here and in
     # a GRPO run's evaluation are of one prompt set: the prompt set alone moved a score base's 10-step SDE accuracy
     # by 0.04 (0.114 [0.095, 0.134] vs 0.075 [0.058, 0.094], 6 noise seeds each; docs/results.md, session 31).
-    cfg = load_config(ROOT / "configs" / "default.yaml")
-    reward, texts = build("compositional"), ScenePrompts(cfg.grpo.prompt_seed, cfg.data.omit_prob).held_out(prompts)
+    texts = prompt_source(load_config(ROOT / "configs" / "default.yaml")).held_out(prompts)
+    reward = build("compositional")
 
     def score(per_seed) -> dict:
         return {"accuracy": bootstrap_ci(np.stack([reward.score(im, texts).numpy() for im in per_seed], axis=1))}
