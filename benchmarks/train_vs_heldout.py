@@ -60,13 +60,16 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fresh-start", type=int, default=FRESH_START,
+                        help="index of the first training-stream prompt of (b) and (c); e.g. 500000: the prompts "
+                        "benchmarks/best_of_n.py samples, to measure a model on the captions it was fine-tuned on")
     parser.add_argument("--name", default=None, help="the result files' stem (default: the after checkpoint's run)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_vs_heldout"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.monotonic()
     source = prompt_source(load_config(None, []))
-    prompts = {"held": source.held_out(args.prompts), "fresh": source.train(FRESH_START, args.prompts)}
+    prompts = {"held": source.held_out(args.prompts), "fresh": source.train(args.fresh_start, args.prompts)}
     reward = CompositionalReward()
     scores = {}
     for name, ref in (("before", args.before), ("after", args.after)):
@@ -84,7 +87,8 @@ def main() -> None:
         d = est["difference"]
         rows.append(f"| {key} | {b.shape[1]} | {est['before']} | {est['after']} | "
                     f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] |")
-    text = (f"`{args.before}` -> `{args.after}`, {args.prompts} prompts each, {args.steps}-step stochastic sampler, "
+    text = (f"`{args.before}` -> `{args.after}`, {args.prompts} prompts each (training-stream prompts from index "
+            f"{args.fresh_start}), {args.steps}-step stochastic sampler, "
             "verifier; paired per prompt, 95% bootstrap intervals over prompts.\n\n"
             "| prompts, sampled as | samples per prompt | before | after | change |\n|---|---|---|---|---|\n"
             + "\n".join(rows) + f"\n\nTotal time {time.monotonic() - started:.0f} s.\n")
