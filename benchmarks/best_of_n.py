@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from learner.config import load_config
+from learner.evaluation import to_pil
 from learner.main import resolve_checkpoint
 from learner.prompts import prompt_source
 from proxmodel.generate import generate
@@ -42,8 +42,7 @@ FRESH_START = 500_000  # training-stream prompt indices past any run's (a run dr
 
 
 def save(folder: Path, stem: str, image: torch.Tensor, caption: str) -> None:
-    array = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(folder / f"{stem}.png")
+    to_pil(image[None])[0].save(folder / f"{stem}.png")
     (folder / f"{stem}.txt").write_text(caption, encoding="utf-8")
 
 
@@ -64,7 +63,7 @@ def main() -> None:
     reward = CompositionalReward()
     for name in ("best", "random"):
         (args.out / name).mkdir(parents=True, exist_ok=True)
-    scores, kept = [], 0
+    scores = []
     for first in tqdm(range(0, args.prompts, args.batch), desc="best-of-n", unit="batch"):
         chunk = prompts[first:first + args.batch]
         # one batch per draw: draw j of every prompt shares the noise seed, a prompt's draws have different seeds
@@ -78,12 +77,12 @@ def main() -> None:
             stem = f"{first + i:06d}"
             save(args.out / "best", stem, draws[best][i], caption)
             save(args.out / "random", stem, draws[0][i], caption)
-            kept += 1
     s = np.array(scores)
-    summary = {"init": args.init, "prompts": args.prompts, "n": args.n, "steps": args.steps, "kept": kept,
-               "mean_one_sample": float(s[:, 0].mean()), "mean_best": float(s.max(axis=1).mean()),
-               "mean_kept_best": float(s.max(axis=1)[s.max(axis=1) > 0].mean()),
-               "mean_kept_random": float(s[s.max(axis=1) > 0, 0].mean()),
+    best = s.max(axis=1)
+    kept = best > 0  # kept: the prompts written to best/ and random/
+    summary = {"init": args.init, "prompts": args.prompts, "n": args.n, "steps": args.steps, "kept": int(kept.sum()),
+               "mean_one_sample": float(s[:, 0].mean()), "mean_best": float(best.mean()),
+               "mean_kept_best": float(best[kept].mean()), "mean_kept_random": float(s[kept, 0].mean()),
                "seconds": round(time.monotonic() - started), "scores": scores}
     (args.out / "scores.json").write_text(json.dumps(summary) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "scores"}, indent=1))
