@@ -228,6 +228,11 @@ RECIPES: dict[str, list[str]] = {
     # twice the draws of each prompt and estimate its advantages from twice the samples. (Session 31, seeds 0-1:
     # +0.003, -0.003 against the default's +0.011, +0.021; paired -0.008 [-0.025, +0.010]: no better.)
     "sde3-g16": ["grpo.stochastic_steps=3", "grpo.group_size=16", "grpo.prompts_per_iteration=3"],
+    # Session 33: benchmarks/decision_time.py branches the evaluation's fully stochastic chain at every state: the
+    # noise of transitions 0 and 1 (t 1.0 -> 0.8, where sqrt(alpha_t) < 0.04) decides nothing of the reward, the
+    # noise of transitions 2-5 decides ~80% of it (2: 45%, 3: 22%, 4: 11%, 5: 4%). sde3 credits 0-2 and makes 3-5
+    # deterministic, unlike the sampler it is evaluated with; this trains exactly where the evaluated outcome is made.
+    "decide-window": ["grpo.stochastic_steps=null", "grpo.train_step_window=[2, 3, 4, 5]"],
 }
 
 REWARD = "total"
