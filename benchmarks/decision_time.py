@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from learner.bootstrap import bootstrap_ci
+from learner.bootstrap import bootstrap_ci, bootstrap_stat
 from learner.config import load_config
 from learner.main import resolve_checkpoint
 from learner.prompts import prompt_source
+from proxmodel.generate import generate, sample
 from proxmodel.model import load_model, prox_fn
 from proxmodel.policy import Policy
 from proxmodel.sampler import hybrid_step, standard_normal
@@ -41,14 +42,6 @@ def continue_chain(prox, y: torch.Tensor, grid, k: int, generator: torch.Generat
         out = hybrid_step(prox, y, grid, step, noise=noise)
         y = out.x if step == 1 else out.y
     return y
-
-
-def bootstrap_rows(stat, n: int, resamples: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    """`stat(index array)` and its 95% percentile interval over resampled prompts (for a ratio of means, which
-    bootstrap_ci's per-prompt mean does not cover)."""
-    rng = np.random.default_rng(seed)
-    values = [stat(rng.integers(0, n, n)) for _ in range(resamples)]
-    return float(stat(np.arange(n))), float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
 
 
 def main() -> None:
@@ -68,19 +61,14 @@ def main() -> None:
     policy = Policy.of(model, args.steps)
     context = model.encode_text(model.tokenize(prompts))
     prox = prox_fn(model, 1.0, context=context)
-    traj = policy.sample(model, {"context": context}, model.sample_shape(len(prompts)), torch.Generator().manual_seed(0))
+    traj = sample(model, prompts, args.steps, seed=0)
     original = reward.score(model.to_images(traj.images), prompts).double().numpy()
     n = args.steps
     orig = np.repeat(original[:, None], args.branches, axis=1)
 
-    def redraws(seed: int) -> np.ndarray:
-        """[prompts, branches]: independent samples of every prompt (new start noise), the undecided reference."""
-        return np.stack([reward.score(model.to_images(policy.sample(
-            model, {"context": context}, model.sample_shape(len(prompts)),
-            torch.Generator().manual_seed(seed + b)).images), prompts).double().numpy()
-            for b in range(args.branches)], axis=1)
-
-    independent = redraws(10_000)
+    # [prompts, branches]: independent samples of every prompt (new start noise), the undecided reference
+    independent = np.stack([reward.score(generate(model, prompts, args.steps, 10_000 + b), prompts).double().numpy()
+                            for b in range(args.branches)], axis=1)
     rows, result = [], {"model": args.model, "prompts": args.prompts, "branches": args.branches, "points": []}
     for j in range(n):  # branch from states[:, j] = y_{n - j}: j transitions of the original kept
         k = n - j
@@ -90,15 +78,16 @@ def main() -> None:
                          prompts).double().numpy()
             for b in range(args.branches)], axis=1)  # [prompts, branches]
         # the branches' squared reward change over that of independent samples: 1 = nothing decided yet, 0 = all
-        undecided = bootstrap_rows(lambda i: ((branch[i] - orig[i]) ** 2).mean()
-                                   / max(((independent[i] - orig[i]) ** 2).mean(), 1e-12), len(prompts))
+        undecided = bootstrap_stat(lambda i: ((branch[i] - orig[i]) ** 2).mean()
+                                   / max(((independent[i] - orig[i]) ** 2).mean(), 1e-12), len(prompts),
+                                   resamples=1000)
         kept = bootstrap_ci(((orig > 0.5) == (branch > 0.5)).astype(float))
         change = bootstrap_ci(np.abs(branch - orig))
         t_k = float(policy.grid.t_at(k))
-        result["points"].append({"kept_transitions": j, "t": t_k, "undecided": undecided,
+        result["points"].append({"kept_transitions": j, "t": t_k, "undecided": undecided.as_dict(),
                                  "verdict_kept": kept.as_dict(), "abs_change": change.as_dict()})
-        rows.append(f"| y_{k} (t = {t_k:.1f}) | {j} | {undecided[0]:.2f} [{undecided[1]:.2f}, {undecided[2]:.2f}] | "
-                    f"{kept} | {change} |")
+        rows.append(f"| y_{k} (t = {t_k:.1f}) | {j} | {undecided.mean:.2f} [{undecided.low:.2f}, "
+                    f"{undecided.high:.2f}] | {kept} | {change} |")
         print(rows[-1], flush=True)
     kept = bootstrap_ci(((orig > 0.5) == (independent > 0.5)).astype(float))
     rows.insert(0, f"| nothing (independent samples) | - | 1 | {kept} | {bootstrap_ci(np.abs(independent - orig))} |")

@@ -29,6 +29,19 @@ class Estimate:
         return {"mean": self.mean, "ci_low": self.low, "ci_high": self.high}
 
 
+def _resampled_rows(n: int, resamples: int, seed: int) -> np.ndarray:
+    """[resamples, n] prompt indices drawn with replacement: the one resampling every interval here uses."""
+    if n == 0:
+        raise ValueError("cannot bootstrap over zero prompts: pass at least one row of scores")
+    return np.random.default_rng(seed).integers(n, size=(resamples, n))
+
+
+def _interval(center: float, draws, level: float) -> Estimate:
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(draws, [alpha, 1.0 - alpha])
+    return Estimate(float(center), float(low), float(high), level)
+
+
 def bootstrap_ci(scores, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> Estimate:
     """Mean of `scores` ([prompts] or [prompts, seeds]) with a percentile interval from `resamples` resamples.
 
@@ -39,8 +52,15 @@ def bootstrap_ci(scores, level: float = 0.95, resamples: int = 2000, seed: int =
     if x.ndim != 2 or x.size == 0:
         raise ValueError(f"scores must be [prompts] or [prompts, seeds] and non-empty, got shape {x.shape}")
     per_prompt = x.mean(axis=1)
-    rows = np.random.default_rng(seed).integers(len(per_prompt), size=(resamples, len(per_prompt)))
-    means = per_prompt[rows].mean(axis=1)
-    alpha = (1.0 - level) / 2.0
-    low, high = np.quantile(means, [alpha, 1.0 - alpha])
-    return Estimate(float(per_prompt.mean()), float(low), float(high), level)
+    means = per_prompt[_resampled_rows(len(per_prompt), resamples, seed)].mean(axis=1)  # vectorised mean case
+    return _interval(per_prompt.mean(), means, level)
+
+
+def bootstrap_stat(stat, n: int, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> Estimate:
+    """`stat(rows)` of any per-prompt arrays (a ratio of means, a best-of-k, a KL) with its percentile interval.
+
+    `stat` takes an index array into the n prompts and is called once per resample on the same resampled rows
+    bootstrap_ci draws for that (n, resamples, seed), so both kinds of interval are over the same prompt draws.
+    """
+    draws = [stat(rows) for rows in _resampled_rows(n, resamples, seed)]
+    return _interval(stat(np.arange(n)), draws, level)
