@@ -194,7 +194,7 @@ def preflight(cfg: RunConfig, mode: str) -> Path | None:
         check_loss_space(cfg, model)
     check_weights(model, init_from)
     if mode == "grpo":
-        check_policy_sampler(cfg, model)
+        check_policy_model(cfg, model)
     return init_from
 
 
@@ -208,8 +208,15 @@ def check_loss_space(cfg: RunConfig, model: ModelConfig) -> None:
                           "300x. Set pretrain.target=conditional or pretrain.loss_space=eps.")
 
 
-def check_policy_sampler(cfg: RunConfig, model: ModelConfig) -> None:
-    """grpo.stochastic_steps switches the rollouts to the probability-flow ODE: the model must have learned it."""
+def check_policy_model(cfg: RunConfig, model: ModelConfig) -> None:
+    """The GRPO objective and sampler must be ones this model kind has learned: forward and direct are prox-only
+    (forward regresses the prox pairs y = x_t + sqrt(lam) xi, which a score model, trained on x_t alone with lam = 0,
+    would fit to the wrong target, silently); grpo.stochastic_steps switches the rollouts to the probability-flow ODE,
+    which the model must have been trained on."""
+    if cfg.grpo.objective in ("forward", "direct") and model.kind != "prox":
+        raise ConfigError(f"grpo.objective={cfg.grpo.objective} trains a prox model's proximal operator; this model "
+                          f"is kind {model.kind}. Use grpo.objective=policy_gradient (with grpo.stochastic_steps: "
+                          "null) for a score model.")
     k = cfg.grpo.stochastic_steps
     if k is None:
         return

@@ -268,6 +268,18 @@ def test_a_partly_stochastic_policy_needs_a_model_that_learned_the_flow_step(box
                     "this model was trained on ['hybrid']")
 
 
+@pytest.mark.parametrize("objective", ["forward", "direct"])
+def test_a_prox_only_objective_refuses_a_score_model(box, capsys, objective):
+    """The forward objective's pairs y = x_t + sqrt(lam) xi are prox pairs: a score model (lam = 0 in its network)
+    would regress them onto the wrong target without a word; refused before anything starts."""
+    ckpt = make_checkpoint(box / "in", "score")
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "kind": "score"}))
+    assert_rejected(*run([*GRPO, f"init_from={ckpt}", f"grpo.objective={objective}", "grpo.stochastic_steps=null"],
+                         capsys), box, f"grpo.objective={objective} trains a prox model's proximal operator; this "
+                    "model is kind score. Use grpo.objective=policy_gradient")
+
+
 def test_unknown_builtin_checkpoint(box, capsys):
     assert_rejected(*run([*GRPO, "init_from=builtin:scenes-bsae"], capsys), box, "the built-in ones are ['scenes-base', 'scenes-minilm', 'scenes-minilm-mirror', 'scenes-minilm-x0', 'scenes-minilm-x0-4200']")
 
