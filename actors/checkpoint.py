@@ -11,6 +11,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from proxmodel.files import write_files
 from proxmodel.model import ProxT2I, load_model
 
 
@@ -26,12 +27,7 @@ def pack(directory: str | Path) -> dict[str, bytes]:
 def load_packed(files: dict[str, bytes]) -> ProxT2I:
     """Write a packed checkpoint to a temp folder, load it, and remove the folder."""
     with tempfile.TemporaryDirectory(prefix="proxrl-ckpt-") as tmp:
-        for name, data in files.items():
-            path = Path(tmp, name)
-            if Path(tmp) not in path.resolve().parents:
-                raise ValueError(f"packed checkpoint entry {name!r} points outside its folder")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
+        write_files(Path(tmp), files, "packed checkpoint entry")
         return load_model(tmp)
 
 

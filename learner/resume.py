@@ -27,7 +27,7 @@ import yaml
 
 from actors.redaction import is_redacted, redact
 from learner.config import ConfigError, RunConfig, _parse_override, load_config
-from proxmodel.files import replace_dir
+from proxmodel.files import replace_dir, write_files
 
 STATES_DIR = "resume"
 MARKER = "COMPLETE.json"
@@ -46,8 +46,9 @@ RESUMABLE_KEYS = (
 
 def config_fingerprint(config: RunConfig | dict) -> str:
     """sha256 of a resolved config (or the dict its config.yaml holds) without the keys a resume may change (and
-    run_dir, which may move). --resume hashes the saved config.yaml as written, not as this version resolves it, so
-    a ProxRL upgrade that adds keys (with defaults) does not block a resume; an edit does."""
+    run_dir, which may move). --resume accepts the saved config.yaml's hash as written or as this version resolves
+    it, so a ProxRL upgrade that adds keys (with defaults) blocks neither the first resume after it nor a later one;
+    an edit does."""
     data = redact(copy.deepcopy(config if isinstance(config, dict) else config.model_dump(mode="json")))
     for key in (*RESUMABLE_KEYS, "run_dir"):
         *parents, leaf = key.split(".")
@@ -86,15 +87,7 @@ def write_state(run_dir: Path, iteration: int, files: dict[str, bytes], keep: in
     root = run_dir / STATES_DIR
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{state_name(iteration)}-", dir=root))
-    for name, data in files.items():
-        path = tmp / name
-        if tmp not in path.resolve().parents:
-            raise ValueError(f"run-state file {name!r} points outside its folder")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    write_files(tmp, files, "run-state file", durable=True)
     marker = {"iteration": iteration, "files": {name: _sha256(data) for name, data in sorted(files.items())}}
     (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
     _fsync_dir(tmp)
@@ -204,10 +197,7 @@ def engine_files(engine) -> dict[str, bytes]:
 def load_engine_files(engine, files: dict[str, bytes]) -> None:
     """Restore model, optimizer, scheduler and ZeRO partitions from the files of every rank's engine_files()."""
     with tempfile.TemporaryDirectory(prefix="proxrl-engine-") as tmp:
-        for name, data in files.items():
-            path = Path(tmp, name)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
+        write_files(Path(tmp), files, "run-state engine file")
         previous, engine.checkpoint_engine = engine.checkpoint_engine, _weights_only_checkpoint_engine()
         try:
             loaded, _ = engine.load_checkpoint(tmp, tag=ENGINE_TAG, load_optimizer_states=True,
@@ -286,11 +276,14 @@ def open_resume(path: str, overrides: list[str], mode: Optional[str]) -> tuple[R
     state, files = latest_state(run_dir, warn=lambda m: print(m, file=sys.stderr))
     if files is not None:
         saved = json.loads(files["run.json"])["config_fingerprint"]
-        found = config_fingerprint(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {})
-        if saved != found:
+        # The file as written (a state saved before a ProxRL upgrade hashed the keys that version had) or as this
+        # version resolves it (a state saved after one hashes the keys it added, at their defaults); an edit
+        # changes both.
+        written = config_fingerprint(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {})
+        if saved not in (written, config_fingerprint(cfg)):
             raise ConfigError(
                 f"--resume {path}: {run_dir / 'config.yaml'} no longer matches the config the run state {state.name} "
-                f"was written with (fingerprint {saved[:12]}... vs {found[:12]}...): it was edited. Restore it (the "
+                f"was written with (fingerprint {saved[:12]}... vs {written[:12]}...): it was edited. Restore it (the "
                 f"run's MLflow artifact config.yaml holds the original), or start a new run."
             )
     return cfg, Resume(run_dir, saved_mode, run_id, uri, state, files)

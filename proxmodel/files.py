@@ -23,3 +23,19 @@ def replace_dir(new: Path, directory: Path) -> None:
         os.replace(directory, old)
     os.replace(new, directory)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_files(root: Path, files: dict[str, bytes], what: str, durable: bool = False) -> None:
+    """Write `files` (relative path -> bytes: a packed checkpoint, a run state) under `root`, refusing a name that
+    would land outside it (`what` names the entries in the error); `durable`: fsync each file before returning."""
+    base = Path(root).resolve()
+    for name, data in files.items():
+        path = base / name
+        if base not in path.resolve().parents:
+            raise ValueError(f"{what} {name!r} points outside its folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())

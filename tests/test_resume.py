@@ -14,6 +14,7 @@ import signal
 import time
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from learner.resume import MARKER, complete_states, latest_state, state_name, write_state
@@ -110,6 +111,22 @@ def test_resume_refuses_overrides_that_change_the_result_and_an_edited_config(pr
     assert proc.returncode == 2 and "has finished" in proc.stderr
 
 
+def test_resume_continues_a_run_whose_config_predates_a_key(pretrained, store):
+    """A ProxRL upgrade adds a key with its default: run states saved after it hash the key, the run's config.yaml
+    (written before) lacks it. Would catch: the second resume after an upgrade refused as an edited config."""
+    root, _ = store
+    copy = root / "pretrain-upgraded"
+    shutil.copytree(root / "pretrain", copy)
+    (copy / "summary.json").unlink()
+    config = copy / "config.yaml"
+    data = yaml.safe_load(config.read_text())
+    assert data["pretrain"].pop("mirror_pairs") is False  # the default: as if the run's version had no such key
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    proc = run_cli("--resume", str(copy), timeout=300)
+    assert proc.returncode == 0 and "no longer matches" not in proc.stderr, proc.stderr[-3000:]
+    assert summary_of(proc)["resumed_at"] == [6]
+
+
 def test_a_state_is_read_only_when_complete_and_intact(tmp_path, monkeypatch):
     """Would catch: reading a folder without its marker, or one whose files changed after the marker was written;
     keeping more than `keep` states; a failed write leaving a readable state."""
@@ -153,3 +170,19 @@ def test_first_signal_waits_for_a_safe_point_the_second_does_not():
             stop.check()
     finally:
         stop.uninstall()
+
+
+@pytest.mark.parametrize("name", ["../escaped", "engine/../../escaped", "/tmp/proxrl-escaped-absolute"])
+def test_state_and_checkpoint_files_are_never_written_outside_their_folder(tmp_path, name):
+    """Run states and packed checkpoints are path -> bytes maps read from disk or sent between actors. Would catch:
+    a tampered state's engine file (loaded by load_engine_files) or a packed entry writing anywhere on the node."""
+    from actors.checkpoint import load_packed
+    from learner.resume import load_engine_files
+
+    with pytest.raises(ValueError, match="points outside its folder"):
+        write_state(tmp_path / "run", 1, {name: b"x"}, keep=2)
+    with pytest.raises(ValueError, match="points outside its folder"):
+        load_packed({name: b"x"})
+    with pytest.raises(ValueError, match="points outside its folder"):
+        load_engine_files(None, {name: b"x"})  # refused before the engine is touched
+    assert not (tmp_path / "run" / "escaped").exists() and not os.path.exists("/tmp/proxrl-escaped-absolute")
