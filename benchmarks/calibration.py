@@ -1,8 +1,10 @@
 """Few-step calibration of a prox model's samplers: spread of the samples against the data's, and reward with a CI.
 
     python benchmarks/calibration.py [--models NAME=CHECKPOINT ...] [--steps 5 10 20] [--prompts 128] [--seeds 2]
+                                     [--grids 0,.2,.3,.4,.5,.6,.7,.8,1 ...] [--against 10]
 
-For each model and step count N it samples the held-out scene prompts with each noise seed and reports:
+For each model and step count N (uniform grids, then any --grids through given times) it samples the held-out scene
+prompts with each noise seed and reports:
 
 - var ratio: the variance of the final samples x_0 (model space, over samples and dimensions) over the data's
   (the same statistic of as many training images); 1 is calibrated, the shipped eps base reached 2.8 at N = 5;
@@ -48,7 +50,7 @@ def rescaled(prox, sigma_data: float):
     return wrapped
 
 
-def measure(model, prompts: list[str], steps: int, seeds: int, sampler: str, data_var: float, reward) -> dict:
+def measure(model, prompts: list[str], grid, seeds: int, sampler: str, data_var: float, reward) -> dict:
     import torch
 
     from learner.bootstrap import bootstrap_ci
@@ -56,7 +58,6 @@ def measure(model, prompts: list[str], steps: int, seeds: int, sampler: str, dat
     from proxmodel.sampler import sample_hybrid
     from proxmodel.schedule import VPSchedule
 
-    grid = VPSchedule().grid(steps)
     variant = {"hybrid": "hybrid", "rescaled": "hybrid", "flow": "flow", "mode": "hybrid"}[sampler]
     eta = 0.0 if sampler == "mode" else 1.0
     finals, scores, query = [], [], []
@@ -88,6 +89,12 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["shipped=builtin:scenes-base"],
                         help="NAME=CHECKPOINT (a folder or builtin:NAME)")
     parser.add_argument("--steps", nargs="+", type=int, default=[5, 10, 20])
+    parser.add_argument("--grids", nargs="*", default=[], metavar="T0,T1,...",
+                        help="non-uniform grids as comma-separated times from 0 to 1 (e.g. 0,.2,.3,.4,.5,.6,.7,.8,1), "
+                        "measured after the uniform --steps")
+    parser.add_argument("--against", type=int, default=10,
+                        help="each row's paired reward difference from this model's uniform grid of this many steps "
+                        "(same sampler, prompts and noise seeds; measured first), when --steps includes it")
     parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "calibration")
@@ -101,19 +108,29 @@ def main() -> None:
     from learner.data import EVAL_SEED_OFFSET, ScenesSource
     from learner.main import resolve_checkpoint
     from proxmodel.model import load_model
+    from proxmodel.schedule import VPSchedule
     from rewards import build
     from rewards.scenes import scene_prompts
 
     torch.set_grad_enabled(False)
+    grids = {str(n): VPSchedule().grid(n) for n in args.steps}
+    for spec in args.grids:
+        try:
+            grid = VPSchedule().grid_at([float(v) for v in spec.split(",")])
+        except ValueError as error:
+            parser.error(f"--grids {spec}: {error}")
+        grids[f"{grid.steps}: {','.join(f'{v:g}' for v in grid.t.tolist())}"] = grid
+    grids = dict(sorted(grids.items(), key=lambda item: item[0] != str(args.against)))  # the reference first
     prompts = scene_prompts(0, EVAL_SEED_OFFSET, args.prompts)
     reward = build("compositional")
     results: dict = {}
     lines = [f"{args.prompts} held-out scene prompts x {args.seeds} noise seeds; reward = compositional accuracy, "
              "mean [95% bootstrap CI over prompts and seeds]; var ratio = var(samples) / var(data); query ratios = "
              "var(y_k) / (v_t + lam) along the stochastic chain, k = N..1; vs first model = the paired difference of "
-             "the reward from the first --models entry (same prompts and noise) with its 95% bootstrap CI", "",
-             "| model | sampler | N | var ratio | reward | vs first model | query ratios |",
-             "|---|---|---|---|---|---|---|"]
+             "the reward from the first --models entry (same prompts and noise) with its 95% bootstrap CI; vs N = "
+             f"{args.against} = the same against this model's uniform {args.against}-step grid", "",
+             f"| model | sampler | N | var ratio | reward | vs first model | vs N = {args.against} | query ratios |",
+             "|---|---|---|---|---|---|---|---|"]
     for spec in args.models:
         name, ref = spec.split("=", 1)
         model = load_model(resolve_checkpoint(ref))
@@ -122,16 +139,18 @@ def main() -> None:
         samplers = ["hybrid", "mode"]
         samplers += ["flow"] if "flow" in (model.cfg.trained_variants or []) else []
         samplers += ["rescaled"] if model.cfg.prox_param == "eps" else []
-        for steps in args.steps:
+        for steps, grid in grids.items():
             for sampler in samplers:
-                r = measure(model, prompts, steps, args.seeds, sampler, data_var, reward)
+                r = measure(model, prompts, grid, args.seeds, sampler, data_var, reward)
                 results.setdefault(name, {}).setdefault(sampler, {})[steps] = r
-                first = results[next(iter(results))].get(sampler, {}).get(steps)
-                paired = "-"
-                if first is not None and first is not r:
-                    diff = bootstrap_ci(np.asarray(r["scores"]) - np.asarray(first["scores"]))
-                    r["vs_first"], paired = diff.as_dict(), str(diff)
-                row = (f"| {name} | {sampler} | {steps} | {r['var_ratio']:.2f} | {r['text']} | {paired} | "
+                cells = []
+                for key, other in [("vs_first", results[next(iter(results))].get(sampler, {}).get(steps)),
+                                   ("vs_uniform", results[name][sampler].get(str(args.against)))]:
+                    cells.append("-")
+                    if other is not None and other is not r:
+                        diff = bootstrap_ci(np.asarray(r["scores"]) - np.asarray(other["scores"]))
+                        r[key], cells[-1] = diff.as_dict(), str(diff)
+                row = (f"| {name} | {sampler} | {steps} | {r['var_ratio']:.2f} | {r['text']} | {' | '.join(cells)} | "
                        f"{' '.join(map(str, r.get('query_ratios', []))) or '-'} |")
                 lines.append(row)
                 print(row, flush=True)

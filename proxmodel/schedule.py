@@ -26,11 +26,21 @@ class VPSchedule:
         return torch.exp(-self.beta_integral(torch.zeros_like(t), t))
 
     def grid(self, steps: int) -> "StepGrid":
+        """The uniform grid t_k = k / steps: the one every sampler here walks and the prox is trained on."""
         if steps < 1:
             raise ValueError(f"a sampler needs at least 1 step, got steps={steps}")
-        t = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
-        gamma = self.beta_integral(t[:-1], t[1:])
-        return StepGrid(t=t, gamma=gamma, schedule=self)
+        return self.grid_at(torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64))
+
+    def grid_at(self, points) -> "StepGrid":
+        """The grid through `points` (0 = t_0 < ... < t_N = 1), e.g. coarse where a sample's outcome is not decided.
+
+        The prox knows only the (t, lam) of the uniform grids it was trained on (pretrain.step_candidates): a grid
+        stitched from their steps (e.g. 0, 0.2, 0.3, ..., 0.8, 1 from the 5- and 10-step grids) asks nothing new.
+        """
+        t = torch.as_tensor(points, dtype=torch.float64)
+        if t.dim() != 1 or len(t) < 2 or float(t[0]) != 0.0 or float(t[-1]) != 1.0 or not bool((t[1:] > t[:-1]).all()):
+            raise ValueError(f"grid points must rise strictly from 0 to 1, e.g. [0, 0.2, 0.6, 1]; got {t.tolist()}")
+        return StepGrid(t=t, gamma=self.beta_integral(t[:-1], t[1:]), schedule=self)
 
     def min_steps_below(self, bound: float, limit: int = 100_000) -> int:
         """The smallest N whose uniform grid has every gamma_k < bound (the last step, near t = 1, is the largest)."""
@@ -42,7 +52,7 @@ class VPSchedule:
 
 @dataclass(frozen=True)
 class StepGrid:
-    """Uniform grid 0 = t_0 < ... < t_N = 1 with gamma[k-1] = int_{t_{k-1}}^{t_k} beta (float64, indexed k-1)."""
+    """A grid 0 = t_0 < ... < t_N = 1 with gamma[k-1] = int_{t_{k-1}}^{t_k} beta (float64, indexed k-1)."""
 
     t: torch.Tensor
     gamma: torch.Tensor

@@ -57,3 +57,20 @@ def test_backward_training_pairs_are_exactly_what_the_backward_sampler_queries()
                for g in [sched.grid(n)] for k in range(1, n + 1)}
     drawn = set(zip(t.double().numpy().round(6).tolist(), lam.double().numpy().round(4).tolist()))
     assert drawn == queried  # every drawn pair is a query of some sampler, and every query is trained
+
+
+def test_a_grid_stitched_from_trained_grids_queries_only_trained_pairs():
+    """grid_at: coarse steps where nothing is decided (benchmarks/calibration.py --grids) ask the prox only the
+    (t, lam) pairs pretraining draws for step_candidates [5, 10]; its gammas are the integrals over its own steps."""
+    sched = VPSchedule()
+    grid = sched.grid_at([0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0])
+    assert grid.steps == 8
+    for k in range(1, 9):
+        assert grid.gamma_at(k) == pytest.approx(quad(sched.beta, grid.t_at(k - 1), grid.t_at(k))[0], rel=1e-12)
+    t, lam = sample_train_pairs(sched, [5, 10], 4000, torch.Generator().manual_seed(0))
+    trained = {(round(float(a), 6), round(float(b), 5)) for a, b in zip(t, lam)}
+    assert {(round(grid.t_at(k - 1), 6), round(grid.gamma_at(k), 5)) for k in range(1, 9)} <= trained
+    assert torch.equal(sched.grid_at(torch.linspace(0, 1, 11, dtype=torch.float64)).gamma, sched.grid(10).gamma)
+    for bad in ([0.0, 0.5, 0.5, 1.0], [0.1, 1.0], [0.0, 0.9], [1.0]):
+        with pytest.raises(ValueError, match="rise strictly from 0 to 1"):
+            sched.grid_at(bad)
