@@ -205,6 +205,7 @@ class ExperienceStream:
         self.group = group
         self.seen: set[str] = set()  # idempotency keys of the groups this reader has returned
         self.duplicates = 0  # entries skipped (and acknowledged) because their group was already returned
+        self.ahead: list[tuple[str, Group]] = []  # delivered before their iteration was asked for; still pending
 
     def create(self) -> None:
         try:
@@ -216,10 +217,19 @@ class ExperienceStream:
     def add(self, group: Group) -> str:
         return self.client.xadd(self.key, group.to_wire()).decode()
 
-    def read(self, consumer: str, count: int, timeout_s: float) -> list[tuple[str, Group]]:
+    def read(self, consumer: str, count: int, timeout_s: float,
+             iteration: Optional[int] = None) -> list[tuple[str, Group]]:
         """Block until `count` new groups are delivered to `consumer` (or the timeout passes): (entry id, group). An
-        entry whose group (Group.key) this reader already returned is a duplicate write: acknowledged, not returned."""
+        entry whose group (Group.key) this reader already returned is a duplicate write: acknowledged, not returned.
+
+        `iteration`: count only that iteration's groups. In an async run a fast actor writes iteration it + 1 while a
+        slow one still writes it, so stream order is not iteration order; a later iteration's group delivered
+        meanwhile stays pending (unacknowledged) and is returned by the read that asks for its iteration. A batch is
+        then exactly its iteration's groups whatever the timing, which a run state (and so an exact resume) needs."""
         out: list[tuple[str, Group]] = []
+        if iteration is not None:
+            out = [entry for entry in self.ahead if entry[1].iteration == iteration]
+            self.ahead = [entry for entry in self.ahead if entry[1].iteration != iteration]
         deadline = time.monotonic() + timeout_s
         while len(out) < count:
             block_ms = int(min(BLOCK_S, max(0.001, deadline - time.monotonic())) * 1000)
@@ -231,10 +241,25 @@ class ExperienceStream:
                         self.duplicates += self.ack([entry_id.decode()])
                         continue
                     self.seen.add(group.key)
+                    if iteration is not None and group.iteration != iteration:
+                        if group.iteration < iteration:
+                            raise RuntimeError(f"stream entry of iteration {group.iteration} read for iteration "
+                                               f"{iteration}: an earlier iteration was trained on too few groups")
+                        self.ahead.append((entry_id.decode(), group))
+                        continue
                     out.append((entry_id.decode(), group))
             if time.monotonic() >= deadline and len(out) < count:
                 raise StreamStalled(f"the experience stream delivered {len(out)} of {count} groups in {timeout_s:g} s")
         return out
+
+    def discard(self, count: int, timeout_s: float) -> None:
+        """Acknowledge, untrained, the `count` groups this consumer group is still owed (a run stopping early): those
+        a learner rank already holds, delivered ahead of their iteration (read), and the rest as they arrive."""
+        pending = self.client.xpending(self.key, self.group)["pending"]
+        held = [item["message_id"] for item in self.client.xpending_range(self.key, self.group, min="-", max="+",
+                                                                           count=pending)] if pending else []
+        self.ack(held)
+        self.ack([entry_id for entry_id, _ in self.read("drain", count - len(held), timeout_s)])
 
     def ack(self, entry_ids: list[str]) -> int:
         return int(self.client.xack(self.key, self.group, *entry_ids)) if entry_ids else 0

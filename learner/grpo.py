@@ -547,12 +547,14 @@ class GrpoRun:
 
     def drain(self) -> None:
         """Stop early: wait for the rollouts in flight and acknowledge their groups untrained (counted as dropped)."""
+        total = 0
         for calls in self.in_flight:
             groups = sum(r["groups"] for r in self.from_rollouts(calls))
-            for stream in self.streams:
-                stream.ack([entry_id for entry_id, _ in stream.read("drain", groups, self.cfg.actors.stream_read_timeout_s)])
             self.progress.written += groups
             self.progress.dropped += groups
+            total += groups
+        for stream in self.streams:
+            stream.discard(total, self.cfg.actors.stream_read_timeout_s)
         self.in_flight.clear()
         self.trimmed += self.streams[0].trim()
 

@@ -183,7 +183,7 @@ class GrpoLearner(Threaded):
         g = self.cfg.grpo
         duplicates = self.stream.duplicates
         entries = self.stream.read(consumer=f"rank{self.rank}", count=n_groups,
-                                   timeout_s=self.cfg.actors.stream_read_timeout_s)
+                                   timeout_s=self.cfg.actors.stream_read_timeout_s, iteration=iteration)
         duplicates = self.stream.duplicates - duplicates  # copies of groups already trained, acknowledged unread
         # Actors finish in whatever order the machine lets them; the batch must not (float sums follow its order).
         entries.sort(key=lambda entry: (entry[1].iteration, entry[1].prompt_index))
