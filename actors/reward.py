@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from typing import Optional, Sequence
 
 import ray
@@ -97,7 +98,9 @@ class RewardActor:
 
 
 class RewardClient:
-    """Sends a scoring request to one reward actor; on an error or a timeout, retries on the next one."""
+    """Sends a scoring request to one reward actor; on an error or a timeout, tries the next one. A timed-out request
+    is not abandoned: the first of the attempts in flight to answer is used and the others are cancelled (with one
+    reward actor the retry queues behind the slow call, which usually finishes first)."""
 
     def __init__(self, actors: list, timeout_s: float, retries: int):
         self.actors, self.timeout_s, self.retries = actors, timeout_s, retries
@@ -105,15 +108,29 @@ class RewardClient:
 
     def score(self, images: torch.Tensor, prompts: Sequence[str],
               names: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
-        errors = []
+        errors, waiting = [], []
         for _ in range(self.retries + 1):
             actor = self.actors[self._next % len(self.actors)]
             self._next += 1
-            try:
-                return ray.get(actor.score.remote(images, list(prompts), names), timeout=self.timeout_s)
-            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as e:
-                log.warning("reward actor failed (%s); retrying on another", type(e).__name__)
-                errors.append(f"{type(e).__name__}: {e}")
+            waiting.append(actor.score.remote(images, list(prompts), names))
+            deadline = time.monotonic() + self.timeout_s
+            while waiting:
+                ready, waiting = ray.wait(waiting, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+                if not ready:  # one more attempt, still waiting for these
+                    errors.append(f"no answer within {self.timeout_s:g} s (actors.reward.timeout_s)")
+                    log.warning("no reward actor answered in %g s; trying another", self.timeout_s)
+                    break
+                try:
+                    result = ray.get(ready[0])
+                except ray.exceptions.RayError as e:
+                    log.warning("reward actor failed (%s); trying another", type(e).__name__)
+                    errors.append(f"{type(e).__name__}: {e}")
+                    continue
+                for ref in waiting:  # a queued copy never runs; a running one finishes unused
+                    ray.cancel(ref)
+                return result
+        for ref in waiting:
+            ray.cancel(ref)
         raise RuntimeError(f"all {self.retries + 1} reward attempts failed: {errors}")
 
 

@@ -446,7 +446,8 @@ class ActorResources(Strict):
 
 class RewardActorConfig(ActorResources):
     batch_size: int = Field(64, ge=1, description="images scored per reward-model call")
-    timeout_s: float = Field(120.0, gt=0, description="a scoring call slower than this is retried elsewhere")
+    timeout_s: float = Field(120.0, gt=0, description="a scoring call slower than this is sent to the next reward "
+                             "actor as well; the first answer is used")
     retries: int = Field(2, ge=0, description="extra attempts on other reward actors after a failure")
     cache: bool = Field(
         False, description="keep scores on the run's Redis under (reward, image hash, prompt) and reuse them "

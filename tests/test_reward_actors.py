@@ -35,6 +35,34 @@ def test_batched_scores_match_local_scoring_and_survive_a_dead_actor(actors):
         RewardClient([dead], timeout_s=30, retries=1).score(images, captions)
 
 
+class SlowReward:
+    """A reward actor whose calls take `delay_s`: the first-call model load or a loaded machine."""
+
+    def __init__(self, delay_s: float):
+        self.delay_s = delay_s
+
+    def ready(self) -> bool:
+        return True
+
+    def score(self, images, prompts, names=None):
+        import time
+
+        time.sleep(self.delay_s)
+        return {"slow": torch.ones(len(prompts))}
+
+
+def test_a_slow_answer_past_the_timeout_is_still_used(actors):
+    """One reward actor, 2 s per call, timeout 1.5 s, one retry. Would catch: the timed-out call abandoned and the
+    retry queued behind it on the same actor (answering at 4 s, past its own 1.5 s), which failed the whole rollout."""
+    slow = ray.remote(SlowReward).options(num_cpus=0).remote(2.0)
+    assert ray.get(slow.ready.remote())  # started: the timing below is the calls', not the process's
+    out = RewardClient([slow], timeout_s=1.5, retries=1).score(torch.zeros(2, 3, 4, 4), ["a", "b"])
+    assert torch.equal(out["slow"], torch.ones(2))
+    with pytest.raises(RuntimeError, match=r"no answer within 0.2 s \(actors.reward.timeout_s\)"):
+        RewardClient([slow], timeout_s=0.2, retries=1).score(torch.zeros(1, 3, 4, 4), ["a"])
+    ray.kill(slow)
+
+
 def test_redis_cache_reuses_scores_and_scores_only_misses():
     from actors.stream import EmbeddedRedis
 
