@@ -110,11 +110,13 @@ def cluster_nodes(ray) -> list[Bundle]:
     return [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive")]
 
 
-def ensure_resources(ray, cfg: RunConfig) -> None:
-    """Fail fast (ConfigError) unless every actor of the config fits; first ask the autoscaler if allowed to wait."""
+def ensure_resources(ray, cfg: RunConfig) -> bool:
+    """Fail fast (ConfigError) unless every actor of the config fits; first ask the autoscaler if allowed to wait.
+    True when an autoscaler request stands: it persists until replaced, so the run withdraws it when it ends
+    (withdraw_request), or the autoscaler keeps the nodes it asked for after the run."""
     bundles = actor_bundles(cfg.actors)
     if not unplaced(bundles, cluster_nodes(ray)):
-        return
+        return False
     wait = cfg.ray.resource_wait_s
     if wait > 0:
         from ray.autoscaler.sdk import request_resources
@@ -122,7 +124,15 @@ def ensure_resources(ray, cfg: RunConfig) -> None:
         request_resources(bundles=[b for _, b in bundles])
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            time.sleep(5)
+            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
             if not unplaced(bundles, cluster_nodes(ray)):
-                return
+                return True
+        withdraw_request()
     raise ConfigError(describe_shortfall(bundles, cluster_nodes(ray)))
+
+
+def withdraw_request() -> None:
+    """Replace ensure_resources' autoscaler request with an empty one, so idle nodes can be removed."""
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[])

@@ -30,7 +30,7 @@ from actors.checkpoint import pack
 from actors.reward import RewardActor
 from actors.rollout import RolloutActor, eval_seed
 from actors.stream import ExperienceStream, RedisAddress, StreamStalled, learner_group
-from learner.cluster import ensure_resources, start_ray, stream_server
+from learner.cluster import ensure_resources, start_ray, stream_server, withdraw_request
 from learner.config import RunConfig
 from learner.bootstrap import bootstrap_ci
 from learner.faults import RunFailed, nonfinite_stop, rank_died, redis_lost, stream_stalled, wait_for
@@ -91,10 +91,10 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path, r
     with STOP.deferred():  # a signal while Ray starts is acted on once it has (and can be stopped)
         ray, started_ray = start_ray(cfg)
     STOP.install()  # ray.init took SIGTERM
-    redis_server = None
+    redis_server, asked = None, False
     try:
         STOP.check()
-        ensure_resources(ray, cfg)  # first: a config the cluster cannot place fails before minutes of op building
+        asked = ensure_resources(ray, cfg)  # first: a config the cluster cannot place fails before minutes of op building
         if started_ray:  # the learner ranks run here: build DeepSpeed's one-time op before they start, saying so
             from learner.engine import prepare_ops
 
@@ -112,6 +112,8 @@ def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path, r
             raise stream_stalled(cause, run_dir) from None
         raise
     finally:
+        if asked:  # the nodes it brought may go once idle
+            withdraw_request()
         if started_ray:
             ray.shutdown()
         if redis_server is not None:

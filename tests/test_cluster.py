@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from actors.checkpoint import load_packed, pack
-from learner.cluster import actor_bundles, describe_shortfall, unplaced
-from learner.config import load_config
+from learner.cluster import actor_bundles, describe_shortfall, ensure_resources, unplaced
+from learner.config import ConfigError, load_config
 from proxmodel.model import save_model
 
 GPU_NODE = {"CPU": 8.0, "GPU": 4.0}
@@ -44,6 +44,24 @@ def test_shortfall_message_names_what_is_missing_and_the_fix():
     assert "the cluster has 2 CPUs and 0 GPUs on 1 node(s)" in message
     for fix in ("actors.<kind>.count", "max_workers", "ray.resource_wait_s"):
         assert fix in message
+
+
+def test_an_autoscaler_request_that_is_not_met_is_withdrawn(monkeypatch):
+    """The request persists until replaced. Would catch: a failed wait leaving the autoscaler to keep adding (and
+    keeping) the GPU nodes it asked for after the run has given up."""
+    requests = []
+    monkeypatch.setattr("ray.autoscaler.sdk.request_resources",
+                        lambda num_cpus=None, bundles=None: requests.append(bundles))
+
+    class OneNode:  # the cluster view of Ray: a CPU node that never grows
+        def nodes(self):
+            return [{"Alive": True, "Resources": {"CPU": 8.0}}]
+
+    cfg = load_config(None, ["actors.rollout.num_gpus=1", "ray.resource_wait_s=0.2"])
+    with pytest.raises(ConfigError, match="cannot be placed"):
+        ensure_resources(OneNode(), cfg)
+    assert {"CPU": 1.0, "GPU": 1.0} in requests[0] and requests[-1] == [] and len(requests) == 2
+    assert ensure_resources(OneNode(), load_config(None, [])) is False  # it fits: nothing asked, nothing to withdraw
 
 
 def test_a_run_asking_for_a_gpu_on_a_cpu_machine_fails_before_any_actor(tmp_path):
