@@ -25,7 +25,7 @@ from learner.config import (
 from actors.redaction import redact
 from learner.faults import RunFailed
 from learner.signals import STOP, Interrupted
-from proxmodel.config import ModelConfig
+from proxmodel.config import SAMPLERS, ModelConfig
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "proxmodel" / "weights"
@@ -192,10 +192,21 @@ def preflight(cfg: RunConfig, mode: str) -> Path | None:
     if mode == "pretrain":
         check_data(cfg, model)
         check_loss_space(cfg, model)
+    check_sampler(cfg, model, mode)
     check_weights(model, init_from)
     if mode == "grpo":
         check_policy_model(cfg, model)
     return init_from
+
+
+def check_sampler(cfg: RunConfig, model: ModelConfig, mode: str) -> None:
+    """pretrain.eval_sampler / sample.sampler must be a sampler of the model's kind (known only here, where a
+    checkpoint's kind wins over model.kind): found out after training, a wrong one cost the run its summary."""
+    key, sampler = {"pretrain": ("pretrain.eval_sampler", cfg.pretrain.eval_sampler),
+                    "sample": ("sample.sampler", cfg.sample.sampler)}.get(mode, (None, None))
+    if sampler is not None and sampler not in SAMPLERS[model.kind]:
+        raise ConfigError(f"{key}={sampler} is not a sampler of a {model.kind} model; use one of "
+                          f"{list(SAMPLERS[model.kind])}, or null for the default.")
 
 
 def check_loss_space(cfg: RunConfig, model: ModelConfig) -> None:

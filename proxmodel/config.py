@@ -30,6 +30,10 @@ class TextConfig(Strict):
     train: bool = Field(False, description="also train a pretrained text encoder (default: frozen); 'none' always trains")
 
 
+# The samplers of each model kind (proxmodel/generate.py), here where the CLI can check a config without torch.
+SAMPLERS = {"prox": ("hybrid", "backward", "flow"), "score": ("sde", "ode", "ddim")}
+
+
 class ModelConfig(Strict):
     kind: Literal["prox", "score"] = Field(
         "prox", description="prox: a learned conditional proximal operator; score: the same backbone as an "

@@ -12,13 +12,13 @@ from typing import Optional, Sequence
 
 import torch
 
+from proxmodel.config import SAMPLERS
 from proxmodel.model import ProxT2I
 from proxmodel.policy import Policy
 from proxmodel.sampler import Trajectory, Variant, gaussian_kl
 from proxmodel.score import eps_fn, sample_ddim, sample_score
 
-PROX_SAMPLERS = ("hybrid", "backward", "flow")
-SCORE_SAMPLERS = ("sde", "ode", "ddim")
+PROX_SAMPLERS, SCORE_SAMPLERS = SAMPLERS["prox"], SAMPLERS["score"]
 
 
 def device_of(model: ProxT2I) -> torch.device:

@@ -134,6 +134,10 @@ def test_bad_command_lines_and_config_files(box, capsys, argv, fragment):
     ([*GRPO, "grpo.prompt_stats_min_count=64"], "grpo.prompt_stats_min_count=64 must be at most grpo.prompt_stats_buffer=32"),
     ([*PRETRAIN, "data.kind=folder"], "data.kind=folder reads its files from data.path"),
     ([*PRETRAIN, "model.base_channels=12"], "the model section describes a model that cannot be built"),
+    ([*PRETRAIN, "model.kind=score", "pretrain.eval_sampler=flow"],  # else found out after the last training step
+     "pretrain.eval_sampler=flow is not a sampler of a score model; use one of ['sde', 'ode', 'ddim']"),
+    ([*PRETRAIN, "pretrain.eval_sampler=ddim"], "pretrain.eval_sampler=ddim is not a sampler of a prox model"),
+    (["--mode", "sample", "sample.sampler=sde"], "sample.sampler=sde is not a sampler of a prox model"),
 ])
 def test_values_out_of_range_or_inconsistent(box, capsys, argv, fragment):
     assert_rejected(*run(argv, capsys), box, fragment)
