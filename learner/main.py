@@ -159,6 +159,8 @@ def check_model_files(model: ModelConfig, init_from: Path | None) -> None:
 
 
 def prepare_run_dir(cfg: RunConfig, mode: str) -> Path:
+    from learner.resume import RUN_FILE, resume_command
+
     run_dir = Path(cfg.run_dir or f"runs/{mode}-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve()
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run_dir {run_dir} is a file, not a folder. Choose another run_dir=... or omit it.")
@@ -167,12 +169,29 @@ def prepare_run_dir(cfg: RunConfig, mode: str) -> Path:
             f"run_dir {run_dir} already holds a finished run (summary.json); it is left as it is. "
             f"Choose another run_dir=... or omit it to get a fresh one."
         )
+    if (run_dir / RUN_FILE).exists():  # a new run there would overwrite its config and mix its run states with ours
+        raise ConfigError(f"run_dir {run_dir} holds a run that has not finished ({RUN_FILE}); it is left as it is. "
+                          f"Continue it with `{resume_command(run_dir)}`, or choose another run_dir=...")
     try:
+        if cfg.run_dir is None:  # a default name: two runs started in the same second get two folders
+            run_dir = fresh_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
     except OSError as e:
         raise ConfigError(f"run_dir {run_dir} cannot be written ({e.strerror or e}). Choose a writable run_dir=...") from None
     return run_dir
+
+
+def fresh_dir(base: Path) -> Path:
+    """`base`, or `base`-2, -3, ... : the first that did not exist, created (atomically, by mkdir)."""
+    for n in range(1, 10_000):
+        candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            continue
+    raise OSError(f"no free folder name next to {base}")
 
 
 def preflight(cfg: RunConfig, mode: str) -> Path | None:

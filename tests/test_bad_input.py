@@ -151,6 +151,21 @@ def test_run_dir_that_is_a_file_or_a_finished_run(box, capsys):
     (finished / "summary.json").write_text("{}")
     assert_rejected(*run([*GRPO, f"run_dir={finished}"], capsys), box, "already holds a finished run")
     assert [p.name for p in finished.iterdir()] == ["summary.json"]
+    stopped = box / "in" / "stopped"  # a run that was interrupted: only --resume continues it
+    stopped.mkdir()
+    (stopped / "run.json").write_text("{}")
+    (stopped / "config.yaml").write_text("seed: 7\n")
+    assert_rejected(*run([*GRPO, f"run_dir={stopped}"], capsys), box,
+                    f"holds a run that has not finished (run.json); it is left as it is. Continue it with "
+                    f"`python -m learner.main --resume {stopped}`")
+    assert (stopped / "config.yaml").read_text() == "seed: 7\n"
+
+
+def test_runs_started_in_the_same_second_get_their_own_default_folders(tmp_path):
+    from learner.main import fresh_dir
+
+    first, second = fresh_dir(tmp_path / "grpo-20261206-010203"), fresh_dir(tmp_path / "grpo-20261206-010203")
+    assert first != second and first.is_dir() and second.name == "grpo-20261206-010203-2"
 
 
 # --- prompt files ------------------------------------------------------------------------------------------------
