@@ -130,6 +130,11 @@ def test_kuberay_manifest_names_image_version_auth_and_gpus(path):
     assert all(c["image"] == IMAGE for pod in pods for c in pod["spec"]["containers"])
     gpus = [pod_resources(g["template"]["spec"]["containers"][0], {})["GPU"] for g in spec["workerGroupSpecs"]]
     assert min(gpus) >= 1
+    # The image runs as an unprivileged user; a volume claim is root's unless the pod hands it to that user's group.
+    uid = int(re.search(r"useradd .*--uid (\d+)", (DEPLOY / "Dockerfile").read_text()).group(1))
+    for pod in pods:
+        if any(c.get("volumeMounts") for c in pod["spec"]["containers"]):
+            assert pod["spec"].get("securityContext", {}).get("fsGroup") == uid, pod["spec"]["containers"][0]["name"]
 
 
 def test_rayjob_runs_grpo_with_a_config_that_exists():
