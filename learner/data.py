@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
 
 from learner.config import DataConfig
@@ -52,7 +52,16 @@ def image_transform(size: int, channels: int) -> Callable[[Image.Image], torch.T
     if mode is None:
         raise ValueError(f"image data needs model.channels 1 (grey) or 3 (RGB), not {channels}.")
     tf = v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True)])
-    return lambda image: tf(image.convert(mode)) * 2.0 - 1.0
+    return lambda image: tf(upright_8bit(image).convert(mode)) * 2.0 - 1.0
+
+
+def upright_8bit(image: Image.Image) -> Image.Image:
+    """The image as it is shown: its EXIF orientation applied (phone photos are stored sideways), and 16-bit grey
+    scaled to 8 bits (PIL's convert clips it to white)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16"):
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257.0).round().astype(np.uint8), mode="L")
+    return image
 
 
 def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:

@@ -198,3 +198,24 @@ def test_mirror_pairs_put_each_scene_beside_its_mirror_under_the_mirrored_captio
             assert paired[2 * i + 1] != caption
             assert verify(own, parse_caption(paired[2 * i + 1])) < verify(own, parse_caption(caption))
     assert sided >= 8  # most scenes state a place, so the pairs differ in their captions
+
+
+def test_images_are_read_as_shown_upright_and_16_bit_grey_is_not_clipped(tmp_path):
+    """Would catch: a phone JPEG (stored sideways, EXIF orientation 6) trained on rotated under its caption, and a
+    16-bit grey PNG clipped to white by PIL's convert."""
+    from learner.data import image_transform
+
+    pixels = np.zeros((16, 32, 3), dtype=np.uint8)
+    pixels[:, :16] = 255  # stored: white left half, black right half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: the white half on top
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    shown = image_transform(16, 3)(Image.open(tmp_path / "phone.jpg"))  # [3, 16, 16] of the 16 x 32 upright image
+    assert shown[:, :4].mean() > 0.9 and shown[:, -4:].mean() < -0.9
+
+    grey = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1024)  # 0 .. 64512 of 65535
+    Image.fromarray(grey).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I;16")
+    loaded = image_transform(8, 1)(Image.open(tmp_path / "deep.png"))
+    expected = torch.from_numpy(np.round(grey / 257.0) / 255.0 * 2.0 - 1.0).float()
+    assert torch.allclose(loaded[0], expected, atol=1e-6)
