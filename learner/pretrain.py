@@ -56,8 +56,12 @@ def record_training(model: ProxT2I, source, cfg: RunConfig) -> ModelConfig:
                       trained_target=pc.target)
         if mc.prox_param == "precond" and mc.sigma_data is None:
             images, _ = source.batch(cfg.data.cursor, SIGMA_DATA_SAMPLES)
-            x0 = model.encode_images(images)
-            update["sigma_data"] = round(float(x0.float().pow(2).mean().sqrt()), 4)
+            device = next(model.parameters()).device
+            with torch.no_grad():  # in chunks, where the model is: a VAE on all 512 at once needs ~100 GB
+                parts = [model.encode_images(images[i:i + 32].to(device)).double().pow(2)
+                         for i in range(0, len(images), 32)]
+            squares = sum(float(part.sum()) for part in parts) / sum(part.numel() for part in parts)
+            update["sigma_data"] = round(squares ** 0.5, 4)
     return mc.model_copy(update=update)
 
 

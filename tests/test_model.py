@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from proxmodel.losses import LossSchedule, conditional_noise, make_training_pairs, proximal_matching_loss
-from proxmodel.model import load_model, save_model
+from proxmodel.model import ProxT2I, load_model, save_model
 from proxmodel.schedule import VPSchedule
 
 
@@ -310,3 +310,20 @@ def test_pretraining_with_mirror_pairs_trains_each_scene_beside_its_mirror(tmp_p
     assert captions[0] != captions[1]  # the second step read new scenes
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["data_cursor"] == 100 + 2 * 8 // 2
+
+
+def test_pretraining_measures_sigma_data_as_the_rms_of_the_encoded_data(tiny_model_config):
+    """record_training encodes its 512 images in chunks (a VAE on all at once does not fit). Would catch: a chunked
+    mean that weights chunks wrongly or drops the last one, against the one-pass RMS of the same images."""
+    from learner.config import DataConfig, load_config
+    from learner.data import ScenesSource
+    from learner.pretrain import SIGMA_DATA_SAMPLES, record_training
+
+    model = ProxT2I(tiny_model_config.model_copy(update={"prox_param": "precond", "sigma_data": None}))
+    cfg = load_config(None, [])
+    source = ScenesSource(DataConfig(), tiny_model_config.image_size, 3)
+    measured = record_training(model, source, cfg).sigma_data
+    images, _ = source.batch(cfg.data.cursor, SIGMA_DATA_SAMPLES)
+    with torch.no_grad():
+        expected = float(model.encode_images(images).double().pow(2).mean().sqrt())
+    assert measured == round(expected, 4) and 0.1 < measured < 2.0
