@@ -29,6 +29,7 @@ def aesthetic_head(embed_dim: int) -> nn.Sequential:
 
 
 def load_head(path: str) -> nn.Sequential:
+    path = str(Path(path).expanduser())  # as preflight checked it
     state = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
     state = {k.removeprefix("layers."): v.float() for k, v in state.items()}
     head = aesthetic_head(state["0.weight"].shape[1])

@@ -76,6 +76,18 @@ def test_cli_fails_before_any_actor_starts(tmp_path):
     assert "Ray" not in proc.stderr and not (tmp_path / "r").exists()
 
 
+def test_aesthetic_head_path_may_start_at_home(clip_dir, tmp_path, monkeypatch):
+    """preflight expands ~ in head_path: so must the loader, or every reward actor fails after preflight passed."""
+    from rewards.aesthetic import aesthetic_head, load_head
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    head = aesthetic_head(TINY["model_cfg"]["embed_dim"])
+    torch.save(head.state_dict(), tmp_path / "head.pth")
+    preflight("aesthetic", {"clip_path": str(clip_dir), "head_path": "~/head.pth"})
+    loaded = load_head("~/head.pth")
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), loaded.state_dict().values()))
+
+
 def test_aesthetic_head_on_clip_features(clip_dir, tmp_path):
     from rewards.aesthetic import aesthetic_head
 
