@@ -1,7 +1,7 @@
 """Few-step calibration of a prox model's samplers: spread of the samples against the data's, and reward with a CI.
 
     python benchmarks/calibration.py [--models NAME=CHECKPOINT ...] [--steps 5 10 20] [--prompts 128] [--seeds 2]
-                                     [--grids 0,.2,.3,.4,.5,.6,.7,.8,1 ...] [--against 10]
+                                     [--grids 0,.2,.3,.4,.5,.6,.7,.8,1 ...] [--against 10] [--guidance 1 2]
 
 For each model and step count N (uniform grids, then any --grids through given times) it samples the held-out scene
 prompts with each noise seed and reports:
@@ -50,7 +50,8 @@ def rescaled(prox, sigma_data: float):
     return wrapped
 
 
-def measure(model, prompts: list[str], grid, seeds: int, sampler: str, data_var: float, reward) -> dict:
+def measure(model, prompts: list[str], grid, seeds: int, sampler: str, data_var: float, reward,
+            guidance: float = 1.0) -> dict:
     import torch
 
     from learner.bootstrap import bootstrap_ci
@@ -63,7 +64,7 @@ def measure(model, prompts: list[str], grid, seeds: int, sampler: str, data_var:
     finals, scores, query = [], [], []
     with torch.no_grad():
         context = model.encode_text(model.tokenize(prompts))
-        prox = prox_fn(model.eval(), context=context)
+        prox = prox_fn(model.eval(), guidance, context=context)
         if sampler == "rescaled":
             prox = rescaled(prox, model.cfg.sigma_data or float(data_var) ** 0.5)
         for seed in range(seeds):
@@ -94,7 +95,10 @@ def main() -> None:
                         "measured after the uniform --steps")
     parser.add_argument("--against", type=int, default=10,
                         help="each row's paired reward difference from this model's uniform grid of this many steps "
-                        "(same sampler, prompts and noise seeds; measured first), when --steps includes it")
+                        "(same sampler unguided, prompts and noise seeds; measured first), when --steps includes it")
+    parser.add_argument("--guidance", nargs="+", type=float, default=[1.0],
+                        help="classifier-free guidance scales w (1 = none); a guided row's vs N = column pairs it with "
+                        "the unguided uniform grid")
     parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "calibration")
@@ -128,7 +132,7 @@ def main() -> None:
              "mean [95% bootstrap CI over prompts and seeds]; var ratio = var(samples) / var(data); query ratios = "
              "var(y_k) / (v_t + lam) along the stochastic chain, k = N..1; vs first model = the paired difference of "
              "the reward from the first --models entry (same prompts and noise) with its 95% bootstrap CI; vs N = "
-             f"{args.against} = the same against this model's uniform {args.against}-step grid", "",
+             f"{args.against} = the same against this model's uniform {args.against}-step grid, unguided", "",
              f"| model | sampler | N | var ratio | reward | vs first model | vs N = {args.against} | query ratios |",
              "|---|---|---|---|---|---|---|---|"]
     for spec in args.models:
@@ -140,17 +144,19 @@ def main() -> None:
         samplers += ["flow"] if "flow" in (model.cfg.trained_variants or []) else []
         samplers += ["rescaled"] if model.cfg.prox_param == "eps" else []
         for steps, grid in grids.items():
-            for sampler in samplers:
-                r = measure(model, prompts, grid, args.seeds, sampler, data_var, reward)
-                results.setdefault(name, {}).setdefault(sampler, {})[steps] = r
+            scales = sorted(args.guidance, key=lambda w: w != 1.0)  # unguided first: the guided rows' reference
+            for w, sampler in [(w, sampler) for w in scales for sampler in samplers]:
+                label = sampler if w == 1.0 else f"{sampler} w={w:g}"
+                r = measure(model, prompts, grid, args.seeds, sampler, data_var, reward, guidance=w)
+                results.setdefault(name, {}).setdefault(label, {})[steps] = r
                 cells = []
-                for key, other in [("vs_first", results[next(iter(results))].get(sampler, {}).get(steps)),
-                                   ("vs_uniform", results[name][sampler].get(str(args.against)))]:
+                for key, other in [("vs_first", results[next(iter(results))].get(label, {}).get(steps)),
+                                   ("vs_uniform", results[name].get(sampler, {}).get(str(args.against)))]:
                     cells.append("-")
                     if other is not None and other is not r:
                         diff = bootstrap_ci(np.asarray(r["scores"]) - np.asarray(other["scores"]))
                         r[key], cells[-1] = diff.as_dict(), str(diff)
-                row = (f"| {name} | {sampler} | {steps} | {r['var_ratio']:.2f} | {r['text']} | {' | '.join(cells)} | "
+                row = (f"| {name} | {label} | {steps} | {r['var_ratio']:.2f} | {r['text']} | {' | '.join(cells)} | "
                        f"{' '.join(map(str, r.get('query_ratios', []))) or '-'} |")
                 lines.append(row)
                 print(row, flush=True)
