@@ -162,18 +162,19 @@ def prepare_run_dir(cfg: RunConfig, mode: str) -> Path:
     from learner.resume import RUN_FILE, resume_command
 
     run_dir = Path(cfg.run_dir or f"runs/{mode}-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve()
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run_dir {run_dir} is a file, not a folder. Choose another run_dir=... or omit it.")
-    if (run_dir / "summary.json").exists():
-        raise ConfigError(
-            f"run_dir {run_dir} already holds a finished run (summary.json); it is left as it is. "
-            f"Choose another run_dir=... or omit it to get a fresh one."
-        )
-    if (run_dir / RUN_FILE).exists():  # a new run there would overwrite its config and mix its run states with ours
-        raise ConfigError(f"run_dir {run_dir} holds a run that has not finished ({RUN_FILE}); it is left as it is. "
-                          f"Continue it with `{resume_command(run_dir)}`, or choose another run_dir=...")
+    if cfg.run_dir is not None:  # (a default name is always a new folder: fresh_dir)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"run_dir {run_dir} is a file, not a folder. Choose another run_dir=... or omit it.")
+        if (run_dir / "summary.json").exists():
+            raise ConfigError(
+                f"run_dir {run_dir} already holds a finished run (summary.json); it is left as it is. "
+                f"Choose another run_dir=... or omit it to get a fresh one."
+            )
+        if (run_dir / RUN_FILE).exists():  # a new run there would overwrite its config and mix its run states
+            raise ConfigError(f"run_dir {run_dir} holds a run that has not finished ({RUN_FILE}); it is left as it "
+                              f"is. Continue it with `{resume_command(run_dir)}`, or choose another run_dir=...")
     try:
-        if cfg.run_dir is None:  # a default name: two runs started in the same second get two folders
+        if cfg.run_dir is None:  # two runs started in the same second get two folders
             run_dir = fresh_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
