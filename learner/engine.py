@@ -142,7 +142,8 @@ def build_engine(
 
 
 def full_state_dict(engine) -> dict[str, torch.Tensor]:
-    """The full fp32 weights on CPU, gathered once from ZeRO-3 shards if need be."""
+    """The full weights as the module holds them, as fp32 on CPU, gathered once from ZeRO-3 shards if need be. Under
+    deepspeed.bf16 they are the bf16-rounded weights the rollouts sample with, not the optimizer's fp32 master copy."""
     module = engine.module
     if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
