@@ -125,6 +125,7 @@ def main() -> None:
             parser.error(f"--grids {spec}: {error}")
         grids[f"{grid.steps}: {','.join(f'{v:g}' for v in grid.t.tolist())}"] = grid
     grids = dict(sorted(grids.items(), key=lambda item: item[0] != str(args.against)))  # the reference first
+    scales = sorted(args.guidance, key=lambda w: w != 1.0)  # unguided first: the guided rows' reference
     prompts = scene_prompts(0, EVAL_SEED_OFFSET, args.prompts)
     reward = build("compositional")
     results: dict = {}
@@ -144,7 +145,6 @@ def main() -> None:
         samplers += ["flow"] if "flow" in (model.cfg.trained_variants or []) else []
         samplers += ["rescaled"] if model.cfg.prox_param == "eps" else []
         for steps, grid in grids.items():
-            scales = sorted(args.guidance, key=lambda w: w != 1.0)  # unguided first: the guided rows' reference
             for w, sampler in [(w, sampler) for w in scales for sampler in samplers]:
                 label = sampler if w == 1.0 else f"{sampler} w={w:g}"
                 r = measure(model, prompts, grid, args.seeds, sampler, data_var, reward, guidance=w)

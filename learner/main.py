@@ -176,7 +176,8 @@ def prepare_run_dir(cfg: RunConfig, mode: str) -> Path:
     try:
         if cfg.run_dir is None:  # two runs started in the same second get two folders
             run_dir = fresh_dir(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
     except OSError as e:
         raise ConfigError(f"run_dir {run_dir} cannot be written ({e.strerror or e}). Choose a writable run_dir=...") from None

@@ -18,8 +18,6 @@ from proxmodel.policy import Policy
 from proxmodel.sampler import Trajectory, Variant, gaussian_kl
 from proxmodel.score import eps_fn, sample_ddim, sample_score
 
-PROX_SAMPLERS, SCORE_SAMPLERS = SAMPLERS["prox"], SAMPLERS["score"]
-
 
 def device_of(model: ProxT2I) -> torch.device:
     return next(model.parameters()).device
@@ -49,7 +47,7 @@ def generate(model: ProxT2I, prompts: Sequence[str], steps: int, seed: int, eta:
     `sampler`: hybrid | backward | flow for a prox model, sde | ode | ddim for a score model; None = hybrid or ddim.
     """
     kind = model.cfg.kind
-    allowed = PROX_SAMPLERS if kind == "prox" else SCORE_SAMPLERS
+    allowed = SAMPLERS[kind]
     sampler = sampler or allowed[0 if kind == "prox" else 2]
     if sampler not in allowed:
         raise ValueError(f"sampler {sampler!r} does not apply to a {kind} model; use one of {allowed}")
