@@ -17,10 +17,14 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 
 from actors.redaction import redact
-from proxmodel.config import DEFAULT_LORA_TARGETS, LoraSpec, ModelConfig, Strict
+from proxmodel.config import DEFAULT_LORA_TARGETS, SAMPLERS, LoraSpec, ModelConfig, Strict
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+# The sampler names, from the one list in proxmodel.config (Literal[("a", "b")] is Literal["a", "b"]).
+ProxSampler = Literal[SAMPLERS["prox"]]
+AnySampler = Literal[SAMPLERS["prox"] + SAMPLERS["score"]]
 
 
 class ConfigError(Exception):
@@ -70,7 +74,7 @@ class PretrainConfig(Strict):
         [5, 10, 20], min_length=1, description="sampler step counts N whose (t, lam) pairs are trained (weights "
         "N^1/3); a sampler on another grid queries the prox off its training support"
     )
-    prox_variants: list[Literal["hybrid", "backward", "flow"]] = Field(
+    prox_variants: list[ProxSampler] = Field(
         ["hybrid", "flow"], min_length=1, description="prox samplers whose lam values are trained, each pair picking "
         "one: hybrid lam = gamma (the stochastic sampler, GRPO's policy); flow lam = gamma/2 (the deterministic "
         "probability-flow sampler); backward lam = gamma / (1 - gamma/2), only for step candidates with every "
@@ -119,7 +123,7 @@ class PretrainConfig(Strict):
     score_t_min: float = Field(
         1e-3, gt=0, lt=1, description="kind score: training times t ~ U(score_t_min, 1) (the samplers stop there)"
     )
-    eval_sampler: Optional[Literal["hybrid", "backward", "flow", "sde", "ode", "ddim"]] = Field(
+    eval_sampler: Optional[AnySampler] = Field(
         None, description="sampler of the final sample grid; null = hybrid (kind prox) or ddim (kind score)"
     )
     eval_guidance: float = Field(1.0, ge=0, description="classifier-free guidance scale w of the final samples")
@@ -417,7 +421,7 @@ class SampleConfig(Strict):
     eta: float = Field(1.0, ge=0, description="noise scale of the stochastic sampler (1 = the method; 0 = the "
                        "noiseless chain, mode-seeking: not a sample of the model)")
     guidance: float = Field(1.0, ge=0, description="classifier-free guidance scale w (1 = none)")
-    sampler: Optional[Literal["hybrid", "backward", "flow", "sde", "ode", "ddim"]] = Field(
+    sampler: Optional[AnySampler] = Field(
         None, description="null = hybrid (prox model) or ddim (score model)"
     )
     score: bool = Field(False, description="score every image with the run's `rewards` (samples.json, summary.json)")
