@@ -30,10 +30,12 @@ class SamplerSpec:
     eta: float
     guidance: float
     stochastic_steps: Optional[int] = None  # only the first K transitions stochastic (and logged), the rest the ODE
+    credit_block: int = 1  # the log-probs score s x s block means of the actions (Policy.credit_block)
 
     @classmethod
     def of(cls, policy: Policy) -> "SamplerSpec":
-        return cls(policy.kind, policy.steps, policy.eta, policy.guidance, policy.stochastic_steps)
+        return cls(policy.kind, policy.steps, policy.eta, policy.guidance, policy.stochastic_steps,
+                   policy.credit_block)
 
     @property
     def transitions(self) -> int:

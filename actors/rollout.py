@@ -59,6 +59,7 @@ class RolloutActor(Threaded):
         lora: Optional[LoraSpec] = None,
         stochastic_steps: Optional[int] = None,
         shared_start: bool = False,
+        credit_block: int = 1,
     ):
         set_threads(torch_threads)
         self.device = actor_device(device)
@@ -70,7 +71,7 @@ class RolloutActor(Threaded):
         # else a frozen copy taken before any published weights arrive (a restarted actor starts from it too).
         self.reference = BaseOf(self.model) if lora else copy.deepcopy(self.model).requires_grad_(False)
         self.policy = Policy.of(self.model, steps, eta, guidance, stochastic_steps=stochastic_steps,
-                                shared_start=shared_start)
+                                shared_start=shared_start, credit_block=credit_block)
         self.sampler = SamplerSpec.of(self.policy)
         self.group_size = group_size
         self.rewards = RewardClient(reward_actors, reward_timeout_s, reward_retries)

@@ -170,6 +170,12 @@ class GrpoConfig(Strict):
         "their rewards differ by the policy's own noise alone and the group-relative advantage credits the actions, "
         "not the starting point; the held-out evaluation keeps independent noise",
     )
+    credit_block: int = Field(
+        1, ge=1, description="policy gradient: s > 1 scores each transition's action by its s x s block means only "
+        "(log-probs of the coarse noise; the fine noise is left out of the credit, the mean's fine detail is held "
+        "by the KL alone), so the gradient does not carry the variance of thousands of dimensions the reward barely "
+        "sees. Must divide the model space's side (docs/credit_block.md)",
+    )
     guidance: float = Field(
         1.0, ge=0, description="classifier-free guidance scale w of the rollouts (1 = none); the learner re-scores "
         "actions under the same guided network, so the policy is the guided sampler",

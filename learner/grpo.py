@@ -219,7 +219,7 @@ class GrpoRun:
                 packed, g.steps, g.group_size, g.eta, g.guidance, reward_actors, weights,
                 a.reward.timeout_s, a.reward.retries, address, tracker.run_id, a.torch_threads, cfg.deepspeed.bf16,
                 keep_trajectory=g.objective != "forward", lora=g.lora.spec(), stochastic_steps=g.stochastic_steps,
-                shared_start=g.shared_start,
+                shared_start=g.shared_start, credit_block=g.credit_block,
             )
             for _ in range(a.rollout.count)
         ]

@@ -133,7 +133,8 @@ class GrpoLearner(Threaded):
         # objective forward with ema_decay: rollouts sample from (and e_old is) an EMA of the trained weights, as
         # DiffusionNFT's soft-updated sampling policy; a full copy made before DeepSpeed partitions the model.
         self.ema = make_ema(self.model, g.ema_decay, warmup=False)
-        self.policy = Policy.of(self.model, g.steps, g.eta, g.guidance, stochastic_steps=g.stochastic_steps)
+        self.policy = Policy.of(self.model, g.steps, g.eta, g.guidance, stochastic_steps=g.stochastic_steps,
+                                credit_block=g.credit_block)
         self.step_rng = torch.Generator().manual_seed(self.cfg.seed)
         n_train = len(select_train_steps(self.policy.transitions, g.train_step_window, g.train_step_fraction,
                                          torch.Generator()))

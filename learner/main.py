@@ -244,7 +244,16 @@ def check_policy_model(cfg: RunConfig, model: ModelConfig) -> None:
     """The GRPO objective and sampler must be ones this model kind has learned: forward and direct are prox-only
     (forward regresses the prox pairs y = x_t + sqrt(lam) xi, which a score model, trained on x_t alone with lam = 0,
     would fit to the wrong target, silently); grpo.stochastic_steps switches the rollouts to the probability-flow ODE,
-    which the model must have been trained on."""
+    which the model must have been trained on; grpo.credit_block must tile the model's images or latents."""
+    block = cfg.grpo.credit_block
+    if block > 1:
+        from proxmodel.latent import model_side
+
+        side = model_side(model.image_size, model.vae)
+        if side % block:
+            raise ConfigError(f"grpo.credit_block={block} does not divide the model's {side}x{side} "
+                              f"{'latents' if model.vae else 'images'}; use a divisor of {side} (e.g. "
+                              f"{max(d for d in range(1, side // 2 + 1) if side % d == 0 and d <= block)}), or 1.")
     if cfg.grpo.objective in ("forward", "direct") and model.kind != "prox":
         raise ConfigError(f"grpo.objective={cfg.grpo.objective} trains a prox model's proximal operator; this model "
                           f"is kind {model.kind}. Use grpo.objective=policy_gradient (with grpo.stochastic_steps: "

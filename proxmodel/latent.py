@@ -7,6 +7,7 @@ The mean, not a posterior draw, keeps a data batch a pure function of the data c
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -41,6 +42,14 @@ def load_vae(path: str) -> AutoencoderKL:
 def downscale(vae: AutoencoderKL) -> int:
     """Pixels per latent along a side: 2 per down block after the first."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def model_side(image_size: int, vae: str | None) -> int:
+    """The side of the model's space: the image's, or the latents' read from the VAE folder's config (no weights)."""
+    if vae is None:
+        return image_size
+    config = json.loads((require_vae_files(vae) / "config.json").read_text())
+    return image_size // 2 ** (len(config["block_out_channels"]) - 1)
 
 
 def _shift_scale(vae: AutoencoderKL) -> tuple[float, float]:

@@ -47,6 +47,10 @@ class Policy:
     # the rows of one sample() call (a GRPO group) start from the same noise: rewards then differ by the policy's
     # own actions alone (the start is independent of theta, so the log-probs and the learner do not change)
     shared_start: bool = False
+    # s > 1: a transition's log-prob scores the s x s block means of its noise only (gaussian_log_prob). The rest of
+    # the noise, fine detail the reward barely sees, then adds no variance to the policy gradient; the mean's fine
+    # detail is trained by nothing but the KL (docs/credit_block.md)
+    credit_block: int = 1
 
     def __post_init__(self) -> None:
         if self.stochastic_steps is not None:
@@ -56,14 +60,16 @@ class Policy:
             if not 1 <= self.stochastic_steps <= self.steps - 1:
                 raise ValueError(f"stochastic_steps={self.stochastic_steps}: a {self.steps}-step sampler has "
                                  f"{self.steps - 1} transitions; use 1..{self.steps - 1}, or null for all of them")
+        if self.credit_block < 1:
+            raise ValueError(f"credit_block={self.credit_block}: use 1 (every dimension) or a block size > 1")
 
     @classmethod
     def of(cls, model: nn.Module, steps: int, eta: float = 1.0, guidance: float = 1.0,
            variant: Variant = "hybrid", stochastic_steps: Optional[int] = None,
-           shared_start: bool = False) -> "Policy":
+           shared_start: bool = False, credit_block: int = 1) -> "Policy":
         """The policy of `model` (a ProxT2I, or a DeepSpeed engine around one)."""
         return cls(getattr(model, "module", model).cfg.kind, steps, eta, guidance, variant, stochastic_steps,
-                   shared_start)
+                   shared_start, credit_block)
 
     @property
     def transitions(self) -> int:
@@ -81,9 +87,11 @@ class Policy:
         if self.kind == "prox":
             return sample_hybrid(prox_fn(model, self.guidance, **condition), shape, self.grid, eta=self.eta,
                                  generator=generator, device=device, variant=self.variant,
-                                 stochastic_steps=self.stochastic_steps, shared_start=self.shared_start)
+                                 stochastic_steps=self.stochastic_steps, shared_start=self.shared_start,
+                                 block=self.credit_block)
         out = sample_score(eps_fn(model, self.guidance, **condition), shape, self.steps, method="sde", eta=self.eta,
-                           generator=generator, device=device, shared_start=self.shared_start)
+                           generator=generator, device=device, shared_start=self.shared_start,
+                           block=self.credit_block)
         return Trajectory(states=out.states, images=out.images, log_probs=out.log_probs)
 
     def variance(self, j: int) -> float:
@@ -99,12 +107,12 @@ class Policy:
         if self.kind == "prox":
             k = self.steps - j
             out = hybrid_step(prox_fn(model, self.guidance, **condition), states[:, j], self.grid, k, eta=self.eta,
-                              y_next=states[:, j + 1], variant=self.variant)
+                              y_next=states[:, j + 1], variant=self.variant, block=self.credit_block)
             return Transition(out.mean, out.log_prob, self.variance(j))
         times = score_times(self.steps).tolist()
         t, t_next = times[self.steps - 1 - j], times[self.steps - 2 - j]
         out = sde_step(eps_fn(model, self.guidance, **condition), states[:, j], t, t_next, eta=self.eta,
-                       x_next=states[:, j + 1])
+                       x_next=states[:, j + 1], block=self.credit_block)
         var = self.eta**2 * float(VPSchedule().beta(t)) * (t - t_next)
         return Transition(out.mean, out.log_prob, var)
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
 import torch
+import torch.nn.functional as F
 
 from proxmodel.schedule import StepGrid
 
@@ -90,11 +91,23 @@ class StepOutput:
     mean: Optional[torch.Tensor]  # policy mean of y_{k-1}
 
 
-def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, var: float) -> torch.Tensor:
-    """Per-sample log N(value; mean, var I), averaged over all non-batch dimensions, in float32."""
+def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, var: float, block: int = 1) -> torch.Tensor:
+    """Per-sample log N(value; mean, var I), averaged over all non-batch dimensions, in float32.
+
+    block s > 1: the log-density of the s x s block means only, i.e. of the action's coordinates in the orthonormal
+    basis of block-constant images (a block's sum / s, each again N(., var)), divided like the full one by all the
+    state's dimensions. The rest of the noise is independent of those coordinates and left out, so for a reward
+    that sees block means only, A grad log p has the full log-prob's expectation and none of its fine-noise variance.
+    [B, C, H, W] with H and W divisible by s.
+    """
     diff = value.float() - mean.float()
+    if block > 1:
+        if diff.dim() != 4 or diff.shape[-1] % block or diff.shape[-2] % block:
+            raise ValueError(f"credit block {block} does not tile states of shape {tuple(diff.shape[1:])}: use a "
+                             f"block size that divides their height and width, or 1")
+        diff = F.avg_pool2d(diff, block) * block
     per_dim = -(diff * diff) / (2.0 * var) - 0.5 * math.log(2.0 * math.pi * var)
-    return per_dim.flatten(1).mean(dim=1)
+    return per_dim.flatten(1).mean(dim=1) / (block * block)
 
 
 def gaussian_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, var: float) -> torch.Tensor:
@@ -114,13 +127,15 @@ def hybrid_step(
     y_next: Optional[torch.Tensor] = None,
     variant: Variant = "hybrid",
     next_variant: Optional[Variant] = None,
+    block: int = 1,
 ) -> StepOutput:
     """Step k (N..1) of the hybrid (or fully backward) prox sampler, from y_k.
 
     Either draws y_{k-1} with `noise` (z_{k-1}; zero/None with eta=0 gives the deterministic sampler) or, when
     `y_next` is given, scores that recorded action under the current prox (the learner's recomputation).
     `variant` made y_k (it sets the prox's lam); `next_variant` (default: the same) makes y_{k-1}: "flow" there
-    switches a stochastic chain to the probability-flow ODE from this step on.
+    switches a stochastic chain to the probability-flow ODE from this step on. `block`: the log-prob scores the
+    action's block means only (gaussian_log_prob).
     """
     batch = y.shape[0]
     t_prev = torch.full((batch,), grid.t_at(k - 1), dtype=torch.float32, device=y.device)
@@ -139,7 +154,7 @@ def hybrid_step(
         y_next = mean + eta * nxt.noise_std * noise
     if deterministic:
         raise ValueError(f"a recorded action has no density under a deterministic sampler (eta={eta}, {variant})")
-    log_prob = gaussian_log_prob(y_next, mean, (eta * nxt.noise_std) ** 2)
+    log_prob = gaussian_log_prob(y_next, mean, (eta * nxt.noise_std) ** 2, block)
     return StepOutput(x=x, y=y_next, log_prob=log_prob, mean=mean)
 
 
@@ -193,13 +208,15 @@ def sample_hybrid(
     variant: Variant = "hybrid",
     stochastic_steps: Optional[int] = None,
     shared_start: bool = False,
+    block: int = 1,
 ) -> Trajectory:
     """Run the hybrid (or fully backward) sampler for len(grid) steps from x_N ~ N(0, I), recording the trajectory.
 
     `stochastic_steps` K: only the first K transitions are `variant` steps; the rest are probability-flow steps
     (deterministic, no log-prob), so the trajectory has K log-probs. The SDE and the ODE share their marginals, so
     the switch keeps the chain a sampler of p_0 (MixGRPO, Flow-GRPO-Fast); the model must know the flow variant.
-    `shared_start`: every row starts from the same y_N (its x_N and z_N), independent of theta like any y_N."""
+    `shared_start`: every row starts from the same y_N (its x_N and z_N), independent of theta like any y_N.
+    `block`: the log-probs score each action's block means only (gaussian_log_prob)."""
     n = grid.steps
 
     def draw() -> torch.Tensor:
@@ -214,7 +231,8 @@ def sample_hybrid(
     for k in range(n, 0, -1):
         stochastic = eta != 0.0 and by(k - 1) != "flow"
         noise = draw() if (k > 1 and stochastic) else None
-        out = hybrid_step(prox, y, grid, k, eta=eta, noise=noise, variant=by(k), next_variant=by(k - 1))
+        out = hybrid_step(prox, y, grid, k, eta=eta, noise=noise, variant=by(k), next_variant=by(k - 1),
+                          block=block)
         if k == 1:
             images = out.x
         else:

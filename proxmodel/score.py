@@ -75,8 +75,10 @@ def sde_step(
     eta: float = 1.0,
     noise: Optional[torch.Tensor] = None,
     x_next: Optional[torch.Tensor] = None,
+    block: int = 1,
 ) -> ScoreStep:
-    """One Euler-Maruyama step of the reverse SDE from t to t_next < t: draws x_next with `noise`, or scores it."""
+    """One Euler-Maruyama step of the reverse SDE from t to t_next < t: draws x_next with `noise`, or scores it
+    (`block`: its block means only, gaussian_log_prob)."""
     g = float(schedule.beta(t)) * (t - t_next)
     mean = (1.0 + g / 2.0) * x + g * score_from_eps(eps(x, _full(x, t)), _full(x, t), schedule)
     if x_next is None:
@@ -87,7 +89,7 @@ def sde_step(
         x_next = mean + eta * math.sqrt(g) * noise
     if eta == 0.0:
         raise ValueError("a recorded action has no density under the deterministic step (eta=0)")
-    return ScoreStep(x=x_next, mean=mean, log_prob=gaussian_log_prob(x_next, mean, eta * eta * g))
+    return ScoreStep(x=x_next, mean=mean, log_prob=gaussian_log_prob(x_next, mean, eta * eta * g, block))
 
 
 def ode_step(eps: EpsFn, x: torch.Tensor, t: float, t_next: float, schedule: VPSchedule = VPSchedule()) -> torch.Tensor:
@@ -122,9 +124,10 @@ def sample_score(
     schedule: VPSchedule = VPSchedule(),
     t_min: float = T_MIN,
     shared_start: bool = False,
+    block: int = 1,
 ) -> ScoreSample:
     """Euler-Maruyama (`sde`) or probability-flow (`ode`) sampling with `steps` network evaluations; `shared_start`:
-    every row starts from the same x at tau = 1."""
+    every row starts from the same x at tau = 1; `block`: the SDE's log-probs score block means only."""
     times = score_times(steps, t_min).tolist()
     x = start_noise(shape, generator, device, shared_start)
     states, log_probs = [x], []
@@ -133,7 +136,7 @@ def sample_score(
             x = ode_step(eps, x, t, t_next, schedule)
         else:
             noise = standard_normal(shape, generator, device) if eta != 0.0 else None
-            step = sde_step(eps, x, t, t_next, schedule=schedule, eta=eta, noise=noise)
+            step = sde_step(eps, x, t, t_next, schedule=schedule, eta=eta, noise=noise, block=block)
             x = step.x
             if step.log_prob is not None:
                 log_probs.append(step.log_prob)

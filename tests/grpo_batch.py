@@ -17,13 +17,14 @@ WEIGHTS = {"compositional": 1.0}  # the learner's default reward mix
 
 def write_batch(checkpoint, address, run_id, *, steps, group_size, eta=1.0, guidance=1.0, ranks=1, rewards=None,
                 seed=0, bf16=False, trajectory=True, iteration=0, lora=None, weights=None,
-                order=None, stochastic_steps=None, shared_start=False) -> list[torch.Tensor]:
+                order=None, stochastic_steps=None, shared_start=False,
+                credit_block=1) -> list[torch.Tensor]:
     """Sample one group per prompt as a rollout actor does and stream it; returns the per-group rewards.
     `weights`: a learner's published state, set on the actor first (with `lora`, the adapters' alone). `order`: the
     prompt indices in the order their groups reach the stream (as actors finishing in another order write them)."""
     actor = RolloutActor(checkpoint, steps, group_size, eta, guidance, [], WEIGHTS, 1.0, 0, address, run_id,
                          torch_threads=torch.get_num_threads(), bf16=bf16, lora=lora, stochastic_steps=stochastic_steps,
-                         shared_start=shared_start)
+                         shared_start=shared_start, credit_block=credit_block)
     if weights is not None:
         actor.set_weights(weights, 0)
     for r in range(ranks):

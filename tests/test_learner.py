@@ -398,3 +398,18 @@ def test_groups_with_a_shared_start_reach_the_learner_and_train_on_policy(checkp
     learner = make_learner(checkpoint, server, "shared", recompute="group")
     metrics = learner.train(0, len(PROMPTS))
     assert metrics["ratio_max_dev"] == 0.0 and metrics["acked"] == len(PROMPTS)
+
+
+def test_block_credited_groups_train_on_policy_and_a_full_credit_learner_refuses_them(checkpoint, server):
+    """grpo.credit_block through the rollout actor and the stream: the recorded block log-probs are what the learner
+    re-scores (ratio exactly 1), and a learner that scores every dimension refuses them rather than reading a block
+    log-prob as a full one (its ratios would be off by the fine noise's density). Would catch the option dropped
+    between the config, the actor's policy, the stream's sampler record and the learner's policy."""
+    write_batch(checkpoint, server.address, "block-full", steps=STEPS, group_size=G, credit_block=2)
+    with pytest.raises(RuntimeError, match="'credit_block': 2"):
+        make_learner(checkpoint, server, "block-full", recompute="group").train(0, len(PROMPTS))
+    write_batch(checkpoint, server.address, "block", steps=STEPS, group_size=G, credit_block=2)
+    learner = make_learner(checkpoint, server, "block", recompute="group", credit_block=2)
+    metrics = learner.train(0, len(PROMPTS))
+    assert metrics["ratio_max_dev"] == 0.0 and metrics["acked"] == len(PROMPTS)
+

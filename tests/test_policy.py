@@ -24,10 +24,11 @@ def shape_of(model):
     return (G, cfg.channels, cfg.image_size, cfg.image_size)
 
 
-@pytest.mark.parametrize("guidance", [1.0, 2.5])
-def test_recorded_log_probs_equal_the_learners_recomputation(model, guidance):
-    """Rollout (no grad, context) and learner (grad, tokens) agree bit for bit: the on-policy ratio is exactly 1."""
-    policy = Policy.of(model, STEPS, guidance=guidance)
+@pytest.mark.parametrize("guidance,block", [(1.0, 1), (2.5, 1), (1.0, 4)])
+def test_recorded_log_probs_equal_the_learners_recomputation(model, guidance, block):
+    """Rollout (no grad, context) and learner (grad, tokens) agree bit for bit: the on-policy ratio is exactly 1,
+    with the log-probs of block means (grpo.credit_block) too."""
+    policy = Policy.of(model, STEPS, guidance=guidance, credit_block=block)
     tokens = model.tokenize(["a red circle", "a blue square", ""])
     traj = policy.sample(model, {"context": model.encode_text(tokens)}, shape_of(model), torch.Generator().manual_seed(0))
     assert traj.states.shape == (G, STEPS, *shape_of(model)[1:]) and traj.log_probs.shape == (G, STEPS - 1)
@@ -38,7 +39,7 @@ def test_recorded_log_probs_equal_the_learners_recomputation(model, guidance):
             assert step.log_prob.requires_grad
             assert torch.equal(step.log_prob.detach(), traj.log_probs[:, j]), f"transition {j}"
             # the variance it reports is the one its log-prob uses, so the closed-form KL is consistent
-            expected = gaussian_log_prob(traj.states[:, j + 1], step.mean.detach(), step.var)
+            expected = gaussian_log_prob(traj.states[:, j + 1], step.mean.detach(), step.var, block)
             assert torch.allclose(step.log_prob.detach(), expected, atol=1e-6)
     finally:
         model.eval()
