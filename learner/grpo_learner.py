@@ -210,7 +210,9 @@ class GrpoLearner(Threaded):
         batch = [TrainGroup.of(groups[i], advantages[i], self.model, self.device) for i in kept[self.rank :: self.world]]
         # Each loss averages over this shard; DeepSpeed averages over ranks: rescale to the global mean.
         scale = sum(b.advantages.numel() for b in batch) * self.world / sum(groups[i].size for i in kept)
-        self.engine.train()
+        # Eval mode: the policy is scored as the rollouts sampled it (eval mode, no dropout); a text encoder
+        # pretrained with model.text.train keeps its dropout live in train mode, and the first ratio left 1.
+        self.engine.eval()
         if g.objective == "forward":
             out = self._forward_updates(batch, scale)
         elif g.objective == "direct":

@@ -413,3 +413,20 @@ def test_block_credited_groups_train_on_policy_and_a_full_credit_learner_refuses
     metrics = learner.train(0, len(PROMPTS))
     assert metrics["ratio_max_dev"] == 0.0 and metrics["acked"] == len(PROMPTS)
 
+
+@pytest.mark.parametrize("train_text", [False, True])
+def test_an_encoder_with_dropout_is_scored_as_it_sampled(tiny_model_config, tmp_path, server, train_text):
+    """A checkpoint whose MiniLM was pretrained with model.text.train (so not 'frozen', and its 0.1 dropout live in
+    train mode): the learner must re-score the rollouts' actions under the encoder the rollouts used, without
+    dropout, whether or not GRPO trains the text. In train mode the first on-policy ratio was off by ~2.5e-4."""
+    from proxmodel.config import TextConfig
+    from proxmodel.model import ProxT2I
+
+    torch.manual_seed(0)
+    cfg = tiny_model_config.model_copy(update={"text": TextConfig(**{**tiny_model_config.text.model_dump(),
+                                                                     "pretrained": "minilm", "train": True})})
+    path = str(save_model(ProxT2I(cfg), tmp_path / "c"))
+    run = f"dropout-{train_text}"
+    write_batch(path, server.address, run, steps=STEPS, group_size=G)
+    metrics = make_learner(path, server, run, recompute="group", train_text=train_text).train(0, len(PROMPTS))
+    assert metrics["ratio_max_dev"] == 0.0 and metrics["acked"] == len(PROMPTS)
