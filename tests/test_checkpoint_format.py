@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from proxmodel.checkpoint import read_state
+from proxmodel.checkpoint import missing_files, read_state
 from proxmodel.model import EMBED_SCALE, ProxT2I, load_model, prox_fn, save_model
 from tests.test_model import save_old_layout
 
@@ -196,3 +196,26 @@ def test_the_minilm_builtins_ship_only_their_unet_and_load_the_package_encoder(n
     package = BertModel.from_pretrained(minilm_folder(), add_pooling_layer=False).state_dict()
     ours = model.text.bert.state_dict()
     assert all(torch.equal(ours[k], package[k]) for k in package)
+
+
+def test_convert_never_replaces_a_folder_that_is_not_a_checkpoint(tiny_model, tmp_path):
+    """The target is replaced whole: a parent folder given by mistake (holding the source, or other files) must be
+    refused with nothing deleted; an old checkpoint folder is replaced as documented."""
+    parent = tmp_path / "models"
+    source = save_model(tiny_model, parent / "src")
+    (parent / "notes.txt").write_text("keep me")
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "a.png").write_bytes(b"x")
+    for target, fragment in [(parent, "is or contains the source"), (other, "holds files that are not a ProxRL"),
+                             (other / "a.png", "is a file")]:
+        proc = subprocess.run([sys.executable, "-m", "proxmodel.convert", str(source), str(target)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert (parent / "notes.txt").read_text() == "keep me" and not missing_files(source)
+    assert (other / "a.png").read_bytes() == b"x"
+    old = save_model(tiny_model, tmp_path / "old")
+    (old / "README.md").write_text("stale")
+    proc = subprocess.run([sys.executable, "-m", "proxmodel.convert", str(source), str(old)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "stale" not in (old / "README.md").read_text()
