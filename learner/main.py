@@ -387,7 +387,8 @@ def run(cfg: RunConfig, mode: str, run_dir: Path, init_from: Path | None, resume
             result = run_grpo(cfg, run_dir, tracker, init_from, resume)
         with STOP.deferred():  # the run is done: a signal now must not leave half a summary
             summary = {"mode": mode, "init_from": str(init_from) if init_from else None, **result,
-                       "mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.uri}
+                       "mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.uri,
+                       "mlflow_calls_dropped": tracker.dropped}
             summary_path = run_dir / "summary.json"
             tmp = run_dir / ".summary.json.tmp"
             tmp.write_text(json.dumps(redact(summary), indent=2) + "\n")
