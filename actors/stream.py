@@ -53,7 +53,7 @@ class RedisAddress:
             client = redis.Redis.from_url(self.url, **options)
         try:
             client.ping()
-        except (redis.ConnectionError, redis.AuthenticationError, redis.ResponseError, OSError) as e:
+        except (redis.RedisError, OSError) as e:  # refused, timed out (a firewall dropping packets), auth, ...
             where = self.unix_socket or self.url
             raise ConnectionError(redact(
                 f"cannot reach Redis at {where} ({type(e).__name__}: {e}). Check redis.url in the config and that "
@@ -61,6 +61,13 @@ class RedisAddress:
                 f"to use the embedded Redis."
             )) from None
         return client
+
+
+def _conf_string(value: str) -> str:
+    """A redis.conf argument that holds any password: double-quoted, with backslashes and quotes escaped (unquoted,
+    a space or a quote in it broke the file, and redis-server echoed the line, password included)."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    return f'"{escaped}"'
 
 
 DISABLED_COMMANDS = ("FLUSHALL", "FLUSHDB", "CONFIG", "DEBUG", "KEYS")  # renamed to "": unknown on the server
@@ -96,7 +103,7 @@ class EmbeddedRedis:
             "\n".join(
                 [
                     *listen,
-                    f"requirepass {self.password}",
+                    f"requirepass {_conf_string(self.password)}",
                     f"maxmemory {max_memory_mb}mb",
                     "maxmemory-policy volatile-lru",
                     *(f'rename-command {name} ""' for name in DISABLED_COMMANDS),
@@ -121,7 +128,8 @@ class EmbeddedRedis:
                 log = self.dir / "redis.log"
                 err = err or (log.read_text(errors="replace")[-2000:] if log.exists() else "timed out")
                 self.close()
-                raise RuntimeError(f"the embedded redis-server did not start: {err}")
+                raise RuntimeError("the embedded redis-server did not start: "
+                                   + err.replace(_conf_string(self.password), "***").replace(self.password, "***"))
             time.sleep(0.05)
 
     def _answers(self) -> bool:

@@ -80,6 +80,30 @@ def test_unreachable_redis_gives_advice():
         RedisAddress(url="redis://127.0.0.1:1/0").connect()
 
 
+def test_a_redis_that_never_answers_gives_advice_not_a_lost_stream(monkeypatch):
+    """A host behind a firewall that drops packets: the connect times out (redis.TimeoutError, not a
+    ConnectionError), which reached the driver as "Redis stopped answering ... the stream in it is lost"."""
+    monkeypatch.setattr("actors.stream.SOCKET_TIMEOUT_S", 1.0)  # not the 30 s a real read may block
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)  # accepts, never replies
+    try:
+        with pytest.raises(ConnectionError, match="cannot reach Redis .*TimeoutError.*redis.url"):
+            RedisAddress(url=f"redis://127.0.0.1:{listener.getsockname()[1]}/0").connect()
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("password", ['my secret"pw', "back\\slash 'and' quotes\"", "trailing\\"])
+def test_any_password_starts_the_embedded_server_and_is_the_one_it_requires(password):
+    """The password went into redis.conf unquoted: a space or quote broke the file (and redis-server echoed the
+    line, password included, into the error), a pair of quotes was silently dropped from it."""
+    with EmbeddedRedis(host="127.0.0.1", password=password) as s:
+        assert redis.Redis.from_url(s.address.url, password=password).ping()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(s.address.url, password=password[:-1]).ping()
+
+
 def test_cluster_mode_listens_on_the_given_address_only_with_the_given_password():
     with EmbeddedRedis(host="127.0.0.1", password="from-the-environment") as s:
         assert s.socket is None and s.address.url.startswith("redis://127.0.0.1:")
