@@ -9,8 +9,10 @@ import time
 from typing import Optional, Sequence
 
 import ray
+import redis
 import torch
 
+from actors.redaction import redact
 from actors.stream import RedisAddress
 from rewards import build
 
@@ -20,7 +22,8 @@ log = logging.getLogger(__name__)
 class ScoreCache:
     """Scores on Redis under (reward name + options, image hash, prompt): a repeated request is not rescored.
 
-    Values are JSON floats (a float32 survives the round trip exactly); nothing is pickled.
+    Values are JSON floats (a float32 survives the round trip exactly); nothing is pickled. The cache is optional:
+    when Redis does not answer, a read is all misses and a write is skipped (with a warning), so scoring goes on.
     """
 
     PREFIX = "proxrl:reward:"
@@ -42,13 +45,24 @@ class ScoreCache:
         return out
 
     def get(self, keys: list[str]) -> list[Optional[float]]:
-        return [None if v is None else json.loads(v) for v in self.client.mget(keys)]
+        try:
+            return [None if v is None else json.loads(v) for v in self.client.mget(keys)]
+        except (redis.RedisError, OSError) as e:
+            self._skipped("read", e)
+            return [None] * len(keys)
 
     def put(self, keys: list[str], scores: torch.Tensor) -> None:
-        with self.client.pipeline(transaction=False) as pipe:
-            for key, value in zip(keys, scores.tolist()):
-                pipe.set(key, json.dumps(value), ex=self.ttl_s)
-            pipe.execute()
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for key, value in zip(keys, scores.tolist()):
+                    pipe.set(key, json.dumps(value), ex=self.ttl_s)
+                pipe.execute()
+        except (redis.RedisError, OSError) as e:
+            self._skipped("write", e)
+
+    def _skipped(self, what: str, error: Exception) -> None:
+        log.warning("reward cache %s skipped, scoring goes on without it (%s: %s)", what, type(error).__name__,
+                    redact(str(error)))
 
 
 class RewardActor:

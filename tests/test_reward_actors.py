@@ -103,6 +103,22 @@ def test_redis_cache_reuses_scores_and_scores_only_misses():
         assert len(keys) == 2 * 7  # two rewards x (6 images + 1 new prompt), nothing else
 
 
+def test_scoring_goes_on_when_the_cache_redis_is_gone():
+    """The cache is optional: with its Redis stopped (restarted, killed), scores are computed as without it. Each
+    call raised redis.ConnectionError, which the client read as a dead reward actor and failed the rollout."""
+    from actors.stream import EmbeddedRedis
+
+    images, captions = scene_batch(seed=7, start=0, count=3, side=32)
+    images = torch.from_numpy(images)
+    with EmbeddedRedis() as redis_server:
+        actor = RewardActor(SPECS, batch_size=4, cache=redis_server.address)
+        cached = actor.score(images, captions)
+    fresh = actor.score(images, captions)  # the server is stopped: every read and write fails
+    expected = RewardActor(SPECS, 64).score(images, captions)
+    for name in expected:
+        assert torch.equal(fresh[name], expected[name]) and torch.equal(cached[name], expected[name])
+
+
 def test_a_rollout_whose_images_are_nonfinite_drops_its_groups_and_streams_nothing(actors, tiny_model, tmp_path):
     from actors.rollout import RolloutActor
     from actors.stream import EmbeddedRedis, ExperienceStream
