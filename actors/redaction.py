@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 MASK = "***"
-_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^:@/\s]*):(?P<secret>[^@/\s]+)@")
+_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^:@/\s]*):(?P<secret>[^/\s]+)@")
 _QUERY = re.compile(r"(?P<head>[?&](?:password|pwd|token)=)(?P<secret>[^&#\s]+)", re.IGNORECASE)
 
 
