@@ -185,8 +185,8 @@ def write_card(directory: str | Path, cfg: ModelConfig, card: dict) -> Path:
               "model = load_model(FOLDER)",
               "from diffusers import UNet2DConditionModel         # the backbone alone",
               "unet = UNet2DConditionModel.from_pretrained(FOLDER, subfolder='unet')",
-              "from diffusers import DiffusionPipeline            # images, with the project's sampler",
-              "pipe = DiffusionPipeline.from_pretrained(FOLDER, trust_remote_code=True)",
+              "from proxmodel.pipeline import ProxT2IPipeline     # images, with the project's sampler",
+              "pipe = ProxT2IPipeline.from_pretrained(FOLDER)     # a diffusers pipeline, no code from FOLDER",
               "image = pipe('a red circle at the top left, on a white background').images[0]",
               "```", "",
               "The U-Net takes t * 1000 as its timestep and lam * 1000 as its class label (`class_embed_type: timestep`, "

@@ -1,5 +1,6 @@
-"""A ProxRL checkpoint as a diffusers pipeline: `ProxT2IPipeline.from_pretrained(folder)` or
-`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` (the folder's pipeline.py imports this class).
+"""A ProxRL checkpoint as a diffusers pipeline: `ProxT2IPipeline.from_pretrained(folder)` (the project's loader:
+safetensors, no code from the folder) or `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` (runs
+the folder's pipeline.py, which imports this class: only for folders you trust).
 
 Components, each in diffusers' / transformers' own format: `unet` (diffusers.UNet2DConditionModel: t in its time
 slot, lam in its class-embedding slot), `text_encoder` (transformers.CLIPTextModel for the built-in text transformer
@@ -66,6 +67,19 @@ class ProxT2IPipeline(DiffusionPipeline):
         self._model: Optional[ProxT2I] = None
 
     @classmethod
+    def from_pretrained(cls, folder, torch_dtype: Optional[torch.dtype] = None, **unsupported) -> "ProxT2IPipeline":
+        """The checkpoint in `folder` (a local path; either layout), read by proxmodel.model.load_model: weights from
+        safetensors, no code from the folder. (diffusers' loader would need trust_remote_code, since the index
+        names the folder's pipeline.py.)"""
+        if unsupported:
+            raise TypeError(f"ProxT2IPipeline.from_pretrained takes a folder and torch_dtype only, not "
+                            f"{sorted(unsupported)}; move the pipeline with .to(device) after loading.")
+        from proxmodel.model import load_model
+
+        pipe = cls.from_model(load_model(folder).eval())
+        return pipe.to(torch_dtype) if torch_dtype is not None else pipe
+
+    @classmethod
     def from_model(cls, model: ProxT2I) -> "ProxT2IPipeline":
         """The pipeline view of a ProxT2I (sharing its modules): what checkpoints are saved through."""
         architecture, settings = split_config(model.cfg)
@@ -76,26 +90,32 @@ class ProxT2IPipeline(DiffusionPipeline):
 
     @property
     def model(self) -> ProxT2I:
-        """The ProxT2I these components make up (built once; the loaded weights are copied in)."""
+        """The ProxT2I these components make up, built once around the pipeline's own U-Net (shared, so `pipe.to()`
+        moves what samples; the text encoder's weights are copied into the model's encoder class), and kept on the
+        U-Net's device and dtype."""
         if self._model is None:
             cfg = model_config(self.config.proxrl_model, dict(self.scheduler.config))
             if self.text_encoder is None and cfg.text.train:
                 raise ValueError("this checkpoint's trained text encoder is not a transformers model (text_encoder is "
                                  "null): load it with proxmodel.model.load_model(folder), not the diffusers pipeline.")
             model = ProxT2I(cfg)
-            model.unet.load_state_dict(self.unet.state_dict())
+            model.unet = self.unet
             if self.text_encoder is not None:
                 model.text.load_state_dict(self.text_encoder.state_dict())
-            self._model = model.to(self.unet.device).eval()
-        return self._model
+            self._model = model.eval()
+        return self._model.to(self.unet.device, self.unet.dtype)  # a no-op unless the pipeline was moved
 
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str], num_images_per_prompt: int = 1,
                  num_inference_steps: Optional[int] = None, eta: Optional[float] = None,
                  guidance_scale: Optional[float] = None, generator: Optional[torch.Generator] = None,
                  output_type: str = "pil") -> ImagePipelineOutput:
-        """Images of `prompt` with the policy sampler; defaults from scheduler_config.json. output_type: pil | pt
-        ([B, C, H, W] in [0, 1])."""
+        """Images of `prompt` with the policy sampler; defaults from scheduler_config.json. `generator`: one
+        torch.Generator for the whole batch (None: torch's global random state, as in diffusers). output_type:
+        pil | pt ([B, C, H, W] in [0, 1])."""
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError("generator must be one torch.Generator for the whole batch (a list of generators, one "
+                            "per image, is not supported); seed it for reproducible images.")
         s = self.scheduler.config
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -105,7 +125,7 @@ class ProxT2IPipeline(DiffusionPipeline):
                            s.guidance_scale if guidance_scale is None else guidance_scale, s.sampler or "hybrid")
         context = model.encode_text(model.tokenize(prompts, device))
         traj = policy.sample(model, {"context": context}, model.sample_shape(len(prompts)),
-                             generator or torch.Generator().manual_seed(0), device)
+                             generator, device)
         images = model.to_images(traj.images).cpu()
         return ImagePipelineOutput(images=self.numpy_to_pil(images.permute(0, 2, 3, 1).numpy())
                                    if output_type == "pil" else images)

@@ -136,6 +136,34 @@ def test_diffusion_pipeline_loads_the_folder_and_samples_as_the_project_does(tin
     assert len(pipe(CAPTIONS[0], num_inference_steps=2).images) == 1  # PIL by default
 
 
+def test_the_pipeline_class_loads_a_folder_without_its_code_and_follows_moves(tiny_model, saved):
+    """ProxT2IPipeline.from_pretrained(folder), as documented, needed trust_remote_code (the index names the
+    folder's pipeline.py); a loaded pipeline sampled with a private copy of the U-Net that pipe.to() never reached
+    (a second U-Net in memory, the dtype asked for ignored, a device mismatch after .to('cuda'))."""
+    from diffusers import DiffusionPipeline
+
+    from proxmodel.generate import generate
+    from proxmodel.pipeline import ProxT2IPipeline
+
+    seeded = dict(num_images_per_prompt=2, num_inference_steps=4, output_type="pt")
+    direct = ProxT2IPipeline.from_pretrained(saved)
+    images = direct(CAPTIONS[0], generator=torch.Generator().manual_seed(7), **seeded).images
+    assert torch.equal(images, generate(tiny_model, [CAPTIONS[0]] * 2, 4, seed=7))
+    with pytest.raises(TypeError, match="torch_dtype only"):
+        ProxT2IPipeline.from_pretrained(saved, revision="main")
+    pipe = DiffusionPipeline.from_pretrained(saved, trust_remote_code=True)
+    pipe(CAPTIONS[0], num_inference_steps=2)
+    assert pipe.model.unet is pipe.unet  # one U-Net
+    pipe.to(torch.bfloat16)
+    low = pipe(CAPTIONS[0], generator=torch.Generator().manual_seed(7), **seeded).images
+    assert {p.dtype for p in pipe.model.parameters()} == {torch.bfloat16}
+    assert not torch.equal(low, images) and (low - images).abs().max() < 0.2  # bf16 rounding, the same images
+    unseeded = [pipe(CAPTIONS[0], **seeded).images for _ in range(2)]
+    assert not torch.equal(*unseeded)  # no generator: torch's random state, not a fixed seed 0
+    with pytest.raises(TypeError, match="one torch.Generator"):
+        pipe(CAPTIONS[0], generator=[torch.Generator(), torch.Generator()])
+
+
 def test_saving_leaves_the_callers_random_stream_alone(tiny_model, tmp_path):
     """Saving builds a model to hold the weights; its random init must not shift the RNG of a training run that
     exports mid-way (a resumed run would otherwise draw other numbers than an uninterrupted one)."""
