@@ -25,7 +25,7 @@ from learner.config import (
 from actors.redaction import redact
 from learner.faults import RunFailed
 from learner.signals import STOP, Interrupted
-from proxmodel.config import SAMPLERS, ModelConfig
+from proxmodel.config import SAMPLERS, ModelConfig, architecture_problem
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "proxmodel" / "weights"
@@ -84,6 +84,10 @@ def check_weights(model: ModelConfig, init_from: Path | None) -> None:
     from proxmodel.model import ProxT2I
 
     expected: dict[str, tuple[int, ...]] | None = None
+    problem = architecture_problem(model)  # also where the build below would read pretrained parts' files
+    if problem:
+        where = f"the checkpoint's {config_file(init_from)}" if init_from else "the model section"
+        raise ConfigError(f"{where} describes a model that cannot be built: {problem}.")
     if model.vae is None and model.text.pretrained == "none":  # pretrained parts would read their files
         try:
             with torch.device("meta"):

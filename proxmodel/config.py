@@ -82,6 +82,23 @@ class ModelConfig(Strict):
     )
 
 
+def architecture_problem(cfg: ModelConfig) -> Optional[str]:
+    """What the U-Net builder would reject with a bare torch message, or accept while silently dropping the text
+    conditioning (no or out-of-range attention levels); None if the sizes build."""
+    levels = len(cfg.channel_mults)
+    if not cfg.attention_levels:
+        return (f"model.attention_levels=[]: the U-Net would have no cross-attention, so it could not see its caption; "
+                f"list at least one level, e.g. [{levels - 1}]")
+    if any(not 0 <= a < levels for a in cfg.attention_levels) or len(set(cfg.attention_levels)) < len(cfg.attention_levels):
+        return (f"model.attention_levels={cfg.attention_levels}: entries must be distinct U-Net levels 0..{levels - 1} "
+                f"(model.channel_mults has {levels})")
+    odd = [cfg.base_channels * m for m in cfg.channel_mults if cfg.base_channels * m % 8]
+    if odd:
+        return (f"model.base_channels={cfg.base_channels} x model.channel_mults={cfg.channel_mults} gives {odd} "
+                f"channels; every level's must be a multiple of 8 (the U-Net's 8 norm groups)")
+    return None
+
+
 # LoRA adapters on the U-Net (proxmodel/lora.py): its attention projections and its residual blocks' convolutions;
 # in the default model attention sits at one level only, so adapters on the attention alone would leave most of the
 # network out of reach.

@@ -21,7 +21,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from proxmodel.config import ModelConfig
+from proxmodel.config import ModelConfig, architecture_problem
 from proxmodel.schedule import VPSchedule
 from proxmodel.latent import decode, downscale, encode, load_vae
 from proxmodel.text import build_text_encoder, frozen
@@ -34,6 +34,9 @@ class ProxT2I(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        problem = architecture_problem(cfg)
+        if problem:
+            raise ValueError(problem)
         self.cfg = cfg
         self.tokenizer, self.text = build_text_encoder(cfg.text)
         # Frozen and kept out of the module tree (a plain attribute, not a submodule), so it is in neither the

@@ -133,7 +133,11 @@ def test_bad_command_lines_and_config_files(box, capsys, argv, fragment):
      "grpo.prompts_per_iteration (1) must be at least the number of learner ranks actors.learner.count (2)"),
     ([*GRPO, "grpo.prompt_stats_min_count=64"], "grpo.prompt_stats_min_count=64 must be at most grpo.prompt_stats_buffer=32"),
     ([*PRETRAIN, "data.kind=folder"], "data.kind=folder reads its files from data.path"),
-    ([*PRETRAIN, "model.base_channels=12"], "the model section describes a model that cannot be built"),
+    ([*PRETRAIN, "model.base_channels=12"], "the model section describes a model that cannot be built: "
+                                            "model.base_channels=12 x model.channel_mults=[1, 2] gives [12] channels"),
+    ([*PRETRAIN, "model.attention_levels=[]"], "no cross-attention, so it could not see its caption"),
+    ([*PRETRAIN, "model.attention_levels=[2]", "model.text.pretrained=minilm"],  # not caught by the meta build
+     "model.attention_levels=[2]: entries must be distinct U-Net levels 0..1"),
     ([*PRETRAIN, "model.kind=score", "pretrain.eval_sampler=flow"],  # else found out after the last training step
      "pretrain.eval_sampler=flow is not a sampler of a score model; use one of ['sde', 'ode', 'ddim']"),
     ([*PRETRAIN, "pretrain.eval_sampler=ddim"], "pretrain.eval_sampler=ddim is not a sampler of a prox model"),
