@@ -212,7 +212,17 @@ def load_checkpoint_folder(directory: str | Path):
         )
     try:
         cfg = read_config(directory)
-        model = ProxT2I(cfg)
+    except Exception as e:
+        raise ValueError(f"checkpoint {directory} could not be read ({type(e).__name__}: {e}). Restore its "
+                         f"{config_file(directory)} or point init_from at another checkpoint folder.") from e
+    try:
+        model = ProxT2I(cfg)  # reads the folders it refers to: a pretrained text encoder's, the VAE's
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"checkpoint {directory} refers to files that are not there ({e}). Put the text encoder's or VAE's "
+            f"folder back at that path, or change the path (model.text.path / model.vae) in its "
+            f"{config_file(directory)}.") from None
+    try:
         state = {k: v.float() for k, v in read_state(directory).items()}
         if frozen(cfg.text) and not any(k.startswith("text.") for k in state):
             # a flat checkpoint may leave a frozen pretrained encoder out (save_flat): ProxT2I(cfg) just built it

@@ -247,3 +247,16 @@ def test_convert_never_replaces_a_folder_that_is_not_a_checkpoint(tiny_model, tm
     proc = subprocess.run([sys.executable, "-m", "proxmodel.convert", str(source), str(old)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "stale" not in (old / "README.md").read_text()
+
+
+def test_a_checkpoint_whose_encoder_folder_moved_says_which_path_to_fix(tiny_model_config, tmp_path):
+    """A checkpoint records its pretrained encoder's folder; moved away, the advice was to re-export the checkpoint,
+    which cannot help: the fix is the folder, or the path in the checkpoint's index."""
+    from tests.test_latent_text import with_text
+
+    folder = save_model(ProxT2I(with_text(tiny_model_config, pretrained="minilm")), tmp_path / "c")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["proxrl_model"]["text"]["path"] = str(tmp_path / "moved-away")
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(FileNotFoundError, match=r"refers to files that are not there .*moved-away.*model\.text\.path"):
+        load_model(folder)
