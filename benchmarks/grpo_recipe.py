@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # name -> overrides on configs/default.yaml. Each comment says what the recipe tests.
 _FWD = ["grpo.objective=forward"]
 _FULL_CHAIN = "grpo.stochastic_steps=null"  # objective direct replays the fully stochastic chain
+_TRAINED6 = "grpo.prompt_file=benchmarks/data/prompts-6-trained-and-evaluated.txt"  # evaluated on its own captions
 _LOW_NOISE = ["grpo.forward_shared_noise=true", "grpo.forward_pairs=4"]  # group-shared pairs, 4 per image
 RECIPES: dict[str, list[str]] = {
     # the shipped default (whatever configs/default.yaml says)
@@ -235,6 +236,20 @@ RECIPES: dict[str, list[str]] = {
     # (Session 33, seeds 0-2: +0.002, +0.009, +0.006 against the default's +0.011, +0.021, +0.018; paired -0.005
     # [-0.020, +0.009], strict check -0.064 [-0.092, -0.039]: worse.)
     "decide-window": ["grpo.stochastic_steps=null", "grpo.train_step_window=[2, 3, 4, 5]"],
+    # Session 35: can the update raise the reward of the captions it trains on? The file repeats the 6 captions of
+    # prompts6 40 times, so the "held-out" evaluation (128 of its lines x 2 noise seeds) scores those same captions:
+    # it separates an update that does not learn from one that learns what does not transfer to new captions.
+    "trained6": [_TRAINED6],
+    "trained6-kl0-lr3e-4": [_TRAINED6, "grpo.kl_coef=0", "grpo.lr=3e-4"],
+    "trained6-kl0.0078": [_TRAINED6, "grpo.kl_coef=0.0078125"],
+    # grpo.credit_block (docs/credit_block.md): the log-probs of each transition's 8x8 block means only, the same
+    # expected gradient for a reward that sees coarse layout and colour, without the fine noise's variance. At the
+    # default KL the update is KL-dominated (a smaller policy-gradient norm under Adam's normalisation); KL/64 (0.0078) gives
+    # the policy-gradient term the weight it had when the block log-prob was a mean over the blocks alone.
+    "trained6-block8": [_TRAINED6, "grpo.credit_block=8"],
+    "trained6-block8-kl0.0078": [_TRAINED6, "grpo.credit_block=8", "grpo.kl_coef=0.0078125"],
+    "block8": ["grpo.credit_block=8"],
+    "block8-kl0.0078": ["grpo.credit_block=8", "grpo.kl_coef=0.0078125"],
 }
 
 REWARD = "total"
