@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -221,7 +222,20 @@ def preflight(cfg: RunConfig, mode: str) -> Path | None:
     check_weights(model, init_from)
     if mode == "grpo":
         check_policy_model(cfg, model)
+        check_redis(cfg)
     return init_from
+
+
+def check_redis(cfg: RunConfig) -> None:
+    """A configured redis.url must answer (with the password from redis.password_env) before Ray and the actors
+    start: unreachable, it surfaced as a traceback from the first stream call."""
+    if cfg.redis.url:
+        from actors.stream import RedisAddress
+
+        try:
+            RedisAddress(url=cfg.redis.url, password=os.environ.get(cfg.redis.password_env)).connect().close()
+        except ConnectionError as e:  # its message names the URL (password masked) and the fix
+            raise ConfigError(str(e)) from None
 
 
 def check_sampler(cfg: RunConfig, model: ModelConfig, mode: str) -> None:

@@ -144,6 +144,7 @@ def test_bad_command_lines_and_config_files(box, capsys, argv, fragment):
     (["--mode", "sample", "sample.sampler=sde"], "sample.sampler=sde is not a sampler of a prox model"),
     ([*GRPO, "grpo.credit_block=5"], "grpo.credit_block=5 does not divide the model's 32x32 images; use a divisor "
                                      "of 32 (e.g. 4), or 1"),
+    ([*GRPO, "redis.url=redis://127.0.0.1:1/0"], "cannot reach Redis at redis://127.0.0.1:1/0 (ConnectionError"),
     ([*GRPO, "grpo.credit_block=0"], "'grpo.credit_block' = 0: Input should be greater than or equal to 1"),
 ])
 def test_values_out_of_range_or_inconsistent(box, capsys, argv, fragment):
