@@ -271,7 +271,7 @@ def check_policy_model(cfg: RunConfig, model: ModelConfig) -> None:
         if side % block:
             raise ConfigError(f"grpo.credit_block={block} does not divide the model's {side}x{side} "
                               f"{'latents' if model.vae else 'images'}; use a divisor of {side} (e.g. "
-                              f"{max(d for d in range(1, side // 2 + 1) if side % d == 0 and d <= block)}), or 1.")
+                              f"{max(d for d in range(1, block) if side % d == 0)}), or 1.")
     if cfg.grpo.objective in ("forward", "direct") and model.kind != "prox":
         raise ConfigError(f"grpo.objective={cfg.grpo.objective} trains a prox model's proximal operator; this model "
                           f"is kind {model.kind}. Use grpo.objective=policy_gradient (with grpo.stochastic_steps: "

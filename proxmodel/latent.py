@@ -41,7 +41,11 @@ def load_vae(path: str) -> AutoencoderKL:
 
 def downscale(vae: AutoencoderKL) -> int:
     """Pixels per latent along a side: 2 per down block after the first."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    return _downscale(vae.config.block_out_channels)
+
+
+def _downscale(block_out_channels) -> int:
+    return 2 ** (len(block_out_channels) - 1)
 
 
 def model_side(image_size: int, vae: str | None) -> int:
@@ -49,7 +53,7 @@ def model_side(image_size: int, vae: str | None) -> int:
     if vae is None:
         return image_size
     config = json.loads((require_vae_files(vae) / "config.json").read_text())
-    return image_size // 2 ** (len(config["block_out_channels"]) - 1)
+    return image_size // _downscale(config["block_out_channels"])
 
 
 def _shift_scale(vae: AutoencoderKL) -> tuple[float, float]:
