@@ -248,6 +248,10 @@ RECIPES: dict[str, list[str]] = {
     # the policy-gradient term the weight it had when the block log-prob was a mean over the blocks alone.
     "trained6-block8": [_TRAINED6, "grpo.credit_block=8"],
     "trained6-block8-kl0.0078": [_TRAINED6, "grpo.credit_block=8", "grpo.kl_coef=0.0078125"],
+    # full-rank training of the cross-attention's keys and values only: every update acts through the caption's words
+    # (per-token features shared by every caption that uses the word), the one place a change must transfer
+    "trained6-xattn-kv-lr1e-3": [_TRAINED6, "grpo.train_modules=[attn2.to_k,attn2.to_v]", "grpo.lr=1e-3"],
+    "xattn-kv-lr1e-3": ["grpo.train_modules=[attn2.to_k,attn2.to_v]", "grpo.lr=1e-3"],
     "block8": ["grpo.credit_block=8"],
     "block8-kl0.0078": ["grpo.credit_block=8", "grpo.kl_coef=0.0078125"],
 }

@@ -247,6 +247,12 @@ class GrpoConfig(Strict):
         "weights, so training it mostly adds noise to every update",
     )
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters (rank 0 = off)")
+    train_modules: Optional[list[str]] = Field(
+        None, min_length=1, description="null: every U-Net weight trains. A list: only the U-Net modules so named "
+        "(the last parts of their names, as grpo.lora.targets, e.g. [attn2.to_k, attn2.to_v]: the cross-attention's "
+        "per-token keys and values, so an update acts through the caption's words) train, at full rank; the rest "
+        "stay as loaded (all weights still travel to the rollouts)",
+    )
     objective: Literal["policy_gradient", "forward", "direct"] = Field(
         "policy_gradient", description="policy_gradient: the clipped per-step likelihood-ratio loss over the "
         "sampler's transitions (method.md sec. 5); forward: the pretraining loss on the rollouts' own final samples, "
@@ -404,6 +410,9 @@ class GrpoConfig(Strict):
                 raise ValueError(f"grpo.direct_reward={self.direct_reward!r} is not differentiable in the pixels, so "
                                  "objective direct cannot backpropagate it; use compositional_soft (the scenes) or a "
                                  "reward declaring differentiable = True, or grpo.objective policy_gradient")
+        if self.lora.rank and self.train_modules:
+            raise ValueError("grpo.lora.rank > 0 and grpo.train_modules both choose what trains; use one (the LoRA "
+                             "modules are grpo.lora.targets)")
         if self.lora.rank and self.train_text:
             raise ValueError("grpo.lora.rank > 0 trains adapters on the U-Net only; set grpo.train_text: false (or "
                              "grpo.lora.rank: 0 to train every weight, the text encoder included)")

@@ -28,7 +28,7 @@ from learner.direct_objective import check_policy, direct_loss
 from learner.ema import make_ema, update_ema
 from learner.forward_objective import ForwardBatch, forward_loss
 from learner.policy_loss import PromptStats, clipped_policy_loss, compute_advantages, select_train_steps
-from proxmodel.lora import BaseOf, adapter_state, with_lora
+from proxmodel.lora import BaseOf, adapter_state, train_only, with_lora
 from proxmodel.model import ProxT2I, empty_condition
 from proxmodel.policy import Policy
 from proxmodel.sampler import gaussian_kl
@@ -130,6 +130,8 @@ class GrpoLearner(Threaded):
         self.model = with_lora(load_checkpoint(checkpoint), self.lora)
         if not self.lora and not g.train_text:  # out of the optimiser; the weights still travel with the rest
             self.model.text.requires_grad_(False)
+        if g.train_modules:
+            train_only(self.model, g.train_modules)
         # objective forward with ema_decay: rollouts sample from (and e_old is) an EMA of the trained weights, as
         # DiffusionNFT's soft-updated sampling policy; a full copy made before DeepSpeed partitions the model.
         self.ema = make_ema(self.model, g.ema_decay, warmup=False)

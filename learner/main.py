@@ -222,8 +222,28 @@ def preflight(cfg: RunConfig, mode: str) -> Path | None:
     check_weights(model, init_from)
     if mode == "grpo":
         check_policy_model(cfg, model)
+        check_module_names(cfg, init_from)
         check_redis(cfg)
     return init_from
+
+
+def check_module_names(cfg: RunConfig, init_from: Path | None) -> None:
+    """grpo.lora.targets and grpo.train_modules must name U-Net modules (read off the checkpoint's tensor names):
+    a misspelt one was found only when the learner actor started, after Ray and the rollouts."""
+    from proxmodel.checkpoint import tensor_shapes
+    from proxmodel.lora import named_by
+
+    g = cfg.grpo
+    keys = {"grpo.lora.targets": g.lora.targets if g.lora.rank else [], "grpo.train_modules": g.train_modules or []}
+    if init_from is None or not any(keys.values()):
+        return
+    modules = [name.removeprefix("unet.").rsplit(".", 1)[0] for name in tensor_shapes(init_from)
+               if name.startswith("unet.")]
+    for key, targets in keys.items():
+        unknown = [t for t in targets if not any(named_by(m, [t]) for m in modules)]
+        if unknown:
+            raise ConfigError(f"{key}: {unknown} name no module of the U-Net in {init_from}; use the last parts of "
+                              "module names such as attn2.to_k, attn2.to_v, to_out.0, conv1.")
 
 
 def check_redis(cfg: RunConfig) -> None:

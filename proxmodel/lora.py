@@ -106,7 +106,26 @@ def merged(model: nn.Module) -> nn.Module:
     return plain
 
 
+def train_only(model: nn.Module, targets: Sequence[str]) -> int:
+    """Freeze every U-Net weight outside the modules named by `targets` (full-rank training of a subset); returns
+    how many weights still train. A target naming no module is an error, as for the adapters."""
+    unknown = [t for t in targets if t not in targets_found(model, targets)]
+    if unknown:
+        raise ValueError(f"grpo.train_modules {unknown} name no module of the U-Net; use module names such as "
+                         "attn2.to_k, attn2.to_v, to_out.0, conv1 (`named_modules()` of model.unet lists them)")
+    model.unet.requires_grad_(False)
+    for name, module in model.unet.named_modules():
+        if named_by(name, targets):
+            module.requires_grad_(True)
+    return sum(p.numel() for p in model.unet.parameters() if p.requires_grad)
+
+
+def named_by(name: str, targets: Sequence[str]) -> bool:
+    """Whether module `name` is one of `targets` (a whole name or its last dotted parts)."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
 def targets_found(model: nn.Module, targets: Sequence[str]) -> list[str]:
     """The targets that name at least one module of `model.unet` (a misspelt target would silently adapt nothing)."""
     names = [name for name, _ in model.unet.named_modules()]
-    return [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
+    return [t for t in targets if any(named_by(n, [t]) for n in names)]

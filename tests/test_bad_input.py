@@ -146,6 +146,10 @@ def test_bad_command_lines_and_config_files(box, capsys, argv, fragment):
                                      "of 32 (e.g. 4), or 1"),
     ([*GRPO, "redis.url=redis://127.0.0.1:1/0"], "cannot reach Redis at redis://127.0.0.1:1/0 (ConnectionError"),
     ([*GRPO, "grpo.credit_block=0"], "'grpo.credit_block' = 0: Input should be greater than or equal to 1"),
+    ([*GRPO, "grpo.train_modules=[attn2.to_k,attn2.to_kk]"], "grpo.train_modules: ['attn2.to_kk'] name no module of "
+                                                            "the U-Net in"),  # found before Ray, not by the learner
+    ([*GRPO, "grpo.lora.rank=2", "grpo.lora.targets=[to_qq]"], "grpo.lora.targets: ['to_qq'] name no module"),
+    ([*GRPO, "grpo.lora.rank=2", "grpo.train_modules=[to_q]"], "grpo.lora.rank > 0 and grpo.train_modules both"),
 ])
 def test_values_out_of_range_or_inconsistent(box, capsys, argv, fragment):
     assert_rejected(*run(argv, capsys), box, fragment)

@@ -430,3 +430,27 @@ def test_an_encoder_with_dropout_is_scored_as_it_sampled(tiny_model_config, tmp_
     write_batch(path, server.address, run, steps=STEPS, group_size=G)
     metrics = make_learner(path, server, run, recompute="group", train_text=train_text).train(0, len(PROMPTS))
     assert metrics["ratio_max_dev"] == 0.0 and metrics["acked"] == len(PROMPTS)
+
+
+def test_train_modules_moves_only_the_named_weights_and_stays_on_policy(checkpoint, server):
+    """grpo.train_modules: one real update changes the cross-attention's keys and values (full rank) and no other
+    weight, the text encoder included, and the first ratio is still exactly 1. Would catch: the option not reaching
+    the learner (every weight moves), a suffix match that also takes the self-attention's to_k (attn1), or freezing
+    that leaves the named weights out of the optimiser (nothing moves)."""
+    write_batch(checkpoint, server.address, "modules", steps=STEPS, group_size=G)
+    learner = make_learner(checkpoint, server, "modules", recompute="group", train_modules=["attn2.to_k", "attn2.to_v"])
+    before = {k: v.clone() for k, v in learner.publish()[0].items()}
+    metrics = learner.train(0, len(PROMPTS))
+    after = learner.publish()[0]
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    named = {k for k in before if ".attn2.to_k." in k or ".attn2.to_v." in k}
+    assert named and moved == named
+    assert metrics["ratio_max_dev"] == 0.0 and metrics["acked"] == len(PROMPTS)
+
+
+def test_train_modules_naming_no_module_is_refused(checkpoint):
+    from proxmodel.lora import train_only
+    from proxmodel.model import load_model
+
+    with pytest.raises(ValueError, match=r"\['attn2.to_kk'\] name no module"):
+        train_only(load_model(checkpoint), ["attn2.to_k", "attn2.to_kk"])
