@@ -8,6 +8,7 @@ every process of a run (driver, reward actors) without editing ProxRL. docs/cust
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from importlib.metadata import entry_points
 from typing import Callable, Sequence
@@ -17,14 +18,35 @@ import torch
 
 
 class RewardModel:
-    """score(images [B, 3, H, W] in [0, 1], prompts) -> float32 tensor [B]; higher is better."""
+    """score(images [B, 3, H, W] in [0, 1], prompts) -> float32 tensor [B]; higher is better.
+
+    Every subclass's `score` (built-in or plugin) keeps two promises without writing them: an image holding a NaN or
+    inf scores NaN (so its group is dropped, never trained on: a learned reward would see the NaN as black after
+    the uint8 conversion and give it an ordinary score), and an empty batch scores an empty tensor."""
 
     name: str = ""
     # True: `score` is differentiable in the images (keeps their graph), so grpo.objective direct can train on it.
     differentiable: bool = False
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "score" in cls.__dict__:
+            cls.score = _checked(cls.__dict__["score"])
+
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError
+
+
+def _checked(score: Callable) -> Callable:
+    """`score` with the interface's promises about non-finite images and empty batches (RewardModel)."""
+
+    @functools.wraps(score)
+    def checked(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        if len(images) == 0:
+            return torch.zeros(0, dtype=torch.float32, device=images.device)
+        return nan_where_nonfinite(images, score(self, images, prompts))
+
+    return checked
 
 
 def to_uint8_images(images: torch.Tensor) -> np.ndarray:

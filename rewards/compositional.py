@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from rewards.base import RewardModel, nan_where_nonfinite, register
+from rewards.base import RewardModel, register
 from rewards.scenes import (
     BACKGROUNDS,
     OBJECT_COLOURS,
@@ -193,7 +193,7 @@ class CompositionalReward(RewardModel):
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         arr = images.detach().float().clamp(0, 1).cpu().numpy()
         out = [self.judge(image, self.scene(prompt)) for image, prompt in zip(arr, prompts)]
-        return nan_where_nonfinite(images, torch.tensor(out, dtype=torch.float32))
+        return torch.tensor(out, dtype=torch.float32)
 
     def judge(self, image: np.ndarray, scene: Scene) -> float:
         """One image's score ([3, H, W] in [0, 1]) against its parsed caption."""
@@ -378,9 +378,8 @@ class SoftCompositionalReward(CompositionalReward):
     exact = False
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        scores = torch.stack([soft_verify(image, self.scene(prompt), exact=self.exact)
-                              for image, prompt in zip(images, prompts)])
-        return nan_where_nonfinite(images, scores)
+        return torch.stack([soft_verify(image, self.scene(prompt), exact=self.exact)
+                            for image, prompt in zip(images, prompts)])
 
 
 @register("compositional_soft_exact")

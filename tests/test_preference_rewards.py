@@ -228,6 +228,19 @@ def test_pickscore_equals_the_reference_computation(pickscore_dir):
     assert torch.allclose(scores, torch.tensor(expected), atol=1e-4)
 
 
+def test_a_learned_reward_scores_a_nonfinite_image_nan_and_an_empty_batch_empty(pickscore_dir):
+    """The uint8 conversion every learned reward makes turned a NaN image into a black one with an ordinary score,
+    so a bf16 rollout that overflowed was trained on instead of dropped. Would catch the guard missing for the
+    learned rewards (it was written into the verifier and JPEG rewards only)."""
+    images, captions = scenes(3)
+    broken = images.clone()
+    broken[1, :, 4, 4] = float("nan")
+    reward = build("pickscore", model=str(pickscore_dir), batch_size=2)
+    clean, scored = reward.score(images, captions), reward.score(broken, captions)
+    assert scored.isnan().tolist() == [False, True, False] and torch.equal(scored[[0, 2]], clean[[0, 2]])
+    assert reward.score(images[:0], []).shape == (0,)
+
+
 def test_pickscore_missing_processor_is_named(pickscore_dir, tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         preflight("pickscore", {"model": str(pickscore_dir), "processor": str(tmp_path)})

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from rewards import available, build
+from rewards.base import RewardModel, to_uint8_images
 from rewards.scenes import scene_batch
 
 
@@ -37,3 +38,24 @@ def test_a_nonfinite_image_scores_nan_and_the_others_keep_their_scores(name):
     clean, scored = reward.score(images, captions), reward.score(broken, captions)
     assert scored.isnan().tolist() == [False, True, True, False]
     assert torch.equal(scored[[0, 3]], clean[[0, 3]])
+
+
+@pytest.mark.parametrize("name", ["compositional", "compositional_soft", "jpeg_compressibility"])
+def test_an_empty_batch_scores_an_empty_tensor(name):
+    """A rank whose every trajectory was dropped scores an empty batch: torch.stack / torch.cat of nothing raised."""
+    assert build(name).score(torch.zeros(0, 3, 32, 32), []).shape == (0,)
+
+
+def test_a_plugin_written_without_the_guards_keeps_the_interfaces_promises():
+    """A custom reward (docs/custom_rewards.md) that reads pixels as uint8, as the learned rewards do, and never
+    thinks of NaN: its NaN image scores NaN, not the black image's score, and an empty batch does not reach it."""
+
+    class Brightness(RewardModel):
+        def score(self, images, prompts):
+            return torch.from_numpy(to_uint8_images(images).mean(axis=(1, 2, 3))).float()
+
+    images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    images[0] = float("nan")
+    scores = Brightness().score(images, ["a"] * 3)
+    assert scores.isnan().tolist() == [True, False, False]
+    assert Brightness().score(images[:0], []).shape == (0,)
