@@ -136,6 +136,15 @@ class RewardClient:
                     break
                 try:
                     result = ray.get(ready[0])
+                except ray.exceptions.RayTaskError as e:
+                    if not (isinstance(e.cause, MemoryError) or "out of memory" in str(e.cause)):
+                        for ref in waiting:
+                            ray.cancel(ref)
+                        # the reward's own code raised: every actor would raise the same, so no retry
+                        raise RuntimeError(f"reward scoring raised {type(e.cause).__name__}: {e.cause}") from None
+                    log.warning("reward actor ran out of memory; trying another")
+                    errors.append(f"{type(e.cause).__name__}: {e.cause}")
+                    continue
                 except ray.exceptions.RayError as e:
                     log.warning("reward actor failed (%s); trying another", type(e).__name__)
                     errors.append(f"{type(e).__name__}: {e}")

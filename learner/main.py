@@ -133,8 +133,9 @@ def check_data(cfg: RunConfig, model: ModelConfig) -> None:
         raise ConfigError(f"{e}") from None
 
 
-def check_rewards(cfg: RunConfig) -> None:
-    """Every reward's weights and options are checked here, before any actor or model starts."""
+def check_rewards(cfg: RunConfig, mode: str) -> None:
+    """Every reward's weights and options are checked here, before any actor or model starts; in GRPO also the
+    held-out checks and the direct objective's reward, which are built by name alone (no options)."""
     from rewards.base import preflight
 
     for i, spec in enumerate(cfg.rewards):
@@ -142,6 +143,41 @@ def check_rewards(cfg: RunConfig) -> None:
             preflight(spec.name, spec.options)
         except (FileNotFoundError, ValueError, TypeError) as e:
             raise ConfigError(f"rewards[{i}] ({spec.name}): {e}") from None
+    if mode != "grpo":
+        return
+    g = cfg.grpo
+    by_name = [(f"grpo.check_rewards[{i}]", name) for i, name in enumerate(g.check_rewards)]
+    if g.objective == "direct":
+        by_name.append(("grpo.direct_reward", g.direct_reward))
+    for key, name in by_name:
+        try:
+            preflight(name, {})
+        except (FileNotFoundError, ValueError, TypeError) as e:
+            raise ConfigError(f"{key}={name!r} is built by its name alone, without options, and cannot be: {e}. "
+                              "Use a reward that needs no options there (e.g. compositional_strict, "
+                              "compositional_count, jpeg_compressibility), or remove it.") from None
+
+
+def check_prompts_scoreable(cfg: RunConfig, prompts) -> None:
+    """A reward that reads a caption grammar (the scenes' verifiers) must be able to read every prompt of the run's
+    prompt file: a free-text prompt failed inside every reward actor at the first scoring, after start-up."""
+    from rewards.base import reward_class
+
+    g = cfg.grpo
+    names = [(f"rewards[{i}]", r.name) for i, r in enumerate(cfg.rewards)]
+    names += [(f"grpo.check_rewards[{i}]", name) for i, name in enumerate(g.check_rewards)]
+    if g.objective == "direct":
+        names.append(("grpo.direct_reward", g.direct_reward))
+    for key, name in names:
+        check = getattr(reward_class(name), "check_prompts", None)
+        if check is None:
+            continue
+        try:
+            check(prompts)
+        except ValueError as e:
+            raise ConfigError(f"{key}={name!r} cannot score the prompts of grpo.prompt_file={g.prompt_file}: {e}. "
+                              "Use rewards that read any text there (e.g. hpsv2, pickscore, clip_score) and set "
+                              "grpo.check_rewards to [] or to such rewards, or keep to the scene caption grammar.") from None
 
 
 def check_model_files(model: ModelConfig, init_from: Path | None) -> None:
@@ -203,11 +239,13 @@ def fresh_dir(base: Path) -> Path:
 
 def preflight(cfg: RunConfig, mode: str) -> Path | None:
     """Every file and option the run will read, checked in the order a user would fix them; returns init_from."""
-    check_rewards(cfg)
+    check_rewards(cfg, mode)
     if mode == "grpo":
-        from learner.prompts import prompt_source  # imports torch (through rewards): only for a good config
+        from learner.prompts import FilePrompts, prompt_source  # imports torch (through rewards): for a good config
 
-        prompt_source(cfg)  # reads and checks a prompt file
+        source = prompt_source(cfg)  # reads and checks a prompt file
+        if isinstance(source, FilePrompts):
+            check_prompts_scoreable(cfg, source.train_set + source.eval_set)
     if mode == "sample" and cfg.sample.prompt_file:
         from learner.prompts import read_prompt_file
 

@@ -22,7 +22,10 @@ class RewardModel:
 
     Every subclass's `score` (built-in or plugin) keeps two promises without writing them: an image holding a NaN or
     inf scores NaN (so its group is dropped, never trained on: a learned reward would see the NaN as black after
-    the uint8 conversion and give it an ordinary score), and an empty batch scores an empty tensor."""
+    the uint8 conversion and give it an ordinary score), and an empty batch scores an empty tensor.
+
+    Optional hooks, checked before a run starts: `preflight(**options)` (files and options) and
+    `check_prompts(prompts)` (raise ValueError naming a prompt the reward cannot read)."""
 
     name: str = ""
     # True: `score` is differentiable in the images (keeps their graph), so grpo.objective direct can train on it.

@@ -199,6 +199,15 @@ class CompositionalReward(RewardModel):
         """One image's score ([3, H, W] in [0, 1]) against its parsed caption."""
         return verify(image, scene, self.thresholds)
 
+    @staticmethod
+    def check_prompts(prompts: Sequence[str]) -> None:
+        """Raise ValueError naming the first prompt outside the scene caption grammar (checked before a run)."""
+        for prompt in prompts:
+            try:
+                parse_caption(prompt)
+            except ValueError as e:
+                raise ValueError(f"the prompt {prompt[:80]!r} is outside the scene caption grammar ({e})") from None
+
     def scene(self, prompt: str) -> Scene:
         """The caption parsed (once per distinct caption)."""
         if prompt not in self._parsed:

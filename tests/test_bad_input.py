@@ -149,6 +149,8 @@ def test_bad_command_lines_and_config_files(box, capsys, argv, fragment):
     ([*GRPO, "grpo.train_modules=[attn2.to_k,attn2.to_kk]"], "grpo.train_modules: ['attn2.to_kk'] name no module of "
                                                             "the U-Net in"),  # found before Ray, not by the learner
     ([*GRPO, "grpo.lora.rank=2", "grpo.lora.targets=[to_qq]"], "grpo.lora.targets: ['to_qq'] name no module"),
+    ([*GRPO, "grpo.check_rewards=[hpsv2]"], "grpo.check_rewards[0]='hpsv2' is built by its name alone, without "
+                                             "options, and cannot be"),  # it failed in every reward actor
     ([*GRPO, "grpo.lora.rank=2", "grpo.train_modules=[to_q]"], "grpo.lora.rank > 0 and grpo.train_modules both"),
 ])
 def test_values_out_of_range_or_inconsistent(box, capsys, argv, fragment):
@@ -189,6 +191,9 @@ PROMPT_FILES = {  # name: (bytes or None for a directory, expected fragment); sm
     "folder.txt": (None, "is a directory, not a file"),
     "few.txt": (b"one\ntwo\nthree\nfour\n", "has 4 prompt(s); 4 are held out"),
     "missing.txt": (False, "missing.txt does not exist"),
+    # free text with the scenes' verifiers (smoke.yaml trains on compositional): it failed in every reward actor
+    "free-text.txt": ("".join(f"a photo of cat number {i}\n" for i in range(8)).encode(),
+                      "rewards[0]='compositional' cannot score the prompts of grpo.prompt_file="),
 }
 
 

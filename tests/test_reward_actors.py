@@ -51,6 +51,29 @@ class SlowReward:
         return {"slow": torch.ones(len(prompts))}
 
 
+class RaisingReward:
+    """A reward actor whose reward code raises (a caption outside a verifier's grammar), counting its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def count(self) -> int:
+        return self.calls
+
+    def score(self, images, prompts, names=None):
+        self.calls += 1
+        raise ValueError("caption part 'a photo of a cat' is not in the scene grammar")
+
+
+def test_an_error_of_the_reward_itself_is_raised_once_not_retried(actors):
+    """Would catch: the reward's own exception read as a dead actor and retried on every actor (the same error
+    each time), ending in a list of tracebacks instead of the one cause."""
+    raising = ray.remote(RaisingReward).options(num_cpus=0).remote()
+    with pytest.raises(RuntimeError, match="reward scoring raised ValueError: caption part 'a photo of a cat'"):
+        RewardClient([raising], timeout_s=60, retries=2).score(torch.zeros(1, 3, 4, 4), ["a photo of a cat"])
+    assert ray.get(raising.count.remote()) == 1
+
+
 def test_a_slow_answer_past_the_timeout_is_still_used(actors):
     """One reward actor, 2 s per call, timeout 1.5 s, one retry. Would catch: the timed-out call abandoned and the
     retry queued behind it on the same actor (answering at 4 s, past its own 1.5 s), which failed the whole rollout."""
