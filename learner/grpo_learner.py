@@ -221,7 +221,10 @@ class GrpoLearner(Threaded):
             prompts = [groups[i].prompt for i in kept[self.rank :: self.world] for _ in range(groups[i].size)]
             out = self._direct_updates(TrainGroup.merged(batch), prompts, scale)
         else:
-            out = self._policy_gradient_updates(batch, scale)
+            # Under ZeRO-3 every network call gathers the weights from all ranks, so every rank must make as many:
+            # per-group calls with shards of unequal size (kept % world) would hang; one merged call per transition.
+            uneven = self.cfg.deepspeed.zero_stage == 3 and len(kept) % self.world != 0
+            out = self._policy_gradient_updates(batch, scale, merge=g.recompute == "batch" or uneven)
         acked = self.stream.ack(ids)
         if acked != len(ids):
             raise RuntimeError(f"acknowledged {acked} of {len(ids)} stream entries")
@@ -244,11 +247,12 @@ class GrpoLearner(Threaded):
         )
         return out
 
-    def _policy_gradient_updates(self, batch: list[TrainGroup], scale: float) -> dict[str, float]:
-        """updates_per_batch passes of the clipped policy loss over the trained transitions (one step per pass)."""
+    def _policy_gradient_updates(self, batch: list[TrainGroup], scale: float, merge: bool) -> dict[str, float]:
+        """updates_per_batch passes of the clipped policy loss over the trained transitions (one step per pass);
+        merge: re-score the groups in one network call per transition instead of one per group."""
         from learner.engine import train_step  # DeepSpeed: imported in the rank's process only
         g = self.cfg.grpo
-        if g.recompute == "batch":
+        if merge:
             batch = [TrainGroup.merged(batch)]
         sums: dict[str, list[float]] = {}
         first_pass: dict[str, list[float]] = {"max": [], "mean": []}
