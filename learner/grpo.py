@@ -239,6 +239,7 @@ class GrpoRun:
         self.base_monitors: Optional[dict[str, float]] = None
         self.monitors: dict[str, float] = {}
         self.hacked: list[str] = []  # why the last evaluation looked like reward hacking (empty: it did not)
+        self.last_evaluation: Optional[tuple[int, dict[str, np.ndarray]]] = None  # (step, scores) of the latest
         self.steady = True  # False while an update is under way: no run state can be taken then
         # Which layout the actors' torch threads are set for (all cores each: "sync"), and the rollout actors' counts
         # (given again to an actor Ray restarts). learner/layout.py chooses the layout of an async run.
@@ -328,6 +329,7 @@ class GrpoRun:
             if self.hacked:
                 tqdm.write(f"step {step}: the policy looks hacked: {'; '.join(self.hacked)}")
         self.tracker.metrics({**metrics, **{f"monitor_{k}": v for k, v in monitors.items()}}, step=step)
+        self.last_evaluation = (step, scores)
         grid = save_grid(images, self.run_dir / "samples" / f"step{step:05d}.png")
         self.tracker.image(grid, f"samples/step{step:05d}.png")
         # The grid's images with their captions and rewards (first noise seed), as a table the MLflow UI shows.
@@ -571,6 +573,7 @@ class GrpoRun:
         self.progress.dropped += dropped
         if groups == 0:
             self.tracker.metrics({"groups_dropped": dropped}, step=it)
+            self.scheduled_evaluation(it + 1)  # the schedule holds whether or not this iteration trained
             return None
         self.steady = False  # until the loop has counted this iteration
         with timed("update", timing):  # advantages, clipped loss, one optimiser step, entries acknowledged
@@ -591,14 +594,20 @@ class GrpoRun:
         self.tracker.metrics({k: v for k, v in metrics.items() if k not in unvarying_metrics(g, metrics)}, step=it)
         if metrics["nonfinite_in_a_row"] >= g.max_nonfinite_updates:  # each was skipped: no run state is written
             raise nonfinite_stop(self.run_dir, metrics["nonfinite_in_a_row"], "grpo.max_nonfinite_updates", "grpo.lr")
-        if g.eval_every and (it + 1) % g.eval_every == 0 and it + 1 < g.iterations:
-            started = time.time()
-            scores = self.evaluate(it + 1)  # (the rollout actors have the weights just published)
-            if g.stop_on_hacking:
-                self.keep_if_best(it + 1, scores, state=self.from_learners([self.state])[0])  # (rank 0's)
-            self.progress.eval_time_s += time.time() - started
-            self.tracker.metrics({"eval_s": time.time() - started}, step=it + 1)
+        self.scheduled_evaluation(it + 1)
         return metrics
+
+    def scheduled_evaluation(self, step: int) -> None:
+        """The held-out evaluation every grpo.eval_every iterations (the last one is finish()'s)."""
+        g = self.cfg.grpo
+        if not g.eval_every or step % g.eval_every or step >= g.iterations:
+            return
+        started = time.time()
+        scores = self.evaluate(step)  # (the rollout actors have the weights last published)
+        if g.stop_on_hacking:
+            self.keep_if_best(step, scores, state=self.from_learners([self.state])[0])  # (rank 0's)
+        self.progress.eval_time_s += time.time() - started
+        self.tracker.metrics({"eval_s": time.time() - started}, step=step)
 
     def finish(self, loop: dict) -> dict:
         """Write the final checkpoint from the gathered weights (no learner node needs run_dir) and evaluate it."""
@@ -614,7 +623,10 @@ class GrpoRun:
             raise RuntimeError(f"{pending} stream entries were never acknowledged")
         self.use_layout("sync")  # nothing overlaps any more: every actor may use all its cores
         tqdm.write(f"evaluating the final model on the {len(self.eval_prompts)} held-out prompts")
-        after = self.evaluate(done)  # the rollout actors hold the last published weights, the checkpoint's
+        if self.last_evaluation is not None and self.last_evaluation[0] == done:  # stopped right after evaluating
+            after = self.last_evaluation[1]  # (the same weights, prompts and noise: the same scores)
+        else:
+            after = self.evaluate(done)  # the rollout actors hold the last published weights, the checkpoint's
         if g.stop_on_hacking:
             self.keep_if_best(done, after, saved=checkpoint)
         shutil.copyfile(self.run_dir / "samples" / f"step{done:05d}.png", self.run_dir / "samples.png")

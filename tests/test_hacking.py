@@ -82,7 +82,8 @@ def test_a_run_that_looks_hacked_stops_and_exports_its_best_clean_checkpoint(tmp
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "checks seen: ['compositional_strict']" in proc.stdout
+    # one evaluation of step 1: the stop right after it reuses its scores instead of evaluating the same weights again
+    assert proc.stdout.count("checks seen: ['compositional_strict']") == 1
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["iterations"] == 1 and summary["hacking"] == ["forced by the test"]
     assert "compositional_strict" in summary["eval"]["checks"]
