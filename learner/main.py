@@ -435,6 +435,17 @@ def interrupted_message(signum: int, run_dir: Path) -> str:
     return f"interrupted by {signal.Signals(signum).name}: {saved}; continue with: {resume_command(run_dir)}"
 
 
+def failed_note(run_dir: Path) -> str:
+    """What an unforeseen error leaves behind: the last run state and the command that continues from it."""
+    from learner.resume import complete_states, resume_command
+
+    states = complete_states(run_dir)
+    if not states:
+        return f"No run state was saved in {run_dir} yet: once the cause is fixed, start the run again."
+    return (f"The run's last state ({states[-1]}) is kept in {run_dir}: once the cause is fixed, continue with "
+            f"`{resume_command(run_dir)}`.")
+
+
 def run(cfg: RunConfig, mode: str, run_dir: Path, init_from: Path | None, resume) -> int:
     """Run a mode under the MLflow run, write summary.json; on SIGINT/SIGTERM a run state and one line (no
     traceback), exit status 128 + the signal's number."""
@@ -487,9 +498,15 @@ def run(cfg: RunConfig, mode: str, run_dir: Path, init_from: Path | None, resume
             tracker.finish("KILLED")
         print(interrupted_message(e.signum, run_dir), file=sys.stderr)
         return 128 + e.signum
-    except BaseException:
+    except BaseException as e:
         if tracker is not None:
             tracker.finish("FAILED")
+        if isinstance(e, Exception):  # a failure the run did not foresee: its traceback, then what is kept
+            note = failed_note(run_dir)
+            if hasattr(e, "add_note"):  # Python 3.11+: printed under the traceback
+                e.add_note(note)
+            else:
+                print(note, file=sys.stderr)
         raise
     finally:
         STOP.uninstall()

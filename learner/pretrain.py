@@ -89,7 +89,10 @@ def save_run_state(cfg: RunConfig, run_dir: Path, tracker: Tracker, engine, ema,
     files = {f"engine/{name}": data for name, data in engine_files(engine).items()}
     if ema is not None:
         files["ema.safetensors"] = tensor_bytes(ema.state_dict())  # the average and its update count
-    files["rng.safetensors"] = tensor_bytes({"pairs": gen.get_state(), "torch": torch.get_rng_state()})
+    rng = {"pairs": gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():  # dropout on a GPU (a text encoder trained with model.text.train) draws from these
+        rng.update({f"cuda{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    files["rng.safetensors"] = tensor_bytes(rng)
     files["run.json"] = json_bytes({
         "mode": "pretrain", **progress, "mlflow_run_id": tracker.run_id,
         "data_cursor": cfg.data.cursor + progress["iteration"] * fresh_per_step(cfg.pretrain),
@@ -107,6 +110,9 @@ def load_run_state(files: dict[str, bytes], engine, ema, gen: torch.Generator) -
     rng = tensors_from(files["rng.safetensors"])
     gen.set_state(rng["pairs"])
     torch.set_rng_state(rng["torch"])
+    cuda = [rng[f"cuda{i}"] for i in range(len(rng)) if f"cuda{i}" in rng]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     saved = json.loads(files["run.json"])
     return {"nonfinite": [0, 0], **{k: saved[k] for k in ("iteration", "loss", "wall_time_s", "resumed_at", "nonfinite")
                                      if k in saved}}
@@ -128,6 +134,8 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
         zero_stage=cfg.deepspeed.zero_stage, bf16=cfg.deepspeed.bf16, micro_batch=pc.batch_size,
         lr_lambda=lambda s: min(1.0, (s + 1) / max(1, pc.warmup)),
     )
+    if ema is not None:  # beside the weights it averages (on a GPU every update copied them to the CPU)
+        ema.to(engine.device)
     dev = device()
     schedule = VPSchedule()
     losses = LossSchedule(pc.iterations, pc.l1_warmup_frac, pc.zeta0)

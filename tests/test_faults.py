@@ -31,6 +31,36 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 900) -> subpro
                           timeout=timeout, env=env)
 
 
+BROKEN_EVALUATION = """
+import sys
+import learner.pretrain
+from learner.main import main
+
+def broken(*args, **kwargs):
+    raise RuntimeError("an error nobody foresaw")
+
+learner.pretrain.evaluate = broken
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_unforeseen_error_keeps_its_traceback_and_names_the_state_to_resume_from(tmp_path):
+    """A bug the run does not catch (here: the final evaluation raising) shows its traceback and then the kept run
+    state and the command that continues it. Would catch: the advice missing (a user re-ran from scratch and lost
+    the training), or the traceback swallowed."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-c", BROKEN_EVALUATION, "--mode", "pretrain", "--config", str(SMOKE), f"run_dir={run_dir}",
+         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "pretrain.iterations=2"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    err = proc.stderr.strip()
+    assert "Traceback" in err and "RuntimeError: an error nobody foresaw" in err
+    states = complete_states(run_dir)
+    assert states and err.endswith(f"The run's last state ({states[-1]}) is kept in {run_dir}: once the cause is "
+                                   f"fixed, continue with `python -m learner.main --resume {run_dir}`.")
+
+
 def test_a_diverging_pretraining_run_skips_nonfinite_steps_and_stops_with_its_last_state(tmp_path):
     # lr 1e30: the first step makes the weights huge but finite; every later loss overflows to inf/NaN.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
