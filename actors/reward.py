@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 import ray
@@ -15,6 +19,7 @@ import torch
 from actors.redaction import redact
 from actors.stream import RedisAddress
 from rewards import build
+from rewards.base import reward_class
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +39,7 @@ class ScoreCache:
     @staticmethod
     def keys(spec: dict, images: torch.Tensor, prompts: Sequence[str]) -> list[str]:
         """One key per image: sha256 of the reward spec, of the image's exact values and of the prompt."""
-        model = json.dumps([spec["name"], spec.get("options", {})], sort_keys=True, default=str)  # not the weight
-        model = hashlib.sha256(model.encode()).hexdigest()[:16]
+        model = model_digest(json.dumps([spec["name"], spec.get("options", {})], sort_keys=True, default=str))
         pixels = images.detach().float().cpu().contiguous()
         out = []
         for image, prompt in zip(pixels, prompts):
@@ -63,6 +67,23 @@ class ScoreCache:
     def _skipped(self, what: str, error: Exception) -> None:
         log.warning("reward cache %s skipped, scoring goes on without it (%s: %s)", what, type(error).__name__,
                     redact(str(error)))
+
+
+@functools.lru_cache(maxsize=None)
+def model_digest(spec_json: str) -> str:
+    """What a cached score depends on besides the image and prompt (taken once per process): the reward's name and
+    options (not its weight), the source of the module defining it (changed thresholds are another model), every
+    file its options name (path, size, modification time: a checkpoint replaced at the same path) and the device kind
+    it scores on (CUDA autocast is not the CPU's float32)."""
+    name, options = json.loads(spec_json)
+    parts = [spec_json, hashlib.sha256(Path(inspect.getfile(reward_class(name))).read_bytes()).hexdigest(),
+             "cuda" if torch.cuda.is_available() else "cpu"]
+    for value in options.values():
+        if isinstance(value, str) and os.path.exists(value):
+            root = Path(value).resolve()
+            files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+            parts += [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 class RewardActor:

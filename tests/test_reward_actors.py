@@ -126,6 +126,24 @@ def test_redis_cache_reuses_scores_and_scores_only_misses():
         assert len(keys) == 2 * 7  # two rewards x (6 images + 1 new prompt), nothing else
 
 
+def test_a_reward_file_replaced_at_the_same_path_is_another_model_to_the_cache(tmp_path):
+    """A shared Redis keeps scores for a day: an HPS checkpoint replaced by another version at the same path (or a
+    model folder whose files changed) must not be answered with the old file's scores. Would catch a key made of
+    the name and options alone."""
+    from actors.reward import model_digest
+
+    checkpoint = tmp_path / "HPS_v2_compressed.pt"
+    checkpoint.write_bytes(b"v2")
+    spec = {"name": "hpsv2", "options": {"checkpoint": str(checkpoint)}}
+    images, captions = torch.zeros(2, 3, 8, 8), ["a", "b"]
+    before = ScoreCache.keys(spec, images, captions)
+    model_digest.cache_clear()  # a new reward actor (the identity is taken once per process)
+    assert ScoreCache.keys(spec, images, captions) == before  # the same file: the same model
+    checkpoint.write_bytes(b"v2.1")
+    model_digest.cache_clear()
+    assert set(ScoreCache.keys(spec, images, captions)).isdisjoint(before)
+
+
 def test_scoring_goes_on_when_the_cache_redis_is_gone():
     """The cache is optional: with its Redis stopped (restarted, killed), scores are computed as without it. Each
     call raised redis.ConnectionError, which the client read as a dead reward actor and failed the rollout."""
