@@ -39,7 +39,8 @@ from learner.grpo_learner import LearnerGroup
 from learner.layout import LayoutProbe, split_threads
 from learner.progress import steady_range
 from learner.prompts import prompt_source
-from learner.resume import Resume, config_fingerprint, json_bytes, merge_rank_files, write_state
+from learner.resume import (Resume, complete_states, config_fingerprint, json_bytes, merge_rank_files,
+                            write_state)
 from learner.signals import STOP, Interrupted
 from learner.tracking import Tracker
 from proxmodel.checkpoint import read_config, write_card
@@ -130,6 +131,23 @@ def died(ray, ref):
     except Exception:  # noqa: BLE001 (its own error, or not finished: the caller's wait says which)
         return None
     return None
+
+
+BEST_PREFIX = "best-it"
+
+
+def prune_best(run_dir: Path, best: Path) -> None:
+    """Delete the exported best-it* folders that neither `best` (the loop's) nor any kept run state refers to: the
+    superseded ones, and after a resume those of the abandoned tail (the replay exports them again)."""
+    keep = {Path(best).resolve()}
+    for state in complete_states(run_dir):
+        try:
+            keep.add(Path(json.loads((state / "run.json").read_text())["best"][2]).resolve())
+        except (OSError, ValueError, KeyError, IndexError, TypeError):  # unreadable: keep everything
+            return
+    for folder in run_dir.glob(f"{BEST_PREFIX}*"):
+        if folder.is_dir() and folder.resolve() not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @dataclass
@@ -270,6 +288,7 @@ class GrpoRun:
         self.base_monitors, self.monitors, self.hacked = saved["base_monitors"], saved["monitors"], saved["hacked"]
         step, total, path = saved["best"]
         self.best = (step, total, Path(path))
+        prune_best(self.run_dir, self.best[2])  # bests exported after this state belong to the abandoned tail
         ranks = self.ray.put({k: v for k, v in files.items() if k.startswith(("engine/", "rank"))})
         self.from_learners(self.learners.call("load_state", ranks))
         published = self.learners.call("publish", num_returns=2)
@@ -294,6 +313,7 @@ class GrpoRun:
                 "best": [self.best[0], self.best[1], str(self.best[2])],
             })
             path = write_state(self.run_dir, p.iteration, files, self.cfg.grpo.keep_checkpoints)
+            prune_best(self.run_dir, self.best[2])
         self.saved_at = p.iteration
         return path
 
@@ -358,12 +378,13 @@ class GrpoRun:
     def keep_if_best(self, step: int, scores: dict[str, np.ndarray], state: dict | None = None,
                      saved: Path | None = None) -> None:
         """Remember the weights evaluated at `step` as the best if they beat every earlier clean evaluation: the
-        checkpoint `saved`, or `state` exported as run_dir/best."""
+        checkpoint `saved`, or `state` exported as run_dir/best-itNNNNN (a folder per step, so a run state never
+        refers to a folder a later evaluation overwrote: resumed from it, the summary named weights it did not hold)."""
         total = float(scores["total"].mean())
         if not self.hacked and total > self.best[1]:
             card = {**self.card(step), "held_out_reward_total": {"mean": total, "prompts": len(self.eval_prompts),
                                                                   "seeds": self.cfg.grpo.eval_seeds}}
-            path = saved or save_state(self.plain_state(state), self.model_cfg, self.run_dir / "best",
+            path = saved or save_state(self.plain_state(state), self.model_cfg, self.run_dir / f"{BEST_PREFIX}{step:05d}",
                                        card=card).resolve()
             self.best = (step, total, path)
 

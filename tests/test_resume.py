@@ -153,6 +153,23 @@ def test_a_state_is_read_only_when_complete_and_intact(tmp_path, monkeypatch):
     assert latest_state(tmp_path, warn=warnings.append)[0].name == state_name(2)
 
 
+def test_best_folders_of_an_abandoned_tail_are_pruned_and_those_a_state_refers_to_kept(tmp_path):
+    """Evaluations at 5 and 15 each exported a best; the run state at 10 refers to step 5's. Resumed from it (the
+    crash came after 15), step 15's folder is from the abandoned tail and goes; 5's stays. Would catch one shared
+    best folder (overwritten at 15, so the resumed summary named weights the folder did not hold) or pruning that
+    deletes the folder a kept run state needs."""
+    from learner.grpo import prune_best
+
+    five, fifteen = tmp_path / "best-it00005", tmp_path / "best-it00015"
+    for folder in (five, fifteen):
+        folder.mkdir()
+    write_state(tmp_path, 10, {"run.json": json.dumps({"best": [5, 0.7, str(five)]}).encode()}, keep=2)
+    prune_best(tmp_path, fifteen)  # the loop's own best (not yet in a state) is kept, and the state's
+    assert five.is_dir() and fifteen.is_dir()
+    prune_best(tmp_path, five)  # resumed from the state at 10
+    assert five.is_dir() and not fifteen.exists()
+
+
 def test_first_signal_waits_for_a_safe_point_the_second_does_not():
     from learner.signals import GracefulStop, Interrupted
 
