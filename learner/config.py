@@ -255,7 +255,7 @@ class GrpoConfig(Strict):
     )
     objective: Literal["policy_gradient", "forward", "direct"] = Field(
         "policy_gradient", description="policy_gradient: the clipped per-step likelihood-ratio loss over the "
-        "sampler's transitions (method.md sec. 5); forward: the pretraining loss on the rollouts' own final samples, "
+        "sampler's transitions (docs/method.md); forward: the pretraining loss on the rollouts' own final samples, "
         "split by advantage into implicit positive and negative policies around the sampling policy "
         "(docs/forward_objective.md): no trajectories travel, one forward/backward per image, not per transition; "
         "direct: the gradient of a differentiable reward (direct_reward) backpropagated through the last "
@@ -658,7 +658,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
 
 def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
     """Read `path` (default: the embedded default), apply dotted overrides, validate."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+    path = Path(path).expanduser() if path is not None else DEFAULT_CONFIG  # a '~/...' the shell left quoted
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "does not exist"
         raise ConfigError(f"config file {path} {what}. Pass a YAML file with --config, e.g. configs/smoke.yaml.")
@@ -761,8 +761,9 @@ def sections() -> list[tuple[str, str]]:
     return [(n, f.description or "") for n, f in RunConfig.model_fields.items() if _section_of(f.annotation)]
 
 
-def default_values() -> dict[str, Any]:
-    """Every key's default as the schema builds it (a section's own default wins over its class's field defaults)."""
+def default_values(data: Optional[dict] = None) -> dict[str, Any]:
+    """Every key's default as the schema builds it (a section's own default wins over its class's field defaults);
+    or, given `data` (a config dumped as JSON), every key's value in it."""
     out: dict[str, Any] = {}
 
     def walk(data: Any, prefix: str) -> None:
@@ -772,13 +773,16 @@ def default_values() -> dict[str, Any]:
         else:
             out[prefix[:-1]] = data
 
-    walk(RunConfig.model_construct().model_dump(mode="json"), "")  # model_construct: no validators run
+    walk(RunConfig.model_construct().model_dump(mode="json") if data is None else data, "")  # construct: no validators
     return out
 
 
 def describe_keys(section: Optional[str] = None) -> str:
-    """One line per key: `grpo.lr (finite float > 0; default 0.0001): AdamW learning rate`."""
+    """One line per key: `grpo.lr (finite float > 0; default 0.0001): AdamW learning rate`. The default is the
+    schema's (what a --config file that omits the key gets); where the embedded configs/default.yaml (a run without
+    --config) sets another value, the line says so."""
     defaults = default_values()
+    embedded = default_values(yaml.safe_load(DEFAULT_CONFIG.read_text(encoding="utf-8")))  # unvalidated: no torch
     lines = []
     for key, field in schema_keys(section):
         if key in defaults:
@@ -787,6 +791,8 @@ def describe_keys(section: Optional[str] = None) -> str:
             default = "required"
         else:
             default = "default " + json.dumps(field.get_default(call_default_factory=True))
+        if key in embedded and key in defaults and embedded[key] != defaults[key]:
+            default += f"; without --config {json.dumps(embedded[key])} (configs/default.yaml)"
         lines.append(f"{key} ({allowed(field)}; {default}): {field.description or ''}")
     return "\n".join(lines)
 

@@ -59,6 +59,9 @@ def test_list_keys_prints_every_key_of_the_embedded_config_with_type_default_and
     assert keys == leaves(yaml.safe_load(dump_config(load_config())))  # every key the resolved config holds
     assert all(line.split("): ", 1)[1].strip() for line in lines), "a key without a description"
     assert "grpo.lr (finite float > 0; default 0.0001): AdamW learning rate" in lines
+    # the schema's default, and what a run without --config gets where configs/default.yaml sets another value
+    assert any(line.startswith("grpo.kl_coef (finite float >= 0; default 0.0; without --config 0.5 "
+                               "(configs/default.yaml)): ") for line in lines)
     assert any(line.startswith("actors.reward.num_cpus (finite float >= 0; default 0.5)") for line in lines)  # section default
     assert any(line.startswith("data.kind (one of scenes|digits|folder|webdataset; default \"scenes\")") for line in lines)
     assert any(line.startswith("rewards[].name (str; required)") for line in lines)

@@ -87,3 +87,13 @@ def test_mirror_pairs_need_scenes_and_an_even_batch():
         load_config(DEFAULT_CONFIG, ["pretrain.mirror_pairs=true", "pretrain.batch_size=31"])
     with pytest.raises(ConfigError, match="data.kind=digits"):
         load_config(DEFAULT_CONFIG, ["pretrain.mirror_pairs=true", "data.kind=digits"])
+
+
+def test_a_config_path_under_the_home_folder_is_expanded(tmp_path, monkeypatch):
+    """`ray job submit -- ... --config '~/proxrl/configs/gpu.yaml'`: the quoted ~ reaches the run unexpanded (the head's
+    home, not the submitting machine's). Would catch a path read literally ('~/...' does not exist)."""
+    from learner.config import load_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "c.yaml").write_text("grpo: {iterations: 3}\n")
+    assert load_config("~/c.yaml").grpo.iterations == 3
