@@ -69,9 +69,9 @@ def encode(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     return ((mean - shift) * scale).float()
 
 
-@torch.no_grad()
 def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> images in roughly [-1, 1] (float32)."""
+    """Scaled latents -> images in roughly [-1, 1] (float32). Differentiable in the latents (the direct objective's
+    reward gradient passes through it); the VAE is frozen, so no graph is kept unless the latents carry one."""
     vae.to(latents.device)
     shift, scale = _shift_scale(vae)
     return vae.decode((latents / scale + shift).to(vae.dtype)).sample.float()

@@ -73,6 +73,17 @@ def test_latent_model_encodes_and_decodes_through_the_vae(vae_dir, tiny_model_co
     assert eps_of(model, ["a red card", "a blue card"]).shape == (2, 4, 8, 8)
 
 
+def test_the_reward_gradient_passes_through_the_vae_decoder_to_the_latents(vae_dir, tiny_model_config):
+    """grpo.objective=direct scores decoded images and backpropagates into the latents: a decoder under no_grad cut
+    the graph, so on a latent model only the KL trained (or the first backward failed). Would catch that cut."""
+    model = ProxT2I(tiny_model_config.model_copy(update={"vae": str(vae_dir), "image_size": 16}))
+    latents = torch.randn(model.sample_shape(2), generator=torch.Generator().manual_seed(0), requires_grad=True)
+    model.to_images(latents, clamp=False).mean().backward()
+    assert latents.grad is not None and float(latents.grad.abs().sum()) > 0
+    assert all(p.grad is None for p in model._vae.parameters())  # frozen: no gradient kept for it
+    assert not model.to_images(latents.detach()).requires_grad  # sampling: no graph kept
+
+
 def test_a_missing_or_wrong_vae_folder_names_the_expected_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"config\.json.*diffusion_pytorch_model\.safetensors.*save_pretrained"):
         load_vae(str(tmp_path))
