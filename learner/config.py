@@ -410,6 +410,11 @@ class GrpoConfig(Strict):
                 raise ValueError(f"grpo.direct_reward={self.direct_reward!r} is not differentiable in the pixels, so "
                                  "objective direct cannot backpropagate it; use compositional_soft (the scenes) or a "
                                  "reward declaring differentiable = True, or grpo.objective policy_gradient")
+        if self.objective == "forward" and self.advantage_std != "group":
+            raise ValueError(f"grpo.objective=forward with grpo.advantage_std={self.advantage_std}: the split loss "
+                             "needs each group's advantages centred on the group (docs/forward_objective.md: with "
+                             "no signal, no move), which only group normalisation gives; a running or global "
+                             "statistic pulls the model toward its own samples. Use grpo.advantage_std=group.")
         if self.lora.rank and self.train_modules:
             raise ValueError("grpo.lora.rank > 0 and grpo.train_modules both choose what trains; use one (the LoRA "
                              "modules are grpo.lora.targets)")
