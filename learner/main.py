@@ -158,16 +158,18 @@ def check_rewards(cfg: RunConfig, mode: str) -> None:
                               "compositional_count, jpeg_compressibility), or remove it.") from None
 
 
-def check_prompts_scoreable(cfg: RunConfig, prompts) -> None:
-    """A reward that reads a caption grammar (the scenes' verifiers) must be able to read every prompt of the run's
-    prompt file: a free-text prompt failed inside every reward actor at the first scoring, after start-up."""
+def check_prompts_scoreable(cfg: RunConfig, prompts, source: str) -> None:
+    """A reward that reads a caption grammar (the scenes' verifiers) must be able to read every prompt it will
+    score: a free-text prompt failed inside every reward actor at the first scoring (GRPO), or after the first
+    images were written (`--mode sample` with sample.score)."""
     from rewards.base import reward_class
 
     g = cfg.grpo
     names = [(f"rewards[{i}]", r.name) for i, r in enumerate(cfg.rewards)]
-    names += [(f"grpo.check_rewards[{i}]", name) for i, name in enumerate(g.check_rewards)]
-    if g.objective == "direct":
-        names.append(("grpo.direct_reward", g.direct_reward))
+    if source == "grpo.prompt_file":
+        names += [(f"grpo.check_rewards[{i}]", name) for i, name in enumerate(g.check_rewards)]
+        if g.objective == "direct":
+            names.append(("grpo.direct_reward", g.direct_reward))
     for key, name in names:
         check = getattr(reward_class(name), "check_prompts", None)
         if check is None:
@@ -175,9 +177,11 @@ def check_prompts_scoreable(cfg: RunConfig, prompts) -> None:
         try:
             check(prompts)
         except ValueError as e:
-            raise ConfigError(f"{key}={name!r} cannot score the prompts of grpo.prompt_file={g.prompt_file}: {e}. "
-                              "Use rewards that read any text there (e.g. hpsv2, pickscore, clip_score) and set "
-                              "grpo.check_rewards to [] or to such rewards, or keep to the scene caption grammar.") from None
+            advice = (" and set grpo.check_rewards to [] or to such rewards" if source == "grpo.prompt_file"
+                      else ", or sample.score=false")
+            raise ConfigError(f"{key}={name!r} cannot score the prompts of {source}: {e}. Use rewards that read any "
+                              f"text there (e.g. hpsv2, pickscore, clip_score){advice}, or keep to the scene caption "
+                              "grammar.") from None
 
 
 def check_model_files(model: ModelConfig, init_from: Path | None) -> None:
@@ -245,11 +249,15 @@ def preflight(cfg: RunConfig, mode: str) -> Path | None:
 
         source = prompt_source(cfg)  # reads and checks a prompt file
         if isinstance(source, FilePrompts):
-            check_prompts_scoreable(cfg, source.train_set + source.eval_set)
+            check_prompts_scoreable(cfg, source.train_set + source.eval_set, "grpo.prompt_file")
     if mode == "sample" and cfg.sample.prompt_file:
         from learner.prompts import read_prompt_file
 
-        read_prompt_file(cfg.sample.prompt_file, "sample.prompt_file")
+        prompts = read_prompt_file(cfg.sample.prompt_file, "sample.prompt_file")
+        if cfg.sample.score:
+            check_prompts_scoreable(cfg, prompts, "sample.prompt_file")
+    if mode == "sample" and cfg.sample.score and cfg.sample.prompts:
+        check_prompts_scoreable(cfg, cfg.sample.prompts, "sample.prompts")
     init_from = resolve_checkpoint(cfg.init_from or (GRPO_DEFAULT_INIT if mode in ("grpo", "sample") else None))
     model = checkpoint_config(init_from) if init_from is not None else cfg.model  # a checkpoint's config wins
     check_model_files(model, init_from)
@@ -304,6 +312,16 @@ def check_sampler(cfg: RunConfig, model: ModelConfig, mode: str) -> None:
     if sampler is not None and sampler not in SAMPLERS[model.kind]:
         raise ConfigError(f"{key}={sampler} is not a sampler of a {model.kind} model; use one of "
                           f"{list(SAMPLERS[model.kind])}, or null for the default.")
+    if sampler == "backward":  # found out after training (pretrain) or after the run started (sample)
+        from proxmodel.sampler import check_backward_grid
+        from proxmodel.schedule import VPSchedule
+
+        steps_key, steps = (("pretrain.sample_steps", cfg.pretrain.sample_steps) if mode == "pretrain"
+                            else ("sample.steps", cfg.sample.steps))
+        try:
+            check_backward_grid(VPSchedule().grid(steps))
+        except ValueError as e:
+            raise ConfigError(f"{key}=backward with {steps_key}={steps}: {e}") from None
 
 
 def check_loss_space(cfg: RunConfig, model: ModelConfig) -> None:

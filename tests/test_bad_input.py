@@ -142,6 +142,11 @@ def test_bad_command_lines_and_config_files(box, capsys, argv, fragment):
      "pretrain.eval_sampler=flow is not a sampler of a score model; use one of ['sde', 'ode', 'ddim']"),
     ([*PRETRAIN, "pretrain.eval_sampler=ddim"], "pretrain.eval_sampler=ddim is not a sampler of a prox model"),
     (["--mode", "sample", "sample.sampler=sde"], "sample.sampler=sde is not a sampler of a prox model"),
+    # both were found after the run had started and written images
+    (["--mode", "sample", "sample.sampler=backward", "sample.steps=5"],
+     "sample.sampler=backward with sample.steps=5: the fully backward prox sampler needs every step size"),
+    (["--mode", "sample", "sample.score=true", "sample.prompts=[a photo of a cat]"],
+     "rewards[0]='compositional' cannot score the prompts of sample.prompts: the prompt 'a photo of a cat'"),
     ([*GRPO, "grpo.credit_block=5"], "grpo.credit_block=5 does not divide the model's 32x32 images; use a divisor "
                                      "of 32 (e.g. 4), or 1"),
     ([*GRPO, "redis.url=redis://127.0.0.1:1/0"], "cannot reach Redis at redis://127.0.0.1:1/0 (ConnectionError"),
@@ -195,7 +200,7 @@ PROMPT_FILES = {  # name: (bytes or None for a directory, expected fragment); sm
     "missing.txt": (False, "missing.txt does not exist"),
     # free text with the scenes' verifiers (smoke.yaml trains on compositional): it failed in every reward actor
     "free-text.txt": ("".join(f"a photo of cat number {i}\n" for i in range(8)).encode(),
-                      "rewards[0]='compositional' cannot score the prompts of grpo.prompt_file="),
+                      "rewards[0]='compositional' cannot score the prompts of grpo.prompt_file: the prompt 'a photo of cat"),
 }
 
 
