@@ -98,7 +98,8 @@ class ProxT2IPipeline(DiffusionPipeline):
             if self.text_encoder is None and cfg.text.train:
                 raise ValueError("this checkpoint's trained text encoder is not a transformers model (text_encoder is "
                                  "null): load it with proxmodel.model.load_model(folder), not the diffusers pipeline.")
-            model = ProxT2I(cfg)
+            with torch.random.fork_rng(devices=[]):  # its random init is replaced: the caller's seed stays in force
+                model = ProxT2I(cfg)
             model.unet = self.unet
             if self.text_encoder is not None:
                 model.text.load_state_dict(self.text_encoder.state_dict())

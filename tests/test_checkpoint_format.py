@@ -164,6 +164,21 @@ def test_the_pipeline_class_loads_a_folder_without_its_code_and_follows_moves(ti
         pipe(CAPTIONS[0], generator=[torch.Generator(), torch.Generator()])
 
 
+def test_a_global_seed_alone_makes_the_first_pipeline_call_repeatable(saved):
+    """diffusers' convention: no generator, torch.manual_seed(s) fixes the images. The first call builds the model,
+    whose random init (replaced by the checkpoint's weights) drew from the global stream and shifted the noise."""
+    from diffusers import DiffusionPipeline
+
+    calls = []
+    for _ in range(2):
+        pipe = DiffusionPipeline.from_pretrained(saved, trust_remote_code=True)
+        torch.manual_seed(3)
+        calls.append(pipe(CAPTIONS[0], num_inference_steps=2, output_type="pt").images)
+    torch.manual_seed(3)
+    calls.append(pipe(CAPTIONS[0], num_inference_steps=2, output_type="pt").images)  # its model already built
+    assert torch.equal(calls[0], calls[1]) and torch.equal(calls[1], calls[2])
+
+
 def test_saving_leaves_the_callers_random_stream_alone(tiny_model, tmp_path):
     """Saving builds a model to hold the weights; its random init must not shift the RNG of a training run that
     exports mid-way (a resumed run would otherwise draw other numbers than an uninterrupted one)."""
