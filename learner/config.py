@@ -410,6 +410,10 @@ class GrpoConfig(Strict):
                 raise ValueError(f"grpo.direct_reward={self.direct_reward!r} is not differentiable in the pixels, so "
                                  "objective direct cannot backpropagate it; use compositional_soft (the scenes) or a "
                                  "reward declaring differentiable = True, or grpo.objective policy_gradient")
+        if self.objective == "forward" and self.max_staleness > 0:
+            raise ValueError(f"grpo.objective=forward with grpo.max_staleness={self.max_staleness}: the split loss is "
+                             "centred on the weights that drew the batch (docs/forward_objective.md), which the "
+                             "learner holds only when rollouts do not run ahead. Use grpo.max_staleness=0.")
         if self.objective == "forward" and self.advantage_std != "group":
             raise ValueError(f"grpo.objective=forward with grpo.advantage_std={self.advantage_std}: the split loss "
                              "needs each group's advantages centred on the group (docs/forward_objective.md: with "
