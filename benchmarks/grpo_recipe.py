@@ -252,10 +252,10 @@ RECIPES: dict[str, list[str]] = {
     # (per-token features shared by every caption that uses the word), the one place a change must transfer
     "trained6-xattn-kv-lr1e-3": [_TRAINED6, "grpo.train_modules=[attn2.to_k,attn2.to_v]", "grpo.lr=1e-3"],
     "xattn-kv-lr1e-3": ["grpo.train_modules=[attn2.to_k,attn2.to_v]", "grpo.lr=1e-3"],
-    # the same images spread over 8x the captions (48 prompts x pairs): a gradient averaged over more captions is
-    # less caption-specific; pairs tie often under the thresholded verifier, so the dense one trains and the
-    # verifier is held out as a check
-    "p48-g2-soft": ["grpo.prompts_per_iteration=48", "grpo.group_size=2",
+    # the default's 48 images per iteration spread over 4x the captions (24 prompts x pairs): a gradient averaged
+    # over more captions is less caption-specific; pairs tie often under the thresholded verifier, so the dense one
+    # trains and the verifier is held out as a check
+    "p24-g2-soft": ["grpo.prompts_per_iteration=24", "grpo.group_size=2",
                     "rewards=[{name: compositional_soft, weight: 1.0}]",
                     "grpo.check_rewards=[compositional, compositional_strict, compositional_count]"],
     "block8": ["grpo.credit_block=8"],
