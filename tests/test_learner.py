@@ -454,3 +454,116 @@ def test_train_modules_naming_no_module_is_refused(checkpoint):
 
     with pytest.raises(ValueError, match=r"\['attn2.to_kk'\] name no module"):
         train_only(load_model(checkpoint), ["attn2.to_k", "attn2.to_kk"])
+
+
+def _peek(server, run_id):
+    """Every group of a run's stream, read through a consumer group of its own (the learner's stay unread)."""
+    peek = ExperienceStream(server.address, run_id, group="peek")
+    peek.create()
+    return [group for _, group in peek.read("peek", len(PROMPTS), 5.0)]
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_one_update_makes_the_better_actions_of_each_group_more_likely(checkpoint, server, sign):
+    """After one optimiser step the recorded actions, weighted by their group-relative advantage, are more likely:
+    sum A (log pi_new - log pi_old) > 0 over the trained groups, for rewards and for the same rewards negated (so a
+    learner moving one fixed way whatever the rewards fails one of the two). A group of equal rewards is dropped,
+    so the others' advantages must stay with their own groups. Would catch a sign flip of the loss or advantages,
+    and advantages attached to the wrong group."""
+    run_id = f"direction{sign}"
+    rewards = [sign * torch.rand(G, generator=torch.Generator().manual_seed(i)) for i in range(len(PROMPTS))]
+    rewards[1] = torch.full((G,), 0.5)
+    write_batch(checkpoint, server.address, run_id, steps=STEPS, group_size=G, rewards=rewards)
+    groups = _peek(server, run_id)
+    learner = make_learner(checkpoint, server, run_id, recompute="group", lr=1e-4)
+    assert learner.train(0, len(PROMPTS))["groups_trained"] == len(PROMPTS) - 1
+    model, surrogate = learner.engine.module, 0.0
+    with torch.no_grad():
+        for group in groups:
+            r = group.scores["compositional"]
+            if float(r.std()) == 0:
+                continue
+            advantages = (r - r.mean()) / r.std()
+            condition = {"tokens": model.tokenize([group.prompt] * G)}
+            for j in range(STEPS - 1):
+                new = learner.policy.transition(model, condition, group.states, j).log_prob
+                surrogate += float((advantages * (new - group.log_probs[:, j])).sum())
+    assert surrogate > 0, surrogate
+
+
+def test_stale_groups_are_acknowledged_untrained_and_leave_the_weights(checkpoint, server):
+    """Groups sampled by a policy more than grpo.max_staleness versions old are not trained on. Would catch the
+    staleness bound dropped (the end-to-end runs never produce such a group)."""
+    write_batch(checkpoint, server.address, "stale", steps=STEPS, group_size=G)  # sampled by version 0
+    learner = make_learner(checkpoint, server, "stale", max_staleness=1)
+    learner.version = 2
+    before = {k: v.clone() for k, v in learner.publish()[0].items()}
+    metrics = learner.train(0, len(PROMPTS))
+    assert metrics["groups_trained"] == 0 and metrics["groups_stale"] == len(PROMPTS)
+    assert learner.stream.pending() == 0
+    assert all(torch.equal(before[k], v) for k, v in learner.publish()[0].items())
+
+
+def test_entries_stay_unacknowledged_when_the_update_fails(checkpoint, server, monkeypatch):
+    """A learner that dies mid-update must leave its batch on the stream for the resumed run. Would catch the
+    acknowledgement moved before the optimiser step."""
+    from learner import engine as engine_module
+
+    write_batch(checkpoint, server.address, "fails", steps=STEPS, group_size=G)
+    rank = make_learner(checkpoint, server, "fails")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the update failed")
+
+    monkeypatch.setattr(engine_module, "train_step", broken)
+    with pytest.raises(RuntimeError, match="the update failed"):
+        rank.train(0, len(PROMPTS))
+    assert rank.stream.pending() == len(PROMPTS)
+
+
+def test_a_copy_inside_the_same_batch_is_trained_once(checkpoint, server):
+    """A retried XADD lands right after its original, inside the batch being read. Would catch duplicates recognised
+    only across reads (the copy trained twice, another group left for the next batch)."""
+    write_batch(checkpoint, server.address, "dup-in", steps=STEPS, group_size=G, order=[0])  # group 0 only
+    stream = ExperienceStream(server.address, "dup-in")
+    first = stream.client.xrange(stream.key, count=1)[0][1]
+    stream.client.xadd(stream.key, first)
+    write_batch(checkpoint, server.address, "dup-in", steps=STEPS, group_size=G, order=[1, 2, 3])
+    learner = make_learner(checkpoint, server, "dup-in")
+    metrics = learner.train(0, len(PROMPTS))
+    assert metrics["groups_trained"] == len(PROMPTS) and learner.stream.duplicates == 1
+    assert learner.stream.pending() == 0
+
+
+def _kl_to(reference, rank, groups) -> float:
+    """The policy's closed-form KL to `reference`, summed over the trained transitions, on the groups' states."""
+    from learner.grpo_learner import TrainGroup, transition_loss
+
+    batch = [TrainGroup.of(group, torch.zeros(G), rank.model, rank.device) for group in groups]
+    with torch.no_grad():
+        return sum(float(transition_loss(rank.engine.module, reference, rank.policy, batch, j, 1e-3, 1.0)[1]["kl"])
+                   for j in range(STEPS - 1))
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.5])
+def test_the_kl_term_pulls_a_moved_policy_back_to_its_reference(checkpoint, server, kl_coef):
+    """Equal rewards (no policy-gradient signal) and a policy moved off its start: with kl_coef > 0 the update
+    brings it closer to the start, with 0 it stays. Would catch the KL's sign flipped (pushed away) or its gradient
+    lost (detached), which the metric alone (computed before each step) does not show."""
+    from proxmodel.model import load_model
+
+    run_id = f"klpull{kl_coef}"
+    write_batch(checkpoint, server.address, run_id, steps=STEPS, group_size=G, rewards=[torch.full((G,), 0.5)] * 4)
+    groups = _peek(server, run_id)
+    rank = make_learner(checkpoint, server, run_id, zero_stage=0, kl_coef=kl_coef, drop_zero_std_groups=False,
+                        updates_per_batch=3, recompute="group")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in rank.engine.module.unet.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=gen))
+    reference = load_model(checkpoint).eval()
+    before = _kl_to(reference, rank, groups)
+    rank.train(0, len(PROMPTS))
+    after = _kl_to(reference, rank, groups)
+    assert before > 0
+    assert (after < 0.9 * before) if kl_coef else (after == before), (before, after)

@@ -95,3 +95,30 @@ def test_train_step_selection():
 
     with pytest.raises(ValueError, match="selects none"):
         select_train_steps(4, [7], 1.0, gen)
+
+
+def test_the_clip_acts_exactly_at_its_boundary():
+    """Ratios just inside 1 +- c keep their gradient, just outside lose it (where the advantage pushes them further).
+    Would catch a clip range off by a factor (the test above uses ratios far outside any reasonable range)."""
+    c = 0.1
+    ratios = torch.tensor([1 + 0.9 * c, 1 + 1.1 * c, 1 - 0.9 * c, 1 - 1.1 * c])
+    lp = ratios.log().requires_grad_(True)
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    loss, stats = clipped_policy_loss(lp, torch.zeros(4), adv, clip_range=c)
+    loss.backward()
+    assert lp.grad[0] != 0 and lp.grad[2] != 0 and lp.grad[1] == 0 and lp.grad[3] == 0
+    expected = -(ratios[0] * 1 + (1 + c) * 1 - ratios[2] - (1 - c)) / 4  # the clipped ones at their bound
+    assert torch.allclose(loss, expected) and float(stats["clip_frac"]) == 0.5
+
+
+def test_prompt_stats_keep_the_latest_rewards_of_each_prompt():
+    """The running statistics of a prompt are its last `buffer` rewards. Would catch the buffer keeping the oldest
+    (a prompt's baseline frozen at its first rewards while the policy improves)."""
+    from learner.policy_loss import PromptStats
+
+    stats = PromptStats(buffer=4, min_count=4)
+    stats.normalise("p", torch.tensor([0.0, 0.0, 0.0, 0.0]), eps=0.0)
+    out = stats.normalise("p", torch.tensor([1.0, 3.0]), eps=0.0)
+    assert stats.history["p"] == [0.0, 0.0, 1.0, 3.0]
+    hist = torch.tensor([0.0, 0.0, 1.0, 3.0])
+    assert torch.allclose(out, (torch.tensor([1.0, 3.0]) - hist.mean()) / hist.std(unbiased=False))
