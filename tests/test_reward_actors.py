@@ -175,6 +175,12 @@ def test_a_rollout_whose_images_are_nonfinite_drops_its_groups_and_streams_nothi
         stream.create()
         healthy = rollout.rollout(PROMPTS[:2], [0, 1], iteration=0, seed=0)
         assert healthy["groups"] == 2 and healthy["dropped"] == 0
+        # Each group's scores are its own images' under its own caption (would catch every group given the first
+        # group's rows; a caption mix-up needs a caption-sensitive score, which this untrained model's images lack).
+        local = RewardActor(SPECS, batch_size=64)
+        for _, group in stream.read("check", count=2, timeout_s=5):
+            expected = local.score(tiny_model.to_images(group.samples), [group.prompt] * len(group.samples))
+            assert all(torch.equal(group.scores[name], expected[name]) for name in weights), group.prompt
         broken = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
                   for k, v in tiny_model.state_dict().items()}
         rollout.set_weights(broken, 1)  # every image is NaN now
