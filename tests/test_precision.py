@@ -40,4 +40,4 @@ def test_bf16_rollouts_match_the_bf16_learner_far_inside_the_clip_range(checkpoi
     print(f"guidance {guidance}: first-pass |log-ratio| max {metrics['first_pass_log_ratio_max']:.3g} "
           f"mean {metrics['first_pass_log_ratio_mean']:.3g}")
     assert metrics["first_pass_log_ratio_max"] <= 0.01 * CLIP
-    assert metrics["kl"] >= 0 and metrics["acked"] == len(PROMPTS)
+    assert metrics["kl"] <= 1e-6 and metrics["acked"] == len(PROMPTS)  # the first pass: at the reference (bf16 too)
