@@ -76,9 +76,16 @@ def hacking_signs(checks: dict[str, np.ndarray], before: dict[str, np.ndarray], 
     diversity ratio to the base past its limit. Empty: no sign."""
     signs = []
     for name, scores in checks.items():
+        broken = int((~np.isfinite(scores) & np.isfinite(before[name])).sum())
+        if broken:  # a NaN would make the interval NaN and the sign silently absent
+            signs.append(f"held-out check {name}: {broken} image(s) that scored at the start no longer do "
+                         "(non-finite pixels)")
+            continue
         change = bootstrap_ci(scores - before[name])
         if change.high < 0:
             signs.append(f"held-out check {name} fell by {-change.mean:.3f} [{-change.high:.3f}, {-change.low:.3f}]")
+    if not (np.isfinite(monitors["saturation_ratio"]) and np.isfinite(monitors["diversity_ratio"])):
+        signs.append("the saturation or diversity monitor is not finite (non-finite images)")
     if monitors["saturation_ratio"] > max_saturation:
         signs.append(f"saturation {monitors['saturation_ratio']:.2f}x the base's (limit {max_saturation})")
     if monitors["diversity_ratio"] < min_diversity:

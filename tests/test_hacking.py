@@ -33,6 +33,20 @@ def test_monitors_past_their_limits_are_signs(monitors, word):
     assert hacking_signs({}, {}, monitors, 1.5, 0.5) == []
 
 
+def test_images_that_stop_scoring_are_a_sign():
+    """A policy that starts drawing non-finite images scores NaN on the checks (and its monitors go NaN): the
+    bootstrap interval is then NaN and every comparison False, so no sign was raised and stop_on_hacking trained on.
+    Would catch that silence."""
+    rng = np.random.default_rng(0)
+    before = rng.uniform(0.3, 0.7, (128, 2))
+    after = before.copy()
+    after[5, 1] = np.nan
+    signs = hacking_signs({"strict": after}, {"strict": before}, CLEAN, 1.2, 0.8)
+    assert len(signs) == 1 and "1 image(s) that scored at the start no longer do" in signs[0]
+    nan_monitors = {"saturation_ratio": float("nan"), "diversity_ratio": float("nan")}
+    assert any("not finite" in sign for sign in hacking_signs({}, {}, nan_monitors, 1.2, 0.8))
+
+
 def test_check_rewards_must_be_registered_and_not_trained_on():
     from learner.config import ConfigError, load_config
 
