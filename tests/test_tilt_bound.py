@@ -82,3 +82,14 @@ def test_the_split_change_puts_a_look_every_caption_pays_for_in_m_and_a_caption_
     change = split_change(before, fit)
     assert change["any caption"].mean == pytest.approx(0) and change["caption-specific"].mean == pytest.approx(0.1)
     assert change["caption-specific"].low > 0.09  # a constant shift has no spread
+
+
+def test_time_to_a_target_counts_a_seed_that_never_reaches_it_as_censored():
+    """benchmarks/grpo_reward_vs_time.py: the target is the mean of score-GRPO's finals, which some of its own seeds
+    end below; requiring every seed to reach it left the column '-' and the goal's verdict unprinted. Would catch
+    that, and a never-reaching seed read as reaching at once."""
+    from grpo_reward_vs_time import median_reach
+
+    assert median_reach([(10.0, 100.0), None, (30.0, 300.0)]) == (30.0, 300.0)
+    assert median_reach([(10.0, 100.0), None, None]) == (np.inf, np.inf)
+    assert median_reach([(0.0, 0.0)] * 3) == (0.0, 0.0)
