@@ -567,3 +567,26 @@ def test_the_kl_term_pulls_a_moved_policy_back_to_its_reference(checkpoint, serv
     after = _kl_to(reference, rank, groups)
     assert before > 0
     assert (after < 0.9 * before) if kl_coef else (after == before), (before, after)
+
+
+def test_a_learner_restored_from_its_state_trains_the_next_batch_as_if_never_stopped(checkpoint, server):
+    """Per-prompt running statistics (the same prompts in both batches) and a random half of the transitions: the
+    second update depends on the PromptStats and the step RNG after the first. Would catch either left out of the
+    run state (the end-to-end resume runs use group statistics and every transition, where neither matters)."""
+    opts = dict(advantage_std="prompt", prompt_stats_min_count=2, train_step_fraction=0.5, recompute="group",
+                max_staleness=5)
+    for run_id in ("res-a", "res-b"):  # the same two batches on two streams
+        for iteration in (0, 1):
+            write_batch(checkpoint, server.address, run_id, steps=STEPS, group_size=G, iteration=iteration,
+                        seed=iteration)
+    straight = make_learner(checkpoint, server, "res-a", **opts)
+    straight.train(0, len(PROMPTS))
+    straight.train(1, len(PROMPTS))
+    first = make_learner(checkpoint, server, "res-b", **opts)
+    first.train(0, len(PROMPTS))
+    state = first.save_state()
+    restored = make_learner(checkpoint, server, "res-b", **opts)
+    assert restored.load_state(state) == 1
+    restored.train(1, len(PROMPTS))
+    expected, got = straight.publish()[0], restored.publish()[0]
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
