@@ -158,12 +158,12 @@ class RewardClient:
                 try:
                     result = ray.get(ready[0])
                 except ray.exceptions.RayTaskError as e:
-                    if not (isinstance(e.cause, MemoryError) or "out of memory" in str(e.cause)):
+                    if isinstance(e.cause, (ValueError, KeyError, TypeError)):
                         for ref in waiting:
                             ray.cancel(ref)
-                        # the reward's own code raised: every actor would raise the same, so no retry
+                        # the reward's own code refused its input: every actor would raise the same, so no retry
                         raise RuntimeError(f"reward scoring raised {type(e.cause).__name__}: {e.cause}") from None
-                    log.warning("reward actor ran out of memory; trying another")
+                    log.warning("reward actor failed (%s); trying another", type(e.cause).__name__)  # OOM, a GPU fault
                     errors.append(f"{type(e.cause).__name__}: {e.cause}")
                     continue
                 except ray.exceptions.RayError as e:

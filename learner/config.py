@@ -239,7 +239,8 @@ class GrpoConfig(Strict):
         "batch", description="how the learner re-scores a transition: batch = one network call over all of a rank's "
         "groups (1.28x faster on 2 CPU cores, benchmarks/throughput.py; the first ratio then differs from 1 by "
         "kernel rounding only, <= 4e-7 measured, bounded in tests/test_learner.py); group = group by group in the "
-        "rollout's batch shapes, so the first ratio is exactly 1",
+        "rollout's batch shapes, so the first ratio is exactly 1 (except under ZeRO-3 when the ranks hold unequal "
+        "numbers of groups: then merged, as every rank must make the same number of calls)",
     )
     train_text: bool = Field(
         False, description="also train the text encoder in GRPO. Off: measured on the shipped base, its gradients "
@@ -419,6 +420,9 @@ class GrpoConfig(Strict):
                              "needs each group's advantages centred on the group (docs/forward_objective.md: with "
                              "no signal, no move), which only group normalisation gives; a running or global "
                              "statistic pulls the model toward its own samples. Use grpo.advantage_std=group.")
+        if self.train_modules and self.train_text:
+            raise ValueError("grpo.train_modules trains the named U-Net modules only; grpo.train_text would train the "
+                             "text encoder beside them. Set grpo.train_text: false (or grpo.train_modules: null).")
         if self.lora.rank and self.train_modules:
             raise ValueError("grpo.lora.rank > 0 and grpo.train_modules both choose what trains; use one (the LoRA "
                              "modules are grpo.lora.targets)")

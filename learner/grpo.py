@@ -632,7 +632,7 @@ class GrpoRun:
             return
         started = time.time()
         scores = self.evaluate(step)  # (the rollout actors have the weights last published)
-        if g.stop_on_hacking:
+        if g.stop_on_hacking and self.state is not None:  # None: no update yet, the weights are the start's (best)
             self.keep_if_best(step, scores, state=self.from_learners([self.state])[0])  # (rank 0's)
         self.progress.eval_time_s += time.time() - started
         self.tracker.metrics({"eval_s": time.time() - started}, step=step)

@@ -283,9 +283,12 @@ def check_module_names(cfg: RunConfig, init_from: Path | None) -> None:
     keys = {"grpo.lora.targets": g.lora.targets if g.lora.rank else [], "grpo.train_modules": g.train_modules or []}
     if init_from is None or not any(keys.values()):
         return
-    modules = [name.removeprefix("unet.").rsplit(".", 1)[0] for name in tensor_shapes(init_from)
-               if name.startswith("unet.")]
+    owners = {name.removeprefix("unet.").rsplit(".", 1)[0] for name in tensor_shapes(init_from)
+              if name.startswith("unet.")}  # the modules holding weights: what LoRA can adapt
+    parts = [owner.split(".") for owner in owners]
+    containers = owners | {".".join(p[:i]) for p in parts for i in range(1, len(p))}  # train_modules may name these
     for key, targets in keys.items():
+        modules = owners if key == "grpo.lora.targets" else containers
         unknown = [t for t in targets if not any(named_by(m, [t]) for m in modules)]
         if unknown:
             raise ConfigError(f"{key}: {unknown} name no module of the U-Net in {init_from}; use the last parts of "
@@ -523,8 +526,12 @@ def run(cfg: RunConfig, mode: str, run_dir: Path, init_from: Path | None, resume
             note = failed_note(run_dir)
             if hasattr(e, "add_note"):  # Python 3.11+: printed under the traceback
                 e.add_note(note)
-            else:
+            else:  # Python 3.10: the traceback, then the note, the same exit status
+                import traceback
+
+                traceback.print_exc()
                 print(note, file=sys.stderr)
+                raise SystemExit(1) from None
         raise
     finally:
         STOP.uninstall()

@@ -160,6 +160,9 @@ def test_bad_command_lines_and_config_files(box, capsys, argv, fragment):
      "grpo.objective=forward with grpo.advantage_std=prompt: the split loss needs each group's advantages centred"),
     ([*GRPO, "grpo.check_rewards=[hpsv2]"], "grpo.check_rewards[0]='hpsv2' is built by its name alone, without "
                                              "options, and cannot be"),  # it failed in every reward actor
+    ([*GRPO, "grpo.train_modules=[attn2]", "grpo.train_text=true"], "grpo.train_modules trains the named U-Net "
+                                                                      "modules only; grpo.train_text would train"),
+    ([*GRPO, "grpo.lora.rank=2", "grpo.lora.targets=[attn2]"], "grpo.lora.targets: ['attn2'] name no module"),
     ([*GRPO, "grpo.lora.rank=2", "grpo.train_modules=[to_q]"], "grpo.lora.rank > 0 and grpo.train_modules both"),
 ])
 def test_values_out_of_range_or_inconsistent(box, capsys, argv, fragment):
@@ -363,3 +366,13 @@ def test_subprocess_exits_2_without_traceback_or_writes(tmp_path, args, fragment
                           cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert_rejected(proc.returncode, proc.stderr, tmp_path, fragment)
     assert proc.stdout == ""
+
+
+def test_train_modules_may_name_a_container_of_weights():
+    """grpo.train_modules=[attn2] (every cross-attention, as the learner's named_modules() match takes it) passed
+    the learner and was refused by preflight, which knew only the modules owning tensors. Would catch that."""
+    from learner.config import load_config
+    from learner.main import GRPO_DEFAULT_INIT, check_module_names, resolve_checkpoint
+
+    cfg = load_config(None, ["grpo.train_modules=[attn2, mid_block]"])
+    check_module_names(cfg, resolve_checkpoint(GRPO_DEFAULT_INIT))

@@ -52,17 +52,18 @@ class SlowReward:
 
 
 class RaisingReward:
-    """A reward actor whose reward code raises (a caption outside a verifier's grammar), counting its calls."""
+    """A reward actor whose reward code raises `error` (by default: a caption outside a verifier's grammar),
+    counting its calls."""
 
-    def __init__(self):
-        self.calls = 0
+    def __init__(self, error: Exception = ValueError("caption part 'a photo of a cat' is not in the scene grammar")):
+        self.calls, self.error = 0, error
 
     def count(self) -> int:
         return self.calls
 
     def score(self, images, prompts, names=None):
         self.calls += 1
-        raise ValueError("caption part 'a photo of a cat' is not in the scene grammar")
+        raise self.error
 
 
 def test_an_error_of_the_reward_itself_is_raised_once_not_retried(actors):
@@ -72,6 +73,15 @@ def test_an_error_of_the_reward_itself_is_raised_once_not_retried(actors):
     with pytest.raises(RuntimeError, match="reward scoring raised ValueError: caption part 'a photo of a cat'"):
         RewardClient([raising], timeout_s=60, retries=2).score(torch.zeros(1, 3, 4, 4), ["a photo of a cat"])
     assert ray.get(raising.count.remote()) == 1
+
+
+def test_a_fault_of_one_reward_actors_device_is_retried_on_another(actors):
+    """A GPU fault (CUDA error, out of memory) is the actor's, not the reward's: another actor is asked. Would catch
+    every error inside the reward code read as deterministic (a bad GPU ending the run)."""
+    faulty = ray.remote(RaisingReward).options(num_cpus=0).remote(RuntimeError("CUDA error: an illegal memory access"))
+    healthy = ray.remote(SlowReward).options(num_cpus=0).remote(0.0)
+    out = RewardClient([faulty, healthy], timeout_s=60, retries=1).score(torch.zeros(2, 3, 4, 4), ["a", "b"])
+    assert torch.equal(out["slow"], torch.ones(2)) and ray.get(faulty.count.remote()) == 1
 
 
 def test_a_slow_answer_past_the_timeout_is_still_used(actors):
