@@ -242,8 +242,9 @@ def main() -> None:
         per_seed = "; ".join(f"{c['eval'][-1]:.3f} [{c['eval_low'][-1]:.3f}, {c['eval_high'][-1]:.3f}]" for c in cs)
         hits = [reach(c, target) for c in cs] if target is not None else []
         reached[name] = median_reach(hits) if hits else None
-        when = ("-" if reached[name] is None else "not reached by most seeds" if np.isinf(reached[name][0])
-                else "at its start" if reached[name][0] == 0.0 else f"{reached[name][0]:.0f} s / {reached[name][1]:.0f}")
+        seconds, images = reached[name] or (None, None)
+        when = ("-" if seconds is None else "not reached by most seeds" if np.isinf(seconds)
+                else "at its start" if seconds == 0.0 else f"{seconds:.0f} s / {images:.0f}")
         lines.append(f"| {name} | {np.mean([len(c['reward']) for c in cs]):.0f} | {np.mean([c['eval'][0] for c in cs]):.3f} | "
                      f"{per_seed} | {np.mean(final[name]):.3f} | {when} |")
     if target is not None and reached.get("score-pg"):

@@ -391,8 +391,8 @@ class GrpoRun:
         if not self.hacked and total > self.best[1]:
             card = {**self.card(step), "held_out_reward_total": {"mean": total, "prompts": len(self.eval_prompts),
                                                                   "seeds": self.cfg.grpo.eval_seeds}}
-            path = saved or save_state(self.plain_state(state), self.model_cfg, self.run_dir / f"{BEST_PREFIX}{step:05d}",
-                                       card=card).resolve()
+            folder = self.run_dir / f"{BEST_PREFIX}{step:05d}"
+            path = saved or save_state(self.plain_state(state), self.model_cfg, folder, card=card).resolve()
             self.best = (step, total, path)
 
     def card(self, iterations: int) -> dict:

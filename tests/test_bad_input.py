@@ -205,7 +205,8 @@ PROMPT_FILES = {  # name: (bytes or None for a directory, expected fragment); sm
     "missing.txt": (False, "missing.txt does not exist"),
     # free text with the scenes' verifiers (smoke.yaml trains on compositional): it failed in every reward actor
     "free-text.txt": ("".join(f"a photo of cat number {i}\n" for i in range(8)).encode(),
-                      "rewards[0]='compositional' cannot score the prompts of grpo.prompt_file: the prompt 'a photo of cat"),
+                      "rewards[0]='compositional' cannot score the prompts of grpo.prompt_file: the prompt "
+                      "'a photo of cat"),
 }
 
 
