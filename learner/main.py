@@ -145,11 +145,7 @@ def check_rewards(cfg: RunConfig, mode: str) -> None:
             raise ConfigError(f"rewards[{i}] ({spec.name}): {e}") from None
     if mode != "grpo":
         return
-    g = cfg.grpo
-    by_name = [(f"grpo.check_rewards[{i}]", name) for i, name in enumerate(g.check_rewards)]
-    if g.objective == "direct":
-        by_name.append(("grpo.direct_reward", g.direct_reward))
-    for key, name in by_name:
+    for key, name in rewards_built_by_name(cfg):
         try:
             preflight(name, {})
         except (FileNotFoundError, ValueError, TypeError) as e:
@@ -158,18 +154,22 @@ def check_rewards(cfg: RunConfig, mode: str) -> None:
                               "compositional_count, jpeg_compressibility), or remove it.") from None
 
 
+def rewards_built_by_name(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(config key, reward name) of GRPO's rewards built without options: the held-out checks, the direct reward."""
+    g = cfg.grpo
+    named = [(f"grpo.check_rewards[{i}]", name) for i, name in enumerate(g.check_rewards)]
+    return named + ([("grpo.direct_reward", g.direct_reward)] if g.objective == "direct" else [])
+
+
 def check_prompts_scoreable(cfg: RunConfig, prompts, source: str) -> None:
     """A reward that reads a caption grammar (the scenes' verifiers) must be able to read every prompt it will
     score: a free-text prompt failed inside every reward actor at the first scoring (GRPO), or after the first
     images were written (`--mode sample` with sample.score)."""
     from rewards.base import reward_class
 
-    g = cfg.grpo
     names = [(f"rewards[{i}]", r.name) for i, r in enumerate(cfg.rewards)]
     if source == "grpo.prompt_file":
-        names += [(f"grpo.check_rewards[{i}]", name) for i, name in enumerate(g.check_rewards)]
-        if g.objective == "direct":
-            names.append(("grpo.direct_reward", g.direct_reward))
+        names += rewards_built_by_name(cfg)
     for key, name in names:
         check = getattr(reward_class(name), "check_prompts", None)
         if check is None:

@@ -31,10 +31,7 @@ def add_lora(model: nn.Module, spec: LoraSpec) -> None:
     them the only trainable weights of `model`, the text encoder included."""
     from peft import LoraConfig
 
-    unknown = [t for t in spec.targets if t not in targets_found(model, spec.targets)]
-    if unknown:
-        raise ValueError(f"grpo.lora.targets {unknown} name no module of the U-Net; use module names such as "
-                         f"{list(DEFAULT_TARGETS)} (the last parts of the names in model.unet.named_modules())")
+    require_targets(model, spec.targets, "grpo.lora.targets")
     model.unet.add_adapter(LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets),
                                       init_lora_weights=True))
     for name, param in model.named_parameters():
@@ -109,10 +106,7 @@ def merged(model: nn.Module) -> nn.Module:
 def train_only(model: nn.Module, targets: Sequence[str]) -> int:
     """Freeze every U-Net weight outside the modules named by `targets` (full-rank training of a subset); returns
     how many weights still train. A target naming no module is an error, as for the adapters."""
-    unknown = [t for t in targets if t not in targets_found(model, targets)]
-    if unknown:
-        raise ValueError(f"grpo.train_modules {unknown} name no module of the U-Net; use module names such as "
-                         "attn2.to_k, attn2.to_v, to_out.0, conv1 (`named_modules()` of model.unet lists them)")
+    require_targets(model, targets, "grpo.train_modules")
     model.unet.requires_grad_(False)
     for name, module in model.unet.named_modules():
         if named_by(name, targets):
@@ -125,7 +119,11 @@ def named_by(name: str, targets: Sequence[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def targets_found(model: nn.Module, targets: Sequence[str]) -> list[str]:
-    """The targets that name at least one module of `model.unet` (a misspelt target would silently adapt nothing)."""
+def require_targets(model: nn.Module, targets: Sequence[str], key: str) -> None:
+    """Refuse, naming `key`, targets that name no module of `model.unet` (a misspelt one would silently adapt or
+    train nothing)."""
     names = [name for name, _ in model.unet.named_modules()]
-    return [t for t in targets if any(named_by(n, [t]) for n in names)]
+    unknown = [t for t in targets if not any(named_by(n, [t]) for n in names)]
+    if unknown:
+        raise ValueError(f"{key} {unknown} name no module of the U-Net; use module names such as "
+                         f"{list(DEFAULT_TARGETS)} (the last parts of the names in model.unet.named_modules())")
