@@ -5,6 +5,16 @@ import torch
 
 from proxmodel.config import ModelConfig, TextConfig
 
+# A CLIP of open_clip's real architecture, small enough to build in a test (its scores depend on the caption).
+TINY_CLIP = {
+    "model_cfg": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    },
+    "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
+}
+
 
 @pytest.fixture(scope="session")
 def tiny_model_config() -> ModelConfig:
@@ -20,6 +30,22 @@ def tiny_model(tiny_model_config):
 
     torch.manual_seed(0)
     return ProxT2I(tiny_model_config)
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    """TINY_CLIP's random weights saved the way open_clip hub repos are (config JSON + safetensors)."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("clip")
+    (folder / "open_clip_config.json").write_text(json.dumps(TINY_CLIP))
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**TINY_CLIP["model_cfg"])
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,5 @@
 """CLIP score through a small open_clip model of the real architecture, saved the way open_clip hub repos are."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,30 +8,11 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from rewards import build
 from rewards.base import preflight
 from rewards.scenes import scene_batch
-
-TINY = {
-    "model_cfg": {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    },
-    "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
-}
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("clip")
-    (folder / "open_clip_config.json").write_text(json.dumps(TINY))
-    torch.manual_seed(0)
-    model = open_clip.model.CLIP(**TINY["model_cfg"])
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
-    return folder
+from tests.conftest import TINY_CLIP as TINY
 
 
 def test_scores_equal_open_clips_own_pipeline(clip_dir):

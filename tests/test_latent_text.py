@@ -156,17 +156,15 @@ def test_clip_text_folder_loads_encodes_and_sets_the_cross_attention_width(clip_
         ProxT2I(with_text(tiny_model_config, pretrained="clip", path=str(tmp_path)))
 
 
-def test_open_clip_text_tower_gives_the_tokens_open_clip_pools(tiny_model_config, tmp_path):
+def test_open_clip_text_tower_gives_the_tokens_open_clip_pools(tiny_model_config, clip_dir):
     import open_clip
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file
 
-    from tests.test_clip_score import TINY
+    from tests.conftest import TINY_CLIP
 
-    (tmp_path / "open_clip_config.json").write_text(json.dumps(TINY))
-    torch.manual_seed(0)
-    clip = open_clip.model.CLIP(**TINY["model_cfg"]).eval()
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
-    model = ProxT2I(with_text(tiny_model_config, pretrained="open_clip", path=str(tmp_path), max_length=77))
+    clip = open_clip.model.CLIP(**TINY_CLIP["model_cfg"]).eval()
+    clip.load_state_dict(load_file(str(clip_dir / "open_clip_model.safetensors")))
+    model = ProxT2I(with_text(tiny_model_config, pretrained="open_clip", path=str(clip_dir), max_length=77))
     tokens = model.tokenize(["a red circle", "a large blue square at the top left"])
     features = model.encode_text(tokens)
     assert features.shape == (2, 77, 32) and model.unet.config.cross_attention_dim == 32

@@ -199,6 +199,37 @@ def test_a_rollout_whose_images_are_nonfinite_drops_its_groups_and_streams_nothi
         assert stream.length() == 2  # only the healthy groups were written
 
 
+def test_each_group_is_scored_under_its_own_caption(actors, tiny_model, clip_dir, tmp_path):
+    """A rollout's groups go to the reward actors in one batch; each must come back scored against its own caption.
+    CLIP's score depends on the caption, so this catches captions shuffled, shifted or shared between groups (the
+    test above, on a verifier that scores an untrained model's images 0 under any caption, cannot)."""
+    from actors.rollout import RolloutActor
+    from actors.stream import EmbeddedRedis, ExperienceStream
+    from proxmodel.model import save_model
+    from tests.grpo_batch import PROMPTS
+
+    specs = [{"name": "clip_score", "options": {"path": str(clip_dir)}}]
+    clip_actors = [ray.remote(RewardActor).options(num_cpus=0.5).remote(specs, 3, 1)]
+    checkpoint = str(save_model(tiny_model, tmp_path / "c"))
+    prompts = PROMPTS[:3]
+    with EmbeddedRedis() as server:
+        rollout = RolloutActor(checkpoint, 3, 4, 1.0, 1.0, clip_actors, {"clip_score": 1.0}, 120.0, 1,
+                               server.address, "clip", torch_threads=1)
+        stream = ExperienceStream(server.address, "clip")
+        stream.create()
+        assert rollout.rollout(prompts, [0, 1, 2], iteration=0, seed=0)["groups"] == 3
+        groups = [group for _, group in stream.read("check", count=3, timeout_s=5)]
+    local = RewardActor(specs, batch_size=64)
+    assert sorted(g.prompt for g in groups) == sorted(prompts)
+    for group in groups:
+        images = tiny_model.to_images(group.samples)
+        own = local.score(images, [group.prompt] * len(images))["clip_score"]
+        assert torch.allclose(group.scores["clip_score"], own, atol=1e-4), group.prompt
+        for other in set(prompts) - {group.prompt}:  # the check can fail: another caption scores these images apart
+            assert not torch.allclose(local.score(images, [other] * len(images))["clip_score"], own, atol=1e-3)
+    ray.kill(clip_actors[0])
+
+
 def test_a_single_reward_actor_killed_mid_call_is_restarted_and_the_call_made_again(actors):
     """With one reward actor there is no other to retry on: Ray restarts it (actors.reward_restarts) and makes the
     lost call again. Would catch: no max_restarts (the call fails), no max_task_retries (the lost call fails with the
