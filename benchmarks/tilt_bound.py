@@ -113,8 +113,8 @@ def split_change(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) ->
 
 
 def bootstrap(stat, rewards: np.ndarray, resamples: int = 500) -> tuple[float, float, float]:
-    """stat(rewards) with a 95% interval over prompts (rows; learner.bootstrap's), as the (mean, low, high) this file's JSON
-    keeps: any statistic of the rows, e.g. the KL a tilt needs for a gain."""
+    """stat(rewards) with a 95% interval over prompts (rows; learner.bootstrap's), as the (mean, low, high) this
+    file's JSON keeps: any statistic of the rows, e.g. the KL a tilt needs for a gain."""
     e = bootstrap_stat(lambda rows: stat(rewards[rows]), len(rewards), resamples=resamples)
     return e.mean, e.low, e.high
 
