@@ -28,7 +28,11 @@ AnySampler = Literal[SAMPLERS["prox"] + SAMPLERS["score"]]
 
 
 class ConfigError(Exception):
-    """A config that cannot be used; the message names the key and the fix."""
+    """A config that cannot be used; the message names the key and the fix, with any URL password masked (the
+    message may quote a user's override, e.g. a tracking URI with credentials)."""
+
+    def __init__(self, message: str = "", *args) -> None:
+        super().__init__(redact(str(message)), *args)
 
 
 class DataConfig(Strict):

@@ -15,3 +15,25 @@ from actors.redaction import redact
 ])
 def test_the_whole_password_is_masked(raw, masked):
     assert redact(raw) == masked
+
+
+@pytest.mark.parametrize("override", [
+    "mlflow.tracking_uri=[http://alice:hunter2@mlflow:5000]",  # a list where a string goes
+    "redis.url='redis://:hunter2@h:6379/0",  # not valid YAML (an unclosed quote)
+])
+def test_a_config_error_quoting_an_override_masks_its_password(override):
+    from learner.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert "hunter2" not in str(info.value) and "***" in str(info.value)
+
+
+def test_a_refused_resume_override_masks_its_password():
+    """The likely case: a user re-types the tracking URI (with its credentials) they started the run with."""
+    from learner.config import ConfigError
+    from learner.resume import check_resume_overrides
+
+    with pytest.raises(ConfigError, match="would change") as info:
+        check_resume_overrides(["mlflow.tracking_uri=http://alice:hunter2@mlflow:5000"])
+    assert "hunter2" not in str(info.value) and "alice:***@mlflow" in str(info.value)
