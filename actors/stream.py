@@ -47,13 +47,13 @@ class RedisAddress:
         write a group twice and for XREADGROUP can lose the reply's entries; here the error surfaces instead."""
         options = dict(password=self.password, socket_timeout=SOCKET_TIMEOUT_S,
                        socket_connect_timeout=CONNECT_TIMEOUT_S, retry=Retry(NoBackoff(), 0))
-        if self.unix_socket:
-            client = redis.Redis(unix_socket_path=self.unix_socket, **options)
-        else:
-            client = redis.Redis.from_url(self.url, **options)
         try:
+            if self.unix_socket:
+                client = redis.Redis(unix_socket_path=self.unix_socket, **options)
+            else:  # ValueError: a URL redis-py cannot read (a port or db that is not a number, ...)
+                client = redis.Redis.from_url(self.url, **options)
             client.ping()
-        except (redis.RedisError, OSError) as e:  # refused, timed out (a firewall dropping packets), auth, ...
+        except (redis.RedisError, OSError, ValueError) as e:  # refused, timed out (a firewall dropping packets), ...
             where = self.unix_socket or self.url
             raise ConnectionError(redact(
                 f"cannot reach Redis at {where} ({type(e).__name__}: {e}). Check redis.url in the config and that "

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from actors.redaction import redact
@@ -539,8 +539,19 @@ class DeepSpeedConfig(Strict):
 
 class RedisConfig(Strict):
     url: Optional[str] = Field(
-        None, description="redis://host:port/db of a Redis server; null = an embedded one on a private unix socket"
+        None, description="redis://host:port/db of a Redis server (rediss:// with TLS, unix:///path for a socket); "
+        "null = an embedded one on a private unix socket"
     )
+
+    @field_validator("url")
+    @classmethod
+    def _url_has_a_scheme(cls, url: Optional[str]) -> Optional[str]:
+        # redis-py's own error for a bare host:port names neither the key nor the fix, and came as a traceback.
+        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis.url {url!r} must start with redis://, rediss:// or unix:// (e.g. "
+                             "redis://127.0.0.1:6379/0), or be null for the embedded Redis")
+        return url
+
     password_env: str = Field("PROXRL_REDIS_PASSWORD", description="environment variable holding the password")
     max_memory_mb: int = Field(
         4096, ge=16, description="embedded Redis only: its memory cap (maxmemory). The stream is trimmed to the groups "
