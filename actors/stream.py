@@ -98,29 +98,31 @@ class EmbeddedRedis:
             self.socket = str(self.dir / "redis.sock")
             listen = ["port 0", f"unixsocket {self.socket}", "unixsocketperm 700"]
             self.address = RedisAddress(unix_socket=self.socket, password=self.password)
-        conf = self.dir / "redis.conf"
-        conf.write_text(
-            "\n".join(
-                [
-                    *listen,
-                    f"requirepass {_conf_string(self.password)}",
-                    f"maxmemory {max_memory_mb}mb",
-                    "maxmemory-policy volatile-lru",
-                    *(f'rename-command {name} ""' for name in DISABLED_COMMANDS),
-                    'save ""',
-                    "appendonly no",
-                    f"dir {self.dir}",
-                    f"logfile {self.dir / 'redis.log'}",
-                    "daemonize no",
-                ]
-            )
-            + "\n"
-        )
-        os.chmod(conf, 0o600)
-        # Its own session: a Ctrl-C in the terminal reaches the driver only, which stops the server after saving.
-        # Killed with its parent: a SIGKILLed driver leaves no server behind.
-        self.proc = subprocess.Popen([_redis_server_binary(), str(conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_die_with_parent)
+        conf = "\n".join([
+            *listen,
+            f"requirepass {_conf_string(self.password)}",
+            f"maxmemory {max_memory_mb}mb",
+            "maxmemory-policy volatile-lru",
+            *(f'rename-command {name} ""' for name in DISABLED_COMMANDS),
+            'save ""',
+            "appendonly no",
+            f"dir {self.dir}",
+            f"logfile {self.dir / 'redis.log'}",
+            "daemonize no",
+        ]) + "\n"
+        # The config (its password included) goes in on stdin ('-'), never to a file: a driver killed before close()
+        # would leave a redis.conf with the password behind. Its own session: a Ctrl-C in the terminal reaches the
+        # driver only, which stops the server after saving. Killed with its parent: a SIGKILLed driver leaves no
+        # server behind.
+        try:
+            self.proc = subprocess.Popen([_redis_server_binary(), "-"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
+            self.proc.stdin.write(conf.encode())
+            self.proc.stdin.close()
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
         deadline = time.monotonic() + 20
         while not self._answers():
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -104,6 +104,17 @@ def test_any_password_starts_the_embedded_server_and_is_the_one_it_requires(pass
             redis.Redis.from_url(s.address.url, password=password[:-1]).ping()
 
 
+def test_the_password_is_in_no_file_while_the_server_runs():
+    """A driver killed before close() leaves the server's folder behind: nothing in it may hold the password (it
+    was in redis.conf until the config went in on stdin)."""
+    password = "never-on-disk-7c1e"
+    with EmbeddedRedis(password=password) as s:
+        assert redis.Redis(unix_socket_path=s.socket, password=password).ping()
+        files = [p for p in s.dir.rglob("*") if p.is_file()]
+        assert not [p for p in files if password.encode() in p.read_bytes()], files
+        assert password not in " ".join(psutil.Process(s.proc.pid).cmdline())
+
+
 def test_cluster_mode_listens_on_the_given_address_only_with_the_given_password():
     with EmbeddedRedis(host="127.0.0.1", password="from-the-environment") as s:
         assert s.socket is None and s.address.url.startswith("redis://127.0.0.1:")
