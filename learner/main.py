@@ -204,7 +204,7 @@ def check_model_files(model: ModelConfig, init_from: Path | None) -> None:
 
 
 def prepare_run_dir(cfg: RunConfig, mode: str) -> Path:
-    from learner.resume import RUN_FILE, resume_command
+    from learner.resume import RUN_FILE, hold_run_dir, resume_command
 
     run_dir = Path(cfg.run_dir or f"runs/{mode}-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve()
     if cfg.run_dir is not None:  # (a default name is always a new folder: fresh_dir)
@@ -223,6 +223,7 @@ def prepare_run_dir(cfg: RunConfig, mode: str) -> Path:
             run_dir = fresh_dir(run_dir)
         else:
             run_dir.mkdir(parents=True, exist_ok=True)
+        hold_run_dir(run_dir)  # before writing: two runs started on one run_dir would overwrite each other's files
         (run_dir / "config.yaml").write_text(dump_config(cfg))
     except OSError as e:
         raise ConfigError(f"run_dir {run_dir} cannot be written ({e.strerror or e}). Choose a writable run_dir=...") from None
@@ -420,6 +421,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list_keys is not None:
         return list_keys(args.list_keys)
+    from learner.resume import release_run_dirs
+
+    try:
+        return _main(args)
+    finally:
+        release_run_dirs()
+
+
+def _main(args: argparse.Namespace) -> int:
     from learner.resume import open_resume, rewrite_config
 
     resume, mode = None, args.mode

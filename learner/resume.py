@@ -27,12 +27,43 @@ import yaml
 
 from actors.redaction import is_redacted, redact
 from learner.config import ConfigError, RunConfig, _parse_override, load_config
-from proxmodel.files import replace_dir, write_files
+from proxmodel.files import fsync_dir, replace_dir, restore_interrupted, write_files
 
 STATES_DIR = "resume"
 MARKER = "COMPLETE.json"
 RUN_FILE = "run.json"  # run_dir/run.json: mode and MLflow run, written when the run starts
 STATE_PREFIX = "it-"
+LOCK_FILE = ".lock"  # run_dir/.lock: held (flock) by the driver using the folder, holding its pid
+_held: dict[Path, int] = {}  # run_dir -> the open lock file's descriptor
+
+
+def hold_run_dir(run_dir: Path) -> None:
+    """Lock `run_dir` for this process until release_run_dirs() or its exit (the kernel drops the lock with the
+    process, so a killed driver leaves nothing to clean up). A second driver on the same folder (--resume started
+    twice, a scheduler's retry while the first still runs) would prune the first's half-written run states and
+    overwrite its config; it gets a ConfigError naming the holder instead."""
+    import fcntl
+
+    run_dir = Path(run_dir)
+    if run_dir in _held:
+        return
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(f"run_dir {run_dir} is in use by another ProxRL process (pid {holder}); it is left as it is. "
+                          f"Wait for that run to end (or stop it), or choose another run_dir=...") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held[run_dir] = fd
+
+
+def release_run_dirs() -> None:
+    """Drop every lock hold_run_dir took (the CLI's main() on return, so a test calling it twice in one process can)."""
+    while _held:
+        os.close(_held.popitem()[1])
 
 # Settings a resumed run may change: where things run and how long, never what is computed. grpo.iterations only
 # decides where the loop stops (pretrain.iterations is not here: the loss schedule is a fraction of it).
@@ -74,14 +105,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_state(run_dir: Path, iteration: int, files: dict[str, bytes], keep: int) -> Path:
     """Publish `files` as the run state after `iteration` iterations, atomically; keep the last `keep` states."""
     root = run_dir / STATES_DIR
@@ -89,11 +112,10 @@ def write_state(run_dir: Path, iteration: int, files: dict[str, bytes], keep: in
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{state_name(iteration)}-", dir=root))
     write_files(tmp, files, "run-state file", durable=True)
     marker = {"iteration": iteration, "files": {name: _sha256(data) for name, data in sorted(files.items())}}
-    (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-    _fsync_dir(tmp)
+    write_files(tmp, {MARKER: (json.dumps(marker, indent=1) + "\n").encode()}, "marker", durable=True)
     final = root / state_name(iteration)
     replace_dir(tmp, final)  # (the same iteration is written again at a resumed run's end)
-    _fsync_dir(root)
+    fsync_dir(root)
     prune_states(root, keep)
     return final
 
@@ -109,6 +131,8 @@ def prune_states(root: Path, keep: int) -> None:
 def complete_states(run_dir: Path) -> list[Path]:
     """Run-state folders that carry their completion marker, oldest first (their files are checked on reading)."""
     root = run_dir / STATES_DIR
+    if root.is_dir():
+        restore_interrupted(root)  # a state being rewritten when the driver died is the old one again
     found = [p for p in root.glob(f"{STATE_PREFIX}*") if p.is_dir() and (p / MARKER).is_file()] if root.is_dir() else []
     return sorted(found, key=lambda p: p.name)
 
@@ -263,6 +287,7 @@ def open_resume(path: str, overrides: list[str], mode: Optional[str]) -> tuple[R
         raise ConfigError(f"--resume {path}: the run has finished (summary.json); nothing to continue. To train "
                           f"further, start a new run with init_from={run_dir / 'checkpoint'}.")
     check_resume_overrides(overrides)
+    hold_run_dir(run_dir)  # before reading its state: another driver may be writing it
     try:
         info = json.loads((run_dir / RUN_FILE).read_text())
         saved_mode, run_id, uri = info["mode"], info["mlflow_run_id"], info["mlflow_tracking_uri"]

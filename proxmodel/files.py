@@ -25,10 +25,21 @@ def replace_dir(new: Path, directory: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def restore_interrupted(parent: Path) -> None:
+    """Undo a replace_dir killed between its two renames: an `.old-NAME-PID` folder whose NAME is missing goes back
+    to NAME (the new copy, never swapped in, stays a leftover its writer's next cleanup removes)."""
+    for old in Path(parent).glob(".old-*"):
+        name = old.name.removeprefix(".old-").rpartition("-")[0]
+        if name and not (old.parent / name).exists():
+            os.replace(old, old.parent / name)
+
+
 def write_files(root: Path, files: dict[str, bytes], what: str, durable: bool = False) -> None:
     """Write `files` (relative path -> bytes: a packed checkpoint, a run state) under `root`, refusing a name that
-    would land outside it (`what` names the entries in the error); `durable`: fsync each file before returning."""
+    would land outside it (`what` names the entries in the error); `durable`: fsync each file, and each folder
+    holding one (a new file's name lives in its folder), before returning."""
     base = Path(root).resolve()
+    folders = set()
     for name, data in files.items():
         path = base / name
         if base not in path.resolve().parents:
@@ -39,3 +50,16 @@ def write_files(root: Path, files: dict[str, bytes], what: str, durable: bool = 
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
+        folders.update(p for p in path.parents if p == base or base in p.parents)
+    if durable:
+        for folder in folders:
+            fsync_dir(folder)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the names in folder `path` durable (after a power loss a file fsynced alone may have no name)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -152,6 +152,27 @@ def test_a_state_is_read_only_when_complete_and_intact(tmp_path, monkeypatch):
             write_state(tmp_path, 5, {"run.json": b"{}"}, keep=2)
     assert latest_state(tmp_path, warn=warnings.append)[0].name == state_name(2)
 
+    # Killed between replace_dir's two renames while the same iteration was written again (a resumed run's end):
+    # the old copy is out of the way and the new one not yet in. The old one is found again, and kept by pruning.
+    calls = []
+
+    def second_fails(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise Boom
+        real_replace(src, dst)
+
+    real_replace = os.replace
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", second_fails)
+        with pytest.raises(Boom):
+            write_state(tmp_path, 2, {"run.json": b"{}"}, keep=2)
+    assert not (tmp_path / "resume" / state_name(2)).exists()
+    path, files = latest_state(tmp_path, warn=warnings.append)
+    assert path.name == state_name(2) and files["a/b.bin"] == b"\x02" * 10
+    write_state(tmp_path, 3, {"run.json": b"{}"}, keep=2)
+    assert [p.name for p in complete_states(tmp_path)] == [state_name(2), state_name(3)]
+
 
 def test_best_folders_of_an_abandoned_tail_are_pruned_and_those_a_state_refers_to_kept(tmp_path):
     """Evaluations at 5 and 15 each exported a best; the run state at 10 refers to step 5's. Resumed from it (the
@@ -203,3 +224,39 @@ def test_state_and_checkpoint_files_are_never_written_outside_their_folder(tmp_p
     with pytest.raises(ValueError, match="points outside its folder"):
         load_engine_files(None, {name: b"x"})  # refused before the engine is touched
     assert not (tmp_path / "run" / "escaped").exists() and not os.path.exists("/tmp/proxrl-escaped-absolute")
+
+
+def test_a_run_dir_in_use_by_another_driver_is_refused_and_left_as_it_is(tmp_path, capsys):
+    """--resume started twice, or a new run on a folder a live run uses: the second driver would prune the first's
+    half-written run states and overwrite its config. It stops (exit 2) naming the holder; once the holder is gone
+    (killed: the kernel drops its lock) the folder is free again."""
+    import subprocess
+    import sys
+
+    from learner.main import main
+    from tests.cli import ROOT, SMOKE
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text("{}")
+    (run_dir / "config.yaml").write_text("the first run's config\n")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from learner.resume import hold_run_dir; "
+         f"hold_run_dir(Path({str(run_dir)!r})); print('held', flush=True); time.sleep(120)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["--resume", str(run_dir)]) == 2
+        assert f"in use by another ProxRL process (pid {holder.pid})" in capsys.readouterr().err
+        assert main(["--mode", "pretrain", "--config", str(SMOKE), f"run_dir={run_dir}"]) == 2
+        assert "holds a run that has not finished" in capsys.readouterr().err  # (run.json: refused before the lock)
+        (run_dir / "run.json").unlink()  # a new run's folder, not yet started, that another driver holds
+        assert main(["--mode", "pretrain", "--config", str(SMOKE), f"run_dir={run_dir}"]) == 2
+        assert "in use by another ProxRL process" in capsys.readouterr().err
+        assert (run_dir / "config.yaml").read_text() == "the first run's config\n"
+    finally:
+        holder.kill()
+        holder.wait()
+    (run_dir / "run.json").write_text("{}")
+    assert main(["--resume", str(run_dir)]) == 2  # past the lock now: the fake run.json is what it refuses
+    assert "in use" not in capsys.readouterr().err
