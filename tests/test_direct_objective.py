@@ -156,6 +156,18 @@ def test_the_kl_is_zero_at_the_reference_and_grows_as_the_policy_moves(model, ti
     loss, moved = direct_loss(model, tiny_model, policy, tokens, states, CAPTIONS, reward, STEPS, kl_coef=1.0)
     assert float(at_start["kl"]) == 0.0 and float(moved["kl"]) > 0.0
     assert float(loss.detach()) == pytest.approx(-float(moved["direct_reward"]) + float(moved["kl"]), rel=1e-5)
+    # Its value, by hand: the step at k (making y_{k-1}) has variance eta^2 gamma_{k-1}; the final x_0 the last
+    # stochastic step's, eta^2 gamma_1 (an index off by one, or one variance for all, scales the terms apart).
+    eta = 0.7
+    policy = Policy.of(model, STEPS, eta=eta)
+    _, moved = direct_loss(model, tiny_model, policy, tokens, states, CAPTIONS, reward, STEPS, kl_coef=1.0)
+    with torch.no_grad():
+        x0, means = replay(model, policy, tokens, states, STEPS)
+        ref_x0, ref_means = replay(tiny_model, policy, tokens, states, STEPS)
+    gammas = [policy.grid.gamma_at(k - 1) for k in range(STEPS, 1, -1)] + [policy.grid.gamma_at(1)]
+    terms = [((m - r) ** 2).flatten(1).mean(1).mean() / (2 * eta**2 * g)
+             for m, r, g in zip(means + [x0], ref_means + [ref_x0], gammas)]
+    assert float(moved["kl"]) == pytest.approx(float(torch.stack(terms).mean()), rel=1e-4)
 
 
 def test_a_trajectory_with_a_nonfinite_state_is_left_out_before_the_network_sees_it(model):

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -52,6 +53,12 @@ def test_prox_parameterisation_and_loss_schedule():
     # Proximal matching is bounded in [0, 1) and zero only at a perfect match.
     assert float(proximal_matching_loss(xi, xi, 0.5)) == 0.0
     assert 0.0 < float(proximal_matching_loss(xi + 10, xi, 0.5)) <= 1.0
+    # Its value: 1 - exp(-mean squared error / zeta^2) per sample, then the batch mean (a zeta not squared, or a sum
+    # over dimensions, changes the effective zeta of the schedule's zeta0 / 2 stage).
+    assert float(proximal_matching_loss(xi + 0.5, xi, 0.5)) == pytest.approx(1 - math.exp(-1.0), rel=1e-6)
+    pred, target = torch.zeros(2, 1, 2, 2), torch.tensor([[0.2, 0.4, 0.0, 0.0], [0.3, 0.3, 0.3, 0.3]]).view(2, 1, 2, 2)
+    per_sample = [1 - math.exp(-(0.04 + 0.16) / 4 / 0.09), 1 - math.exp(-0.09 / 0.09)]
+    assert float(proximal_matching_loss(pred, target, 0.3)) == pytest.approx(sum(per_sample) / 2, rel=1e-6)
 
 
 def test_the_conditional_target_keeps_the_regression_and_drops_the_noise_split():

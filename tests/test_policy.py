@@ -24,11 +24,12 @@ def shape_of(model):
     return (G, cfg.channels, cfg.image_size, cfg.image_size)
 
 
-@pytest.mark.parametrize("guidance,block", [(1.0, 1), (2.5, 1), (1.0, 4)])
-def test_recorded_log_probs_equal_the_learners_recomputation(model, guidance, block):
+@pytest.mark.parametrize("guidance,block,eta", [(1.0, 1, 1.0), (2.5, 1, 1.0), (1.0, 4, 1.0), (1.0, 1, 0.6)])
+def test_recorded_log_probs_equal_the_learners_recomputation(model, guidance, block, eta):
     """Rollout (no grad, context) and learner (grad, tokens) agree bit for bit: the on-policy ratio is exactly 1,
-    with the log-probs of block means (grpo.credit_block) too."""
-    policy = Policy.of(model, STEPS, guidance=guidance, credit_block=block)
+    with the log-probs of block means (grpo.credit_block) too; the variance the KL uses is the sampler's, eta^2
+    gamma_{k-1} for the prox (at eta = 0.6: a variance without eta, or with eta not squared, scales the KL)."""
+    policy = Policy.of(model, STEPS, guidance=guidance, credit_block=block, eta=eta)
     tokens = model.tokenize(["a red circle", "a blue square", ""])
     traj = policy.sample(model, {"context": model.encode_text(tokens)}, shape_of(model), torch.Generator().manual_seed(0))
     assert traj.states.shape == (G, STEPS, *shape_of(model)[1:]) and traj.log_probs.shape == (G, STEPS - 1)
@@ -41,6 +42,8 @@ def test_recorded_log_probs_equal_the_learners_recomputation(model, guidance, bl
             # the variance it reports is the one its log-prob uses, so the closed-form KL is consistent
             expected = gaussian_log_prob(traj.states[:, j + 1], step.mean.detach(), step.var, block)
             assert torch.allclose(step.log_prob.detach(), expected, atol=1e-6)
+            if model.cfg.kind == "prox":
+                assert step.var == pytest.approx(eta**2 * policy.grid.gamma_at(STEPS - j - 1), rel=1e-9)
     finally:
         model.eval()
 
@@ -126,6 +129,10 @@ def test_the_flow_steps_drift_is_zero_at_the_reference_and_grows_with_the_networ
             assert torch.equal(policy.flow_drift(model, model, {"tokens": tokens}, traj.states, j), torch.zeros(G))
         drift = policy.flow_drift(moved, model, {"tokens": tokens}, traj.states, j)
         assert drift.shape == (G,) and bool((drift > 0).all()) and drift.requires_grad
+        with torch.no_grad():  # its scale: the trained step's KL there, squared gap over 2 eta^2 gamma_{N-j-1}
+            gap = policy.flow_step(moved, {"tokens": tokens}, traj.states, j) - traj.states[:, j + 1]
+        by_hand = (gap**2).flatten(1).mean(1) / (2 * policy.grid.gamma_at(steps - j - 1))
+        assert torch.allclose(drift.detach(), by_hand, rtol=1e-4, atol=1e-7), f"transition {j}"
     with pytest.raises(IndexError, match="not a probability-flow step"):
         policy.flow_step(model, {"tokens": tokens}, traj.states, 0)
     with pytest.raises(IndexError, match="not a probability-flow step"):

@@ -59,6 +59,21 @@ def test_backward_training_pairs_are_exactly_what_the_backward_sampler_queries()
     assert drawn == queried  # every drawn pair is a query of some sampler, and every query is trained
 
 
+def test_flow_training_pairs_are_exactly_what_the_hybrid_and_flow_samplers_query():
+    """The default pretraining variants [hybrid, flow]: the flow sampler (and GRPO's probability-flow steps after
+    stochastic_steps) asks for lam = gamma / 2, which must be drawn, and nothing else."""
+    from proxmodel.sampler import half_step
+
+    sched = VPSchedule()
+    t, lam = sample_train_pairs(sched, [5, 10], 4000, torch.Generator().manual_seed(0), ("hybrid", "flow"))
+    queried = torch.tensor([(g.t_at(k - 1), half_step(g, k, v).lam) for n in (5, 10) for v in ("hybrid", "flow")
+                            for g in [sched.grid(n)] for k in range(1, n + 1)], dtype=torch.float64)
+    drawn = torch.stack([t, lam], dim=1).double().unique(dim=0)
+    close = ((drawn[:, None, :] - queried[None, :, :]).abs() <= 1e-6 * (1 + queried.abs())).all(dim=-1)
+    assert bool(close.any(dim=1).all()), drawn[~close.any(dim=1)]  # every drawn pair is a sampler's query
+    assert bool(close.any(dim=0).all()), queried[~close.any(dim=0)]  # and every query is trained
+
+
 def test_a_grid_stitched_from_trained_grids_queries_only_trained_pairs():
     """grid_at: coarse steps where nothing is decided (benchmarks/calibration.py --grids) ask the prox only the
     (t, lam) pairs pretraining draws for step_candidates [5, 10]; its gammas are the integrals over its own steps."""
