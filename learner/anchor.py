@@ -18,7 +18,7 @@ import torch
 
 from learner.config import RunConfig
 from learner.data import build_source, drop_captions
-from proxmodel.losses import make_score_pairs, make_training_pairs, mse_loss, proximal_matching_loss
+from proxmodel.losses import in_loss_space, make_score_pairs, make_training_pairs, mse_loss, proximal_matching_loss
 from proxmodel.model import ProxT2I
 from proxmodel.schedule import VPSchedule
 
@@ -38,6 +38,7 @@ class DataAnchor:
         self.variants = tuple(mc.trained_variants or cfg.pretrain.prox_variants)
         self.schedule = VPSchedule()
         self.target = cfg.pretrain.target  # pretraining's eps target
+        self.loss_space = cfg.pretrain.loss_space  # and where its loss measures the error
 
     def loss(self, engine, model: ProxT2I, step: int, generator: torch.Generator,
              device: torch.device) -> torch.Tensor:
@@ -48,7 +49,12 @@ class DataAnchor:
         tokens = model.tokenize(drop_captions(captions, self.dropout, generator), device)
         if model.cfg.kind == "score":
             y, t, xi = make_score_pairs(x0, self.schedule, self.t_min, generator)
-            return self.weight * mse_loss(engine(y, t, torch.zeros_like(t), tokens=tokens), xi)
-        y, t, lam, xi = make_training_pairs(x0, self.schedule, self.steps, generator, self.variants,
-                                            target=self.target)
-        return self.weight * proximal_matching_loss(engine(y, t, lam, tokens=tokens), xi, self.zeta)
+            lam = torch.zeros_like(t)
+        else:
+            y, t, lam, xi = make_training_pairs(x0, self.schedule, self.steps, generator, self.variants,
+                                                target=self.target)
+        eps, xi = in_loss_space(engine(y, t, lam, tokens=tokens), xi, t, lam, model.cfg.kind, self.schedule,
+                                self.loss_space)
+        if model.cfg.kind == "score":
+            return self.weight * mse_loss(eps, xi)
+        return self.weight * proximal_matching_loss(eps, xi, self.zeta)

@@ -28,8 +28,7 @@ from learner.resume import (
 from learner.progress import steady_range
 from learner.signals import STOP
 from learner.tracking import Tracker
-from proxmodel.losses import (LossSchedule, make_score_pairs, make_training_pairs, mse_loss, score_x0_loss_scale,
-                              x0_loss_scale)
+from proxmodel.losses import LossSchedule, in_loss_space, make_score_pairs, make_training_pairs, mse_loss
 from proxmodel.config import ModelConfig
 from proxmodel.checkpoint import write_card
 from proxmodel.model import ProxT2I, load_model, save_state
@@ -56,9 +55,9 @@ def record_training(model: ProxT2I, source, cfg: RunConfig) -> ModelConfig:
                       trained_target=pc.target)
         if mc.prox_param == "precond" and mc.sigma_data is None:
             images, _ = source.batch(cfg.data.cursor, SIGMA_DATA_SAMPLES)
-            device = next(model.parameters()).device
-            with torch.no_grad():  # in chunks, where the model is: a VAE on all 512 at once needs ~100 GB
-                parts = [model.encode_images(images[i:i + 32].to(device)).double().pow(2)
+            # On the device training will use (the model is still on the CPU here; the VAE follows its input),
+            with torch.no_grad():  # in chunks: a VAE on all 512 at once needs ~100 GB
+                parts = [model.encode_images(images[i:i + 32].to(device())).double().pow(2)
                          for i in range(0, len(images), 32)]
             squares = sum(float(part.sum()) for part in parts) / sum(part.numel() for part in parts)
             update["sigma_data"] = round(squares ** 0.5, 4)
@@ -165,11 +164,8 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
             else:
                 y, t, lam, xi = make_training_pairs(x0, schedule, pc.step_candidates, gen, tuple(pc.prox_variants),
                                                     tie=2 if pc.mirror_pairs else 1, target=pc.target)
-            eps = engine(y, t, lam, tokens=model.tokenize(captions, dev))
-            if pc.loss_space == "x0":
-                scale = x0_loss_scale(t, lam, schedule) if mc.kind == "prox" else score_x0_loss_scale(t, schedule)
-                scale = scale.view(-1, *([1] * (eps.dim() - 1)))
-                eps, xi = eps * scale, xi * scale
+            eps, xi = in_loss_space(engine(y, t, lam, tokens=model.tokenize(captions, dev)), xi, t, lam, mc.kind,
+                                    schedule, pc.loss_space)
             loss = mse_loss(eps, xi) if mc.kind == "score" else losses.loss(step, eps, xi)
             train_step(engine, loss)
             applied = engine.was_step_applied()  # False: a non-finite loss or gradient, the step skipped

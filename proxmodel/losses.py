@@ -113,6 +113,17 @@ def score_x0_loss_scale(t: torch.Tensor, schedule: VPSchedule) -> torch.Tensor:
     return 1.0 / k.clamp(max=1.0)
 
 
+def in_loss_space(eps: torch.Tensor, xi: torch.Tensor, t: torch.Tensor, lam: torch.Tensor, kind: str,
+                  schedule: VPSchedule, space: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prediction, target) where pretrain.loss_space measures them: as they are (eps), or each pair's scaled by
+    its x0_loss_scale (score_x0_loss_scale for kind score) so the residual is the implied clean image's error."""
+    if space == "eps":
+        return eps, xi
+    scale = x0_loss_scale(t, lam, schedule) if kind == "prox" else score_x0_loss_scale(t, schedule)
+    scale = scale.view(-1, *([1] * (eps.dim() - 1)))
+    return eps * scale, xi * scale
+
+
 def make_score_pairs(
     x0: torch.Tensor, schedule: VPSchedule, t_min: float, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -590,3 +590,30 @@ def test_a_learner_restored_from_its_state_trains_the_next_batch_as_if_never_sto
     restored.train(1, len(PROMPTS))
     expected, got = straight.publish()[0], restored.publish()[0]
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+@pytest.mark.parametrize("space", ["eps", "x0"])
+def test_the_data_anchor_is_pretrainings_loss_in_its_loss_space(tiny_model, space):
+    """The anchor claims to be pretraining's last stage: with pretrain.loss_space x0 that is proximal matching on the
+    x0-scaled residuals, which differs (proximal matching is not quadratic) from the eps-space value it gave."""
+    from learner.anchor import DataAnchor
+    from learner.config import load_config
+    from learner.data import drop_captions
+    from proxmodel.losses import make_training_pairs, proximal_matching_loss, x0_loss_scale
+    from proxmodel.schedule import VPSchedule
+    from tests.cli import SMOKE
+
+    cfg = load_config(SMOKE, ["grpo.data_anchor=0.5", f"pretrain.loss_space={space}"])
+    model = tiny_model.eval()
+    anchor = DataAnchor(cfg, model)
+    with torch.no_grad():
+        got = anchor.loss(model, model, 3, torch.Generator().manual_seed(7), torch.device("cpu"))
+        gen = torch.Generator().manual_seed(7)  # by hand: step 3's batch, the same draws in the same order
+        images, captions = anchor.source.batch(cfg.data.cursor + 3 * anchor.batch, anchor.batch)
+        tokens = model.tokenize(drop_captions(captions, cfg.pretrain.cfg_dropout, gen))
+        y, t, lam, xi = make_training_pairs(model.encode_images(images), VPSchedule(), anchor.steps, gen,
+                                            anchor.variants, target=cfg.pretrain.target)
+        eps = model(y, t, lam, tokens=tokens)
+        scale = x0_loss_scale(t, lam, VPSchedule()).view(-1, 1, 1, 1) if space == "x0" else 1.0
+        expected = 0.5 * proximal_matching_loss(eps * scale, xi * scale, cfg.pretrain.zeta0 / 2)
+    assert float(got) == pytest.approx(float(expected), rel=1e-5)
