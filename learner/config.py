@@ -211,7 +211,8 @@ class GrpoConfig(Strict):
     )
     data_anchor: float = Field(
         0.0, ge=0, description="weight of the pretraining loss on training data (data.*; proximal matching at "
-        "pretrain.zeta0 / 2, pretraining's last stage) added to every optimiser step: a restoring force toward the "
+        "pretrain.zeta0 / 2 in pretrain.loss_space, pretraining's last stage) added to every optimiser step: a "
+        "restoring force toward the "
         "pretrained operator that the reward gradient lacks (PPO-ptx; learner/anchor.py); 0 = off",
     )
     data_anchor_batch: int = Field(16, ge=1, description="training images per optimiser step of the data anchor")
@@ -242,7 +243,8 @@ class GrpoConfig(Strict):
     recompute: Literal["batch", "group"] = Field(
         "batch", description="how the learner re-scores a transition: batch = one network call over all of a rank's "
         "groups (1.28x faster on 2 CPU cores, benchmarks/throughput.py; the first ratio then differs from 1 by "
-        "kernel rounding only, <= 4e-7 measured, bounded in tests/test_learner.py); group = group by group in the "
+        "kernel rounding only: <= 4e-7 in fp32, bounded in tests/test_learner.py, but up to ~1e-3 in bf16 at "
+        "guidance 4 when the shapes pick other kernels, so bf16 GPU runs use group); group = group by group in the "
         "rollout's batch shapes, so the first ratio is exactly 1 (except under ZeRO-3 when the ranks hold unequal "
         "numbers of groups: then merged, as every rank must make the same number of calls)",
     )
@@ -424,6 +426,12 @@ class GrpoConfig(Strict):
                              "needs each group's advantages centred on the group (docs/forward_objective.md: with "
                              "no signal, no move), which only group normalisation gives; a running or global "
                              "statistic pulls the model toward its own samples. Use grpo.advantage_std=group.")
+        if self.objective == "forward" and 0 < self.adv_clip < (self.group_size - 1) ** 0.5:
+            raise ValueError(f"grpo.objective=forward with grpo.adv_clip={self.adv_clip} below sqrt(group_size - 1) = "
+                             f"{(self.group_size - 1) ** 0.5:.2f}: a group with one success has that advantage, and "
+                             "clipped, the group's advantages no longer sum to 0, so the split loss pulls toward its "
+                             "own samples (docs/forward_objective.md). Raise grpo.adv_clip (or 0: no bound) or lower "
+                             "grpo.group_size.")
         if self.train_modules and self.train_text:
             raise ValueError("grpo.train_modules trains the named U-Net modules only; grpo.train_text would train the "
                              "text encoder beside them. Set grpo.train_text: false (or grpo.train_modules: null).")
@@ -837,7 +845,7 @@ def _explain(error: ValidationError, path: Path) -> str:
             valid = [f"{parent}.{k}" if parent else k for k in (owner.model_fields if owner is not None else [])]
             lines.append(f"unknown config key '{key}'{did_you_mean(key, valid)}: no such setting exists.")
         elif err["type"] == "value_error":  # our validators' messages name the key, the value and the rule
-            lines.append(_one_line(err["ctx"]["error"]) + ".")
+            lines.append(_one_line(err["ctx"]["error"]).rstrip(".") + ".")
         elif err["type"] == "list_type" and field is not None and _section_of(field.annotation) is not None:
             keys = ", ".join(_section_of(field.annotation).model_fields)
             lines.append(f"'{key}' is a list of mappings with the keys {keys}, e.g. {key}=[{{name: compositional}}].")

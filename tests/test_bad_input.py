@@ -158,6 +158,8 @@ def test_bad_command_lines_and_config_files(box, capsys, argv, fragment):
     ([*GRPO, "grpo.lora.rank=2", "grpo.lora.targets=[to_qq]"], "grpo.lora.targets: ['to_qq'] name no module"),
     ([*GRPO, "grpo.objective=forward", "grpo.max_staleness=1"],
      "grpo.objective=forward with grpo.max_staleness=1: the split loss is centred on the weights that drew the batch"),
+    ([*GRPO, "grpo.objective=forward", "grpo.group_size=32"],
+     "grpo.objective=forward with grpo.adv_clip=5.0 below sqrt(group_size - 1) = 5.57"),
     ([*GRPO, "grpo.objective=forward", "grpo.advantage_std=prompt"],
      "grpo.objective=forward with grpo.advantage_std=prompt: the split loss needs each group's advantages centred"),
     ([*GRPO, "grpo.check_rewards=[hpsv2]"], "grpo.check_rewards[0]='hpsv2' is built by its name alone, without "
