@@ -11,7 +11,9 @@ own overflow check under ZeRO 1-3, by `AdamWSkipNonFinite` without ZeRO. Either 
 
 from __future__ import annotations
 
+import datetime
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -28,7 +30,10 @@ import torch.distributed as dist  # noqa: E402
 
 
 def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    """The device DeepSpeed's accelerator trains on (DS_ACCELERATOR=cpu on a GPU node means the CPU)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
 
 
 def prepare_ops() -> None:
@@ -56,18 +61,30 @@ def prepare_ops() -> None:
 def init_distributed(rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1", master_port: Optional[int] = None) -> None:
     """Join (or create) the process group; a no-op if this process already has one.
 
-    LOCAL_RANK is 0: under Ray each rank is an actor that sees only the GPU(s) Ray gave it, as cuda:0.
+    LOCAL_RANK is 0: under Ray each rank is an actor that sees only the GPU(s) Ray gave it, as cuda:0. The
+    rendezvous store listens on master_addr only (torch's own TCPStore listens on every interface, unauthenticated,
+    whatever MASTER_ADDR says), and DeepSpeed adopts the group.
     """
     if dist.is_available() and dist.is_initialized():
         return
-    os.environ.update(
-        MASTER_ADDR=master_addr,
-        MASTER_PORT=str(master_port or free_port()),
-        RANK=str(rank),
-        LOCAL_RANK="0",
-        WORLD_SIZE=str(world_size),
-    )
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    port = master_port or free_port(master_addr)
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK="0",
+                      WORLD_SIZE=str(world_size))
+    from deepspeed.accelerator import get_accelerator  # its backend: nccl on CUDA, gloo (or oneCCL) on the CPU
+
+    backend = get_accelerator().communication_backend_name()
+    timeout = datetime.timedelta(minutes=30)  # DeepSpeed's own default for the group
+    if rank == 0:
+        family = socket.AF_INET6 if ":" in master_addr else socket.AF_INET
+        _listening.append(socket.create_server((master_addr, port), family=family, backlog=max(128, world_size)))
+        store = dist.TCPStore(master_addr, port, world_size, True, timeout, master_listen_fd=_listening[-1].fileno())
+    else:
+        store = dist.TCPStore(master_addr, port, world_size, False, timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+_listening: list[socket.socket] = []  # rank 0's store socket, open for the process's life (the store uses its fd)
 
 
 class AdamWSkipNonFinite(torch.optim.AdamW):
@@ -141,11 +158,17 @@ def build_engine(
     return engine
 
 
-def full_state_dict(engine) -> dict[str, torch.Tensor]:
+def full_state_dict(engine, keep: bool = True) -> Optional[dict[str, torch.Tensor]]:
     """The full weights as the module holds them, as fp32 on CPU, gathered once from ZeRO-3 shards if need be. Under
-    deepspeed.bf16 they are the bf16-rounded weights the rollouts sample with, not the optimizer's fp32 master copy."""
+    deepspeed.bf16 they are the bf16-rounded weights the rollouts sample with, not the optimizer's fp32 master copy.
+    keep=False: take part in the gather (every rank must) but copy nothing and return None (ranks whose copy no one
+    reads: each copy is the whole model in host memory and, returned from a Ray actor, in the object store)."""
     module = engine.module
+
+    def copy():
+        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()} if keep else None
+
     if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+            return copy()
+    return copy()

@@ -399,11 +399,16 @@ class GrpoLearner(Threaded):
         """The device this rank trains on (summary.json's `devices`)."""
         return str(self.device)
 
-    def publish(self) -> tuple[dict[str, torch.Tensor], int]:
+    def publish(self) -> tuple[Optional[dict[str, torch.Tensor]], int]:
         """The sampling policy's fp32 weights on the CPU (the EMA if there is one; only the adapters with LoRA), and
-        the version (every rank must call it: ZeRO-3 gathers collectively)."""
+        the version. Every rank must call it (ZeRO-3 gathers collectively); only rank 0's weights are read, so the
+        others return None instead of another copy of the model."""
         from learner.engine import full_state_dict
 
+        if self.rank != 0:
+            if self.ema is None:
+                full_state_dict(self.engine, keep=False)  # the ZeRO-3 gather needs every rank
+            return None, self.version
         if self.ema is not None:
             state = {k: v.detach().cpu().clone() for k, v in self.ema.module.state_dict().items()}
         else:

@@ -37,3 +37,20 @@ def test_an_unreadable_range_falls_back_to_linux_default(monkeypatch, tmp_path, 
     bad.write_text(text)
     monkeypatch.setattr(net, "EPHEMERAL_RANGE_FILE", bad)
     assert net.ephemeral_range() == (32768, 60999)
+
+
+def test_the_learners_rendezvous_listens_on_its_address_only():
+    """torch's TCPStore listens on every interface (::), unauthenticated, whatever MASTER_ADDR says: a learner
+    rank's store must listen on the address it was given and nowhere else (and the group must still work)."""
+    import subprocess
+    import sys
+
+    from tests.cli import ROOT
+
+    probe = ("import psutil, torch, torch.distributed as dist; from learner.engine import init_distributed; "
+             "init_distributed(0, 1, '127.0.0.1'); t = torch.ones(1); dist.all_reduce(t); "
+             "print(sorted({c.laddr.ip for c in psutil.Process().net_connections('inet') if c.status == 'LISTEN'}), "
+             "float(t))")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "['127.0.0.1'] 1.0"
