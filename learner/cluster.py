@@ -18,6 +18,10 @@ from proxmodel.env import OFFLINE_ENV
 
 # Environment every actor needs: offline hubs, no telemetry, CPU DeepSpeed where there is no GPU.
 ACTOR_ENV_KEYS = (*OFFLINE_ENV, "DS_ACCELERATOR")
+# Ray >= 2.49 leaves CUDA_VISIBLE_DEVICES alone for an actor given no GPU (ray-project/ray#54868), so on a GPU node a
+# CPU learner rank or reward actor would see every GPU and use cuda:0, one Ray gave to another actor; this restores
+# the empty list, so an actor computes on what Ray gave it (tests/test_devices.py).
+HIDE_UNASSIGNED_GPUS = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
 Bundle = dict[str, float]
 
 
@@ -26,7 +30,7 @@ def start_ray(cfg: RunConfig):
     import ray
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    env = {k: os.environ[k] for k in ACTOR_ENV_KEYS if k in os.environ}
+    env = {**{k: os.environ[k] for k in ACTOR_ENV_KEYS if k in os.environ}, **HIDE_UNASSIGNED_GPUS}
     if address:
         try:
             ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)

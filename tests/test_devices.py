@@ -125,3 +125,24 @@ def test_evaluation_runs_on_the_models_device(tiny_model_config, kind):
     assert set(scores) == set(det) == {"compositional"}
     assert set(monitors) == {"diversity", "saturation", "kl_ref", "kl_ref_per_transition"}
     assert audit.network_devices() == {"meta"}
+
+
+def test_an_actor_given_no_gpu_sees_none():
+    """Ray >= 2.49 leaves CUDA_VISIBLE_DEVICES unset for an actor with num_gpus=0, so on a GPU node a CPU learner
+    rank or reward actor would see every GPU and take cuda:0 (another actor's). The runs' Ray restores the empty
+    list (on this CPU machine the variable is the evidence: unset without the setting, empty with it)."""
+    from learner.cluster import start_ray
+    from learner.config import load_config
+    from tests.cli import SMOKE
+
+    ray_, started = start_ray(load_config(SMOKE))
+    try:
+        @ray_.remote(num_cpus=0.1, num_gpus=0)
+        class Probe:
+            def visible(self):
+                return os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.is_available()
+
+        assert ray_.get(Probe.remote().visible.remote()) == ("", False)
+    finally:
+        if started:
+            ray_.shutdown()
