@@ -8,7 +8,7 @@ The interval is Hesterberg's expanded percentile interval (The American Statisti
 percentile interval is too narrow with few prompts (its spread is the plug-in one, and it has normal rather than
 Student-t tails), covering 0.79 of the time at 4 prompts and 0.87 at 8 where it says 0.95; the expanded one takes
 the bootstrap quantiles at the level that widens it by sqrt(n / (n - 1)) t_{n-1} / z, covering 0.87 and 0.94 there
-(tests/test_bootstrap.py), and changes nothing measurable at GRPO's 128 prompts (1.5% wider). By hand (numpy, a few
+(tests/test_bootstrap.py), and changes nothing measurable at GRPO's 128 prompts (1.4% wider). By hand (numpy, a few
 lines) because scipy.stats.bootstrap has no expanded interval and cannot share one resampling between statistics.
 """
 
