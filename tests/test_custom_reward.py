@@ -1,4 +1,5 @@
-"""A reward from an installed package (entry point group proxrl.rewards), used without editing the repository."""
+"""A reward from an installed package (entry point group proxrl.rewards), used without editing the repository; and
+one whose NaN drops a whole iteration, for the driver's schedule."""
 
 import json
 import os
@@ -75,3 +76,48 @@ def test_a_bad_plugin_or_option_stops_the_run_at_start_naming_it(checkpoint, tmp
     proc = sample(tmp_path, install(tmp_path / "site", entry), checkpoint, rewards)
     assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+NAN_FOR = '''
+import torch
+from rewards.base import RewardModel
+
+MARKED = {marked!r}
+
+
+class NanFor(RewardModel):
+    """Brightness, and NaN for the marked captions (as a reward that overflowed on them would give)."""
+
+    def score(self, images, prompts):
+        nan = torch.tensor([p in MARKED for p in prompts])
+        return images.float().mean(dim=(1, 2, 3)).masked_fill(nan, float("nan"))
+'''
+
+
+@pytest.mark.slow
+def test_the_scheduled_evaluation_runs_after_an_iteration_whose_groups_were_all_dropped(pretrained, tmp_path):
+    """Iteration 1's every group scores NaN (a reward plugin, in the reward actors, marks its captions), so it
+    trains nothing; the held-out evaluation due after it (eval_every 2) must still run. The driver skipped it when
+    an iteration wrote no group."""
+    from learner.config import load_config
+    from learner.prompts import prompt_source
+    from rewards.scenes import scene_prompts
+    from tests.cli import SMOKE, metrics_by_step, summary_of
+
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(scene_prompts(5, 0, 40)) + "\n")
+    overrides = [f"grpo.prompt_file={prompt_file}", "grpo.iterations=3", "grpo.eval_every=2"]
+    cfg = load_config(SMOKE, overrides)  # (the plugin is not installed in this process)
+    n = cfg.grpo.prompts_per_iteration
+    marked = prompt_source(cfg).train(n, n)  # iteration 1's captions
+    overrides.append("rewards=[{name: nanfor}]")
+    site = tmp_path / "site"
+    env = install(site, "nanfor = nanplug:NanFor")
+    (site / "nanplug.py").write_text(NAN_FOR.format(marked=set(marked)))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_cli("--mode", "grpo", "--config", str(SMOKE), *overrides, f"init_from={pretrained['checkpoint']}",
+                   f"run_dir={tmp_path / 'run'}", f"mlflow.tracking_uri={uri}", env=env)
+    summary = summary_of(proc)
+    assert summary["groups_dropped"] == n and summary["iterations"] == 3
+    steps = metrics_by_step(uri, summary["mlflow_run_id"])["eval_reward_total"]
+    assert sorted(steps) == [0, 2, 3]  # the start, the one due after the dropped iteration, the end
