@@ -103,9 +103,10 @@ class AdamWSkipNonFinite(torch.optim.AdamW):
 def train_step(engine, loss: torch.Tensor) -> None:
     """One micro-step: backward and step. A non-finite loss is multiplied by NaN first, so its gradient is NaN
     even where the loss's own gradient would be finite (an inf constant): the optimiser step it belongs to is then
-    skipped on every rank, since the ranks' gradients are averaged before the check."""
-    if not bool(torch.isfinite(loss.detach()).all()):
-        loss = loss * float("nan")
+    skipped on every rank, since the ranks' gradients are averaged before the check. (A multiplier of 1 or NaN,
+    not an `if`: reading the flag on the host would wait for the GPU at every micro-step.)"""
+    finite = torch.isfinite(loss.detach()).all()
+    loss = loss * torch.where(finite, 1.0, float("nan")).to(loss.dtype)
     engine.backward(loss)
     engine.step()
 
