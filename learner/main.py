@@ -123,14 +123,19 @@ def check_weights(model: ModelConfig, init_from: Path | None) -> None:
         )
 
 
-def check_data(cfg: RunConfig, model: ModelConfig) -> None:
-    """Pretraining data opened as the run opens it (folder captions read, shards listed), before anything is written."""
+def check_data(cfg: RunConfig, model: ModelConfig, mode: str) -> None:
+    """Training data opened as the run opens it (folder captions read, shards listed), before anything is written:
+    pretraining's, or GRPO's data anchor's. Pretraining ends by scoring samples of the data's captions with
+    cfg.rewards, so those must read them (a scene verifier on photo captions failed after the whole run)."""
     from learner.data import build_source
 
     try:
-        build_source(cfg.data, model.image_size, model.channels)
+        source = build_source(cfg.data, model.image_size, model.channels)
+        captions = source.eval_prompts(16) if mode == "pretrain" else None
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"{e}") from None
+    if captions is not None:
+        check_prompts_scoreable(cfg, captions, f"data.kind={cfg.data.kind} (the final samples' captions)")
 
 
 def check_rewards(cfg: RunConfig, mode: str) -> None:
@@ -178,7 +183,7 @@ def check_prompts_scoreable(cfg: RunConfig, prompts, source: str) -> None:
             check(prompts)
         except ValueError as e:
             advice = (" and set grpo.check_rewards to [] or to such rewards" if source == "grpo.prompt_file"
-                      else ", or sample.score=false")
+                      else ", or sample.score=false" if source.startswith("sample.") else "")
             raise ConfigError(f"{key}={name!r} cannot score the prompts of {source}: {e}. Use rewards that read any "
                               f"text there (e.g. hpsv2, pickscore, clip_score){advice}, or keep to the scene caption "
                               "grammar.") from None
@@ -262,8 +267,9 @@ def preflight(cfg: RunConfig, mode: str) -> Path | None:
     init_from = resolve_checkpoint(cfg.init_from or (GRPO_DEFAULT_INIT if mode in ("grpo", "sample") else None))
     model = checkpoint_config(init_from) if init_from is not None else cfg.model  # a checkpoint's config wins
     check_model_files(model, init_from)
+    if mode == "pretrain" or (mode == "grpo" and cfg.grpo.data_anchor > 0):
+        check_data(cfg, model, mode)
     if mode == "pretrain":
-        check_data(cfg, model)
         check_loss_space(cfg, model)
     check_sampler(cfg, model, mode)
     check_weights(model, init_from)

@@ -257,6 +257,23 @@ def test_bad_data_folders(box, capsys, case, kind, fragment):
     assert_rejected(*run([*PRETRAIN, f"data.kind={kind}", f"data.path={path}"], capsys), box, fragment)
 
 
+def test_data_captions_the_final_scoring_cannot_read(box, capsys):
+    """Pretraining ends by scoring samples of the data's captions with `rewards` (the smoke config's scene
+    verifier): photo captions failed there, after the whole run, and --resume could not get past it."""
+    path = box / "in" / "photos"
+    path.mkdir()
+    for name in ("cat", "dog", "fox"):
+        write_png(path / f"{name}.png")
+        (path / f"{name}.txt").write_text(f"a photo of a {name} on a sofa")
+    assert_rejected(*run([*PRETRAIN, "data.kind=folder", f"data.path={path}"], capsys), box,
+                    "rewards[0]='compositional' cannot score the prompts of data.kind=folder")
+
+
+def test_grpos_data_anchor_checks_its_data_at_start(box, capsys):
+    assert_rejected(*run([*GRPO, "grpo.data_anchor=0.5", "data.kind=folder", f"data.path={box / 'in' / 'none'}"],
+                         capsys), box, "is not a folder")
+
+
 # --- checkpoints given as init_from ------------------------------------------------------------------------------
 
 def make_checkpoint(root: Path, case: str) -> Path:
