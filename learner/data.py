@@ -195,6 +195,15 @@ def shard_urls(path: str) -> list[str]:
     return urls
 
 
+def open_shards(urls: list[str]):
+    """The samples of `urls` in order, every one of them in every process: the ranks take their own slices through
+    the cursor, so webdataset's own splitting by RANK/WORLD_SIZE (which refuses to run under torch.distributed
+    without one) must stay off."""
+    import webdataset as wds
+
+    return wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
+
+
 class WebDatasetSource:
     """A sequential stream over tar shards: each epoch reads the shards in a seeded order through a seeded
     shuffle buffer. Moving the cursor elsewhere re-reads the stream from its start and skips (without decoding)."""
@@ -208,10 +217,8 @@ class WebDatasetSource:
         self._position = -1  # no stream open yet
 
     def _epoch(self, epoch: int) -> Iterator[dict]:
-        import webdataset as wds
-
         order = [self.urls[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))]
-        return iter(wds.WebDataset(order, shardshuffle=False, empty_check=False).shuffle(
+        return iter(open_shards(order).shuffle(
             self.SHUFFLE_BUFFER, rng=random.Random(f"{self.seed}-{epoch}")))
 
     def _samples(self) -> Iterator[dict]:
@@ -251,20 +258,20 @@ class WebDatasetSource:
         raise ValueError(f"{where} has no caption: add a .txt member (or a .json with a 'caption' field).")
 
     def batch(self, cursor: int, count: int) -> tuple[torch.Tensor, list[str]]:
-        if cursor != self._position:
-            self._stream = self._samples()
-            for _ in itertools.islice(self._stream, cursor):
-                pass
+        if not 0 <= self._position <= cursor:  # behind the stream (a resume, a new run): read it again from its start
+            self._stream, self._position = self._samples(), 0
+        for _ in itertools.islice(self._stream, cursor - self._position):  # ahead: skip, e.g. other ranks' slices
+            pass
         pairs = [self.decode(s) for s in itertools.islice(self._stream, count)]
         self._position = cursor + count
         return torch.stack([p[0] for p in pairs]), [p[1] for p in pairs]
 
     def eval_prompts(self, count: int) -> list[str]:
-        """Captions of the first samples of the first shard (a stream has no held-out split)."""
-        import webdataset as wds
-
-        samples = list(itertools.islice(iter(wds.WebDataset(self.urls[:1], shardshuffle=False, empty_check=False)), count))
-        captions = [self._caption(s, f"sample {s.get('__key__')!r} of shard {self.urls[0]}") for s in samples]
+        """Captions of the first samples of the shards in order (a stream has no held-out split)."""
+        samples = list(itertools.islice(iter(open_shards(self.urls)), count))
+        if not samples:
+            raise ValueError(f"the webdataset shards {self.urls[:3]}... hold no samples.")
+        captions = [self._caption(s, f"sample {s.get('__key__')!r} of shard {s.get('__url__')}") for s in samples]
         return [captions[i % len(captions)] for i in range(count)]
 
 

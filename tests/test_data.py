@@ -150,6 +150,30 @@ def test_webdataset_round_trips_covers_each_epoch_and_resumes(tmp_path):
     assert source.eval_prompts(3) == ["a red card #0", "a green card #1", "a blue card #2"]
 
 
+def test_webdataset_ranks_read_their_own_slices_of_one_stream(tmp_path, monkeypatch):
+    """Two ranks (RANK/WORLD_SIZE set, as under the learner's process group) take alternating slices of the same
+    stream, together what one reader gets, and each reads it once forward: webdataset's own node splitting refused
+    to run there, and every step re-read the stream from its start (quadratic). An empty first shard does not
+    leave the evaluation without captions."""
+    root = write_shards(tmp_path / "shards")
+    cfg = DataConfig(kind="webdataset", path=str(root), seed=1)
+    single = build_source(cfg, 8, 3).batch(0, 24)[1]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    slices = {}
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        source = build_source(cfg, 8, 3)
+        opened = []
+        real = source._samples
+        monkeypatch.setattr(source, "_samples", lambda: opened.append(1) or real())
+        slices[rank] = [c for step in range(3) for c in source.batch((step * 2 + rank) * 4, 4)[1]]
+        assert len(opened) == 1, f"rank {rank} opened the stream {len(opened)} times for 3 steps"
+    assert [c for step in range(3) for r in (0, 1) for c in slices[r][step * 4:(step + 1) * 4]] == single
+    with wds.TarWriter(str(root / "shard-0000-empty.tar")):
+        pass  # sorts first: a valid tar with no member
+    assert build_source(cfg, 8, 3).eval_prompts(2) == ["a red card #0", "a green card #1"]
+
+
 def test_webdataset_caption_from_json_and_clear_errors(tmp_path):
     root = tmp_path / "a"
     root.mkdir()
