@@ -17,6 +17,7 @@ centre-cropped with torchvision.
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -107,7 +108,11 @@ class IndexedSource:
     def index(self, i: int) -> int:
         """Dataset index of stream position i: epoch i // n in the seeded order of that epoch."""
         epoch, pos = divmod(i, len(self.train))
-        return int(self.train[np.random.default_rng([self.seed, 1, epoch]).permutation(len(self.train))[pos]])
+        return int(self.train[self._order(epoch)[pos]])
+
+    @functools.lru_cache(maxsize=2)  # a batch spans at most two epochs; the shuffle of 1M indices costs ~10 ms
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, 1, epoch]).permutation(len(self.train))
 
     def batch(self, cursor: int, count: int) -> tuple[torch.Tensor, list[str]]:
         picks = [self.index(i) for i in range(cursor, cursor + count)]
