@@ -57,11 +57,15 @@ def image_transform(size: int, channels: int) -> Callable[[Image.Image], torch.T
 
 
 def upright_8bit(image: Image.Image) -> Image.Image:
-    """The image as it is shown: its EXIF orientation applied (phone photos are stored sideways), and 16-bit grey
-    scaled to 8 bits (PIL's convert clips it to white)."""
+    """The image as it is shown: its EXIF orientation applied (phone photos are stored sideways), 16-bit grey
+    scaled to 8 bits (PIL's convert clips it to white), and transparency over white, as viewers show it (PIL's
+    convert drops the alpha and leaves the hidden colour, black in most files)."""
     image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I;16"):
         image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257.0).round().astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return image
 
 

@@ -224,9 +224,9 @@ def test_mirror_pairs_put_each_scene_beside_its_mirror_under_the_mirrored_captio
     assert sided >= 8  # most scenes state a place, so the pairs differ in their captions
 
 
-def test_images_are_read_as_shown_upright_and_16_bit_grey_is_not_clipped(tmp_path):
-    """Would catch: a phone JPEG (stored sideways, EXIF orientation 6) trained on rotated under its caption, and a
-    16-bit grey PNG clipped to white by PIL's convert."""
+def test_images_are_read_as_shown_upright_16_bit_grey_unclipped_and_transparency_over_white(tmp_path):
+    """Would catch: a phone JPEG (stored sideways, EXIF orientation 6) trained on rotated under its caption, a
+    16-bit grey PNG clipped to white by PIL's convert, and a transparent PNG's hidden colour trained on."""
     from learner.data import image_transform
 
     pixels = np.zeros((16, 32, 3), dtype=np.uint8)
@@ -243,3 +243,10 @@ def test_images_are_read_as_shown_upright_and_16_bit_grey_is_not_clipped(tmp_pat
     loaded = image_transform(8, 1)(Image.open(tmp_path / "deep.png"))
     expected = torch.from_numpy(np.round(grey / 257.0) / 255.0 * 2.0 - 1.0).float()
     assert torch.allclose(loaded[0], expected, atol=1e-6)
+
+    # A transparent PNG is shown over white: its hidden colour (black here, as most editors store it) is not trained.
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[:, :4] = (200, 30, 30, 255)  # opaque red left half; the right half fully transparent black
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "cut-out.png")
+    shown = image_transform(8, 3)(Image.open(tmp_path / "cut-out.png"))
+    assert torch.allclose(shown[:, :, -2:], torch.ones(3, 8, 2)) and shown[0, :, :2].mean() > 0.5
