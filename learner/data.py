@@ -167,7 +167,7 @@ def load_image(path: Path, tf: Callable[[Image.Image], torch.Tensor]) -> torch.T
     try:
         with Image.open(path) as image:
             return tf(image)
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:  # (the last: above PIL's size cap)
         raise ValueError(f"image {path} cannot be read ({type(e).__name__}: {e}). Replace the file or delete it "
                          f"and its caption.") from None
 
@@ -249,22 +249,30 @@ class WebDatasetSource:
         try:
             with Image.open(io.BytesIO(sample[image_key])) as image:
                 return self.tf(image), caption
-        except (UnidentifiedImageError, OSError) as e:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
             raise ValueError(f"{where}: its .{image_key} cannot be read as an image ({e}). Rewrite the shard.") from None
 
     @staticmethod
     def _caption(sample: dict, where: str) -> str:
+        caption = None
         try:
             if "txt" in sample:
-                return sample["txt"].decode("utf-8").strip()
-            if "json" in sample:  # some LAION exports keep the caption only in the metadata
-                caption = json.loads(sample["json"]).get("caption")
-                if isinstance(caption, str):
-                    return caption.strip()
+                caption = sample["txt"].decode("utf-8").strip()
+            elif "json" in sample:  # some LAION exports keep the caption only in the metadata
+                meta = json.loads(sample["json"])
+                caption = meta.get("caption") if isinstance(meta, dict) else None
+                caption = caption.strip() if isinstance(caption, str) else None
         except UnicodeDecodeError as e:
             raise ValueError(f"{where}: its caption is not UTF-8 text ({e.reason} at byte {e.start}). Re-encode the "
                              f"captions as UTF-8 and rewrite the shard.") from None
-        raise ValueError(f"{where} has no caption: add a .txt member (or a .json with a 'caption' field).")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: its .json is not valid JSON ({e.msg} at line {e.lineno}). Rewrite the "
+                             f"shard with valid metadata, or a .txt caption.") from None
+        if caption is None:
+            raise ValueError(f"{where} has no caption: add a .txt member (or a .json with a 'caption' field).")
+        if not caption:  # as the folder source: an empty caption would train the unconditional model unasked
+            raise ValueError(f"{where} has an empty caption. Write the image's caption into it or drop the sample.")
+        return caption
 
     def batch(self, cursor: int, count: int) -> tuple[torch.Tensor, list[str]]:
         if not 0 <= self._position <= cursor:  # behind the stream (a resume, a new run): read it again from its start

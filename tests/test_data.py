@@ -181,6 +181,8 @@ def test_webdataset_caption_from_json_and_clear_errors(tmp_path):
         sink.write({"__key__": "k0", "jpg": png_bytes(colour_card("blue"), "JPEG"), "json": json.dumps({"caption": "a blue card"})})
         sink.write({"__key__": "k1", "png": png_bytes(colour_card("red")), "json": json.dumps({"width": 24})})
         sink.write({"__key__": "k2", "txt": "no image here"})
+        sink.write({"__key__": "k3", "png": png_bytes(colour_card("red")), "json": "{'caption': 'single quotes'}"})
+        sink.write({"__key__": "k4", "png": png_bytes(colour_card("red")), "txt": " \n"})
     source = build_source(DataConfig(kind="webdataset", path=str(root / "s.tar")), 8, 3)
     assert source.decode(next(iter(wds.WebDataset(str(root / "s.tar"), shardshuffle=False))))[1] == "a blue card"
     samples = list(wds.WebDataset(str(root / "s.tar"), shardshuffle=False))
@@ -188,6 +190,10 @@ def test_webdataset_caption_from_json_and_clear_errors(tmp_path):
         source.decode(samples[1])
     with pytest.raises(ValueError, match=r"'k2' .* has no image .*key\.jpg \+ key\.txt"):
         source.decode(samples[2])
+    with pytest.raises(ValueError, match=r"'k3' .* its \.json is not valid JSON"):
+        source.decode(samples[3])
+    with pytest.raises(ValueError, match=r"'k4' .* has an empty caption"):
+        source.decode(samples[4])
     with pytest.raises(ValueError, match="no .tar shards"):
         build_source(DataConfig(kind="webdataset", path=str(tmp_path)), 8, 3)
     with pytest.raises(FileNotFoundError, match=r"shard\(s\) not found"):
