@@ -196,7 +196,11 @@ def check_model_files(model: ModelConfig, init_from: Path | None) -> None:
         if model.vae:
             from proxmodel.latent import require_vae_files
 
-            require_vae_files(model.vae)
+            vae_channels = json.loads((require_vae_files(model.vae) / "config.json").read_text()).get("in_channels", 3)
+            if vae_channels != model.channels:  # else: a raw conv error at the first encoded batch
+                raise ConfigError(f"model.channels={model.channels}, but the VAE at model.vae={model.vae!r} encodes "
+                                  f"{vae_channels}-channel images: set model.channels={vae_channels}, or use a VAE "
+                                  f"made for {model.channels} channel(s).")
         if model.text.pretrained != "none":
             from proxmodel.text import check_text_files
 

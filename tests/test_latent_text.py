@@ -93,6 +93,16 @@ def test_a_missing_or_wrong_vae_folder_names_the_expected_files(tmp_path):
         load_vae(str(tmp_path))
 
 
+def test_a_vae_for_other_channels_than_the_models_is_refused_at_start(vae_dir, tmp_path, capsys):
+    from learner.main import main
+
+    code = main(["--mode", "pretrain", "--config", "configs/smoke.yaml", f"run_dir={tmp_path / 'run'}",
+                 f"model.vae={vae_dir}", "model.image_size=16", "model.channels=1", "data.kind=digits",
+                 "rewards=[{name: jpeg_compressibility}]"])
+    assert code == 2 and "encodes 3-channel images: set model.channels=3" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_deepspeed_pretrain_step_trains_in_latent_space_and_leaves_frozen_parts_alone(vae_dir, clip_text_dir,
                                                                                         tiny_model_config):
     from learner.data import build_source
