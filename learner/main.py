@@ -465,6 +465,19 @@ def _main(args: argparse.Namespace) -> int:
     return run(cfg, mode, run_dir, init_from, resume)
 
 
+def release_unstarted(run_dir: Path, resume) -> str:
+    """A new run refused before it saved anything (a config the cluster cannot place): its config.yaml and run.json
+    go, so the same run_dir takes the corrected command (kept, they made it a run to --resume, which refuses a
+    changed config). Returns what to add to the error."""
+    from learner.resume import RUN_FILE, complete_states
+
+    if resume is not None or complete_states(run_dir):
+        return ""
+    for name in (RUN_FILE, "config.yaml"):
+        (run_dir / name).unlink(missing_ok=True)
+    return f" Nothing was trained; {run_dir} takes the corrected command."
+
+
 def interrupted_message(signum: int, run_dir: Path) -> str:
     """One line: which signal, what was saved, the command that continues the run."""
     import signal
@@ -526,7 +539,7 @@ def run(cfg: RunConfig, mode: str, run_dir: Path, init_from: Path | None, resume
     except ConfigError as e:  # found once the cluster is known (e.g. not enough GPUs): advice, not a traceback
         if tracker is not None:
             tracker.finish("FAILED")
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}{release_unstarted(run_dir, resume)}", file=sys.stderr)
         return 2
     except RunFailed as e:  # a fault the run detected (e.g. non-finite updates): its message says what to do
         if tracker is not None:

@@ -72,6 +72,9 @@ RESUMABLE_KEYS = (
     "pretrain.checkpoint_every", "pretrain.keep_checkpoints", "pretrain.log_every",
     "ray.address", "ray.resource_wait_s", "redis.url", "redis.password_env",
     "actors.reward.timeout_s", "actors.reward.retries",
+    # bounds the fault messages tell a user to raise before resuming: when to give up, not what is computed
+    "actors.rollout_timeout_s", "actors.learner_timeout_s", "actors.stream_read_timeout_s", "redis.max_memory_mb",
+    "grpo.max_nonfinite_updates", "pretrain.max_nonfinite_updates",
 )
 
 

@@ -76,6 +76,17 @@ def test_a_run_asking_for_a_gpu_on_a_cpu_machine_fails_before_any_actor(tmp_path
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "1 rollout actor(s) needing {'CPU': 1.0, 'GPU': 1.0} each cannot be placed" in proc.stderr
     assert not (run_dir / "summary.json").exists()
+    # Nothing was trained, so the folder takes the corrected command (its run.json made it a run to --resume,
+    # which refuses the changed key, and a new run there was refused too).
+    assert "takes the corrected command" in proc.stderr
+    assert not (run_dir / "run.json").exists() and not (run_dir / "config.yaml").exists()
+    from learner.main import prepare_run_dir
+    from learner.resume import release_run_dirs
+
+    try:
+        assert prepare_run_dir(load_config("configs/smoke.yaml", [f"run_dir={run_dir}"]), "grpo") == run_dir
+    finally:
+        release_run_dirs()
 
 
 def test_packed_checkpoint_loads_the_same_model(tiny_model, tmp_path):
