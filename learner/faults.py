@@ -29,10 +29,12 @@ def nonfinite_stop(run_dir: Path, in_a_row: int, key: str, lr_key: str) -> RunFa
     from learner.resume import resume_command
 
     kept = last_state(run_dir)
+    start = (f"init_from={run_dir / 'checkpoint'}" if (run_dir / "checkpoint").is_dir()
+             else "the same init_from")  # written with each run state (none yet: the run's start is the last good)
     return RunFailed(
         f"stopped after {in_a_row} optimiser steps in a row with a non-finite (NaN/inf) loss or gradient norm (the "
         f"limit {key}). Each was skipped, so the weights are those of the last finite update; {kept}. Usually the "
-        f"learning rate is too high: start a new run from {run_dir / 'checkpoint'} (init_from=...) with a lower "
+        f"learning rate is too high: start a new run from {start} with a lower "
         f"{lr_key}; if a data or reward fault caused it, fix that and continue with `{resume_command(run_dir)}`. "
         f"Raise {key} to tolerate longer streaks."
     )

@@ -319,6 +319,9 @@ class GrpoRun:
                 "base_monitors": self.base_monitors, "monitors": self.monitors, "hacked": self.hacked,
                 "best": [self.best[0], self.best[1], str(self.best[2])],
             })
+            if self.state is not None:  # the same weights as a checkpoint, what a new run from here starts with
+                save_state(self.plain_state(self.from_learners([self.state])[0]), self.model_cfg,  # (first: once the
+                           self.run_dir / "checkpoint", card=self.card(p.iteration))  # state is there, so is it)
             path = write_state(self.run_dir, p.iteration, files, self.cfg.grpo.keep_checkpoints)
             prune_best(self.run_dir, self.best[2])
         self.saved_at = p.iteration

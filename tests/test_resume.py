@@ -58,6 +58,11 @@ def test_grpo_zero2_killed_with_sigkill_resumes_exactly(pretrained, store, grpo_
     # fixed yet, README "Resuming and faults"): they are killed here and must be the only leftovers.
     assert set(leftovers(children)) <= {"ray::RuntimeEnvAgent", "ray::DashboardAgent"}
     assert not (root / "g2-killed" / "summary.json").exists()
+    # The run state's weights are also a checkpoint, which a new run (say, at a lower lr) starts from.
+    from proxmodel.model import load_model
+
+    assert "grpo" in (root / "g2-killed" / "checkpoint" / "README.md").read_text()
+    load_model(root / "g2-killed" / "checkpoint")
 
     resumed = summary_of(run_cli("--resume", str(root / "g2-killed")))
     assert resumed["resumed_at"] and resumed["resumed_at"][0] >= 1
