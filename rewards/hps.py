@@ -27,7 +27,7 @@ def check_hps_checkpoint(checkpoint: str | None) -> None:
     raise FileNotFoundError(
         f"the hpsv2 reward needs an HPS checkpoint: missing {checkpoint or '(options.checkpoint is not set)'}. "
         f"Download {CHECKPOINTS['v2.1']} (HPSv2.1) or {CHECKPOINTS['v2']} (HPSv2) from the Hugging Face repo "
-        f"xswu/HPSv2 (huggingface-cli download xswu/HPSv2 {CHECKPOINTS['v2.1']} --local-dir /models/hps) and set "
+        f"xswu/HPSv2 (hf download xswu/HPSv2 {CHECKPOINTS['v2.1']} --local-dir /models/hps) and set "
         f"its path as the reward's options.checkpoint "
         f"(rewards: [{{name: hpsv2, options: {{checkpoint: /models/hps/{CHECKPOINTS['v2.1']}}}}}])."
     )

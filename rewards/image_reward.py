@@ -34,8 +34,8 @@ def check_imagereward_files(checkpoint: str | None, med_config: str | None, toke
     if missing:
         raise FileNotFoundError(
             "the image_reward reward needs its files: missing " + "; ".join(missing) + ". On a machine with internet: "
-            "huggingface-cli download THUDM/ImageReward ImageReward.pt med_config.json --local-dir /models/imagereward "
-            "&& huggingface-cli download google-bert/bert-base-uncased vocab.txt tokenizer_config.json "
+            "hf download THUDM/ImageReward ImageReward.pt med_config.json --local-dir /models/imagereward "
+            "&& hf download google-bert/bert-base-uncased vocab.txt tokenizer_config.json "
             "--local-dir /models/bert-base-uncased; then set those paths as the reward's options in the config."
         )
 

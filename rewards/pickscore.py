@@ -36,8 +36,8 @@ def check_pickscore_folders(model: str | None, processor: str | None) -> None:
     if missing:
         raise FileNotFoundError(
             "the pickscore reward needs its files: " + "; ".join(missing) + ". On a machine with internet: "
-            "huggingface-cli download yuvalkirstain/PickScore_v1 --local-dir /models/pickscore && "
-            "huggingface-cli download laion/CLIP-ViT-H-14-laion2B-s32B-b79K preprocessor_config.json tokenizer.json "
+            "hf download yuvalkirstain/PickScore_v1 --local-dir /models/pickscore && "
+            "hf download laion/CLIP-ViT-H-14-laion2B-s32B-b79K preprocessor_config.json tokenizer.json "
             "tokenizer_config.json special_tokens_map.json vocab.json merges.txt --local-dir /models/pickscore; then "
             "set options.model (and options.processor if it is another folder) in the config."
         )
