@@ -7,6 +7,7 @@ torch.load(weights_only=True): tensors only, no code), or the same tensors as `.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -14,10 +15,12 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from proxmodel.openclip import CONFIG_FILE
 from rewards.base import RewardModel, register
-from rewards.clip_score import OpenClipLocal, check_open_clip_folder
+from rewards.clip_score import OpenClipLocal, missing_open_clip_files
 
 HEAD_SOURCE = "sac+logos+ava1-l14-linearMSE.pth from github.com/christophschuhmann/improved-aesthetic-predictor"
+CLIP_SOURCE = "the hub repository timm/vit_large_patch14_clip_224.openai (OpenAI's ViT-L/14, open_clip's layout)"
 
 
 def aesthetic_head(embed_dim: int) -> nn.Sequential:
@@ -28,10 +31,19 @@ def aesthetic_head(embed_dim: int) -> nn.Sequential:
     )
 
 
-def load_head(path: str) -> nn.Sequential:
+def head_state(path: str) -> dict[str, torch.Tensor]:
     path = str(Path(path).expanduser())  # as preflight checked it
     state = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
-    state = {k.removeprefix("layers."): v.float() for k, v in state.items()}
+    return {k.removeprefix("layers."): v.float() for k, v in state.items()}
+
+
+def head_input_width(path: str) -> int:
+    """The CLIP embedding width the head takes (its first layer's input)."""
+    return int(head_state(path)["0.weight"].shape[1])
+
+
+def load_head(path: str) -> nn.Sequential:
+    state = head_state(path)
     head = aesthetic_head(state["0.weight"].shape[1])
     head.load_state_dict(state)
     return head.eval()
@@ -49,12 +61,25 @@ class AestheticScore(RewardModel):
 
     @staticmethod
     def preflight(clip_path: str | None = None, head_path: str | None = None, **_) -> None:
-        check_open_clip_folder(clip_path, "aesthetic", key="clip_path")
+        """Both files named at once if missing; then the head must take the CLIP's embedding width (the public
+        head is for ViT-L/14's 768; a ViT-B/32 folder, 512, failed at the first scoring in every reward actor)."""
+        problems = []
+        missing = missing_open_clip_files(clip_path, "clip_path")
+        if missing:
+            problems.append(f"its CLIP weights: missing {'; '.join(missing)}. Get them from {CLIP_SOURCE} into one "
+                            f"folder, set as options.clip_path")
         if not head_path or not Path(head_path).expanduser().is_file():
-            raise FileNotFoundError(
-                f"the aesthetic reward needs its head weights: missing {head_path}. Get {HEAD_SOURCE} and set "
-                f"its path as the reward's options.head_path in the config."
-            )
+            problems.append(f"its head weights: missing {head_path or 'options.head_path (not set)'}. Get "
+                            f"{HEAD_SOURCE} and set its path as options.head_path")
+        if problems:
+            raise FileNotFoundError(f"the aesthetic reward needs {'; and '.join(problems)}.")
+        config = json.loads((Path(clip_path).expanduser() / CONFIG_FILE).read_text())
+        width = config.get("model_cfg", {}).get("embed_dim")
+        takes = head_input_width(head_path)
+        if width is not None and width != takes:
+            raise ValueError(f"the aesthetic head {head_path} takes {takes}-d CLIP embeddings, but the CLIP at "
+                             f"options.clip_path={clip_path} gives {width}-d ones. Use the CLIP the head was trained "
+                             f"on ({CLIP_SOURCE}).")
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

@@ -17,15 +17,22 @@ from proxmodel.openclip import CONFIG_FILE, SOURCE, WEIGHT_FILES, load_open_clip
 from rewards.base import RewardModel, register, to_uint8_images
 
 
+def missing_open_clip_files(path: str | None, key: str = "path") -> list[str]:
+    """What an open_clip `local-dir:` folder given as options.`key` lacks (empty: nothing)."""
+    if not path:
+        return [f"options.{key} is not set"]
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return [f"the folder {folder}"]
+    missing = [] if (folder / CONFIG_FILE).is_file() else [str(folder / CONFIG_FILE)]
+    if not any((folder / w).is_file() for w in WEIGHT_FILES):
+        missing.append(f"{folder / WEIGHT_FILES[0]} (or {', '.join(WEIGHT_FILES[1:])})")
+    return missing
+
+
 def check_open_clip_folder(path: str | None, reward: str, key: str = "path") -> None:
     """Raise FileNotFoundError naming what is missing, where to get it and the config key to set."""
-    folder = Path(path).expanduser() if path else None
-    missing = [] if folder and folder.is_dir() else [f"the folder {folder}"]
-    if not missing:
-        if not (folder / CONFIG_FILE).is_file():
-            missing.append(str(folder / CONFIG_FILE))
-        if not any((folder / w).is_file() for w in WEIGHT_FILES):
-            missing.append(f"{folder / WEIGHT_FILES[0]} (or {', '.join(WEIGHT_FILES[1:])})")
+    missing = missing_open_clip_files(path, key)
     if missing:
         raise FileNotFoundError(
             f"the {reward} reward needs its CLIP weights: missing {'; '.join(missing)}. Get them from {SOURCE}, "

@@ -88,3 +88,10 @@ def test_aesthetic_head_on_clip_features(clip_dir, tmp_path):
         preflight("aesthetic", {"clip_path": str(clip_dir), "head_path": str(tmp_path / "nope.pth")})
     with pytest.raises(FileNotFoundError, match="options.clip_path"):
         preflight("aesthetic", {"clip_path": str(tmp_path / "none"), "head_path": str(head_file)})
+    with pytest.raises(FileNotFoundError, match=r"options.clip_path is not set.*timm/vit_large_patch14_clip_224"
+                                                r".openai.*; and its head weights: missing options.head_path"):
+        preflight("aesthetic", {})  # both named at once, and an unset option said as such (it read "folder None")
+    narrow = tmp_path / "narrow.pth"  # a head for another CLIP's width (the public one takes ViT-L/14's 768)
+    torch.save(aesthetic_head(TINY["model_cfg"]["embed_dim"] // 2).state_dict(), narrow)
+    with pytest.raises(ValueError, match="takes 16-d CLIP embeddings, but the CLIP at .* gives 32-d"):
+        preflight("aesthetic", {"clip_path": str(clip_dir), "head_path": str(narrow)})
