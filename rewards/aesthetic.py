@@ -33,7 +33,10 @@ def aesthetic_head(embed_dim: int) -> nn.Sequential:
 
 def head_state(path: str) -> dict[str, torch.Tensor]:
     path = str(Path(path).expanduser())  # as preflight checked it
-    state = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+    if path.endswith(".safetensors"):
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
     return {k.removeprefix("layers."): v.float() for k, v in state.items()}
 
 
