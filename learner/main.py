@@ -57,6 +57,19 @@ def resolve_checkpoint(ref: str | None) -> Path | None:
     return path
 
 
+def with_checkpoint_model(cfg: RunConfig, init_from: Path, overrides: list[str]) -> RunConfig:
+    """`cfg` with the model the run will use: init_from's own config (every model.* setting of the config is then
+    unused), so config.yaml and the MLflow params record the model that trains, not the config file's; model.*
+    overrides on the command line are said to be ignored."""
+    from proxmodel.checkpoint import config_file
+
+    ignored = [item for item in overrides if item.split("=", 1)[0].startswith("model.")]
+    if ignored:
+        print(f"warning: {', '.join(ignored)} ignored: the model is init_from's, as {config_file(init_from)} "
+              "describes it", file=sys.stderr)
+    return cfg.model_copy(update={"model": checkpoint_config(init_from)})
+
+
 def checkpoint_config(init_from: Path) -> ModelConfig:
     """The architecture a checkpoint records; a clear error if its JSON is not valid or not a model config."""
     from proxmodel.checkpoint import config_file, read_config
@@ -454,6 +467,8 @@ def _main(args: argparse.Namespace) -> int:
             return 0
         init_from = preflight(cfg, mode)
         if resume is None:
+            if init_from is not None:
+                cfg = with_checkpoint_model(cfg, init_from, args.overrides)
             run_dir = prepare_run_dir(cfg, mode)
         else:
             run_dir = resume.run_dir

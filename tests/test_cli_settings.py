@@ -98,3 +98,19 @@ def test_settings_and_bad_overrides_are_answered_without_importing_torch(tmp_pat
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.stdout.splitlines()[-1] == "[0, 2, 2] False", proc.stdout + proc.stderr
+
+
+def test_a_run_from_a_checkpoint_records_the_checkpoints_model_and_says_model_overrides_are_ignored(
+        tiny_model, tmp_path, capsys):
+    """With init_from the checkpoint's config.json decides the model; config.yaml (and the MLflow params, logged
+    from the same config) named the config file's model instead, and a model.* override passed silently."""
+    from proxmodel.model import save_model
+
+    checkpoint = save_model(tiny_model, tmp_path / "ckpt")
+    run_dir = tmp_path / "run"
+    assert main(["--mode", "sample", f"init_from={checkpoint}", "model.image_size=64", "sample.steps=2",
+                 "sample.num_prompts=1", "sample.images_per_prompt=1", f"run_dir={run_dir}",
+                 f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
+    assert "model.image_size=64 ignored: the model is init_from's" in capsys.readouterr().err
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
+    assert recorded["image_size"] == tiny_model.cfg.image_size and recorded["base_channels"] == 8
