@@ -276,6 +276,15 @@ def test_grpos_data_anchor_checks_its_data_at_start(box, capsys):
 
 # --- checkpoints given as init_from ------------------------------------------------------------------------------
 
+def test_a_runs_folder_given_as_init_from_names_its_checkpoint(box, capsys):
+    from proxmodel.model import load_model, save_model
+
+    folder = box / "in" / "a-run"
+    save_model(load_model(BASE), folder / "checkpoint")
+    assert_rejected(*run([*GRPO, f"init_from={folder}"], capsys), box,
+                    f"is a run's folder; its checkpoint is init_from={folder / 'checkpoint'}")
+
+
 def make_checkpoint(root: Path, case: str) -> Path:
     """A copy of builtin:scenes-base, broken as `case` says."""
     ckpt = root / case
