@@ -10,9 +10,10 @@ import torch
 from actors.stream import ExperienceStream
 from learner.config import RunConfig
 from learner.grpo_learner import GrpoLearner
+from learner.policy_loss import group_advantages
 from proxmodel.model import save_model
 from proxmodel.policy import Policy
-from tests.grpo_batch import PROMPTS, write_batch
+from tests.grpo_batch import PROMPTS, WEIGHTS, write_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -468,8 +469,8 @@ def test_one_update_makes_the_better_actions_of_each_group_more_likely(checkpoin
     """After one optimiser step the recorded actions, weighted by their group-relative advantage, are more likely:
     sum A (log pi_new - log pi_old) > 0 over the trained groups, for rewards and for the same rewards negated (so a
     learner moving one fixed way whatever the rewards fails one of the two). A group of equal rewards is dropped,
-    so the others' advantages must stay with their own groups. Would catch a sign flip of the loss or advantages,
-    and advantages attached to the wrong group."""
+    so the others' advantages must stay with their own groups. Would catch a sign flip of the loss or advantages
+    (advantages shifted onto the wrong groups can leave the sum positive: the next-but-one tests pin them)."""
     run_id = f"direction{sign}"
     rewards = [sign * torch.rand(G, generator=torch.Generator().manual_seed(i)) for i in range(len(PROMPTS))]
     rewards[1] = torch.full((G,), 0.5)
@@ -617,3 +618,71 @@ def test_the_data_anchor_is_pretrainings_loss_in_its_loss_space(tiny_model, spac
         scale = x0_loss_scale(t, lam, VPSchedule()).view(-1, 1, 1, 1) if space == "x0" else 1.0
         expected = 0.5 * proximal_matching_loss(eps * scale, xi * scale, cfg.pretrain.zeta0 / 2)
     assert float(got) == pytest.approx(float(expected), rel=1e-5)
+
+
+def capture_advantages(monkeypatch):
+    """(prompt, advantages) of every group the learner puts in its batch."""
+    import learner.grpo_learner as gl
+
+    seen, original = [], gl.TrainGroup.of.__func__
+
+    def of(cls, group, advantages, model, device):
+        seen.append((group.prompt, advantages.detach().cpu().clone()))
+        return original(cls, group, advantages, model, device)
+
+    monkeypatch.setattr(gl.TrainGroup, "of", classmethod(of))
+    return seen
+
+
+def test_each_trained_group_carries_its_own_advantages(checkpoint, server, monkeypatch):
+    """Would catch advantages attached by position among the kept groups rather than by group index."""
+    rewards = [torch.rand(G, generator=torch.Generator().manual_seed(i)) for i in range(len(PROMPTS))]
+    rewards[1] = torch.full((G,), 0.5)  # dropped: the groups after it shift by one if matched by position
+    write_batch(checkpoint, server.address, "own-adv", steps=STEPS, group_size=G, rewards=rewards)
+    seen = capture_advantages(monkeypatch)
+    make_learner(checkpoint, server, "own-adv").train(0, len(PROMPTS))
+    expected = {p: group_advantages(r, 1e-4) for p, r in zip(PROMPTS, rewards)}
+    assert [p for p, _ in seen] == [PROMPTS[i] for i in (0, 2, 3)]
+    for prompt, adv in seen:
+        assert torch.allclose(adv, expected[prompt], atol=1e-6), prompt
+
+
+def test_adv_clip_reaches_the_learner(checkpoint, server, monkeypatch):
+    """Would catch grpo.adv_clip accepted by the config and dropped before compute_advantages."""
+    rewards = [torch.tensor([1.0, 0.0, 0.0, 0.0])] * len(PROMPTS)  # |A| = sqrt(3) for the outlier
+    write_batch(checkpoint, server.address, "adv-clip", steps=STEPS, group_size=G, rewards=rewards)
+    seen = capture_advantages(monkeypatch)
+    make_learner(checkpoint, server, "adv-clip", adv_clip=0.5).train(0, len(PROMPTS))
+    assert seen and max(float(a.abs().max()) for _, a in seen) == pytest.approx(0.5)
+
+
+def test_a_group_with_one_nonfinite_reward_is_dropped(checkpoint, server):
+    """Would catch the non-finite filter reduced with any() instead of all()."""
+    from actors.rollout import RolloutActor
+
+    actor = RolloutActor(checkpoint, STEPS, G, 1.0, 1.0, [], WEIGHTS, 1.0, 0, server.address, "nan1", torch_threads=1)
+
+    class OneNaN:
+        def score(self, images, prompts, names):
+            s = torch.rand(len(prompts))
+            s[1] = float("nan")  # one image of the first group
+            return {"compositional": s}
+
+    actor.rewards = OneNaN()
+    ExperienceStream(server.address, "nan1").create()
+    out = actor.rollout(PROMPTS[:2], [0, 1], iteration=0, seed=0)
+    assert out["groups"] == 1 and out["dropped"] == 1
+
+
+def test_each_prompt_and_iteration_gets_its_own_noise(checkpoint, server):
+    """Would catch a group's noise does not depend on its prompt index."""
+    from actors.rollout import RolloutActor
+
+    actor = RolloutActor(checkpoint, STEPS, G, 1.0, 1.0, [], WEIGHTS, 1.0, 0, server.address, "noise", torch_threads=1)
+    p = PROMPTS[0]
+    a, b = actor.sample([p, p], [0, 1], 0, 0)
+    c, = actor.sample([p], [0], 1, 0)
+    again, = actor.sample([p], [0], 0, 0)
+    assert not torch.equal(a.states[:, 0], b.states[:, 0])  # prompt index
+    assert not torch.equal(a.states[:, 0], c.states[:, 0])  # iteration
+    assert torch.equal(a.states, again.states)  # reproducible

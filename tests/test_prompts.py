@@ -58,3 +58,16 @@ def test_cli_stops_on_a_bad_prompt_file_before_anything_is_written(tmp_path, cap
     err = capsys.readouterr().err
     assert "missing.txt does not exist" in err and "grpo.prompt_file" in err
     assert not run_dir.exists()
+
+
+def test_prompt_seed_reaches_a_prompt_file(tmp_path):
+    """Would catch FilePrompts seeded with cfg.seed instead of grpo.prompt_seed."""
+    from learner.prompts import FilePrompts, prompt_source
+
+    path = tmp_path / "p.txt"
+    path.write_text("\n".join(f"thing {i}" for i in range(30)) + "\n")
+    cfg = load_config(None, [f"grpo.prompt_file={path}", "grpo.prompt_seed=3", "seed=7", "grpo.eval_prompts=4",
+                             "rewards=[{name: jpeg_compressibility}]"])
+    source = prompt_source(cfg)
+    assert source.train(0, 20) == FilePrompts(path, 3, cfg.grpo.eval_prompts).train(0, 20)
+    assert source.train(0, 20) != FilePrompts(path, 7, cfg.grpo.eval_prompts).train(0, 20)

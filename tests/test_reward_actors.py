@@ -248,3 +248,17 @@ def test_a_single_reward_actor_killed_mid_call_is_restarted_and_the_call_made_ag
     assert ray.get(one.__ray_call__.remote(lambda self: os.getpid())) != pid  # a new process: it was restarted
     for name in before:
         assert torch.equal(after[name], before[name])
+
+
+def test_cached_scores_expire():
+    """Would catch cached scores written without a TTL (volatile-lru can then never evict them; the stream's writes
+    fail)."""
+    from actors.reward import RewardActor, ScoreCache
+    from actors.stream import EmbeddedRedis
+
+    with EmbeddedRedis() as server:
+        actor = RewardActor([{"name": "compositional"}], 4, cache=server.address, cache_ttl_s=1234)
+        actor.score(torch.rand(2, 3, 16, 16), ["a red circle", "a blue square"])
+        client = server.address.connect()
+        keys = list(client.scan_iter(ScoreCache.PREFIX + "*"))
+        assert keys and all(0 < client.ttl(k) <= 1234 for k in keys)

@@ -13,6 +13,7 @@ from PIL import Image
 from learner.sample import load, prompt_images, sample_images, to_pil
 from proxmodel.model import save_model
 from tests.cli import run_cli
+from tests.grpo_batch import PROMPTS
 
 PROMPTS = ["a small red circle at the top left, on a white background",
            "a large blue square at the bottom right, on a black background",
@@ -74,3 +75,17 @@ def test_bad_sample_settings_exit_2_naming_the_key_and_write_nothing(checkpoint,
     proc = run_sample(f"init_from={checkpoint}", f"run_dir={run_dir}", *args)
     assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr
     assert not run_dir.exists()
+
+
+def test_reward_matrix_columns_are_the_noise_seeds(tiny_model):
+    """Would catch reward_matrix draws every column with the same noise."""
+    from learner.evaluation import evaluate, reward_matrix
+    from rewards import build
+
+    model, prompts, rewards = tiny_model.eval(), PROMPTS[:2], {"jpeg": build("jpeg_compressibility")}
+    with torch.no_grad():
+        _, m = reward_matrix(model, prompts, 3, 5, 2, rewards)
+        for s in range(2):
+            _, mean = evaluate(model, prompts, 3, 5 + s, rewards)
+            assert m["jpeg"][:, s].mean() == pytest.approx(mean["jpeg"], rel=1e-6)
+    assert not np.allclose(m["jpeg"][:, 0], m["jpeg"][:, 1])

@@ -259,3 +259,26 @@ def test_a_group_from_a_partly_stochastic_sampler_carries_one_log_prob_per_stoch
     got = stream.read("rank0", count=1, timeout_s=5)[0][1]
     assert_same(got, group)
     assert got.sampler.stochastic_steps == 2 and got.sampler != base.sampler
+
+
+def test_a_copy_of_a_group_read_ahead_is_skipped(server):
+    """Would catch a group read ahead of its iteration is not remembered, so its copy is returned too."""
+    stream = ExperienceStream(server.address, "ahead-dup")
+    stream.create()
+
+    def of(iteration, index):
+        return replace(make_group(f"p{index}", index=index), iteration=iteration)
+
+    ahead = of(1, 2)
+    for group in (of(0, 0), ahead, ahead, of(0, 1), of(1, 3)):  # the copy arrives while the original waits ahead
+        stream.add(group)
+    stream.read("rank0", 2, 5, iteration=0)
+    got = [g.prompt_index for _, g in stream.read("rank0", 2, 5, iteration=1)]
+    assert got == [2, 3] and stream.duplicates == 1
+
+
+def test_a_group_with_the_wrong_number_of_states_is_refused():
+    """Would catch a group whose states are not N long is accepted from the wire."""
+    group = make_group("x", steps=3)
+    with pytest.raises(ValueError, match="3-step group"):
+        replace(group, states=torch.randn(2, 4, 3, 4, 4))

@@ -1,0 +1,114 @@
+"""The GRPO driver's bookkeeping (evaluation schedule, prompt slices, held-out noise, hacking and the best
+checkpoint) on a GrpoRun built without actors: its Ray calls and tracker are stand-ins, so each rule is checked in
+milliseconds where an end-to-end run would need minutes and a lucky seed to show it."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from learner.config import load_config
+from tests.cli import SMOKE
+
+
+class Tracker:
+    run_id = "r"
+
+    def __init__(self):
+        self.logged = []
+
+    def metrics(self, values, step):
+        self.logged.append((step, values))
+
+    def image(self, *a):
+        pass
+
+    def table(self, *a):
+        pass
+
+
+def bare_run(tmp_path, *overrides):
+    from learner.grpo import GrpoRun, Progress
+    from learner.prompts import prompt_source
+
+    run = GrpoRun.__new__(GrpoRun)
+    run.cfg = load_config(SMOKE, list(overrides))
+    run.run_dir, run.tracker, run.init_from = tmp_path, Tracker(), Path("init")
+    run.progress, run.state, run.hacked = Progress(), None, []
+    run.prompts = prompt_source(run.cfg)
+    run.eval_prompts = run.prompts.held_out(run.cfg.grpo.eval_prompts)
+    return run
+
+
+def test_evaluations_fall_every_eval_every_iterations(tmp_path):
+    """Would catch the evaluation schedule off by one (invisible at eval_every 1, which most runs here use)."""
+    run = bare_run(tmp_path, "grpo.eval_every=2", "grpo.iterations=7")
+    done = []
+    run.evaluate = lambda step: done.append(step) or {}
+    for step in range(1, 8):
+        run.scheduled_evaluation(step)
+    assert done == [2, 4, 6]
+
+
+def test_an_iterations_prompts_are_its_slice_of_the_prompt_stream(tmp_path):
+    """Would catch iteration it given other prompts than the stream's it*n .. (it+1)*n - 1, or unpaired indices."""
+    run = bare_run(tmp_path, "grpo.prompts_per_iteration=4")
+    run.rollouts = [None, None]
+    run.call = lambda i, method, *args: args
+    n = 4
+    for it in (0, 1, 3):
+        shards = run.launch(it)
+        pairs = sorted((i, p) for prompts, indices, iteration, _ in shards for p, i in zip(prompts, indices))
+        assert [i for i, _ in pairs] == list(range(it * n, (it + 1) * n))
+        assert [p for _, p in pairs] == run.prompts.train(it * n, n)
+
+
+def test_held_out_evaluation_uses_a_distinct_noise_per_seed_and_chunk(tmp_path, monkeypatch):
+    """Would catch held-out noise not varied over eval_seeds."""
+    import learner.grpo
+    from actors.rollout import eval_seed
+
+    monkeypatch.setattr(learner.grpo, "EVAL_CHUNK", 2)
+    run = bare_run(tmp_path, "grpo.eval_seeds=3", "grpo.eval_prompts=4")
+    run.rollouts = [None]
+    calls = []
+    run.call = lambda i, method, *args: calls.append(args) or args
+    run.from_rollouts = lambda cs: [{"images": torch.zeros(len(c[0]), 3, 2, 2, dtype=torch.uint8),
+                                     "scores": {"compositional": np.zeros((len(c[0]), 3))}} for c in cs]
+    run.held_out("hybrid", 1.0, ["compositional"])
+    seeds = [c[2] for c in calls]
+    assert seeds == [[eval_seed(0, s, c) for s in range(3)] for c in range(2)]
+    assert len({s for chunk in seeds for s in chunk}) == 6
+
+
+def test_a_hacked_evaluation_never_becomes_the_best(tmp_path):
+    """Would catch a hacked evaluation becoming the best checkpoint."""
+    run = bare_run(tmp_path)
+    run.best = (0, 0.5, Path("init"))
+    run.card = lambda step: {}
+    better = {"total": np.full((4, 2), 0.9)}
+    run.hacked = ["check fell"]
+    run.keep_if_best(3, better, saved=tmp_path / "ckpt")
+    assert run.best == (0, 0.5, Path("init"))
+    run.hacked = []
+    run.keep_if_best(4, better, saved=tmp_path / "ckpt")
+    assert run.best == (4, 0.9, tmp_path / "ckpt")
+
+
+def test_an_evaluation_whose_check_fell_is_marked_hacked(tmp_path):
+    """Would catch the held-out checks compared with anything but their start (then no check ever falls)."""
+    run = bare_run(tmp_path, "grpo.check_rewards=[compositional_strict]")
+    run.model_cfg = SimpleNamespace(kind="prox", trained_variants=["hybrid"])
+    run.rollouts = [None]
+    rng = np.random.default_rng(0)
+    start = rng.uniform(0.6, 0.9, (4, 2))
+    run.before = {"compositional_strict": start}
+    run.base_monitors = {"saturation": 1.0, "diversity": 1.0, "prompt_diversity": 1.0}
+    run.held_out = lambda sampler, eta, names: (torch.rand(4, 3, 16, 16),
+                                                {n: (start - 0.5 if n == "compositional_strict" else start)
+                                                 for n in names})
+    run.call = lambda *a: None
+    run.from_rollouts = lambda calls: [{"saturation": 1.0, "diversity": 1.0}]
+    run.evaluate(1)
+    assert run.hacked and "compositional_strict fell" in run.hacked[0]
