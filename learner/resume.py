@@ -76,15 +76,17 @@ RESUMABLE_KEYS = (
     "actors.rollout_timeout_s", "actors.learner_timeout_s", "actors.stream_read_timeout_s", "redis.max_memory_mb",
     "grpo.max_nonfinite_updates", "pretrain.max_nonfinite_updates",
 )
+# The keys fingerprints left out before session 37 added the bounds above: a state saved then hashed those.
+RESUMABLE_KEYS_BEFORE_BOUNDS = RESUMABLE_KEYS[:13]
 
 
-def config_fingerprint(config: RunConfig | dict) -> str:
+def config_fingerprint(config: RunConfig | dict, resumable: tuple[str, ...] = RESUMABLE_KEYS) -> str:
     """sha256 of a resolved config (or the dict its config.yaml holds) without the keys a resume may change (and
     run_dir, which may move). --resume accepts the saved config.yaml's hash as written or as this version resolves
     it, so a ProxRL upgrade that adds keys (with defaults) blocks neither the first resume after it nor a later one;
     an edit does."""
     data = redact(copy.deepcopy(config if isinstance(config, dict) else config.model_dump(mode="json")))
-    for key in (*RESUMABLE_KEYS, "run_dir"):
+    for key in (*resumable, "run_dir"):
         *parents, leaf = key.split(".")
         node = data
         for p in parents:
@@ -307,8 +309,9 @@ def open_resume(path: str, overrides: list[str], mode: Optional[str]) -> tuple[R
         # The file as written (a state saved before a ProxRL upgrade hashed the keys that version had) or as this
         # version resolves it (a state saved after one hashes the keys it added, at their defaults); an edit
         # changes both.
-        written = config_fingerprint(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {})
-        if saved not in (written, config_fingerprint(cfg)):
+        data = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+        written = config_fingerprint(data)
+        if saved not in (written, config_fingerprint(cfg), config_fingerprint(data, RESUMABLE_KEYS_BEFORE_BOUNDS)):
             raise ConfigError(
                 f"--resume {path}: {run_dir / 'config.yaml'} no longer matches the config the run state {state.name} "
                 f"was written with (fingerprint {saved[:12]}... vs {written[:12]}...): it was edited. Restore it (the "

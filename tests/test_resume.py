@@ -265,3 +265,32 @@ def test_a_run_dir_in_use_by_another_driver_is_refused_and_left_as_it_is(tmp_pat
     (run_dir / "run.json").write_text("{}")
     assert main(["--resume", str(run_dir)]) == 2  # past the lock now: the fake run.json is what it refuses
     assert "in use" not in capsys.readouterr().err
+
+
+def test_a_state_saved_before_the_resumable_bounds_were_added_still_resumes(tmp_path):
+    """Session 37 let more keys change on resume (timeouts, limits), so fingerprints leave them out: a state saved
+    before hashed them, and its run must still resume (an edit of its config.yaml must still be refused)."""
+    from learner.config import ConfigError, dump_config, load_config
+    from learner.resume import RESUMABLE_KEYS_BEFORE_BOUNDS, config_fingerprint, open_resume, release_run_dirs
+    from tests.cli import SMOKE
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(dump_config(load_config(SMOKE, [f"run_dir={run_dir}"])))
+    (run_dir / "run.json").write_text(json.dumps({"mode": "pretrain", "mlflow_run_id": "r",
+                                                  "mlflow_tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"}))
+    data = yaml.safe_load((run_dir / "config.yaml").read_text())
+    old = config_fingerprint(data, RESUMABLE_KEYS_BEFORE_BOUNDS)
+    assert old != config_fingerprint(data)
+    write_state(run_dir, 3, {"run.json": json.dumps({"config_fingerprint": old}).encode()}, keep=2)
+    try:
+        cfg, resume = open_resume(str(run_dir), [], None)
+        assert resume.state.name == state_name(3)
+    finally:
+        release_run_dirs()
+    (run_dir / "config.yaml").write_text((run_dir / "config.yaml").read_text().replace("lr: ", "lr: 9", 1))
+    try:
+        with pytest.raises(ConfigError, match="no longer matches"):
+            open_resume(str(run_dir), [], None)
+    finally:
+        release_run_dirs()
