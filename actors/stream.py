@@ -118,11 +118,14 @@ class EmbeddedRedis:
             self.proc = subprocess.Popen([_redis_server_binary(), "-"], stdin=subprocess.PIPE,
                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
                                          preexec_fn=_die_with_parent)
-            self.proc.stdin.write(conf.encode())
-            self.proc.stdin.close()
         except BaseException:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise
+        try:
+            self.proc.stdin.write(conf.encode())
+            self.proc.stdin.close()
+        except BrokenPipeError:  # it exited before reading its config: the wait below reports its stderr
+            pass
         deadline = time.monotonic() + 20
         while not self._answers():
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -426,7 +426,8 @@ class GrpoConfig(Strict):
                              "needs each group's advantages centred on the group (docs/forward_objective.md: with "
                              "no signal, no move), which only group normalisation gives; a running or global "
                              "statistic pulls the model toward its own samples. Use grpo.advantage_std=group.")
-        if self.objective == "forward" and 0 < self.adv_clip < (self.group_size - 1) ** 0.5:
+        if self.objective == "forward" and 0 < self.adv_clip < min((self.group_size - 1) ** 0.5,
+                                                                    self.forward_adv_scale or float("inf")):
             raise ValueError(f"grpo.objective=forward with grpo.adv_clip={self.adv_clip} below sqrt(group_size - 1) = "
                              f"{(self.group_size - 1) ** 0.5:.2f}: a group with one success has that advantage, and "
                              "clipped, the group's advantages no longer sum to 0, so the split loss pulls toward its "

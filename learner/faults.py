@@ -30,7 +30,7 @@ def nonfinite_stop(run_dir: Path, in_a_row: int, key: str, lr_key: str) -> RunFa
 
     kept = last_state(run_dir)
     start = (f"init_from={run_dir / 'checkpoint'}" if (run_dir / "checkpoint").is_dir()
-             else "the same init_from")  # written with each run state (none yet: the run's start is the last good)
+             else "the same start")  # written with each run state (none yet: the run's start is the last good)
     return RunFailed(
         f"stopped after {in_a_row} optimiser steps in a row with a non-finite (NaN/inf) loss or gradient norm (the "
         f"limit {key}). Each was skipped, so the weights are those of the last finite update; {kept}. Usually the "

@@ -141,7 +141,8 @@ def check_weights(model: ModelConfig, init_from: Path | None) -> None:
 def check_data(cfg: RunConfig, model: ModelConfig, mode: str) -> None:
     """Training data opened as the run opens it (folder captions read, shards listed), before anything is written:
     pretraining's, or GRPO's data anchor's. Pretraining ends by scoring samples of the data's captions with
-    cfg.rewards, so those must read them (a scene verifier on photo captions failed after the whole run)."""
+    cfg.rewards, so those must read them (a scene verifier on photo captions failed after the whole run); a resumed
+    run (mode "resume") is not held to that, as its rewards cannot change."""
     from learner.data import build_source
 
     try:
@@ -211,7 +212,12 @@ def check_model_files(model: ModelConfig, init_from: Path | None) -> None:
         if model.vae:
             from proxmodel.latent import require_vae_files
 
-            vae_channels = json.loads((require_vae_files(model.vae) / "config.json").read_text()).get("in_channels", 3)
+            vae_config = require_vae_files(model.vae) / "config.json"
+            try:
+                vae_channels = json.loads(vae_config.read_text()).get("in_channels", 3)
+            except ValueError as e:
+                raise ConfigError(f"model.vae={model.vae!r}: {vae_config} is not valid JSON ({e}); copy the VAE's "
+                                  f"folder again.") from None
             if vae_channels != model.channels:  # else: a raw conv error at the first encoded batch
                 raise ConfigError(f"model.channels={model.channels}, but the VAE at model.vae={model.vae!r} encodes "
                                   f"{vae_channels}-channel images: set model.channels={vae_channels}, or use a VAE "
@@ -231,9 +237,8 @@ def prepare_run_dir(cfg: RunConfig, mode: str) -> Path:
     from learner.resume import RUN_FILE, hold_run_dir, resume_command
 
     run_dir = Path(cfg.run_dir or f"runs/{mode}-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve()
-    if cfg.run_dir is not None:  # (a default name is always a new folder: fresh_dir)
-        if run_dir.exists() and not run_dir.is_dir():
-            raise ConfigError(f"run_dir {run_dir} is a file, not a folder. Choose another run_dir=... or omit it.")
+
+    def holds_no_run() -> None:
         if (run_dir / "summary.json").exists():
             raise ConfigError(
                 f"run_dir {run_dir} already holds a finished run (summary.json); it is left as it is. "
@@ -242,12 +247,18 @@ def prepare_run_dir(cfg: RunConfig, mode: str) -> Path:
         if (run_dir / RUN_FILE).exists():  # a new run there would overwrite its config and mix its run states
             raise ConfigError(f"run_dir {run_dir} holds a run that has not finished ({RUN_FILE}); it is left as it "
                               f"is. Continue it with `{resume_command(run_dir)}`, or choose another run_dir=...")
+
+    if cfg.run_dir is not None:  # (a default name is always a new folder: fresh_dir)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"run_dir {run_dir} is a file, not a folder. Choose another run_dir=... or omit it.")
+        holds_no_run()
     try:
         if cfg.run_dir is None:  # two runs started in the same second get two folders
             run_dir = fresh_dir(run_dir)
         else:
             run_dir.mkdir(parents=True, exist_ok=True)
         hold_run_dir(run_dir)  # before writing: two runs started on one run_dir would overwrite each other's files
+        holds_no_run()  # again, now that no other driver can be starting or ending there
         (run_dir / "config.yaml").write_text(dump_config(cfg))
     except OSError as e:
         raise ConfigError(f"run_dir {run_dir} cannot be written ({e.strerror or e}). Choose a writable run_dir=...") from None
@@ -266,8 +277,9 @@ def fresh_dir(base: Path) -> Path:
     raise OSError(f"no free folder name next to {base}")
 
 
-def preflight(cfg: RunConfig, mode: str) -> Path | None:
-    """Every file and option the run will read, checked in the order a user would fix them; returns init_from."""
+def preflight(cfg: RunConfig, mode: str, resuming: bool = False) -> Path | None:
+    """Every file and option the run will read, checked in the order a user would fix them; returns init_from.
+    `resuming`: a check of the run's rewards against its data is skipped (a started run cannot change them)."""
     check_rewards(cfg, mode)
     if mode == "grpo":
         from learner.prompts import FilePrompts, prompt_source  # imports torch (through rewards): for a good config
@@ -287,9 +299,8 @@ def preflight(cfg: RunConfig, mode: str) -> Path | None:
     model = checkpoint_config(init_from) if init_from is not None else cfg.model  # a checkpoint's config wins
     check_model_files(model, init_from)
     if mode == "pretrain" or (mode == "grpo" and cfg.grpo.data_anchor > 0):
-        check_data(cfg, model, mode)
-    if mode == "pretrain":
-        check_loss_space(cfg, model)
+        check_data(cfg, model, mode if not resuming else "resume")
+        check_loss_space(cfg, model)  # (the anchor measures its loss in pretraining's loss space)
     check_sampler(cfg, model, mode)
     check_weights(model, init_from)
     if mode == "grpo":
@@ -467,7 +478,7 @@ def _main(args: argparse.Namespace) -> int:
         if args.print_config:
             print(dump_config(cfg), end="")
             return 0
-        init_from = preflight(cfg, mode)
+        init_from = preflight(cfg, mode, resuming=resume is not None)
         if resume is None:
             if init_from is not None:
                 cfg = with_checkpoint_model(cfg, init_from, args.overrides)
@@ -475,7 +486,7 @@ def _main(args: argparse.Namespace) -> int:
         else:
             run_dir = resume.run_dir
             if args.overrides:
-                rewrite_config(run_dir, args.overrides)
+                rewrite_config(run_dir, args.overrides, resume.persistable)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -55,6 +55,11 @@ def hold_run_dir(run_dir: Path) -> None:
         os.close(fd)
         raise ConfigError(f"run_dir {run_dir} is in use by another ProxRL process (pid {holder}); it is left as it is. "
                           f"Wait for that run to end (or stop it), or choose another run_dir=...") from None
+    except OSError as e:  # a filesystem without locks (Lustre without flock, NFS without its lock daemon)
+        os.close(fd)
+        print(f"warning: run_dir {run_dir} cannot be locked ({e.strerror}): make sure no other ProxRL process "
+              f"uses it while this one runs", file=sys.stderr)
+        return
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _held[run_dir] = fd
@@ -260,6 +265,9 @@ class Resume:
     tracking_uri: str
     state: Optional[Path]
     files: Optional[dict[str, bytes]]
+    # The overrides rewrite_config may write into config.yaml: a state hashed the old way (before the resumable
+    # bounds) hashed those bounds too, so a bound written there would make the next resume's check fail.
+    persistable: tuple[str, ...] = RESUMABLE_KEYS
 
 
 def write_run_file(run_dir: Path, mode: str, run_id: str, tracking_uri: str) -> None:
@@ -304,6 +312,7 @@ def open_resume(path: str, overrides: list[str], mode: Optional[str]) -> tuple[R
     cfg = load_config(run_dir / "config.yaml", overrides).model_copy(update={"run_dir": str(run_dir)})
     uri = secrets_again(cfg, uri, path)
     state, files = latest_state(run_dir, warn=lambda m: print(m, file=sys.stderr))
+    persistable = RESUMABLE_KEYS
     if files is not None:
         saved = json.loads(files["run.json"])["config_fingerprint"]
         # The file as written (a state saved before a ProxRL upgrade hashed the keys that version had) or as this
@@ -311,13 +320,17 @@ def open_resume(path: str, overrides: list[str], mode: Optional[str]) -> tuple[R
         # changes both.
         data = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
         written = config_fingerprint(data)
-        if saved not in (written, config_fingerprint(cfg), config_fingerprint(data, RESUMABLE_KEYS_BEFORE_BOUNDS)):
+        old_way = (config_fingerprint(data, RESUMABLE_KEYS_BEFORE_BOUNDS),
+                   config_fingerprint(load_config(run_dir / "config.yaml"), RESUMABLE_KEYS_BEFORE_BOUNDS))
+        if saved in old_way and saved not in (written, config_fingerprint(cfg)):
+            persistable = RESUMABLE_KEYS_BEFORE_BOUNDS
+        elif saved not in (written, config_fingerprint(cfg)):
             raise ConfigError(
                 f"--resume {path}: {run_dir / 'config.yaml'} no longer matches the config the run state {state.name} "
                 f"was written with (fingerprint {saved[:12]}... vs {written[:12]}...): it was edited. Restore it (the "
                 f"run's MLflow artifact config.yaml holds the original), or start a new run."
             )
-    return cfg, Resume(run_dir, saved_mode, run_id, uri, state, files)
+    return cfg, Resume(run_dir, saved_mode, run_id, uri, state, files, persistable)
 
 
 def secrets_again(cfg: RunConfig, uri: str, path: str) -> str:
@@ -341,12 +354,14 @@ def secrets_again(cfg: RunConfig, uri: str, path: str) -> str:
     return given
 
 
-def rewrite_config(run_dir: Path, overrides: list[str]) -> None:
-    """config.yaml with the (allowed) overrides written into it as it is, so a second resume continues with them and
-    its fingerprint still matches the run states'."""
+def rewrite_config(run_dir: Path, overrides: list[str], keys: tuple[str, ...] = RESUMABLE_KEYS) -> None:
+    """config.yaml with the (allowed) overrides of `keys` written into it as it is, so a second resume continues
+    with them and its fingerprint still matches the run states'."""
     path = run_dir / "config.yaml"
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     for item in overrides:
+        if ".".join(_parse_override(item)[0]) not in keys:
+            continue
         *parents, leaf = _parse_override(item)[0]
         node = data
         for p in parents:

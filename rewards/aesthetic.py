@@ -41,8 +41,12 @@ def head_state(path: str) -> dict[str, torch.Tensor]:
 
 
 def head_input_width(path: str) -> int:
-    """The CLIP embedding width the head takes (its first layer's input)."""
-    return int(head_state(path)["0.weight"].shape[1])
+    """The CLIP embedding width the head takes (its first layer's input); ValueError if the file is not such a head."""
+    try:
+        return int(head_state(path)["0.weight"].shape[1])
+    except Exception as e:  # not tensors (weights_only refuses code), another layout, a truncated file, ...
+        raise ValueError(f"options.head_path={path} is not the aesthetic MLP head ({type(e).__name__}: {e}); "
+                         f"get {HEAD_SOURCE}") from None
 
 
 def load_head(path: str) -> nn.Sequential:

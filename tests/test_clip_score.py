@@ -95,3 +95,6 @@ def test_aesthetic_head_on_clip_features(clip_dir, tmp_path):
     torch.save(aesthetic_head(TINY["model_cfg"]["embed_dim"] // 2).state_dict(), narrow)
     with pytest.raises(ValueError, match="takes 16-d CLIP embeddings, but the CLIP at .* gives 32-d"):
         preflight("aesthetic", {"clip_path": str(clip_dir), "head_path": str(narrow)})
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pth")  # tensors, but not the head's layers
+    with pytest.raises(ValueError, match="is not the aesthetic MLP head"):
+        preflight("aesthetic", {"clip_path": str(clip_dir), "head_path": str(tmp_path / "other.pth")})

@@ -97,3 +97,13 @@ def test_a_config_path_under_the_home_folder_is_expanded(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "c.yaml").write_text("grpo: {iterations: 3}\n")
     assert load_config("~/c.yaml").grpo.iterations == 3
+
+
+def test_the_forward_objectives_adv_clip_rule_blames_only_a_clip_that_binds():
+    """Groups of 27+ have a success advantage sqrt(G - 1) > the default adv_clip 5: refused. A forward_adv_scale
+    at or below adv_clip saturates first, so adv_clip changes nothing there and must not be blamed."""
+    forward = ["grpo.objective=forward", "grpo.stochastic_steps=null", "grpo.group_size=32"]
+    with pytest.raises(ConfigError, match="adv_clip=5.0 below sqrt"):
+        load_config(None, forward)
+    assert load_config(None, [*forward, "grpo.forward_adv_scale=2"]).grpo.forward_adv_scale == 2
+    assert load_config(None, [*forward, "grpo.adv_clip=0"]).grpo.adv_clip == 0

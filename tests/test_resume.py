@@ -271,7 +271,8 @@ def test_a_state_saved_before_the_resumable_bounds_were_added_still_resumes(tmp_
     """Session 37 let more keys change on resume (timeouts, limits), so fingerprints leave them out: a state saved
     before hashed them, and its run must still resume (an edit of its config.yaml must still be refused)."""
     from learner.config import ConfigError, dump_config, load_config
-    from learner.resume import RESUMABLE_KEYS_BEFORE_BOUNDS, config_fingerprint, open_resume, release_run_dirs
+    from learner.resume import (RESUMABLE_KEYS_BEFORE_BOUNDS, config_fingerprint, open_resume, release_run_dirs,
+                                rewrite_config)
     from tests.cli import SMOKE
 
     run_dir = tmp_path / "run"
@@ -283,14 +284,36 @@ def test_a_state_saved_before_the_resumable_bounds_were_added_still_resumes(tmp_
     old = config_fingerprint(data, RESUMABLE_KEYS_BEFORE_BOUNDS)
     assert old != config_fingerprint(data)
     write_state(run_dir, 3, {"run.json": json.dumps({"config_fingerprint": old}).encode()}, keep=2)
-    try:
-        cfg, resume = open_resume(str(run_dir), [], None)
-        assert resume.state.name == state_name(3)
-    finally:
-        release_run_dirs()
+    bound = ["actors.rollout_timeout_s=900"]  # what a timeout's message advises: applied, not written (it was hashed)
+    for _ in range(2):  # the second resume (the first one stopped before saving a state) must pass too
+        try:
+            cfg, resume = open_resume(str(run_dir), bound, None)
+            assert resume.state.name == state_name(3) and cfg.actors.rollout_timeout_s == 900
+            rewrite_config(run_dir, bound, resume.persistable)
+        finally:
+            release_run_dirs()
     (run_dir / "config.yaml").write_text((run_dir / "config.yaml").read_text().replace("lr: ", "lr: 9", 1))
     try:
         with pytest.raises(ConfigError, match="no longer matches"):
             open_resume(str(run_dir), [], None)
     finally:
         release_run_dirs()
+
+
+def test_a_run_dir_on_a_filesystem_without_locks_is_used_with_a_warning(tmp_path, monkeypatch, capsys):
+    """Lustre without flock, NFS without its lock daemon: flock fails with ENOSYS / ENOLCK. The run goes on (it did
+    before the lock existed), warned; only a lock another process holds refuses it."""
+    import errno
+    import fcntl
+
+    from learner.resume import hold_run_dir, release_run_dirs
+
+    def unsupported(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    try:
+        hold_run_dir(tmp_path)
+    finally:
+        release_run_dirs()
+    assert "cannot be locked (Function not implemented)" in capsys.readouterr().err

@@ -13,7 +13,6 @@ from PIL import Image
 from learner.sample import load, prompt_images, sample_images, to_pil
 from proxmodel.model import save_model
 from tests.cli import run_cli
-from tests.grpo_batch import PROMPTS
 
 PROMPTS = ["a small red circle at the top left, on a white background",
            "a large blue square at the bottom right, on a black background",
