@@ -50,7 +50,8 @@ def resolve_checkpoint(ref: str | None) -> Path | None:
     if not path.is_dir() or missing:
         what = "does not exist" if not path.exists() else f"is not a checkpoint folder (it lacks {' and '.join(missing)})"
         if path.is_dir() and not missing_files(path / "checkpoint"):
-            raise ConfigError(f"init_from={ref!r} is a run's folder; its checkpoint is init_from={path / 'checkpoint'}.")
+            raise ConfigError(f"init_from={ref!r} is a run's folder; its checkpoint is "
+                              f"init_from={path / 'checkpoint'}.")
         raise ConfigError(
             f"init_from={ref!r} {what}. A checkpoint is a folder with {INDEX_FILE}, unet/, text_encoder/ and "
             f"scheduler/ (or, from earlier versions, model.safetensors and config.json): use the 'checkpoint' path "

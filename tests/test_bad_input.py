@@ -151,7 +151,8 @@ def test_bad_command_lines_and_config_files(box, capsys, argv, fragment):
                                      "of 32 (e.g. 4), or 1"),
     ([*GRPO, "redis.url=redis://127.0.0.1:1/0"], "cannot reach Redis at redis://127.0.0.1:1/0 (ConnectionError"),
     ([*GRPO, "redis.url=127.0.0.1:6379"], "redis.url '127.0.0.1:6379' must start with redis://"),
-    ([*GRPO, "redis.url=redis://:pw@127.0.0.1:port/0"], "cannot reach Redis at redis://:***@127.0.0.1:port/0 (ValueError"),
+    ([*GRPO, "redis.url=redis://:pw@127.0.0.1:port/0"],
+     "cannot reach Redis at redis://:***@127.0.0.1:port/0 (ValueError"),
     ([*GRPO, "grpo.credit_block=0"], "'grpo.credit_block' = 0: Input should be greater than or equal to 1"),
     ([*GRPO, "grpo.train_modules=[attn2.to_k,attn2.to_kk]"], "grpo.train_modules: ['attn2.to_kk'] name no module of "
                                                             "the U-Net in"),  # found before Ray, not by the learner
