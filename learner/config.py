@@ -156,6 +156,15 @@ class LoraSettings(Strict):
         return LoraSpec(self.rank, self.alpha or float(self.rank), tuple(self.targets)) if self.rank else None
 
 
+# Options that only one objective reads: set away from their defaults under another objective they would do nothing.
+OBJECTIVE_OPTIONS = {
+    "policy_gradient": ("credit_block", "kl_flow_steps", "train_step_window"),
+    "forward": ("forward_beta", "forward_adv_scale", "forward_shared_noise", "forward_negatives", "forward_loss_space",
+                "forward_pairs"),
+    "direct": ("direct_reward", "direct_steps"),
+}
+
+
 class GrpoConfig(Strict):
     iterations: int = Field(30, ge=1, description="rollout + update iterations")
     prompts_per_iteration: int = Field(6, ge=1, description="prompts P drawn per iteration")
@@ -433,6 +442,12 @@ class GrpoConfig(Strict):
                              "clipped, the group's advantages no longer sum to 0, so the split loss pulls toward its "
                              "own samples (docs/forward_objective.md). Raise grpo.adv_clip (or 0: no bound) or lower "
                              "grpo.group_size.")
+        ignored = [f"grpo.{name}={getattr(self, name)} applies to grpo.objective={objective} only"
+                   for objective, names in OBJECTIVE_OPTIONS.items() if objective != self.objective for name in names
+                   if getattr(self, name) != type(self).model_fields[name].default]
+        if ignored:
+            raise ValueError(f"{'; '.join(ignored)}, and the objective is {self.objective}: it would be ignored. Drop "
+                             "the option, or set the objective it belongs to.")
         if self.train_modules and self.train_text:
             raise ValueError("grpo.train_modules trains the named U-Net modules only; grpo.train_text would train the "
                              "text encoder beside them. Set grpo.train_text: false (or grpo.train_modules: null).")

@@ -1,6 +1,6 @@
 import pytest
 
-from learner.config import ConfigError, load_config, DEFAULT_CONFIG, CONFIG_DIR
+from learner.config import CONFIG_DIR, DEFAULT_CONFIG, OBJECTIVE_OPTIONS, ConfigError, load_config
 
 
 def test_shipped_configs_validate():
@@ -58,6 +58,25 @@ def test_detached_replay_inputs_are_refused_outside_the_direct_objective():
         load_config(DEFAULT_CONFIG, ["grpo.direct_detach_inputs=true"])
     with pytest.raises(ConfigError, match="needs grpo.direct_detach_inputs=true: through the full chain"):
         load_config(DEFAULT_CONFIG, ["grpo.objective=direct", "grpo.stochastic_steps=null", "grpo.train_step_fraction=0.5"])
+
+
+@pytest.mark.parametrize("objective, option", [
+    ("policy_gradient", "grpo.forward_pairs=4"),
+    ("policy_gradient", "grpo.forward_loss_space=x0"),
+    ("policy_gradient", "grpo.direct_steps=3"),
+    ("forward", "grpo.credit_block=2"),
+    ("forward", "grpo.train_step_window=[0]"),
+    ("forward", "grpo.direct_reward=compositional_soft_exact"),
+])
+def test_an_option_of_another_objective_is_refused_instead_of_ignored(objective, option):
+    """A user who sets grpo.forward_pairs=4 under the policy gradient (or tunes the direct objective's replay length
+    under the forward one) got a run that never read it; the option must name the objective it belongs to."""
+    owner = next(o for o, names in OBJECTIVE_OPTIONS.items() if option.split("=")[0].removeprefix("grpo.") in names)
+    ok = ["grpo.stochastic_steps=null"] if owner == "direct" else []
+    load_config(DEFAULT_CONFIG, [f"grpo.objective={owner}", *ok, option])  # its own objective takes it
+    with pytest.raises(ConfigError, match=rf"applies to grpo.objective={owner} only, and the objective is {objective}"):
+        load_config(DEFAULT_CONFIG, [f"grpo.objective={objective}", option])
+    load_config(DEFAULT_CONFIG, [f"grpo.objective={objective}"])  # the options at their defaults: no complaint
 
 
 def test_the_forward_objectives_x0_space_is_refused_with_the_noise_target():
