@@ -109,6 +109,25 @@ def transition_loss(model: nn.Module, reference: Optional[nn.Module], policy: Po
     return loss, stats
 
 
+MAX_STATS = ("ratio_max_dev", "log_ratio_abs_max", "first_pass_log_ratio_max")  # reported as the max, not the mean
+
+
+def collect(sums: dict[str, list[torch.Tensor]], stats: dict) -> None:
+    """Append one micro-step's statistics, left on their device: reading each on the host would wait for the GPU
+    at every micro-step."""
+    for name, value in stats.items():
+        sums.setdefault(name, []).append(torch.as_tensor(value).detach().float().reshape(()))
+
+
+def reduce_stats(sums: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """The collected statistics as floats in one transfer: the max of those in MAX_STATS, the mean of the rest."""
+    names = list(sums)
+    if not names:
+        return {}
+    reduced = [torch.stack(sums[n]).max() if n in MAX_STATS else torch.stack(sums[n]).mean() for n in names]
+    return dict(zip(names, torch.stack([r.to(reduced[0].device) for r in reduced]).cpu().tolist()))
+
+
 class GrpoLearner(Threaded):
     """One DeepSpeed rank of the policy learner (a Ray actor).
 
@@ -254,8 +273,8 @@ class GrpoLearner(Threaded):
         g = self.cfg.grpo
         if merge:
             batch = [TrainGroup.merged(batch)]
-        sums: dict[str, list[float]] = {}
-        first_pass: dict[str, list[float]] = {"max": [], "mean": []}
+        sums: dict[str, list[torch.Tensor]] = {}
+        first_pass: dict[str, list[torch.Tensor]] = {}
         for update in range(g.updates_per_batch):
             trained = select_train_steps(self.policy.transitions, g.train_step_window, g.train_step_fraction,
                                          self.step_rng)
@@ -273,18 +292,12 @@ class GrpoLearner(Threaded):
                     loss = loss + len(trained) * anchor
                     stats["anchor_loss"] = anchor.detach() / g.data_anchor
                 train_step(self.engine, loss)
-                stats = {name: float(value) for name, value in {"loss": loss.detach(), **stats}.items()}
                 if update == 0:  # before any optimiser step: how far the learner's function is from the rollout's
-                    first_pass["max"].append(stats["log_ratio_abs_max"])
-                    first_pass["mean"].append(stats["log_ratio_abs_mean"])
-                for name, value in stats.items():
-                    sums.setdefault(name, []).append(value)
+                    collect(first_pass, {"first_pass_log_ratio_max": stats["log_ratio_abs_max"],
+                                         "first_pass_log_ratio_mean": stats["log_ratio_abs_mean"]})
+                collect(sums, {"loss": loss.detach(), **stats})
             self.nonfinite.record(self.engine.was_step_applied())  # the pass's last micro-step was the optimiser step
-        out = {name: (max(v) if name in ("ratio_max_dev", "log_ratio_abs_max") else sum(v) / len(v))
-               for name, v in sums.items()}
-        out.update(first_pass_log_ratio_max=max(first_pass["max"]),
-                   first_pass_log_ratio_mean=sum(first_pass["mean"]) / len(first_pass["mean"]))
-        return out
+        return reduce_stats({**sums, **first_pass})
 
     @property
     def flow_kl_steps(self) -> list[int]:
@@ -320,17 +333,17 @@ class GrpoLearner(Threaded):
                                     negatives=g.forward_negatives, target=self.cfg.pretrain.target,
                                     loss_space=g.forward_loss_space)
                  for _ in range(g.updates_per_batch)]
-        sums: dict[str, list[float]] = {}
+        sums: dict[str, list[torch.Tensor]] = {}
         for u, update in enumerate(pairs):
             loss, stats = forward_loss(self.engine, update, g.forward_beta, self.reference, g.kl_coef)
             if self._optimiser_step(loss * scale, stats, u, sums) and self.ema is not None:
                 update_ema(self.ema, self.engine)
-        return {name: sum(v) / len(v) for name, v in sums.items()}
+        return reduce_stats(sums)
 
     def _direct_updates(self, batch: TrainGroup, prompts: list[str], scale: float) -> dict[str, float]:
         """updates_per_batch optimiser steps of the direct objective on the batch's recorded trajectories."""
         g = self.cfg.grpo
-        sums: dict[str, list[float]] = {}
+        sums: dict[str, list[torch.Tensor]] = {}
         for update in range(g.updates_per_batch):
             trained = None  # steps whose network keeps its graph: a random fraction, if asked, of the replayed ones
             if g.train_step_fraction < 1.0:
@@ -339,9 +352,9 @@ class GrpoLearner(Threaded):
             loss, stats = direct_loss(self.engine, self.reference, self.policy, batch.tokens, batch.states, prompts,
                                       self.direct_reward, g.direct_steps, g.kl_coef, g.direct_detach_inputs, trained)
             self._optimiser_step(loss * scale, stats, update, sums)
-        return {name: sum(v) / len(v) for name, v in sums.items()}
+        return reduce_stats(sums)
 
-    def _optimiser_step(self, loss: torch.Tensor, stats: dict, update: int, sums: dict[str, list[float]]) -> bool:
+    def _optimiser_step(self, loss: torch.Tensor, stats: dict, update: int, sums: dict[str, list[torch.Tensor]]) -> bool:
         """One whole optimiser step on `loss` (+ the data anchor's, step `update` of the batch), its statistics
         appended to `sums`; whether it was applied (a non-finite one is skipped)."""
         from learner.engine import train_step  # DeepSpeed: imported in the rank's process only
@@ -352,8 +365,7 @@ class GrpoLearner(Threaded):
         train_step(self.engine, loss)
         applied = self.engine.was_step_applied()
         self.nonfinite.record(applied)
-        for name, value in {"loss": loss.detach(), **stats}.items():
-            sums.setdefault(name, []).append(float(value))
+        collect(sums, {"loss": loss.detach(), **stats})
         return applied
 
     def _anchor_loss(self, update: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from actors.stream import ExperienceStream
 from learner.config import RunConfig
-from learner.grpo_learner import GrpoLearner
+from learner.grpo_learner import GrpoLearner, collect, reduce_stats
 from learner.policy_loss import group_advantages
 from proxmodel.model import save_model
 from proxmodel.policy import Policy
@@ -686,3 +686,14 @@ def test_each_prompt_and_iteration_gets_its_own_noise(checkpoint, server):
     assert not torch.equal(a.states[:, 0], b.states[:, 0])  # prompt index
     assert not torch.equal(a.states[:, 0], c.states[:, 0])  # iteration
     assert torch.equal(a.states, again.states)  # reproducible
+
+
+def test_update_statistics_report_the_worst_deviation_and_the_mean_of_the_rest():
+    """The statistics stay tensors through a pass and are reduced once: the ratio's worst deviation and the largest
+    |log-ratio| must stay maxima (a mean would hide one transition that left the trust region), the rest means."""
+    sums: dict = {}
+    for dev, kl in ((0.5, 1.0), (0.1, 3.0), (0.0, 2.0)):
+        collect(sums, {"ratio_max_dev": torch.tensor(dev), "log_ratio_abs_max": torch.tensor(dev / 2), "kl": kl})
+    out = reduce_stats(sums)
+    assert out == pytest.approx({"ratio_max_dev": 0.5, "log_ratio_abs_max": 0.25, "kl": 2.0})
+    assert all(isinstance(v, float) for v in out.values()) and reduce_stats({}) == {}
