@@ -109,6 +109,12 @@ def transition_loss(model: nn.Module, reference: Optional[nn.Module], policy: Po
     return loss, stats
 
 
+def rank_generator(seed: int, rank: int) -> torch.Generator:
+    """A generator of rank `rank`'s own noise: ranks train different groups and data, and noise drawn from one
+    shared stream would be the same on every rank, correlating what should be independent estimates."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (rank + 1))
+
+
 MAX_STATS = ("ratio_max_dev", "log_ratio_abs_max", "first_pass_log_ratio_max")  # reported as the max, not the mean
 
 
@@ -156,7 +162,8 @@ class GrpoLearner(Threaded):
         self.ema = make_ema(self.model, g.ema_decay, warmup=False)
         self.policy = Policy.of(self.model, g.steps, g.eta, g.guidance, stochastic_steps=g.stochastic_steps,
                                 credit_block=g.credit_block)
-        self.step_rng = torch.Generator().manual_seed(self.cfg.seed)
+        self.step_rng = torch.Generator().manual_seed(self.cfg.seed)  # which transitions train: alike on every rank
+        self.noise_rng = rank_generator(self.cfg.seed, rank)  # the forward pairs' and the data anchor's noise
         n_train = len(select_train_steps(self.policy.transitions, g.train_step_window, g.train_step_fraction,
                                          torch.Generator()))
         n_train = n_train if g.objective == "policy_gradient" else 1
@@ -329,7 +336,7 @@ class GrpoLearner(Threaded):
         pairs = [ForwardBatch.build(sampler, x0, tokens, advantages, step_candidates=cfg.trained_steps or [g.steps],
                                     variants=tuple(cfg.trained_variants or ["hybrid"]),
                                     adv_scale=g.forward_adv_scale or math.sqrt(g.group_size - 1),
-                                    generator=self.step_rng, tie=g.group_size if g.forward_shared_noise else 1,
+                                    generator=self.noise_rng, tie=g.group_size if g.forward_shared_noise else 1,
                                     negatives=g.forward_negatives, target=self.cfg.pretrain.target,
                                     loss_space=g.forward_loss_space)
                  for _ in range(g.updates_per_batch)]
@@ -372,7 +379,7 @@ class GrpoLearner(Threaded):
         """The data anchor's weighted loss for optimiser step `update` of this batch (the step index in the run
         follows from the policy version, so a resumed run takes the same data)."""
         step = self.version * self.cfg.grpo.updates_per_batch + update
-        return self.anchor.loss(self.engine, self.model, step, self.step_rng, self.device)
+        return self.anchor.loss(self.engine, self.model, step, self.noise_rng, self.device)
 
     def save_state(self) -> dict[str, bytes]:
         """This rank's part of a run state: DeepSpeed's engine files (weights, optimizer, ZeRO partitions), the
@@ -383,6 +390,7 @@ class GrpoLearner(Threaded):
         files[f"rank{self.rank}.json"] = json_bytes({"version": self.version, "prompt_stats": self.prompt_stats.state(),
                                                      "nonfinite": [self.nonfinite.total, self.nonfinite.in_a_row]})
         files[f"rank{self.rank}.safetensors"] = tensor_bytes({"step_rng": self.step_rng.get_state(),
+                                                              "noise_rng": self.noise_rng.get_state(),
                                                               "torch_rng": torch.get_rng_state()})
         if self.ema is not None:  # the sampling policy (objective forward with grpo.ema_decay)
             files[f"rank{self.rank}-ema.safetensors"] = tensor_bytes(self.ema.state_dict())
@@ -401,6 +409,8 @@ class GrpoLearner(Threaded):
         self.prompt_stats = PromptStats(self.prompt_stats.buffer, self.prompt_stats.min_count, mine["prompt_stats"])
         rng = tensors_from(files[f"rank{self.rank}.safetensors"])
         self.step_rng.set_state(rng["step_rng"])
+        if "noise_rng" in rng:  # a state saved before the ranks drew their own noise goes on from a fresh stream
+            self.noise_rng.set_state(rng["noise_rng"])
         torch.set_rng_state(rng["torch_rng"])
         if self.ema is not None:
             ema = tensors_from(files[f"rank{self.rank}-ema.safetensors"])

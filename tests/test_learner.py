@@ -9,7 +9,7 @@ import torch
 
 from actors.stream import ExperienceStream
 from learner.config import RunConfig
-from learner.grpo_learner import GrpoLearner, collect, reduce_stats
+from learner.grpo_learner import GrpoLearner, collect, rank_generator, reduce_stats
 from learner.policy_loss import group_advantages
 from proxmodel.model import save_model
 from proxmodel.policy import Policy
@@ -570,25 +570,29 @@ def test_the_kl_term_pulls_a_moved_policy_back_to_its_reference(checkpoint, serv
     assert (after < 0.9 * before) if kl_coef else (after == before), (before, after)
 
 
-def test_a_learner_restored_from_its_state_trains_the_next_batch_as_if_never_stopped(checkpoint, server):
+@pytest.mark.parametrize("opts", [
+    dict(advantage_std="prompt", prompt_stats_min_count=2, train_step_fraction=0.5, recompute="group", max_staleness=5),
+    dict(objective="forward", forward_pairs=2, data_anchor=0.5, data_anchor_batch=4),
+], ids=["policy_gradient", "forward"])
+def test_a_learner_restored_from_its_state_trains_the_next_batch_as_if_never_stopped(checkpoint, server, opts):
     """Per-prompt running statistics (the same prompts in both batches) and a random half of the transitions: the
-    second update depends on the PromptStats and the step RNG after the first. Would catch either left out of the
-    run state (the end-to-end resume runs use group statistics and every transition, where neither matters)."""
-    opts = dict(advantage_std="prompt", prompt_stats_min_count=2, train_step_fraction=0.5, recompute="group",
-                max_staleness=5)
+    second update depends on the PromptStats and the step RNG after the first; the forward objective's pairs and
+    the data anchor draw from the rank's noise RNG. Would catch any of them left out of the run state (the
+    end-to-end resume runs use group statistics and every transition, where neither matters)."""
     for run_id in ("res-a", "res-b"):  # the same two batches on two streams
         for iteration in (0, 1):
-            write_batch(checkpoint, server.address, run_id, steps=STEPS, group_size=G, iteration=iteration,
-                        seed=iteration)
-    straight = make_learner(checkpoint, server, "res-a", **opts)
+            write_batch(checkpoint, server.address, f"{run_id}-{opts.get('objective')}", steps=STEPS, group_size=G,
+                        iteration=iteration, seed=iteration, version=iteration)
+    straight = make_learner(checkpoint, server, f"res-a-{opts.get('objective')}", **opts)
     straight.train(0, len(PROMPTS))
     straight.train(1, len(PROMPTS))
-    first = make_learner(checkpoint, server, "res-b", **opts)
+    first = make_learner(checkpoint, server, f"res-b-{opts.get('objective')}", **opts)
     first.train(0, len(PROMPTS))
     state = first.save_state()
-    restored = make_learner(checkpoint, server, "res-b", **opts)
+    restored = make_learner(checkpoint, server, f"res-b-{opts.get('objective')}", **opts)
     assert restored.load_state(state) == 1
-    restored.train(1, len(PROMPTS))
+    metrics = restored.train(1, len(PROMPTS))
+    assert metrics["groups_trained"] == len(PROMPTS)
     expected, got = straight.publish()[0], restored.publish()[0]
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
@@ -697,3 +701,13 @@ def test_update_statistics_report_the_worst_deviation_and_the_mean_of_the_rest()
     out = reduce_stats(sums)
     assert out == pytest.approx({"ratio_max_dev": 0.5, "log_ratio_abs_max": 0.25, "kl": 2.0})
     assert all(isinstance(v, float) for v in out.values()) and reduce_stats({}) == {}
+
+
+def test_each_rank_draws_its_own_pair_and_anchor_noise(checkpoint, server):
+    """Ranks train different groups; noise from one stream seeded alike on every rank (as it was) drew the same
+    pairs on each, correlating estimates the gradient average treats as independent."""
+    draws = [torch.randn(64, generator=rank_generator(0, rank)) for rank in range(3)]
+    assert all(not torch.allclose(a, b) for i, a in enumerate(draws) for b in draws[i + 1:])
+    learner = make_learner(checkpoint, server, "own-noise", objective="forward")
+    assert torch.equal(torch.randn(64, generator=learner.noise_rng), draws[0])  # the learner of rank 0 uses it
+    assert not torch.equal(learner.noise_rng.get_state(), learner.step_rng.get_state())
