@@ -60,9 +60,9 @@ def resolve_checkpoint(ref: str | None) -> Path | None:
     return path
 
 
-def with_checkpoint_model(cfg: RunConfig, init_from: Path, overrides: list[str]) -> RunConfig:
-    """`cfg` with the model the run will use: init_from's own config (every model.* setting of the config is then
-    unused), so config.yaml and the MLflow params record the model that trains, not the config file's; model.*
+def with_checkpoint_model(cfg: RunConfig, model: ModelConfig, init_from: Path, overrides: list[str]) -> RunConfig:
+    """`cfg` with the model the run will use, init_from's own config `model` (every model.* setting of the config is
+    then unused), so config.yaml and the MLflow params record the model that trains, not the config file's; model.*
     overrides on the command line are said to be ignored."""
     from proxmodel.checkpoint import config_file
 
@@ -70,7 +70,7 @@ def with_checkpoint_model(cfg: RunConfig, init_from: Path, overrides: list[str])
     if ignored:
         print(f"warning: {', '.join(ignored)} ignored: the model is init_from's, as {config_file(init_from)} "
               "describes it", file=sys.stderr)
-    return cfg.model_copy(update={"model": checkpoint_config(init_from)})
+    return cfg.model_copy(update={"model": model})
 
 
 def checkpoint_config(init_from: Path) -> ModelConfig:
@@ -211,14 +211,12 @@ def check_model_files(model: ModelConfig, init_from: Path | None) -> None:
     written; the torch-heavy modules are imported only when such a folder is configured."""
     try:
         if model.vae:
-            from proxmodel.latent import require_vae_files
+            from proxmodel.latent import vae_config
 
-            vae_config = require_vae_files(model.vae) / "config.json"
             try:
-                vae_channels = json.loads(vae_config.read_text()).get("in_channels", 3)
+                vae_channels = vae_config(model.vae).get("in_channels", 3)
             except ValueError as e:
-                raise ConfigError(f"model.vae={model.vae!r}: {vae_config} is not valid JSON ({e}); copy the VAE's "
-                                  f"folder again.") from None
+                raise ConfigError(str(e)) from None
             if vae_channels != model.channels:  # else: a raw conv error at the first encoded batch
                 raise ConfigError(f"model.channels={model.channels}, but the VAE at model.vae={model.vae!r} encodes "
                                   f"{vae_channels}-channel images: set model.channels={vae_channels}, or use a VAE "
@@ -278,8 +276,9 @@ def fresh_dir(base: Path) -> Path:
     raise OSError(f"no free folder name next to {base}")
 
 
-def preflight(cfg: RunConfig, mode: str, resuming: bool = False) -> Path | None:
-    """Every file and option the run will read, checked in the order a user would fix them; returns init_from.
+def preflight(cfg: RunConfig, mode: str, resuming: bool = False) -> tuple[Path | None, ModelConfig]:
+    """Every file and option the run will read, checked in the order a user would fix them; returns init_from and
+    the model's config (init_from's own, which wins over the config's model section).
     `resuming`: a check of the run's rewards against its data is skipped (a started run cannot change them)."""
     check_rewards(cfg, mode)
     if mode == "grpo":
@@ -308,7 +307,7 @@ def preflight(cfg: RunConfig, mode: str, resuming: bool = False) -> Path | None:
         check_policy_model(cfg, model)
         check_module_names(cfg, init_from)
         check_redis(cfg)
-    return init_from
+    return init_from, model
 
 
 def check_module_names(cfg: RunConfig, init_from: Path | None) -> None:
@@ -479,10 +478,10 @@ def _main(args: argparse.Namespace) -> int:
         if args.print_config:
             print(dump_config(cfg), end="")
             return 0
-        init_from = preflight(cfg, mode, resuming=resume is not None)
+        init_from, model = preflight(cfg, mode, resuming=resume is not None)
         if resume is None:
             if init_from is not None:
-                cfg = with_checkpoint_model(cfg, init_from, args.overrides)
+                cfg = with_checkpoint_model(cfg, model, init_from, args.overrides)
             run_dir = prepare_run_dir(cfg, mode)
         else:
             run_dir = resume.run_dir

@@ -48,12 +48,20 @@ def _downscale(block_out_channels) -> int:
     return 2 ** (len(block_out_channels) - 1)
 
 
+def vae_config(path: str) -> dict:
+    """The VAE folder's config.json (no weights): FileNotFoundError naming missing files, ValueError if not JSON."""
+    file = require_vae_files(path) / "config.json"
+    try:
+        return json.loads(file.read_text())
+    except ValueError as e:
+        raise ValueError(f"model.vae={path!r}: {file} is not valid JSON ({e}); copy the VAE's folder again.") from None
+
+
 def model_side(image_size: int, vae: str | None) -> int:
     """The side of the model's space: the image's, or the latents' read from the VAE folder's config (no weights)."""
     if vae is None:
         return image_size
-    config = json.loads((require_vae_files(vae) / "config.json").read_text())
-    return image_size // _downscale(config["block_out_channels"])
+    return image_size // _downscale(vae_config(vae)["block_out_channels"])
 
 
 def _shift_scale(vae: AutoencoderKL) -> tuple[float, float]:
