@@ -3,6 +3,7 @@ folders: small CLIP ones saved here, and the real all-MiniLM-L6-v2 that the gt-a
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -100,6 +101,14 @@ def test_a_vae_for_other_channels_than_the_models_is_refused_at_start(vae_dir, t
                  f"model.vae={vae_dir}", "model.image_size=16", "model.channels=1", "data.kind=digits",
                  "rewards=[{name: jpeg_compressibility}]"])
     assert code == 2 and "encodes 3-channel images: set model.channels=3" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    broken = tmp_path / "vae"
+    shutil.copytree(vae_dir, broken)
+    (broken / "config.json").write_text("{not json")
+    code = main(["--mode", "pretrain", "--config", "configs/smoke.yaml", f"run_dir={tmp_path / 'run'}",
+                 f"model.vae={broken}", "model.image_size=16", "data.kind=digits", "model.channels=1",
+                 "rewards=[{name: jpeg_compressibility}]"])
+    assert code == 2 and "config.json is not valid JSON" in capsys.readouterr().err  # a traceback before
     assert not (tmp_path / "run").exists()
 
 
