@@ -86,7 +86,25 @@ def model_digest(spec_json: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-class RewardActor:
+def process_memory_mb() -> dict[str, float]:
+    """This process's resident memory and, once it has used a GPU, the memory torch holds there, in MB: logged every
+    iteration, so memory that grows over a run shows long before an out-of-memory kill ends it."""
+    import psutil
+
+    out = {"rss_mb": psutil.Process().memory_info().rss / 2**20}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["gpu_mb"] = torch.cuda.memory_allocated() / 2**20
+    return out
+
+
+class MemoryReport:
+    """An actor the driver can ask for its process's memory (process_memory_mb)."""
+
+    def memory_mb(self) -> dict[str, float]:
+        return process_memory_mb()
+
+
+class RewardActor(MemoryReport):
     """Holds the configured reward models; scores images in batches of at most `batch_size`.
 
     With `cache` (a Redis address), scores already on Redis are reused and only the rest are computed.
@@ -184,7 +202,7 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n if n > 0 else (os.cpu_count() or 1))
 
 
-class Threaded:
+class Threaded(MemoryReport):
     """An actor whose torch thread count the driver sets while the run goes (learner/layout.py)."""
 
     def node(self) -> tuple[str, int]:

@@ -13,7 +13,7 @@ import torch
 from actors.checkpoint import load_checkpoint
 from actors.device import actor_device
 from actors.experience import Group, SamplerSpec
-from actors.reward import RewardClient, Threaded, set_threads
+from actors.reward import RewardClient, Threaded, process_memory_mb, set_threads
 from actors.stream import ExperienceStream, RedisAddress
 from proxmodel.generate import generate, hacking_monitors
 from proxmodel.lora import BaseOf, LoraSpec, load_published, with_lora
@@ -132,6 +132,7 @@ class RolloutActor(Threaded):
             "reward_s": t2 - t1,
             "policy_version": self.version,
             "threads": torch.get_num_threads(),
+            "memory": process_memory_mb(),
         }
 
     @torch.no_grad()

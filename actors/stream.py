@@ -298,3 +298,11 @@ class ExperienceStream:
 
     def length(self) -> int:
         return int(self.client.xlen(self.key))
+
+    def server_memory_mb(self) -> Optional[float]:
+        """The Redis server's used memory (what redis.max_memory_mb bounds), in MB; None where INFO is not allowed
+        (a server whose ACL denies this user the command)."""
+        try:
+            return int(self.client.info("memory")["used_memory"]) / 2**20
+        except redis.ResponseError:
+            return None

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from actors.checkpoint import pack
-from actors.reward import RewardActor
+from actors.reward import RewardActor, process_memory_mb
 from actors.rollout import RolloutActor, eval_seed
 from actors.stream import ExperienceStream, RedisAddress, StreamStalled, learner_group
 from learner.cluster import ensure_resources, start_ray, stream_server, withdraw_request
@@ -188,6 +188,13 @@ class Progress:
     eval_time_s: float = 0.0  # of it, the held-out evaluations every eval_every (not counted by time_limit_s)
     resumed_at: list[int] = field(default_factory=list)  # iterations at which the run was resumed
     layout: Optional[dict] = None  # async runs: the sync/async probe's times and choice (learner/layout.py)
+
+
+def memory_metrics(reports: dict[str, list[dict[str, float]]]) -> dict[str, float]:
+    """memory/<role>_<rss|gpu>_mb: the largest over each role's processes (learner ranks, rollout actors, ...), from
+    their process_memory_mb reports. Logged every iteration, so a leak shows as a rising curve, not an OOM kill."""
+    return {f"memory/{role}_{key}": max(r[key] for r in rs if key in r)
+            for role, rs in reports.items() for key in sorted({k for r in rs for k in r})}
 
 
 def unvarying_metrics(g, metrics: dict) -> set[str]:
@@ -358,7 +365,8 @@ class GrpoRun:
             monitors["hacking"] = float(bool(self.hacked))
             if self.hacked:
                 tqdm.write(f"step {step}: the policy looks hacked: {'; '.join(self.hacked)}")
-        self.tracker.metrics({**metrics, **{f"monitor_{k}": v for k, v in monitors.items()}}, step=step)
+        self.tracker.metrics({**metrics, **{f"monitor_{k}": v for k, v in monitors.items()},
+                              **memory_metrics({"reward": self.reward_memory()})}, step=step)
         self.last_evaluation = (step, scores)
         grid = save_grid(images, self.run_dir / "samples" / f"step{step:05d}.png")
         self.tracker.image(grid, f"samples/step{step:05d}.png")
@@ -366,6 +374,19 @@ class GrpoRun:
         self.tracker.table({"prompt": list(self.eval_prompts), "image": to_pil(images),
                             **{name: scores[name][:, 0].tolist() for name in scores}}, f"samples/step{step:05d}.json")
         return scores
+
+    def reward_memory(self) -> list[dict[str, float]]:
+        """The reward actors' memory (process_memory_mb), asked at each evaluation (they serve the rollout actors,
+        not the driver, between them); an actor that does not answer within 10 s is left out, never waited for."""
+        refs = [a.memory_mb.remote() for a in self.reward_actors]
+        ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=10)
+        out = []
+        for ref in ready:
+            try:
+                out.append(self.ray.get(ref))
+            except self.ray.exceptions.RayError:  # being restarted: a monitor must not fail the run
+                pass
+        return out
 
     def held_out(self, sampler: str, eta: float, rewards: list[str]) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
         """(the first noise's images [prompts, C, H, W] in [0, 1], {reward: scores [prompts, eval_seeds]}): `sampler`
@@ -608,7 +629,8 @@ class GrpoRun:
             return None
         self.steady = False  # until the loop has counted this iteration
         with timed("update", timing):  # advantages, clipped loss, one optimiser step, entries acknowledged
-            metrics = self.from_learners(self.learners.call("train", it, groups))[0]
+            ranks = self.from_learners(self.learners.call("train", it, groups))
+            metrics = ranks[0]
             self.duplicates += metrics.pop("stream_duplicates")  # (not a metric: a fault-free run has none)
             self.trimmed += self.streams[0].trim()  # every rank has acknowledged them: the stream keeps what is in flight
         with timed("publish", timing):  # new weights to the rollout actors, picked up before their next batch
@@ -621,7 +643,11 @@ class GrpoRun:
             samples_per_s=groups * g.group_size / sum(timing.values()),
             sample_s=max(r["sample_s"] for r in results), reward_s=max(r["reward_s"] for r in results),
             threads_rollout=min(r["threads"] for r in results),
+            **memory_metrics({"learner": [m.pop("memory") for m in ranks], "rollout": [r["memory"] for r in results],
+                              "driver": [process_memory_mb()]}),
         )
+        if (redis_mb := self.streams[0].server_memory_mb()) is not None:
+            metrics["memory/redis_used_mb"] = redis_mb
         self.tracker.metrics({k: v for k, v in metrics.items() if k not in unvarying_metrics(g, metrics)}, step=it)
         if metrics["nonfinite_in_a_row"] >= g.max_nonfinite_updates:  # each was skipped: no run state is written
             raise nonfinite_stop(self.run_dir, metrics["nonfinite_in_a_row"], "grpo.max_nonfinite_updates", "grpo.lr")

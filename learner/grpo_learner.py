@@ -20,7 +20,7 @@ from torch import nn
 
 from actors.checkpoint import load_checkpoint
 from actors.experience import Group, SamplerSpec
-from actors.reward import Threaded, set_threads
+from actors.reward import Threaded, process_memory_mb, set_threads
 from actors.stream import ExperienceStream, RedisAddress, learner_group
 from learner.anchor import DataAnchor
 from learner.config import RunConfig
@@ -234,7 +234,7 @@ class GrpoLearner(Threaded):
             return {"groups": len(ids), "groups_trained": 0, "groups_stale": len(ids) - len(kept),
                     "policy_lag_max": max(lags), "reward_mean": float(total.mean()),
                     "nonfinite_updates": self.nonfinite.total, "nonfinite_in_a_row": self.nonfinite.in_a_row,
-                    "stream_duplicates": duplicates}
+                    "stream_duplicates": duplicates, "memory": process_memory_mb()}
         batch = [TrainGroup.of(groups[i], advantages[i], self.model, self.device) for i in kept[self.rank :: self.world]]
         # Each loss averages over this shard; DeepSpeed averages over ranks: rescale to the global mean.
         scale = sum(b.advantages.numel() for b in batch) * self.world / sum(groups[i].size for i in kept)
@@ -269,6 +269,7 @@ class GrpoLearner(Threaded):
             policy_lag_max=max(lags),
             policy_lag_trained_max=max(lags[i] for i in kept),
             threads_learner=torch.get_num_threads(),  # set by the driver's layout (learner/layout.py)
+            memory=process_memory_mb(),  # (the driver logs the largest rank's)
             **{f"reward_{name}": float(r.mean()) for name, r in rewards.items()},
         )
         return out

@@ -112,3 +112,13 @@ def test_an_evaluation_whose_check_fell_is_marked_hacked(tmp_path):
     run.from_rollouts = lambda calls: [{"saturation": 1.0, "diversity": 1.0}]
     run.evaluate(1)
     assert run.hacked and "compositional_strict fell" in run.hacked[0]
+
+
+def test_memory_metrics_report_the_largest_process_of_each_role():
+    """A leak in one of several ranks or actors must show: each role's metric is its largest process, and a GPU
+    figure appears only for roles whose processes reported one."""
+    from learner.grpo import memory_metrics
+
+    out = memory_metrics({"learner": [{"rss_mb": 900.0, "gpu_mb": 10.0}, {"rss_mb": 1500.0, "gpu_mb": 30.0}],
+                          "rollout": [{"rss_mb": 700.0}, {"rss_mb": 650.0}], "reward": []})
+    assert out == {"memory/learner_rss_mb": 1500.0, "memory/learner_gpu_mb": 30.0, "memory/rollout_rss_mb": 700.0}

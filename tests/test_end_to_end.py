@@ -129,6 +129,15 @@ def test_grpo_end_to_end_acks_every_entry_and_logs_every_iteration(pretrained, s
     for key in ("eval_reward_total_ci_low", "eval_reward_gain_total", "monitor_prompt_diversity_ratio",
                 "monitor_kl_ref_per_transition"):
         assert key in metrics, key
+    # Memory of every kind of process, each iteration (the reward actors at each evaluation: smoke's eval_every 1),
+    # so growth over a run shows as a curve: resident MB of a live Python process with torch, and the Redis
+    # server's used memory.
+    for name, steps in (("learner_rss_mb", range(iterations)), ("rollout_rss_mb", range(iterations)),
+                        ("driver_rss_mb", range(iterations)), ("reward_rss_mb", range(iterations + 1))):
+        history = mlflow.get_metric_history(run.info.run_id, f"memory/{name}")
+        assert sorted(m.step for m in history) == list(steps) and all(100 < m.value < 24 * 1024 for m in history), name
+    redis_mb = mlflow.get_metric_history(run.info.run_id, "memory/redis_used_mb")
+    assert len(redis_mb) == iterations and all(0 < m.value < 4096 for m in redis_mb)
 
 
 def test_unknown_config_key_fails_fast_naming_it(tmp_path):
