@@ -251,8 +251,8 @@ class GrpoConfig(Strict):
     )
     recompute: Literal["batch", "group"] = Field(
         "batch", description="how the learner re-scores a transition: batch = one network call over all of a rank's "
-        "groups (1.28x faster on 2 CPU cores, benchmarks/throughput.py; the first ratio then differs from 1 by "
-        "kernel rounding only: <= 4e-7 in fp32, bounded in tests/test_learner.py, but up to ~1e-3 in bf16 at "
+        "groups (1.36x faster per trained transition on 2 CPU cores, 1.05x per update, benchmarks/throughput.py; "
+        "the first ratio then differs from 1 by kernel rounding only: <= 4e-7 in fp32, bounded in tests/test_learner.py, but up to ~1e-3 in bf16 at "
         "guidance 4 when the shapes pick other kernels, so bf16 GPU runs use group); group = group by group in the "
         "rollout's batch shapes, so the first ratio is exactly 1 (except under ZeRO-3 when the ranks hold unequal "
         "numbers of groups: then merged, as every rank must make the same number of calls)",
@@ -368,8 +368,8 @@ class GrpoConfig(Strict):
         "as eval_check_<name> with a 95% interval; a check that falls while the trained reward rises is hacking",
     )
     stop_on_hacking: bool = Field(
-        False, description="stop the run at the first evaluation where the policy looks hacked (a check reward "
-        "significantly below its start, saturation above hacking_saturation x the base's, within-group diversity "
+        False, description="stop the run at the first evaluation (every eval_every, which must be > 0) where the "
+        "policy looks hacked (a check reward significantly below its start, saturation above hacking_saturation x the base's, within-group diversity "
         "below hacking_diversity x the base's); the run then exports its best evaluated checkpoint",
     )
     hacking_saturation: float = Field(1.2, gt=1, description="stop_on_hacking: largest saturation ratio to the base")
@@ -448,6 +448,10 @@ class GrpoConfig(Strict):
         if ignored:
             raise ValueError(f"{'; '.join(ignored)}, and the objective is {self.objective}: it would be ignored. Drop "
                              "the option, or set the objective it belongs to.")
+        if self.stop_on_hacking and self.eval_every == 0:
+            raise ValueError("grpo.stop_on_hacking=true stops at the first evaluation showing hacking, but "
+                             "grpo.eval_every=0 evaluates only at the start and the end, so the run would never stop "
+                             "early. Set grpo.eval_every (e.g. 10) as well.")
         if self.train_modules and self.train_text:
             raise ValueError("grpo.train_modules trains the named U-Net modules only; grpo.train_text would train the "
                              "text encoder beside them. Set grpo.train_text: false (or grpo.train_modules: null).")

@@ -94,10 +94,12 @@ def test_the_x0_loss_space_with_the_noise_target_is_refused_for_prox_models_only
     x0_noise = ["pretrain.loss_space=x0", "pretrain.target=noise"]
     with pytest.raises(ConfigError, match="needs pretrain.target=conditional for a prox model"):
         preflight(load_config(DEFAULT_CONFIG, x0_noise), "pretrain")
-    assert preflight(load_config(DEFAULT_CONFIG, [*x0_noise, "model.kind=score"]), "pretrain") is None
+    init_from, model = preflight(load_config(DEFAULT_CONFIG, [*x0_noise, "model.kind=score"]), "pretrain")
+    assert init_from is None and model.kind == "score"
     save_model(ProxT2I(tiny_model_config.model_copy(update={"kind": "score"})), tmp_path / "score")
-    assert preflight(load_config(DEFAULT_CONFIG, [*x0_noise, f"init_from={tmp_path / 'score'}"]), "pretrain") == \
-        tmp_path / "score"
+    init_from, model = preflight(load_config(DEFAULT_CONFIG, [*x0_noise, f"init_from={tmp_path / 'score'}"]),
+                                 "pretrain")
+    assert init_from == tmp_path / "score" and model.kind == "score"  # the checkpoint's config, not the section's
 
 
 def test_mirror_pairs_need_scenes_and_an_even_batch():
@@ -126,3 +128,11 @@ def test_the_forward_objectives_adv_clip_rule_blames_only_a_clip_that_binds():
         load_config(None, forward)
     assert load_config(None, [*forward, "grpo.forward_adv_scale=2"]).grpo.forward_adv_scale == 2
     assert load_config(None, [*forward, "grpo.adv_clip=0"]).grpo.adv_clip == 0
+
+
+def test_stop_on_hacking_without_evaluations_in_between_is_refused():
+    """With eval_every 0 (the default) the only evaluations are the start and the end: stop_on_hacking could never
+    stop a run, which the docs promised it would. Would catch the option accepted and the run trained to the end."""
+    load_config(DEFAULT_CONFIG, ["grpo.stop_on_hacking=true", "grpo.eval_every=10"])
+    with pytest.raises(ConfigError, match="grpo.eval_every=0 evaluates only at the start and the end"):
+        load_config(DEFAULT_CONFIG, ["grpo.stop_on_hacking=true"])
