@@ -252,9 +252,10 @@ class GrpoConfig(Strict):
     recompute: Literal["batch", "group"] = Field(
         "batch", description="how the learner re-scores a transition: batch = one network call over all of a rank's "
         "groups (1.36x faster per trained transition on 2 CPU cores, 1.05x per update, benchmarks/throughput.py; "
-        "the first ratio then differs from 1 by kernel rounding only: <= 4e-7 in fp32, bounded in tests/test_learner.py, but up to ~1e-3 in bf16 at "
-        "guidance 4 when the shapes pick other kernels, so bf16 GPU runs use group); group = group by group in the "
-        "rollout's batch shapes, so the first ratio is exactly 1 (except under ZeRO-3 when the ranks hold unequal "
+        "the first ratio then differs from 1 by kernel rounding only: <= 4e-7 in fp32, bounded in "
+        "tests/test_learner.py, but up to ~1e-3 in bf16 at guidance 4 when the shapes pick other kernels, so bf16 "
+        "GPU runs use group); group = group by group in the rollout's batch shapes, so the first ratio is exactly 1 "
+        "(except under ZeRO-3 when the ranks hold unequal "
         "numbers of groups: then merged, as every rank must make the same number of calls)",
     )
     train_text: bool = Field(
@@ -369,8 +370,9 @@ class GrpoConfig(Strict):
     )
     stop_on_hacking: bool = Field(
         False, description="stop the run at the first evaluation (every eval_every, which must be > 0) where the "
-        "policy looks hacked (a check reward significantly below its start, saturation above hacking_saturation x the base's, within-group diversity "
-        "below hacking_diversity x the base's); the run then exports its best evaluated checkpoint",
+        "policy looks hacked (a check reward significantly below its start, saturation above hacking_saturation x "
+        "the base's, within-group diversity below hacking_diversity x the base's); the run then exports its best "
+        "evaluated checkpoint",
     )
     hacking_saturation: float = Field(1.2, gt=1, description="stop_on_hacking: largest saturation ratio to the base")
     hacking_diversity: float = Field(

@@ -362,7 +362,8 @@ class GrpoLearner(Threaded):
             self._optimiser_step(loss * scale, stats, update, sums)
         return reduce_stats(sums)
 
-    def _optimiser_step(self, loss: torch.Tensor, stats: dict, update: int, sums: dict[str, list[torch.Tensor]]) -> bool:
+    def _optimiser_step(self, loss: torch.Tensor, stats: dict, update: int,
+                        sums: dict[str, list[torch.Tensor]]) -> bool:
         """One whole optimiser step on `loss` (+ the data anchor's, step `update` of the batch), its statistics
         appended to `sums`; whether it was applied (a non-finite one is skipped)."""
         from learner.engine import train_step  # DeepSpeed: imported in the rank's process only

@@ -36,8 +36,8 @@ def write_batch(checkpoint, address, run_id, *, steps, group_size, eta=1.0, guid
     for i, (prompt, traj) in enumerate(zip(PROMPTS, trajectories)):
         reward = rewards[i] if rewards is not None else torch.rand(group_size, generator=gen)
         recorded = (traj.states, traj.log_probs) if trajectory else (None, None)
-        groups.append(Group(prompt, i, iteration, version, actor.sampler, {"compositional": reward}, WEIGHTS, traj.images,
-                            *recorded))
+        groups.append(Group(prompt, i, iteration, version, actor.sampler, {"compositional": reward}, WEIGHTS,
+                            traj.images, *recorded))
         out.append(reward)
     for i in order if order is not None else range(len(groups)):
         actor.stream.add(groups[i])
