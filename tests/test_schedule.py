@@ -89,3 +89,14 @@ def test_a_grid_stitched_from_trained_grids_queries_only_trained_pairs():
     for bad in ([0.0, 0.5, 0.5, 1.0], [0.1, 1.0], [0.0, 0.9], [1.0]):
         with pytest.raises(ValueError, match="rise strictly from 0 to 1"):
             sched.grid_at(bad)
+
+
+def test_step_counts_are_drawn_with_weights_n_to_the_one_third():
+    """method.md sec. 4: N ~ candidates with weights N^(1/3). A pair shows its grid in its lam (every 1000-step gamma
+    is below 0.03, every 5-step one above 0.4), so the share of 1000-step pairs must be
+    1000^(1/3) / (5^(1/3) + 1000^(1/3)) = 0.854. Would catch uniform weights (0.5), weights N (0.995) or sqrt(N)
+    (0.934): the few-step grids the sampler uses would be trained on a different share of the pairs."""
+    t, lam = sample_train_pairs(VPSchedule(), [5, 1000], 20000, torch.Generator().manual_seed(0))
+    assert bool(((lam < 0.03) | (lam > 0.4)).all())
+    expected = 1000 ** (1 / 3) / (5 ** (1 / 3) + 1000 ** (1 / 3))
+    assert float((lam < 0.03).double().mean()) == pytest.approx(expected, abs=0.015)  # 6 standard errors
