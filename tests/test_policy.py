@@ -155,3 +155,16 @@ def test_a_group_with_a_shared_start_differs_by_the_policys_own_noise_only(model
         assert torch.allclose(step.log_prob.detach(), traj.log_probs[:, j], atol=1e-6), f"transition {j}"
     own = Policy.of(model, STEPS).sample(model, {"tokens": tokens}, shape_of(model), torch.Generator().manual_seed(6))
     assert not torch.allclose(own.states[0, 0], own.states[1, 0])
+
+
+def test_a_backward_policys_transition_variance_is_the_backward_half_steps():
+    """method.md sec. 3: the fully backward policy's variance is eta^2 gamma / (1 - gamma/2)^2 (gamma = gamma_{k-1},
+    k = N - j), written out here; the KL and the flow drift divide by it. Would catch the variance taken from the
+    hybrid half-step (eta^2 gamma) whatever the policy's variant: the backward KL would be off by up to 1/0.05^2."""
+    eta, steps = 0.8, 10
+    policy = Policy("prox", steps, eta=eta, variant="backward")
+    for j in range(steps - 1):
+        t_prev, t = (steps - j - 2) / steps, (steps - j - 1) / steps
+        gamma = 0.1 * (t - t_prev) + 0.5 * 19.9 * (t * t - t_prev * t_prev)
+        assert policy.variance(j) == pytest.approx(eta**2 * gamma / (1 - gamma / 2) ** 2, rel=1e-9), j
+    assert Policy("prox", steps, eta=eta).variance(0) == pytest.approx(eta**2 * policy.grid.gamma_at(steps - 1))

@@ -220,3 +220,33 @@ def test_guidance_one_is_the_plain_prox_and_other_scales_follow_the_formula(tiny
         assert torch.allclose(prox_fn(tiny_model, w, tokens=tokens)(y, t, lam), guided, atol=1e-5)
         assert torch.allclose(prox_fn(tiny_model, 0.0, context=context)(y, t, lam), empty, atol=1e-5)
         assert (guided - plain).abs().max() > 1e-3
+
+
+def test_backward_stochastic_early_steps_then_flow_follow_the_chain_written_out():
+    """grpo.stochastic_steps with the fully backward sampler: K backward transitions, y = (x + sqrt(gamma) z) /
+    (1 - gamma/2), then probability-flow steps y = (1 + gamma/2) x with lam = gamma/2, the first flow step's prox
+    still taking the backward lam (its input was made by a backward half-step). Written out independently. Would
+    catch a flow step that keeps the backward half-step's scale 1 / (1 - gamma/2) or lam (the flow and hybrid scales
+    coincide, so the hybrid chain cannot show it)."""
+    shape, steps, k_stochastic = (G, 3, 4, 4), 10, 3
+    grid = VPSchedule().grid(steps)
+    traj = sample_hybrid(standard_normal_prox, shape, grid, generator=torch.Generator().manual_seed(2),
+                         variant="backward", stochastic_steps=k_stochastic)
+    gen = torch.Generator().manual_seed(2)
+    x, z = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    g = grid.gamma_at(steps)
+    y = (x + math.sqrt(g) * z) / (1 - g / 2)
+    states, backward = [y], True  # whether y_k was made by a backward half-step
+    for k in range(steps, 0, -1):
+        g = grid.gamma_at(k)
+        lam = g / (1 - g / 2) if backward else g / 2
+        x = standard_normal_prox(y, torch.full((G,), grid.t_at(k - 1)), torch.full((G,), lam))
+        if k == 1:
+            break
+        backward = steps - (k - 1) <= k_stochastic  # transition steps - k makes y_{k-1}
+        g = grid.gamma_at(k - 1)
+        y = (x + math.sqrt(g) * torch.randn(shape, generator=gen)) / (1 - g / 2) if backward else (1 + g / 2) * x
+        states.append(y)
+    assert traj.log_probs.shape == (G, k_stochastic)
+    assert torch.allclose(traj.states, torch.stack(states, dim=1), atol=1e-5)
+    assert torch.allclose(traj.images, x, atol=1e-5)
