@@ -334,3 +334,35 @@ def test_pretraining_measures_sigma_data_as_the_rms_of_the_encoded_data(tiny_mod
     with torch.no_grad():
         expected = float(model.encode_images(images).double().pow(2).mean().sqrt())
     assert measured == round(expected, 4) and 0.1 < measured < 2.0
+
+
+def test_proxdm_eps_prox_feeds_the_unet_its_input_scaled_by_the_std_of_y(tiny_model_config):
+    """prox_param eps (ProxDM): prox = y - sqrt(lam) F(y / sqrt(1 + lam)), the input scaled by the std of y when
+    p_t = N(0, I); checked against a direct call of the U-Net. Would catch the scaling dropped: the network would
+    see inputs of variance 1 + lam (4.6 at the 5-step grid's last step) and checkpoints trained with it would break."""
+    from proxmodel.model import EMBED_SCALE, prox_fn
+
+    model = ProxT2I(tiny_model_config.model_copy(update={"prox_param": "eps"})).eval()
+    b = 3
+    y, t, lam = torch.randn(b, 3, 8, 8), torch.tensor([0.2, 0.5, 0.9]), torch.tensor([0.4, 1.5, 3.0])
+    tokens = model.tokenize(["a blue square"] * b)
+    lv = lam.view(-1, 1, 1, 1)
+    with torch.no_grad():
+        f = model.unet(y / (1 + lv).sqrt(), t * EMBED_SCALE, encoder_hidden_states=model.encode_text(tokens),
+                       class_labels=lam * EMBED_SCALE).sample
+        got = prox_fn(model, tokens=tokens)(y, t, lam)
+    assert torch.allclose(got, y - lv.sqrt() * f, atol=1e-5)
+
+
+def test_unclamped_images_keep_every_pixel_and_its_gradient():
+    """to_images(clamp=False), what grpo.objective direct backpropagates the reward through: the plain map
+    [-1, 1] -> [0, 1] extended past the ends, with gradient 1/2 at every pixel; the clamped map stops at 0 and 1.
+    Would catch clamp=False ignored (pixels past [0, 1] would get no gradient from the reward)."""
+    from proxmodel.model import to_unit
+
+    x = torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0], requires_grad=True)
+    unclamped = to_unit(x, clamp=False)
+    assert torch.equal(unclamped.detach(), torch.tensor([-1.0, 0.0, 0.5, 1.0, 2.0]))
+    unclamped.sum().backward()
+    assert torch.equal(x.grad, torch.full((5,), 0.5))
+    assert torch.equal(to_unit(x.detach()), torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]))

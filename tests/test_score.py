@@ -111,3 +111,15 @@ def test_score_training_pairs_are_the_forward_process():
     assert float(t.min()) >= 1e-3 and float(t.max()) <= 1.0
     assert torch.allclose(x_t, alpha.sqrt() * x0 + (1 - alpha).sqrt() * eps)
     assert abs(float(eps.std()) - 1) < 0.05
+
+
+def test_score_pairs_draw_t_uniformly_above_t_min():
+    """pretrain.score_t_min: the score baseline is trained on t ~ U(t_min, 1) only (below it sqrt(1 - alpha_t) -> 0
+    and the eps target is unlearnable), with x_t = sqrt(alpha_t) x0 + sqrt(1 - alpha_t) eps. Would catch t_min
+    ignored (t ~ U(0, 1))."""
+    x0 = torch.rand(4000, 1, 2, 2) * 2 - 1
+    x_t, t, eps = make_score_pairs(x0, VPSchedule(), 0.3, torch.Generator().manual_seed(0))
+    assert float(t.min()) >= 0.3 and float(t.max()) < 1.0
+    assert float(t.mean()) == pytest.approx(0.65, abs=0.01) and float(t.std()) == pytest.approx(0.7 / 12**0.5, abs=0.01)
+    alpha = VPSchedule().alpha(t).view(-1, 1, 1, 1)
+    assert torch.allclose(x_t, alpha.sqrt() * x0 + (1 - alpha).sqrt() * eps, atol=1e-6)
