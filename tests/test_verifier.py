@@ -275,3 +275,75 @@ def test_the_count_check_passes_the_data_and_fails_hedged_copies_the_verifier_pa
     ys, xs = rng.integers(0, 32, 40), rng.integers(0, 32, 40)
     speckled[:, ys, xs] = PALETTE[rng.integers(len(PALETTE) - 5, len(PALETTE), 40)].T  # single off pixels
     assert count_objects(speckled) == 1
+
+
+def test_a_shape_is_credited_only_when_it_overlaps_its_template_well():
+    """MIN_SHAPE_IOU: a blob of the stated colour, place and size that is no shape of the grammar (a square's 1-px
+    outline: IoU 0.27 with the filled square) earns no shape credit; the filled square earns it. Would catch the
+    threshold dropped (every blob would take its best-overlapping shape, however poor the overlap)."""
+    scene = parse_caption("a large red square at the top left, on a white background")
+    image = render(Scene("white", ()), 32)
+    image[:, 2:16, 2:16] = PALETTE[PALETTE_NAMES.index("red")][:, None, None]
+    assert verify(image, scene) == 1.0
+    image[:, 3:15, 3:15] = 1.0  # the outline alone
+    assert verify(image, scene) == pytest.approx(4 / 5)
+
+
+def test_an_exact_square_or_circle_is_its_own_template():
+    """The shape template is drawn in the blob's bounding box (centre and extent), the way the renderer drew it, so an
+    unjittered square or circle overlaps it exactly (IoU 1 at 32 px). Would catch the template off by half a pixel
+    (a centre without the +1 of the box's last row), which eats into the STRICT threshold's margin."""
+    from rewards.compositional import Thresholds
+
+    for shape in ("square", "circle"):
+        for size in ("small", "large"):
+            for position in ("top left", "bottom right"):
+                scene = Scene("white", (SceneObject("red", shape, size, position),))
+                assert verify(render(scene, 32), scene, Thresholds(shape_iou=0.999)) == 1.0, (shape, size, position)
+
+
+def test_the_soft_verifier_credits_two_objects_of_one_colour_each_in_full():
+    """The colour's share leaves out the quadrants stated for other objects of that colour: a faithful render of two
+    red objects earns about what the verifier pays (1.0). Would catch the share taken over all of the colour's mass
+    (each object would own half of it: about 0.78)."""
+    scene = parse_caption("a small red square at the top left and a large red circle at the bottom right, "
+                          "on a white background")
+    image = render(scene, 32)
+    assert verify(image, scene) == 1.0
+    assert float(soft_verify(image, scene)) >= 0.95
+
+
+def test_pixels_far_past_the_palette_give_the_dense_verifier_a_finite_credit():
+    """compositional_soft scores unclamped images (grpo.objective direct): pixels far past [0, 1] can leave a colour
+    with exactly zero soft mass in a quadrant, and the credit must stay finite there (the templates fall back to the
+    quadrant's centre). Would catch the fallback dropped: the 0/0 colour centre makes the reward NaN."""
+    scene = parse_caption("a large red square at the top left, on a white background")
+    far = torch.full((3, 32, 32), 5.0, requires_grad=True)  # every pixel nearest white, red's soft mass exactly 0
+    for exact in (False, True):
+        credit = soft_verify(far, scene, exact=exact)
+        assert bool(torch.isfinite(credit.detach())) and 0.0 <= float(credit.detach()) <= 1.0
+        credit.backward()
+        assert bool(torch.isfinite(far.grad).all())
+
+
+def test_triangles_are_drawn_apex_up():
+    """The renderer's (and the verifier's templates') triangle points up, base down, as the data a shipped base was
+    trained on. Would catch an inverted triangle, which the verifier would still accept (render and template
+    agree) while every model trained on the data lost its shape credit."""
+    from rewards.scenes import shape_mask
+
+    widths = shape_mask("triangle", 14, 16.0, 16.0, 32).sum(axis=1)
+    rows = np.nonzero(widths)[0]
+    assert len(rows) >= 12 and np.all(np.diff(widths[rows]) >= 0) and widths[rows[-1]] > 3 * widths[rows[0]]
+
+
+def test_the_contrastive_distractors_depend_on_the_caption():
+    """Each caption has its own distractors (drawn from a seed fixed by the caption), never itself, the same in
+    every process. Would catch one fixed set of distractors for all prompts: a policy could then learn to fail
+    those few captions alone."""
+    prompts = scene_prompts(2, 0, 20)
+    reward = build("compositional_contrastive")
+    sets = [tuple(reward.distractors(p)) for p in prompts]
+    assert len(set(sets)) == len(prompts)
+    assert all(p not in s and len(s) == 4 for p, s in zip(prompts, sets))
+    assert [tuple(build("compositional_contrastive").distractors(p)) for p in prompts] == sets
