@@ -59,3 +59,30 @@ def test_a_plugin_written_without_the_guards_keeps_the_interfaces_promises():
     scores = Brightness().score(images, ["a"] * 3)
     assert scores.isnan().tolist() == [True, False, False]
     assert Brightness().score(images[:0], []).shape == (0,)
+
+
+@pytest.mark.parametrize("name", ["compositional", "compositional_count", "compositional_contrastive",
+                                  "compositional_soft", "compositional_soft_exact", "jpeg_compressibility"])
+def test_a_batch_scores_each_image_as_it_scores_alone(name):
+    """An image's reward cannot depend on the other images of its batch (the rollout batches a GRPO group's images
+    together). Would catch the contrastive verifier tiling its images in the wrong order (images.repeat for
+    repeat_interleave: each image scored against other prompts' distractors)."""
+    scenes, captions = scene_batch(seed=4, start=0, count=6, side=32)
+    images = torch.from_numpy(scenes)
+    captions = captions[:3] + captions[4:] + captions[3:4]  # some images under other captions: varied scores
+    reward = build(name)
+    batch = reward.score(images, captions)
+    alone = torch.cat([reward.score(images[i:i + 1], captions[i:i + 1]) for i in range(len(captions))])
+    assert torch.allclose(batch, alone, atol=1e-6)
+
+
+def test_the_check_command_refuses_an_option_without_a_name():
+    """`python -m rewards.check NAME key=value ...`: '=x' (no key) is refused with the form to use, as 'x' (no '=')
+    is. Would catch an empty key accepted as an option named '' (it would then fail later as an unknown option of
+    no name)."""
+    from rewards.check import parse_options
+
+    assert parse_options(["strict=true", "others=3"]) == {"strict": True, "others": 3}
+    for bad in ("=true", "strict"):
+        with pytest.raises(ValueError, match="is not key=value"):
+            parse_options([bad])
