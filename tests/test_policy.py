@@ -168,3 +168,22 @@ def test_a_backward_policys_transition_variance_is_the_backward_half_steps():
         gamma = 0.1 * (t - t_prev) + 0.5 * 19.9 * (t * t - t_prev * t_prev)
         assert policy.variance(j) == pytest.approx(eta**2 * gamma / (1 - gamma / 2) ** 2, rel=1e-9), j
     assert Policy("prox", steps, eta=eta).variance(0) == pytest.approx(eta**2 * policy.grid.gamma_at(steps - 1))
+
+
+def test_the_flow_drift_trains_the_model_and_leaves_the_reference_alone(model):
+    """flow_drift's gradient goes through the trained network only: a reference whose parameters still require grad
+    (a copy nobody froze) gets none, the model gets some. Would catch the reference's flow step computed with grad
+    (the KL would also pull the reference toward the model, and accumulate gradients in it)."""
+    if model.cfg.kind == "score":
+        return
+    tokens = model.tokenize(["a red circle", "a blue square", ""])
+    policy = Policy.of(model, 5, stochastic_steps=1)
+    traj = policy.sample(model, {"tokens": tokens}, shape_of(model), torch.Generator().manual_seed(4))
+    trained, reference = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert all(p.requires_grad for p in reference.parameters())
+    policy.flow_drift(trained, reference, {"tokens": tokens}, traj.states, 2).sum().backward()
+    assert all(p.grad is None for p in reference.parameters())
+    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in trained.unet.parameters())
