@@ -366,3 +366,17 @@ def test_unclamped_images_keep_every_pixel_and_its_gradient():
     unclamped.sum().backward()
     assert torch.equal(x.grad, torch.full((5,), 0.5))
     assert torch.equal(to_unit(x.detach()), torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]))
+
+
+def test_the_l1_and_mse_losses_are_means_over_every_element():
+    """The L1 warm-up and the score baseline's eps-MSE: mean |a - b| and mean (a - b)^2 over batch and dimensions,
+    checked on values worked out by hand. Would catch the warm-up squaring its residual (it is L1 to be robust to
+    the noise target's outliers) or the MSE summed over dimensions (its size then grows with the image, and the
+    gradient clipping at 1.0 binds at every step)."""
+    from proxmodel.losses import l1_loss, mse_loss
+
+    pred = torch.zeros(2, 1, 2, 2)
+    target = torch.tensor([[3.0, -1.0, 0.0, 0.0], [2.0, 2.0, -2.0, 0.0]]).view(2, 1, 2, 2)
+    assert float(l1_loss(pred, target)) == pytest.approx(10 / 8)
+    assert float(mse_loss(pred, target)) == pytest.approx(22 / 8)
+    assert float(mse_loss(pred.repeat(1, 1, 4, 4), target.repeat(1, 1, 4, 4))) == pytest.approx(22 / 8)
