@@ -347,3 +347,47 @@ def test_the_contrastive_distractors_depend_on_the_caption():
     assert len(set(sets)) == len(prompts)
     assert all(p not in s and len(s) == 4 for p, s in zip(prompts, sets))
     assert [tuple(build("compositional_contrastive").distractors(p)) for p in prompts] == sets
+
+
+def test_a_background_must_cover_half_the_image():
+    """MIN_BACKGROUND: the most common colour is the stated background only if it covers at least half the image.
+    White on 7/16 of the image (still the most common colour, beside three others) is not a white background; on
+    9/16 it is. Would catch a lower threshold (a policy could then earn the background with a patchwork)."""
+    def patchwork(white_rows):
+        image = render(Scene("white", ()), 32)
+        rest = (32 - white_rows) // 3
+        for i, colour in enumerate(("red", "green", "blue")):
+            start = white_rows + i * rest
+            image[:, start:start + rest if i < 2 else 32] = PALETTE[PALETTE_NAMES.index(colour)][:, None, None]
+        return image
+
+    assert verify(patchwork(18), Scene("white", ())) == 1.0
+    assert verify(patchwork(14), Scene("white", ())) == 0.0
+
+
+def test_an_object_must_be_mostly_one_colour():
+    """MIN_PURITY: the object found in the stated quadrant counts only if at least 3/4 of it is one colour. A square
+    11/14 red (79%) earns its colour, place and shape; one 8/14 red (57%) earns none of them. Would catch a lower
+    threshold (two-coloured blobs would pass for objects)."""
+    scene = parse_caption("a red square at the top left, on a white background")
+    for red_columns, expected in ((11, 1.0), (8, 1 / 4)):
+        image = render(Scene("white", ()), 32)
+        image[:, 2:16, 2:16] = PALETTE[PALETTE_NAMES.index("blue")][:, None, None]
+        image[:, 2:16, 2:2 + red_columns] = PALETTE[PALETTE_NAMES.index("red")][:, None, None]
+        assert verify(image, scene) == pytest.approx(expected), red_columns
+
+
+def test_captions_leave_out_size_position_and_background_at_the_omit_rate_and_always_name_colour_and_shape():
+    """random_scene(omit_prob): a caption states each object's colour and shape, and leaves out its size, its
+    position and the background each with probability omit_prob (prompts from coarse to fine-grained). Would catch
+    an attribute never (or always) omitted."""
+    rng = np.random.default_rng(0)
+    objects, backgrounds = [], []
+    for _ in range(2000):
+        _, stated = random_scene(rng, omit_prob=0.3)
+        objects += stated.objects
+        backgrounds.append(stated.background)
+    assert all(o.colour is not None and o.shape is not None for o in objects)
+    for name, values in (("size", [o.size for o in objects]), ("position", [o.position for o in objects]),
+                         ("background", backgrounds)):
+        assert np.mean([v is None for v in values]) == pytest.approx(0.3, abs=0.03), name
