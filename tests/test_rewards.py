@@ -86,3 +86,22 @@ def test_the_check_command_refuses_an_option_without_a_name():
     for bad in ("=true", "strict"):
         with pytest.raises(ValueError, match="is not key=value"):
             parse_options([bad])
+
+
+def test_a_reward_name_cannot_be_registered_twice():
+    """@register refuses a name that is taken, and the reward registered first keeps it. Would catch a second
+    registration silently replacing a built-in reward (a plugin or a copy-pasted module named `compositional`
+    would change what every config's `compositional` scores)."""
+    from rewards import base
+    from rewards.base import register, reward_class
+    from rewards.compositional import CompositionalReward
+
+    available()
+    saved = dict(base._REGISTRY)
+    try:
+        with pytest.raises(ValueError, match="registered twice"):
+            register("compositional")(type("Impostor", (RewardModel,), {}))
+        assert reward_class("compositional") is CompositionalReward
+    finally:
+        base._REGISTRY.clear()
+        base._REGISTRY.update(saved)
