@@ -406,3 +406,16 @@ def test_two_objects_of_one_colour_without_a_stated_place_are_found_in_two_quadr
     alone = render(Scene("white", (SceneObject("red", "circle", "large", "top left"),)), 32)
     assert verify(faithful, scene) == 1.0
     assert verify(alone, scene) < verify(faithful, scene)
+
+
+def test_the_contrastive_verifier_takes_the_strict_thresholds_when_asked():
+    """compositional_contrastive with strict: true judges own and distractor captions under the STRICT thresholds:
+    renders with their contrast lowered (every pixel still nearest its palette colour) keep the lenient contrastive
+    score and lose the strict one, while clean renders score alike under both. Would catch the option ignored."""
+    images, captions = scene_batch(3, 0, 64, 32)
+    images = torch.from_numpy(images)
+    tinted = (images * 0.6 + 0.2).clamp(0, 1)
+    lenient, strict = build("compositional_contrastive"), build("compositional_contrastive", strict=True)
+    assert torch.equal(strict.score(images, captions), lenient.score(images, captions))
+    assert float(lenient.score(tinted, captions).mean()) > 0.7
+    assert float(strict.score(tinted, captions).mean()) < float(lenient.score(tinted, captions).mean()) - 0.3
