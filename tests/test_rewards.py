@@ -105,3 +105,29 @@ def test_a_reward_name_cannot_be_registered_twice():
     finally:
         base._REGISTRY.clear()
         base._REGISTRY.update(saved)
+
+
+def test_preflight_names_a_missing_required_option_of_a_reward_without_its_own_check():
+    """rewards.base.preflight runs before any actor starts: a reward (e.g. a plugin with no preflight hook) whose
+    required option the config leaves out fails there, naming the option, not later inside a reward actor. Would
+    catch the signature check dropped."""
+    from rewards import base
+    from rewards.base import preflight, register
+
+    class NeedsPath(RewardModel):
+        def __init__(self, path: str, scale: float = 1.0):
+            self.path, self.scale = path, scale
+
+        def score(self, images, prompts):
+            return torch.zeros(len(images))
+
+    available()
+    saved = dict(base._REGISTRY)
+    try:
+        register("mut38_needs_path")(NeedsPath)
+        preflight("mut38_needs_path", {"path": "/x", "scale": 2.0})
+        with pytest.raises(TypeError, match="path"):
+            preflight("mut38_needs_path", {"scale": 2.0})
+    finally:
+        base._REGISTRY.clear()
+        base._REGISTRY.update(saved)
