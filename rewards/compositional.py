@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -125,47 +126,46 @@ def verify(image: np.ndarray, scene: Scene, thresholds: Thresholds = Thresholds(
         stated += 1
         held += PALETTE_NAMES[background] == scene.background and counts[background] >= MIN_BACKGROUND * side * side
 
-    for obj in scene.objects:
-        attrs = [a for a in ("colour", "shape", "size", "position") if getattr(obj, a) is not None]
-        stated += len(attrs)
-        region = _find_object(obj, classes, foreground, side)
-        if region is None:
-            continue
-        rows, cols, blob = region
+    def judged(obj: SceneObject, position: str) -> tuple[int, int]:
+        """(the object's colour pixels in the quadrant's largest blob, the stated attributes that hold there)."""
+        rows, cols = quadrant_slices(position, side)
+        blob = _largest_component(foreground[rows, cols])
+        mass = int((classes[rows, cols][blob] == PALETTE_NAMES.index(obj.colour)).sum()) if obj.colour else 0
         if blob.sum() < min_area:
-            continue
+            return mass, 0
         colour_counts = np.bincount(classes[rows, cols][blob], minlength=len(PALETTE) + 1)[: len(PALETTE)]
         colour_class = int(colour_counts.argmax())
         if colour_counts[colour_class] < thresholds.purity * blob.sum():
-            continue  # a speckled mixture of colours is not an object
+            return mass, 0  # a speckled mixture of colours is not an object
         if obj.colour is not None and PALETTE_NAMES[colour_class] != obj.colour:
-            continue  # another object, not the stated one: its place, size and shape say nothing about this one
-        held += sum(a is not None for a in (obj.position, obj.colour))
+            return mass, 0  # another object, not the stated one: its place, size and shape say nothing about this one
+        credit = sum(a is not None for a in (obj.position, obj.colour))
         ys, xs = np.nonzero(blob)
         extent = max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)
         if obj.size is not None:
-            held += ("small" if extent < (small_px + large_px) / 2 else "large") == obj.size
+            credit += ("small" if extent < (small_px + large_px) / 2 else "large") == obj.size
         if obj.shape is not None:
-            held += _best_shape(blob, ys, xs, extent, thresholds.shape_iou) == obj.shape
+            credit += _best_shape(blob, ys, xs, extent, thresholds.shape_iou) == obj.shape
+        return mass, credit
+
+    for obj in scene.objects:
+        stated += sum(getattr(obj, a) is not None for a in ("colour", "shape", "size", "position"))
+        if obj.position is not None:
+            held += judged(obj, obj.position)[1]
+    # Scenes never put two objects in one quadrant: the objects without a stated place are matched one-to-one to the
+    # quadrants no object states, the matching that finds most of their colours (ties, as between two objects of
+    # one colour: the one where most attributes hold). Each looked for where most of its colour is, alone, two red
+    # objects were both matched to one blob: a faithful render scored as one object alone.
+    unplaced = [o for o in scene.objects if o.position is None]
+    free = [q for q in POSITIONS if q not in {o.position for o in scene.objects}]
+    if unplaced:
+        table = {(i, q): judged(o, q) for i, o in enumerate(unplaced) for q in free}
+        best = max(((sum(table[i, q][0] for i, q in enumerate(quadrants)),
+                     sum(table[i, q][1] for i, q in enumerate(quadrants)))
+                    for quadrants in itertools.permutations(free, min(len(unplaced), len(free)))),
+                   default=(0, 0))
+        held += best[1]
     return held / max(stated, 1)
-
-
-def _find_object(obj: SceneObject, classes: np.ndarray, foreground: np.ndarray, side: int):
-    if obj.position is not None:
-        candidates = [obj.position]
-    else:
-        candidates = list(POSITIONS)
-    best, best_score = None, -1
-    for position in candidates:
-        rows, cols = quadrant_slices(position, side)
-        blob = _largest_component(foreground[rows, cols])
-        if obj.colour is not None and len(candidates) > 1:
-            score = int((classes[rows, cols][blob] == PALETTE_NAMES.index(obj.colour)).sum())
-        else:
-            score = int(blob.sum())
-        if score > best_score:
-            best, best_score = (rows, cols, blob), score
-    return best
 
 
 def _best_shape(blob: np.ndarray, ys: np.ndarray, xs: np.ndarray, extent: int, min_iou: float) -> str | None:

@@ -18,7 +18,9 @@ def test_ground_truth_scores_high_and_mismatches_low(side):
     matched = np.array([verify(im, parse_caption(c)) for im, c in zip(images, captions)])
     shuffled = captions[1:] + captions[:1]
     mismatched = np.array([verify(im, parse_caption(c)) for im, c in zip(images, shuffled)])
-    assert matched.mean() >= 0.95 and np.mean(matched == 1.0) >= 0.9
+    # Every render satisfies its own caption exactly (2% of them did not while two objects of one colour could be
+    # matched to one blob).
+    assert np.all(matched == 1.0), [c for c, m in zip(captions, matched) if m < 1][:3]
     assert mismatched.mean() <= 0.5
     assert matched.mean() - mismatched.mean() >= 0.45
 
@@ -393,14 +395,15 @@ def test_captions_leave_out_size_position_and_background_at_the_omit_rate_and_al
         assert np.mean([v is None for v in values]) == pytest.approx(0.3, abs=0.03), name
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (mutation pass mut38): verify looks for every object without a stated "
-                                       "place in the quadrant with most of its colour, even one another object holds")
-def test_two_objects_of_one_colour_without_a_stated_place_are_found_in_two_quadrants():
+@pytest.mark.parametrize("caption", ["a large red circle and a small red square, on a white background",
+                                     "a small red square and a large red circle, on a white background",
+                                     "a large red circle at the top left and a small red square, on a white background"])
+def test_two_objects_of_one_colour_without_a_stated_place_are_found_in_two_quadrants(caption):
     """A caption may state two objects of one colour and leave a place out (4% of the scene prompts at omit_prob
-    0.3). Scenes never put two objects in one quadrant, so each must be looked for apart from the other (as
-    soft_verify does): a faithful render scores 1.0 and one object alone less. Today both are matched to the blob
-    with most red: the faithful render scores 5/7 (a shape and a size fail), and so does the single circle."""
-    scene = parse_caption("a large red circle and a small red square, on a white background")
+    0.3). Scenes never put two objects in one quadrant, so each must be looked for apart from the other, in either
+    order: a faithful render scores 1.0 and one object alone less. Both were matched to the blob with most red: the
+    faithful render scored 5/7 (a shape and a size failed), and so did the single circle."""
+    scene = parse_caption(caption)
     faithful = render(Scene("white", (SceneObject("red", "circle", "large", "top left"),
                                       SceneObject("red", "square", "small", "bottom right"))), 32)
     alone = render(Scene("white", (SceneObject("red", "circle", "large", "top left"),)), 32)
