@@ -1,8 +1,9 @@
 """The compositional verifier of the synthetic scenes: the fraction of a caption's stated attributes that hold.
 
 Pixels are classified to the nearest palette colour; the most common class is the background, and it counts only
-if it covers at least half the image. Each stated object is looked for in its stated quadrant (or, with no position
-stated, in the quadrant holding most of its colour): its largest foreground component is the object only if it is
+if it covers at least half the image. Each stated object is looked for in its stated quadrant (the objects with no
+position stated: matched one-to-one to the quadrants no object states, where most of their colours are): its largest
+foreground component is the object only if it is
 big enough and mostly one colour; then that colour, its size (bounding-box extent) and its shape (the best overlap
 with each shape drawn in that box, if the overlap is good) are checked, and the place, size and shape count only
 once the colour is the stated one: a blob of another colour is another object. The purity and overlap thresholds
@@ -121,9 +122,8 @@ def verify(image: np.ndarray, scene: Scene, thresholds: Thresholds = Thresholds(
     large_px = SIZE_FRACTION["large"] * side
     min_area = _min_area(side)
 
-    held, stated = 0, 0
+    held = 0
     if scene.background is not None:
-        stated += 1
         held += PALETTE_NAMES[background] == scene.background and counts[background] >= MIN_BACKGROUND * side * side
 
     def judged(obj: SceneObject, position: str) -> tuple[int, int]:
@@ -149,7 +149,6 @@ def verify(image: np.ndarray, scene: Scene, thresholds: Thresholds = Thresholds(
         return mass, credit
 
     for obj in scene.objects:
-        stated += sum(getattr(obj, a) is not None for a in ("colour", "shape", "size", "position"))
         if obj.position is not None:
             held += judged(obj, obj.position)[1]
     # Scenes never put two objects in one quadrant: the objects without a stated place are matched one-to-one to the
@@ -165,7 +164,7 @@ def verify(image: np.ndarray, scene: Scene, thresholds: Thresholds = Thresholds(
                     for quadrants in itertools.permutations(free, min(len(unplaced), len(free)))),
                    default=(0, 0))
         held += best[1]
-    return held / max(stated, 1)
+    return held / max(scene.attribute_count(), 1)
 
 
 def _best_shape(blob: np.ndarray, ys: np.ndarray, xs: np.ndarray, extent: int, min_iou: float) -> str | None:
