@@ -395,9 +395,11 @@ def test_captions_leave_out_size_position_and_background_at_the_omit_rate_and_al
         assert np.mean([v is None for v in values]) == pytest.approx(0.3, abs=0.03), name
 
 
-@pytest.mark.parametrize("caption", ["a large red circle and a small red square, on a white background",
-                                     "a small red square and a large red circle, on a white background",
-                                     "a large red circle at the top left and a small red square, on a white background"])
+@pytest.mark.parametrize("caption", [
+    "a large red circle and a small red square, on a white background",
+    "a small red square and a large red circle, on a white background",
+    "a large red circle at the top left and a small red square, on a white background",
+])
 def test_two_objects_of_one_colour_without_a_stated_place_are_found_in_two_quadrants(caption):
     """A caption may state two objects of one colour and leave a place out (4% of the scene prompts at omit_prob
     0.3). Scenes never put two objects in one quadrant, so each must be looked for apart from the other, in either
