@@ -92,8 +92,8 @@ def process_memory_mb() -> dict[str, float]:
     import psutil
 
     out = {"rss_mb": psutil.Process().memory_info().rss / 2**20}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["gpu_mb"] = torch.cuda.memory_allocated() / 2**20
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # allocated, and held by the caching allocator
+        out.update(gpu_mb=torch.cuda.memory_allocated() / 2**20, gpu_reserved_mb=torch.cuda.memory_reserved() / 2**20)
     return out
 
 

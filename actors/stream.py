@@ -301,8 +301,9 @@ class ExperienceStream:
 
     def server_memory_mb(self) -> Optional[float]:
         """The Redis server's used memory (what redis.max_memory_mb bounds), in MB; None where INFO is not allowed
-        (a server whose ACL denies this user the command)."""
+        (a server whose ACL denies this user the command), is slow or does not report it: a monitor never ends a run
+        (a server gone is found by the stream's next command)."""
         try:
             return int(self.client.info("memory")["used_memory"]) / 2**20
-        except redis.ResponseError:
+        except (redis.ResponseError, redis.TimeoutError, KeyError, ValueError):
             return None

@@ -379,6 +379,8 @@ class GrpoRun:
         """The reward actors' memory (process_memory_mb), asked at each evaluation (they serve the rollout actors,
         not the driver, between them); an actor that does not answer within 10 s is left out, never waited for."""
         refs = [a.memory_mb.remote() for a in self.reward_actors]
+        if not refs:
+            return []
         ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=10)
         out = []
         for ref in ready:

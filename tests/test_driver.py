@@ -35,7 +35,7 @@ def bare_run(tmp_path, *overrides):
     run = GrpoRun.__new__(GrpoRun)
     run.cfg = load_config(SMOKE, list(overrides))
     run.run_dir, run.tracker, run.init_from = tmp_path, Tracker(), Path("init")
-    run.progress, run.state, run.hacked = Progress(), None, []
+    run.progress, run.state, run.hacked, run.reward_actors = Progress(), None, [], []
     run.prompts = prompt_source(run.cfg)
     run.eval_prompts = run.prompts.held_out(run.cfg.grpo.eval_prompts)
     return run

@@ -413,6 +413,19 @@ def test_two_objects_of_one_colour_without_a_stated_place_are_found_in_two_quadr
     assert verify(alone, scene) < verify(faithful, scene)
 
 
+def test_unplaced_objects_beyond_the_free_quadrants_score_alike_in_any_caption_order():
+    """Three placed objects leave one quadrant free for two unplaced ones: whichever of them the image shows there
+    must be found whatever the caption's order (only the first-listed could be matched, so the same image and scene
+    scored 0.72 or 0.89 by the order of the words)."""
+    placed = (SceneObject("red", "circle", "large", "top left"), SceneObject("blue", "square", "large", "top right"),
+              SceneObject("green", "circle", "large", "bottom left"))
+    image = render(Scene("white", (*placed, SceneObject("yellow", "square", "large", "bottom right"))), 32)
+    yellow, cyan = SceneObject("yellow", "square", "large", None), SceneObject("cyan", "circle", "large", None)
+    first = verify(image, Scene("white", (*placed, yellow, cyan)))
+    assert verify(image, Scene("white", (*placed, cyan, yellow))) == first
+    assert verify(render(Scene("white", placed), 32), Scene("white", (*placed, cyan, yellow))) < first  # found
+
+
 def test_the_contrastive_verifier_takes_the_strict_thresholds_when_asked():
     """compositional_contrastive with strict: true judges own and distractor captions under the STRICT thresholds:
     renders with their contrast lowered (every pixel still nearest its palette colour) keep the lenient contrastive
