@@ -159,11 +159,11 @@ def verify(image: np.ndarray, scene: Scene, thresholds: Thresholds = Thresholds(
     free = [q for q in POSITIONS if q not in {o.position for o in scene.objects}]
     if unplaced:
         table = {(i, q): judged(o, q) for i, o in enumerate(unplaced) for q in free}
-        best = max(((sum(table[i, q][0] for i, q in enumerate(quadrants)),
-                     sum(table[i, q][1] for i, q in enumerate(quadrants)))
-                    for quadrants in itertools.permutations(free, min(len(unplaced), len(free)))),
-                   default=(0, 0))
-        held += best[1]
+        table.update({(i, None): (0, 0) for i in range(len(unplaced))})  # more unplaced objects than free quadrants
+        slots = free + [None] * max(0, len(unplaced) - len(free))
+        matchings = (tuple(map(sum, zip(*(table[i, q] for i, q in enumerate(quadrants)))))
+                     for quadrants in itertools.permutations(slots, len(unplaced)))
+        held += max(matchings)[1]  # (colour found, attributes held), compared in that order
     return held / max(scene.attribute_count(), 1)
 
 
