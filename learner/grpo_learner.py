@@ -112,7 +112,7 @@ def transition_loss(model: nn.Module, reference: Optional[nn.Module], policy: Po
 def rank_generator(seed: int, rank: int) -> torch.Generator:
     """A generator of rank `rank`'s own noise: ranks train different groups and data, and noise drawn from one
     shared stream would be the same on every rank, correlating what should be independent estimates."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (rank + 1))
+    return torch.Generator().manual_seed((seed * 1_000_003 + 7919 * (rank + 1)) % 2**63)
 
 
 MAX_STATS = ("ratio_max_dev", "log_ratio_abs_max", "first_pass_log_ratio_max")  # reported as the max, not the mean

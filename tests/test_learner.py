@@ -708,6 +708,11 @@ def test_each_rank_draws_its_own_pair_and_anchor_noise(checkpoint, server):
     pairs on each, correlating estimates the gradient average treats as independent."""
     draws = [torch.randn(64, generator=rank_generator(0, rank)) for rank in range(3)]
     assert all(not torch.allclose(a, b) for i, a in enumerate(draws) for b in draws[i + 1:])
-    learner = make_learner(checkpoint, server, "own-noise", objective="forward")
-    assert torch.equal(torch.randn(64, generator=learner.noise_rng), draws[0])  # the learner of rank 0 uses it
-    assert not torch.equal(learner.noise_rng.get_state(), learner.step_rng.get_state())
+    assert torch.randn(2, generator=rank_generator(2**62, 1)).isfinite().all()  # any seed the config allows
+    write_batch(checkpoint, server.address, "own-noise", steps=STEPS, group_size=G)
+    learner = make_learner(checkpoint, server, "own-noise", objective="forward", data_anchor=0.5, data_anchor_batch=4)
+    noise, step = learner.noise_rng.get_state(), learner.step_rng.get_state()
+    assert torch.equal(noise, rank_generator(0, 0).get_state())  # the learner of rank 0 holds rank 0's stream
+    learner.train(0, len(PROMPTS))
+    # The pairs and the anchor drew from the rank's own stream, and nothing from the one shared by every rank.
+    assert not torch.equal(learner.noise_rng.get_state(), noise) and torch.equal(learner.step_rng.get_state(), step)
