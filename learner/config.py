@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from actors.redaction import redact
@@ -369,10 +369,11 @@ class GrpoConfig(Strict):
         "as eval_check_<name> with a 95% interval; a check that falls while the trained reward rises is hacking",
     )
     stop_on_hacking: bool = Field(
-        False, description="stop the run at the first evaluation (every eval_every, which must be > 0) where the "
-        "policy looks hacked (a check reward significantly below its start, saturation above hacking_saturation x "
-        "the base's, within-group diversity below hacking_diversity x the base's); the run then exports its best "
-        "evaluated checkpoint",
+        False, description="stop the run at the first evaluation (every eval_every) where the policy looks hacked "
+        "(a check reward significantly below its start, saturation above hacking_saturation x the base's, "
+        "within-group diversity below hacking_diversity x the base's); the run then exports its best evaluated "
+        "checkpoint. With eval_every 0 it cannot stop early: it only exports the start's weights if the end looks "
+        "hacked (a warning says so)",
     )
     hacking_saturation: float = Field(1.2, gt=1, description="stop_on_hacking: largest saturation ratio to the base")
     hacking_diversity: float = Field(
@@ -380,7 +381,7 @@ class GrpoConfig(Strict):
     )
 
     @model_validator(mode="after")
-    def _check_consistency(self) -> "GrpoConfig":
+    def _check_consistency(self, info: ValidationInfo) -> "GrpoConfig":
         if self.stochastic_steps is not None:
             if self.stochastic_steps > self.steps - 1:
                 raise ValueError(f"grpo.stochastic_steps={self.stochastic_steps}: grpo.steps={self.steps} has "
@@ -447,13 +448,9 @@ class GrpoConfig(Strict):
         ignored = [f"grpo.{name}={getattr(self, name)} applies to grpo.objective={objective} only"
                    for objective, names in OBJECTIVE_OPTIONS.items() if objective != self.objective for name in names
                    if getattr(self, name) != type(self).model_fields[name].default]
-        if ignored:
+        if ignored and not (info.context or {}).get("resuming"):  # a started run keeps what it was started with
             raise ValueError(f"{'; '.join(ignored)}, and the objective is {self.objective}: it would be ignored. Drop "
                              "the option, or set the objective it belongs to.")
-        if self.stop_on_hacking and self.eval_every == 0:
-            raise ValueError("grpo.stop_on_hacking=true stops at the first evaluation showing hacking, but "
-                             "grpo.eval_every=0 evaluates only at the start and the end, so the run would never stop "
-                             "early. Set grpo.eval_every (e.g. 10) as well.")
         if self.train_modules and self.train_text:
             raise ValueError("grpo.train_modules trains the named U-Net modules only; grpo.train_text would train the "
                              "text encoder beside them. Set grpo.train_text: false (or grpo.train_modules: null).")
@@ -714,8 +711,10 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return keys, value
 
 
-def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
-    """Read `path` (default: the embedded default), apply dotted overrides, validate."""
+def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = (),
+                resuming: bool = False) -> RunConfig:
+    """Read `path` (default: the embedded default), apply dotted overrides, validate. `resuming`: the config of a
+    started run, which is not refused for rules added after it started (an option another objective reads)."""
     path = Path(path).expanduser() if path is not None else DEFAULT_CONFIG  # a '~/...' the shell left quoted
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "does not exist"
@@ -739,7 +738,7 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
             node = child
         node[keys[-1]] = value
     try:
-        return RunConfig.model_validate(data)
+        return RunConfig.model_validate(data, context={"resuming": resuming})
     except ValidationError as e:
         raise ConfigError(_explain(e, path)) from None
 

@@ -304,6 +304,10 @@ def preflight(cfg: RunConfig, mode: str, resuming: bool = False) -> tuple[Path |
     check_sampler(cfg, model, mode)
     check_weights(model, init_from)
     if mode == "grpo":
+        if cfg.grpo.stop_on_hacking and not cfg.grpo.eval_every and not resuming:
+            print("warning: grpo.stop_on_hacking=true with grpo.eval_every=0 evaluates only at the start and the end, "
+                  "so the run cannot stop early; it only exports the start's weights if the end looks hacked. Set "
+                  "grpo.eval_every (e.g. 10) to stop at the first evaluation that does.", file=sys.stderr)
         check_policy_model(cfg, model)
         check_module_names(cfg, init_from)
         check_redis(cfg)

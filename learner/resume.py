@@ -309,7 +309,7 @@ def open_resume(path: str, overrides: list[str], mode: Optional[str]) -> tuple[R
                           f"it is written when a run starts, restore it.") from None
     if mode is not None and mode != saved_mode:
         raise ConfigError(f"--resume {path}: this is a {saved_mode} run; drop --mode {mode} (the run's mode is kept).")
-    cfg = load_config(run_dir / "config.yaml", overrides).model_copy(update={"run_dir": str(run_dir)})
+    cfg = load_config(run_dir / "config.yaml", overrides, resuming=True).model_copy(update={"run_dir": str(run_dir)})
     uri = secrets_again(cfg, uri, path)
     state, files = latest_state(run_dir, warn=lambda m: print(m, file=sys.stderr))
     persistable = RESUMABLE_KEYS
@@ -321,7 +321,8 @@ def open_resume(path: str, overrides: list[str], mode: Optional[str]) -> tuple[R
         data = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
         written = config_fingerprint(data)
         old_way = (config_fingerprint(data, RESUMABLE_KEYS_BEFORE_BOUNDS),
-                   config_fingerprint(load_config(run_dir / "config.yaml"), RESUMABLE_KEYS_BEFORE_BOUNDS))
+                   config_fingerprint(load_config(run_dir / "config.yaml", resuming=True),
+                                      RESUMABLE_KEYS_BEFORE_BOUNDS))
         if saved in old_way and saved not in (written, config_fingerprint(cfg)):
             persistable = RESUMABLE_KEYS_BEFORE_BOUNDS
         elif saved not in (written, config_fingerprint(cfg)):

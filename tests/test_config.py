@@ -130,9 +130,22 @@ def test_the_forward_objectives_adv_clip_rule_blames_only_a_clip_that_binds():
     assert load_config(None, [*forward, "grpo.adv_clip=0"]).grpo.adv_clip == 0
 
 
-def test_stop_on_hacking_without_evaluations_in_between_is_refused():
-    """With eval_every 0 (the default) the only evaluations are the start and the end: stop_on_hacking could never
-    stop a run, which the docs promised it would. Would catch the option accepted and the run trained to the end."""
-    load_config(DEFAULT_CONFIG, ["grpo.stop_on_hacking=true", "grpo.eval_every=10"])
-    with pytest.raises(ConfigError, match="grpo.eval_every=0 evaluates only at the start and the end"):
-        load_config(DEFAULT_CONFIG, ["grpo.stop_on_hacking=true"])
+def test_stop_on_hacking_without_evaluations_in_between_says_it_cannot_stop_early(capsys):
+    """With eval_every 0 (the default) the only evaluations are the start and the end: stop_on_hacking cannot stop a
+    run then, only choose the start's weights over hacked final ones, and the user is told (the docs had promised a
+    stop). Would catch the warning lost, or given where evaluations in between make the stop possible."""
+    from learner.main import preflight
+
+    preflight(load_config(DEFAULT_CONFIG, ["grpo.stop_on_hacking=true", "grpo.eval_every=10"]), "grpo")
+    assert "stop_on_hacking" not in capsys.readouterr().err
+    preflight(load_config(DEFAULT_CONFIG, ["grpo.stop_on_hacking=true"]), "grpo")
+    assert "grpo.eval_every=0 evaluates only at the start and the end" in capsys.readouterr().err
+
+
+def test_a_started_run_with_an_option_of_another_objective_still_resumes(tmp_path):
+    """A run started before options of another objective were refused has one in its config.yaml: neither an
+    override nor an edit of that file may change it on --resume, so refusing it there would strand the run."""
+    (tmp_path / "config.yaml").write_text("grpo: {forward_pairs: 4}\n")
+    with pytest.raises(ConfigError, match="applies to grpo.objective=forward only"):
+        load_config(tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml", resuming=True).grpo.forward_pairs == 4
