@@ -737,6 +737,11 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
                 )
             node = child
         node[keys[-1]] = value
+    return validate_config(data, path, resuming)
+
+
+def validate_config(data: dict, path: str | Path, resuming: bool = False) -> RunConfig:
+    """`data` (the mapping read from `path`, overrides applied) as a RunConfig; ConfigError naming each problem."""
     try:
         return RunConfig.model_validate(data, context={"resuming": resuming})
     except ValidationError as e:

@@ -26,7 +26,7 @@ from typing import Optional
 import yaml
 
 from actors.redaction import is_redacted, redact
-from learner.config import ConfigError, RunConfig, _parse_override, load_config
+from learner.config import ConfigError, RunConfig, _parse_override, load_config, validate_config
 from proxmodel.files import fsync_dir, replace_dir, restore_interrupted, write_files
 
 STATES_DIR = "resume"
@@ -321,7 +321,7 @@ def open_resume(path: str, overrides: list[str], mode: Optional[str]) -> tuple[R
         data = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
         written = config_fingerprint(data)
         old_way = (config_fingerprint(data, RESUMABLE_KEYS_BEFORE_BOUNDS),
-                   config_fingerprint(load_config(run_dir / "config.yaml", resuming=True),
+                   config_fingerprint(validate_config(data, run_dir / "config.yaml", resuming=True),
                                       RESUMABLE_KEYS_BEFORE_BOUNDS))
         if saved in old_way and saved not in (written, config_fingerprint(cfg)):
             persistable = RESUMABLE_KEYS_BEFORE_BOUNDS
@@ -361,13 +361,13 @@ def rewrite_config(run_dir: Path, overrides: list[str], keys: tuple[str, ...] = 
     path = run_dir / "config.yaml"
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     for item in overrides:
-        if ".".join(_parse_override(item)[0]) not in keys:
+        (*parents, leaf), value = _parse_override(item)
+        if ".".join([*parents, leaf]) not in keys:
             continue
-        *parents, leaf = _parse_override(item)[0]
         node = data
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = redact(_parse_override(item)[1])
+        node[leaf] = redact(value)
     tmp = run_dir / ".config.yaml.tmp"
     tmp.write_text(yaml.safe_dump(data, sort_keys=False))
     os.replace(tmp, path)
