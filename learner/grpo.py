@@ -191,8 +191,9 @@ class Progress:
 
 
 def memory_metrics(reports: dict[str, list[dict[str, float]]]) -> dict[str, float]:
-    """memory/<role>_<rss|gpu>_mb: the largest over each role's processes (learner ranks, rollout actors, ...), from
-    their process_memory_mb reports. Logged every iteration, so a leak shows as a rising curve, not an OOM kill."""
+    """memory/<role>_<rss|gpu|gpu_reserved>_mb: the largest over each role's processes (learner ranks, rollout
+    actors, ...), from their process_memory_mb reports. Logged every iteration, so a leak shows as a rising curve,
+    not an OOM kill."""
     return {f"memory/{role}_{key}": max(r[key] for r in rs if key in r)
             for role, rs in reports.items() for key in sorted({k for r in rs for k in r})}
 

@@ -282,7 +282,6 @@ class GrpoLearner(Threaded):
         if merge:
             batch = [TrainGroup.merged(batch)]
         sums: dict[str, list[torch.Tensor]] = {}
-        first_pass: dict[str, list[torch.Tensor]] = {}
         for update in range(g.updates_per_batch):
             trained = select_train_steps(self.policy.transitions, g.train_step_window, g.train_step_fraction,
                                          self.step_rng)
@@ -301,11 +300,11 @@ class GrpoLearner(Threaded):
                     stats["anchor_loss"] = anchor.detach() / g.data_anchor
                 train_step(self.engine, loss)
                 if update == 0:  # before any optimiser step: how far the learner's function is from the rollout's
-                    collect(first_pass, {"first_pass_log_ratio_max": stats["log_ratio_abs_max"],
-                                         "first_pass_log_ratio_mean": stats["log_ratio_abs_mean"]})
+                    collect(sums, {"first_pass_log_ratio_max": stats["log_ratio_abs_max"],
+                                   "first_pass_log_ratio_mean": stats["log_ratio_abs_mean"]})
                 collect(sums, {"loss": loss.detach(), **stats})
             self.nonfinite.record(self.engine.was_step_applied())  # the pass's last micro-step was the optimiser step
-        return reduce_stats({**sums, **first_pass})
+        return reduce_stats(sums)
 
     @property
     def flow_kl_steps(self) -> list[int]:

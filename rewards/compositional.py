@@ -1,15 +1,14 @@
 """The compositional verifier of the synthetic scenes: the fraction of a caption's stated attributes that hold.
 
-Pixels are classified to the nearest palette colour; the most common class is the background, and it counts only
-if it covers at least half the image. Each stated object is looked for in its stated quadrant (the objects with no
+Pixels are classified to the nearest palette colour; the most common class is the background, and it counts only if
+it covers at least half the image. Each stated object is looked for in its stated quadrant (the objects with no
 position stated: matched one-to-one to the quadrants no object states, where most of their colours are): its largest
-foreground component is the object only if it is
-big enough and mostly one colour; then that colour, its size (bounding-box extent) and its shape (the best overlap
-with each shape drawn in that box, if the overlap is good) are checked, and the place, size and shape count only
-once the colour is the stated one: a blob of another colour is another object. The purity and overlap thresholds
-make speckle noise worthless, and the colour gate makes one prompt-agnostic blob worthless: GRPO runs against the
-earlier, ungated verifier collapsed to the same cyan blobs for every prompt, which earned about 0.3 from position
-and size credit alone.
+foreground component is the object only if it is big enough and mostly one colour; then that colour, its size
+(bounding-box extent) and its shape (the best overlap with each shape drawn in that box, if the overlap is good) are
+checked, and the place, size and shape count only once the colour is the stated one: a blob of another colour is
+another object. The purity and overlap thresholds make speckle noise worthless, and the colour gate makes one
+prompt-agnostic blob worthless: GRPO runs against the earlier, ungated verifier collapsed to the same cyan blobs for
+every prompt, which earned about 0.3 from position and size credit alone.
 """
 
 from __future__ import annotations
