@@ -17,7 +17,7 @@ import functools
 import hashlib
 import itertools
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -111,6 +111,17 @@ def count_objects(image: np.ndarray, thresholds: Thresholds = Thresholds()) -> i
     return found
 
 
+def _match_unplaced(count: int, free: Sequence[str],
+                    value: Callable[[tuple[Optional[str], ...]], tuple[float, ...]]) -> tuple[Optional[str], ...]:
+    """The quadrants of `free` for `count` objects without a stated place, one each (None: left unmatched when there
+    are more objects than free quadrants), that give the largest `value`. Scenes never put two objects in one
+    quadrant, so both verifiers match them jointly: looked for one at a time (where most of its colour is), two
+    objects of one colour were both matched to one blob, and a faithful render scored by the caption's word order.
+    Exhaustive: a caption states at most a few objects (the scenes draw one or two)."""
+    slots = list(free) + [None] * max(0, count - len(free))
+    return max(itertools.permutations(slots, count), key=value)
+
+
 def verify(image: np.ndarray, scene: Scene, thresholds: Thresholds = Thresholds()) -> float:
     """Fraction in [0, 1] of the attributes stated in `scene` that hold in `image` ([3, H, W] in [0, 1])."""
     side = image.shape[-1]
@@ -150,19 +161,18 @@ def verify(image: np.ndarray, scene: Scene, thresholds: Thresholds = Thresholds(
     for obj in scene.objects:
         if obj.position is not None:
             held += judged(obj, obj.position)[1]
-    # Scenes never put two objects in one quadrant: the objects without a stated place are matched one-to-one to the
-    # quadrants no object states, the matching that finds most of their colours (ties, as between two objects of
-    # one colour: the one where most attributes hold). Each looked for where most of its colour is, alone, two red
-    # objects were both matched to one blob: a faithful render scored as one object alone.
+    # The objects without a stated place go to the quadrants no object states, the matching that finds most of their
+    # colours (ties, as between two objects of one colour: the one where most attributes hold).
     unplaced = [o for o in scene.objects if o.position is None]
-    free = [q for q in POSITIONS if q not in {o.position for o in scene.objects}]
     if unplaced:
+        free = [q for q in POSITIONS if q not in {o.position for o in scene.objects}]
         table = {(i, q): judged(o, q) for i, o in enumerate(unplaced) for q in free}
-        table.update({(i, None): (0, 0) for i in range(len(unplaced))})  # more unplaced objects than free quadrants
-        slots = free + [None] * max(0, len(unplaced) - len(free))
-        matchings = (tuple(map(sum, zip(*(table[i, q] for i, q in enumerate(quadrants)))))
-                     for quadrants in itertools.permutations(slots, len(unplaced)))
-        held += max(matchings)[1]  # (colour found, attributes held), compared in that order
+        table.update({(i, None): (0, 0) for i in range(len(unplaced))})
+
+        def found(quadrants: tuple[Optional[str], ...]) -> tuple[int, int]:  # (colour found, attributes held)
+            return tuple(map(sum, zip(*(table[i, q] for i, q in enumerate(quadrants)))))
+
+        held += found(_match_unplaced(len(unplaced), free, found))[1]
     return held / max(scene.attribute_count(), 1)
 
 
@@ -265,6 +275,18 @@ class ContrastiveCompositionalReward(CompositionalReward):
 SOFT_TEMPERATURE = 0.05  # of the soft palette classes: squared RGB distances between palette colours are >= 0.25
 
 
+@dataclass
+class _Fit:
+    """An object's best templates in one quadrant: the colour's fill of the best-filled one (and that template), the
+    best-overlapping template, and the overlap with the stated shape (best size) and the stated size (best shape)."""
+
+    fill: torch.Tensor
+    filled: torch.Tensor
+    drawn: torch.Tensor
+    shape_iou: Optional[torch.Tensor]
+    size_iou: Optional[torch.Tensor]
+
+
 @functools.lru_cache(maxsize=None)
 def _centroid_offset(shape: str, size_px: int) -> tuple[float, float]:
     """Centroid minus box centre of a drawn shape (a triangle's centroid lies below the centre of its box)."""
@@ -283,9 +305,10 @@ def soft_verify(image: torch.Tensor | np.ndarray, scene: Scene, temperature: flo
     Pixels get soft palette classes (a softmax of minus squared distances over `temperature`). The background
     credits its class's mean over the pixels outside the objects' best templates. Each object is matched with the
     shape templates the caption allows (stated shape and size, else all), centred on its colour's mass in its
-    quadrant (stated, else the one holding most of that colour among those no other object states): its colour is
-    credited by how much of the best template its colour fills times the share of the colour's mass inside the
-    quadrant (a colour everywhere is background, not an object), its shape and size by the soft overlap
+    quadrant (stated, else matched as in `verify`: the objects without a place one each to the quadrants no object
+    states, most colour found, then most credit): its colour is credited by how much of the best template its colour
+    fills times the share of the colour's mass inside the quadrant, other objects' quadrants of that colour left out
+    (a colour everywhere is background, not an object), its shape and size by the soft overlap
     (intersection over union) of the colour's map with the template of the stated shape (best size) and of the
     stated size (best shape), its place as its colour (as in `verify`, a blob of another colour says nothing about
     this object, and a blob outside the quadrant is not there). Which quadrant and where the templates sit are
@@ -306,26 +329,16 @@ def soft_verify(image: torch.Tensor | np.ndarray, scene: Scene, temperature: flo
     logits = -((pixels[:, None, :] - palette[None]) ** 2).sum(-1) / temperature
     probs = logits.softmax(dim=1).reshape(side, side, len(PALETTE))
 
-    held, stated = pixels.new_zeros(()), 0
-    objects = torch.zeros(side, side, dtype=torch.bool, device=pixels.device)  # the objects' best templates
-    drawn = torch.zeros_like(objects)  # the templates that match them best (a small square fills a large one)
-    chosen: set[str] = set()  # the quadrants objects were matched in
     half = side // 2
     centres = torch.arange(half, dtype=torch.float32, device=pixels.device) + 0.5
-    for obj in scene.objects:
-        attrs = [a for a in ("colour", "shape", "size", "position") if getattr(obj, a) is not None]
-        stated += len(attrs)
-        if obj.colour is None:  # the grammar always states it; without it nothing below is defined
-            continue
-        colour_map = probs[..., PALETTE_NAMES.index(obj.colour)]
-        # Scenes never put two objects in one quadrant: not one another object states or an earlier one was matched in.
-        taken = {o.position for o in scene.objects if o is not obj} | chosen
-        quadrants = [obj.position] if obj.position is not None else [q for q in POSITIONS if q not in taken]
-        mass = {q: float(colour_map[quadrant_slices(q, side)].sum().detach()) for q in quadrants}
-        position = max(mass, key=mass.get)
-        chosen.add(position)
-        crop = colour_map[quadrant_slices(position, side)]
-        total = crop.sum()
+    colours = {o.colour for o in scene.objects if o.colour is not None}
+    maps = {c: probs[..., PALETTE_NAMES.index(c)] for c in colours}
+    masses = {c: {q: maps[c][quadrant_slices(q, side)].sum() for q in POSITIONS} for c in colours}
+
+    def fit(obj: SceneObject, position: str) -> _Fit:
+        """The templates the caption allows for `obj`, centred on its colour's mass in the quadrant."""
+        crop = maps[obj.colour][quadrant_slices(position, side)]
+        total = masses[obj.colour][position]
         if float(total.detach()) > 1e-6:
             weights = crop.detach() / total.detach()
             cy, cx = float((weights.sum(1) * centres).sum()), float((weights.sum(0) * centres).sum())
@@ -337,31 +350,64 @@ def soft_verify(image: torch.Tensor | np.ndarray, scene: Scene, temperature: flo
                 px = max(3, round(SIZE_FRACTION[size] * side))
                 dy, dx = _centroid_offset(shape, px)  # the template's centroid goes on the colour's
                 template = torch.from_numpy(shape_mask(shape, px, cx - dx, cy - dy, half)).to(crop.device)
-                fill = crop[template].mean()
                 mask = template.float()
                 iou = torch.minimum(crop, mask).sum() / torch.maximum(crop, mask).sum().clamp(min=1e-6)
-                overlap[shape, size] = (fill, iou, template)
-        # The colour counts as this object's by the share of its mass in the object's quadrant (leaving out quadrants
-        # stated for other objects of that colour): a colour flooding the image is the verifier's background.
-        others = [o.position for o in scene.objects if o is not obj and o.colour == obj.colour and o.position]
-        claimed = sum((colour_map[quadrant_slices(q, side)].sum() for q in others if q != position), total.new_zeros(()))
-        share = total / (colour_map.sum() - claimed + 1.0)
-        fill, _, template = max(overlap.values(), key=lambda o: float(o[0].detach()))
-        objects[quadrant_slices(position, side)] |= template
-        drawn[quadrant_slices(position, side)] |= max(overlap.values(), key=lambda o: float(o[1].detach()))[2]
-        colour = fill * share
-        held = held + colour
-        if obj.shape is not None:
-            held = held + torch.stack([iou for (shape, _), (_, iou, _) in overlap.items() if shape == obj.shape]).max()
-        if obj.size is not None:
-            held = held + torch.stack([iou for (_, size), (_, iou, _) in overlap.items() if size == obj.size]).max()
-        if obj.position is not None:
-            held = held + colour
+                overlap[shape, size] = (crop[template].mean(), iou, template)
+        fill, _, filled = max(overlap.values(), key=lambda o: float(o[0].detach()))
+        return _Fit(
+            fill, filled, max(overlap.values(), key=lambda o: float(o[1].detach()))[2],
+            torch.stack([iou for (shape, _), (_, iou, _) in overlap.items() if shape == obj.shape]).max()
+            if obj.shape is not None else None,
+            torch.stack([iou for (_, size), (_, iou, _) in overlap.items() if size == obj.size]).max()
+            if obj.size is not None else None)
+
+    def credit(obj: SceneObject, position: str, fitted: _Fit, claimed: Sequence[str], graph: bool) -> torch.Tensor:
+        """The object's credit in `position`. Its colour counts as this object's by the share of the colour's mass
+        in the quadrant, leaving out the quadrants `claimed` by other objects of that colour: a colour flooding the
+        image is the verifier's background, two red objects each own their own red. A tensor with its graph if
+        `graph`, else a float (for the matching)."""
+        value = (lambda t: t) if graph else (lambda t: float(t.detach()))
+        mass = masses[obj.colour]
+        share = value(mass[position]) / (value(maps[obj.colour].sum()) - sum(value(mass[q]) for q in claimed) + 1.0)
+        colour = value(fitted.fill) * share
+        held = colour * (2 if obj.position is not None else 1)  # its place is credited as its colour
+        return held + sum(value(iou) for iou in (fitted.shape_iou, fitted.size_iou) if iou is not None)
+
+    objs = [o for o in scene.objects if o.colour is not None]  # the grammar always states it: else nothing is defined
+    stated = sum(sum(a is not None for a in (o.colour, o.shape, o.size, o.position)) for o in scene.objects)
+    unplaced = [i for i, o in enumerate(objs) if o.position is None]
+    free = [q for q in POSITIONS if q not in {o.position for o in scene.objects}]
+    fits = {(i, o.position): fit(o, o.position) for i, o in enumerate(objs) if o.position is not None}
+    fits.update({(i, q): fit(objs[i], q) for i in unplaced for q in free})
+
+    def place(quadrants: tuple[Optional[str], ...]) -> list[Optional[str]]:
+        where = [o.position for o in objs]
+        for i, q in zip(unplaced, quadrants):
+            where[i] = q
+        return where
+
+    def credits(where: Sequence[Optional[str]], graph: bool) -> list:
+        return [credit(o, q, fits[i, q], [where[j] for j, p in enumerate(objs) if j != i and where[j] not in (None, q)
+                                          and p.colour == o.colour], graph)
+                for i, (o, q) in enumerate(zip(objs, where)) if q is not None]
+
+    # Objects without a stated place go to the quadrants no object states, one each (`_match_unplaced`): the matching
+    # that finds most of their colours, then most credit. Which quadrant and where the templates sit are choices.
+    where = place(_match_unplaced(len(unplaced), free, lambda qs: (
+        sum(float(masses[objs[i].colour][q].detach()) for i, q in zip(unplaced, qs) if q is not None),
+        sum(credits(place(qs), graph=False)))))
+    held = sum(credits(where, graph=True), pixels.new_zeros(()))
+    objects = torch.zeros(side, side, dtype=torch.bool, device=pixels.device)  # the objects' best templates
+    drawn = torch.zeros_like(objects)  # the templates that match them best (a small square fills a large one)
+    for i, q in enumerate(where):
+        if q is not None:
+            objects[quadrant_slices(q, side)] |= fits[i, q].filled
+            drawn[quadrant_slices(q, side)] |= fits[i, q].drawn
     if scene.background is not None:  # every pixel outside the objects: a speckle there joins the verifier's blobs
         stated += 1
         outside = probs[..., PALETTE_NAMES.index(scene.background)][~objects]
         held = held + (outside.mean() if outside.numel() else 0.0)
-    credit = held / max(stated, 1)
+    score = held / max(stated, 1)
     if exact:
         outside = probs[~drawn]
         if scene.background is not None:
@@ -370,8 +416,8 @@ def soft_verify(image: torch.Tensor | np.ndarray, scene: Scene, temperature: flo
             background = int(outside.detach().mean(0).argmax()) if outside.numel() else 0
         clutter = (1.0 - outside[:, background]).sum()  # 0 when the templates cover the image
         area = _min_area(side)
-        credit = credit * area / (area + clutter)
-    return credit
+        score = score * area / (area + clutter)
+    return score
 
 
 @register("compositional_soft")
