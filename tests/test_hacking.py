@@ -62,21 +62,25 @@ import sys
 import learner.grpo
 from learner.main import main
 
-def forced(checks, before, monitors, max_saturation, min_diversity):
-    print("checks seen:", sorted(checks), flush=True)
-    return ["forced by the test"]
+detect = learner.grpo.hacking_signs
 
-learner.grpo.hacking_signs = forced
+def counted(checks, before, monitors, max_saturation, min_diversity):
+    print("checks seen:", sorted(checks), flush=True)
+    return detect(checks, before, monitors, max_saturation, min_diversity)
+
+learner.grpo.hacking_signs = counted
 sys.exit(main(sys.argv[1:]))
 """
 
 
 @pytest.mark.slow
-def test_a_run_that_looks_hacked_stops_and_exports_its_best_clean_checkpoint(tmp_path):
-    """The whole stack (real Ray actors, Redis, DeepSpeed, MLflow) in a driver process whose detector is forced to
-    see hacking at the first evaluation (its own logic is tested above), with rollouts one version ahead in flight.
-    The run must stop there, leave nothing unacknowledged on the stream, and export the starting weights (the only
-    clean evaluation) as its checkpoint, keeping the trained ones as last_checkpoint."""
+def test_a_run_that_hacks_its_reward_stops_and_exports_its_best_clean_checkpoint(tmp_path):
+    """The whole stack (real Ray actors, Redis, DeepSpeed, MLflow) hacking a reward for real: JPEG compressibility
+    pays for flat images, and at lr 0.3 without a KL one update raises it significantly while every group's images
+    collapse to one (within-group diversity 0.44x the base's against the limit 0.8), with rollouts one version ahead
+    in flight. The run must stop at that first evaluation, leave nothing unacknowledged on the stream, and export the
+    starting weights (the only clean evaluation) as its checkpoint, keeping the trained ones as last_checkpoint. The
+    driver only counts the detector's calls (the stop must reuse the evaluation's scores, not evaluate again)."""
     import os
     import subprocess
     import sys
@@ -91,15 +95,18 @@ def test_a_run_that_looks_hacked_stops_and_exports_its_best_clean_checkpoint(tmp
     proc = subprocess.run(
         [sys.executable, "-c", DRIVER, "--mode", "grpo", "--config", "configs/smoke.yaml", f"run_dir={run_dir}",
          f"mlflow.tracking_uri={uri}", f"init_from={pretrain / 'checkpoint'}", "grpo.iterations=4",
-         "grpo.eval_every=1", "grpo.max_staleness=1", "grpo.stop_on_hacking=true",
-         "grpo.check_rewards=[compositional_strict]", "rewards=[{name: compositional}]"],
+         "grpo.eval_every=1", "grpo.max_staleness=1", "grpo.stop_on_hacking=true", "grpo.lr=0.3", "grpo.kl_coef=0",
+         "grpo.check_rewards=[compositional_strict]", "rewards=[{name: jpeg_compressibility}]"],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # one evaluation of step 1: the stop right after it reuses its scores instead of evaluating the same weights again
     assert proc.stdout.count("checks seen: ['compositional_strict']") == 1
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["iterations"] == 1 and summary["hacking"] == ["forced by the test"]
+    assert summary["iterations"] == 1 and len(summary["hacking"]) == 1
+    assert summary["hacking"][0].startswith("within-group diversity"), summary["hacking"]
+    assert summary["eval"]["rewards"]["jpeg_compressibility"]["difference"]["ci_low"] > 0  # the reward it hacked rose
+    assert summary["monitors"]["after"]["diversity_ratio"] < 0.8
     assert "compositional_strict" in summary["eval"]["checks"]
     assert Path(summary["checkpoint"]).resolve() == (pretrain / "checkpoint").resolve() and summary["best"]["step"] == 0
     assert Path(summary["last_checkpoint"]) == (run_dir / "checkpoint").resolve()
