@@ -6,7 +6,7 @@
 Samples GRPO's held-out prompts with the stochastic 10-step hybrid sampler (GRPO's policy) and checks each stated
 attribute on its own with the verifier (`rewards.compositional.verify` on the caption reduced to that attribute):
 the background; an object's colour in its stated quadrant (or, with no position stated, in any quadrant); its shape
-and its size where its colour was found. The same checks against another held-out prompt's caption (prompt i + 1's,
+and its size where its colour was found; and the whole verifier on one-object and on multi-object captions apart. The same checks against another held-out prompt's caption (prompt i + 1's,
 on prompt i's images) are the chance level: what a sampler that ignored its caption would score. The difference,
 paired per prompt, is what the caption makes the model do. Then a paired check of the place word alone
 (`place_effect`): single-object captions drawn at each of the four places with the same noises, scored by the
@@ -36,7 +36,8 @@ from rewards.compositional import PALETTE_NAMES, Thresholds, classify, quadrant_
 from rewards.scenes import OBJECT_COLOURS, POSITIONS, SHAPES, Scene, SceneObject, parse_caption  # noqa: E402
 
 CHECKS = ["background", "colour at its stated place", "colour, no place stated", "shape where the colour is",
-          "size where the colour is", "verifier (all attributes)"]
+          "size where the colour is", "verifier (all attributes)", "verifier, one-object captions",
+          "verifier, captions of two or more objects"]
 
 
 def attribute_checks(image: np.ndarray, caption: str) -> dict[str, list[float]]:
@@ -44,6 +45,8 @@ def attribute_checks(image: np.ndarray, caption: str) -> dict[str, list[float]]:
     scene = parse_caption(caption)
     out: dict[str, list[float]] = {name: [] for name in CHECKS}
     out["verifier (all attributes)"].append(verify(image, scene))
+    out["verifier, one-object captions" if len(scene.objects) == 1 else
+        "verifier, captions of two or more objects"].append(verify(image, scene))  # where the reward is lost
     if scene.background is not None:
         out["background"].append(float(verify(image, Scene(scene.background, ())) == 1.0))
     for obj in scene.objects:
