@@ -6,7 +6,7 @@
 Samples GRPO's held-out prompts with the stochastic 10-step hybrid sampler (GRPO's policy) and checks each stated
 attribute on its own with the verifier (`rewards.compositional.verify` on the caption reduced to that attribute):
 the background; an object's colour in its stated quadrant (or, with no position stated, in any quadrant); its shape
-and its size where its colour was found; and the whole verifier on one-object and on multi-object captions apart. The same checks against another held-out prompt's caption (prompt i + 1's,
+and its size where its colour was found; and the whole verifier on one-object and multi-object captions apart. The same checks against another held-out prompt's caption (prompt i + 1's,
 on prompt i's images) are the chance level: what a sampler that ignored its caption would score. The difference,
 paired per prompt, is what the caption makes the model do. Then a paired check of the place word alone
 (`place_effect`): single-object captions drawn at each of the four places with the same noises, scored by the
@@ -36,8 +36,7 @@ from rewards.compositional import PALETTE_NAMES, Thresholds, classify, quadrant_
 from rewards.scenes import OBJECT_COLOURS, POSITIONS, SHAPES, Scene, SceneObject, parse_caption  # noqa: E402
 
 CHECKS = ["background", "colour at its stated place", "colour, no place stated", "shape where the colour is",
-          "size where the colour is", "verifier (all attributes)", "verifier, one-object captions",
-          "verifier, captions of two or more objects"]
+          "size where the colour is", "verifier (all attributes)"]
 
 
 def attribute_checks(image: np.ndarray, caption: str) -> dict[str, list[float]]:
@@ -45,8 +44,6 @@ def attribute_checks(image: np.ndarray, caption: str) -> dict[str, list[float]]:
     scene = parse_caption(caption)
     out: dict[str, list[float]] = {name: [] for name in CHECKS}
     out["verifier (all attributes)"].append(verify(image, scene))
-    out["verifier, one-object captions" if len(scene.objects) == 1 else
-        "verifier, captions of two or more objects"].append(verify(image, scene))  # where the reward is lost
     if scene.background is not None:
         out["background"].append(float(verify(image, Scene(scene.background, ())) == 1.0))
     for obj in scene.objects:
@@ -74,6 +71,15 @@ def per_prompt(images: np.ndarray, captions: list[str]) -> dict[str, np.ndarray]
             if values:
                 table[name][i] = float(np.mean(values))
     return table
+
+
+def by_objects(verifier: np.ndarray, captions: list[str]) -> dict[str, dict]:
+    """The verifier's per-prompt values [prompts] split by how many objects each caption states (where the reward
+    is lost), over every prompt of each kind: label -> {"prompts": n, "mean": ...} (no interval for an empty kind)."""
+    counts = np.array([len(parse_caption(caption).objects) for caption in captions])
+    kinds = {"one object": counts == 1, "two or more objects": counts >= 2}
+    return {label: {"prompts": int(mask.sum()), **(bootstrap_ci(verifier[mask]).as_dict() if mask.any() else {})}
+            for label, mask in kinds.items()}
 
 
 def paired(a: np.ndarray, b: np.ndarray):
@@ -189,7 +195,10 @@ def main() -> None:
     other = per_prompt(sample(args.against)[1], captions) if args.against else None
 
     rows, against_rows, results = check_table(own, control, other, args.against)
-    place = ""
+    results["verifier by objects stated"] = split = by_objects(own["verifier (all attributes)"], captions)
+    place = "\n\nThe verifier by how many objects the caption states (every prompt of each kind): " + "; ".join(
+        f"{label} ({kind['prompts']} prompts) {kind['mean']:.3f} [{kind['ci_low']:.3f}, {kind['ci_high']:.3f}]"
+        for label, kind in split.items() if kind["prompts"]) + "."
     if args.place_noises:
         stated, control, halves = place_effect(
             lambda caps, seed: generate(model, caps, args.steps, seed, guidance=args.guidance).numpy(), args.place_noises)
@@ -200,7 +209,7 @@ def main() -> None:
         results["place word"] = {"captions": len(stated), "noises": args.place_noises, "share": share.as_dict(),
                                  "lift": lift.as_dict(), "vertical_half": vertical.as_dict(),
                                  "horizontal_half": horizontal.as_dict()}
-        place = (f"\n\nDoes the place word move the object? {len(stated)} single-object captions (\"a large C S at the "
+        place += (f"\n\nDoes the place word move the object? {len(stated)} single-object captions (\"a large C S at the "
                  f"P\", every colour and shape), each at the four places with the same {args.place_noises} noises: share "
                  f"of the colour's pixels in the stated quadrant {share} (0.25 if the place word is ignored, 1 if obeyed); "
                  f"minus its share in the other quadrants {lift.mean:+.3f} [{lift.low:+.3f}, {lift.high:+.3f}] "
