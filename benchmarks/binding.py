@@ -6,9 +6,10 @@
 Samples GRPO's held-out prompts with the stochastic 10-step hybrid sampler (GRPO's policy) and checks each stated
 attribute on its own with the verifier (`rewards.compositional.verify` on the caption reduced to that attribute):
 the background; an object's colour in its stated quadrant (or, with no position stated, in any quadrant); its shape
-and its size where its colour was found; and the whole verifier on one-object and multi-object captions apart. The same checks against another held-out prompt's caption (prompt i + 1's,
-on prompt i's images) are the chance level: what a sampler that ignored its caption would score. The difference,
-paired per prompt, is what the caption makes the model do. Then a paired check of the place word alone
+and its size where its colour was found; and the whole verifier on one-object and multi-object captions apart. The
+same checks against another held-out prompt's caption (prompt i + 1's, on prompt i's images) are the chance level:
+what a sampler that ignored its caption would score. The difference, paired per prompt, is what the caption makes the
+model do. Then a paired check of the place word alone
 (`place_effect`): single-object captions drawn at each of the four places with the same noises, scored by the
 colour's share in the stated quadrant (0.25 if the word is ignored). 95% bootstrap intervals over prompts (over
 captions for the place check). `--against CKPT` samples the same prompts and noises with a second model and adds
@@ -210,11 +211,11 @@ def main() -> None:
                                  "lift": lift.as_dict(), "vertical_half": vertical.as_dict(),
                                  "horizontal_half": horizontal.as_dict()}
         place += (f"\n\nDoes the place word move the object? {len(stated)} single-object captions (\"a large C S at the "
-                 f"P\", every colour and shape), each at the four places with the same {args.place_noises} noises: share "
-                 f"of the colour's pixels in the stated quadrant {share} (0.25 if the place word is ignored, 1 if obeyed); "
-                 f"minus its share in the other quadrants {lift.mean:+.3f} [{lift.low:+.3f}, {lift.high:+.3f}] "
-                 f"(95% intervals over captions). By axis, the share in the stated half (0.5 = that word ignored): "
-                 f"top / bottom {vertical}, left / right {horizontal}.")
+                  f"P\", every colour and shape), each at the four places with the same {args.place_noises} noises: share "
+                  f"of the colour's pixels in the stated quadrant {share} (0.25 if the place word is ignored, 1 if obeyed); "
+                  f"minus its share in the other quadrants {lift.mean:+.3f} [{lift.low:+.3f}, {lift.high:+.3f}] "
+                  f"(95% intervals over captions). By axis, the share in the stated half (0.5 = that word ignored): "
+                  f"top / bottom {vertical}, left / right {horizontal}.")
     text = (f"`{args.init}`, {args.prompts} held-out prompts x {args.seeds} noise seeds, stochastic hybrid sampler, "
             f"{args.steps} steps, guidance {args.guidance:g}. Chance: the same images checked against the next prompt's caption. Rates per "
             f"stated attribute, mean per prompt; 95% bootstrap intervals over prompts.\n\n"

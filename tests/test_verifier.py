@@ -441,6 +441,52 @@ def test_the_dense_verifier_credits_every_faithful_render():
     assert float(soft.min()) >= 0.9, captions[int(soft.argmin())]
 
 
+def test_the_dense_verifier_counts_stray_colour_against_its_object_wherever_it_lies():
+    """An object's colour share leaves out only the quadrants other objects of *that* colour hold: a red smear in the
+    blue object's quadrant costs the red circle as much as one in an empty quadrant. Would catch the quadrants of
+    objects of any colour left out (the smear beside the blue square would then be free)."""
+    scene = parse_caption("a large red circle and a small blue square, on a white background")
+    clean = render(Scene("white", (SceneObject("red", "circle", "large", "top left"),
+                                   SceneObject("blue", "square", "small", "bottom right"))), 32)  # rows 20-27
+    credits = {}
+    for name, (rows, cols) in {"beside the blue square": (slice(16, 19), slice(28, 31)),
+                               "in an empty quadrant": (slice(0, 3), slice(28, 31))}.items():
+        smeared = clean.copy()
+        smeared[:, rows, cols] = np.array([1.0, 0.0, 0.0])[:, None, None]
+        credits[name] = float(soft_verify(smeared, scene))
+    assert credits["beside the blue square"] == pytest.approx(credits["in an empty quadrant"], abs=0.005), credits
+    assert max(credits.values()) < float(soft_verify(clean, scene)) - 0.005
+
+
+def test_the_dense_verifier_stays_in_range_and_fast_on_captions_the_grammar_never_draws():
+    """User captions may state one place twice or many objects: a quadrant claimed by two objects was subtracted
+    from a colour's mass twice (a faithful render scored 1.8), and the matching enumerated count! orders of the
+    objects (a caption of 9 objects took minutes per image). Would catch either coming back."""
+    import time
+
+    image = render(Scene("white", (SceneObject("red", "circle", "large", "top left"),
+                                   SceneObject("red", "square", "large", "bottom right"))), 32)
+    for caption in ("a red circle at the top left and a red square at the top left and a red square at the bottom "
+                    "right", "a red circle at the top left and a red square at the top left and a red square"):
+        for exact in (False, True):
+            assert 0.0 <= float(soft_verify(image, parse_caption(caption), exact=exact)) <= 1.0, (caption, exact)
+    many = parse_caption(" and ".join(["a red circle"] * 9))
+    started = time.perf_counter()
+    soft, hard = float(soft_verify(image, many)), verify(image, many)
+    assert time.perf_counter() - started < 20  # a bound far above the ~1 s it takes, far below the minutes it took
+    assert 0.0 <= soft <= 1.0 and 0.0 <= hard <= 1.0
+
+
+def test_the_dense_reward_refuses_an_object_without_its_colour():
+    """The dense credits are all per colour: a colourless object would score 0 on a faithful image (the verifier
+    pays 1), so a prompt stating one is refused before a run. Would catch it accepted."""
+    build("compositional_soft").check_prompts(["a red circle at the top left, on a white background"])
+    for name in ("compositional_soft", "compositional_soft_exact"):
+        with pytest.raises(ValueError, match="without its colour"):
+            build(name).check_prompts(["a circle at the top left, on a white background"])
+    build("compositional").check_prompts(["a circle at the top left, on a white background"])  # the verifier can
+
+
 def test_unplaced_objects_beyond_the_free_quadrants_score_alike_in_any_caption_order():
     """Three placed objects leave one quadrant free for two unplaced ones: whichever of them the image shows there
     must be found whatever the caption's order (only the first-listed could be matched, so the same image and scene
