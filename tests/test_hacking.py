@@ -150,3 +150,18 @@ def test_the_best_checkpoint_is_the_best_clean_evaluation():
     assert run.best == (0, 0.5, Path("start"))
     run.keep_if_best(5, higher, saved=Path("ckpt5"))
     assert run.best == (5, pytest.approx(0.8), Path("ckpt5"))
+
+
+def test_the_held_out_total_is_the_weighted_sum_the_policy_is_trained_on():
+    """The held-out 'total' (what the best checkpoint is chosen by, and the summary reports) weighs each reward's
+    [prompts, seeds] matrix as the training reward does. Would catch an unweighted sum (a reward of weight 0.1 then
+    choosing the checkpoint as much as one of weight 1)."""
+    from learner.config import RunConfig
+
+    run = bare_run(0.0, [])
+    run.cfg = RunConfig.model_validate({"rewards": [{"name": "compositional", "weight": 0.5},
+                                                    {"name": "jpeg_compressibility", "weight": 2.0}]})
+    a, b = np.array([[1.0, 0.0]]), np.array([[0.25, 0.5]])
+    out = run.with_total({"compositional": a, "jpeg_compressibility": b})
+    np.testing.assert_allclose(out["total"], [[1.0, 1.0]])
+    assert out["compositional"] is a and out["jpeg_compressibility"] is b
