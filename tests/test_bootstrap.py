@@ -64,3 +64,39 @@ def test_any_statistic_of_the_rows_gets_an_interval_that_covers_it():
     assert bootstrap_stat(lambda rows: scores.mean(axis=1)[rows].mean(), 50) == bootstrap_ci(scores)
     with pytest.raises(ValueError, match="zero prompts"):
         bootstrap_stat(lambda rows: 0.0, 0)
+
+
+def test_the_point_estimate_is_the_mean_of_the_prompts_seed_averaged_scores():
+    """The interval's centre is the data's mean, the same whatever the resampling: a bootstrap mean instead would move
+    with the seed and the number of resamples. Would catch the centre taken from the draws."""
+    scores = np.random.default_rng(4).gamma(1.0, 1.0, size=(12, 3))
+    for seed, resamples in ((0, 200), (1, 50)):
+        assert bootstrap_ci(scores, resamples=resamples, seed=seed).mean == pytest.approx(scores.mean(), abs=1e-15)
+
+
+@pytest.mark.parametrize("n", [2, 4, 8, 128])
+def test_the_expanded_quantile_is_students_t_with_the_unbiased_spread(n):
+    """Hesterberg's expansion: the bootstrap distribution of a mean has the plug-in spread s sqrt((n - 1) / n) /
+    sqrt(n) and normal tails; its quantile at expanded_alpha lies z(expanded_alpha) of those from the mean, which must
+    be t_{n-1} unbiased standard errors, the Student-t interval. Would catch the factor inverted, the t taken with n
+    degrees of freedom (too narrow at a few prompts) or the wrong tail of the normal."""
+    from scipy import stats
+
+    from learner.bootstrap import expanded_alpha
+
+    alpha = expanded_alpha(n, 0.95)
+    assert 0 < alpha <= 0.025
+    assert stats.norm.isf(alpha) * np.sqrt((n - 1) / n) == pytest.approx(stats.t.isf(0.025, n - 1), rel=1e-9)
+
+
+def test_the_logged_intervals_name_their_bounds_the_right_way_round():
+    """ci_metrics is what MLflow shows for every held-out reward: the mean with ci_low below it and ci_high above,
+    both those of bootstrap_ci. Would catch the two bounds swapped (every logged interval upside down)."""
+    from learner.grpo import ci_metrics
+
+    scores = np.random.default_rng(5).normal(size=(32, 2))
+    est = bootstrap_ci(scores)
+    out = ci_metrics("eval_reward", {"total": scores})
+    assert out == {"eval_reward_total": est.mean, "eval_reward_total_ci_low": est.low,
+                   "eval_reward_total_ci_high": est.high}
+    assert out["eval_reward_total_ci_low"] < out["eval_reward_total"] < out["eval_reward_total_ci_high"]

@@ -193,3 +193,19 @@ def test_a_score_model_or_a_replay_longer_than_the_chain_is_refused(model, tiny_
     score = ProxT2I(tiny_model_config.model_copy(update={"kind": "score"}))
     with pytest.raises(ValueError, match="score model"):
         replay(score, Policy.of(score, STEPS), tokens, states, 1)
+
+
+def test_a_trained_subset_changes_the_gradient_and_not_the_values(model):
+    """With a random subset of the steps trained (DRTune, train_step_fraction), each trained step's gradient is scaled
+    by K / len(subset) while its value stays what the sampler computes: the replayed x_0 and the policy means (what
+    the KL compares with the reference) are those of the full replay. Would catch the scale applied to the value too
+    (a trained final step doubling x_0, a trained earlier step doubling its mean in the KL)."""
+    policy = Policy.of(model, STEPS)
+    tokens = model.tokenize(CAPTIONS)
+    states, _ = recorded(model, policy, tokens)
+    with torch.no_grad():
+        full_x0, full_means = replay(model, policy, tokens, states, STEPS)
+    x0, means = replay(model, policy, tokens, states, STEPS, detach_inputs=True, trained=[1, 3])
+    torch.testing.assert_close(x0, full_x0, rtol=0, atol=1e-6)
+    for got, expected in zip(means, full_means, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

@@ -223,3 +223,48 @@ def test_x0_space_needs_the_conditional_target():
     with pytest.raises(ValueError, match="target=conditional"):
         ForwardBatch.build(LinearEps(), torch.zeros(4, 1, 2, 2), None, torch.zeros(4), step_candidates=[5],
                            variants=("hybrid",), adv_scale=1.0, generator=torch.Generator(), loss_space="x0")
+
+
+def test_the_anchor_trains_the_model_and_not_its_reference():
+    """The anchor's gradient moves the trained model towards the reference, and leaves the reference (a frozen copy
+    or the EMA, held to stay where it is) without a graph or a gradient. Would catch the reference's prediction
+    computed with grad (a backward through a second network on every step, and a reference that moves if any of its
+    weights is trainable)."""
+    x0 = torch.randn(16, 1)
+    model, reference = LinearEps(), LinearEps(0.0, 0.5)
+    batch = ForwardBatch.build(model, x0, None, torch.zeros(16), step_candidates=[5], variants=("hybrid",),
+                               adv_scale=1.0, generator=torch.Generator().manual_seed(0))
+    loss, _ = forward_loss(model, batch, 1.0, reference=reference, anchor=1.0)
+    loss.backward()
+    assert reference.a.grad is None and reference.b.grad is None
+    assert float(model.b.grad) == pytest.approx(-1.0)  # d/db (b - 0.5)^2 at b = 0: the pull towards 0.5
+
+
+def test_in_x0_space_the_anchor_is_measured_in_x0_space_too():
+    """forward_loss_space=x0 weighs each pair's squared residuals by x0_loss_scale^2; the anchor to the reference must
+    use the same weights, or on the noisy pairs it is ~1/k^2 weaker than the split loss it is meant to balance. Would
+    catch the anchor left in eps space."""
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.rand(32, 1, 2, 2, generator=gen) * 2 - 1
+    model, reference = LinearEps(), LinearEps(0.0, 0.5)
+    batch = ForwardBatch.build(model, x0, None, torch.zeros(32), step_candidates=[5, 10], variants=("hybrid",),
+                               adv_scale=1.0, generator=gen, target="conditional", loss_space="x0")
+    _, stats = forward_loss(model, batch, 1.0, reference=reference, anchor=1.0)
+    assert float(stats["anchor_mse"]) == pytest.approx(float((0.25 * batch.weight).mean()), rel=1e-6)
+    assert float(stats["anchor_mse"]) > 2 * 0.25  # the noisy pairs amplified, as in the split loss
+
+
+def test_before_the_first_step_the_model_has_not_moved_from_the_sampling_policy():
+    """forward_step reports how far the model's prediction has moved from the sampling policy's (e_old) on the
+    batch's pairs: 0 before any optimiser step, the square of the shift after one. Would catch it measured against the
+    noise target xi (the loss's residual, never 0) instead of e_old."""
+    x0 = torch.randn(16, 1)
+    model = LinearEps(0.2, 0.1)
+    batch = ForwardBatch.build(model, x0, None, torch.randn(16), step_candidates=[5], variants=("hybrid",),
+                               adv_scale=1.0, generator=torch.Generator().manual_seed(0))
+    _, stats = forward_loss(model, batch, 1.0)
+    assert float(stats["forward_step"]) == 0.0
+    with torch.no_grad():
+        model.b += 0.3
+    _, stats = forward_loss(model, batch, 1.0)
+    assert float(stats["forward_step"]) == pytest.approx(0.09)

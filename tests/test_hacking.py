@@ -111,3 +111,64 @@ def test_a_run_that_hacks_its_reward_stops_and_exports_its_best_clean_checkpoint
     assert Path(summary["checkpoint"]).resolve() == (pretrain / "checkpoint").resolve() and summary["best"]["step"] == 0
     assert Path(summary["last_checkpoint"]) == (run_dir / "checkpoint").resolve()
     assert summary["stream"]["pending"] == 0 and summary["groups_dropped"] == 2  # the drained iteration's groups
+
+
+def test_monitors_exactly_at_their_limits_are_not_signs():
+    """The limits are the largest saturation ratio and the smallest diversity ratio still clean ('past its limit').
+    Would catch >= / <= at the boundary: a run configured with hacking_saturation 1.0 stopped on a policy exactly as
+    saturated as its start."""
+    assert hacking_signs({}, {}, {"saturation_ratio": 1.2, "diversity_ratio": 0.8}, 1.2, 0.8) == []
+    assert hacking_signs({}, {}, {"saturation_ratio": 1.0, "diversity_ratio": 1.0}, 1.0, 1.0) == []
+
+
+def test_one_nonfinite_monitor_is_a_sign():
+    """Either monitor going NaN (non-finite images) is a sign on its own. Would catch the two finiteness checks
+    joined so that a NaN saturation with a finite diversity passes (NaN > limit is False: no sign at all)."""
+    for monitors in ({"saturation_ratio": float("nan"), "diversity_ratio": 1.0},
+                     {"saturation_ratio": 1.0, "diversity_ratio": float("nan")}):
+        assert any("not finite" in sign for sign in hacking_signs({}, {}, monitors, 1.2, 0.8))
+
+
+def bare_run(best_total: float, hacked: list[str]):
+    """A GrpoRun with only what keep_if_best reads (no Ray, no actors): the start as the best so far."""
+    from types import SimpleNamespace
+
+    from learner.config import load_config
+    from learner.grpo import GrpoRun
+
+    run = object.__new__(GrpoRun)
+    run.cfg, run.init_from, run.eval_prompts = load_config(None, []), Path("start"), ["p"]
+    run.tracker, run.run_dir = SimpleNamespace(run_id="r"), Path("run")
+    run.best, run.hacked = (0, best_total, Path("start")), hacked
+    return run
+
+
+def test_the_best_checkpoint_is_the_best_clean_evaluation():
+    """stop_on_hacking exports the best evaluation that showed no sign of hacking: a hacked one never replaces it,
+    however high its reward (the reward is what hacking inflates), and a clean one must beat it, not tie it. Would
+    catch the hacking condition dropped (the hacked weights exported as the run's checkpoint) or a tie replacing the
+    earlier, less trained weights."""
+    higher = {"total": np.array([[0.9, 0.7]])}
+    run = bare_run(0.5, ["forced"])
+    run.keep_if_best(3, higher, saved=Path("ckpt3"))
+    assert run.best == (0, 0.5, Path("start"))
+    run.hacked = []
+    run.keep_if_best(4, {"total": np.array([[0.5, 0.5]])}, saved=Path("ckpt4"))
+    assert run.best == (0, 0.5, Path("start"))
+    run.keep_if_best(5, higher, saved=Path("ckpt5"))
+    assert run.best == (5, pytest.approx(0.8), Path("ckpt5"))
+
+
+def test_the_held_out_total_is_the_weighted_sum_the_policy_is_trained_on():
+    """The held-out 'total' (what the best checkpoint is chosen by, and the summary reports) weighs each reward's
+    [prompts, seeds] matrix as the training reward does. Would catch an unweighted sum (a reward of weight 0.1 then
+    choosing the checkpoint as much as one of weight 1)."""
+    from learner.config import RunConfig
+
+    run = bare_run(0.0, [])
+    run.cfg = RunConfig.model_validate({"rewards": [{"name": "compositional", "weight": 0.5},
+                                                    {"name": "jpeg_compressibility", "weight": 2.0}]})
+    a, b = np.array([[1.0, 0.0]]), np.array([[0.25, 0.5]])
+    out = run.with_total({"compositional": a, "jpeg_compressibility": b})
+    np.testing.assert_allclose(out["total"], [[1.0, 1.0]])
+    assert out["compositional"] is a and out["jpeg_compressibility"] is b

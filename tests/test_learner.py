@@ -716,3 +716,151 @@ def test_each_rank_draws_its_own_pair_and_anchor_noise(checkpoint, server):
     learner.train(0, len(PROMPTS))
     # The pairs and the anchor drew from the rank's own stream, and nothing from the one shared by every rank.
     assert not torch.equal(learner.noise_rng.get_state(), noise) and torch.equal(learner.step_rng.get_state(), step)
+
+
+def test_a_single_informative_group_is_trained_alone(checkpoint, server):
+    """drop_zero_std_groups keeps the informative groups whenever there are enough for every rank: one rank and one
+    group with a reward spread is enough; the logged reward_std is the batch's population std, as the advantages use.
+    Would catch the 'enough' bound off by one (more than world instead of at least world: three groups of all-zero
+    advantages trained, diluting the batch's statistics) or reward_std logged as the sample std."""
+    flat = torch.full((G,), 0.5)
+    rewards = [flat, torch.tensor([0.0, 1.0, 0.5, 0.25]), flat, flat]
+    write_batch(checkpoint, server.address, "one-informative", steps=STEPS, group_size=G, rewards=rewards)
+    metrics = make_learner(checkpoint, server, "one-informative").train(0, len(PROMPTS))
+    assert metrics["groups"] == 4 and metrics["groups_trained"] == 1
+    assert metrics["reward_std"] == pytest.approx(float(torch.stack(rewards).std(unbiased=False)))
+
+
+def test_the_first_pass_deviation_is_reported_as_the_worst_one():
+    """first_pass_log_ratio_max says how far the learner's function is from the rollout's before any step: a mean
+    over the pass's transitions would hide the one that is off. Would catch it left out of MAX_STATS."""
+    sums: dict = {}
+    for value in (0.0, 0.3, 0.0):
+        collect(sums, {"first_pass_log_ratio_max": torch.tensor(value), "first_pass_log_ratio_mean": value / 2})
+    assert reduce_stats(sums) == pytest.approx({"first_pass_log_ratio_max": 0.3, "first_pass_log_ratio_mean": 0.05})
+
+
+def test_each_rank_anchors_on_its_own_slice_of_the_data(tiny_model):
+    """grpo.data_anchor: rank r of W takes samples cursor + (step W + r) b .. + b of the data stream, so ranks see
+    different data and a resumed run the same. Would catch the rank left out of the offset (every rank anchoring on
+    the same batch) or the cursor ignored (a resumed run replaying the data from its start)."""
+    from learner.anchor import DataAnchor
+    from learner.config import load_config
+    from tests.cli import SMOKE
+
+    cfg = load_config(SMOKE, ["grpo.data_anchor=0.5", "data.cursor=11"])
+    model = tiny_model.eval()
+    anchors = [DataAnchor(cfg, model, rank=r, world=2) for r in range(2)]
+    class Recording:  # the data stream, noting where each batch it serves starts
+        def __init__(self, source):
+            self.source, self.firsts = source, []
+
+        def batch(self, first, n):
+            self.firsts.append(first)
+            return self.source.batch(first, n)
+
+    firsts = []
+    for anchor in anchors:
+        anchor.source = Recording(anchor.source)
+        with torch.no_grad():
+            anchor.loss(model, model, 3, torch.Generator().manual_seed(0), torch.device("cpu"))
+        firsts += anchor.source.firsts
+    b = anchors[0].batch
+    assert firsts == [11 + (3 * 2 + 0) * b, 11 + (3 * 2 + 1) * b]
+
+
+def test_the_kl_enters_the_loss_times_its_coefficient(checkpoint, server):
+    """transition_loss adds kl_coef x the closed-form KL to the reference: the loss's excess over the coefficient-0
+    loss is linear in grpo.kl_coef. Would catch the coefficient ignored (every kl_coef acting as 1)."""
+    from learner.grpo_learner import TrainGroup, transition_loss
+    from proxmodel.model import load_model
+
+    write_batch(checkpoint, server.address, "klcoef", steps=STEPS, group_size=G)
+    model, reference = load_model(checkpoint).eval(), load_model(checkpoint).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=gen))
+    groups = _peek(server, "klcoef")
+    batch = [TrainGroup.of(g, torch.randn(G, generator=gen), model, torch.device("cpu")) for g in groups]
+    policy = Policy.of(model, STEPS)
+    with torch.no_grad():
+        plain, stats = transition_loss(model, reference, policy, batch, 0, 1e-3, 0.0)
+        for coef in (0.5, 3.0):
+            loss, _ = transition_loss(model, reference, policy, batch, 0, 1e-3, coef)
+            assert float(loss - plain) == pytest.approx(coef * float(stats["kl"]), rel=1e-4)
+    assert float(stats["kl"]) > 0
+
+
+def test_advantage_std_and_eps_reach_the_learner(checkpoint, server, monkeypatch):
+    """grpo.advantage_std=global normalises by one std over the batch (groups' means still subtracted): a group with
+    a small spread keeps small advantages; grpo.adv_eps is added to that std. Would catch either option accepted by
+    the config and dropped before compute_advantages (every group scaled to unit std, or the default eps used)."""
+    rewards = [torch.tensor([0.0, 1.0, 0.0, 1.0]), torch.tensor([0.0, 0.1, 0.0, 0.1])] * 2
+    write_batch(checkpoint, server.address, "adv-std", steps=STEPS, group_size=G, rewards=rewards)
+    seen = capture_advantages(monkeypatch)
+    make_learner(checkpoint, server, "adv-std", advantage_std="global", adv_eps=0.25).train(0, len(PROMPTS))
+    seen = dict(seen)
+    total = torch.stack(rewards)
+    expected = (total - total.mean(1, keepdim=True)) / (total.std(unbiased=False) + 0.25)
+    for prompt, row in zip(PROMPTS, expected):
+        assert torch.allclose(seen[prompt], row, atol=1e-5), prompt
+
+
+def test_direct_objective_keeps_flat_groups_beside_informative_ones(checkpoint, server):
+    """The direct objective trains on the reward's pixel gradient, which every image has, so a group whose verifier
+    rewards are all equal is trained even when other groups in the batch differ (with every group flat, the
+    zero-std filter falls back to all of them and cannot tell). Would catch drop_zero_std_groups applied to direct
+    runs."""
+    flat = torch.full((G,), 0.5)
+    rewards = [flat, torch.tensor([0.0, 1.0, 0.5, 0.25]), flat, flat]
+    write_batch(checkpoint, server.address, "dr-mixed", steps=STEPS, group_size=G, rewards=rewards)
+    learner = make_learner(checkpoint, server, "dr-mixed", objective="direct", direct_steps=1)
+    assert learner.train(0, len(PROMPTS))["groups_trained"] == len(PROMPTS)
+
+
+def test_the_forward_learners_default_scale_makes_a_lone_success_fully_positive(checkpoint, server, monkeypatch):
+    """With forward_adv_scale unset the learner scales advantages by sqrt(G - 1), the largest |A| a group-std
+    advantage can take: the one success of a group gets r = 1 (all of its loss on the positive policy) and its
+    failures r = 1/3, nothing clipped. Would catch another default (sqrt(G): r = 0.93, a weaker update for the same
+    evidence)."""
+    from learner.forward_objective import ForwardBatch
+
+    seen, build = [], ForwardBatch.build.__func__
+
+    def capture(cls, *args, **kwargs):
+        batch = build(cls, *args, **kwargs)
+        seen.append(batch.r)
+        return batch
+
+    monkeypatch.setattr(ForwardBatch, "build", classmethod(capture))
+    rewards = [torch.tensor([1.0, 0.0, 0.0, 0.0])] * len(PROMPTS)
+    write_batch(checkpoint, server.address, "fwd-scale", steps=STEPS, group_size=G, rewards=rewards)
+    make_learner(checkpoint, server, "fwd-scale", objective="forward").train(0, len(PROMPTS))
+    assert seen and torch.allclose(seen[0].view(-1, G), torch.tensor([[1.0, 1 / 3, 1 / 3, 1 / 3]]), atol=1e-3)
+
+
+def test_reward_aggregation_reaches_the_learner(checkpoint, server, monkeypatch):
+    """grpo.reward_aggregation=advantage normalises each reward within its group before the weighted sum: a reward
+    constant in a group adds nothing, and each varying one adds weight x its unit-std advantage. Would catch the
+    option accepted by the config and dropped before compute_advantages (the weighted sum normalised instead)."""
+    write_batch(checkpoint, server.address, "aggr-src", steps=STEPS, group_size=G)
+    weights = {"compositional": 1.0, "jpeg_compressibility": 0.5}
+    first = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    second = [torch.tensor([0.0, 0.0, 0.3, 0.9]), torch.full((G,), 0.2)] * 2
+    stream = ExperienceStream(server.address, "aggr")
+    stream.create()
+    for group, b in zip(_peek(server, "aggr-src"), second):
+        stream.add(replace(group, scores={"compositional": first, "jpeg_compressibility": b}, weights=weights))
+    cfg = RunConfig.model_validate({
+        "grpo": {"steps": STEPS, "group_size": G, "prompts_per_iteration": len(PROMPTS), "lr": 1e-3,
+                 "reward_aggregation": "advantage"},
+        "rewards": [{"name": name, "weight": w} for name, w in weights.items()],
+        "actors": {"torch_threads": 1}, "deepspeed": {"zero_stage": 2},
+    })
+    seen = capture_advantages(monkeypatch)
+    GrpoLearner(checkpoint, cfg.model_dump_json(), server.address, "aggr").train(0, len(PROMPTS))
+    seen = dict(seen)
+    for prompt, b in zip(PROMPTS, second):
+        expected = group_advantages(first, 1e-4) + 0.5 * group_advantages(b, 1e-4)
+        assert torch.allclose(seen[prompt], expected, atol=1e-5), prompt

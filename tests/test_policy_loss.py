@@ -1,3 +1,6 @@
+import math
+
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -122,3 +125,43 @@ def test_prompt_stats_keep_the_latest_rewards_of_each_prompt():
     assert stats.history["p"] == [0.0, 0.0, 1.0, 3.0]
     hist = torch.tensor([0.0, 0.0, 1.0, 3.0])
     assert torch.allclose(out, (torch.tensor([1.0, 3.0]) - hist.mean()) / hist.std(unbiased=False))
+
+
+def test_update_statistics_on_a_policy_that_moved_both_ways():
+    """Ratios below and above 1 in one pass: the worst deviation is |ratio - 1| whichever side it is on, the
+    |log-ratio| mean does not let the two sides cancel, and approx_kl is the second-order estimate 1/2 E[log r^2] of
+    the KL (exact to second order for a small move). Would catch a deviation without abs() (a ratio of 0.5 reported
+    as 0.1 from the ratio 1.1 beside it), an |log-ratio| mean of signed values or an approx_kl without its 1/2."""
+    log_ratio = torch.tensor([0.5, 1.1], dtype=torch.float64).log()
+    _, stats = clipped_policy_loss(log_ratio, torch.zeros(2), torch.tensor([1.0, -1.0]), clip_range=0.2)
+    l2, l11 = math.log(2), math.log(1.1)
+    assert float(stats["ratio_max_dev"]) == pytest.approx(0.5)
+    assert float(stats["ratio_mean"]) == pytest.approx(0.8)
+    assert float(stats["log_ratio_abs_max"]) == pytest.approx(l2)
+    assert float(stats["log_ratio_abs_mean"]) == pytest.approx((l2 + l11) / 2)
+    assert float(stats["approx_kl"]) == pytest.approx((l2**2 + l11**2) / 4)
+    assert float(stats["clip_frac"]) == 0.5  # 0.5 is outside 1 +- 0.2, 1.1 inside
+
+
+def test_the_trained_share_of_the_transitions_is_the_nearest_count_and_at_least_one():
+    """grpo.train_step_fraction f of n transitions trains round(f n) of them, never none. Would catch the count
+    truncated (f = 0.75 of 9 training 6, not 7) or a small fraction selecting no transition at all (an update that
+    trains nothing)."""
+    from learner.policy_loss import select_train_steps
+
+    gen = torch.Generator().manual_seed(0)
+    assert len(select_train_steps(9, None, 0.75, gen)) == 7
+    assert len(select_train_steps(4, [0, 1, 2], 0.9, gen)) == 3
+    assert len(select_train_steps(9, None, 0.01, gen)) == 1
+
+
+def test_a_step_window_keeps_only_transitions_that_exist():
+    """train_step_window entries past the last transition (index n - 1) are dropped, and a window of only those is
+    refused. Would catch the upper bound off by one (transition n, which does not exist, selected and then
+    re-scored out of range)."""
+    from learner.policy_loss import select_train_steps
+
+    gen = torch.Generator().manual_seed(0)
+    assert select_train_steps(4, [2, 3, 4], 1.0, gen) == [2, 3]
+    with pytest.raises(ValueError, match="selects none"):
+        select_train_steps(4, [4], 1.0, gen)

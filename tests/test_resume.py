@@ -317,3 +317,18 @@ def test_a_run_dir_on_a_filesystem_without_locks_is_used_with_a_warning(tmp_path
     finally:
         release_run_dirs()
     assert "cannot be locked (Function not implemented)" in capsys.readouterr().err
+
+
+def test_a_signal_after_a_deferred_block_acts_at_once():
+    """Once a deferred() block is left (the iteration over), there is nothing half-done to protect: the first signal
+    raises at once again, including after a block left by an exception. Would catch the nesting depth not restored on
+    exit (every later first signal only recorded, the driver stopping at some later check, or never)."""
+    from learner.signals import GracefulStop, Interrupted
+
+    stop = GracefulStop()
+    with stop.deferred():
+        pass
+    with pytest.raises(RuntimeError), stop.deferred():
+        raise RuntimeError("an iteration that failed")
+    with pytest.raises(Interrupted):
+        stop._handle(signal.SIGTERM, None)

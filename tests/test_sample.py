@@ -88,3 +88,20 @@ def test_reward_matrix_columns_are_the_noise_seeds(tiny_model):
             _, mean = evaluate(model, prompts, 3, 5 + s, rewards)
             assert m["jpeg"][:, s].mean() == pytest.approx(mean["jpeg"], rel=1e-6)
     assert not np.allclose(m["jpeg"][:, 0], m["jpeg"][:, 1])
+
+
+def test_reward_matrix_images_are_the_first_seeds_and_its_guidance_is_the_samplers(tiny_model):
+    """reward_matrix returns the images of its first noise seed (the grid shown beside the scores) and samples every
+    column with the guidance it is given, as evaluate does. Would catch the last seed's images returned, or the
+    guidance dropped from the seeds' sampling (scores of another sampler than the one named)."""
+    from learner.evaluation import evaluate, reward_matrix
+    from rewards import build
+
+    model, prompts, rewards = tiny_model.eval(), PROMPTS[:2], {"jpeg": build("jpeg_compressibility")}
+    with torch.no_grad():
+        images, m = reward_matrix(model, prompts, 3, 5, 2, rewards, guidance=3.0)
+        first, _ = evaluate(model, prompts, 3, 5, rewards, guidance=3.0)
+        for s in range(2):
+            _, mean = evaluate(model, prompts, 3, 5 + s, rewards, guidance=3.0)
+            assert m["jpeg"][:, s].mean() == pytest.approx(mean["jpeg"], rel=1e-6)
+    assert torch.equal(images, first)

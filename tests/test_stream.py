@@ -282,3 +282,13 @@ def test_a_group_with_the_wrong_number_of_states_is_refused():
     group = make_group("x", steps=3)
     with pytest.raises(ValueError, match="3-step group"):
         replace(group, states=torch.randn(2, 4, 3, 4, 4))
+
+
+def test_a_group_with_a_score_per_image_of_another_group_size_is_refused():
+    """Every weighted reward holds one score per image of the group: a score vector of another length (a reward
+    actor's batch split at the wrong place) would broadcast or fail only later in the total. Would catch the shape
+    check dropped (only the reward names compared)."""
+    group = make_group("x", g=2)
+    for bad in (torch.rand(3), torch.rand(1), torch.rand(2, 1)):
+        with pytest.raises(ValueError, match="each weighted reward"):
+            Group(**{**vars(group), "scores": {"a": bad, "b": torch.rand(2)}})
