@@ -72,8 +72,9 @@ def ci_metrics(prefix: str, scores: dict[str, np.ndarray]) -> dict[str, float]:
 def hacking_signs(checks: dict[str, np.ndarray], before: dict[str, np.ndarray], monitors: dict[str, float],
                   max_saturation: float, min_diversity: float) -> list[str]:
     """What says a policy gains reward without getting better: a held-out check significantly below its start (the
-    95% interval of the paired difference [prompts, seeds] entirely under 0), the saturation or within-group
-    diversity ratio to the base past its limit. Empty: no sign."""
+    95% interval of the paired difference [prompts, seeds] entirely under 0, over the prompts the start scored: one
+    non-finite start made the interval NaN and turned the check off), the saturation or within-group diversity ratio
+    to the base past its limit. Empty: no sign."""
     signs = []
     for name, scores in checks.items():
         broken = int((~np.isfinite(scores) & np.isfinite(before[name])).sum())
@@ -81,7 +82,11 @@ def hacking_signs(checks: dict[str, np.ndarray], before: dict[str, np.ndarray], 
             signs.append(f"held-out check {name}: {broken} image(s) that scored at the start no longer do "
                          "(non-finite pixels)")
             continue
-        change = bootstrap_ci(scores - before[name])
+        difference = scores - before[name]
+        scored = np.isfinite(difference).all(axis=1)  # a start that did not score has nothing to fall from
+        if scored.sum() < 2:  # no interval from fewer prompts
+            continue
+        change = bootstrap_ci(difference[scored])
         if change.high < 0:
             signs.append(f"held-out check {name} fell by {-change.mean:.3f} [{-change.high:.3f}, {-change.low:.3f}]")
     if not (np.isfinite(monitors["saturation_ratio"]) and np.isfinite(monitors["diversity_ratio"])):

@@ -47,6 +47,17 @@ def test_images_that_stop_scoring_are_a_sign():
     assert any("not finite" in sign for sign in hacking_signs({}, {}, nan_monitors, 1.2, 0.8))
 
 
+def test_a_start_that_did_not_score_leaves_the_check_on_for_the_other_prompts():
+    """A base image that scored NaN on a check (a non-finite pixel at the start) made the paired interval NaN, so
+    the check was off for the whole run while the rest of its prompts fell. Would catch that silence."""
+    rng = np.random.default_rng(1)
+    before = rng.uniform(0.3, 0.7, (128, 2))
+    after = before - 0.1
+    before[3, 0] = np.nan
+    signs = hacking_signs({"strict": after}, {"strict": before}, CLEAN, 1.2, 0.8)
+    assert len(signs) == 1 and "strict fell by 0.100" in signs[0]
+
+
 def test_check_rewards_must_be_registered_and_not_trained_on():
     from learner.config import ConfigError, load_config
 
