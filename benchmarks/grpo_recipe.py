@@ -2,12 +2,13 @@
 
     python benchmarks/grpo_recipe.py [--recipes default,lr3e-4,...] [--seeds 0 1 2] [--out benchmarks/results/grpo_recipe]
 
-Every recipe is a list of config overrides on top of configs/default.yaml, run with the real CLI
-(`python -m learner.main --mode grpo`: Ray actors, the Redis stream, the DeepSpeed learner). A run's result is its
-summary.json: the held-out change of the trained reward (128 prompts x 2 noise seeds, 95% bootstrap interval over
-prompts), the probability-flow sampler's change, the hacking monitors against the base (saturation, within-group
-and between-prompt diversity) and its wall time. Finished runs are kept under --out and not run again, so the script
-can be stopped and restarted; it prints a markdown table and writes it to --out/table.md.
+Every recipe is a list of config overrides on top of configs/default.yaml, run with the real CLI (`python -m
+learner.main --mode grpo`: Ray actors, the Redis stream, the DeepSpeed learner). A run's result is its summary.json:
+the held-out change of the trained reward (128 prompts x 2 noise seeds, 95% bootstrap interval over prompts; every
+prompt's scores are kept under --out/scores/ for benchmarks/gain_by_objects.py and paired comparisons), the
+probability-flow sampler's change, the hacking monitors against the base (saturation, within-group and
+between-prompt diversity) and its wall time. Finished runs are kept under --out and not run again, so the script can
+be stopped and restarted; it prints a markdown table and writes it to --out/table.md.
 """
 
 from __future__ import annotations
@@ -280,6 +281,9 @@ def run(name: str, overrides: list[str], seed: int, out: Path, uri: str, extra: 
         if proc.returncode != 0:
             raise SystemExit(f"recipe {name} (seed {seed}) failed:\n{proc.stderr[-3000:]}")
         summary = json.loads(Path(tmp, "run", "summary.json").read_text())
+        scores = Path(tmp, "run", "held_out_scores.json")  # every prompt's scores: paired and per-kind comparisons
+        (out / "scores").mkdir(parents=True, exist_ok=True)
+        (out / "scores" / f"{name}-seed{seed}.json").write_text(scores.read_text())
     summary.update(recipe=name, overrides=overrides, seed=seed, command_s=command_s)
     out.mkdir(parents=True, exist_ok=True)
     result.write_text(json.dumps(summary, indent=1))

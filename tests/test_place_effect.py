@@ -4,6 +4,7 @@ Its number backs a claim in docs/results.md (the shipped base ignores "at the to
 on samplers whose behaviour is known: one that obeys the place word, one that ignores it, one that swaps it.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -99,3 +100,28 @@ def test_the_verifier_is_split_by_how_many_objects_each_caption_states():
     assert split["one object"]["prompts"] == 2 and split["one object"]["mean"] == pytest.approx(0.875)
     assert split["two or more objects"]["prompts"] == 2 and split["two or more objects"]["mean"] == pytest.approx(0.375)
     assert by_objects(np.array([1.0]), captions[:1])["two or more objects"] == {"prompts": 0}
+
+
+def test_a_runs_gain_is_split_by_how_many_objects_each_caption_states(tmp_path):
+    """benchmarks/gain_by_objects.py on a held_out_scores.json with a known change per kind of caption: +0.2 on the
+    two-object ones, 0 on the others; two runs of one recipe pool per prompt. Would catch before and after swapped,
+    the kinds mixed up, or runs pooled across different prompts."""
+    from gain_by_objects import change_by_objects, main
+
+    prompts = ["a red circle at the top left", "a red circle and a blue square", "a small green triangle",
+               "a red square and a blue circle, on a white background"]
+    before = np.array([[0.9, 1.0], [0.4, 0.5], [1.0, 1.0], [0.3, 0.5]])
+    after = before + np.array([[0.0], [0.2], [0.0], [0.2]])
+    scores = {"prompts": prompts, "seeds": 2, "before": {"total": before.tolist()}, "after": {"total": after.tolist()}}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "held_out_scores.json").write_text(json.dumps(scores))
+    _, change, split = change_by_objects(scores, "total")
+    assert split["all prompts"]["mean"] == pytest.approx(0.1)
+    assert split["one object"]["mean"] == pytest.approx(0.0) and split["one object"]["prompts"] == 2
+    assert split["two or more objects"]["mean"] == pytest.approx(0.2)
+    other = dict(scores, after={"total": (before + 0.1).tolist()})
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    text = main([str(tmp_path / "a"), str(tmp_path / "b.json")])
+    assert "pooled over 2 runs | +0.100" in text and "+0.150" in text  # two-object: (0.2 + 0.1) / 2
+    (tmp_path / "c.json").write_text(json.dumps(dict(other, prompts=prompts[::-1])))
+    assert "pooled" not in main([str(tmp_path / "a"), str(tmp_path / "c.json")])  # other prompts: not pooled

@@ -1,0 +1,75 @@
+"""Where a GRPO run's held-out gain is made: the paired change split by how many objects each caption states.
+
+    python benchmarks/gain_by_objects.py RUN_DIR_OR_SCORES_JSON [...] [--reward total]
+
+Reads each run's held_out_scores.json (every held-out prompt's score under every noise seed, before and after; in a
+GRPO run_dir, and kept by benchmarks/grpo_recipe.py under its --out/scores/) and prints the paired change after -
+before with its 95% bootstrap interval over prompts, overall and on one-object and multi-object scene captions apart
+(the base scores 0.96 on the former and 0.45 on the latter, so that is where a gain has room: docs/results.md,
+session 39). With several runs of one recipe, also their pooled change (the runs' per-prompt changes averaged:
+seeds of one recipe share the held-out prompts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from binding import by_objects  # noqa: E402
+
+from learner.bootstrap import bootstrap_ci  # noqa: E402
+
+
+def read_scores(path: Path) -> dict:
+    """A held_out_scores.json, given itself or the run dir holding it."""
+    path = path / "held_out_scores.json" if path.is_dir() else path
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: give a GRPO run_dir or its held_out_scores.json")
+    return json.loads(path.read_text())
+
+
+def change_by_objects(scores: dict, reward: str) -> tuple[list[str], np.ndarray, dict[str, dict]]:
+    """(prompts, after - before [prompts, seeds], {"all prompts" | kind: {"prompts": n, mean and interval}})."""
+    if reward not in scores["after"]:
+        raise SystemExit(f"no reward {reward!r} in the scores; they have {sorted(scores['after'])}")
+    change = np.asarray(scores["after"][reward], dtype=float) - np.asarray(scores["before"][reward], dtype=float)
+    prompts = list(scores["prompts"])
+    return prompts, change, {"all prompts": {"prompts": len(prompts), **bootstrap_ci(change).as_dict()},
+                             **by_objects(change, prompts)}
+
+
+def line(name: str, split: dict[str, dict]) -> str:
+    return f"| {name} | " + " | ".join(
+        f"{s['mean']:+.3f} [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}] ({s['prompts']})" if s["prompts"] else "-"
+        for s in split.values()) + " |"
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="GRPO run dirs or held_out_scores.json files")
+    parser.add_argument("--reward", default="total", help="which held-out reward or check (default: the total)")
+    args = parser.parse_args(argv)
+    rows, changes, prompts = [], [], None
+    for path in args.runs:
+        run_prompts, change, split = change_by_objects(read_scores(path), args.reward)
+        rows.append(line(str(path), split))
+        changes.append(change)
+        prompts = run_prompts if prompts is None or prompts == run_prompts else []
+    if len(changes) > 1 and prompts:  # one recipe's seeds: the same prompts, so the per-prompt changes average
+        pooled = np.mean(changes, axis=0)
+        rows.append(line(f"pooled over {len(changes)} runs", {
+            "all prompts": {"prompts": len(prompts), **bootstrap_ci(pooled).as_dict()}, **by_objects(pooled, prompts)}))
+    text = (f"Held-out change of `{args.reward}` (after - before, 95% interval over prompts; prompts in brackets)\n\n"
+            "| run | all prompts | one object | two or more objects |\n|---|---|---|---|\n" + "\n".join(rows))
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
