@@ -34,14 +34,18 @@ def read_scores(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def split(change: np.ndarray, prompts: list[str]) -> dict[str, dict]:
+    """{"all prompts" | kind: {"prompts": n, mean and interval}} of per-prompt changes [prompts, seeds]."""
+    return {"all prompts": {"prompts": len(prompts), **bootstrap_ci(change).as_dict()}, **by_objects(change, prompts)}
+
+
 def change_by_objects(scores: dict, reward: str) -> tuple[list[str], np.ndarray, dict[str, dict]]:
-    """(prompts, after - before [prompts, seeds], {"all prompts" | kind: {"prompts": n, mean and interval}})."""
+    """(prompts, after - before [prompts, seeds], its `split`)."""
     if reward not in scores["after"]:
         raise SystemExit(f"no reward {reward!r} in the scores; they have {sorted(scores['after'])}")
     change = np.asarray(scores["after"][reward], dtype=float) - np.asarray(scores["before"][reward], dtype=float)
     prompts = list(scores["prompts"])
-    return prompts, change, {"all prompts": {"prompts": len(prompts), **bootstrap_ci(change).as_dict()},
-                             **by_objects(change, prompts)}
+    return prompts, change, split(change, prompts)
 
 
 def line(name: str, split: dict[str, dict]) -> str:
@@ -57,14 +61,12 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     rows, changes, prompts = [], [], None
     for path in args.runs:
-        run_prompts, change, split = change_by_objects(read_scores(path), args.reward)
-        rows.append(line(str(path), split))
+        run_prompts, change, kinds = change_by_objects(read_scores(path), args.reward)
+        rows.append(line(str(path), kinds))
         changes.append(change)
         prompts = run_prompts if prompts is None or prompts == run_prompts else []
     if len(changes) > 1 and prompts:  # one recipe's seeds: the same prompts, so the per-prompt changes average
-        pooled = np.mean(changes, axis=0)
-        rows.append(line(f"pooled over {len(changes)} runs", {
-            "all prompts": {"prompts": len(prompts), **bootstrap_ci(pooled).as_dict()}, **by_objects(pooled, prompts)}))
+        rows.append(line(f"pooled over {len(changes)} runs", split(np.mean(changes, axis=0), prompts)))
     text = (f"Held-out change of `{args.reward}` (after - before, 95% interval over prompts; prompts in brackets)\n\n"
             "| run | all prompts | one object | two or more objects |\n|---|---|---|---|\n" + "\n".join(rows))
     print(text)

@@ -111,6 +111,11 @@ def count_objects(image: np.ndarray, thresholds: Thresholds = Thresholds()) -> i
     return found
 
 
+def _free_quadrants(scene: Scene) -> list[str]:
+    """The quadrants no object of `scene` states: where its objects without a stated place can be."""
+    return [q for q in POSITIONS if q not in {o.position for o in scene.objects}]
+
+
 def _assignments(count: int, free: Sequence[str]) -> Iterator[tuple[Optional[str], ...]]:
     """Every distinct way to give `count` objects without a stated place the quadrants of `free`, one each (None: left
     unmatched when there are more objects than free quadrants). Scenes never put two objects in one quadrant, so both
@@ -170,7 +175,7 @@ def verify(image: np.ndarray, scene: Scene, thresholds: Thresholds = Thresholds(
     # colours (ties, as between two objects of one colour: the one where most attributes hold).
     unplaced = [o for o in scene.objects if o.position is None]
     if unplaced:
-        free = [q for q in POSITIONS if q not in {o.position for o in scene.objects}]
+        free = _free_quadrants(scene)
         table = {(i, q): judged(o, q) for i, o in enumerate(unplaced) for q in free}
         table.update({(i, None): (0, 0) for i in range(len(unplaced))})
 
@@ -212,14 +217,20 @@ class CompositionalReward(RewardModel):
         """One image's score ([3, H, W] in [0, 1]) against its parsed caption."""
         return verify(image, scene, self.thresholds)
 
-    @staticmethod
-    def check_prompts(prompts: Sequence[str]) -> None:
-        """Raise ValueError naming the first prompt outside the scene caption grammar (checked before a run)."""
+    @classmethod
+    def check_prompts(cls, prompts: Sequence[str]) -> None:
+        """Raise ValueError naming the first prompt outside the scene caption grammar, or one `check_scene` refuses
+        (checked before a run)."""
         for prompt in prompts:
             try:
-                parse_caption(prompt)
+                scene = parse_caption(prompt)
             except ValueError as e:
                 raise ValueError(f"the prompt {prompt[:80]!r} is outside the scene caption grammar ({e})") from None
+            cls.check_scene(prompt, scene)
+
+    @staticmethod
+    def check_scene(prompt: str, scene: Scene) -> None:
+        """A reward's own rule on a parsed prompt (ValueError naming it); the verifier reads every caption."""
 
     def scene(self, prompt: str) -> Scene:
         """The caption parsed (once per distinct caption)."""
@@ -379,9 +390,8 @@ def soft_verify(image: torch.Tensor | np.ndarray, scene: Scene, temperature: flo
         return held + sum(iou for iou in (fitted.shape_iou, fitted.size_iou) if iou is not None)
 
     objs = [o for o in scene.objects if o.colour is not None]  # the grammar always states it: else nothing is defined
-    stated = sum(sum(a is not None for a in (o.colour, o.shape, o.size, o.position)) for o in scene.objects)
     unplaced = [i for i, o in enumerate(objs) if o.position is None]
-    free = [q for q in POSITIONS if q not in {o.position for o in scene.objects}]
+    free = _free_quadrants(scene)
     fits = {(i, o.position): fit(o, o.position) for i, o in enumerate(objs) if o.position is not None}
     fits.update({(i, q): fit(objs[i], q) for i in unplaced for q in free})
 
@@ -417,10 +427,9 @@ def soft_verify(image: torch.Tensor | np.ndarray, scene: Scene, temperature: flo
             objects[quadrant_slices(q, side)] |= fits[i, q].filled
             drawn[quadrant_slices(q, side)] |= fits[i, q].drawn
     if scene.background is not None:  # every pixel outside the objects: a speckle there joins the verifier's blobs
-        stated += 1
         outside = probs[..., PALETTE_NAMES.index(scene.background)][~objects]
         held = held + (outside.mean() if outside.numel() else 0.0)
-    score = held / max(stated, 1)
+    score = held / max(scene.attribute_count(), 1)
     if exact:
         outside = probs[~drawn]
         if scene.background is not None:
@@ -448,14 +457,12 @@ class SoftCompositionalReward(CompositionalReward):
                             for image, prompt in zip(images, prompts)])
 
     @staticmethod
-    def check_prompts(prompts: Sequence[str]) -> None:
-        """As the verifier's, and every object must state its colour: the dense credits are all per colour (a
-        colourless "a circle at the top left" would score 0 on a faithful image, which the verifier pays 1)."""
-        CompositionalReward.check_prompts(prompts)
-        for prompt in prompts:
-            if any(o.colour is None for o in parse_caption(prompt).objects):
-                raise ValueError(f"the prompt {prompt[:80]!r} states an object without its colour, which the dense "
-                                 "verifier cannot credit; name each object's colour or train on compositional")
+    def check_scene(prompt: str, scene: Scene) -> None:
+        """Every object must state its colour: the dense credits are all per colour (a colourless "a circle at the
+        top left" would score 0 on a faithful image, which the verifier pays 1)."""
+        if any(o.colour is None for o in scene.objects):
+            raise ValueError(f"the prompt {prompt[:80]!r} states an object without its colour, which the dense "
+                             "verifier cannot credit; name each object's colour or train on compositional")
 
 
 @register("compositional_soft_exact")

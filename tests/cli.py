@@ -42,8 +42,8 @@ TIMING = ("_s", "samples_per_s")  # wall-clock metrics: the only ones a resume m
 
 def metrics_by_step(uri: str, run_id: str) -> dict[str, dict[int, set[float]]]:
     """Every value logged per (metric, step), timing, MLflow's system metrics (machine load) and the processes'
-    memory left out: a step
-    logged twice (before a kill and again after the resume) must have logged the same value both times."""
+    memory left out: a step logged twice (before a kill and again after the resume) must have logged the same value
+    both times."""
     client = MlflowClient(uri)
     out: dict[str, dict[int, set[float]]] = {}
     for name in client.get_run(run_id).data.metrics:
