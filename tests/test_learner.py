@@ -751,6 +751,7 @@ def test_each_rank_anchors_on_its_own_slice_of_the_data(tiny_model):
     cfg = load_config(SMOKE, ["grpo.data_anchor=0.5", "data.cursor=11"])
     model = tiny_model.eval()
     anchors = [DataAnchor(cfg, model, rank=r, world=2) for r in range(2)]
+
     class Recording:  # the data stream, noting where each batch it serves starts
         def __init__(self, source):
             self.source, self.firsts = source, []
