@@ -50,10 +50,19 @@ def test_grpo_end_to_end_acks_every_entry_and_logs_every_iteration(pretrained, s
             "--mode", "grpo", "--config", str(SMOKE), f"run_dir={root / 'grpo'}", f"mlflow.tracking_uri={uri}",
             f"init_from={pretrained['checkpoint']}", f"redis.url=unix://{server.socket}",
             "grpo.stochastic_steps=1",  # the default's policy (stochastic early, then the ODE), 1 of smoke's 2
+            "grpo.check_rewards=[compositional_strict]",  # a held-out check, as the default has
             env={"PROXRL_REDIS_PASSWORD": server.password},
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         summary = json.loads(Path(last_line(proc)).read_text())
+        # Above the path, what a user reads first: every held-out change and check as summary.json has it.
+        report = proc.stdout.strip().splitlines()[:-1]
+        for name, parts in {**summary["eval"]["rewards"], **summary["eval"]["checks"]}.items():
+            row = next((line for line in report if line.split()[:1] == [name]), None)
+            change = parts["difference"]
+            assert row is not None and f"{parts['before']['mean']:.3f} -> {parts['after']['mean']:.3f}" in row and \
+                f"{change['mean']:+.3f} [{change['ci_low']:+.3f}, {change['ci_high']:+.3f}]" in row, (name, report)
+        assert f"checkpoint: {summary['checkpoint']}" in report and "hacking signs: " in "\n".join(report)
 
         client = redis.Redis(unix_socket_path=server.socket, password=server.password)
         key = f"proxrl:{summary['mlflow_run_id']}:experience"
@@ -111,6 +120,7 @@ def test_grpo_end_to_end_acks_every_entry_and_logs_every_iteration(pretrained, s
     held_out = summary["eval"]
     assert held_out["prompts"] == 4 and held_out["seeds"] == 2
     assert set(held_out["rewards"]) == {"compositional", "jpeg_compressibility", "total"}
+    assert set(held_out["checks"]) == {"compositional_strict"}
     for name, parts in held_out["rewards"].items():
         for part in ("before", "after", "difference"):
             assert parts[part]["ci_low"] <= parts[part]["mean"] <= parts[part]["ci_high"], (name, part)
