@@ -82,3 +82,13 @@ def bootstrap_stat(stat, n: int, level: float = 0.95, resamples: int = 2000, see
     """
     draws = [stat(rows) for rows in _resampled_rows(n, resamples, seed)]
     return _interval(stat(np.arange(n)), draws, level, n)
+
+
+def ci_metrics(prefix: str, scores: dict[str, np.ndarray]) -> dict[str, float]:
+    """{prefix_name: mean, prefix_name_ci_low / _ci_high: its 95% bootstrap interval} for MLflow."""
+    out = {}
+    for name, matrix in scores.items():
+        est = bootstrap_ci(matrix)
+        out.update({f"{prefix}_{name}": est.mean, f"{prefix}_{name}_ci_low": est.low,
+                    f"{prefix}_{name}_ci_high": est.high})
+    return out

@@ -116,7 +116,14 @@ class PretrainConfig(Strict):
         "(run_dir/resume/: engine, optimizer, EMA, RNG, counters) that --resume continues from exactly",
     )
     keep_checkpoints: int = Field(2, ge=1, description="run states kept in run_dir/resume (the newest)")
-    sample_steps: int = Field(10, ge=1, description="sampler steps for the final sample grid")
+    sample_steps: int = Field(10, ge=1, description="sampler steps of the final samples (grid and evaluation)")
+    eval_prompts: int = Field(
+        128, ge=1, description="held-out captions scored at the end (fixed noise): each reward's mean comes with a 95% "
+        "bootstrap interval over them (summary.json eval), so fewer than ~100 make it wide",
+    )
+    eval_seeds: int = Field(
+        2, ge=1, description="fixed noise seeds per held-out caption at the end (seed, seed + 1, ...)"
+    )
     cfg_dropout: float = Field(
         0.1, ge=0, le=1, description="chance a training caption is replaced by the empty caption (for guidance)"
     )

@@ -32,7 +32,7 @@ from actors.rollout import RolloutActor, eval_seed
 from actors.stream import ExperienceStream, RedisAddress, StreamStalled, learner_group
 from learner.cluster import ensure_resources, start_ray, stream_server, withdraw_request
 from learner.config import RunConfig
-from learner.bootstrap import bootstrap_ci
+from learner.bootstrap import bootstrap_ci, ci_metrics
 from learner.faults import RunFailed, nonfinite_stop, rank_died, redis_lost, stream_stalled, wait_for
 from learner.evaluation import save_grid, to_pil
 from learner.grpo_learner import LearnerGroup
@@ -57,16 +57,6 @@ def timed(name: str, timing: dict[str, float]) -> Iterator[None]:
         yield
     finally:
         timing[f"{name}_s"] = time.perf_counter() - start
-
-
-def ci_metrics(prefix: str, scores: dict[str, np.ndarray]) -> dict[str, float]:
-    """{prefix_name: mean, prefix_name_ci_low / _ci_high: its 95% bootstrap interval} for MLflow."""
-    out = {}
-    for name, matrix in scores.items():
-        est = bootstrap_ci(matrix)
-        out.update({f"{prefix}_{name}": est.mean, f"{prefix}_{name}_ci_low": est.low,
-                    f"{prefix}_{name}_ci_high": est.high})
-    return out
 
 
 def hacking_signs(checks: dict[str, np.ndarray], before: dict[str, np.ndarray], monitors: dict[str, float],

@@ -600,10 +600,10 @@ def run(cfg: RunConfig, mode: str, run_dir: Path, init_from: Path | None, resume
         raise
     finally:
         STOP.uninstall()
-    if mode == "grpo":  # the numbers to look at first, above the path (the last line: scripts read it)
-        from learner.report import grpo_report
+    from learner.report import REPORTS
 
-        print("\n".join(grpo_report(json.loads(summary_path.read_text()))))
+    if mode in REPORTS:  # the numbers to look at first, above the path (the last line: scripts read it)
+        print("\n".join(REPORTS[mode](json.loads(summary_path.read_text()))))
     print(summary_path)
     return 0
 

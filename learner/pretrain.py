@@ -21,7 +21,8 @@ from learner.engine import (
 )
 from learner.faults import nonfinite_stop
 from learner.ema import ema_metadata, make_ema, update_ema
-from learner.evaluation import evaluate, save_grid
+from learner.bootstrap import bootstrap_ci, ci_metrics
+from learner.evaluation import reward_matrix, save_grid
 from learner.resume import (
     Resume, config_fingerprint, engine_files, json_bytes, load_engine_files, tensor_bytes, tensors_from, write_state,
 )
@@ -36,6 +37,7 @@ from proxmodel.schedule import VPSchedule
 from rewards import build as build_reward
 
 
+GRID_IMAGES = 16  # the final grid shows the first held-out captions' samples; the evaluation scores them all
 SIGMA_DATA_SAMPLES = 512  # images whose RMS sets model.sigma_data: its standard error is well under 1%
 
 
@@ -200,19 +202,22 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
     card = model_card(cfg, init_from, tracker, pc.iterations)
     checkpoint = export(engine, ema, pc.ema_decay, run_dir / "checkpoint", card)
 
-    prompts = source.eval_prompts(16)
+    prompts = source.eval_prompts(pc.eval_prompts)
     rewards = {r.name: build_reward(r.name, **r.options) for r in cfg.rewards}
     sampled = ema.module if ema is not None else load_model(checkpoint)  # whole weights under any ZeRO stage
-    images, scores = evaluate(sampled, prompts, pc.sample_steps, cfg.seed, rewards,
-                              sampler=pc.eval_sampler, guidance=pc.eval_guidance)
+    images, matrices = reward_matrix(sampled, prompts, pc.sample_steps, cfg.seed, pc.eval_seeds, rewards,
+                                     sampler=pc.eval_sampler, guidance=pc.eval_guidance)
+    held_out = {name: bootstrap_ci(m).as_dict() for name, m in matrices.items()}
+    scores = {name: v["mean"] for name, v in held_out.items()}
     if ema is not None:
         card.update(ema_metadata(ema, pc.ema_decay))
-    card["held_out_rewards"] = {"prompts": len(prompts), "sampler": pc.eval_sampler or "default",
-                                "steps": pc.sample_steps, "mean": scores}
+    card["held_out_rewards"] = {"prompts": len(prompts), "seeds": pc.eval_seeds,
+                                "sampler": pc.eval_sampler or "default", "steps": pc.sample_steps, "mean": scores,
+                                "ci95": {name: [v["ci_low"], v["ci_high"]] for name, v in held_out.items()}}
     write_card(checkpoint, mc, card)
     tracker.folder(checkpoint, "checkpoint")
-    tracker.image(save_grid(images, run_dir / "samples.png"), "samples.png")
-    tracker.metrics({f"eval_reward_{k}": v for k, v in scores.items()}, step=pc.iterations)
+    tracker.image(save_grid(images[:GRID_IMAGES], run_dir / "samples.png"), "samples.png")
+    tracker.metrics(ci_metrics("eval_reward", matrices), step=pc.iterations)
     return {
         "iterations": pc.iterations,
         "device": str(dev),
@@ -222,5 +227,6 @@ def run_pretrain(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Pat
         "loss_final": loss_value,
         "data_cursor": cfg.data.cursor + pc.iterations * fresh_per_step(pc),  # data.cursor that continues this run
         "eval_reward": scores,
+        "eval": {"prompts": len(prompts), "seeds": pc.eval_seeds, "level": 0.95, "rewards": held_out},
         "resumed_at": progress["resumed_at"],
     }

@@ -1,7 +1,8 @@
-"""What a finished GRPO run prints above its summary path: the numbers a user looks for first, from summary.json.
+"""What a finished run prints above its summary path: the numbers a user looks for first, from summary.json.
 
-The held-out change of every reward with its interval (a single iteration's reward is not a result), the checks the
-run was not trained on, the drift monitors against the start, the hacking verdict, and which checkpoint to use.
+GRPO: the held-out change of every reward with its interval (a single iteration's reward is not a result), the checks
+the run was not trained on, the drift monitors against the start, the hacking verdict, and which checkpoint to use.
+Pretraining: each reward of the final samples on held-out captions with its interval, and the checkpoint.
 """
 
 from __future__ import annotations
@@ -32,3 +33,17 @@ def grpo_report(summary: dict) -> list[str]:
         lines.append(f"checkpoint: {summary['checkpoint']} (step {summary['best']['step']}, the best evaluation "
                      f"without a sign of hacking; the last weights: {summary['last_checkpoint']})")
     return lines
+
+
+def pretrain_report(summary: dict) -> list[str]:
+    """Lines for a finished pretraining run's summary."""
+    held_out = summary["eval"]
+    width = max(len(name) for name in held_out["rewards"])
+    lines = [f"held out, {held_out['prompts']} captions x {held_out['seeds']} noise seeds (mean "
+             f"[{held_out['level']:.0%} interval over captions]):"]
+    lines += [f"  {name:<{width}}  {r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+              for name, r in held_out["rewards"].items()]
+    return [*lines, f"checkpoint: {summary['checkpoint']}"]
+
+
+REPORTS = {"grpo": grpo_report, "pretrain": pretrain_report}  # --mode sample prints its summary's path alone

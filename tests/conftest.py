@@ -62,9 +62,10 @@ def pretrained(store):
     from tests.cli import SMOKE, run_cli, summary_of
 
     root, uri = store
-    return summary_of(run_cli("--mode", "pretrain", "--config", str(SMOKE), f"run_dir={root / 'pretrain'}",
-                              f"mlflow.tracking_uri={uri}", "pretrain.checkpoint_every=3",
-                              "mlflow.system_metrics_interval_s=1"))
+    proc = run_cli("--mode", "pretrain", "--config", str(SMOKE), f"run_dir={root / 'pretrain'}",
+                   f"mlflow.tracking_uri={uri}", "pretrain.checkpoint_every=3", "mlflow.system_metrics_interval_s=1")
+    (root / "pretrain.stdout").write_text(proc.stdout)  # what it printed, for the test of its report
+    return summary_of(proc)
 
 
 @pytest.fixture(scope="session")

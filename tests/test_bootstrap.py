@@ -92,7 +92,7 @@ def test_the_expanded_quantile_is_students_t_with_the_unbiased_spread(n):
 def test_the_logged_intervals_name_their_bounds_the_right_way_round():
     """ci_metrics is what MLflow shows for every held-out reward: the mean with ci_low below it and ci_high above,
     both those of bootstrap_ci. Would catch the two bounds swapped (every logged interval upside down)."""
-    from learner.grpo import ci_metrics
+    from learner.bootstrap import ci_metrics
 
     scores = np.random.default_rng(5).normal(size=(32, 2))
     est = bootstrap_ci(scores)

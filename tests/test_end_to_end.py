@@ -20,7 +20,7 @@ CHECKPOINT_FILES = ("model_index.json", "unet/diffusion_pytorch_model.safetensor
 
 
 def test_pretrain_writes_summary_checkpoint_and_mlflow_run(pretrained, store):
-    _, uri = store
+    root, uri = store
     assert pretrained["mode"] == "pretrain" and pretrained["iterations"] == 6 and pretrained["device"] == "cpu"
     for key in ("wall_time_s", "samples_per_s", "mlflow_run_id", "checkpoint", "loss_final"):
         assert key in pretrained
@@ -28,7 +28,18 @@ def test_pretrain_writes_summary_checkpoint_and_mlflow_run(pretrained, store):
     assert all((ckpt / name).is_file() for name in CHECKPOINT_FILES)
     card = (ckpt / "README.md").read_text()  # the model card says how it was made
     assert "mode: pretrain" in card and "iterations: 6 of 6" in card and "config_fingerprint: " in card
-    assert "held_out_rewards" in card
+    assert "held_out_rewards" in card and '"ci95": {"compositional": [' in card
+    # The final samples' rewards on held-out captions, each with its interval, as summary.json, MLflow and the
+    # report printed above the summary's path give them.
+    held_out = pretrained["eval"]
+    assert held_out["prompts"] == 8 and held_out["seeds"] == 2
+    assert set(held_out["rewards"]) == {"compositional", "jpeg_compressibility"}  # configs/smoke.yaml's
+    score = held_out["rewards"]["compositional"]
+    assert score["ci_low"] <= score["mean"] <= score["ci_high"] and score["ci_low"] < score["ci_high"]
+    assert pretrained["eval_reward"] == {name: r["mean"] for name, r in held_out["rewards"].items()}
+    printed = (root / "pretrain.stdout").read_text().splitlines()
+    row = ["compositional", f"{score['mean']:.3f}", f"[{score['ci_low']:.3f},", f"{score['ci_high']:.3f}]"]
+    assert row in [line.split() for line in printed], printed
     from proxmodel.model import load_model  # the checkpoint records what it was trained on
     recorded = load_model(ckpt).cfg
     assert recorded.trained_target == "conditional" and recorded.trained_steps == [3]
@@ -37,7 +48,9 @@ def test_pretrain_writes_summary_checkpoint_and_mlflow_run(pretrained, store):
     assert run.info.status == "FINISHED"
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
     assert {f"checkpoint/{name.split('/')[0]}" for name in CHECKPOINT_FILES} <= logged
-    assert "loss" in run.data.metrics and "eval_reward_compositional" in run.data.metrics
+    assert "loss" in run.data.metrics
+    assert [run.data.metrics[f"eval_reward_compositional{part}"] for part in ("", "_ci_low", "_ci_high")] == \
+        pytest.approx([score["mean"], score["ci_low"], score["ci_high"]])
     # MLflow's system metrics (mlflow.system_metrics, on by default), sampled every second in this run
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     assert "nonfinite_updates" not in run.data.metrics  # no step was skipped: the counter stays out of the log
