@@ -2,7 +2,8 @@
 
 GRPO: the held-out change of every reward with its interval (a single iteration's reward is not a result), the checks
 the run was not trained on, the drift monitors against the start, the hacking verdict, and which checkpoint to use.
-Pretraining: each reward of the final samples on held-out captions with its interval, and the checkpoint.
+Pretraining: each reward of the final samples on held-out captions with its interval, and the checkpoint. Sampling:
+where the images are, and their rewards with their intervals when scored.
 """
 
 from __future__ import annotations
@@ -35,15 +36,26 @@ def grpo_report(summary: dict) -> list[str]:
     return lines
 
 
+def _means(rewards: dict) -> list[str]:
+    width = max((len(name) for name in rewards), default=0)
+    return [f"  {name:<{width}}  {r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+            for name, r in rewards.items()]
+
+
 def pretrain_report(summary: dict) -> list[str]:
     """Lines for a finished pretraining run's summary."""
     held_out = summary["eval"]
-    width = max(len(name) for name in held_out["rewards"])
-    lines = [f"held out, {held_out['prompts']} captions x {held_out['seeds']} noise seeds (mean "
-             f"[{held_out['level']:.0%} interval over captions]):"]
-    lines += [f"  {name:<{width}}  {r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
-              for name, r in held_out["rewards"].items()]
-    return [*lines, f"checkpoint: {summary['checkpoint']}"]
+    return [f"held out, {held_out['prompts']} captions x {held_out['seeds']} noise seeds (mean "
+            f"[{held_out['level']:.0%} interval over captions]):", *_means(held_out["rewards"]),
+            f"checkpoint: {summary['checkpoint']}"]
 
 
-REPORTS = {"grpo": grpo_report, "pretrain": pretrain_report}  # --mode sample prints its summary's path alone
+def sample_report(summary: dict) -> list[str]:
+    """Lines for a finished `--mode sample` run's summary (rewards only with sample.score)."""
+    lines = [f"{summary['images']} images of {summary['prompts']} prompts: {summary['grid']}, {summary['samples']}"]
+    if summary["rewards"]:
+        lines += ["rewards (mean [95% interval over prompts]):", *_means(summary["rewards"])]
+    return lines
+
+
+REPORTS = {"grpo": grpo_report, "pretrain": pretrain_report, "sample": sample_report}

@@ -43,6 +43,9 @@ def test_sample_writes_images_grid_and_scores_and_matches_the_python_api(checkpo
     scores = [r["rewards"]["compositional"] for r in records]
     assert all(0.0 <= s <= 1.0 for s in scores)
     assert summary["rewards"]["compositional"]["mean"] == pytest.approx(np.mean(scores))
+    score = summary["rewards"]["compositional"]  # printed above the summary's path, with its interval
+    assert ["compositional", f"{score['mean']:.3f}", f"[{score['ci_low']:.3f},", f"{score['ci_high']:.3f}]"] in \
+        [line.split() for line in proc.stdout.splitlines()], proc.stdout
     assert (run_dir / "samples.png").is_file()
     client = MlflowClient(uri)
     run = client.get_run(summary["mlflow_run_id"])
