@@ -125,3 +125,11 @@ def test_a_runs_gain_is_split_by_how_many_objects_each_caption_states(tmp_path):
     assert "pooled over 2 runs | +0.100" in text and "+0.150" in text  # two-object: (0.2 + 0.1) / 2
     (tmp_path / "c.json").write_text(json.dumps(dict(other, prompts=prompts[::-1])))
     assert "pooled" not in main([str(tmp_path / "a"), str(tmp_path / "c.json")])  # other prompts: not pooled
+    # Recipes paired by seed: a's final scores minus b's (+0.1 on two-object captions, -0.1 on the others).
+    _, _, paired = change_by_objects(scores, "total", other)
+    assert paired["two or more objects"]["mean"] == pytest.approx(0.1)
+    assert paired["one object"]["mean"] == pytest.approx(-0.1)
+    text = main([str(tmp_path / "a"), "--against", str(tmp_path / "b.json")])
+    assert "| -0.100 [-0.100, -0.100] (2) | +0.100 [" in text
+    with pytest.raises(SystemExit, match="same seed order"):  # another start (or seed) is not a pair
+        change_by_objects(scores, "total", dict(other, before={"total": (before + 0.01).tolist()}))
