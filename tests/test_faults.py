@@ -39,7 +39,7 @@ from learner.main import main
 def broken(*args, **kwargs):
     raise RuntimeError("an error nobody foresaw")
 
-learner.pretrain.evaluate = broken
+learner.pretrain.reward_matrix = broken
 sys.exit(main(sys.argv[1:]))
 """
 
