@@ -1,6 +1,8 @@
 """The experience stream on a real (embedded) redis-server: auth, safetensors payloads, ack semantics."""
 
 import json
+import os
+import signal
 import socket
 import time
 from dataclasses import replace
@@ -94,7 +96,7 @@ def test_a_redis_that_never_answers_gives_advice_not_a_lost_stream(monkeypatch):
         listener.close()
 
 
-@pytest.mark.parametrize("password", ['my secret"pw', "back\\slash 'and' quotes\"", "trailing\\"])
+@pytest.mark.parametrize("password", ['my secret"pw', "back\\slash 'and' quotes\"", "trailing\\", "two\nlines\r"])
 def test_any_password_starts_the_embedded_server_and_is_the_one_it_requires(password):
     """The password went into redis.conf unquoted: a space or quote broke the file (and redis-server echoed the
     line, password included, into the error), a pair of quotes was silently dropped from it."""
@@ -292,3 +294,78 @@ def test_a_group_with_a_score_per_image_of_another_group_size_is_refused():
     for bad in (torch.rand(3), torch.rand(1), torch.rand(2, 1)):
         with pytest.raises(ValueError, match="each weighted reward"):
             Group(**{**vars(group), "scores": {"a": bad, "b": torch.rand(2)}})
+
+
+def test_a_redis_url_redis_py_cannot_read_gives_advice():
+    """A port that is not a number: redis-py raises ValueError while parsing, which reached the driver as a
+    traceback without the advice. Would catch ValueError dropped from the errors connect() turns into advice."""
+    with pytest.raises(ConnectionError, match="cannot reach Redis .*ValueError.*redis.url"):
+        RedisAddress(url="redis://127.0.0.1:sixthree/0").connect()
+
+
+def test_only_its_owner_can_reach_the_servers_socket():
+    """Would catch the unix socket opened to every local user (unixsocketperm 777), and its folder left open."""
+    import stat
+
+    with EmbeddedRedis() as s:
+        assert stat.S_IMODE(os.stat(s.socket).st_mode) & 0o077 == 0
+        assert stat.S_IMODE(os.stat(s.dir).st_mode) == 0o700
+
+
+def test_close_stops_the_server_and_removes_its_folder():
+    """Would catch close() leaving the server's folder (socket, log) behind."""
+    with EmbeddedRedis() as s:
+        folder, proc = s.dir, s.proc
+    assert proc.poll() is not None and not folder.exists()
+
+
+def test_a_killed_driver_leaves_no_server_behind():
+    """A driver SIGKILLed before close(): its embedded redis-server must die with it, not hold the stream's memory
+    and its socket forever. Would catch the parent-death signal not set in the server's process."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the "driver": starts a server, reports its pid, waits to be killed
+        try:
+            os.close(read)
+            s = EmbeddedRedis()
+            os.write(write, str(s.proc.pid).encode())
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        pid = int(os.read(read, 32) or 0)
+    finally:
+        os.close(read)
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    assert pid
+    deadline = time.monotonic() + 5
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        if time.monotonic() > deadline:
+            psutil.Process(pid).kill()
+            pytest.fail("the embedded redis-server outlived the process that started it")
+        time.sleep(0.05)
+
+
+def test_cluster_mode_on_an_ipv6_address():
+    """A driver whose cluster-internal address is IPv6: the URL must bracket it (redis://[::1]:port/0). Would catch
+    the host put in the URL bare, which redis-py cannot read."""
+    with EmbeddedRedis(host="::1") as s:
+        assert s.address.url.startswith("redis://[::1]:")
+        stream = ExperienceStream(s.address, "t")
+        stream.create()
+        group = make_group("x")
+        stream.add(group)
+        assert_same(stream.read("rank0", count=1, timeout_s=5)[0][1], group)
+
+
+def test_the_servers_memory_is_reported_in_megabytes_or_not_at_all(server):
+    """Would catch bytes reported as megabytes (a monitor comparing it to redis.max_memory_mb), and a server whose
+    ACL refuses INFO ending the run instead of going unreported."""
+    stream = ExperienceStream(server.address, "mem")
+    used = stream.client.info("memory")["used_memory"]
+    assert stream.server_memory_mb() == pytest.approx(used / 2**20, rel=0.2) and 0 < stream.server_memory_mb() < 64
+    stream.client.acl_setuser("watcher", enabled=True, passwords=["+watch"], keys=["*"], commands=["+@all", "-info"])
+    stream.client = redis.Redis(unix_socket_path=server.socket, username="watcher", password="watch")
+    assert stream.server_memory_mb() is None
