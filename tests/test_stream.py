@@ -360,6 +360,42 @@ def test_cluster_mode_on_an_ipv6_address():
         assert_same(stream.read("rank0", count=1, timeout_s=5)[0][1], group)
 
 
+def test_groups_read_ahead_of_two_later_iterations_each_wait_for_their_own_read(server):
+    """Iteration 0's read takes groups of iterations 1 and 2 on its way. Would catch the read of iteration 1
+    forgetting the group of iteration 2 it was not asked for (iteration 2 then stalls, its group never trained)."""
+    stream = ExperienceStream(server.address, "two-ahead")
+    stream.create()
+    for iteration, index in [(1, 4), (2, 8), (0, 0)]:
+        stream.add(replace(make_group(f"p{index}", index=index), iteration=iteration))
+    assert [g.prompt_index for _, g in stream.read("rank0", 1, 5, iteration=0)] == [0]
+    assert [g.prompt_index for _, g in stream.read("rank0", 1, 5, iteration=1)] == [4]
+    assert [g.prompt_index for _, g in stream.read("rank0", 1, 1, iteration=2)] == [8]
+
+
+def test_a_read_gives_up_at_its_own_timeout_not_at_the_end_of_a_block(server):
+    """Would catch the read blocking a whole BLOCK_S on an empty stream whatever its timeout (a learner asked to
+    wait 0.3 s would wait 5 s, and a run's end would wait BLOCK_S per rank)."""
+    stream = ExperienceStream(server.address, "short")
+    stream.create()
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="delivered 0 of 1 groups in 0.3 s"):
+        stream.read("rank0", count=1, timeout_s=0.3)
+    assert time.monotonic() - start < BLOCK_S / 2
+
+
+def test_an_early_stop_acknowledges_every_group_a_rank_holds(server):
+    """Two groups of the next iteration wait, read ahead, when the run stops. Would catch only the first of the
+    held entries acknowledged (the drain then waits for groups that never come)."""
+    stream = ExperienceStream(server.address, "held")
+    stream.create()
+    for iteration, index in [(1, 2), (1, 3), (0, 0)]:
+        stream.add(replace(make_group(f"p{index}", index=index), iteration=iteration))
+    stream.ack([entry_id for entry_id, _ in stream.read("rank0", 1, 5, iteration=0)])
+    assert stream.pending() == 2
+    ExperienceStream(server.address, "held").discard(2, timeout_s=1)
+    assert stream.pending() == 0
+
+
 def test_the_servers_memory_is_reported_in_megabytes_or_not_at_all(server):
     """Would catch bytes reported as megabytes (a monitor comparing it to redis.max_memory_mb), and a server whose
     ACL refuses INFO ending the run instead of going unreported."""
@@ -369,3 +405,36 @@ def test_the_servers_memory_is_reported_in_megabytes_or_not_at_all(server):
     stream.client.acl_setuser("watcher", enabled=True, passwords=["+watch"], keys=["*"], commands=["+@all", "-info"])
     stream.client = redis.Redis(unix_socket_path=server.socket, username="watcher", password="watch")
     assert stream.server_memory_mb() is None
+
+
+def test_a_stream_no_learner_reads_yet_is_not_trimmed(server):
+    """Groups written before any learner rank created its consumer group are still owed to it. Would catch trim()
+    failing (or deleting) when the stream has no consumer group."""
+    stream = ExperienceStream(server.address, "early")
+    stream.add(make_group("x"))
+    assert stream.trim() == 0 and stream.length() == 1
+
+
+def test_a_read_that_skipped_a_copy_returns_no_more_groups_than_asked(server):
+    """The first reply holds a group and its copy: one more group is owed, not two. Would catch the next
+    XREADGROUP asking for the whole count again (a batch one group too large, taken from the next batch)."""
+    stream = ExperienceStream(server.address, "count")
+    stream.create()
+    first = make_group("p0", index=0)
+    for group in (first, first, make_group("p1", index=1), make_group("p2", index=2)):
+        stream.add(group)
+    assert [g.prompt_index for _, g in stream.read("rank0", 2, 5)] == [0, 1] and stream.duplicates == 1
+    assert stream.pending() == 2  # the copy was acknowledged, not left pending for ever
+    assert [g.prompt_index for _, g in stream.read("rank0", 1, 5)] == [2]
+
+
+def test_trim_deletes_exactly_the_acknowledged_entries_of_small_groups(server):
+    """Small entries share a stream node (Redis packs them up to 4 kB a node): trim must still delete each
+    acknowledged one, not only whole nodes. Would catch an approximate XTRIM (~), which deletes none of these."""
+    stream = ExperienceStream(server.address, "small")
+    stream.create()
+    for i in range(10):
+        stream.add(Group("x", i, 0, 0, SamplerSpec("prox", 2, 1.0, 1.0), scores={"a": torch.rand(1)},
+                         weights={"a": 1.0}, samples=torch.zeros(1, 1, 1, 1)))
+    stream.ack([entry_id for entry_id, _ in stream.read("rank0", 6, 5)])
+    assert stream.trim() == 6 and stream.length() == 4
