@@ -415,6 +415,17 @@ def test_a_stream_no_learner_reads_yet_is_not_trimmed(server):
     assert stream.trim() == 0 and stream.length() == 1
 
 
+def test_reward_weights_survive_the_wire_exactly(server):
+    """The learner recomputes the total from the weights the group carries. Would catch weights rounded or cast
+    to float32 in the JSON payload (the rollout's and the learner's totals would then disagree)."""
+    stream = ExperienceStream(server.address, "weights")
+    stream.create()
+    group = replace(make_group("x"), weights={"a": 1 / 3, "b": 0.1 + 0.2})
+    stream.add(group)
+    got = stream.read("rank0", 1, 5)[0][1]
+    assert got.weights == group.weights and torch.equal(got.reward, group.reward)
+
+
 def test_a_read_that_skipped_a_copy_returns_no_more_groups_than_asked(server):
     """The first reply holds a group and its copy: one more group is owed, not two. Would catch the next
     XREADGROUP asking for the whole count again (a batch one group too large, taken from the next batch)."""
@@ -438,3 +449,21 @@ def test_trim_deletes_exactly_the_acknowledged_entries_of_small_groups(server):
                          weights={"a": 1.0}, samples=torch.zeros(1, 1, 1, 1)))
     stream.ack([entry_id for entry_id, _ in stream.read("rank0", 6, 5)])
     assert stream.trim() == 6 and stream.length() == 4
+
+
+def test_log_probs_without_their_states_are_refused():
+    """Would catch only the one direction checked (states without log-probs): a group carrying log-probs but no
+    states would reach a policy-gradient learner as a forward-objective group."""
+    with pytest.raises(ValueError, match="neither"):
+        Group(**{**vars(make_group("x")), "states": None})
+
+
+def test_a_group_whose_tensors_share_memory_travels(server):
+    """safetensors refuses to save tensors whose memory overlaps: here one score tensor weighted under two names
+    (the same scorer listed twice). Would catch the payload written from the tensors as given, not from copies."""
+    stream = ExperienceStream(server.address, "shared-memory")
+    stream.create()
+    score = torch.rand(2)
+    group = replace(make_group("x"), scores={"a": score, "b": score})
+    stream.add(group)
+    assert_same(stream.read("rank0", 1, 5)[0][1], group)
