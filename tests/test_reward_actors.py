@@ -391,3 +391,15 @@ def test_an_unknown_reward_name_is_raised_once_not_retried(actors):
         RewardClient([raising], timeout_s=60, retries=2).score(torch.zeros(1, 3, 4, 4), ["a"])
     assert ray.get(raising.count.remote()) == 1
     ray.kill(raising)
+
+
+def test_a_timed_out_call_is_not_copied_behind_itself(actors):
+    """One reward actor, 1 s per call, timeout 0.8 s, one retry: the retry waits for the call in flight. Would catch
+    a copy queued on the same actor: it starts the moment the first call answers and scores the request again for
+    nothing (cancelling it then is too late), delaying every later request by a whole scoring."""
+    slow = ray.remote(CountingSlowReward).options(num_cpus=0).remote(1.0)
+    assert ray.get(slow.count.remote()) == 0  # started: the timing below is the calls'
+    out = RewardClient([slow], timeout_s=0.8, retries=1).score(torch.zeros(1, 3, 4, 4), ["a"])
+    assert torch.equal(out["slow"], torch.ones(1))
+    assert ray.get(slow.count.remote()) == 1  # (a copy would have run before this call, and count 2)
+    ray.kill(slow)
