@@ -152,8 +152,10 @@ class RewardActor(MemoryReport):
 
 class RewardClient:
     """Sends a scoring request to one reward actor; on an error or a timeout, tries the next one. A timed-out request
-    is not abandoned: the first of the attempts in flight to answer is used and the others are cancelled (with one
-    reward actor the retry queues behind the slow call, which usually finishes first)."""
+    is not abandoned: the first of the attempts in flight to answer is used. An actor runs its calls one at a time,
+    so a retry is never sent to an actor still running this request (with one reward actor, or once every actor
+    holds an attempt): such a copy could start only once the call ahead of it answered, and would then score the
+    whole request again for nothing, delaying the next request. The attempt is given another timeout instead."""
 
     def __init__(self, actors: list, timeout_s: float, retries: int):
         self.actors, self.timeout_s, self.retries = actors, timeout_s, retries
@@ -162,10 +164,14 @@ class RewardClient:
     def score(self, images: torch.Tensor, prompts: Sequence[str],
               names: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
         errors, waiting = [], []
+        running: dict = {}  # attempt in flight -> the index of the actor running it
         for _ in range(self.retries + 1):
-            actor = self.actors[self._next % len(self.actors)]
+            index = self._next % len(self.actors)
             self._next += 1
-            waiting.append(actor.score.remote(images, list(prompts), names))
+            if index not in running.values():
+                ref = self.actors[index].score.remote(images, list(prompts), names)
+                waiting.append(ref)
+                running[ref] = index
             deadline = time.monotonic() + self.timeout_s
             while waiting:
                 ready, waiting = ray.wait(waiting, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
@@ -173,6 +179,7 @@ class RewardClient:
                     errors.append(f"no answer within {self.timeout_s:g} s (actors.reward.timeout_s)")
                     log.warning("no reward actor answered in %g s; trying another", self.timeout_s)
                     break
+                running.pop(ready[0])
                 try:
                     result = ray.get(ready[0])
                 except ray.exceptions.RayTaskError as e:
@@ -188,7 +195,8 @@ class RewardClient:
                     log.warning("reward actor failed (%s); trying another", type(e).__name__)
                     errors.append(f"{type(e).__name__}: {e}")
                     continue
-                for ref in waiting:  # a queued copy never runs; a running one finishes unused
+                for ref in waiting:  # (an attempt already delivered to an actor still runs, unused: Ray cannot
+                    # cancel a sync actor's call; this drops one not yet delivered, e.g. to a restarting actor)
                     ray.cancel(ref)
                 return result
         for ref in waiting:

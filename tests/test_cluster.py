@@ -99,6 +99,19 @@ def test_packed_checkpoint_loads_the_same_model(tiny_model, tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_an_actor_loads_a_packed_checkpoint_and_an_empty_folder_is_refused(tiny_model, tmp_path):
+    """Would catch load_checkpoint reading the packed mapping as a path (an actor on another node then fails), and
+    an empty or missing folder packed into nothing (each actor then fails later, far from the cause)."""
+    from actors.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(pack(save_model(tiny_model, tmp_path / "ckpt")))
+    for (name, a), b in zip(tiny_model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "missing"):
+        with pytest.raises(FileNotFoundError, match="empty or missing"):
+            pack(folder)
+
 def test_packed_checkpoint_cannot_write_outside_its_folder(tiny_model, tmp_path):
     packed = pack(save_model(tiny_model, tmp_path / "ckpt"))
     packed["../../escaped.json"] = b"{}"

@@ -82,6 +82,15 @@ def test_held_out_evaluation_uses_a_distinct_noise_per_seed_and_chunk(tmp_path, 
     assert len({s for chunk in seeds for s in chunk}) == 6
 
 
+def test_held_out_noise_is_never_a_training_groups_noise():
+    """eval_seed(seed, noise, chunk) and group_seed(seed, iteration, prompt index) take the same three numbers: the
+    held-out draws must still differ from every training group's, or the evaluation would score images of the very
+    noise the policy was trained on. Would catch the held-out seeds drawn without their own spawn key."""
+    from actors.rollout import eval_seed, group_seed
+
+    triples = [(seed, a, b) for seed in (0, 7) for a in range(4) for b in range(4)]
+    assert {eval_seed(*t) for t in triples}.isdisjoint({group_seed(*t) for t in triples})
+
 def test_a_hacked_evaluation_never_becomes_the_best(tmp_path):
     """Would catch a hacked evaluation becoming the best checkpoint."""
     run = bare_run(tmp_path)

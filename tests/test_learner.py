@@ -865,3 +865,76 @@ def test_reward_aggregation_reaches_the_learner(checkpoint, server, monkeypatch)
     for prompt, b in zip(PROMPTS, second):
         expected = group_advantages(first, 1e-4) + 0.5 * group_advantages(b, 1e-4)
         assert torch.allclose(seen[prompt], expected, atol=1e-5), prompt
+
+
+class RandomScores:
+    """The reward client's place in a rollout actor of this process: random scores for the rewards asked."""
+
+    def score(self, images, prompts, names):
+        return {name: torch.rand(len(prompts)) for name in names}
+
+
+def test_a_rollout_streams_groups_tagged_with_the_weights_that_sampled_them(checkpoint, server):
+    """The learner skips a group sampled by weights older than it allows (stale): a group must carry the version of
+    the weights it was sampled with. Would catch the version not kept by set_weights or not written into the group,
+    and a forward-objective actor (keep_trajectory=False) sending the trajectories all the same."""
+    from actors.rollout import RolloutActor
+
+    actor = RolloutActor(checkpoint, STEPS, G, 1.0, 1.0, [], WEIGHTS, 1.0, 0, server.address, "tagged",
+                         torch_threads=1, keep_trajectory=False)
+    actor.rewards = RandomScores()
+    stream = ExperienceStream(server.address, "tagged")
+    stream.create()
+    assert actor.set_weights(actor.model.state_dict(), 3) == 3
+    assert actor.rollout(PROMPTS[:2], [0, 1], iteration=0, seed=0)["policy_version"] == 3
+    groups = [group for _, group in stream.read("rank0", 2, 5)]
+    assert [g.policy_version for g in groups] == [3, 3] and not any(g.has_trajectory for g in groups)
+
+
+def test_held_out_images_are_the_first_seeds_rounded_to_eight_bits(checkpoint, server):
+    """evaluate returns the images of its first seed (grids and the between-prompt diversity compare them across
+    evaluations). Would catch the last seed's images returned, and values truncated instead of rounded."""
+    from actors.rollout import RolloutActor
+    from proxmodel.generate import generate
+
+    actor = RolloutActor(checkpoint, STEPS, G, 1.0, 1.0, [], WEIGHTS, 1.0, 0, server.address, "held-out",
+                         torch_threads=1)
+    actor.rewards = RandomScores()
+    out = actor.evaluate(PROMPTS[:2], STEPS, [5, 6], 1.0, "hybrid", 1.0, ["compositional"])
+    first = generate(actor.model, PROMPTS[:2], STEPS, 5, 1.0, "hybrid", 1.0).float()
+    assert torch.equal(out["images"], (first * 255).round().to(torch.uint8))
+    assert out["scores"]["compositional"].shape == (2, 2)
+
+
+def test_the_drift_monitor_measures_against_the_starting_weights(checkpoint, server):
+    """kl_ref compares the current weights with those the actor started from. Would catch the reference being the
+    live model (drift always 0, a hacked run never flagged)."""
+    from actors.rollout import RolloutActor
+
+    actor = RolloutActor(checkpoint, STEPS, G, 1.0, 1.0, [], WEIGHTS, 1.0, 0, server.address, "drift",
+                         torch_threads=1)
+    assert actor.monitors(PROMPTS[:1], STEPS, 0, 1.0, 2, 1.0)["kl_ref"] == pytest.approx(0.0, abs=1e-9)
+    moved = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+             for k, v in actor.model.state_dict().items()}
+    actor.set_weights(moved, 1)
+    assert actor.monitors(PROMPTS[:1], STEPS, 0, 1.0, 2, 1.0)["kl_ref"] > 1e-6
+
+
+def test_a_group_with_a_nonfinite_score_of_any_reward_is_dropped(checkpoint, server):
+    """Would catch only the first weighted reward checked for non-finite scores (a NaN of a second reward reaching
+    the learner's advantages)."""
+    from actors.rollout import RolloutActor
+
+    weights = {"compositional": 0.5, "jpeg_compressibility": 0.5}
+    actor = RolloutActor(checkpoint, STEPS, G, 1.0, 1.0, [], weights, 1.0, 0, server.address, "nan2", torch_threads=1)
+
+    class SecondNaN:
+        def score(self, images, prompts, names):
+            second = torch.rand(len(prompts))
+            second[G] = float("nan")  # one image of the second group, in the second reward only
+            return {"compositional": torch.rand(len(prompts)), "jpeg_compressibility": second}
+
+    actor.rewards = SecondNaN()
+    ExperienceStream(server.address, "nan2").create()
+    out = actor.rollout(PROMPTS[:2], [0, 1], iteration=0, seed=0)
+    assert out["groups"] == 1 and out["dropped"] == 1

@@ -54,3 +54,29 @@ def test_the_learners_rendezvous_listens_on_its_address_only():
     proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "['127.0.0.1'] 1.0"
+
+
+def test_free_port_never_picks_the_first_or_last_ephemeral_port(monkeypatch):
+    """The ports just outside the range are the only candidates: a port on the range's edge is ephemeral too.
+    Would catch the candidate ranges reaching one port into the ephemeral range."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        below = probe.getsockname()[1]
+    monkeypatch.setattr(net, "LOWEST", below)
+    monkeypatch.setattr(net, "ephemeral_range", lambda: (below + 1, 65534))
+    assert {net.free_port("127.0.0.1") for _ in range(30)} <= {below, 65535}
+
+
+def test_free_port_falls_back_to_the_kernel_when_nothing_lies_outside_the_range(monkeypatch):
+    """Would catch the search run over no candidates (an IndexError on a machine whose ephemeral range is all)."""
+    monkeypatch.setattr(net, "ephemeral_range", lambda: (1024, 65535))
+    port = net.free_port("127.0.0.1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_free_port_on_an_ipv6_address():
+    """Would catch an IPv6 host probed with an IPv4 socket (every bind fails: no port is ever found)."""
+    port = net.free_port("::1")
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", port))

@@ -37,3 +37,35 @@ def test_a_refused_resume_override_masks_its_password():
     with pytest.raises(ConfigError, match="would change") as info:
         check_resume_overrides(["mlflow.tracking_uri=http://alice:hunter2@mlflow:5000"])
     assert "hunter2" not in str(info.value) and "alice:***@mlflow" in str(info.value)
+
+
+@pytest.mark.parametrize("raw,masked", [
+    ("http://host:5000/?Password=abc", "http://host:5000/?Password=***"),
+    ("redis://h:6379/0?PWD=abc&db=1", "redis://h:6379/0?PWD=***&db=1"),
+    ("http://host/x?a=1&pwd=a-very-long-secret-123", "http://host/x?a=1&pwd=***"),
+])
+def test_a_password_in_a_query_is_masked_whatever_its_name_case_or_length(raw, masked):
+    """Would catch the query rule matching lower-case names only, forgetting pwd, or masking only a prefix."""
+    assert redact(raw) == masked
+
+
+def test_passwords_are_masked_inside_nested_configs():
+    """A dumped config is a tree: every string in it, at any depth, in dicts, lists and tuples."""
+    config = {"redis": {"url": "redis://:pw1@h:6379/0"}, "urls": ["http://u:pw2@h", ("http://u:pw3@h", 3)]}
+    assert redact(config) == {"redis": {"url": "redis://:***@h:6379/0"},
+                              "urls": ["http://u:***@h", ("http://u:***@h", 3)]}
+
+
+@pytest.mark.parametrize("text,redacted", [
+    ("redis://:***@h:6379/0", True),
+    ("http://host:5000/?token=***", True),
+    ("redis://h:6379/0", False),
+    ("redis://:pw@h:6379/0", False),
+    (None, False),
+])
+def test_a_url_whose_password_was_not_saved_is_recognised(text, redacted):
+    """A resume must ask for the password of a URL saved masked, in either form. Would catch only the user-part
+    form recognised (a token URL resumed with '***' as its token)."""
+    from actors.redaction import is_redacted
+
+    assert is_redacted(text) == redacted

@@ -262,3 +262,144 @@ def test_cached_scores_expire():
         client = server.address.connect()
         keys = list(client.scan_iter(ScoreCache.PREFIX + "*"))
         assert keys and all(0 < client.ttl(k) <= 1234 for k in keys)
+
+
+def test_a_cached_score_of_zero_is_a_hit():
+    """A verifier scores most untrained images 0: those scores are cached like any other. Would catch a cached
+    0.0 read as a miss (rescored on every request)."""
+    from actors.stream import EmbeddedRedis
+
+    images, captions = torch.rand(3, 3, 16, 16), ["a red circle", "a blue square", "a green triangle"]
+    with EmbeddedRedis() as redis_server:
+        actor = RewardActor([{"name": "compositional"}], 4, cache=redis_server.address)
+        keys = ScoreCache.keys(actor.specs["compositional"], images, captions)
+        actor.cache.put(keys, torch.tensor([0.0, 0.0, 0.5]))
+        calls = []
+        model = actor.models["compositional"]
+        original = model.score
+        model.score = lambda im, pr: calls.append(len(pr)) or original(im, pr)
+        assert torch.equal(actor.score(images, captions)["compositional"], torch.tensor([0.0, 0.0, 0.5]))
+        assert calls == []
+
+
+def test_a_reward_file_replaced_by_one_of_the_same_size_or_time_is_another_model(tmp_path):
+    """Would catch the key made of a file's size alone (a checkpoint retrained to the same size) or of its time
+    alone (a copy that kept its modification time, cp -p / rsync -t), and of a folder's own entry instead of the
+    files in it."""
+    import os
+
+    from actors.reward import model_digest
+
+    checkpoint = tmp_path / "model.pt"
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"v1")
+    images, captions = torch.zeros(2, 3, 8, 8), ["a", "b"]
+
+    def keys(path):
+        model_digest.cache_clear()  # a new reward actor (the identity is taken once per process)
+        return set(ScoreCache.keys({"name": "hpsv2", "options": {"checkpoint": str(path)}}, images, captions))
+
+    def replace(content: bytes, mtime_ns: int) -> None:
+        checkpoint.write_bytes(content)
+        os.utime(checkpoint, ns=(mtime_ns, mtime_ns))
+
+    replace(b"v1", 10**18)
+    before = keys(checkpoint)
+    replace(b"v2", 2 * 10**18)  # the same size, another time
+    assert keys(checkpoint).isdisjoint(before)
+    before = keys(checkpoint)
+    replace(b"v2.1", 2 * 10**18)  # another size, the same time
+    assert keys(checkpoint).isdisjoint(before)
+    before = keys(folder)
+    (folder / "weights.bin").write_bytes(b"v2.1")  # rewritten in place: the folder's own entry is unchanged
+    assert keys(folder).isdisjoint(before)
+
+
+def test_a_reward_whose_code_changed_is_another_model_to_the_cache(tmp_path, monkeypatch):
+    """A reward's thresholds live in its module: scores cached under the old code must not answer for the new.
+    Would catch the module's source left out of the key."""
+    import importlib.util
+    import sys
+
+    import rewards.base
+    from actors.reward import model_digest
+
+    source = tmp_path / "edited_reward.py"
+    code = "from rewards.base import RewardModel\n\n\nclass Edited(RewardModel):\n    THRESHOLD = {}\n"
+    images, captions = torch.zeros(2, 3, 8, 8), ["a", "b"]
+
+    def keys(threshold):
+        source.write_text(code.format(threshold))
+        spec = importlib.util.spec_from_file_location("edited_reward", source)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, "edited_reward", module)  # (where inspect finds a class's file)
+        spec.loader.exec_module(module)
+        monkeypatch.setitem(rewards.base._REGISTRY, "edited", module.Edited)
+        model_digest.cache_clear()
+        return set(ScoreCache.keys({"name": "edited"}, images, captions))
+
+    assert keys(0.5) == keys(0.5) and keys(0.5).isdisjoint(keys(0.25))
+
+
+def test_a_reward_actor_scores_only_the_rewards_asked_and_refuses_others():
+    """A rollout asks for its weighted rewards only; an evaluation asks for its check rewards. Would catch every
+    reward the actor holds being scored (and returned) whatever was asked."""
+    images, captions = torch.rand(2, 3, 16, 16), ["a red circle", "a blue square"]
+    actor = RewardActor(SPECS, 4)
+    assert set(actor.score(images, captions, ["jpeg_compressibility"])) == {"jpeg_compressibility"}
+    with pytest.raises(KeyError, match="not \\['hpsv2'\\]"):
+        actor.score(images, captions, ["hpsv2"])
+
+
+def test_zero_threads_means_every_core_and_memory_is_reported_in_megabytes():
+    """actors.torch_threads=0 is documented as all cores; the memory log is in MB. Would catch 0 read as one
+    thread, and a resident size reported in kB as MB."""
+    import os
+
+    from actors.reward import process_memory_mb, set_threads
+
+    previous = torch.get_num_threads()
+    try:
+        set_threads(0)
+        assert torch.get_num_threads() == (os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(previous)
+    assert 10 < process_memory_mb()["rss_mb"] < 64 * 1024  # this process holds torch: tens of MB at least
+
+
+class CountingSlowReward(SlowReward):
+    """A SlowReward that counts the calls it ran."""
+
+    def __init__(self, delay_s: float):
+        super().__init__(delay_s)
+        self.calls = 0
+
+    def count(self) -> int:
+        return self.calls
+
+    def score(self, images, prompts, names=None):
+        self.calls += 1
+        return super().score(images, prompts, names)
+
+
+def test_an_unknown_reward_name_is_raised_once_not_retried(actors):
+    """A KeyError (a reward name the actor does not hold) is the request's fault: every actor would raise it. Would
+    catch KeyError read as the actor's fault and retried on every actor."""
+    raising = ray.remote(RaisingReward).options(num_cpus=0).remote(KeyError("this reward actor holds ['a']"))
+    with pytest.raises(RuntimeError, match="reward scoring raised KeyError"):
+        RewardClient([raising], timeout_s=60, retries=2).score(torch.zeros(1, 3, 4, 4), ["a"])
+    assert ray.get(raising.count.remote()) == 1
+    ray.kill(raising)
+
+
+def test_a_timed_out_call_is_not_copied_behind_itself(actors):
+    """One reward actor, 1 s per call, timeout 0.8 s, one retry: the retry waits for the call in flight. Would catch
+    a copy queued on the same actor: it starts the moment the first call answers and scores the request again for
+    nothing (cancelling it then is too late), delaying every later request by a whole scoring."""
+    slow = ray.remote(CountingSlowReward).options(num_cpus=0).remote(1.0)
+    assert ray.get(slow.count.remote()) == 0  # started: the timing below is the calls'
+    out = RewardClient([slow], timeout_s=0.8, retries=1).score(torch.zeros(1, 3, 4, 4), ["a"])
+    assert torch.equal(out["slow"], torch.ones(1))
+    assert ray.get(slow.count.remote()) == 1  # (a copy would have run before this call, and count 2)
+    ray.kill(slow)

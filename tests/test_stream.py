@@ -1,6 +1,8 @@
 """The experience stream on a real (embedded) redis-server: auth, safetensors payloads, ack semantics."""
 
 import json
+import os
+import signal
 import socket
 import time
 from dataclasses import replace
@@ -94,7 +96,7 @@ def test_a_redis_that_never_answers_gives_advice_not_a_lost_stream(monkeypatch):
         listener.close()
 
 
-@pytest.mark.parametrize("password", ['my secret"pw', "back\\slash 'and' quotes\"", "trailing\\"])
+@pytest.mark.parametrize("password", ['my secret"pw', "back\\slash 'and' quotes\"", "trailing\\", "two\nlines\r"])
 def test_any_password_starts_the_embedded_server_and_is_the_one_it_requires(password):
     """The password went into redis.conf unquoted: a space or quote broke the file (and redis-server echoed the
     line, password included, into the error), a pair of quotes was silently dropped from it."""
@@ -292,3 +294,176 @@ def test_a_group_with_a_score_per_image_of_another_group_size_is_refused():
     for bad in (torch.rand(3), torch.rand(1), torch.rand(2, 1)):
         with pytest.raises(ValueError, match="each weighted reward"):
             Group(**{**vars(group), "scores": {"a": bad, "b": torch.rand(2)}})
+
+
+def test_a_redis_url_redis_py_cannot_read_gives_advice():
+    """A port that is not a number: redis-py raises ValueError while parsing, which reached the driver as a
+    traceback without the advice. Would catch ValueError dropped from the errors connect() turns into advice."""
+    with pytest.raises(ConnectionError, match="cannot reach Redis .*ValueError.*redis.url"):
+        RedisAddress(url="redis://127.0.0.1:sixthree/0").connect()
+
+
+def test_only_its_owner_can_reach_the_servers_socket():
+    """Would catch the unix socket opened to every local user (unixsocketperm 777), and its folder left open."""
+    import stat
+
+    with EmbeddedRedis() as s:
+        assert stat.S_IMODE(os.stat(s.socket).st_mode) & 0o077 == 0
+        assert stat.S_IMODE(os.stat(s.dir).st_mode) == 0o700
+
+
+def test_close_stops_the_server_and_removes_its_folder():
+    """Would catch close() leaving the server's folder (socket, log) behind."""
+    with EmbeddedRedis() as s:
+        folder, proc = s.dir, s.proc
+    assert proc.poll() is not None and not folder.exists()
+
+
+def test_a_killed_driver_leaves_no_server_behind():
+    """A driver SIGKILLed before close(): its embedded redis-server must die with it, not hold the stream's memory
+    and its socket forever. Would catch the parent-death signal not set in the server's process."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the "driver": starts a server, reports its pid, waits to be killed
+        try:
+            os.close(read)
+            s = EmbeddedRedis()
+            os.write(write, str(s.proc.pid).encode())
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        pid = int(os.read(read, 32) or 0)
+    finally:
+        os.close(read)
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    assert pid
+    deadline = time.monotonic() + 5
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        if time.monotonic() > deadline:
+            psutil.Process(pid).kill()
+            pytest.fail("the embedded redis-server outlived the process that started it")
+        time.sleep(0.05)
+
+
+def test_cluster_mode_on_an_ipv6_address():
+    """A driver whose cluster-internal address is IPv6: the URL must bracket it (redis://[::1]:port/0). Would catch
+    the host put in the URL bare, which redis-py cannot read."""
+    with EmbeddedRedis(host="::1") as s:
+        assert s.address.url.startswith("redis://[::1]:")
+        stream = ExperienceStream(s.address, "t")
+        stream.create()
+        group = make_group("x")
+        stream.add(group)
+        assert_same(stream.read("rank0", count=1, timeout_s=5)[0][1], group)
+
+
+def test_groups_read_ahead_of_two_later_iterations_each_wait_for_their_own_read(server):
+    """Iteration 0's read takes groups of iterations 1 and 2 on its way. Would catch the read of iteration 1
+    forgetting the group of iteration 2 it was not asked for (iteration 2 then stalls, its group never trained)."""
+    stream = ExperienceStream(server.address, "two-ahead")
+    stream.create()
+    for iteration, index in [(1, 4), (2, 8), (0, 0)]:
+        stream.add(replace(make_group(f"p{index}", index=index), iteration=iteration))
+    assert [g.prompt_index for _, g in stream.read("rank0", 1, 5, iteration=0)] == [0]
+    assert [g.prompt_index for _, g in stream.read("rank0", 1, 5, iteration=1)] == [4]
+    assert [g.prompt_index for _, g in stream.read("rank0", 1, 1, iteration=2)] == [8]
+
+
+def test_a_read_gives_up_at_its_own_timeout_not_at_the_end_of_a_block(server):
+    """Would catch the read blocking a whole BLOCK_S on an empty stream whatever its timeout (a learner asked to
+    wait 0.3 s would wait 5 s, and a run's end would wait BLOCK_S per rank)."""
+    stream = ExperienceStream(server.address, "short")
+    stream.create()
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="delivered 0 of 1 groups in 0.3 s"):
+        stream.read("rank0", count=1, timeout_s=0.3)
+    assert time.monotonic() - start < BLOCK_S / 2
+
+
+def test_an_early_stop_acknowledges_every_group_a_rank_holds(server):
+    """Two groups of the next iteration wait, read ahead, when the run stops. Would catch only the first of the
+    held entries acknowledged (the drain then waits for groups that never come)."""
+    stream = ExperienceStream(server.address, "held")
+    stream.create()
+    for iteration, index in [(1, 2), (1, 3), (0, 0)]:
+        stream.add(replace(make_group(f"p{index}", index=index), iteration=iteration))
+    stream.ack([entry_id for entry_id, _ in stream.read("rank0", 1, 5, iteration=0)])
+    assert stream.pending() == 2
+    ExperienceStream(server.address, "held").discard(2, timeout_s=1)
+    assert stream.pending() == 0
+
+
+def test_the_servers_memory_is_reported_in_megabytes_or_not_at_all(server):
+    """Would catch bytes reported as megabytes (a monitor comparing it to redis.max_memory_mb), and a server whose
+    ACL refuses INFO ending the run instead of going unreported."""
+    stream = ExperienceStream(server.address, "mem")
+    used = stream.client.info("memory")["used_memory"]
+    assert stream.server_memory_mb() == pytest.approx(used / 2**20, rel=0.2) and 0 < stream.server_memory_mb() < 64
+    stream.client.acl_setuser("watcher", enabled=True, passwords=["+watch"], keys=["*"], commands=["+@all", "-info"])
+    stream.client = redis.Redis(unix_socket_path=server.socket, username="watcher", password="watch")
+    assert stream.server_memory_mb() is None
+
+
+def test_a_stream_no_learner_reads_yet_is_not_trimmed(server):
+    """Groups written before any learner rank created its consumer group are still owed to it. Would catch trim()
+    failing (or deleting) when the stream has no consumer group."""
+    stream = ExperienceStream(server.address, "early")
+    stream.add(make_group("x"))
+    assert stream.trim() == 0 and stream.length() == 1
+
+
+def test_reward_weights_survive_the_wire_exactly(server):
+    """The learner recomputes the total from the weights the group carries. Would catch weights rounded or cast
+    to float32 in the JSON payload (the rollout's and the learner's totals would then disagree)."""
+    stream = ExperienceStream(server.address, "weights")
+    stream.create()
+    group = replace(make_group("x"), weights={"a": 1 / 3, "b": 0.1 + 0.2})
+    stream.add(group)
+    got = stream.read("rank0", 1, 5)[0][1]
+    assert got.weights == group.weights and torch.equal(got.reward, group.reward)
+
+
+def test_a_read_that_skipped_a_copy_returns_no_more_groups_than_asked(server):
+    """The first reply holds a group and its copy: one more group is owed, not two. Would catch the next
+    XREADGROUP asking for the whole count again (a batch one group too large, taken from the next batch)."""
+    stream = ExperienceStream(server.address, "count")
+    stream.create()
+    first = make_group("p0", index=0)
+    for group in (first, first, make_group("p1", index=1), make_group("p2", index=2)):
+        stream.add(group)
+    assert [g.prompt_index for _, g in stream.read("rank0", 2, 5)] == [0, 1] and stream.duplicates == 1
+    assert stream.pending() == 2  # the copy was acknowledged, not left pending for ever
+    assert [g.prompt_index for _, g in stream.read("rank0", 1, 5)] == [2]
+
+
+def test_trim_deletes_exactly_the_acknowledged_entries_of_small_groups(server):
+    """Small entries share a stream node (Redis packs them up to 4 kB a node): trim must still delete each
+    acknowledged one, not only whole nodes. Would catch an approximate XTRIM (~), which deletes none of these."""
+    stream = ExperienceStream(server.address, "small")
+    stream.create()
+    for i in range(10):
+        stream.add(Group("x", i, 0, 0, SamplerSpec("prox", 2, 1.0, 1.0), scores={"a": torch.rand(1)},
+                         weights={"a": 1.0}, samples=torch.zeros(1, 1, 1, 1)))
+    stream.ack([entry_id for entry_id, _ in stream.read("rank0", 6, 5)])
+    assert stream.trim() == 6 and stream.length() == 4
+
+
+def test_log_probs_without_their_states_are_refused():
+    """Would catch only the one direction checked (states without log-probs): a group carrying log-probs but no
+    states would reach a policy-gradient learner as a forward-objective group."""
+    with pytest.raises(ValueError, match="neither"):
+        Group(**{**vars(make_group("x")), "states": None})
+
+
+def test_a_group_whose_tensors_share_memory_travels(server):
+    """safetensors refuses to save tensors whose memory overlaps: here one score tensor weighted under two names
+    (the same scorer listed twice). Would catch the payload written from the tensors as given, not from copies."""
+    stream = ExperienceStream(server.address, "shared-memory")
+    stream.create()
+    score = torch.rand(2)
+    group = replace(make_group("x"), scores={"a": score, "b": score})
+    stream.add(group)
+    assert_same(stream.read("rank0", 1, 5)[0][1], group)
