@@ -135,7 +135,8 @@ class PretrainConfig(Strict):
         1e-3, gt=0, lt=1, description="kind score: training times t ~ U(score_t_min, 1) (the samplers stop there)"
     )
     eval_sampler: Optional[AnySampler] = Field(
-        None, description="sampler of the final samples (grid and evaluation); null = hybrid (kind prox) or ddim (kind score)"
+        None, description="sampler of the final samples (grid and evaluation); null = hybrid (kind prox) or ddim "
+        "(kind score)"
     )
     eval_guidance: float = Field(1.0, ge=0, description="classifier-free guidance scale w of the final samples")
 
