@@ -17,6 +17,19 @@ TINY_CLIP = {
 
 
 @pytest.fixture(scope="session")
+def ipv6_loopback() -> str:
+    """"::1", or a skip where the machine has no IPv6 loopback (some containers disable IPv6)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback here ({e})")
+    return "::1"
+
+
+@pytest.fixture(scope="session")
 def tiny_model_config() -> ModelConfig:
     return ModelConfig(
         image_size=8, base_channels=8, channel_mults=[1, 2], attention_levels=[1], attention_head_dim=8,

@@ -75,8 +75,8 @@ def test_free_port_falls_back_to_the_kernel_when_nothing_lies_outside_the_range(
         s.bind(("127.0.0.1", port))
 
 
-def test_free_port_on_an_ipv6_address():
+def test_free_port_on_an_ipv6_address(ipv6_loopback):
     """Would catch an IPv6 host probed with an IPv4 socket (every bind fails: no port is ever found)."""
-    port = net.free_port("::1")
+    port = net.free_port(ipv6_loopback)
     with socket.socket(socket.AF_INET6) as s:
         s.bind(("::1", port))
