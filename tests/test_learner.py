@@ -28,7 +28,9 @@ def checkpoint(tiny_model, tmp_path_factory):
 def make_learner(checkpoint, server, run_id, zero_stage=2, **grpo):
     cfg = RunConfig.model_validate({
         "grpo": {"steps": STEPS, "group_size": G, "prompts_per_iteration": len(PROMPTS), "lr": 1e-3, **grpo},
-        "actors": {"torch_threads": 1}, "deepspeed": {"zero_stage": zero_stage},
+        # The groups are on the stream before each update: a read that waits means the learner lost or skipped
+        # them (e.g. a wrong idempotency key), which must fail in seconds, not after the default 10 minutes.
+        "actors": {"torch_threads": 1, "stream_read_timeout_s": 20}, "deepspeed": {"zero_stage": zero_stage},
     })
     return GrpoLearner(checkpoint, cfg.model_dump_json(), server.address, run_id)
 
