@@ -163,29 +163,26 @@ class RewardClient:
 
     def score(self, images: torch.Tensor, prompts: Sequence[str],
               names: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
-        errors, waiting = [], []
+        errors: list[str] = []
         running: dict = {}  # attempt in flight -> the index of the actor running it
         for _ in range(self.retries + 1):
             index = self._next % len(self.actors)
             self._next += 1
             if index not in running.values():
-                ref = self.actors[index].score.remote(images, list(prompts), names)
-                waiting.append(ref)
-                running[ref] = index
+                running[self.actors[index].score.remote(images, list(prompts), names)] = index
             deadline = time.monotonic() + self.timeout_s
-            while waiting:
-                ready, waiting = ray.wait(waiting, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            while running:
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
                 if not ready:  # one more attempt, still waiting for these
                     errors.append(f"no answer within {self.timeout_s:g} s (actors.reward.timeout_s)")
                     log.warning("no reward actor answered in %g s; trying another", self.timeout_s)
                     break
-                running.pop(ready[0])
+                del running[ready[0]]
                 try:
                     result = ray.get(ready[0])
                 except ray.exceptions.RayTaskError as e:
                     if isinstance(e.cause, (ValueError, KeyError, TypeError)):
-                        for ref in waiting:
-                            ray.cancel(ref)
+                        cancel(running)
                         # the reward's own code refused its input: every actor would raise the same, so no retry
                         raise RuntimeError(f"reward scoring raised {type(e.cause).__name__}: {e.cause}") from None
                     log.warning("reward actor failed (%s); trying another", type(e.cause).__name__)  # OOM, a GPU fault
@@ -195,13 +192,17 @@ class RewardClient:
                     log.warning("reward actor failed (%s); trying another", type(e).__name__)
                     errors.append(f"{type(e).__name__}: {e}")
                     continue
-                for ref in waiting:  # (an attempt already delivered to an actor still runs, unused: Ray cannot
-                    # cancel a sync actor's call; this drops one not yet delivered, e.g. to a restarting actor)
-                    ray.cancel(ref)
+                cancel(running)
                 return result
-        for ref in waiting:
-            ray.cancel(ref)
+        cancel(running)
         raise RuntimeError(f"all {self.retries + 1} reward attempts failed: {errors}")
+
+
+def cancel(attempts) -> None:
+    """Drops the attempts not yet delivered to an actor (e.g. one queued for a restarting actor); one already
+    delivered still runs, unused: Ray cannot cancel a sync actor's call."""
+    for ref in attempts:
+        ray.cancel(ref)
 
 
 def set_threads(n: int) -> None:
