@@ -7,7 +7,7 @@
    (DIR/scenes/prox and DIR/scenes/score, as `quality_vs_steps.py --keep-models` or this script's `--keep-models`
    write them). From scratch by default; with `--warm-start CKPT` both start from one prox checkpoint's network
    (the score one re-read as kind score) and continue the same steps on the same scenes with their own loss, so
-   the score base has read as many captions as the prox one. Session 30's bases (README):
+   the score base has read as many captions as the prox one. Session 30's bases (docs/results.md):
        --warm-start builtin:scenes-minilm-x0-4200 --pretrain-iterations 1200 --pretrain-set pretrain.loss_space=x0
        pretrain.l1_warmup_frac=0 data.cursor=294400 --budget-s 240 --eval-every 10 --eval-prompts 128
 2. Reward-fine-tunes each policy with GRPO on the same reward (the config's compositional verifier), prompts, group

@@ -5,7 +5,7 @@ from the policy's own samples (best-of-group fine-tuning, advantage-weighted reg
 within a few steps, while the same number of steps of the pretraining loss on the data leaves it where it was
 (proximal matching at the base's last zeta: +0.003 [-0.015, +0.021] after 100 steps at lr 1e-4). Adding that loss
 to the update is a restoring force toward the pretrained operator (InstructGPT's PPO-ptx, for a prox model), not a
-source of reward: the README's recipe table compares it with and without the reward.
+source of reward: docs/results.md's session 6 table compares it with and without the reward.
 
 Each optimiser step takes the next `grpo.data_anchor_batch` samples of the data stream (rank r of W takes its own
 slice), from `data.cursor` on, so a resumed run replays the same batches; its (t, lam, noise) pairs come from the

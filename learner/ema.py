@@ -1,4 +1,4 @@
-"""Exponential moving average of the weights in pretraining (method.md sec. 4), via torch's AveragedModel.
+"""Exponential moving average of the weights in pretraining (docs/method.md sec. 5), via torch's AveragedModel.
 
 The average is a full fp32 copy of the model made BEFORE DeepSpeed wraps it, so it holds whole tensors under every
 ZeRO stage. ZeRO-1/2 keep the full parameters on every rank, so the update reads them directly; under ZeRO-3 the

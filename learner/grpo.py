@@ -1,4 +1,4 @@
-"""GRPO mode: the driver loop of DESIGN.md's data flow (the learner ranks are in learner/grpo_learner.py).
+"""GRPO mode: the driver loop of the data flow in the README (the learner ranks are in learner/grpo_learner.py).
 
 One iteration (`GrpoRun.step`), each phase timed under its name:
   rollout  draw P prompts; rollout actors sample G trajectories each with the stochastic prox sampler (tagged with
@@ -89,7 +89,7 @@ def hacking_signs(checks: dict[str, np.ndarray], before: dict[str, np.ndarray], 
 
 
 def run_grpo(cfg: RunConfig, run_dir: Path, tracker: Tracker, init_from: Path, resume: Optional[Resume] = None) -> dict:
-    """DESIGN.md's data flow: start Ray and the stream, start the actors, iterate, write the final checkpoint.
+    """The data flow: start Ray and the stream, start the actors, iterate, write the final checkpoint.
     Ray, its actors and the embedded redis-server stop with the run however it ends (a signal included)."""
     with STOP.deferred():  # a signal while Ray starts is acted on once it has (and can be stopped)
         ray, started_ray = start_ray(cfg)
@@ -613,7 +613,7 @@ class GrpoRun:
         self.trimmed += self.streams[0].trim()
 
     def step(self, it: int) -> Optional[dict]:
-        """Iteration `it` of DESIGN.md's data flow; its metrics, or None when every group was dropped."""
+        """Iteration `it` of the data flow; its metrics, or None when every group was dropped."""
         g, timing = self.cfg.grpo, {}
         with timed("rollout", timing):  # sampled, scored and streamed by the actors (launched earlier)
             results = self.wait_rollouts(self.in_flight.popleft())

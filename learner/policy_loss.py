@@ -1,4 +1,4 @@
-"""Group-relative advantages and the clipped policy loss (method.md sec. 5). Pure functions, tested directly."""
+"""Group-relative advantages and the clipped policy loss (docs/method.md sec. 4). Pure functions, tested directly."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def compute_advantages(
     clip: float = 0.0,
     prompt_stats: PromptStats | None = None,
 ) -> torch.Tensor:
-    """Advantages [P, G] from per-model rewards ({name: [P, G]}, one prompt per row) (method.md sec. 5).
+    """Advantages [P, G] from per-model rewards ({name: [P, G]}, one prompt per row) (docs/method.md sec. 4).
 
     aggregation: "reward" normalises the weighted sum of rewards; "advantage" sums weighted per-reward advantages.
     std: "group" (each group's own std), "global" (one std over the batch; group means still subtracted) or

@@ -59,7 +59,7 @@ class ModelConfig(Strict):
         "precond", description="kind prox: how the network's output becomes the prox. eps: ProxDM's prox = y - "
         "sqrt(lam) eps_theta(y / sqrt(1 + lam)); precond: a skip connection that is the exact prox of a Gaussian "
         "p_t with the data's scale plus a learned correction, prox = c_skip y + c_out F(c_in y), which keeps "
-        "shrinking noisier-than-trained inputs (README, Sampler calibration). Checkpoints without this key are eps",
+        "shrinking noisier-than-trained inputs (docs/results.md). Checkpoints without this key are eps",
     )
     sigma_data: Optional[float] = Field(
         None, gt=0, description="RMS of the data in model space (per dimension), used by prox_param precond; "

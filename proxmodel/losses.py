@@ -1,4 +1,4 @@
-"""Proximal matching (method.md sec. 4): the loss whose minimiser tends to the MAP denoiser, i.e. the prox."""
+"""Proximal matching (docs/method.md sec. 5): the loss whose minimiser tends to the MAP denoiser, i.e. the prox."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ models), the exact eps of a Gaussian p_t plus a learned, scaled correction (`pre
 Backbone: diffusers' UNet2DConditionModel with text cross-attention, the sinusoidal embedding of t in its time slot
 and that of lam in its class-embedding slot, concatenated (`class_embeddings_concat`), each scaled x1000 as in
 ProxDM. With `kind: score` the same backbone is the score baseline eps_theta(x_t; t, c): its lam input is held at 0.
-Classifier-free guidance (method.md sec. 4) mixes the conditional and empty-caption outputs. Text: a small trainable
+Classifier-free guidance (method.md sec. 5) mixes the conditional and empty-caption outputs. Text: a small trainable
 CLIP text transformer, or a pretrained encoder (proxmodel/text.py); the U-Net's cross-attention width follows the
 encoder's. With `position_channels` the U-Net also sees each pixel's coordinates. Optionally the model works in a frozen VAE's latent space (proxmodel/latent.py); `to_images` is the one
 way from model-space samples to [0, 1] images.

@@ -1,6 +1,6 @@
 """A model's stochastic sampler seen as an RL policy: a chain of Gaussian transitions between recorded states.
 
-- kind prox: the hybrid (or fully backward) prox sampler over its auxiliary states y_N..y_1 (method.md sec. 3);
+- kind prox: the hybrid (or fully backward) prox sampler over its auxiliary states y_N..y_1 (docs/method.md sec. 3);
   the image is prox(y_1; 0, gamma_1), deterministic given y_1.
 - kind score: Euler-Maruyama over x at tau_{N-1} = 1, ..., tau_0 = t_min (the DDPO / Flow-GRPO view of a score
   model); the image is the final denoising step from x at tau_0.

@@ -1,4 +1,4 @@
-"""The proximal samplers, HYBRID and fully BACKWARD, and their policy view (method.md sec. 2 and 3).
+"""The proximal samplers, HYBRID and fully BACKWARD, and their policy view (docs/method.md sec. 2 and 3).
 
 One step function, `hybrid_step`, is shared by evaluation, rollouts and the learner's log-prob recomputation,
 so the three can never disagree. A trajectory is described by its auxiliary (pre-prox) states y_N..y_1. For the
@@ -18,7 +18,7 @@ with every gamma_k < 2) differs only in the forward half-step and the prox's lam
 so its policy has mean prox / (1 - gamma/2) and variance eta^2 gamma / (1 - gamma/2)^2.
 
 eta = 0 in the hybrid step is NOT a sampler of p_0: it follows the noiseless reverse-SDE drift (the full score), a
-mode-seeking chain whose outputs are far less diverse than the data (method.md sec. 7; "the mode chain"). The
+mode-seeking chain whose outputs are far less diverse than the data (docs/method.md sec. 6; "the mode chain"). The
 deterministic sampler that samples is the implicit probability-flow step (`variant="flow"`, the ODE's half score):
 
     y_k = (1 + gamma_k / 2) x_k,   x_{k-1} = prox_theta(y_k; t_{k-1}, lam = gamma_k / 2, c)
@@ -57,7 +57,7 @@ class HalfStep:
 
 
 def half_step(grid: StepGrid, k: int, variant: Variant = "hybrid") -> HalfStep:
-    """The forward half-step into y_k and the prox's lam for step k (method.md sec. 2)."""
+    """The forward half-step into y_k and the prox's lam for step k (docs/method.md sec. 2)."""
     gamma = grid.gamma_at(k)
     if variant == "hybrid":
         return HalfStep(scale=1.0 + gamma / 2.0, noise_std=math.sqrt(gamma), lam=gamma)

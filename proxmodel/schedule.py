@@ -1,4 +1,4 @@
-"""The variance-preserving forward process and the step grids the proximal sampler walks (method.md sec. 1)."""
+"""The variance-preserving forward process and the step grids the proximal sampler walks (docs/method.md sec. 1)."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def sample_train_pairs(
     generator: torch.Generator | None = None,
     variants: tuple[str, ...] = ("hybrid",),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw (t, lam) exactly as the prox samplers will query them (method.md sec. 4).
+    """Draw (t, lam) exactly as the prox samplers will query them (docs/method.md sec. 5).
 
     N ~ candidates with weights N^(1/3); t uniform on {0, 1/N, ..., 1 - 1/N}; gamma = int_t^{t + 1/N} beta. Each pair
     picks one of `variants` uniformly: lam = gamma (hybrid), gamma / 2 (flow: the probability-flow sampler) or

@@ -1,4 +1,4 @@
-"""The score-based baselines on the same backbone (method.md sec. 2): Euler-Maruyama, probability-flow ODE, DDIM.
+"""The score-based baselines on the same backbone (docs/method.md sec. 2): Euler-Maruyama, probability-flow ODE, DDIM.
 
 The score model predicts eps at time t (`ModelConfig.kind: score`), so s(x, t) = -eps / sqrt(1 - alpha_t). Euler-
 Maruyama and the ODE walk N-1 left-point steps on the uniform grid from t = 1 to t_min = 1e-3 and end with one

@@ -1,4 +1,4 @@
-"""Analytic checks where the exact operators are known (method.md sec. 1, 2, 4): the samplers and the loss.
+"""Analytic checks where the exact operators are known (docs/method.md sec. 1, 2, 5): the samplers and the loss.
 
 1. Gaussian data N(m, S): p_t = N(sqrt(a_t) m, a_t S + (1 - a_t) I) and its prox is affine in closed form, so a prox
    sampler is a linear Gaussian chain whose moments follow an exact recursion. The samplers must reproduce the
@@ -54,7 +54,7 @@ def gaussian_prox(y: torch.Tensor, t: torch.Tensor, lam: torch.Tensor) -> torch.
 
 
 def step_coefficients(steps: int, k: int, variant: str, eta: float = 1.0) -> tuple[float, float, float]:
-    """(scale, noise variance, lam) of step k, written from method.md sec. 2 and 7 apart from the code's half_step."""
+    """(scale, noise variance, lam) of step k, written from method.md sec. 2 and 6 apart from the code's half_step."""
     t0, t1 = (k - 1) / steps, k / steps
     gamma = 0.1 * (t1 - t0) + 0.5 * (20.0 - 0.1) * (t1 * t1 - t0 * t0)  # int beta, beta(t) = 0.1 + 19.9 t
     if variant == "hybrid":  # y = (1 + g/2) x + sqrt(g) z, lam = g
@@ -133,7 +133,7 @@ def test_gaussian_chain_converges_to_the_target_at_first_order():
 
 
 def test_probability_flow_prox_samples_and_the_eta_zero_chain_seeks_the_mode():
-    """method.md sec. 7: the flow step lands on N(m, S) at first order; eta = 0 in the hybrid step does not sample.
+    """docs/method.md sec. 6: the flow step lands on N(m, S) at first order; eta = 0 in the hybrid step does not sample.
 
     The mode chain follows the full score with no noise: its spread shrinks towards zero as N grows, so a reward
     measured on it says how clean the mode looks, not how good the samples are.
@@ -241,7 +241,7 @@ def test_exact_mixture_prox_satisfies_the_optimality_condition(one_thread):
     for t, lam in ((0.0, 3.0), (0.3, 0.5), (0.8, 1.2)):
         tt, ll = torch.full((256,), t), torch.full((256,), lam)
         u = mixture_prox(y, tt, ll)
-        # u = y + lam grad log p_t(u) at the minimiser (method.md sec. 1).
+        # u = y + lam grad log p_t(u) at the minimiser (docs/method.md sec. 1).
         assert torch.allclose(u, y + lam * mixture_score(u, tt), atol=1e-6)
 
 
@@ -316,7 +316,7 @@ def exact_map_and_mmse(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_denoiser(loss_fn, steps: int, net: torch.nn.Module | None = None, seed: int = 0) -> torch.nn.Module:
-    """prox(y) = y - sqrt(lam) eps_theta(y) fitted on y = x + sqrt(lam) xi, the loss on eps vs xi (method.md sec. 4)."""
+    """prox(y) = y - sqrt(lam) eps_theta(y) fitted on y = x + sqrt(lam) xi, the loss on eps vs xi (method.md sec. 5)."""
     torch.manual_seed(seed)
     net = net or torch.nn.Sequential(torch.nn.Linear(1, 32), torch.nn.SiLU(), torch.nn.Linear(32, 32),
                                      torch.nn.SiLU(), torch.nn.Linear(32, 1))

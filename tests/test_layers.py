@@ -1,4 +1,4 @@
-"""DESIGN.md's dependency rule, read from the source: imports point one way, proxmodel <- rewards <- actors <- learner,
+"""The layers' dependency rule, read from the source: imports point one way, proxmodel <- rewards <- actors <- learner,
 and the model family and rewards know nothing of Ray, Redis, DeepSpeed or MLflow."""
 
 import ast

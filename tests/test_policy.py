@@ -58,7 +58,7 @@ def test_score_policy_samples_exactly_the_euler_maruyama_baseline(tiny_model_con
 
 
 def test_the_zero_noise_limit_of_the_policy_is_its_deterministic_chain(model):
-    """method.md sec. 5: noise -> 0 reproduces the deterministic sampler. With the same starting draw x_N, eta = 1e-6
+    """method.md sec. 4: noise -> 0 reproduces the deterministic sampler. With the same starting draw x_N, eta = 1e-6
     must land on the eta = 0 images and eta = 1 far from them; a noise term not scaled by eta (or one added at
     eta = 0) breaks the first, a policy that ignores its noise breaks the second."""
     tokens = model.tokenize(["a red circle"] * G)

@@ -1,4 +1,4 @@
-"""The invariants of method.md sec. 5 for the prox samplers (hybrid and fully backward) as policies, and guidance."""
+"""The invariants of method.md sec. 4 for the prox samplers (hybrid and fully backward) as policies, and guidance."""
 
 import math
 
@@ -43,7 +43,7 @@ def test_log_probs_are_the_gaussian_density_of_the_drawn_noise(tiny_model, varia
     for i, k in enumerate(range(steps, 1, -1)):
         z = torch.randn(shape, generator=gen)
         gamma = grid.gamma_at(k - 1)
-        var = eta**2 * (gamma if variant == "hybrid" else gamma / (1 - gamma / 2) ** 2)  # method.md sec. 3
+        var = eta**2 * (gamma if variant == "hybrid" else gamma / (1 - gamma / 2) ** 2)  # docs/method.md sec. 3
         density = torch.distributions.Normal(0.0, math.sqrt(var)).log_prob(math.sqrt(var) * z)
         expected = density.flatten(1).sum(1) / d
         assert torch.allclose(traj.log_probs[:, i], expected, atol=1e-5), f"step k={k}"
@@ -195,7 +195,7 @@ def test_backward_sampler_refuses_large_steps_and_names_the_step_counts_that_wor
     schedule = VPSchedule()
     n_min = schedule.min_steps_below(2.0)
     assert float(schedule.grid(n_min).gamma.max()) < 2.0 <= float(schedule.grid(n_min - 1).gamma.max())
-    assert n_min == 10  # method.md: gamma_N is about 1.9 at N = 10 with beta_max = 20
+    assert n_min == 10  # gamma_N is about 1.9 at N = 10 with beta_max = 20
     with pytest.raises(ValueError, match=f"N >= {n_min}"):
         half_step(schedule.grid(5), 1, "backward")  # even a small step of a bad grid: the grid is refused whole
     gentle = VPSchedule(beta_max=5.0)  # gamma_N = 2.55 at N = 1, 1.89 at N = 2

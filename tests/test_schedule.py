@@ -19,7 +19,7 @@ def test_gamma_matches_numerical_integration(steps):
 
 
 def test_gamma_matches_the_papers_anchor_values():
-    # method.md: with beta_max = 20, gamma_N is about 3.6 for N = 5 and 1.9 for N = 10.
+    # With beta_max = 20, gamma_N is about 3.6 for N = 5 and 1.9 for N = 10.
     sched = VPSchedule()
     assert sched.grid(5).gamma_at(5) == pytest.approx(3.602, abs=1e-9)
     assert sched.grid(10).gamma_at(10) == pytest.approx(1.9005, abs=1e-9)
@@ -92,7 +92,7 @@ def test_a_grid_stitched_from_trained_grids_queries_only_trained_pairs():
 
 
 def test_step_counts_are_drawn_with_weights_n_to_the_one_third():
-    """method.md sec. 4: N ~ candidates with weights N^(1/3). A pair shows its grid in its lam (every 1000-step gamma
+    """method.md sec. 5: N ~ candidates with weights N^(1/3). A pair shows its grid in its lam (every 1000-step gamma
     is below 0.03, every 5-step one above 0.4), so the share of 1000-step pairs must be
     1000^(1/3) / (5^(1/3) + 1000^(1/3)) = 0.854. Would catch uniform weights (0.5), weights N (0.995) or sqrt(N)
     (0.934): the few-step grids the sampler uses would be trained on a different share of the pairs."""
