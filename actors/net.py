@@ -45,3 +45,13 @@ def free_port(host: str = "127.0.0.1", attempts: int = 200) -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def rendezvous_address() -> tuple[str, int]:
+    """This node's cluster IP and a port free on it, for the learner ranks' process-group rendezvous: a Ray task run on
+    rank 0's node. It lives here because a task's worker imports the function's module: this one loads in
+    milliseconds, the learner's module (DeepSpeed, the model) in about 10 s of CPU."""
+    import ray
+
+    ip = ray.util.get_node_ip_address()
+    return ip, free_port(ip)

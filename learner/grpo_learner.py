@@ -20,6 +20,7 @@ from torch import nn
 
 from actors.checkpoint import load_checkpoint
 from actors.experience import Group, SamplerSpec
+from actors.net import rendezvous_address
 from actors.reward import Threaded, process_memory_mb, set_threads
 from actors.stream import ExperienceStream, RedisAddress, learner_group
 from learner.anchor import DataAnchor
@@ -439,15 +440,6 @@ class GrpoLearner(Threaded):
         return (adapter_state(state) if self.lora else state), self.version
 
 
-def _rendezvous_address() -> tuple[str, int]:
-    import ray
-
-    from actors.net import free_port
-
-    ip = ray.util.get_node_ip_address()
-    return ip, free_port(ip)
-
-
 class LearnerGroup:
     """The learner ranks: Ray actors in one placement group (packed where the cluster allows)."""
 
@@ -470,9 +462,10 @@ class LearnerGroup:
         def in_bundle(r: int) -> PlacementGroupSchedulingStrategy:
             return PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=r)
 
-        # Rank 0's node hosts the process-group rendezvous: its cluster IP and a port free there.
-        master = wait_for(ray, [ray.remote(_rendezvous_address).options(num_cpus=0, scheduling_strategy=in_bundle(0))
-                                .remote()], ["learner rank 0's node"], timeout, key, run_dir)[0]
+        # Rank 0's node hosts the process-group rendezvous: its cluster IP and a port free there, passed to the
+        # ranks as a reference (Ray resolves it before their constructors run): the driver goes on starting the other
+        # actors meanwhile, their processes' start-up overlapping the ranks'.
+        master = ray.remote(rendezvous_address).options(num_cpus=0, scheduling_strategy=in_bundle(0)).remote()
         self.ranks = [
             ray.remote(GrpoLearner).options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, scheduling_strategy=in_bundle(r))
             .remote(checkpoint, cfg.model_dump_json(), address, run_id, r, spec.count, master)

@@ -80,3 +80,23 @@ def test_free_port_on_an_ipv6_address(ipv6_loopback):
     port = net.free_port(ipv6_loopback)
     with socket.socket(socket.AF_INET6) as s:
         s.bind(("::1", port))
+
+
+def test_the_rendezvous_task_loads_no_heavy_module_and_names_a_port_free_on_its_node():
+    """Ray's worker for the learners' rendezvous task imports the function's module before running it, and the ranks
+    wait for the task: beside the learner that import was DeepSpeed and the model, about 17 s of a GRPO run's start
+    on 2 cores (benchmarks/startup.py). Would catch the function moved back into a module that loads torch, or an
+    address on which the port cannot be bound."""
+    import subprocess
+    import sys
+
+    from learner.grpo_learner import rendezvous_address
+    from tests.cli import ROOT
+
+    probe = (f"import sys, {rendezvous_address.__module__}; "
+             "print([m for m in ('torch', 'deepspeed', 'diffusers') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]
+    ip, port = rendezvous_address()
+    with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET) as s:
+        s.bind((ip, port))
