@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, replace
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from proxmodel.policy import Policy
 from rewards import weighted_sum
+
+if TYPE_CHECKING:  # (only named in a signature: the reward actor, which imports this module, never loads the model)
+    from proxmodel.policy import Policy
 
 SCORE_PREFIX = "score/"
 
