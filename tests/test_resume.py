@@ -177,6 +177,77 @@ def test_a_state_is_read_only_when_complete_and_intact(tmp_path, monkeypatch):
     assert path.name == state_name(2) and files["a/b.bin"] == b"\x02" * 10
     write_state(tmp_path, 3, {"run.json": b"{}"}, keep=2)
     assert [p.name for p in complete_states(tmp_path)] == [state_name(2), state_name(3)]
+    # the failed writes' half-written copies (a whole model and optimizer each) are gone with the next write
+    assert [p.name for p in (tmp_path / "resume").iterdir() if p.name.startswith(".")] == []
+
+
+def test_states_are_ordered_by_iteration_past_every_power_of_ten_and_a_missing_file_is_skipped(tmp_path):
+    """Would catch: states ordered by their names' text (it-10 before it-9: the newest pruned, an older one resumed
+    from), or a file deleted from the newest state crashing the resume instead of falling back to the one before."""
+    for it in (8, 9, 10, 99, 100):
+        write_state(tmp_path, it, {"run.json": json.dumps({"it": it}).encode(), "engine/w.bin": bytes([it % 256])},
+                    keep=3)
+    assert [p.name for p in complete_states(tmp_path)] == [state_name(10), state_name(99), state_name(100)]
+    assert json.loads(latest_state(tmp_path)[1]["run.json"]) == {"it": 100}
+    (tmp_path / "resume" / state_name(100) / "engine" / "w.bin").unlink()
+    warnings = []
+    path, files = latest_state(tmp_path, warn=warnings.append)
+    assert path.name == state_name(99) and files["engine/w.bin"] == bytes([99])
+    assert len(warnings) == 1 and "unreadable" in warnings[0] and state_name(100) in warnings[0]
+
+
+def test_rank_files_merge_into_one_state_and_tensors_round_trip_whatever_their_layout():
+    """Every learner rank hands over its files: shared ones (written by each rank alike) merge, a name two ranks
+    wrote differently is an error. Tensors saved into a state (RNG states, EMA) may be views: transposed, or several
+    sharing one buffer. Would catch: one rank's file silently replacing another's, identical shared files refused,
+    or a view failing to save (safetensors refuses non-contiguous and shared tensors)."""
+    import torch
+
+    from learner.resume import merge_rank_files, tensor_bytes, tensors_from
+
+    merged = merge_rank_files([{"run.json": b"{}", "engine/rank0.pt": b"0"}, {"run.json": b"{}", "engine/rank1.pt": b"1"}])
+    assert merged == {"run.json": b"{}", "engine/rank0.pt": b"0", "engine/rank1.pt": b"1"}
+    with pytest.raises(RuntimeError, match="two learner ranks wrote different engine/rank0.pt"):
+        merge_rank_files([{"engine/rank0.pt": b"0"}, {"engine/rank0.pt": b"1"}])
+    base = torch.arange(12.0).reshape(3, 4)
+    tensors = {"transposed": base.t(), "row": base[1], "whole": base}
+    loaded = tensors_from(tensor_bytes(tensors))
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def test_the_config_fingerprint_ignores_the_folder_key_order_and_resumable_keys_only():
+    """Would catch: a run directory moved (or given as another path) refused as an edited config; a config.yaml
+    whose keys another tool re-ordered refused; an edit of what is computed accepted."""
+    from learner.config import load_config
+    from learner.resume import config_fingerprint
+    from tests.cli import SMOKE
+
+    cfg = load_config(SMOKE, ["run_dir=/runs/a"])
+    same = config_fingerprint(cfg)
+    assert config_fingerprint(load_config(SMOKE, ["run_dir=/elsewhere/b", "grpo.iterations=99"])) == same
+    data = cfg.model_dump(mode="json")
+    assert config_fingerprint(dict(reversed([(k, dict(reversed(v.items())) if isinstance(v, dict) else v)
+                                             for k, v in data.items()]))) == same
+    assert config_fingerprint(load_config(SMOKE, ["run_dir=/runs/a", "seed=1"])) != same
+
+
+def test_resume_keeps_the_runs_mode(tmp_path):
+    """Would catch: --resume RUN --mode grpo on a pretraining run continuing it as another mode."""
+    from learner.config import ConfigError, dump_config, load_config
+    from learner.resume import open_resume, release_run_dirs
+    from tests.cli import SMOKE
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(dump_config(load_config(SMOKE, [f"run_dir={run_dir}"])))
+    (run_dir / "run.json").write_text(json.dumps({"mode": "pretrain", "mlflow_run_id": "r",
+                                                  "mlflow_tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"}))
+    try:
+        with pytest.raises(ConfigError, match="this is a pretrain run; drop --mode grpo"):
+            open_resume(str(run_dir), [], "grpo")
+        assert open_resume(str(run_dir), [], "pretrain")[1].mode == "pretrain"
+    finally:
+        release_run_dirs()
 
 
 def test_best_folders_of_an_abandoned_tail_are_pruned_and_those_a_state_refers_to_kept(tmp_path):
