@@ -205,7 +205,8 @@ def test_rank_files_merge_into_one_state_and_tensors_round_trip_whatever_their_l
 
     from learner.resume import merge_rank_files, tensor_bytes, tensors_from
 
-    merged = merge_rank_files([{"run.json": b"{}", "engine/rank0.pt": b"0"}, {"run.json": b"{}", "engine/rank1.pt": b"1"}])
+    merged = merge_rank_files([{"run.json": b"{}", "engine/rank0.pt": b"0"},
+                               {"run.json": b"{}", "engine/rank1.pt": b"1"}])
     assert merged == {"run.json": b"{}", "engine/rank0.pt": b"0", "engine/rank1.pt": b"1"}
     with pytest.raises(RuntimeError, match="two learner ranks wrote different engine/rank0.pt"):
         merge_rank_files([{"engine/rank0.pt": b"0"}, {"engine/rank0.pt": b"1"}])
@@ -367,6 +368,39 @@ def test_a_state_saved_before_the_resumable_bounds_were_added_still_resumes(tmp_
     try:
         with pytest.raises(ConfigError, match="no longer matches"):
             open_resume(str(run_dir), [], None)
+    finally:
+        release_run_dirs()
+
+
+def test_a_bound_given_on_resume_is_kept_for_the_next_when_the_config_predates_the_bounds(tmp_path):
+    """A run whose config.yaml was written before session 37 (no bound keys) and whose run state was saved after
+    (hashed the new way): a bound given on resume is written into config.yaml like any resumable key. Would catch
+    such a run taken for one whose state hashed the bounds, the override forgotten by the next resume."""
+    from learner.config import dump_config, load_config
+    from learner.resume import RESUMABLE_KEYS, RESUMABLE_KEYS_BEFORE_BOUNDS, config_fingerprint, open_resume, \
+        release_run_dirs, rewrite_config
+    from tests.cli import SMOKE
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    data = yaml.safe_load(dump_config(load_config(SMOKE, [f"run_dir={run_dir}"])))
+    for key in RESUMABLE_KEYS[len(RESUMABLE_KEYS_BEFORE_BOUNDS):]:  # as that version wrote it: no bound keys
+        section, leaf = key.split(".")
+        data[section].pop(leaf)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    (run_dir / "run.json").write_text(json.dumps({"mode": "pretrain", "mlflow_run_id": "r",
+                                                  "mlflow_tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"}))
+    write_state(run_dir, 3, {"run.json": json.dumps({"config_fingerprint": config_fingerprint(data)}).encode()}, keep=2)
+    bound = ["actors.rollout_timeout_s=900"]
+    try:
+        _, resume = open_resume(str(run_dir), bound, None)
+        rewrite_config(run_dir, bound, resume.persistable)
+    finally:
+        release_run_dirs()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["actors"]["rollout_timeout_s"] == 900
+    try:
+        cfg, _ = open_resume(str(run_dir), [], None)  # the next resume: the bound kept, the config still matching
+        assert cfg.actors.rollout_timeout_s == 900
     finally:
         release_run_dirs()
 
