@@ -196,6 +196,19 @@ def test_webdataset_reads_its_stream_once_forward_and_finds_home_relative_shards
                                     ).batch(0, 24)[1]
 
 
+def test_webdataset_epochs_read_the_shards_in_different_orders(tmp_path):
+    """A dataset far larger than the shuffle buffer is only shuffled within the buffer's reach: the order in which
+    the shards are read must change every epoch too, or every epoch starts with the same shard's images. (A buffer
+    of one sample here, so each epoch's stream shows its shard order.) Would catch the shard order seeded once."""
+    root = write_shards(tmp_path / "shards", shards=4, per_shard=2)
+    source = build_source(DataConfig(kind="webdataset", path=str(root), seed=1), 8, 3)
+    source.SHUFFLE_BUFFER = 1
+    captions = source.batch(0, 8 * 4)[1]
+    orders = [[int(c.split("#")[1]) // 2 for c in captions[e * 8:(e + 1) * 8:2]] for e in range(4)]
+    assert all(sorted(order) == [0, 1, 2, 3] for order in orders)  # every shard once per epoch, whole
+    assert len({tuple(order) for order in orders}) > 1, orders
+
+
 def test_webdataset_shards_without_any_sample_are_an_error_not_a_hang(tmp_path):
     """Valid tar files that hold no sample (an export that failed): every epoch is empty, and the reader would skip
     from epoch to epoch forever. Would catch the emptiness check dropped."""
