@@ -405,6 +405,70 @@ def test_a_bound_given_on_resume_is_kept_for_the_next_when_the_config_predates_t
         release_run_dirs()
 
 
+def test_a_pretraining_state_brings_back_both_random_streams_its_counters_and_its_card(tmp_path, monkeypatch):
+    """save_run_state / load_run_state without DeepSpeed (its engine files are stood in for). Would catch: the
+    pair/caption-dropout generator or torch's global RNG (dropout) not restored, the non-finite streak, the earlier
+    resumes or the wall time forgotten, or run.json's data_cursor counting whole batches with mirror pairs (each
+    step reads half a batch of new scenes)."""
+    import types
+
+    import torch
+
+    import learner.pretrain as pretrain
+    from learner.config import load_config
+    from learner.resume import config_fingerprint
+    from tests.cli import SMOKE
+
+    handed = {}
+    monkeypatch.setattr(pretrain, "engine_files", lambda engine: {"mp_rank_00_model_states.pt": b"weights"})
+    monkeypatch.setattr(pretrain, "load_engine_files", lambda engine, files: handed.update(files))
+    cfg = load_config(SMOKE, [f"run_dir={tmp_path}", "pretrain.mirror_pairs=true", "data.cursor=100"])
+    gen = torch.Generator().manual_seed(7)
+    torch.rand(3, generator=gen)
+    progress = {"iteration": 3, "loss": 0.5, "wall_time_s": 12.0, "resumed_at": [1], "nonfinite": [2, 1]}
+    path = pretrain.save_run_state(cfg, tmp_path, types.SimpleNamespace(run_id="run-1"), None, None, gen, progress)
+    expected_pairs, expected_global = torch.rand(4, generator=gen), torch.rand(4)
+    saved = json.loads((path / "run.json").read_text())
+    assert saved["data_cursor"] == 100 + 3 * 8 // 2 and saved["config_fingerprint"] == config_fingerprint(cfg)
+
+    torch.manual_seed(12345)  # a new process: other random states
+    fresh = torch.Generator().manual_seed(0)
+    restored = pretrain.load_run_state(latest_state(tmp_path)[1], None, None, fresh)
+    assert restored == progress and handed == {"mp_rank_00_model_states.pt": b"weights"}
+    assert torch.equal(torch.rand(4, generator=fresh), expected_pairs) and torch.equal(torch.rand(4), expected_global)
+    # The checkpoint exported beside a state says how far its training got, and from what.
+    card = pretrain.model_card(cfg, None, types.SimpleNamespace(run_id="run-1"), 3)
+    assert card["iterations"] == f"3 of {cfg.pretrain.iterations} (batch 8)" and card["base"].startswith("none")
+    assert pretrain.model_card(cfg, tmp_path / "base", types.SimpleNamespace(run_id="r"), 3)["base"] == \
+        str(tmp_path / "base")
+
+
+def test_engine_files_hold_deepspeeds_checkpoint_without_its_scripts_and_load_into_a_fresh_engine():
+    """A tiny model under ZeRO-2 on the CPU. Would catch: the recovery scripts DeepSpeed copies beside a ZeRO
+    checkpoint (zero_to_fp32.py) carried in every run state, or the files not restoring weights and optimizer."""
+    import torch
+
+    from learner.engine import build_engine, full_state_dict, init_distributed
+    from learner.resume import engine_files, load_engine_files
+
+    def engine(seed):
+        torch.manual_seed(seed)
+        init_distributed()
+        return build_engine(torch.nn.Linear(3, 2), lr=0.05, weight_decay=0.0, grad_clip=1.0, zero_stage=2,
+                            bf16=False, micro_batch=4)
+
+    trained = engine(0)
+    for _ in range(2):
+        loss = trained(torch.randn(4, 3)).pow(2).mean()
+        trained.backward(loss)
+        trained.step()
+    files = engine_files(trained)
+    assert files and not [name for name in files if name.endswith(".py")], sorted(files)
+    fresh = engine(1)
+    load_engine_files(fresh, files)
+    assert all(torch.equal(v, full_state_dict(trained)[k]) for k, v in full_state_dict(fresh).items())
+
+
 def test_a_run_dir_on_a_filesystem_without_locks_is_used_with_a_warning(tmp_path, monkeypatch, capsys):
     """Lustre without flock, NFS without its lock daemon: flock fails with ENOSYS / ENOLCK. The run goes on (it did
     before the lock existed), warned; only a lock another process holds refuses it."""
