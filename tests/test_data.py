@@ -86,6 +86,7 @@ def test_digits_are_real_captioned_deterministic_and_split():
     n = len(source.train)
     epoch = [source.index(i) for i in range(n)]
     assert sorted(epoch) == sorted(source.train.tolist()) and n == 1797 - 180
+    assert [source.index(i) for i in range(n, 2 * n)] != epoch  # each epoch in its own order
     assert set(source.held.tolist()).isdisjoint(epoch + [source.index(i) for i in range(n, 2 * n)])
     prompts = source.eval_prompts(16)
     assert prompts == [f"a handwritten digit {digits.target[k]}" for k in source.held[:16]]
@@ -122,12 +123,42 @@ def test_folder_errors_name_the_file_and_the_fix(folder, tmp_path):
         build(folder)
     (folder / "red.txt").write_text("\ufeffa red card", encoding="utf-8")  # a BOM is fine
     assert "a red card" in build(folder).captions
+    (folder / "red.txt").write_text(" \n\t\n", encoding="utf-8")  # blank: would train the unconditional model
+    with pytest.raises(ValueError, match=r"red\.txt is empty"):
+        build(folder)
+    (folder / "red.txt").write_text("a red card")
+    with pytest.raises(ValueError, match=r"data\.holdout=0\.9 leaves no training sample out of 6"):
+        build_source(DataConfig(kind="folder", path=str(folder), holdout=0.9), 8, 3)  # ceil(0.9 * 6) = 6 held
     bad = folder / "broken.png"
     bad.write_bytes(b"\x89PNG not really")
     (folder / "broken.txt").write_text("a broken card")
     source = build_source(DataConfig(kind="folder", path=str(folder), holdout=0.0), 8, 3)
     with pytest.raises(ValueError, match=r"broken\.png cannot be read.*Replace the file"):
         source.batch(0, 7)
+
+
+def test_folder_order_does_not_depend_on_the_filesystem_and_upper_case_extensions_count(tmp_path, monkeypatch):
+    """Sample i is a pure function of (data.seed, i) in every copy of the folder, whatever order its filesystem
+    lists the files in (ext4 lists by a per-filesystem hash: a copy on another disk, a resumed run on another
+    machine), and camera files named IMG_0001.JPG are images too. Would catch: files taken in listing order, or
+    suffixes compared case-sensitively."""
+    from pathlib import Path
+
+    for k in range(4):
+        for name in COLOURS:
+            colour_card(name).save(tmp_path / f"{name}-{k}.png")
+            (tmp_path / f"{name}-{k}.txt").write_text(f"a {name} card, copy {k}")
+    cfg = DataConfig(kind="folder", path=str(tmp_path), seed=5)
+    listed = build_source(cfg, 8, 3).batch(0, 40)[1]
+    real = Path.rglob
+    monkeypatch.setattr(Path, "rglob", lambda self, pattern: reversed(list(real(self, pattern))))  # another disk
+    assert build_source(cfg, 8, 3).batch(0, 40)[1] == listed
+    monkeypatch.undo()
+    (tmp_path / "camera").mkdir()
+    colour_card("red").save(tmp_path / "camera" / "IMG_0001.JPG", format="PNG")
+    (tmp_path / "camera" / "IMG_0001.txt").write_text("a red card")
+    source = build_source(DataConfig(kind="folder", path=str(tmp_path / "camera"), holdout=0.0), 8, 3)
+    assert source.batch(0, 1)[1] == ["a red card"]
 
 
 def test_webdataset_round_trips_covers_each_epoch_and_resumes(tmp_path):
@@ -148,6 +179,46 @@ def test_webdataset_round_trips_covers_each_epoch_and_resumes(tmp_path):
     assert build_source(pattern, 8, 3).batch(0, 15)[1] == captions
     assert build_source(DataConfig(kind="webdataset", path=str(root), seed=2), 8, 3).batch(0, 15)[1] != captions
     assert source.eval_prompts(3) == ["a red card #0", "a green card #1", "a blue card #2"]
+
+
+def test_webdataset_reads_its_stream_once_forward_and_finds_home_relative_shards(tmp_path, monkeypatch):
+    """One reader taking consecutive batches (a single learner rank) opens the stream once: re-reading it from its
+    start every step costs time quadratic in the run's length. data.path=~/... patterns name the home folder."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_shards(tmp_path / "shards")
+    source = build_source(DataConfig(kind="webdataset", path="~/shards/shard-{00000..00002}.tar", seed=1), 8, 3)
+    opened = []
+    real = source._samples
+    monkeypatch.setattr(source, "_samples", lambda: opened.append(1) or real())
+    captions = [c for step in range(4) for c in source.batch(step * 6, 6)[1]]
+    assert len(opened) == 1 and len(captions) == 24
+    assert captions == build_source(DataConfig(kind="webdataset", path=str(tmp_path / "shards"), seed=1), 8, 3
+                                    ).batch(0, 24)[1]
+
+
+def test_webdataset_epochs_read_the_shards_in_different_orders(tmp_path):
+    """A dataset far larger than the shuffle buffer is only shuffled within the buffer's reach: the order in which
+    the shards are read must change every epoch too, or every epoch starts with the same shard's images. (A buffer
+    of one sample here, so each epoch's stream shows its shard order.) Would catch the shard order seeded once."""
+    root = write_shards(tmp_path / "shards", shards=4, per_shard=2)
+    source = build_source(DataConfig(kind="webdataset", path=str(root), seed=1), 8, 3)
+    source.SHUFFLE_BUFFER = 1
+    captions = source.batch(0, 8 * 4)[1]
+    orders = [[int(c.split("#")[1]) // 2 for c in captions[e * 8:(e + 1) * 8:2]] for e in range(4)]
+    assert all(sorted(order) == [0, 1, 2, 3] for order in orders)  # every shard once per epoch, whole
+    assert len({tuple(order) for order in orders}) > 1, orders
+
+
+def test_webdataset_shards_without_any_sample_are_an_error_not_a_hang(tmp_path):
+    """Valid tar files that hold no sample (an export that failed): every epoch is empty, and the reader would skip
+    from epoch to epoch forever. Would catch the emptiness check dropped."""
+    (tmp_path / "shards").mkdir()
+    for s in range(2):
+        with wds.TarWriter(str(tmp_path / "shards" / f"shard-{s}.tar")):
+            pass
+    source = build_source(DataConfig(kind="webdataset", path=str(tmp_path / "shards")), 8, 3)
+    with pytest.raises(ValueError, match="hold no samples"):
+        source.batch(0, 4)
 
 
 def test_webdataset_ranks_read_their_own_slices_of_one_stream(tmp_path, monkeypatch):
@@ -183,6 +254,9 @@ def test_webdataset_caption_from_json_and_clear_errors(tmp_path):
         sink.write({"__key__": "k2", "txt": "no image here"})
         sink.write({"__key__": "k3", "png": png_bytes(colour_card("red")), "json": "{'caption': 'single quotes'}"})
         sink.write({"__key__": "k4", "png": png_bytes(colour_card("red")), "txt": " \n"})
+        sink.write({"__key__": "k5", "png": png_bytes(colour_card("red")), "json": json.dumps({"caption": " \t"})})
+        sink.write({"__key__": "k6", "png": png_bytes(colour_card("red")),
+                    "json": json.dumps({"caption": " a red card\n"})})
     source = build_source(DataConfig(kind="webdataset", path=str(root / "s.tar")), 8, 3)
     assert source.decode(next(iter(wds.WebDataset(str(root / "s.tar"), shardshuffle=False))))[1] == "a blue card"
     samples = list(wds.WebDataset(str(root / "s.tar"), shardshuffle=False))
@@ -194,6 +268,9 @@ def test_webdataset_caption_from_json_and_clear_errors(tmp_path):
         source.decode(samples[3])
     with pytest.raises(ValueError, match=r"'k4' .* has an empty caption"):
         source.decode(samples[4])
+    with pytest.raises(ValueError, match=r"'k5' .* has an empty caption"):  # a blank one in the metadata too
+        source.decode(samples[5])
+    assert source.decode(samples[6])[1] == "a red card"
     with pytest.raises(ValueError, match="no .tar shards"):
         build_source(DataConfig(kind="webdataset", path=str(tmp_path)), 8, 3)
     with pytest.raises(FileNotFoundError, match=r"shard\(s\) not found"):

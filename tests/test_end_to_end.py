@@ -357,3 +357,59 @@ def test_the_driver_holds_no_reward_model_and_runs_no_network(pretrained, store,
             images = generate(base, prompts, 3, eval_seed(0, 0, chunk), 1.0, "hybrid", 1.0)
         expected += reward.score(images, prompts).tolist()
     np.testing.assert_allclose([r["compositional"] for r in rows], expected, atol=1e-6)
+
+
+def grpo_summary(rewards: dict, checks: dict, hacking: list, best_step: int = 4) -> dict:
+    """The parts of a GRPO summary.json the report reads; each reward's mean before and after, and its change."""
+    def row(before, after, low, high):
+        return {"before": {"mean": before}, "after": {"mean": after},
+                "difference": {"mean": after - before, "ci_low": low, "ci_high": high}}
+
+    return {"eval": {"prompts": 8, "seeds": 2, "level": 0.95, "rewards": {k: row(*v) for k, v in rewards.items()},
+                     "checks": {k: row(*v) for k, v in checks.items()}},
+            "monitors": {"after": {"saturation_ratio": 1.5, "diversity_ratio": 0.25, "kl_ref_per_transition": 0.25}},
+            "hacking": hacking, "checkpoint": f"/runs/g/best-it{best_step:05d}",
+            "last_checkpoint": "/runs/g/checkpoint", "best": {"step": best_step}}
+
+
+def test_the_report_says_what_changed_what_was_not_trained_on_and_which_checkpoint_to_use():
+    """The lines a finished run prints above its summary path, without a run. Would catch: before and after swapped,
+    an interval's ends swapped or unsigned, a check shown as trained on, the total hidden when several rewards add
+    up to it (or shown when it is the one reward again), the monitors mixed up, no verdict when there is no sign of
+    hacking, the kept earlier checkpoint unexplained, or a sampling run's rewards left out."""
+    from learner.report import REPORTS
+
+    one = grpo_summary({"compositional": (0.5, 0.75, 0.125, 0.375), "total": (0.5, 0.75, 0.125, 0.375)},
+                       {"clip": (0.25, 0.125, -0.25, -0.05)}, [])
+    one["checkpoint"] = one["last_checkpoint"]
+    lines = REPORTS["grpo"](one)
+    assert lines[0] == "held out, 8 prompts x 2 noise seeds (before -> after, change [95% interval over prompts]):"
+    assert lines[1].split() == ["compositional", "0.500", "->", "0.750", "+0.250", "[+0.125,", "+0.375]"]
+    assert lines[2].split()[:7] == ["clip", "0.250", "->", "0.125", "-0.125", "[-0.250,", "-0.050]"]
+    assert lines[2].endswith("(a check, not trained on)") and "a check" not in lines[1]
+    assert not any(line.split()[:1] == ["total"] for line in lines)  # one reward: the total is that reward again
+    assert lines[3] == "against the start: saturation 1.50x, within-group diversity 0.25x, KL 0.25 nats per transition"
+    assert lines[4:] == ["hacking signs: none", "checkpoint: /runs/g/checkpoint"]
+
+    two = grpo_summary({"a": (0.5, 0.5, -0.1, 0.1), "b": (0.5, 0.5, -0.1, 0.1), "total": (1.0, 1.0, -0.2, 0.2)}, {},
+                       ["saturation 3.0x", "diversity 0.1x"])
+    lines = REPORTS["grpo"](two)
+    assert [line.split()[0] for line in lines[1:4]] == ["a", "b", "total"]
+    assert "hacking signs: saturation 3.0x; diversity 0.1x" in lines
+    assert lines[-1] == ("checkpoint: /runs/g/best-it00004 (step 4, the best evaluation without a sign of hacking; "
+                         "the last weights: /runs/g/checkpoint)")
+
+    pretrain = {"eval": {"prompts": 8, "seeds": 2, "level": 0.95,
+                         "rewards": {"compositional": {"mean": 0.5, "ci_low": 0.25, "ci_high": 0.75}}},
+                "checkpoint": "/runs/p/checkpoint"}
+    assert REPORTS["pretrain"](pretrain) == [
+        "held out, 8 captions x 2 noise seeds (mean [95% interval over captions]):",
+        "  compositional  0.500 [0.250, 0.750]", "checkpoint: /runs/p/checkpoint"]
+    pretrain["eval"]["rewards"] = {}  # (no reward configured: the header and the checkpoint still print)
+    assert REPORTS["pretrain"](pretrain)[-1] == "checkpoint: /runs/p/checkpoint"
+    sample = {"images": 8, "prompts": 4, "grid": "/runs/s/samples.png", "samples": "/runs/s/samples.json",
+              "rewards": {"clip": {"mean": 0.25, "ci_low": 0.125, "ci_high": 0.375}}}
+    assert REPORTS["sample"](sample) == ["8 images of 4 prompts: /runs/s/samples.png, /runs/s/samples.json",
+                                         "rewards (mean [95% interval over prompts]):", "  clip  0.250 [0.125, 0.375]"]
+    assert REPORTS["sample"]({**sample, "rewards": {}}) == [  # not scored (sample.score false)
+        "8 images of 4 prompts: /runs/s/samples.png, /runs/s/samples.json"]

@@ -50,6 +50,8 @@ def test_the_warm_up_and_the_switch_are_not_timed():
 def test_sync_runs_short_runs_and_a_made_choice_are_not_probed():
     assert LayoutProbe.plan(0, 3, 0, 100).chosen == "sync"  # max_staleness 0
     assert LayoutProbe.plan(1, 3, 0, 8).chosen == "async"  # 2 x 3 + 3 iterations needed: too short to gain
+    assert LayoutProbe.plan(1, 3, 0, 9).chosen is None  # just long enough: one iteration runs the faster layout
+    assert LayoutProbe.plan(1, 3, 4, 13).chosen is None and LayoutProbe.plan(1, 3, 5, 13).chosen == "async"
     assert LayoutProbe.plan(1, 0, 0, 100).chosen == "async"  # grpo.async_probe 0
     assert LayoutProbe.plan(1, 3, 0, 100).staleness_at(0) == 0  # probing: the first iterations run synchronous
     done = LayoutProbe.plan(1, 2, 0, 30)
@@ -64,3 +66,11 @@ def test_cores_are_split_between_the_actors_sharing_a_node():
     assert split_threads([("a", 2), ("a", 2)]) == [1, 1]
     assert split_threads([("a", 16), ("b", 8), ("a", 16), ("a", 16)]) == [5, 8, 5, 5]
     assert split_threads([("a", 2)] * 3) == [1, 1, 1]
+
+
+def test_timed_iterations_that_trained_no_group_still_lead_to_a_choice():
+    """Every group of an iteration can tie (all its rewards equal) and be skipped: an update of no group. Would catch
+    seconds per group dividing by zero groups, an async run crashing at the end of its probe."""
+    probe = LayoutProbe.plan(staleness=1, iterations=2, start=0, total=20)
+    run_probe(probe, {"sync": 4.0, "async": 3.0}, 8, groups={"sync": 0, "async": 0})
+    assert probe.chosen == "async" and probe.seconds_per_group("sync") == 8.0

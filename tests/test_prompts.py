@@ -20,6 +20,10 @@ def test_scene_prompts_are_the_scene_stream_and_held_out_ones_come_from_its_far_
     source = prompt_source(load_config(None, ["grpo.prompt_seed=3"]))
     assert source.train(5, 4) == scene_prompts(3, 5, 4)
     assert source.held_out(32) == scene_prompts(3, EVAL_SEED_OFFSET, 32)
+    # data.omit_prob (how often a caption leaves a detail out) shapes the training prompts as the held-out ones
+    terse = prompt_source(load_config(None, ["grpo.prompt_seed=3", "data.omit_prob=1.0"]))
+    assert terse.train(5, 4) == scene_prompts(3, 5, 4, 1.0) != source.train(5, 4)
+    assert terse.held_out(4) == scene_prompts(3, EVAL_SEED_OFFSET, 4, 1.0)
 
 
 def test_file_prompts_hold_out_a_fixed_set_and_visit_every_other_prompt_once_per_epoch(tmp_path):
@@ -71,3 +75,13 @@ def test_prompt_seed_reaches_a_prompt_file(tmp_path):
     source = prompt_source(cfg)
     assert source.train(0, 20) == FilePrompts(path, 3, cfg.grpo.eval_prompts).train(0, 20)
     assert source.train(0, 20) != FilePrompts(path, 7, cfg.grpo.eval_prompts).train(0, 20)
+
+
+def test_prompts_are_stripped_and_a_home_relative_path_is_found(tmp_path, monkeypatch):
+    """A prompt file written on Windows (CRLF), indented or with trailing spaces gives the same prompts, and
+    grpo.prompt_file=~/prompts.txt names the file in the home folder. Would catch: prompts sampled with stray
+    whitespace (another text embedding) or `~` taken literally."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write(tmp_path, b"  a red cube \r\n\ta blue ball\t\r\n a green cone\r\n")
+    source = FilePrompts("~/prompts.txt", seed=0, n_held_out=1)
+    assert sorted(source.held_out(1) + source.train(0, 2)) == ["a blue ball", "a green cone", "a red cube"]

@@ -69,3 +69,21 @@ def test_a_url_whose_password_was_not_saved_is_recognised(text, redacted):
     from actors.redaction import is_redacted
 
     assert is_redacted(text) == redacted
+
+
+def test_a_resume_takes_the_tracking_uris_password_only_for_the_server_it_was_saved_for(monkeypatch):
+    """--resume reopens a masked MLflow URI through MLFLOW_TRACKING_URI: the one given must be the saved one with its
+    password. Would catch any exported URI accepted (a shell still set up for another server: the run's metrics
+    continued on a server that does not hold the run)."""
+    from learner.config import ConfigError, load_config
+    from learner.resume import secrets_again
+
+    cfg = load_config(None, [])
+    saved = "http://alice:***@mlflow:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:hunter2@other-mlflow:5000")
+    with pytest.raises(ConfigError, match="Export MLFLOW_TRACKING_URI") as info:
+        secrets_again(cfg, saved, "runs/r")
+    assert "hunter2" not in str(info.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:hunter2@mlflow:5000")
+    assert secrets_again(cfg, saved, "runs/r") == "http://alice:hunter2@mlflow:5000"
+    assert secrets_again(cfg, "sqlite:///m.db", "runs/r") == "sqlite:///m.db"  # nothing masked: kept as saved

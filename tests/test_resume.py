@@ -177,6 +177,78 @@ def test_a_state_is_read_only_when_complete_and_intact(tmp_path, monkeypatch):
     assert path.name == state_name(2) and files["a/b.bin"] == b"\x02" * 10
     write_state(tmp_path, 3, {"run.json": b"{}"}, keep=2)
     assert [p.name for p in complete_states(tmp_path)] == [state_name(2), state_name(3)]
+    # the failed writes' half-written copies (a whole model and optimizer each) are gone with the next write
+    assert [p.name for p in (tmp_path / "resume").iterdir() if p.name.startswith(".")] == []
+
+
+def test_states_are_ordered_by_iteration_past_every_power_of_ten_and_a_missing_file_is_skipped(tmp_path):
+    """Would catch: states ordered by their names' text (it-10 before it-9: the newest pruned, an older one resumed
+    from), or a file deleted from the newest state crashing the resume instead of falling back to the one before."""
+    for it in (8, 9, 10, 99, 100):
+        write_state(tmp_path, it, {"run.json": json.dumps({"it": it}).encode(), "engine/w.bin": bytes([it % 256])},
+                    keep=3)
+    assert [p.name for p in complete_states(tmp_path)] == [state_name(10), state_name(99), state_name(100)]
+    assert json.loads(latest_state(tmp_path)[1]["run.json"]) == {"it": 100}
+    (tmp_path / "resume" / state_name(100) / "engine" / "w.bin").unlink()
+    warnings = []
+    path, files = latest_state(tmp_path, warn=warnings.append)
+    assert path.name == state_name(99) and files["engine/w.bin"] == bytes([99])
+    assert len(warnings) == 1 and "unreadable" in warnings[0] and state_name(100) in warnings[0]
+
+
+def test_rank_files_merge_into_one_state_and_tensors_round_trip_whatever_their_layout():
+    """Every learner rank hands over its files: shared ones (written by each rank alike) merge, a name two ranks
+    wrote differently is an error. Tensors saved into a state (RNG states, EMA) may be views: transposed, or several
+    sharing one buffer. Would catch: one rank's file silently replacing another's, identical shared files refused,
+    or a view failing to save (safetensors refuses non-contiguous and shared tensors)."""
+    import torch
+
+    from learner.resume import merge_rank_files, tensor_bytes, tensors_from
+
+    merged = merge_rank_files([{"run.json": b"{}", "engine/rank0.pt": b"0"},
+                               {"run.json": b"{}", "engine/rank1.pt": b"1"}])
+    assert merged == {"run.json": b"{}", "engine/rank0.pt": b"0", "engine/rank1.pt": b"1"}
+    with pytest.raises(RuntimeError, match="two learner ranks wrote different engine/rank0.pt"):
+        merge_rank_files([{"engine/rank0.pt": b"0"}, {"engine/rank0.pt": b"1"}])
+    base = torch.arange(12.0).reshape(3, 4)
+    tensors = {"transposed": base.t(), "row": base[1], "whole": base}
+    loaded = tensors_from(tensor_bytes(tensors))
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def test_the_config_fingerprint_ignores_the_folder_key_order_and_resumable_keys_only():
+    """Would catch: a run directory moved (or given as another path) refused as an edited config; a config.yaml
+    whose keys another tool re-ordered refused; an edit of what is computed accepted."""
+    from learner.config import load_config
+    from learner.resume import config_fingerprint
+    from tests.cli import SMOKE
+
+    cfg = load_config(SMOKE, ["run_dir=/runs/a"])
+    same = config_fingerprint(cfg)
+    assert config_fingerprint(load_config(SMOKE, ["run_dir=/elsewhere/b", "grpo.iterations=99"])) == same
+    data = cfg.model_dump(mode="json")
+    assert config_fingerprint(dict(reversed([(k, dict(reversed(v.items())) if isinstance(v, dict) else v)
+                                             for k, v in data.items()]))) == same
+    assert config_fingerprint(load_config(SMOKE, ["run_dir=/runs/a", "seed=1"])) != same
+
+
+def test_resume_keeps_the_runs_mode(tmp_path):
+    """Would catch: --resume RUN --mode grpo on a pretraining run continuing it as another mode."""
+    from learner.config import ConfigError, dump_config, load_config
+    from learner.resume import open_resume, release_run_dirs
+    from tests.cli import SMOKE
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(dump_config(load_config(SMOKE, [f"run_dir={run_dir}"])))
+    (run_dir / "run.json").write_text(json.dumps({"mode": "pretrain", "mlflow_run_id": "r",
+                                                  "mlflow_tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"}))
+    try:
+        with pytest.raises(ConfigError, match="this is a pretrain run; drop --mode grpo"):
+            open_resume(str(run_dir), [], "grpo")
+        assert open_resume(str(run_dir), [], "pretrain")[1].mode == "pretrain"
+    finally:
+        release_run_dirs()
 
 
 def test_best_folders_of_an_abandoned_tail_are_pruned_and_those_a_state_refers_to_kept(tmp_path):
@@ -298,6 +370,103 @@ def test_a_state_saved_before_the_resumable_bounds_were_added_still_resumes(tmp_
             open_resume(str(run_dir), [], None)
     finally:
         release_run_dirs()
+
+
+def test_a_bound_given_on_resume_is_kept_for_the_next_when_the_config_predates_the_bounds(tmp_path):
+    """A run whose config.yaml was written before session 37 (no bound keys) and whose run state was saved after
+    (hashed the new way): a bound given on resume is written into config.yaml like any resumable key. Would catch
+    such a run taken for one whose state hashed the bounds, the override forgotten by the next resume."""
+    from learner.config import dump_config, load_config
+    from learner.resume import RESUMABLE_KEYS, RESUMABLE_KEYS_BEFORE_BOUNDS, config_fingerprint, open_resume, \
+        release_run_dirs, rewrite_config
+    from tests.cli import SMOKE
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    data = yaml.safe_load(dump_config(load_config(SMOKE, [f"run_dir={run_dir}"])))
+    for key in RESUMABLE_KEYS[len(RESUMABLE_KEYS_BEFORE_BOUNDS):]:  # as that version wrote it: no bound keys
+        section, leaf = key.split(".")
+        data[section].pop(leaf)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    (run_dir / "run.json").write_text(json.dumps({"mode": "pretrain", "mlflow_run_id": "r",
+                                                  "mlflow_tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"}))
+    write_state(run_dir, 3, {"run.json": json.dumps({"config_fingerprint": config_fingerprint(data)}).encode()}, keep=2)
+    bound = ["actors.rollout_timeout_s=900"]
+    try:
+        _, resume = open_resume(str(run_dir), bound, None)
+        rewrite_config(run_dir, bound, resume.persistable)
+    finally:
+        release_run_dirs()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["actors"]["rollout_timeout_s"] == 900
+    try:
+        cfg, _ = open_resume(str(run_dir), [], None)  # the next resume: the bound kept, the config still matching
+        assert cfg.actors.rollout_timeout_s == 900
+    finally:
+        release_run_dirs()
+
+
+def test_a_pretraining_state_brings_back_both_random_streams_its_counters_and_its_card(tmp_path, monkeypatch):
+    """save_run_state / load_run_state without DeepSpeed (its engine files are stood in for). Would catch: the
+    pair/caption-dropout generator or torch's global RNG (dropout) not restored, the non-finite streak, the earlier
+    resumes or the wall time forgotten, or run.json's data_cursor counting whole batches with mirror pairs (each
+    step reads half a batch of new scenes)."""
+    import types
+
+    import torch
+
+    import learner.pretrain as pretrain
+    from learner.config import load_config
+    from learner.resume import config_fingerprint
+    from tests.cli import SMOKE
+
+    handed = {}
+    monkeypatch.setattr(pretrain, "engine_files", lambda engine: {"mp_rank_00_model_states.pt": b"weights"})
+    monkeypatch.setattr(pretrain, "load_engine_files", lambda engine, files: handed.update(files))
+    cfg = load_config(SMOKE, [f"run_dir={tmp_path}", "pretrain.mirror_pairs=true", "data.cursor=100"])
+    gen = torch.Generator().manual_seed(7)
+    torch.rand(3, generator=gen)
+    progress = {"iteration": 3, "loss": 0.5, "wall_time_s": 12.0, "resumed_at": [1], "nonfinite": [2, 1]}
+    path = pretrain.save_run_state(cfg, tmp_path, types.SimpleNamespace(run_id="run-1"), None, None, gen, progress)
+    expected_pairs, expected_global = torch.rand(4, generator=gen), torch.rand(4)
+    saved = json.loads((path / "run.json").read_text())
+    assert saved["data_cursor"] == 100 + 3 * 8 // 2 and saved["config_fingerprint"] == config_fingerprint(cfg)
+
+    torch.manual_seed(12345)  # a new process: other random states
+    fresh = torch.Generator().manual_seed(0)
+    restored = pretrain.load_run_state(latest_state(tmp_path)[1], None, None, fresh)
+    assert restored == progress and handed == {"mp_rank_00_model_states.pt": b"weights"}
+    assert torch.equal(torch.rand(4, generator=fresh), expected_pairs) and torch.equal(torch.rand(4), expected_global)
+    # The checkpoint exported beside a state says how far its training got, and from what.
+    card = pretrain.model_card(cfg, None, types.SimpleNamespace(run_id="run-1"), 3)
+    assert card["iterations"] == f"3 of {cfg.pretrain.iterations} (batch 8)" and card["base"].startswith("none")
+    assert pretrain.model_card(cfg, tmp_path / "base", types.SimpleNamespace(run_id="r"), 3)["base"] == \
+        str(tmp_path / "base")
+
+
+def test_engine_files_hold_deepspeeds_checkpoint_without_its_scripts_and_load_into_a_fresh_engine():
+    """A tiny model under ZeRO-2 on the CPU. Would catch: the recovery scripts DeepSpeed copies beside a ZeRO
+    checkpoint (zero_to_fp32.py) carried in every run state, or the files not restoring weights and optimizer."""
+    import torch
+
+    from learner.engine import build_engine, full_state_dict, init_distributed
+    from learner.resume import engine_files, load_engine_files
+
+    def engine(seed):
+        torch.manual_seed(seed)
+        init_distributed()
+        return build_engine(torch.nn.Linear(3, 2), lr=0.05, weight_decay=0.0, grad_clip=1.0, zero_stage=2,
+                            bf16=False, micro_batch=4)
+
+    trained = engine(0)
+    for _ in range(2):
+        loss = trained(torch.randn(4, 3)).pow(2).mean()
+        trained.backward(loss)
+        trained.step()
+    files = engine_files(trained)
+    assert files and not [name for name in files if name.endswith(".py")], sorted(files)
+    fresh = engine(1)
+    load_engine_files(fresh, files)
+    assert all(torch.equal(v, full_state_dict(trained)[k]) for k, v in full_state_dict(fresh).items())
 
 
 def test_a_run_dir_on_a_filesystem_without_locks_is_used_with_a_warning(tmp_path, monkeypatch, capsys):
