@@ -47,6 +47,16 @@ def timed_run(tree: Path, args: list[str], log: Path) -> dict[str, float]:
     return {"to_evaluation_s": to_mark, "loop_s": summary["wall_time_s"], "total_s": total}
 
 
+def label(tree: Path) -> str:
+    """The tree's commit (and whether it has uncommitted changes), or its path outside git."""
+    head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        return str(tree)
+    dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+
+
 def table(results: dict[str, list[dict[str, float]]]) -> str:
     def cell(values: list[float]) -> str:
         return f"{np.median(values):.1f} [{min(values):.1f}, {max(values):.1f}]"
@@ -77,7 +87,7 @@ def main() -> None:
         raise SystemExit(f"pretraining failed:\n{pre.stderr[-3000:]}")
     grpo = ["--mode", "grpo", *common, f"init_from={scratch / 'pretrain' / 'checkpoint'}", "grpo.iterations=1",
             "grpo.eval_every=0"]
-    results: dict[str, list[dict[str, float]]] = {str(t): [] for t in trees}
+    results: dict[str, list[dict[str, float]]] = {label(t): [] for t in trees}
     for repeat in range(a.repeats + 1):  # repeat 0: the warm-up, not counted
         for i, tree in enumerate(trees):
             name = f"r{repeat}-t{i}"
@@ -85,7 +95,7 @@ def main() -> None:
             print(f"{tree} run {repeat}{' (warm-up)' if repeat == 0 else ''}: " +
                   ", ".join(f"{k} {v:.1f}" for k, v in r.items()), flush=True)
             if repeat:
-                results[str(tree)].append(r)
+                results[label(tree)].append(r)
     text = table(results)
     print(text)
     if a.out:
