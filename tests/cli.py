@@ -25,6 +25,15 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 900) -> subpro
                           env={**os.environ, **(env or {})})
 
 
+def modules_loaded_by(module: str, names: tuple[str, ...]) -> list[str]:
+    """Which of `names` a fresh interpreter holds after importing `module`: what a Ray worker, which imports its actor's
+    or task's module first, pays at start."""
+    probe = f"import sys, {module}; print(','.join(m for m in {names!r} if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [m for m in proc.stdout.strip().split(",") if m]
+
+
 def last_line(proc: subprocess.CompletedProcess) -> str:
     lines = proc.stdout.strip().splitlines()
     assert lines, f"no output; stderr:\n{proc.stderr[-3000:]}"

@@ -39,12 +39,6 @@ def test_the_reward_actor_loads_no_model_library():
     no diffusion model) must not pull in diffusers or DeepSpeed (about 290 MB and 2.5 s of CPU each, paid by every
     reward actor while the run starts). Would catch a top-level import of the policy or the model in the modules the
     reward actor loads (actors.experience once imported the policy for a type in one signature)."""
-    import subprocess
-    import sys
+    from tests.cli import modules_loaded_by
 
-    from tests.cli import ROOT
-
-    probe = ("import sys, actors.reward; "
-             "print([m for m in ('diffusers', 'deepspeed', 'proxmodel.model') if m in sys.modules])")
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]
+    assert modules_loaded_by("actors.reward", ("diffusers", "deepspeed", "proxmodel.model")) == []

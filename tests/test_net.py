@@ -87,16 +87,10 @@ def test_the_rendezvous_task_loads_no_heavy_module_and_names_a_port_free_on_its_
     wait for the task: beside the learner that import was DeepSpeed and the model, about 17 s of a GRPO run's start
     on 2 cores (benchmarks/startup.py). Would catch the function moved back into a module that loads torch, or an
     address on which the port cannot be bound."""
-    import subprocess
-    import sys
-
     from learner.grpo_learner import rendezvous_address
-    from tests.cli import ROOT
+    from tests.cli import modules_loaded_by
 
-    probe = (f"import sys, {rendezvous_address.__module__}; "
-             "print([m for m in ('torch', 'deepspeed', 'diffusers') if m in sys.modules])")
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]
+    assert modules_loaded_by(rendezvous_address.__module__, ("torch", "deepspeed", "diffusers")) == []
     ip, port = rendezvous_address()
     with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET) as s:
         s.bind((ip, port))
