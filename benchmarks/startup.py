@@ -87,7 +87,8 @@ def main() -> None:
         raise SystemExit(f"pretraining failed:\n{pre.stderr[-3000:]}")
     grpo = ["--mode", "grpo", *common, f"init_from={scratch / 'pretrain' / 'checkpoint'}", "grpo.iterations=1",
             "grpo.eval_every=0"]
-    results: dict[str, list[dict[str, float]]] = {label(t): [] for t in trees}
+    labels = [label(t) for t in trees]  # once: a tree edited during the runs stays one row
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in labels}
     for repeat in range(a.repeats + 1):  # repeat 0: the warm-up, not counted
         for i, tree in enumerate(trees):
             name = f"r{repeat}-t{i}"
@@ -95,7 +96,7 @@ def main() -> None:
             print(f"{tree} run {repeat}{' (warm-up)' if repeat == 0 else ''}: " +
                   ", ".join(f"{k} {v:.1f}" for k, v in r.items()), flush=True)
             if repeat:
-                results[label(tree)].append(r)
+                results[labels[i]].append(r)
     text = table(results)
     print(text)
     if a.out:

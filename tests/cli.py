@@ -31,7 +31,8 @@ def modules_loaded_by(module: str, names: tuple[str, ...]) -> list[str]:
     probe = f"import sys, {module}; print(','.join(m for m in {names!r} if m in sys.modules))"
     proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return [m for m in proc.stdout.strip().split(",") if m]
+    last = "".join(proc.stdout.strip().splitlines()[-1:])  # the probe's line, after anything an import printed
+    return [m for m in last.split(",") if m]
 
 
 def last_line(proc: subprocess.CompletedProcess) -> str:
