@@ -182,7 +182,7 @@ class RewardClient:
                     result = ray.get(ready[0])
                 except ray.exceptions.RayTaskError as e:
                     if isinstance(e.cause, (ValueError, KeyError, TypeError)):
-                        cancel(running)
+                        drop_undelivered(running)
                         # the reward's own code refused its input: every actor would raise the same, so no retry
                         raise RuntimeError(f"reward scoring raised {type(e.cause).__name__}: {e.cause}") from None
                     log.warning("reward actor failed (%s); trying another", type(e.cause).__name__)  # OOM, a GPU fault
@@ -192,13 +192,13 @@ class RewardClient:
                     log.warning("reward actor failed (%s); trying another", type(e).__name__)
                     errors.append(f"{type(e).__name__}: {e}")
                     continue
-                cancel(running)
+                drop_undelivered(running)
                 return result
-        cancel(running)
+        drop_undelivered(running)
         raise RuntimeError(f"all {self.retries + 1} reward attempts failed: {errors}")
 
 
-def cancel(attempts) -> None:
+def drop_undelivered(attempts) -> None:
     """Drops the attempts not yet delivered to an actor (e.g. one queued for a restarting actor); one already
     delivered still runs, unused: Ray cannot cancel a sync actor's call."""
     for ref in attempts:
