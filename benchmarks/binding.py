@@ -9,7 +9,9 @@ the background; an object's colour in its stated quadrant (or, with no position 
 and its size where its colour was found; and the whole verifier on one-object and multi-object captions apart. The
 same checks against another held-out prompt's caption (prompt i + 1's, on prompt i's images) are the chance level:
 what a sampler that ignored its caption would score. The difference, paired per prompt, is what the caption makes the
-model do. Then a paired check of the place word alone
+model do. On the captions that state two colours at two places, how often both colours are at their own places
+against at each other's (`colour_binding`: equal rates mean the colours are placed but not bound to their places).
+Then a paired check of the place word alone
 (`place_effect`): single-object captions drawn at each of the four places with the same noises, scored by the
 colour's share in the stated quadrant (0.25 if the word is ignored). 95% bootstrap intervals over prompts (over
 captions for the place check). `--against CKPT` samples the same prompts and noises with a second model and adds
@@ -115,6 +117,38 @@ def check_table(own: dict, control: dict, other: dict | None = None, other_name:
     return rows, against_rows, results
 
 
+def bound_pair(caption: str):
+    """The two objects of a caption that states two colours at two places ((a, b)), else None: the captions on
+    which a model's colours can be bound to their places or swapped."""
+    objects = parse_caption(caption).objects
+    if len(objects) != 2:
+        return None
+    a, b = objects
+    if not (a.position and b.position) or a.position == b.position or a.colour == b.colour:
+        return None
+    return a, b
+
+
+def colour_binding(images: np.ndarray, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Is each colour drawn where its caption puts it, or at the other object's place? For every caption stating
+    two colours at two places (bound_pair), the share of its images [prompts, seeds, 3, H, W] with both colours
+    at their own stated places (own) and with each at the other's (swapped), nan for other captions. A model that
+    places the colours and ignores which goes where scores own = swapped; one that binds them, own > swapped."""
+    own, swapped = np.full(len(captions), np.nan), np.full(len(captions), np.nan)
+
+    def found(image, colour, place):
+        return verify(image, Scene(None, (SceneObject(colour, None, None, place),))) > 0
+
+    for i, caption in enumerate(captions):
+        pair = bound_pair(caption)
+        if pair is None:
+            continue
+        a, b = pair
+        own[i] = np.mean([found(x, a.colour, a.position) and found(x, b.colour, b.position) for x in images[i]])
+        swapped[i] = np.mean([found(x, a.colour, b.position) and found(x, b.colour, a.position) for x in images[i]])
+    return own, swapped
+
+
 def quadrant_shares(images: np.ndarray, colour: str) -> dict[str, float]:
     """Of the pixels of images [N, 3, H, W] whose palette class (the verifier's `classify`) is `colour`, the
     fraction in each quadrant (nan if there are none). 1 in the caption's quadrant: obeyed; 0.25 each: anywhere."""
@@ -193,13 +227,29 @@ def main() -> None:
     model, images = sample(args.init)
     own = per_prompt(images, captions)
     control = per_prompt(images, captions[1:] + captions[:1])
-    other = per_prompt(sample(args.against)[1], captions) if args.against else None
+    other_images = sample(args.against)[1] if args.against else None
+    other = per_prompt(other_images, captions) if args.against else None
 
     rows, against_rows, results = check_table(own, control, other, args.against)
     results["verifier by objects stated"] = split = by_objects(own["verifier (all attributes)"], captions)
     place = "\n\nThe verifier by how many objects the caption states (every prompt of each kind): " + "; ".join(
         f"{label} ({kind['prompts']} prompts) {kind['mean']:.3f} [{kind['ci_low']:.3f}, {kind['ci_high']:.3f}]"
         for label, kind in split.items() if kind["prompts"]) + "."
+    bound, swapped = colour_binding(images, captions)
+    kept, binding = paired(bound, swapped)
+    if binding is not None:
+        results["colour binding"] = {"prompts": int(kept.sum()), "own": bootstrap_ci(bound[kept]).as_dict(),
+                                     "swapped": bootstrap_ci(swapped[kept]).as_dict(), "own_minus_swapped":
+                                     binding.as_dict()}
+        place += (f"\n\nIs each colour drawn at its own place or at the other's? On the {int(kept.sum())} captions "
+                  f"stating two colours at two places: both colours at their own places {bootstrap_ci(bound[kept])}, "
+                  f"each at the other's place {bootstrap_ci(swapped[kept])}, own minus swapped {signed(binding)} "
+                  "(0: the colours are placed, but which goes where is chance).")
+        if other_images is not None:
+            other_bound, other_swapped = colour_binding(other_images, captions)
+            _, against = paired(bound - swapped, other_bound - other_swapped)
+            results["colour binding"]["against"] = {"init": args.against, "difference": against.as_dict()}
+            place += f" Own minus swapped, this model minus `{args.against}`, paired: {signed(against)}."
     if args.place_noises:
         stated, control, halves = place_effect(
             lambda caps, seed: generate(model, caps, args.steps, seed, guidance=args.guidance).numpy(), args.place_noises)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from binding import CHECKS, by_objects, check_table, paired, place_effect, quadrant_shares  # noqa: E402
+from binding import (CHECKS, bound_pair, by_objects, check_table, colour_binding, paired,  # noqa: E402
+                     place_effect, quadrant_shares)
 
 from rewards.scenes import POSITIONS, Scene, SceneObject, parse_caption, render  # noqa: E402
 
@@ -133,3 +134,38 @@ def test_a_runs_gain_is_split_by_how_many_objects_each_caption_states(tmp_path):
     assert "| -0.100 [-0.100, -0.100] (2) | +0.100 [" in text
     with pytest.raises(SystemExit, match="same seed order"):  # another start (or seed) is not a pair
         change_by_objects(scores, "total", dict(other, before={"total": (before + 0.01).tolist()}))
+
+
+def test_colour_binding_tells_bound_colours_from_colours_placed_at_random():
+    """binding.py's colour binding (the base places two stated colours at their own places as often as at each
+    other's: chance): a renderer that binds scores own 1, swapped 0; one that swaps, 0 and 1; one that alternates,
+    0.5 and 0.5. Would catch the swapped check reading the own places (or the own the swapped), or a caption
+    without two stated places counted."""
+    captions = ["a red circle at the top left and a blue square at the bottom right",
+                "a large green triangle at the top right and a small cyan circle at the bottom left, on a white background",
+                "a red circle at the top left and a blue square",  # one place stated
+                "a red circle at the top left and a red square at the bottom right",  # one colour
+                "a red circle at the top left"]
+    assert [bound_pair(c) is not None for c in captions] == [True, True, False, False, False]
+
+    def draw(swap_when):
+        images = []
+        for caption in captions:
+            scene = parse_caption(caption)
+            row = []
+            for k in range(4):
+                objects = list(scene.objects)
+                if len(objects) == 2 and objects[0].position and objects[1].position and swap_when(k):
+                    a, b = objects
+                    objects = [SceneObject(a.colour, a.shape, "large", b.position),
+                               SceneObject(b.colour, b.shape, "large", a.position)]
+                placed = [SceneObject(o.colour, o.shape, "large", o.position or "bottom right") for o in objects]
+                row.append(render(Scene("black", tuple(placed)), SIDE))
+            images.append(np.stack(row))
+        return np.stack(images)
+
+    for swap_when, own, swapped in ((lambda k: False, 1.0, 0.0), (lambda k: True, 0.0, 1.0),
+                                    (lambda k: k % 2 == 1, 0.5, 0.5)):
+        bound, crossed = colour_binding(draw(swap_when), captions)
+        assert np.allclose(bound[:2], own) and np.allclose(crossed[:2], swapped)
+        assert np.isnan(bound[2:]).all() and np.isnan(crossed[2:]).all()
