@@ -82,7 +82,8 @@ class ScenesSource:
         self.cfg, self.size = cfg, size
 
     def batch(self, cursor: int, count: int) -> tuple[torch.Tensor, list[str]]:
-        images, captions = scene_batch(self.cfg.seed, cursor, count, self.size, self.cfg.omit_prob)
+        images, captions = scene_batch(self.cfg.seed, cursor, count, self.size, self.cfg.omit_prob,
+                                       self.cfg.binding_share)
         return torch.from_numpy(images) * 2.0 - 1.0, captions
 
     def eval_prompts(self, count: int) -> list[str]:

@@ -91,6 +91,25 @@ def random_scene(rng: np.random.Generator, omit_prob: float = 0.0) -> tuple[Scen
     return full, stated
 
 
+def bound_scene(rng: np.random.Generator, omit_prob: float = 0.0) -> tuple[Scene, Scene]:
+    """A scene of two objects of two colours, each at a quadrant its caption states: the captions whose images
+    show which colour goes where (random_scene draws them about one time in five; a base trained on that stream
+    places the two colours at random). Size and background are left out of the caption as random_scene does."""
+    quadrants = rng.permutation(len(POSITIONS))[:2]
+    colours = rng.permutation(len(OBJECT_COLOURS))[:2]
+    background = str(rng.choice(list(BACKGROUNDS)))
+    objects = tuple(SceneObject(colour=list(OBJECT_COLOURS)[c], shape=str(rng.choice(SHAPES)),
+                                size=str(rng.choice(SIZES)), position=POSITIONS[q])
+                    for c, q in zip(colours, quadrants))
+
+    def keep(value: str) -> Optional[str]:
+        return None if rng.random() < omit_prob else value
+
+    stated = Scene(background=keep(background),
+                   objects=tuple(SceneObject(o.colour, o.shape, keep(o.size), o.position) for o in objects))
+    return Scene(background=background, objects=objects), stated
+
+
 def near_miss(caption: str, rng: np.random.Generator) -> str:
     """The caption with one stated attribute changed, or two objects' colours or shapes swapped: a caption that
     differs from the image's own only in what binds a word to an object. Scored on one image, such captions teach
@@ -199,12 +218,16 @@ def parse_caption(caption: str) -> Scene:
     return Scene(background=background, objects=tuple(objects))
 
 
-def scene_batch(seed: int, start: int, count: int, side: int, omit_prob: float = 0.3) -> tuple[np.ndarray, list[str]]:
-    """Images [count, 3, side, side] in [0, 1] and captions of scenes start..start+count-1 of stream `seed`."""
+def scene_batch(seed: int, start: int, count: int, side: int, omit_prob: float = 0.3,
+                binding_share: float = 0.0) -> tuple[np.ndarray, list[str]]:
+    """Images [count, 3, side, side] in [0, 1] and captions of scenes start..start+count-1 of stream `seed`; with
+    `binding_share` p, each is a bound_scene with chance p (drawn from the scene's own rng: the stream stays a pure
+    function of (seed, index), and is the same as before for p = 0)."""
     images, captions = [], []
     for index in range(start, start + count):
         rng = np.random.default_rng([seed, index])
-        full, stated = random_scene(rng, omit_prob)
+        draw = bound_scene if binding_share and rng.random() < binding_share else random_scene
+        full, stated = draw(rng, omit_prob)
         images.append(render(full, side, rng))
         captions.append(stated.caption())
     return np.stack(images), captions

@@ -283,6 +283,23 @@ def test_data_config_needs_a_path_for_files():
     assert np.isclose(DataConfig(kind="digits").holdout, 0.1)
 
 
+def test_binding_share_is_for_the_synthetic_scenes_and_reaches_their_batches():
+    """data.binding_share draws scenes: with files it would be silently ignored, so it is refused; with scenes it
+    changes the training batches (here all bound: two colours at two stated places) and not the evaluation
+    captions. Would catch the source not passing it on, or the evaluation prompts drawn with it."""
+    with pytest.raises(ValueError, match="binding_share"):
+        DataConfig(kind="digits", binding_share=0.5)
+    from rewards.scenes import parse_caption
+
+    plain = build_source(DataConfig(kind="scenes"), 32, 3)
+    bound = build_source(DataConfig(kind="scenes", binding_share=1.0), 32, 3)
+    _, captions = bound.batch(0, 40)
+    assert all(len(parse_caption(c).objects) == 2 and all(o.position for o in parse_caption(c).objects)
+               for c in captions)
+    assert captions != plain.batch(0, 40)[1]
+    assert bound.eval_prompts(16) == plain.eval_prompts(16)
+
+
 def test_mirror_pairs_put_each_scene_beside_its_mirror_under_the_mirrored_caption():
     """pretrain.mirror_pairs: the second of each pair is the first flipped left-right, and the verifier scores it
     under its caption as the first under its own (an exact symmetry), while the first under the second's caption

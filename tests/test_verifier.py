@@ -6,8 +6,8 @@ import torch
 
 from rewards import build
 from rewards.compositional import PALETTE, PALETTE_NAMES, count_objects, soft_verify, verify
-from rewards.scenes import (Scene, SceneObject, mirror_caption, near_miss, parse_caption, random_scene, render,
-                           scene_batch, scene_prompts)
+from rewards.scenes import (Scene, SceneObject, bound_scene, mirror_caption, near_miss, parse_caption, random_scene,
+                           render, scene_batch, scene_prompts)
 
 SEEDS = 300
 
@@ -511,3 +511,31 @@ def test_the_contrastive_verifier_takes_the_strict_thresholds_when_asked():
     assert torch.equal(strict.score(images, captions), lenient.score(images, captions))
     assert float(lenient.score(tinted, captions).mean()) > 0.7
     assert float(strict.score(tinted, captions).mean()) < float(lenient.score(tinted, captions).mean()) - 0.3
+
+
+def test_binding_scenes_state_two_colours_at_two_places_and_their_share_leaves_the_stream_a_function_of_its_index():
+    """data.binding_share (scene_batch's binding_share): a bound scene has two objects of two colours at two
+    quadrants its caption states, and renders to what its caption says; with share 0 the stream is the ordinary
+    one, with share p about p of it (plus the ordinary stream's own ~1 in 5) is bound, and any slice of it is the
+    same scenes. Would catch a bound scene leaving a place unstated or repeating a colour (its colours could not be
+    told apart), the share ignored or inverted, or a draw that depends on the batch rather than the index."""
+    def bound(caption):
+        objects = parse_caption(caption).objects
+        return (len(objects) == 2 and all(o.position for o in objects) and len({o.position for o in objects}) == 2
+                and len({o.colour for o in objects}) == 2)
+
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        full, stated = bound_scene(rng, omit_prob=0.3)
+        assert bound(stated.caption())
+        assert verify(render(full, 32, rng), stated) == 1.0
+    ordinary, captions = scene_batch(3, 0, 400, 32, omit_prob=0.3)
+    plain = [random_scene(np.random.default_rng([3, i]), 0.3)[1].caption() for i in range(400)]
+    assert captions == plain and scene_batch(3, 0, 400, 32, 0.3, binding_share=0.0)[1] == plain
+    share = np.mean([bound(c) for c in plain])
+    assert 0.12 < share < 0.28  # the ordinary stream: two objects 1/2, two places 0.49, two colours 5/6
+    images, mixed = scene_batch(3, 0, 400, 32, 0.3, binding_share=0.5)
+    assert 0.5 + 0.5 * share - 0.08 < np.mean([bound(c) for c in mixed]) < 0.5 + 0.5 * share + 0.08
+    assert all(bound(c) for c in scene_batch(3, 0, 50, 32, 0.3, binding_share=1.0)[1])
+    part_images, part = scene_batch(3, 100, 50, 32, 0.3, binding_share=0.5)
+    assert part == mixed[100:150] and np.array_equal(part_images, images[100:150])
