@@ -142,7 +142,8 @@ def test_colour_binding_tells_bound_colours_from_colours_placed_at_random():
     0.5 and 0.5. Would catch the swapped check reading the own places (or the own the swapped), or a caption
     without two stated places counted."""
     captions = ["a red circle at the top left and a blue square at the bottom right",
-                "a large green triangle at the top right and a small cyan circle at the bottom left, on a white background",
+                "a large green triangle at the top right and a small cyan circle at the bottom left, on a white "
+                "background",
                 "a red circle at the top left and a blue square",  # one place stated
                 "a red circle at the top left and a red square at the bottom right",  # one colour
                 "a red circle at the top left"]
