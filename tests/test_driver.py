@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from learner.config import load_config
@@ -131,3 +132,120 @@ def test_memory_metrics_report_the_largest_process_of_each_role():
     out = memory_metrics({"learner": [{"rss_mb": 900.0, "gpu_mb": 10.0}, {"rss_mb": 1500.0, "gpu_mb": 30.0}],
                           "rollout": [{"rss_mb": 700.0}, {"rss_mb": 650.0}], "reward": []})
     assert out == {"memory/learner_rss_mb": 1500.0, "memory/learner_gpu_mb": 30.0, "memory/rollout_rss_mb": 700.0}
+
+
+def counted_evaluations(run) -> list[int]:
+    """Replace run.evaluate by one that records the steps it is asked for."""
+    done = []
+    run.evaluate = lambda step: done.append(step) or {"total": np.ones((4, 2))}
+    return done
+
+
+def test_the_schedule_leaves_the_last_evaluation_to_finish_and_eval_every_0_schedules_none(tmp_path):
+    """finish() evaluates the final weights; the schedule evaluating them too would double the final evaluation's
+    time and log a second grid at that step. Would catch `step > iterations`, and eval_every 0 (start and end only)
+    reaching `step % eval_every` (ZeroDivisionError)."""
+    run = bare_run(tmp_path, "grpo.eval_every=2", "grpo.iterations=6")
+    done = counted_evaluations(run)
+    for step in range(1, 7):
+        run.scheduled_evaluation(step)
+    assert done == [2, 4]
+    run = bare_run(tmp_path, "grpo.eval_every=0", "grpo.iterations=6")
+    done = counted_evaluations(run)
+    for step in range(1, 7):
+        run.scheduled_evaluation(step)
+    assert done == []
+
+
+def test_a_scheduled_evaluation_exports_a_best_only_with_stop_on_hacking_and_trained_weights(tmp_path):
+    """Without stop_on_hacking no best-it* folder is exported (the summary's checkpoint is the last one); before the
+    first update (every group of the first iterations dropped) the weights are the start's, already the best, and
+    there is no published state to export. Would catch either half of the condition dropped."""
+    kept = []
+
+    def scheduled(*overrides, state):
+        run = bare_run(tmp_path, "grpo.eval_every=1", "grpo.iterations=4", *overrides)
+        counted_evaluations(run)
+        run.state, run.from_learners = state, lambda refs: refs
+        run.keep_if_best = lambda step, scores, state=None, saved=None: kept.append((step, state))
+        run.scheduled_evaluation(2)
+
+    scheduled("grpo.stop_on_hacking=true", state=None)
+    scheduled(state="published")
+    assert kept == []
+    scheduled("grpo.stop_on_hacking=true", state="published")
+    assert kept == [(2, "published")]
+
+
+def fake_clock(monkeypatch, tick: float = 0.0) -> list[float]:
+    """learner.grpo's clock as a list the test advances (time.time and time.perf_counter read it); each reading
+    also advances it by `tick`."""
+    import learner.grpo
+
+    now = [1000.0]
+
+    def read():
+        now[0] += tick
+        return now[0] - tick
+
+    monkeypatch.setattr(learner.grpo, "time", SimpleNamespace(time=read, perf_counter=read, sleep=lambda s: None))
+    return now
+
+
+def test_the_evaluation_time_sums_every_scheduled_evaluation(tmp_path, monkeypatch):
+    """progress.eval_time_s is what time_limit_s and samples_per_s leave out: every evaluation's time, summed (and
+    saved in the run state). Would catch it overwritten by the latest evaluation's or not counted."""
+    now = fake_clock(monkeypatch)
+    run = bare_run(tmp_path, "grpo.eval_every=1", "grpo.iterations=4")
+
+    def evaluate(step):
+        now[0] += 3.0
+        return {}
+
+    run.evaluate = evaluate
+    for step in (1, 2, 3):
+        run.scheduled_evaluation(step)
+    assert run.progress.eval_time_s == 9.0
+    assert [(step, v["eval_s"]) for step, v in run.tracker.logged] == [(1, 3.0), (2, 3.0), (3, 3.0)]
+
+
+def stepping_run(tmp_path, *overrides, groups=2, nonfinite=0):
+    """bare_run whose step() runs on stand-ins: one rollout result of `groups` groups, a learner rank whose train
+    reports `nonfinite` skipped steps in a row, a publication of version 1."""
+    from collections import deque
+
+    run = bare_run(tmp_path, *overrides)
+    run.in_flight = deque([["rollout call"]])
+    run.wait_rollouts = lambda calls: [{"groups": groups, "dropped": 2 - groups, "sample_s": 1.0, "reward_s": 1.0,
+                                        "threads": 1, "memory": {"rss_mb": 1.0}}]
+    run.from_weight_updates = lambda: None
+    trained = {"stream_duplicates": 0, "memory": {"rss_mb": 1.0}, "reward_mean": 0.5, "groups_trained": groups,
+               "nonfinite_updates": nonfinite, "nonfinite_in_a_row": nonfinite}
+    run.learners = SimpleNamespace(call=lambda name, *a, num_returns=1: [dict(trained)] if name == "train"
+                                   else [("state", 1)])
+    run.from_learners = lambda refs: refs
+    run.rollouts = [SimpleNamespace(set_weights=SimpleNamespace(remote=lambda state, version: None))]
+    run.streams = [SimpleNamespace(trim=lambda: 0, server_memory_mb=lambda: None)]
+    run.duplicates = run.trimmed = 0
+    return run
+
+
+def test_the_evaluation_due_after_an_iteration_that_trained_nothing_still_runs(tmp_path):
+    """An iteration whose every group was dropped returns early; the schedule must hold all the same (unit-level
+    twin of the slow tests/test_custom_reward.py run). Would catch the early return skipping it."""
+    run = stepping_run(tmp_path, "grpo.eval_every=2", "grpo.iterations=4", groups=0)
+    done = counted_evaluations(run)
+    assert run.step(1) is None
+    assert done == [2] and run.progress.dropped == 2
+
+
+def test_the_run_stops_at_exactly_max_nonfinite_updates_skipped_in_a_row(tmp_path):
+    """grpo.max_nonfinite_updates is how many skipped steps in a row stop the run: that many stop it, one fewer does
+    not. Would catch `>` (one more NaN step than configured)."""
+    from learner.faults import RunFailed
+
+    run = stepping_run(tmp_path, "grpo.max_nonfinite_updates=2", "grpo.eval_every=0", nonfinite=1)
+    assert run.step(0)["nonfinite_in_a_row"] == 1
+    run = stepping_run(tmp_path, "grpo.max_nonfinite_updates=2", "grpo.eval_every=0", nonfinite=2)
+    with pytest.raises(RunFailed, match="grpo.max_nonfinite_updates"):
+        run.step(0)
