@@ -249,3 +249,112 @@ def test_the_run_stops_at_exactly_max_nonfinite_updates_skipped_in_a_row(tmp_pat
     run = stepping_run(tmp_path, "grpo.max_nonfinite_updates=2", "grpo.eval_every=0", nonfinite=2)
     with pytest.raises(RunFailed, match="grpo.max_nonfinite_updates"):
         run.step(0)
+
+
+def looping_run(tmp_path, *overrides, on_step=None):
+    """bare_run whose loop (GrpoRun.iterate, the real one) drives stand-ins: launch, step, drain and save record what
+    they are asked in run.log; step returns on_step(it) (default: trained metrics, reward_mean = it)."""
+    from collections import deque
+
+    run = bare_run(tmp_path, *overrides)
+    run.in_flight, run.saved_at, run.steady, run.log = deque(), None, True, []
+    run.use_layout = lambda layout: None
+    run.launch = lambda it: run.log.append(("launch", it)) or [it]
+
+    def step(it):
+        assert run.in_flight.popleft() == [it]  # iterations are trained in order, each from its own rollouts
+        run.log.append(("step", it))
+        return on_step(it) if on_step else {"groups_trained": 2, "reward_mean": float(it)}
+
+    def drain():
+        run.log.append(("drain", [c[0] for c in run.in_flight]))
+        run.in_flight.clear()
+
+    def save():
+        run.log.append(("save", run.progress.iteration))
+        run.saved_at = run.progress.iteration
+
+    run.step, run.drain, run.save = step, drain, save
+    return run
+
+
+def test_the_loop_trains_each_iteration_once_and_saves_every_checkpoint_every_and_at_the_end(tmp_path):
+    """Would catch a run state written off the checkpoint_every multiples, none at the end (a finished run that
+    cannot be resumed into finish()), or no rollout launched in a synchronous run."""
+    run = looping_run(tmp_path, "grpo.iterations=5", "grpo.checkpoint_every=2", "grpo.eval_every=0")
+    out = run.iterate()
+    assert [e for e in run.log if e[0] != "launch"] == [
+        ("step", 0), ("step", 1), ("save", 2), ("step", 2), ("step", 3), ("save", 4), ("step", 4), ("save", 5)]
+    assert [e[1] for e in run.log if e[0] == "launch"] == [0, 1, 2, 3, 4]
+    assert out["iterations"] == 5 and out["history"] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_an_async_loop_runs_ahead_by_max_staleness_but_never_past_the_last_iteration(tmp_path):
+    """Would catch a rollout launched for an iteration the run never trains (its groups left in the stream)."""
+    run = looping_run(tmp_path, "grpo.iterations=4", "grpo.max_staleness=1", "grpo.async_probe=0",
+                      "grpo.checkpoint_every=0", "grpo.eval_every=0")
+    run.iterate()
+    assert [e for e in run.log if e[0] in ("launch", "step")] == [
+        ("launch", 0), ("launch", 1), ("step", 0), ("launch", 2), ("step", 1), ("launch", 3), ("step", 2), ("step", 3)]
+
+
+def test_a_run_that_looks_hacked_drains_the_rollouts_in_flight_and_stops_there(tmp_path):
+    """stop_on_hacking: the iteration whose evaluation looked hacked is the last trained; the rollouts already
+    launched are drained (acknowledged untrained: finish() refuses pending entries), and the run state at the end
+    is that iteration's. Would catch the drain skipped or the loop going on training a hacked policy."""
+    def on_step(it):
+        if it == 1:
+            run.hacked = ["held-out check fell"]
+        return {"groups_trained": 2, "reward_mean": float(it)}
+
+    run = looping_run(tmp_path, "grpo.iterations=6", "grpo.max_staleness=1", "grpo.async_probe=0",
+                      "grpo.checkpoint_every=0", "grpo.eval_every=1", "grpo.stop_on_hacking=true", on_step=on_step)
+    out = run.iterate()
+    assert [e for e in run.log if e[0] != "launch"] == [("step", 0), ("step", 1), ("drain", [2]), ("save", 2)]
+    assert out["iterations"] == 2 and not run.in_flight
+
+
+def test_a_resumed_run_that_had_stopped_on_hacking_trains_no_further(tmp_path):
+    """A run state written as the run stopped on hacking (or one before the stop, replayed to it) resumes into
+    finish(), not into more training of the hacked policy. Would catch the check at the loop's top dropped."""
+    run = looping_run(tmp_path, "grpo.iterations=6", "grpo.eval_every=1", "grpo.stop_on_hacking=true")
+    run.progress.iteration, run.progress.history, run.saved_at = 3, [0.1, 0.2, 0.3], 3
+    run.hacked = ["held-out check fell"]
+    out = run.iterate()
+    assert run.log == [] and out["iterations"] == 3
+
+
+def test_an_iteration_that_trained_nothing_counts_but_adds_no_reward_and_a_run_of_them_fails(tmp_path):
+    """An iteration whose every group was dropped (step returns None) is counted, with no reward in the history
+    (reward_first/last and the windows are of trained iterations); a run where none trained fails saying so rather
+    than writing a summary of nothing. Would catch None appended (TypeError) or the all-dropped check dropped."""
+    run = looping_run(tmp_path, "grpo.iterations=3", "grpo.eval_every=0", "grpo.checkpoint_every=0",
+                      on_step=lambda it: None if it == 1 else {"groups_trained": 2, "reward_mean": float(it)})
+    out = run.iterate()
+    assert out["iterations"] == 3 and out["history"] == [0.0, 2.0]
+    run = looping_run(tmp_path, "grpo.iterations=2", "grpo.eval_every=0", on_step=lambda it: None)
+    with pytest.raises(RuntimeError, match="every group of every iteration was dropped"):
+        run.iterate()
+
+
+def test_the_time_limit_counts_training_only_and_lets_at_least_one_iteration_run(tmp_path, monkeypatch):
+    """Each iteration trains for 1 s and is then evaluated for 10 s (progress.eval_time_s): with time_limit_s 3.5
+    the loop launches while the training time is under it (iterations 0..3), and logs iteration_s without the
+    evaluation. A limit already past still trains one iteration. Would catch the evaluations counted against the
+    limit (1 iteration) or in iteration_s, and a run with nothing trained."""
+    now = fake_clock(monkeypatch)
+
+    def on_step(it):
+        now[0] += 1.0
+        run.progress.eval_time_s += 10.0
+        now[0] += 10.0
+        return {"groups_trained": 2, "reward_mean": float(it)}
+
+    run = looping_run(tmp_path, "grpo.iterations=10", "grpo.time_limit_s=3.5", "grpo.eval_every=1",
+                      "grpo.checkpoint_every=0", on_step=on_step)
+    assert run.iterate()["iterations"] == 4
+    assert [v["iteration_s"] for _, v in run.tracker.logged] == [1.0] * 4
+    fake_clock(monkeypatch, tick=1.0)  # every reading of the clock a second later: the limit is past at once
+    run = looping_run(tmp_path, "grpo.iterations=10", "grpo.time_limit_s=0.5", "grpo.eval_every=0",
+                      "grpo.checkpoint_every=0")
+    assert run.iterate()["iterations"] == 1
