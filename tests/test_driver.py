@@ -28,6 +28,12 @@ class Tracker:
     def table(self, *a):
         pass
 
+    def artifact(self, *a):
+        pass
+
+    def folder(self, *a):
+        pass
+
 
 def bare_run(tmp_path, *overrides):
     from learner.grpo import GrpoRun, Progress
@@ -358,3 +364,93 @@ def test_the_time_limit_counts_training_only_and_lets_at_least_one_iteration_run
     run = looping_run(tmp_path, "grpo.iterations=10", "grpo.time_limit_s=0.5", "grpo.eval_every=0",
                       "grpo.checkpoint_every=0")
     assert run.iterate()["iterations"] == 1
+
+
+def finishing_run(tmp_path, monkeypatch, *overrides, after=0.9):
+    """bare_run whose finish() (the real one) runs on stand-ins: the published weights saved as an empty folder,
+    every evaluation recorded in run.evaluated and scoring `after` everywhere, from a start that scored 0.5 (the best
+    so far, at tmp_path/start); compositional_strict is a held-out check."""
+    import learner.grpo
+
+    def save_state(state, cfg, folder, card=None):
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    monkeypatch.setattr(learner.grpo, "save_state", save_state)
+    monkeypatch.setattr(learner.grpo, "write_card", lambda *a: None)
+    run = bare_run(tmp_path, "grpo.check_rewards=[compositional_strict]", *overrides)
+    run.learners = SimpleNamespace(call=lambda name, num_returns=1: [("state", 1)])
+    run.from_learners = lambda refs: refs
+    run.plain_state, run.model_cfg, run.devices = (lambda state: state), None, (lambda: {})
+    run.streams = [SimpleNamespace(length=lambda: 0, pending=lambda: 0, key="k")]
+    run.trimmed, run.duplicates, run.use_layout = 6, 0, lambda layout: None
+    names = ("compositional", "jpeg_compressibility", "compositional_strict", "total")
+    run.before = {name: np.full((4, 2), 0.5) for name in names}
+    run.best, run.last_evaluation, run.base_monitors, run.monitors = (0, 0.5, tmp_path / "start"), None, {}, {}
+    run.evaluated = []
+
+    def evaluate(step):
+        run.evaluated.append(step)
+        (tmp_path / "samples").mkdir(exist_ok=True)
+        (tmp_path / "samples" / f"step{step:05d}.png").write_bytes(b"png")
+        return {name: np.full((4, 2), after) for name in names}
+
+    run.evaluate = evaluate
+    return run
+
+
+LOOP = {"iterations": 10, "history": [float(i) for i in range(1, 11)], "wall_time_s": 20.0, "eval_time_s": 8.0,
+        "written": 12, "dropped": 0, "resumed_at": []}
+
+
+def test_the_summary_names_the_best_clean_checkpoint_the_final_one_included(tmp_path, monkeypatch):
+    """stop_on_hacking: the final evaluation competes for the best (here it beats the start, so the final weights
+    are the checkpoint to use); one below the start leaves the start's. Without stop_on_hacking the checkpoint to use
+    is the last one. Would catch the final evaluation left out of the choice, or the best used without
+    stop_on_hacking (the start's weights named as the run's result)."""
+    final = (tmp_path / "checkpoint").resolve()
+    out = finishing_run(tmp_path, monkeypatch, "grpo.stop_on_hacking=true", after=0.9).finish(dict(LOOP))
+    assert out["checkpoint"] == out["last_checkpoint"] == str(final)
+    assert out["best"] == {"step": 10, "eval_reward_total": pytest.approx(0.9)}
+    out = finishing_run(tmp_path, monkeypatch, "grpo.stop_on_hacking=true", after=0.3).finish(dict(LOOP))
+    assert out["checkpoint"] == str(tmp_path / "start") and out["last_checkpoint"] == str(final)
+    assert out["best"] == {"step": 0, "eval_reward_total": 0.5}
+    out = finishing_run(tmp_path, monkeypatch, after=0.3).finish(dict(LOOP))
+    assert out["checkpoint"] == out["last_checkpoint"] == str(final) and out["best"]["step"] == 10
+
+
+def test_a_run_that_stopped_right_after_evaluating_is_not_evaluated_again(tmp_path, monkeypatch):
+    """A run stopped on hacking at an evaluation finishes with those weights: that evaluation's scores are the
+    final ones (the same weights, prompts and noise), not a second pass over the held-out set. Would catch the
+    final evaluation made regardless."""
+    run = finishing_run(tmp_path, monkeypatch, after=0.9)
+    run.evaluate(10)
+    run.last_evaluation, run.evaluated = (10, run.evaluate(10)), []
+    out = run.finish(dict(LOOP))
+    assert run.evaluated == [] and out["eval_reward_after"]["total"] == pytest.approx(0.9)
+    run = finishing_run(tmp_path, monkeypatch, after=0.9)
+    run.last_evaluation = (8, {})  # an earlier evaluation: the final weights are not it
+    run.finish(dict(LOOP))
+    assert run.evaluated == [10]
+
+
+def test_the_summary_figures_of_the_loop(tmp_path, monkeypatch):
+    """samples_per_s counts training time only (wall time less the evaluations), the reward windows are the first
+    and last fifth of the trained iterations, the stream's entries count those trimmed once acknowledged, and the
+    held-out checks are reported apart from the trained rewards. Would catch each of them computed otherwise."""
+    out = finishing_run(tmp_path, monkeypatch).finish(dict(LOOP))
+    assert out["samples_per_s"] == pytest.approx(12 * 4 / (20.0 - 8.0)) and out["eval_time_s"] == 8.0
+    assert (out["reward_first"], out["reward_last"]) == (1.0, 10.0)
+    assert (out["reward_first_window"], out["reward_last_window"]) == (1.5, 9.5)
+    assert out["stream"] == {"key": "k", "entries": 6, "pending": 0, "duplicates": 0}
+    assert set(out["eval"]["rewards"]) == {"compositional", "jpeg_compressibility", "total"}
+    assert set(out["eval"]["checks"]) == {"compositional_strict"}
+
+
+def test_a_run_with_unacknowledged_stream_entries_does_not_finish(tmp_path, monkeypatch):
+    """Entries delivered to a learner rank and never acknowledged mean groups sampled but not known to be trained:
+    finish() refuses to write a summary over them. Would catch the check dropped."""
+    run = finishing_run(tmp_path, monkeypatch)
+    run.streams = [SimpleNamespace(length=lambda: 2, pending=lambda: 2, key="k")]
+    with pytest.raises(RuntimeError, match="2 stream entries were never acknowledged"):
+        run.finish(dict(LOOP))
