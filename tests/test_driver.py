@@ -130,6 +130,24 @@ def test_an_evaluation_whose_check_fell_is_marked_hacked(tmp_path):
     assert run.hacked and "compositional_strict fell" in run.hacked[0]
 
 
+def test_the_monitors_are_ratios_to_the_starts_at_every_later_evaluation(tmp_path):
+    """Saturation and diversity are judged against the start's values (the first evaluation's), not re-based at
+    each evaluation. Would catch the base replaced by every evaluation's own monitors: every ratio 1, so a policy
+    that saturates its images is never a sign."""
+    run = bare_run(tmp_path)
+    run.model_cfg = SimpleNamespace(kind="prox", trained_variants=["hybrid"])
+    run.rollouts, run.before, run.base_monitors = [None], {}, None
+    run.held_out = lambda sampler, eta, names: (torch.rand(4, 3, 16, 16), {n: np.full((4, 2), 0.5) for n in names})
+    run.call = lambda *a: None
+    saturation = [0.5]
+    run.from_rollouts = lambda calls: [{"saturation": saturation[0], "diversity": 1.0}]
+    run.evaluate(0)
+    assert run.monitors["saturation_ratio"] == 1.0
+    saturation[0] = 1.0
+    run.evaluate(3)
+    assert run.monitors["saturation_ratio"] == 2.0 and any("saturation 2.00x" in sign for sign in run.hacked)
+
+
 def test_memory_metrics_report_the_largest_process_of_each_role():
     """A leak in one of several ranks or actors must show: each role's metric is its largest process, and a GPU
     figure appears only for roles whose processes reported one."""
