@@ -140,6 +140,8 @@ def test_stop_on_hacking_without_evaluations_in_between_says_it_cannot_stop_earl
     assert "stop_on_hacking" not in capsys.readouterr().err
     preflight(load_config(DEFAULT_CONFIG, ["grpo.stop_on_hacking=true"]), "grpo")
     assert "grpo.eval_every=0 evaluates only at the start and the end" in capsys.readouterr().err
+    preflight(load_config(DEFAULT_CONFIG, ["grpo.stop_on_hacking=true"]), "grpo", resuming=True)
+    assert "stop_on_hacking" not in capsys.readouterr().err  # said when the run started, not again at each resume
 
 
 def test_a_started_run_with_an_option_of_another_objective_still_resumes(tmp_path):
