@@ -97,6 +97,7 @@ CONFIG_FILES = {  # name: (contents of box/in/NAME, expected fragment)
     ([*GRPO, "deepspeed.zero_stage=4"], "'deepspeed.zero_stage' = 4"),
     ([*GRPO, "data.kind=imagenet"], "allowed: one of scenes|digits|folder|webdataset"),
     ([*GRPO, "rewards=3"], "'rewards' is a list of mappings with the keys name, weight, options"),
+    (["--resume", "{in}", "--config", SMOKE], "--resume uses the run's own config.yaml: drop --config"),
 ])
 def test_bad_command_lines_and_config_files(box, capsys, argv, fragment):
     for name, (data, _) in CONFIG_FILES.items():
@@ -196,7 +197,26 @@ def test_runs_started_in_the_same_second_get_their_own_default_folders(tmp_path)
     from learner.main import fresh_dir
 
     first, second = fresh_dir(tmp_path / "grpo-20261206-010203"), fresh_dir(tmp_path / "grpo-20261206-010203")
-    assert first != second and first.is_dir() and second.name == "grpo-20261206-010203-2"
+    assert first == tmp_path / "grpo-20261206-010203" and first.is_dir() and second.name == "grpo-20261206-010203-2"
+
+
+def test_two_runs_given_the_default_run_dir_in_the_same_second_get_two_folders(tmp_path, monkeypatch):
+    """Would catch the default runs/<mode>-<time> folder created with exist_ok: the second run would write its
+    config.yaml into the first's folder."""
+    import time
+
+    from learner.config import load_config
+    from learner.main import prepare_run_dir
+    from learner.resume import release_run_dirs
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt: "20261206-010203")
+    try:
+        first, second = (prepare_run_dir(load_config(SMOKE), "grpo") for _ in range(2))
+    finally:
+        release_run_dirs()
+    assert first.name == "grpo-20261206-010203" and second.name == "grpo-20261206-010203-2"
+    assert (first / "config.yaml").is_file() and (second / "config.yaml").is_file()
 
 
 # --- prompt files ------------------------------------------------------------------------------------------------
@@ -268,6 +288,11 @@ def test_data_captions_the_final_scoring_cannot_read(box, capsys):
         (path / f"{name}.txt").write_text(f"a photo of a {name} on a sofa")
     assert_rejected(*run([*PRETRAIN, "data.kind=folder", f"data.path={path}"], capsys), box,
                     "rewards[0]='compositional' cannot score the prompts of data.kind=folder")
+    # ... but a started run is not held to it (its rewards cannot change): refused, --resume could not finish it
+    from learner.config import load_config
+    from learner.main import preflight
+
+    preflight(load_config(SMOKE, ["data.kind=folder", f"data.path={path}"]), "pretrain", resuming=True)
 
 
 def test_grpos_data_anchor_checks_its_data_at_start(box, capsys):
@@ -410,3 +435,85 @@ def test_train_modules_may_name_a_container_of_weights():
 
     cfg = load_config(None, ["grpo.train_modules=[attn2, mid_block]"])
     check_module_names(cfg, resolve_checkpoint(GRPO_DEFAULT_INIT))
+
+
+# --- errors once the run has started: exit status, what is kept ---------------------------------------------------
+
+@pytest.mark.parametrize("error, code", [("config", 2), ("failed", 1), ("sigterm", 143)])
+def test_an_error_after_the_start_exits_with_its_own_status(tmp_path, monkeypatch, capsys, error, code):
+    """A ConfigError found once the run started (e.g. the cluster lacks GPUs) exits 2 like bad input, and the
+    unstarted run's config.yaml and run.json go so the same run_dir takes the corrected command; a fault the run
+    detected (RunFailed) exits 1; SIGTERM exits 128 + 15. Would catch the statuses swapped or the signal's dropped."""
+    import signal
+
+    import learner.sample
+    from learner.config import ConfigError
+    from learner.faults import RunFailed
+    from learner.signals import Interrupted
+
+    raised = {"config": ConfigError("not enough GPUs"), "failed": RunFailed("NaN updates"),
+              "sigterm": Interrupted(signal.SIGTERM)}[error]
+
+    def run_sample(*args):
+        raise raised
+
+    monkeypatch.setattr(learner.sample, "run_sample", run_sample)
+    run_dir = tmp_path / "run"
+    assert main(["--mode", "sample", "--config", SMOKE, f"run_dir={run_dir}",
+                 f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "mlflow.system_metrics=false"]) == code
+    if error == "config":
+        assert "takes the corrected command" in capsys.readouterr().err
+        assert not (run_dir / "config.yaml").exists() and not (run_dir / "run.json").exists()
+
+
+def test_a_resumed_run_refused_after_its_start_keeps_its_config_and_run_file(tmp_path):
+    """release_unstarted frees the run_dir of a new run refused before it saved anything; a resumed run is a started
+    one: its config.yaml and run.json are what --resume needs. Would catch them deleted."""
+    from learner.main import release_unstarted
+
+    (tmp_path / "run.json").write_text("{}")
+    (tmp_path / "config.yaml").write_text("seed: 7\n")
+    assert release_unstarted(tmp_path, resume=object()) == ""
+    assert (tmp_path / "run.json").is_file() and (tmp_path / "config.yaml").read_text() == "seed: 7\n"
+
+
+def test_the_summary_never_holds_a_url_password(tmp_path, monkeypatch):
+    """summary.json is shared with results (and logged to MLflow): every URL password in it is masked, wherever the
+    mode's result put one. Would catch the summary written unredacted."""
+    import learner.sample
+
+    monkeypatch.setattr(learner.sample, "run_sample", lambda *args: {
+        "note": "stream at redis://:hunter2@cache:6379/0", "images": 0, "prompts": 0, "grid": "-", "samples": "-",
+        "rewards": {}})
+    run_dir = tmp_path / "run"
+    assert main(["--mode", "sample", "--config", SMOKE, f"run_dir={run_dir}",
+                 f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "mlflow.system_metrics=false"]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["note"] == "stream at redis://:***@cache:6379/0"
+
+
+def test_preflight_checks_what_each_mode_reads_and_only_that():
+    """The sample mode starts from the default checkpoint, as GRPO does (from scratch it would draw noise from random
+    weights); pretraining never builds GRPO's held-out checks, so an option-less one it will not use is no reason to
+    refuse it. Would catch either rule lost."""
+    from learner.config import load_config
+    from learner.main import GRPO_DEFAULT_INIT, preflight, resolve_checkpoint
+
+    init_from, _ = preflight(load_config(SMOKE), "sample")
+    assert init_from == resolve_checkpoint(GRPO_DEFAULT_INIT)
+    preflight(load_config(SMOKE, ["grpo.check_rewards=[hpsv2]", "pretrain.iterations=1"]), "pretrain")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    ([*GRPO, "rewards=[{name: jpeg_compressibility}]", "grpo.check_rewards=[compositional_strict]",
+      "grpo.prompt_file={file}"], "grpo.check_rewards[0]='compositional_strict' cannot score the prompts of "
+                                  "grpo.prompt_file"),
+    (["--mode", "sample", "sample.score=true", "sample.prompt_file={file}"],
+     "rewards[0]='compositional' cannot score the prompts of sample.prompt_file"),
+])
+def test_free_text_prompts_are_refused_by_every_reward_that_will_score_them(box, capsys, argv, fragment):
+    """A held-out check scores the GRPO prompts too, and sample.score scores a sample.prompt_file's: a scene
+    verifier among them failed in every reward actor, or after the images were drawn. Would catch either left out."""
+    prompts = box / "in" / "free.txt"
+    prompts.write_text("".join(f"a photo of cat number {i}\n" for i in range(8)))
+    assert_rejected(*run([a.replace("{file}", str(prompts)) for a in argv], capsys), box, fragment)

@@ -140,6 +140,8 @@ def test_stop_on_hacking_without_evaluations_in_between_says_it_cannot_stop_earl
     assert "stop_on_hacking" not in capsys.readouterr().err
     preflight(load_config(DEFAULT_CONFIG, ["grpo.stop_on_hacking=true"]), "grpo")
     assert "grpo.eval_every=0 evaluates only at the start and the end" in capsys.readouterr().err
+    preflight(load_config(DEFAULT_CONFIG, ["grpo.stop_on_hacking=true"]), "grpo", resuming=True)
+    assert "stop_on_hacking" not in capsys.readouterr().err  # said when the run started, not again at each resume
 
 
 def test_a_started_run_with_an_option_of_another_objective_still_resumes(tmp_path):
@@ -149,3 +151,44 @@ def test_a_started_run_with_an_option_of_another_objective_still_resumes(tmp_pat
     with pytest.raises(ConfigError, match="applies to grpo.objective=forward only"):
         load_config(tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml", resuming=True).grpo.forward_pairs == 4
+
+
+@pytest.mark.parametrize("overrides", [
+    ["grpo.stochastic_steps=9"],  # grpo.steps 10: all 9 transitions stochastic
+    ["grpo.stochastic_steps=null", "grpo.train_step_window=[0,8]"],  # the last transition is one to train
+    ["grpo.prompt_stats_min_count=32"],  # as many as the buffer holds
+    ["grpo.prompts_per_iteration=2", "actors.learner.count=2"],  # one group per rank
+    ["redis.url=rediss://cache.example:6380/0"],  # Redis over TLS
+    ["grpo.objective=forward", "grpo.stochastic_steps=null", "grpo.ema_decay=0.9"],
+])
+def test_values_at_the_edge_of_what_is_allowed_are_accepted(overrides):
+    """Each rule's boundary value is a valid run: would catch an off-by-one refusal (>= for >, < last for <= last),
+    or a scheme missing from redis.url's list."""
+    load_config(DEFAULT_CONFIG, overrides)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["grpo.objective=forward", "grpo.stochastic_steps=null", "grpo.caption_contrast=0.5"],
+     "grpo.caption_contrast=0.5 needs grpo.objective=policy_gradient"),
+    (["grpo.ema_decay=0.9"], "grpo.ema_decay=0.9 needs grpo.objective=forward"),
+    (["grpo.lora.rank=2", "grpo.train_text=true"], "grpo.lora.rank > 0 trains adapters on the U-Net only"),
+    (["grpo.time_limit_s=0"], "'grpo.time_limit_s' = 0"),  # 0 would silently mean no limit (time_limit_s or inf)
+    (["grpo.hacking_saturation=1"], "'grpo.hacking_saturation' = 1"),  # the start itself at the limit
+    (["grpo.hacking_diversity=1"], "'grpo.hacking_diversity' = 1"),
+    (["data.kind=webdataset"], "data.kind=webdataset reads its files from data.path"),
+    (["sample.prompts=[a red cube]", "sample.prompt_file=p.txt"], "set sample.prompts or sample.prompt_file, not both"),
+    (["sample.prompts=[a red cube, '  ']"], "sample.prompts holds an empty caption"),
+])
+def test_each_refusal_of_an_unusable_setting(overrides, fragment):
+    """Settings that would be ignored (an option of another objective or model part), mean something else than
+    written, or read nothing: each refused naming itself. Would catch any of these rules dropped or loosened."""
+    with pytest.raises(ConfigError) as info:
+        load_config(DEFAULT_CONFIG, overrides)
+    assert fragment in str(info.value)
+
+
+def test_an_empty_config_file_is_the_defaults(tmp_path):
+    """A config file with nothing in it (or only comments) sets nothing: the defaults. Would catch it refused as
+    not being a mapping."""
+    (tmp_path / "empty.yaml").write_text("# nothing set yet\n")
+    assert load_config(tmp_path / "empty.yaml", ["grpo.iterations=3"]).grpo.iterations == 3

@@ -58,6 +58,19 @@ def test_a_start_that_did_not_score_leaves_the_check_on_for_the_other_prompts():
     assert len(signs) == 1 and "strict fell by 0.100" in signs[0]
 
 
+def test_an_image_that_never_scored_is_no_sign_and_one_scored_prompt_gives_no_interval():
+    """An image that scored NaN at the start and still does has not stopped scoring: nothing broke. And with every
+    other prompt's start unscored, one prompt's fall has no interval (the bootstrap of one prompt is a point, so any
+    fall would look significant) and must not stop the run. Would catch every non-finite image counted as broken,
+    and an interval taken over a single prompt."""
+    rng = np.random.default_rng(2)
+    before = rng.uniform(0.3, 0.7, (128, 2))
+    before[3, 0] = np.nan
+    assert hacking_signs({"strict": before.copy()}, {"strict": before}, CLEAN, 1.2, 0.8) == []
+    before = np.array([[0.6, 0.5], [np.nan, 0.5], [0.5, np.nan]])
+    assert hacking_signs({"strict": before - 0.3}, {"strict": before}, CLEAN, 1.2, 0.8) == []
+
+
 def test_check_rewards_must_be_registered_and_not_trained_on():
     from learner.config import ConfigError, load_config
 

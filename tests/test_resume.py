@@ -268,6 +268,20 @@ def test_best_folders_of_an_abandoned_tail_are_pruned_and_those_a_state_refers_t
     assert five.is_dir() and not fifteen.exists()
 
 
+def test_a_run_state_that_cannot_be_read_keeps_every_best_folder(tmp_path):
+    """A kept run state whose run.json cannot be read may refer to any best-it* folder: none is deleted (a resume
+    from it would name a checkpoint that is gone). Would catch the unreadable state skipped, so that only the
+    loop's own best survived."""
+    from learner.grpo import prune_best
+
+    five, fifteen = tmp_path / "best-it00005", tmp_path / "best-it00015"
+    for folder in (five, fifteen):
+        folder.mkdir()
+    write_state(tmp_path, 10, {"run.json": b"{not json"}, keep=2)
+    prune_best(tmp_path, fifteen)
+    assert five.is_dir() and fifteen.is_dir()
+
+
 def test_first_signal_waits_for_a_safe_point_the_second_does_not():
     from learner.signals import GracefulStop, Interrupted
 
