@@ -171,7 +171,12 @@ def test_system_metrics_are_sampled_only_when_asked_for(tmp_path):
         cfg = RunConfig.model_validate({"mlflow": {"tracking_uri": store, "experiment": "system-test",
                                                    "system_metrics": on, "system_metrics_interval_s": 0.2}})
         tracker = Tracker(cfg, "grpo", tmp_path / f"grpo-{on}")
-        time.sleep(0.6)
+        deadline = time.monotonic() + (30 if on else 1.0)  # sampled: wait for the first sample, however loaded the
+        while time.monotonic() < deadline:               # machine; not sampled: give a sampler time to show
+            metrics = mlflow.MlflowClient(store).get_run(tracker.run_id).data.metrics
+            if any(name.startswith("system/") for name in metrics):
+                break
+            time.sleep(0.2)
         tracker.finish()
         metrics = mlflow.MlflowClient(store).get_run(tracker.run_id).data.metrics
         logged[on] = {name for name in metrics if name.startswith("system/")}
