@@ -631,7 +631,8 @@ class RunConfig(Strict):
     init_from: Optional[str] = Field(
         None,
         description="checkpoint folder to start from ('builtin:NAME' = shipped with ProxRL); "
-        "null = from scratch (pretrain) or builtin:scenes-minilm-bind (grpo, sample). Its config (model_index.json, or config.json in older checkpoints) sets the architecture.",
+        "null = from scratch (pretrain) or builtin:scenes-minilm-bind (grpo, sample). Its config (model_index.json, "
+        "or config.json in older checkpoints) sets the architecture.",
     )
     model: ModelConfig = Field(
         default_factory=ModelConfig, description="architecture: U-Net sizes, text encoder, optional VAE (pretrain from scratch)"
