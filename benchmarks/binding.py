@@ -42,6 +42,11 @@ CHECKS = ["background", "colour at its stated place", "colour, no place stated",
           "size where the colour is", "verifier (all attributes)"]
 
 
+def colour_at(image: np.ndarray, colour: str, place: str | None) -> bool:
+    """Whether the verifier finds `colour` in `image` at `place` (a quadrant; None: in any quadrant)."""
+    return verify(image, Scene(None, (SceneObject(colour, None, None, place),))) > 0
+
+
 def attribute_checks(image: np.ndarray, caption: str) -> dict[str, list[float]]:
     """Each stated attribute of `caption` checked on its own in `image` [3, H, W]: check name -> 0/1 per instance."""
     scene = parse_caption(caption)
@@ -50,7 +55,7 @@ def attribute_checks(image: np.ndarray, caption: str) -> dict[str, list[float]]:
     if scene.background is not None:
         out["background"].append(float(verify(image, Scene(scene.background, ())) == 1.0))
     for obj in scene.objects:
-        found = verify(image, Scene(None, (SceneObject(obj.colour, None, None, obj.position),))) > 0
+        found = colour_at(image, obj.colour, obj.position)
         out["colour at its stated place" if obj.position else "colour, no place stated"].append(float(found))
         if not found:
             continue
@@ -135,17 +140,15 @@ def colour_binding(images: np.ndarray, captions: list[str]) -> tuple[np.ndarray,
     at their own stated places (own) and with each at the other's (swapped), nan for other captions. A model that
     places the colours and ignores which goes where scores own = swapped; one that binds them, own > swapped."""
     own, swapped = np.full(len(captions), np.nan), np.full(len(captions), np.nan)
-
-    def found(image, colour, place):
-        return verify(image, Scene(None, (SceneObject(colour, None, None, place),))) > 0
-
     for i, caption in enumerate(captions):
         pair = bound_pair(caption)
         if pair is None:
             continue
         a, b = pair
-        own[i] = np.mean([found(x, a.colour, a.position) and found(x, b.colour, b.position) for x in images[i]])
-        swapped[i] = np.mean([found(x, a.colour, b.position) and found(x, b.colour, a.position) for x in images[i]])
+        own[i] = np.mean([colour_at(x, a.colour, a.position) and colour_at(x, b.colour, b.position)
+                          for x in images[i]])
+        swapped[i] = np.mean([colour_at(x, a.colour, b.position) and colour_at(x, b.colour, a.position)
+                              for x in images[i]])
     return own, swapped
 
 

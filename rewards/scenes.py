@@ -79,16 +79,19 @@ def random_scene(rng: np.random.Generator, omit_prob: float = 0.0) -> tuple[Scen
         for q in quadrants
     )
     full = Scene(background=background, objects=objects)
+    return full, caption_view(full, rng, omit_prob)
 
+
+def caption_view(full: Scene, rng: np.random.Generator, omit_prob: float, state_places: bool = False) -> Scene:
+    """What a caption states of `full`: colour and shape always (they name the object); the background and each
+    object's size and (unless state_places) position each left out with probability omit_prob, drawn in that
+    order from `rng`."""
     def keep(value: str) -> Optional[str]:
         return None if rng.random() < omit_prob else value
 
-    # Colour and shape are always stated: they name the object; size, position and background may be left out.
-    stated = Scene(
-        background=keep(background),
-        objects=tuple(SceneObject(o.colour, o.shape, keep(o.size), keep(o.position)) for o in objects),
-    )
-    return full, stated
+    return Scene(background=keep(full.background),
+                 objects=tuple(SceneObject(o.colour, o.shape, keep(o.size), o.position if state_places
+                                           else keep(o.position)) for o in full.objects))
 
 
 def bound_scene(rng: np.random.Generator, omit_prob: float = 0.0) -> tuple[Scene, Scene]:
@@ -101,13 +104,8 @@ def bound_scene(rng: np.random.Generator, omit_prob: float = 0.0) -> tuple[Scene
     objects = tuple(SceneObject(colour=list(OBJECT_COLOURS)[c], shape=str(rng.choice(SHAPES)),
                                 size=str(rng.choice(SIZES)), position=POSITIONS[q])
                     for c, q in zip(colours, quadrants))
-
-    def keep(value: str) -> Optional[str]:
-        return None if rng.random() < omit_prob else value
-
-    stated = Scene(background=keep(background),
-                   objects=tuple(SceneObject(o.colour, o.shape, keep(o.size), o.position) for o in objects))
-    return Scene(background=background, objects=objects), stated
+    full = Scene(background=background, objects=objects)
+    return full, caption_view(full, rng, omit_prob, state_places=True)
 
 
 def near_miss(caption: str, rng: np.random.Generator) -> str:
