@@ -241,12 +241,12 @@ def main() -> None:
     bound, swapped = colour_binding(images, captions)
     kept, binding = paired(bound, swapped)
     if binding is not None:
-        results["colour binding"] = {"prompts": int(kept.sum()), "own": bootstrap_ci(bound[kept]).as_dict(),
-                                     "swapped": bootstrap_ci(swapped[kept]).as_dict(), "own_minus_swapped":
-                                     binding.as_dict()}
+        own_places, other_places = bootstrap_ci(bound[kept]), bootstrap_ci(swapped[kept])
+        results["colour binding"] = {"prompts": int(kept.sum()), "own": own_places.as_dict(),
+                                     "swapped": other_places.as_dict(), "own_minus_swapped": binding.as_dict()}
         place += (f"\n\nIs each colour drawn at its own place or at the other's? On the {int(kept.sum())} captions "
-                  f"stating two colours at two places: both colours at their own places {bootstrap_ci(bound[kept])}, "
-                  f"each at the other's place {bootstrap_ci(swapped[kept])}, own minus swapped {signed(binding)} "
+                  f"stating two colours at two places: both colours at their own places {own_places}, "
+                  f"each at the other's place {other_places}, own minus swapped {signed(binding)} "
                   "(0: the colours are placed, but which goes where is chance).")
         if other_images is not None:
             other_bound, other_swapped = colour_binding(other_images, captions)
