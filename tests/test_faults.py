@@ -61,6 +61,7 @@ def test_an_unforeseen_error_keeps_its_traceback_and_names_the_state_to_resume_f
                                    f"fixed, continue with `python -m learner.main --resume {run_dir}`.")
 
 
+@pytest.mark.slow
 def test_a_diverging_pretraining_run_skips_nonfinite_steps_and_stops_with_its_last_state(tmp_path):
     # lr 1e30: the first step makes the weights huge but finite; every later loss overflows to inf/NaN.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -130,6 +131,7 @@ def files_holding(root: Path, secret: str) -> list[str]:
     return [str(p) for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
 
 
+@pytest.mark.slow
 def test_passwords_in_urls_reach_no_file_no_mlflow_param_and_no_message(tmp_path, mlflow_server):
     redis_url = f"redis://:{SECRET}@127.0.0.1:{free_port()}/0"  # pretraining never connects to it
     uri = f"http://proxrl:{SECRET}@127.0.0.1:{mlflow_server}"
@@ -316,6 +318,7 @@ def test_the_stream_read_bound_is_a_validated_setting(value):
         load_config(DEFAULT_CONFIG, [f"actors.stream_read_timeout_s={value}"])
 
 
+@pytest.mark.slow
 def test_a_learner_start_up_past_its_bound_is_one_paragraph_naming_the_setting(pretrained, store):
     """The learner ranks' start-up cannot finish within 1 ms: usually the placement is what runs out, rarely (CI, once)
     the placement is ready at once and the first call to the rank is. Either is the same one paragraph. Would

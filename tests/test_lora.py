@@ -113,6 +113,7 @@ def test_lora_and_train_text_together_are_refused():
         RunConfig.model_validate({"grpo": {"lora": {"rank": 4}, "train_text": True}})
 
 
+@pytest.mark.slow
 def test_lora_grpo_run_end_to_end_exports_a_plain_merged_checkpoint(pretrained, store):
     from mlflow.tracking import MlflowClient
 
