@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
@@ -567,10 +568,24 @@ class ActorsConfig(Strict):
         "without its data); past it the run stops with a message",
     )
     torch_threads: int = Field(
-        0, ge=0, description="torch threads in each actor; 0 = all cores (while an async run overlaps rollout and "
-        "update, the node's cores split between the actors on it: grpo.async_probe). Rollout and learner use the same "
-        "count, so on CPU they run the same kernels and the first on-policy ratio is exactly 1",
+        None, ge=0, validate_default=True, description="torch threads in each actor; 0 = all cores (while an async "
+        "run overlaps rollout and update, the node's cores split between the actors on it: grpo.async_probe); null "
+        "(the default) = the OMP_NUM_THREADS of the shell that starts the run if it is set (not in a `ray job`, where "
+        "Ray sets it), else 0; the run's config.yaml records the number used. Rollout and learner use the same count, "
+        "so on CPU they run the same kernels and the first on-policy ratio is exactly 1",
     )
+
+    @field_validator("torch_threads", mode="before")
+    @classmethod
+    def _threads_from_environment(cls, value):
+        # Set: two jobs sharing a machine's cores then each keep to theirs. Unset, every actor takes all cores, and a
+        # rollout actor's threads waiting on each other behind another job's ran 30x slower (session 43).
+        if value is not None:
+            return value
+        if "RAY_RAYLET_PID" in os.environ:  # started by Ray (a `ray job` entrypoint): its OMP_NUM_THREADS is Ray's 1
+            return 0
+        omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+        return int(omp) if omp.isdigit() else 0
 
 
 class DeepSpeedConfig(Strict):

@@ -192,3 +192,28 @@ def test_an_empty_config_file_is_the_defaults(tmp_path):
     not being a mapping."""
     (tmp_path / "empty.yaml").write_text("# nothing set yet\n")
     assert load_config(tmp_path / "empty.yaml", ["grpo.iterations=3"]).grpo.iterations == 3
+
+
+def test_actor_threads_follow_the_shells_omp_num_threads_unless_set_or_started_by_ray(monkeypatch, tmp_path):
+    """Would catch: actors taking every core beside another job although the shell said OMP_NUM_THREADS=1 (a rollout
+    actor ran 30x slower so), Ray's own OMP_NUM_THREADS=1 in a `ray job` taken for the user's, the environment
+    overriding an explicit setting, or the number used not recorded (a resume from another shell would change it)."""
+    from learner.config import dump_config
+
+    monkeypatch.delenv("RAY_RAYLET_PID", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert load_config(DEFAULT_CONFIG, []).actors.torch_threads == 0  # all cores, as before
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = load_config(DEFAULT_CONFIG, [])
+    assert cfg.actors.torch_threads == 1
+    assert load_config(DEFAULT_CONFIG, ["actors.torch_threads=0"]).actors.torch_threads == 0
+    assert load_config(DEFAULT_CONFIG, ["actors.torch_threads=2"]).actors.torch_threads == 2
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_config(cfg))
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert load_config(saved, []).actors.torch_threads == 1  # the run's own number, whatever the shell says now
+    monkeypatch.setenv("RAY_RAYLET_PID", "1234")
+    assert load_config(DEFAULT_CONFIG, []).actors.torch_threads == 0
+    monkeypatch.delenv("RAY_RAYLET_PID")
+    monkeypatch.setenv("OMP_NUM_THREADS", "4,2")  # a nested-levels list: not a count to use
+    assert load_config(DEFAULT_CONFIG, []).actors.torch_threads == 0
