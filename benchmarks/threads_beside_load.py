@@ -55,7 +55,8 @@ def main() -> None:
     base = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     cases = [("all-cores", ["actors.torch_threads=0"], base),
              ("omp1", [], {**base, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})]
-    load = None if args.no_load else subprocess.Popen([sys.executable, "-c", LOAD], env={**base, "OMP_NUM_THREADS": "1"})
+    load_env = {**base, "OMP_NUM_THREADS": "1"}
+    load = None if args.no_load else subprocess.Popen([sys.executable, "-c", LOAD], env=load_env)
     rows = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
