@@ -582,7 +582,9 @@ class ActorsConfig(Strict):
         # rollout actor's threads waiting on each other behind another job's ran 30x slower (session 43).
         if value is not None:
             return value
-        if "RAY_RAYLET_PID" in os.environ:  # started by Ray (a `ray job` entrypoint): its OMP_NUM_THREADS is Ray's 1
+        # Started by Ray, its OMP_NUM_THREADS is Ray's 1: a worker's (RAY_RAYLET_PID), a `ray job` entrypoint's (Ray
+        # removes RAY_RAYLET_PID from it and sets RAY_JOB_CONFIG_JSON_ENV_VAR, ray/dashboard/.../job_supervisor.py).
+        if "RAY_RAYLET_PID" in os.environ or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
             return 0
         omp = os.environ.get("OMP_NUM_THREADS", "").strip()
         return int(omp) if omp.isdigit() else 0

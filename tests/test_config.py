@@ -200,8 +200,8 @@ def test_actor_threads_follow_the_shells_omp_num_threads_unless_set_or_started_b
     overriding an explicit setting, or the number used not recorded (a resume from another shell would change it)."""
     from learner.config import dump_config
 
-    monkeypatch.delenv("RAY_RAYLET_PID", raising=False)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for variable in ("RAY_RAYLET_PID", "RAY_JOB_CONFIG_JSON_ENV_VAR", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(variable, raising=False)
     assert load_config(DEFAULT_CONFIG, []).actors.torch_threads == 0  # all cores, as before
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     cfg = load_config(DEFAULT_CONFIG, [])
@@ -212,8 +212,9 @@ def test_actor_threads_follow_the_shells_omp_num_threads_unless_set_or_started_b
     saved.write_text(dump_config(cfg))
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert load_config(saved, []).actors.torch_threads == 1  # the run's own number, whatever the shell says now
-    monkeypatch.setenv("RAY_RAYLET_PID", "1234")
-    assert load_config(DEFAULT_CONFIG, []).actors.torch_threads == 0
-    monkeypatch.delenv("RAY_RAYLET_PID")
+    for ray_variable in ("RAY_RAYLET_PID", "RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a Ray worker; a `ray job` entrypoint
+        monkeypatch.setenv(ray_variable, "1234")
+        assert load_config(DEFAULT_CONFIG, []).actors.torch_threads == 0
+        monkeypatch.delenv(ray_variable)
     monkeypatch.setenv("OMP_NUM_THREADS", "4,2")  # a nested-levels list: not a count to use
     assert load_config(DEFAULT_CONFIG, []).actors.torch_threads == 0
