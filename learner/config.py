@@ -579,7 +579,7 @@ class ActorsConfig(Strict):
     @classmethod
     def _threads_from_environment(cls, value):
         # Set: two jobs sharing a machine's cores then each keep to theirs. Unset, every actor takes all cores, and a
-        # rollout actor's threads waiting on each other behind another job's ran 30x slower (session 43).
+        # rollout actor's threads waiting on each other behind another job's sampled 23x slower (session 43).
         if value is not None:
             return value
         # Started by Ray, its OMP_NUM_THREADS is Ray's 1: a worker's (RAY_RAYLET_PID), a `ray job` entrypoint's (Ray
