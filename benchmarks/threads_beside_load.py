@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 LOAD = "import torch\ntorch.set_num_threads(1)\na = torch.randn(768, 768)\nwhile True:\n    a = torch.tanh(a @ a)\n"
@@ -42,7 +43,7 @@ def run(name: str, overrides: list[str], env: dict[str, str], iterations: int, t
     client = MlflowClient(uri)
     per = {key: float(np.median([m.value for m in client.get_metric_history(summary["mlflow_run_id"], key)]))
            for key in ("sample_s", "iteration_s")}
-    threads = (tmp / name / "config.yaml").read_text().split("torch_threads:")[1].split()[0]
+    threads = yaml.safe_load((tmp / name / "config.yaml").read_text())["actors"]["torch_threads"]
     return {"run": name, "torch_threads": threads, **per, "command_s": time.monotonic() - started}
 
 

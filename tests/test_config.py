@@ -196,7 +196,7 @@ def test_an_empty_config_file_is_the_defaults(tmp_path):
 
 def test_actor_threads_follow_the_shells_omp_num_threads_unless_set_or_started_by_ray(monkeypatch, tmp_path):
     """Would catch: actors taking every core beside another job although the shell said OMP_NUM_THREADS=1 (a rollout
-    actor ran 30x slower so), Ray's own OMP_NUM_THREADS=1 in a `ray job` taken for the user's, the environment
+    actor sampled 23x slower so), Ray's own OMP_NUM_THREADS=1 in a `ray job` taken for the user's, the environment
     overriding an explicit setting, or the number used not recorded (a resume from another shell would change it)."""
     from learner.config import dump_config
 
