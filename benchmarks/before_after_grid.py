@@ -10,21 +10,32 @@ writes: a row of 8 prompts each, the first noise seed, the same noise at every e
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from PIL import Image
 
-TILE, PAD, UPSCALE, COLUMNS = 32, 1, 4, 8  # learner.evaluation.save_grid's layout at the scenes' 32x32
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from learner.evaluation import GRID_COLUMNS, GRID_PAD, GRID_UPSCALE  # noqa: E402  the layout save_grid writes
+
 GAP = 12  # white pixels between the two halves
 
 
-def rows_of(grid: Path, prompts: int) -> Image.Image:
-    rows = -(-prompts // COLUMNS)
-    height = (rows * (TILE + PAD) + PAD) * UPSCALE
-    image = Image.open(grid)
-    if image.height < height:
-        raise SystemExit(f"{grid} has fewer than {prompts} prompts ({image.height} px high, {height} needed)")
-    return image.crop((0, 0, image.width, height))
+def first_rows(grid: Image.Image, prompts: int) -> Image.Image:
+    """The rows of `grid` (save_grid's layout, any image size) that hold its first `prompts` images."""
+    tile = (grid.width // GRID_UPSCALE - GRID_PAD) // GRID_COLUMNS  # an image plus one padding line
+    height = (-(-prompts // GRID_COLUMNS) * tile + GRID_PAD) * GRID_UPSCALE
+    if grid.height < height:
+        raise SystemExit(f"the grid holds fewer than {prompts} prompts ({grid.height} px high, {height} needed)")
+    return grid.crop((0, 0, grid.width, height))
+
+
+def stack(before: Image.Image, after: Image.Image, prompts: int) -> Image.Image:
+    top, bottom = first_rows(before, prompts), first_rows(after, prompts)
+    out = Image.new("RGB", (top.width, top.height + GAP + bottom.height), "white")
+    out.paste(top, (0, 0))
+    out.paste(bottom, (0, top.height + GAP))
+    return out
 
 
 def main() -> None:
@@ -38,10 +49,7 @@ def main() -> None:
     if len(grids) < 2:
         raise SystemExit(f"{args.run / 'samples'} needs the start's grid and a later one (found {len(grids)})")
     after = grids[-1] if args.after is None else args.run / "samples" / f"step{args.after:05d}.png"
-    top, bottom = rows_of(grids[0], args.prompts), rows_of(after, args.prompts)
-    out = Image.new("RGB", (top.width, top.height + GAP + bottom.height), "white")
-    out.paste(top, (0, 0))
-    out.paste(bottom, (0, top.height + GAP))
+    out = stack(Image.open(grids[0]), Image.open(after), args.prompts)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     out.save(args.out)
     print(f"{grids[0].name} above {after.name} -> {args.out} ({out.width}x{out.height})")

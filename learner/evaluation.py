@@ -23,8 +23,11 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in to_uint8_images(images)]
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, upscale: int = 4) -> Image.Image:
-    grid = make_grid(images, nrow=nrow, padding=1, pad_value=0.5)
+GRID_COLUMNS, GRID_PAD, GRID_UPSCALE = 8, 1, 4  # benchmarks/before_after_grid.py crops grids by this layout
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int = GRID_COLUMNS, upscale: int = GRID_UPSCALE) -> Image.Image:
+    grid = make_grid(images, nrow=nrow, padding=GRID_PAD, pad_value=0.5)
     arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     img = Image.fromarray(arr).resize((arr.shape[1] * upscale, arr.shape[0] * upscale), Image.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
