@@ -49,6 +49,9 @@ def main() -> None:
     if len(grids) < 2:
         raise SystemExit(f"{args.run / 'samples'} needs the start's grid and a later one (found {len(grids)})")
     after = grids[-1] if args.after is None else args.run / "samples" / f"step{args.after:05d}.png"
+    if not after.is_file():
+        raise SystemExit(f"no evaluation at iteration {args.after} in {args.run / 'samples'}: --after takes one of "
+                         f"{[int(g.stem[4:]) for g in grids[1:]]}")
     out = stack(Image.open(grids[0]), Image.open(after), args.prompts)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     out.save(args.out)
