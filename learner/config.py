@@ -52,8 +52,9 @@ class DataConfig(Strict):
         0.0, ge=0, le=1, description="scenes: share of training scenes with two objects of two colours, each at a "
         "place the caption states (about 1 in 5 otherwise), so the model learns which colour goes where: 1200 steps "
         "at 0.5 took builtin:scenes-minilm-x0-4200's two colours from chance to bound and its held-out verifier "
-        "0.68 -> 0.81 (builtin:scenes-minilm-bind), 1200 steps more 0.85 (builtin:scenes-minilm-bind2; "
-        "docs/results.md). Evaluation prompts keep the ordinary mix",
+        "0.68 -> 0.81 (builtin:scenes-minilm-bind), 1200 steps more 0.85 (builtin:scenes-minilm-bind2), 1200 more "
+        "0.90 (builtin:scenes-minilm-bind3; docs/results.md); a fourth 1200 added nothing. Evaluation prompts keep "
+        "the ordinary mix",
     )
     holdout: float = Field(
         0.1, ge=0, lt=1, description="digits, folder: fraction held out of training (fixed by seed); evaluation "
@@ -649,7 +650,7 @@ class RunConfig(Strict):
     init_from: Optional[str] = Field(
         None,
         description="checkpoint folder to start from ('builtin:NAME' = shipped with ProxRL); "
-        "null = from scratch (pretrain) or builtin:scenes-minilm-bind2 (grpo, sample). Its config (model_index.json, "
+        "null = from scratch (pretrain) or builtin:scenes-minilm-bind3 (grpo, sample). Its config (model_index.json, "
         "or config.json in older checkpoints) sets the architecture.",
     )
     model: ModelConfig = Field(

@@ -30,7 +30,7 @@ from proxmodel.config import SAMPLERS, ModelConfig, architecture_problem
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "proxmodel" / "weights"
-GRPO_DEFAULT_INIT = "builtin:scenes-minilm-bind2"  # binds two colours to their places: held-out 0.85 (bind 0.81)
+GRPO_DEFAULT_INIT = "builtin:scenes-minilm-bind3"  # binds two colours to their places: held-out 0.90 (bind2 0.85)
 
 
 def resolve_checkpoint(ref: str | None) -> Path | None:
@@ -55,7 +55,7 @@ def resolve_checkpoint(ref: str | None) -> Path | None:
         raise ConfigError(
             f"init_from={ref!r} {what}. A checkpoint is a folder with {INDEX_FILE}, unet/, text_encoder/ and "
             f"scheduler/ (or, from earlier versions, model.safetensors and config.json): use the 'checkpoint' path "
-            f"from a pretrain run's summary.json, or builtin:scenes-minilm-bind2; copy a checkpoint whole."
+            f"from a pretrain run's summary.json, or builtin:scenes-minilm-bind3; copy a checkpoint whole."
         )
     return path
 

@@ -388,7 +388,8 @@ def test_a_prox_only_objective_refuses_a_score_model(box, capsys, objective):
 def test_unknown_builtin_checkpoint(box, capsys):
     assert_rejected(*run([*GRPO, "init_from=builtin:scenes-bsae"], capsys), box,
                     "the built-in ones are ['scenes-base', 'scenes-minilm', 'scenes-minilm-bind', "
-                    "'scenes-minilm-bind2', 'scenes-minilm-mirror', 'scenes-minilm-x0', 'scenes-minilm-x0-4200']")
+                    "'scenes-minilm-bind2', 'scenes-minilm-bind3', 'scenes-minilm-mirror', 'scenes-minilm-x0', "
+                    "'scenes-minilm-x0-4200']")
 
 
 # --- rewards -----------------------------------------------------------------------------------------------------

@@ -225,7 +225,7 @@ def test_a_flat_checkpoint_keeps_a_trained_encoder_and_refuses_to_load_without_i
 
 
 @pytest.mark.parametrize("name", ["scenes-minilm", "scenes-minilm-x0", "scenes-minilm-mirror", "scenes-minilm-x0-4200",
-                                  "scenes-minilm-bind", "scenes-minilm-bind2"])
+                                  "scenes-minilm-bind", "scenes-minilm-bind2", "scenes-minilm-bind3"])
 def test_the_minilm_builtins_ship_only_their_unet_and_load_the_package_encoder(name):
     from proxmodel.text import minilm_folder
     from transformers import BertModel
