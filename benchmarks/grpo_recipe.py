@@ -53,7 +53,8 @@ RECIPES: dict[str, list[str]] = {
     "pg-lr3e-4-anchor0.5": ["grpo.objective=policy_gradient", "grpo.lr=3e-4", "grpo.data_anchor=0.5"],
     # session 6: the default policy gradient with a light data anchor
     "pg-anchor0.1": ["grpo.objective=policy_gradient", "grpo.data_anchor=0.1"],
-    # session 6: the policy gradient trained on the strict verifier (held-out check: the lenient one)
+    # session 6: the policy gradient trained on the strict verifier (held-out check: the lenient one; session 45
+    # ran it with --set "grpo.check_rewards=[compositional, compositional_count]", which the default now is)
     "pg-strict": ["grpo.objective=policy_gradient", "rewards=[{name: compositional_strict, weight: 1.0}]",
                   "grpo.check_rewards=[compositional]"],
     # session 8: classifier-free guidance w = 2 in the rollouts and the learner's re-scoring (the base's guided
@@ -261,6 +262,10 @@ RECIPES: dict[str, list[str]] = {
                     "grpo.check_rewards=[compositional, compositional_strict, compositional_count]"],
     "block8": ["grpo.credit_block=8"],
     "block8-kl0.0078": ["grpo.credit_block=8", "grpo.kl_coef=0.0078125"],
+    # session 45: the default until then, trained on the lenient verifier with the strict one held out (since 45 the
+    # default trains on the strict one: the same lenient gain, +0.039 on the strict, 3 seeds paired)
+    "lenient-reward": ["rewards=[{name: compositional, weight: 1.0}]",
+                       "grpo.check_rewards=[compositional_strict, compositional_count]"],
 }
 
 REWARD = "total"

@@ -10,7 +10,9 @@
    the score base has read as many captions as the prox one. Session 30's bases (docs/results.md):
        --warm-start builtin:scenes-minilm-x0-4200 --pretrain-iterations 1200 --pretrain-set pretrain.loss_space=x0
        pretrain.l1_warmup_frac=0 data.cursor=294400 --budget-s 240 --eval-every 10 --eval-prompts 128
-2. Reward-fine-tunes each policy with GRPO on the same reward (the config's compositional verifier), prompts, group
+2. Reward-fine-tunes each policy with GRPO on the same reward (the config's: the scene verifier's strict setting
+   since session 45; sessions 30-31 ran the lenient one: --config a copy of configs/default.yaml with `rewards:
+   [{name: compositional}]` and `check_rewards: [compositional_strict, compositional_count]`), prompts, group
    size and sampler steps, for the same training budget (`grpo.time_limit_s`, evaluations not counted), once per seed:
        prox-pg       the prox model, per-step policy gradient on its stochastic hybrid sampler (the default)
        prox-forward  the prox model, the forward-process objective on its samples (`grpo.objective=forward`)

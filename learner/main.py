@@ -167,6 +167,13 @@ def check_rewards(cfg: RunConfig, mode: str) -> None:
             raise ConfigError(f"rewards[{i}] ({spec.name}): {e}") from None
     if mode != "grpo":
         return
+    trained = [spec.name for spec in cfg.rewards]
+    for i, name in enumerate(cfg.grpo.check_rewards):
+        if name in trained:
+            rest = [c for c in cfg.grpo.check_rewards if c not in trained]
+            raise ConfigError(f"grpo.check_rewards[{i}]={name!r} is also trained on (rewards: {trained}): a check must "
+                              f"be a reward the run does not optimise. Set grpo.check_rewards=[{', '.join(rest)}], or "
+                              "train on another reward.")
     for key, name in rewards_built_by_name(cfg):
         try:
             preflight(name, {})

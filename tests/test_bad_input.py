@@ -147,7 +147,8 @@ def test_bad_command_lines_and_config_files(box, capsys, argv, fragment):
     (["--mode", "sample", "sample.sampler=backward", "sample.steps=5"],
      "sample.sampler=backward with sample.steps=5: the fully backward prox sampler needs every step size"),
     (["--mode", "sample", "sample.score=true", "sample.prompts=[a photo of a cat]"],
-     "rewards[0]='compositional' cannot score the prompts of sample.prompts: the prompt 'a photo of a cat'"),
+     "rewards[0]='compositional_strict' cannot score the prompts of sample.prompts: the prompt 'a photo of a "
+     "cat'"),
     ([*GRPO, "grpo.credit_block=5"], "grpo.credit_block=5 does not divide the model's 32x32 images; use a divisor "
                                      "of 32 (e.g. 4), or 1"),
     ([*GRPO, "redis.url=redis://127.0.0.1:1/0"], "cannot reach Redis at redis://127.0.0.1:1/0 (ConnectionError"),
@@ -510,7 +511,7 @@ def test_preflight_checks_what_each_mode_reads_and_only_that():
       "grpo.prompt_file={file}"], "grpo.check_rewards[0]='compositional_strict' cannot score the prompts of "
                                   "grpo.prompt_file"),
     (["--mode", "sample", "sample.score=true", "sample.prompt_file={file}"],
-     "rewards[0]='compositional' cannot score the prompts of sample.prompt_file"),
+     "rewards[0]='compositional_strict' cannot score the prompts of sample.prompt_file"),
 ])
 def test_free_text_prompts_are_refused_by_every_reward_that_will_score_them(box, capsys, argv, fragment):
     """A held-out check scores the GRPO prompts too, and sample.score scores a sample.prompt_file's: a scene

@@ -71,14 +71,19 @@ def test_an_image_that_never_scored_is_no_sign_and_one_scored_prompt_gives_no_in
     assert hacking_signs({"strict": before - 0.3}, {"strict": before}, CLEAN, 1.2, 0.8) == []
 
 
-def test_check_rewards_must_be_registered_and_not_trained_on():
+def test_check_rewards_must_be_registered_and_in_grpo_not_trained_on():
     from learner.config import ConfigError, load_config
+    from learner.main import check_rewards
 
     with pytest.raises(ConfigError, match="compositional_strikt.*did you mean 'compositional_strict'"):
         load_config(None, ["grpo.check_rewards=[compositional_strikt]"])
-    with pytest.raises(ConfigError, match="also trained on"):
-        load_config(None, ["grpo.check_rewards=[compositional]"])
-    assert load_config(None, ["grpo.check_rewards=[compositional_strict]"]).grpo.check_rewards == ["compositional_strict"]
+    cfg = load_config(None, ["rewards=[{name: compositional}]"])  # the default checks hold compositional
+    with pytest.raises(ConfigError, match=r"check_rewards\[0\]='compositional' is also trained on.*"
+                                          r"Set grpo.check_rewards=\[compositional_count\]"):
+        check_rewards(cfg, "grpo")
+    check_rewards(cfg, "sample")  # a sample run scores with `rewards` and never reads the checks
+    cfg = load_config(None, ["rewards=[{name: compositional}]", "grpo.check_rewards=[compositional_strict]"])
+    check_rewards(cfg, "grpo")
 
 
 DRIVER = """
