@@ -34,7 +34,8 @@ def test_sample_writes_images_grid_and_scores_and_matches_the_python_api(checkpo
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_dir = tmp_path / "run"
     proc = run_sample(f"init_from={checkpoint}", f"sample.prompt_file={prompt_file}", "sample.images_per_prompt=2",
-                   "sample.steps=3", "sample.score=true", "seed=5", f"run_dir={run_dir}", f"mlflow.tracking_uri={uri}")
+                   "sample.steps=3", "sample.score=true", "seed=5", f"run_dir={run_dir}", f"mlflow.tracking_uri={uri}",
+                   "rewards=[{name: compositional}]")  # (a GRPO check of the default: sample mode ignores the checks)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())
     assert summary["mode"] == "sample" and summary["prompts"] == 3 and summary["images"] == 6
