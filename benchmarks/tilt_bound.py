@@ -1,13 +1,14 @@
 """How far must the policy move to gain a given held-out reward? The KL-optimal bound, measured on the base's samples.
 
-    python benchmarks/tilt_bound.py [--init builtin:scenes-base] [--prompts 128] [--samples 64] [--out DIR]
+    python benchmarks/tilt_bound.py [--init builtin:scenes-base] [--reward compositional] [--prompts 128]
+        [--samples 64] [--out DIR]
 
 Of all policies at a given KL from the base, the one with the highest expected reward is the base tilted by its
 reward, p_beta(x | c) ~ p_0(x | c) exp(R(x, c) / beta) (the optimum of KL-regularised RL). On n samples of the base per
 prompt, p_beta is a reweighting of them: for each beta, E_beta[R] and KL(p_beta || p_0) = sum w log(n w), per prompt,
 one beta for all prompts (the regularised optimum shares it). The script samples the GRPO held-out prompts with the
-stochastic 10-step hybrid sampler (GRPO's policy), scores them with the trained verifier and the strict check, and
-prints:
+stochastic 10-step hybrid sampler (GRPO's held-out evaluation), scores them with the trained verifier (`--reward`:
+the lenient `compositional` or `compositional_strict`) and the other setting as the check, and prints:
 
 - the base's held-out mean, the best of k samples for k = 1..n (unbiased from the order statistics) and its KL bound
   log k - (k - 1)/k;
@@ -37,6 +38,10 @@ sys.path.insert(0, str(ROOT))
 
 from learner import env  # noqa: E402,F401  (offline, no telemetry)
 from learner.bootstrap import Estimate, bootstrap_ci, bootstrap_stat  # noqa: E402
+
+
+# --reward: the verifier setting tilted by -> the other, reported as its check
+SETTINGS = {"compositional": "compositional_strict", "compositional_strict": "compositional"}
 
 
 def best_of_k(rewards: np.ndarray, k: int) -> np.ndarray:
@@ -89,24 +94,25 @@ def gain_at_kl(rewards: np.ndarray, budget: float, betas: np.ndarray, by: np.nda
     return best
 
 
-def caption_split(scores: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(m, r - m) of this script's scores: m, the credit the image earns under any caption (its verifier score minus
-    the contrastive one, i.e. its mean under the distractor captions), and the caption-specific rest r - m, which is
-    the contrastive score itself."""
-    return scores["compositional"] - scores["contrastive"], scores["contrastive"]
+def caption_split(scores: dict[str, np.ndarray], reward: str = "compositional") -> tuple[np.ndarray, np.ndarray]:
+    """(m, r - m) of this script's scores: m, the credit the image earns under any caption (its `reward` score minus
+    the contrastive one of the same setting, i.e. its mean under the distractor captions), and the caption-specific
+    rest r - m, which is the contrastive score itself."""
+    return scores[reward] - scores["contrastive"], scores["contrastive"]
 
 
-def split_change(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> dict[str, Estimate]:
+def split_change(before: dict[str, np.ndarray], after: dict[str, np.ndarray], reward: str = "compositional",
+                 check: str = "compositional_strict") -> dict[str, Estimate]:
     """Paired change from `before` to `after` (scores [prompts, samples] of two policies on the same prompts and
-    noises, as this script writes them) of the verifier r, of its caption_split parts and of the strict check, with
-    95% bootstrap intervals over prompts."""
-    n = min(before["compositional"].shape[1], after["compositional"].shape[1])
+    noises, as this script writes them) of the verifier r (`reward`), of its caption_split parts and of the check,
+    with 95% bootstrap intervals over prompts."""
+    n = min(before[reward].shape[1], after[reward].shape[1])
 
     def parts(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         scores = {name: value[:, :n] for name, value in scores.items()}
-        agnostic, specific = caption_split(scores)
-        return {"verifier": scores["compositional"], "any caption": agnostic, "caption-specific": specific,
-                "strict check": scores["compositional_strict"]}
+        agnostic, specific = caption_split(scores, reward)
+        return {"verifier": scores[reward], "any caption": agnostic, "caption-specific": specific,
+                "check": scores[check]}
 
     old, new = parts(before), parts(after)
     return {name: bootstrap_ci(new[name] - old[name]) for name in old}
@@ -122,6 +128,8 @@ def bootstrap(stat, rewards: np.ndarray, resamples: int = 500) -> tuple[float, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--init", default="builtin:scenes-base", help="checkpoint folder or builtin:NAME")
+    parser.add_argument("--reward", choices=list(SETTINGS), default="compositional",
+                        help="the verifier setting the tilt is by (GRPO's trained reward); the other is the check")
     parser.add_argument("--prompts", type=int, default=128, help="held-out prompts (GRPO's held-out set, seed 0)")
     parser.add_argument("--samples", type=int, default=64, help="samples per prompt (the tilt's KL is <= log of it)")
     parser.add_argument("--steps", type=int, default=10)
@@ -149,9 +157,11 @@ def main() -> None:
     torch.set_grad_enabled(False)
     prompts = prompt_source(load_config(None, ["seed=0"])).held_out(args.prompts)
     model = load_model(resolve_checkpoint(args.init))
+    reward, check = args.reward, SETTINGS[args.reward]
     verifiers = {"compositional": build("compositional"), "compositional_strict": build("compositional_strict")}
-    if args.others:  # own score minus this = m(x), the image's mean credit under other captions
-        verifiers["contrastive"] = build("compositional_contrastive", others=args.others)
+    if args.others:  # own score minus this = m(x), the image's mean credit under other captions (the same setting)
+        verifiers["contrastive"] = build("compositional_contrastive", others=args.others,
+                                         strict=reward == "compositional_strict")
     scores = {name: np.zeros((len(prompts), args.samples)) for name in verifiers}
     for s in range(args.samples):
         images = generate(model, prompts, args.steps, 10_000 + s)  # other noise than the held-out evaluation's
@@ -161,14 +171,15 @@ def main() -> None:
     print(file=sys.stderr)
 
     betas = np.geomspace(10.0, 1e-3, 400)
-    r = scores["compositional"]
+    r = scores[reward]
     fmt = lambda e: f"{e[0]:.3f} [{e[1]:.3f}, {e[2]:.3f}]"  # noqa: E731
     lines = [f"{len(prompts)} held-out prompts x {args.samples} samples of `{args.init}` (stochastic hybrid, "
-             f"{args.steps} steps); reward: compositional; 95% bootstrap intervals over prompts", "",
-             "| policy | KL per prompt (nats) | held-out reward | gain | strict check (the same weights) |",
+             f"{args.steps} steps); reward: {reward}; 95% bootstrap intervals over prompts", "",
+             f"| policy | KL per prompt (nats) | held-out reward | gain | check {check} (the same weights) |",
              "|---|---|---|---|---|"]
-    result: dict = {"prompts": len(prompts), "samples": args.samples, "init": args.init, "best_of": {}, "tilt": {}}
-    strict = scores["compositional_strict"]
+    result: dict = {"prompts": len(prompts), "samples": args.samples, "init": args.init, "reward": reward,
+                    "check": check, "best_of": {}, "tilt": {}}
+    checked = scores[check]
     for k in [1, 2, 4, 8, 16, 32, 64]:
         if k > args.samples:
             break
@@ -177,19 +188,19 @@ def main() -> None:
         kl = math.log(k) - (k - 1) / k
         result["best_of"][k] = {"reward": e, "gain": g, "kl_bound": kl}
         name = "the base" if k == 1 else f"best of {k} by the verifier"
-        lines.append(f"| {name} | <= {kl:.2f} | {fmt(e)} | {g[0]:+.3f} | {f'{strict.mean():.3f}' if k == 1 else '-'} |")
+        lines.append(f"| {name} | <= {kl:.2f} | {fmt(e)} | {g[0]:+.3f} | {f'{checked.mean():.3f}' if k == 1 else '-'} |")
     for gain in [0.05, 0.10, 0.15]:
         e = bootstrap(lambda x: kl_for_gain(x, gain, betas), r)
         beta = tilt_for_gain(r, gain, betas)
-        check = float(tilt(r, beta, strict)[0].mean()) if not math.isnan(beta) else float("nan")
-        result["tilt"][f"gain {gain}"] = {"kl": e, "strict": check}
-        lines.append(f"| optimal tilt for +{gain:.2f} | {fmt(e)} | {r.mean() + gain:.3f} | +{gain:.2f} | {check:.3f} |")
+        tilted = float(tilt(r, beta, checked)[0].mean()) if not math.isnan(beta) else float("nan")
+        result["tilt"][f"gain {gain}"] = {"kl": e, "check": tilted}
+        lines.append(f"| optimal tilt for +{gain:.2f} | {fmt(e)} | {r.mean() + gain:.3f} | +{gain:.2f} | {tilted:.3f} |")
     for spent in args.spent:
         e = bootstrap(lambda x: gain_at_kl(x, spent, betas), r)
         result["tilt"][f"kl {spent}"] = e
         lines.append(f"| optimal tilt at a GRPO run's path KL | {spent:.2f} | - | {fmt(e)} | - |")
     if args.others:
-        agnostic, specific = caption_split(scores)
+        agnostic, specific = caption_split(scores, reward)
         both = np.stack([r, agnostic, specific], axis=-1)  # bootstrapped together, row by row
         result["split"] = {"agnostic_mean": float(agnostic.mean())}
         lines += ["", f"What the tilt may look at ({args.others} distractor captions per image; the gain is always "
@@ -205,12 +216,16 @@ def main() -> None:
             lines.append(f"| {budget:.2f} | " + " | ".join(cells) + " |")
         lines += ["", f"m(x) averages {agnostic.mean():.3f} against the own caption's {r.mean():.3f}: that much of the "
                   "base's credit is paid to any caption."]
-    lines += ["", f"Base: verifier {r.mean():.3f}, strict check {strict.mean():.3f}; prompts whose best of "
+    lines += ["", f"Base: verifier {r.mean():.3f}, check {checked.mean():.3f}; prompts whose best of "
               f"{args.samples} samples scores 0: {float((r.max(axis=1) == 0).mean()):.0%}; the empirical tilt's KL "
               f"cannot exceed log {args.samples} = {math.log(args.samples):.2f} nats."]
     if args.against is not None:
-        before = {k: np.asarray(v) for k, v in json.loads(args.against.read_text())["scores"].items()}
-        change = split_change(before, scores)
+        against = json.loads(args.against.read_text())
+        if against.get("reward", "compositional") != reward:
+            parser.error(f"--against {args.against} tilted by {against.get('reward', 'compositional')}, this run by "
+                         f"{reward}: compare runs of one --reward")
+        before = {k: np.asarray(v) for k, v in against["scores"].items()}
+        change = split_change(before, scores, reward, check)
         result["change"] = {name: e.as_dict() for name, e in change.items()}
         lines += ["", f"Change from `{args.against}` (paired: same prompts and noises):", "",
                   "| score | change [95% CI] |", "|---|---|"]

@@ -82,6 +82,11 @@ def test_the_split_change_puts_a_look_every_caption_pays_for_in_m_and_a_caption_
     change = split_change(before, fit)
     assert change["any caption"].mean == pytest.approx(0) and change["caption-specific"].mean == pytest.approx(0.1)
     assert change["caption-specific"].low > 0.09  # a constant shift has no spread
+    # tilted by the strict setting (--reward compositional_strict): its column is the verifier, the lenient the check
+    change = split_change(before, {**before, "compositional_strict": 0.5 * r + 0.2}, "compositional_strict",
+                          "compositional")
+    assert change["verifier"].mean == pytest.approx(0.2) and change["check"].mean == pytest.approx(0)
+    assert change["any caption"].mean == pytest.approx(0.2)  # the contrastive score did not move: any caption pays
 
 
 def test_time_to_a_target_counts_a_seed_that_never_reaches_it_as_censored():
