@@ -1,6 +1,7 @@
 """At which sampler step is a sample's reward decided? Branch the chain there and compare.
 
-    python benchmarks/decision_time.py [--model builtin:scenes-minilm-x0-4200] [--prompts 128] [--branches 2]
+    python benchmarks/decision_time.py [--model builtin:scenes-minilm-x0-4200] [--reward compositional] [--prompts 128]
+        [--branches 2]
 
 One 10-step stochastic chain per held-out prompt (the evaluation's sampler); from each recorded state y_k the chain is
 continued `--branches` times with fresh noise. How far the branches' rewards agree with the original's says how much
@@ -31,7 +32,7 @@ from proxmodel.generate import generate, sample
 from proxmodel.model import load_model, prox_fn
 from proxmodel.policy import Policy
 from proxmodel.sampler import hybrid_step, standard_normal
-from rewards.compositional import CompositionalReward
+from rewards import build
 
 
 @torch.no_grad()
@@ -47,6 +48,8 @@ def continue_chain(prox, y: torch.Tensor, grid, k: int, generator: torch.Generat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin:scenes-minilm-x0-4200")
+    parser.add_argument("--reward", choices=["compositional", "compositional_strict"], default="compositional",
+                        help="the verifier setting whose outcome is branched (GRPO's default trains the strict one)")
     parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--branches", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
@@ -56,7 +59,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.monotonic()
     prompts = prompt_source(load_config(None, [])).held_out(args.prompts)
-    reward = CompositionalReward()
+    reward = build(args.reward)
     model = load_model(resolve_checkpoint(args.model)).eval()
     policy = Policy.of(model, args.steps)
     context = model.encode_text(model.tokenize(prompts))
@@ -69,7 +72,8 @@ def main() -> None:
     # [prompts, branches]: independent samples of every prompt (new start noise), the undecided reference
     independent = np.stack([reward.score(generate(model, prompts, args.steps, 10_000 + b), prompts).double().numpy()
                             for b in range(args.branches)], axis=1)
-    rows, result = [], {"model": args.model, "prompts": args.prompts, "branches": args.branches, "points": []}
+    rows, result = [], {"model": args.model, "reward": args.reward, "prompts": args.prompts,
+                        "branches": args.branches, "points": []}
     for j in range(n):  # branch from states[:, j] = y_{n - j}: j transitions of the original kept
         k = n - j
         branch = np.stack([
@@ -92,8 +96,9 @@ def main() -> None:
     kept = bootstrap_ci(((orig > 0.5) == (independent > 0.5)).astype(float))
     rows.insert(0, f"| nothing (independent samples) | - | 1 | {kept} | {bootstrap_ci(np.abs(independent - orig))} |")
     text = (f"`{args.model}`, {args.prompts} held-out prompts, one {n}-step stochastic chain each, continued "
-            f"{args.branches} times with fresh noise from each state; verifier reward; 95% bootstrap over prompts. "
-            "Undecided: the branches' mean squared reward change over that of independent samples of the prompt.\n\n"
+            f"{args.branches} times with fresh noise from each state; reward {args.reward}; 95% bootstrap over "
+            "prompts. Undecided: the branches' mean squared reward change over that of independent samples of the "
+            "prompt.\n\n"
             "| branched at | transitions kept | undecided | verdict kept (> 0.5) | "
             "mean abs change |\n|---|---|---|---|---|\n" + "\n".join(rows)
             + f"\n\nOriginal mean {original.mean():.3f}. Total time {time.monotonic() - started:.0f} s.\n")
