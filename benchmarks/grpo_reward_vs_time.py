@@ -42,6 +42,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("prox", "score")
 POLICIES = {  # name -> (base model kind, overrides)
+    # sessions 30-31 ran these under the policy-gradient default's stochastic_steps 3 (the default since 46 is null):
+    # main() adds grpo.stochastic_steps=min(3, steps - 1) to the prox policies
     "prox-pg": ("prox", ["grpo.objective=policy_gradient"]),
     "prox-forward": ("prox", ["grpo.objective=forward"]),
     "score-pg": ("score", ["grpo.objective=policy_gradient", "grpo.stochastic_steps=null"]),  # its full SDE chain
@@ -207,6 +209,8 @@ def main() -> None:
     for seed in args.seeds:  # seed by seed: a run stopped part-way has every policy on the same seeds
         for name in args.policies:
             kind, overrides = POLICIES[name]
+            if kind == "prox":  # the early transitions stochastic, the rest the flow ODE, as sessions 30-31 ran
+                overrides = [*overrides, f"grpo.stochastic_steps={min(3, g.steps - 1)}"]
             # Each finished run's curves are kept under --out/kept, so the benchmark can be stopped and continued
             # (e.g. one seed per session); a kept run is used only if it was made with the same settings.
             kept = args.out / "kept" / f"{name}-seed{seed}.json"

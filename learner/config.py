@@ -409,7 +409,7 @@ class GrpoConfig(Strict):
             if self.objective == "direct":
                 raise ValueError(f"grpo.objective=direct replays the fully stochastic chain, but grpo.stochastic_steps="
                                  f"{self.stochastic_steps} makes its later steps the ODE; also set "
-                                 "grpo.stochastic_steps=null (the default config's value is for the policy gradient)")
+                                 "grpo.stochastic_steps=null (3 is the policy gradient's measured setting)")
         window, last = self.train_step_window, (self.stochastic_steps or self.steps - 1) - 1
         has = (f"grpo.steps={self.steps} has {last + 1}" if self.stochastic_steps is None else
                f"grpo.stochastic_steps={self.stochastic_steps} makes {last + 1} of them stochastic")

@@ -168,6 +168,8 @@ def check_rewards(cfg: RunConfig, mode: str) -> None:
     if mode != "grpo":
         return
     trained = [spec.name for spec in cfg.rewards]
+    if cfg.grpo.objective == "direct":  # its gradient is direct_reward's, whatever the rewards mix measures
+        trained.append(cfg.grpo.direct_reward)
     for i, name in enumerate(cfg.grpo.check_rewards):
         if name in trained:
             rest = [c for c in cfg.grpo.check_rewards if c not in trained]

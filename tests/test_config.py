@@ -55,7 +55,7 @@ def test_the_direct_objective_needs_a_differentiable_reward_and_a_replay_inside_
 def test_detached_replay_inputs_are_refused_outside_the_direct_objective():
     load_config(DEFAULT_CONFIG, ["grpo.objective=direct", "grpo.stochastic_steps=null", "grpo.direct_detach_inputs=true"])
     with pytest.raises(ConfigError, match="direct_detach_inputs=true shapes the gradient of grpo.objective=direct"):
-        load_config(DEFAULT_CONFIG, ["grpo.direct_detach_inputs=true"])
+        load_config(DEFAULT_CONFIG, ["grpo.objective=policy_gradient", "grpo.direct_detach_inputs=true"])
     with pytest.raises(ConfigError, match="needs grpo.direct_detach_inputs=true: through the full chain"):
         load_config(DEFAULT_CONFIG, ["grpo.objective=direct", "grpo.stochastic_steps=null", "grpo.train_step_fraction=0.5"])
 
@@ -154,8 +154,8 @@ def test_a_started_run_with_an_option_of_another_objective_still_resumes(tmp_pat
 
 
 @pytest.mark.parametrize("overrides", [
-    ["grpo.stochastic_steps=9"],  # grpo.steps 10: all 9 transitions stochastic
-    ["grpo.stochastic_steps=null", "grpo.train_step_window=[0,8]"],  # the last transition is one to train
+    ["grpo.objective=policy_gradient", "grpo.stochastic_steps=9"],  # grpo.steps 10: all 9 transitions stochastic
+    ["grpo.objective=policy_gradient", "grpo.train_step_window=[0,8]"],  # the last transition is one to train
     ["grpo.prompt_stats_min_count=32"],  # as many as the buffer holds
     ["grpo.prompts_per_iteration=2", "actors.learner.count=2"],  # one group per rank
     ["redis.url=rediss://cache.example:6380/0"],  # Redis over TLS

@@ -84,6 +84,12 @@ def test_check_rewards_must_be_registered_and_in_grpo_not_trained_on():
     check_rewards(cfg, "sample")  # a sample run scores with `rewards` and never reads the checks
     cfg = load_config(None, ["rewards=[{name: compositional}]", "grpo.check_rewards=[compositional_strict]"])
     check_rewards(cfg, "grpo")
+    # the direct objective trains on direct_reward's gradient, not on `rewards`: a check equal to it is trained on
+    direct = ["grpo.objective=direct", "grpo.stochastic_steps=null", "grpo.direct_reward=compositional_soft"]
+    cfg = load_config(None, [*direct, "grpo.check_rewards=[compositional_soft, compositional_count]"])
+    with pytest.raises(ConfigError, match=r"check_rewards\[0\]='compositional_soft' is also trained on"):
+        check_rewards(cfg, "grpo")
+    check_rewards(load_config(None, [*direct, "grpo.check_rewards=[compositional, compositional_count]"]), "grpo")
 
 
 DRIVER = """
