@@ -185,16 +185,17 @@ def first_entry_seen(server, stop: threading.Event, seen: dict) -> None:
         time.sleep(0.02)
 
 
-def test_forward_objective_runs_end_to_end_without_trajectories_on_the_wire(pretrained, store):
-    root, uri = store
+def grpo_watching_the_stream(pretrained: dict, root: Path, uri: str, name: str, *overrides: str) -> tuple[dict, dict]:
+    """A smoke GRPO run on its own embedded Redis (no mid-run evaluation) while a thread reads the stream's first
+    entry: (the run's summary, that entry's safetensors tensors)."""
     seen, stop = {}, threading.Event()
     with EmbeddedRedis() as server:
         watcher = threading.Thread(target=first_entry_seen, args=(server, stop, seen), daemon=True)
         watcher.start()
         proc = run_cli(
-            "--mode", "grpo", "--config", str(SMOKE), f"run_dir={root / 'forward'}", f"mlflow.tracking_uri={uri}",
-            f"init_from={pretrained['checkpoint']}", f"redis.url=unix://{server.socket}", "grpo.objective=forward",
-            "grpo.eval_every=0", env={"PROXRL_REDIS_PASSWORD": server.password},
+            "--mode", "grpo", "--config", str(SMOKE), f"run_dir={root / name}", f"mlflow.tracking_uri={uri}",
+            f"init_from={pretrained['checkpoint']}", f"redis.url=unix://{server.socket}", "grpo.eval_every=0",
+            *overrides, env={"PROXRL_REDIS_PASSWORD": server.password},
         )
         stop.set()
         watcher.join()
@@ -202,8 +203,14 @@ def test_forward_objective_runs_end_to_end_without_trajectories_on_the_wire(pret
         summary = json.loads(Path(last_line(proc)).read_text())
         assert seen, "no stream entry was seen while the run wrote them"
         tensors = safetensors.torch.load(seen["fields"][b"tensors"])
-    assert "samples" in tensors and "states" not in tensors and "log_probs" not in tensors
     assert summary["stream"]["pending"] == 0 and summary["stream"]["entries"] == summary["groups_written"]
+    return summary, tensors
+
+
+def test_forward_objective_runs_end_to_end_without_trajectories_on_the_wire(pretrained, store):
+    root, uri = store
+    summary, tensors = grpo_watching_the_stream(pretrained, root, uri, "forward", "grpo.objective=forward")
+    assert "samples" in tensors and "states" not in tensors and "log_probs" not in tensors
     history = MlflowClient(uri).get_metric_history(summary["mlflow_run_id"], "forward_loss")
     assert len(history) == summary["iterations"] and all(math.isfinite(m.value) for m in history)
 
@@ -214,24 +221,9 @@ def test_the_defaults_direct_objective_trains_the_final_prox_through_the_whole_s
     the learner must build the differentiable reward itself and log its value and the KL every iteration, and the
     exported weights must differ from the start. Catches a stack that wires only the policy gradient."""
     root, uri = store
-    seen, stop = {}, threading.Event()
-    with EmbeddedRedis() as server:
-        watcher = threading.Thread(target=first_entry_seen, args=(server, stop, seen), daemon=True)
-        watcher.start()
-        proc = run_cli(
-            "--mode", "grpo", "--config", str(SMOKE), f"run_dir={root / 'direct'}", f"mlflow.tracking_uri={uri}",
-            f"init_from={pretrained['checkpoint']}", f"redis.url=unix://{server.socket}", "grpo.objective=direct",
-            "grpo.stochastic_steps=null", "grpo.direct_reward=compositional_soft", "grpo.eval_every=0",
-            env={"PROXRL_REDIS_PASSWORD": server.password},
-        )
-        stop.set()
-        watcher.join()
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        summary = json.loads(Path(last_line(proc)).read_text())
-        assert seen, "no stream entry was seen while the run wrote them"
-        tensors = safetensors.torch.load(seen["fields"][b"tensors"])
+    summary, tensors = grpo_watching_the_stream(pretrained, root, uri, "direct", "grpo.objective=direct",
+                                                "grpo.stochastic_steps=null", "grpo.direct_reward=compositional_soft")
     assert "states" in tensors  # y_N..y_1 of every rollout: the replay starts from them
-    assert summary["stream"]["pending"] == 0 and summary["stream"]["entries"] == summary["groups_written"]
     client = MlflowClient(uri)
     for metric in ("direct_reward", "kl"):
         history = client.get_metric_history(summary["mlflow_run_id"], metric)
