@@ -188,13 +188,15 @@ def main() -> None:
         kl = math.log(k) - (k - 1) / k
         result["best_of"][k] = {"reward": e, "gain": g, "kl_bound": kl}
         name = "the base" if k == 1 else f"best of {k} by the verifier"
-        lines.append(f"| {name} | <= {kl:.2f} | {fmt(e)} | {g[0]:+.3f} | {f'{checked.mean():.3f}' if k == 1 else '-'} |")
+        base_check = f"{checked.mean():.3f}" if k == 1 else "-"
+        lines.append(f"| {name} | <= {kl:.2f} | {fmt(e)} | {g[0]:+.3f} | {base_check} |")
     for gain in [0.05, 0.10, 0.15]:
         e = bootstrap(lambda x: kl_for_gain(x, gain, betas), r)
         beta = tilt_for_gain(r, gain, betas)
         tilted = float(tilt(r, beta, checked)[0].mean()) if not math.isnan(beta) else float("nan")
         result["tilt"][f"gain {gain}"] = {"kl": e, "check": tilted}
-        lines.append(f"| optimal tilt for +{gain:.2f} | {fmt(e)} | {r.mean() + gain:.3f} | +{gain:.2f} | {tilted:.3f} |")
+        lines.append(f"| optimal tilt for +{gain:.2f} | {fmt(e)} | {r.mean() + gain:.3f} | +{gain:.2f} | "
+                     f"{tilted:.3f} |")
     for spent in args.spent:
         e = bootstrap(lambda x: gain_at_kl(x, spent, betas), r)
         result["tilt"][f"kl {spent}"] = e
