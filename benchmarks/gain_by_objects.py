@@ -1,6 +1,6 @@
 """Where a GRPO run's held-out gain is made: the paired change split by how many objects each caption states.
 
-    python benchmarks/gain_by_objects.py RUN_DIR_OR_SCORES_JSON [...] [--reward total] [--against OTHER ...]
+    python benchmarks/gain_by_objects.py RUN_DIR_OR_SCORES_JSON [...] [--reward total] [--against OTHER ...] [--step N]
 
 Reads each run's held_out_scores.json (every held-out prompt's score under every noise seed, before and after; in a
 GRPO run_dir, and kept by benchmarks/grpo_recipe.py under its --out/scores/) and prints the paired change after -
@@ -27,12 +27,20 @@ from binding import by_objects  # noqa: E402
 from learner.bootstrap import bootstrap_ci  # noqa: E402
 
 
-def read_scores(path: Path) -> dict:
-    """A held_out_scores.json, given itself or the run dir holding it."""
+def read_scores(path: Path, step: int | None = None) -> dict:
+    """A held_out_scores.json, given itself or the run dir holding it; with `step`, its evaluation at that step (one
+    of every grpo.eval_every) stands as the "after"."""
     path = path / "held_out_scores.json" if path.is_dir() else path
     if not path.is_file():
         raise SystemExit(f"{path} not found: give a GRPO run_dir or its held_out_scores.json")
-    return json.loads(path.read_text())
+    scores = json.loads(path.read_text())
+    if step is not None:
+        during = scores.get("during", {})
+        if str(step) not in during:
+            raise SystemExit(f"{path} has no evaluation at step {step}; it has steps {sorted(map(int, during))} "
+                             "(runs evaluate every grpo.eval_every) and its final one (no --step)")
+        scores["after"] = during[str(step)]
+    return scores
 
 
 def split(change: np.ndarray, prompts: list[str]) -> dict[str, dict]:
@@ -71,19 +79,22 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--against", nargs="+", type=Path, default=None,
                         help="another recipe's runs, one per run and in the same seed order: each row is then the "
                              "run's final scores minus that run's, paired on the same prompts and noise")
+    parser.add_argument("--step", type=int, default=None,
+                        help="the runs' evaluation at this step (every grpo.eval_every) instead of their final one")
     args = parser.parse_args(argv)
     if args.against is not None and len(args.against) != len(args.runs):
         parser.error(f"--against takes one run per run: {len(args.runs)} runs, {len(args.against)} against")
     rows, changes, prompts = [], [], None
     for i, path in enumerate(args.runs):
         other = read_scores(args.against[i]) if args.against else None
-        run_prompts, change, kinds = change_by_objects(read_scores(path), args.reward, other)
+        run_prompts, change, kinds = change_by_objects(read_scores(path, args.step), args.reward, other)
         rows.append(line(f"{path} - {args.against[i]}" if other else str(path), kinds))
         changes.append(change)
         prompts = run_prompts if prompts is None or prompts == run_prompts else []
     if len(changes) > 1 and prompts:  # one recipe's seeds: the same prompts, so the per-prompt changes average
         rows.append(line(f"pooled over {len(changes)} runs", split(np.mean(changes, axis=0), prompts)))
     what = "the run's final scores - the other's" if args.against else "after - before"
+    what += f", at step {args.step}" if args.step is not None else ""
     text = (f"Held-out change of `{args.reward}` ({what}, 95% interval over prompts; prompts in brackets)\n\n"
             "| run | all prompts | one object | two or more objects |\n|---|---|---|---|\n" + "\n".join(rows))
     print(text)

@@ -211,6 +211,16 @@ def unvarying_metrics(g, metrics: dict) -> set[str]:
     return names
 
 
+DURING = "held_out_during"  # run_dir's folder of the scheduled evaluations' scores
+
+
+def evaluations_between(run_dir: Path, done: int) -> dict[str, dict]:
+    """{step: {reward: scores [prompts][seeds]}} of the scheduled evaluations before step `done` (the final one is
+    the "after"; a resumed run re-evaluates, and so overwrites, the steps past its restart)."""
+    files = {int(f.stem.removeprefix("step")): f for f in (run_dir / DURING).glob("step*.json")}
+    return {str(step): json.loads(files[step].read_text()) for step in sorted(files) if step < done}
+
+
 class GrpoRun:
     """One GRPO run's actors, prompt stream and evaluation, driven from the driver process."""
 
@@ -661,6 +671,11 @@ class GrpoRun:
         scores = self.evaluate(step)  # (the rollout actors have the weights last published)
         if g.stop_on_hacking and self.state is not None:  # None: no update yet, the weights are the start's (best)
             self.keep_if_best(step, scores, state=self.from_learners([self.state])[0])  # (rank 0's)
+        # Its scores, every prompt under every noise, in the run dir (so a resumed run keeps them): finish() adds them
+        # to held_out_scores.json, and the runs' changes at this step pair and pool (gain_by_objects.py --step).
+        during = self.run_dir / DURING / f"step{step:05d}.json"
+        during.parent.mkdir(parents=True, exist_ok=True)
+        during.write_text(json.dumps({name: m.tolist() for name, m in scores.items()}) + "\n")
         self.progress.eval_time_s += time.time() - started
         self.tracker.metrics({"eval_s": time.time() - started}, step=step)
 
@@ -693,13 +708,14 @@ class GrpoRun:
                            "difference": bootstrap_ci(after[name] - self.before[name]).as_dict()}
                     for name in after}
         checks = {name: held_out.pop(name) for name in g.check_rewards}
-        # Every prompt's scores under every noise seed, before and after: what paired comparisons of runs that share
-        # the held-out prompts and seeds bootstrap (benchmarks/grpo_reward_vs_time.py).
+        # Every prompt's scores under every noise seed, before, after and at every evaluation between (by step): what
+        # paired comparisons of runs that share the held-out prompts and seeds bootstrap (gain_by_objects.py).
         scores_path = self.run_dir / "held_out_scores.json"
         scores_path.write_text(json.dumps({
             "prompts": list(self.eval_prompts), "seeds": g.eval_seeds, "layout": "[prompt][noise seed]",
             "before": {name: m.tolist() for name, m in self.before.items()},
-            "after": {name: m.tolist() for name, m in after.items()}}) + "\n")
+            "after": {name: m.tolist() for name, m in after.items()},
+            "during": evaluations_between(self.run_dir, done)}) + "\n")
         self.tracker.artifact(scores_path)
         write_card(checkpoint, self.model_cfg, {
             **self.card(done), "held_out": {"prompts": len(self.eval_prompts), "seeds": g.eval_seeds,

@@ -121,3 +121,6 @@ def test_the_scheduled_evaluation_runs_after_an_iteration_whose_groups_were_all_
     assert summary["groups_dropped"] == n and summary["iterations"] == 3
     steps = metrics_by_step(uri, summary["mlflow_run_id"])["eval_reward_total"]
     assert sorted(steps) == [0, 2, 3]  # the start, the one due after the dropped iteration, the end
+    during = json.loads(Path(summary["held_out_scores"]).read_text())["during"]
+    assert list(during) == ["2"]  # the scheduled evaluation's scores, every prompt under every noise
+    assert np.array(during["2"]["total"]).shape == (cfg.grpo.eval_prompts, cfg.grpo.eval_seeds)

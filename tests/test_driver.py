@@ -181,6 +181,22 @@ def test_the_schedule_leaves_the_last_evaluation_to_finish_and_eval_every_0_sche
     assert done == []
 
 
+def test_every_scheduled_evaluations_scores_reach_the_held_out_scores_by_step(tmp_path):
+    """The scores of each evaluation between the start and the end are kept by step (what gain_by_objects.py --step
+    pools over seeds): would catch a step's scores filed under another step, or the final step's (the "after")
+    listed again among them."""
+    from learner.grpo import evaluations_between
+
+    run = bare_run(tmp_path, "grpo.eval_every=2", "grpo.iterations=6")
+    run.evaluate = lambda step: {"total": np.full((4, 2), step / 10)}
+    for step in range(1, 7):
+        run.scheduled_evaluation(step)
+    during = evaluations_between(tmp_path, 6)
+    assert sorted(during, key=int) == ["2", "4"]
+    assert during["4"]["total"] == np.full((4, 2), 0.4).tolist() and during["2"]["total"][0] == [0.2, 0.2]
+    assert list(evaluations_between(tmp_path, 4)) == ["2"]  # stopped at 4 (time limit): its scores are the after
+
+
 def test_a_scheduled_evaluation_exports_a_best_only_with_stop_on_hacking_and_trained_weights(tmp_path):
     """Without stop_on_hacking no best-it* folder is exported (the summary's checkpoint is the last one); before the
     first update (every group of the first iterations dropped) the weights are the start's, already the best, and

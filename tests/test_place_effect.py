@@ -134,6 +134,12 @@ def test_a_runs_gain_is_split_by_how_many_objects_each_caption_states(tmp_path):
     assert "| -0.100 [-0.100, -0.100] (2) | +0.100 [" in text
     with pytest.raises(SystemExit, match="same seed order"):  # another start (or seed) is not a pair
         change_by_objects(scores, "total", dict(other, before={"total": (before + 0.01).tolist()}))
+    # An evaluation between start and end (every grpo.eval_every) stands as the after with --step.
+    (tmp_path / "d.json").write_text(json.dumps(dict(scores, during={"10": {"total": (before + 0.3).tolist()}})))
+    assert "| +0.300 [+0.300, +0.300] (4) |" in main([str(tmp_path / "d.json"), "--step", "10"])
+    assert "| +0.100 [" in main([str(tmp_path / "d.json")])  # the final scores without --step
+    with pytest.raises(SystemExit, match=r"no evaluation at step 20; it has steps \[10\]"):
+        main([str(tmp_path / "d.json"), "--step", "20"])
 
 
 def test_colour_binding_tells_bound_colours_from_colours_placed_at_random():
