@@ -278,6 +278,14 @@ RECIPES: dict[str, list[str]] = {
     # paired with the policy gradient +0.088 [+0.062, +0.115]: the default since. Seed 0 of these: +0.082, +0.110.)
     "direct-lr2e-4": ["grpo.objective=direct", _FULL_CHAIN, "grpo.lr=2e-4"],
     "direct-k2": ["grpo.objective=direct", _FULL_CHAIN, "grpo.direct_steps=2"],
+    # Session 47: does the direct objective keep climbing past 30 iterations? Evaluated every 10 (the scores at each
+    # step are in the scores json: gain_by_objects.py --step), and 30 minutes of it on the strict verifier.
+    "direct-50": ["grpo.objective=direct", _FULL_CHAIN, "grpo.iterations=50", "grpo.eval_every=10"],
+    # benchmarks/strict_failures.py: the base's strict failures are mostly off-palette pixels in the blobs (the
+    # tolerance: strict 0.49 with it, 0.86 without); the dense verifier with that tolerance as the direct reward.
+    "direct-softstrict": ["grpo.objective=direct", _FULL_CHAIN, "grpo.direct_reward=compositional_soft_strict"],
+    "direct-budget30": ["grpo.objective=direct", _FULL_CHAIN, "grpo.iterations=1000", "grpo.time_limit_s=1800",
+                        "grpo.eval_every=35"],
     "block8": ["grpo.credit_block=8"],
     "block8-kl0.0078": ["grpo.credit_block=8", "grpo.kl_coef=0.0078125"],
     # session 45: the default until then, trained on the lenient verifier with the strict one held out (since 45 the

@@ -313,7 +313,7 @@ def _centroid_offset(shape: str, size_px: int) -> tuple[float, float]:
 
 
 def soft_verify(image: torch.Tensor | np.ndarray, scene: Scene, temperature: float = SOFT_TEMPERATURE,
-                exact: bool = False) -> torch.Tensor:
+                exact: bool = False, tolerance: Optional[float] = None) -> torch.Tensor:
     """A dense version of `verify`: the same attributes, each credited in [0, 1] by how close the image is to holding
     it, so that images which all fail the verifier's thresholds still differ in credit. Differentiable in the pixels
     (a 0-dim tensor, with gradients when `image` has them): grpo.objective direct backpropagates it into the sampler.
@@ -338,13 +338,22 @@ def soft_verify(image: torch.Tensor | np.ndarray, scene: Scene, temperature: flo
     credit while a copy landing in the stated place earned 0.3-0.4, and direct training on it hedged more than on the
     plain verifier (session 23, docs/results.md). The background attribute above averages over every outside pixel,
     so an extra object costs it a few percent.
+
+    tolerance: the strict verifier's (`STRICT`): a pixel farther than it from every palette colour is no colour's,
+    and in an object's blob it counts against the purity (so blurred, off-palette edges fail most strict verdicts of
+    the base's samples: benchmarks/strict_failures.py). Densely: every pixel's classes are scaled by
+    exp(-max(0, d^2 - tolerance^2) / temperature), d its distance to the nearest palette colour: 1 within the
+    tolerance (which is all the verifier asks), falling with the distance past it, its gradient toward that colour.
     """
     image = torch.as_tensor(image)
     side = image.shape[-1]
     pixels = image.float().permute(1, 2, 0).reshape(-1, 3)
     palette = torch.from_numpy(PALETTE).to(pixels.device)
-    logits = -((pixels[:, None, :] - palette[None]) ** 2).sum(-1) / temperature
-    probs = logits.softmax(dim=1).reshape(side, side, len(PALETTE))
+    distances = ((pixels[:, None, :] - palette[None]) ** 2).sum(-1)
+    probs = (-distances / temperature).softmax(dim=1)
+    if tolerance is not None:  # off-palette pixels are no colour's (nor the background's)
+        probs = probs * torch.exp(-(distances.min(dim=1).values - tolerance**2).clamp(min=0) / temperature)[:, None]
+    probs = probs.reshape(side, side, len(PALETTE))
 
     half = side // 2
     centres = torch.arange(half, dtype=torch.float32, device=pixels.device) + 0.5
@@ -451,9 +460,10 @@ class SoftCompositionalReward(CompositionalReward):
     differentiable = True
 
     exact = False
+    tolerance: Optional[float] = None
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return torch.stack([soft_verify(image, self.scene(prompt), exact=self.exact)
+        return torch.stack([soft_verify(image, self.scene(prompt), exact=self.exact, tolerance=self.tolerance)
                             for image, prompt in zip(images, prompts)])
 
     @staticmethod
@@ -473,3 +483,12 @@ class ExactSoftCompositionalReward(SoftCompositionalReward):
     -0.37), which it charges only through the colour's share and the thresholded verifier not at all."""
 
     exact = True
+
+
+@register("compositional_soft_strict")
+class StrictSoftCompositionalReward(SoftCompositionalReward):
+    """The dense verifier with the strict verifier's colour tolerance (`soft_verify(tolerance=STRICT.tolerance)`):
+    the pixels it would leave unclassified, the edges a blur leaves between an object and the background, earn no
+    class's credit, and their gradient pulls them to the nearest palette colour."""
+
+    tolerance = STRICT.tolerance

@@ -27,7 +27,8 @@ def test_jpeg_rewards_order_flat_above_noisy_and_are_deterministic():
 
 
 @pytest.mark.parametrize("name", ["compositional", "compositional_strict", "compositional_soft", "compositional_soft_exact",
-                                  "compositional_count", "jpeg_compressibility", "jpeg_incompressibility"])
+                                  "compositional_soft_strict", "compositional_count", "jpeg_compressibility",
+                                  "jpeg_incompressibility"])
 def test_a_nonfinite_image_scores_nan_and_the_others_keep_their_scores(name):
     scenes, captions = scene_batch(seed=1, start=0, count=4, side=32)
     images = torch.from_numpy(scenes)
@@ -62,7 +63,8 @@ def test_a_plugin_written_without_the_guards_keeps_the_interfaces_promises():
 
 
 @pytest.mark.parametrize("name", ["compositional", "compositional_count", "compositional_contrastive",
-                                  "compositional_soft", "compositional_soft_exact", "jpeg_compressibility"])
+                                  "compositional_soft", "compositional_soft_exact", "compositional_soft_strict",
+                                  "jpeg_compressibility"])
 def test_a_batch_scores_each_image_as_it_scores_alone(name):
     """An image's reward cannot depend on the other images of its batch (the rollout batches a GRPO group's images
     together). Would catch the contrastive verifier tiling its images in the wrong order (images.repeat for

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rewards import build
-from rewards.compositional import PALETTE, PALETTE_NAMES, count_objects, soft_verify, verify
+from rewards.compositional import PALETTE, PALETTE_NAMES, STRICT, count_objects, soft_verify, verify
 from rewards.scenes import (Scene, SceneObject, bound_scene, mirror_caption, near_miss, parse_caption, random_scene,
                            render, scene_batch, scene_prompts)
 
@@ -213,6 +213,40 @@ def test_ascending_the_soft_verifiers_pixel_gradient_satisfies_the_verifier():
             optimiser.step()
         after.append(verify(x.detach().clamp(0, 1).numpy(), scene))
     assert np.mean(before) < 0.2 and np.mean(after) >= 0.75, (before, after)
+
+
+def test_the_strict_soft_verifier_charges_off_palette_pixels_and_its_gradient_sharpens_blurred_edges():
+    """compositional_soft_strict adds the strict verifier's colour tolerance to the dense one: pixels within it keep
+    their credit exactly (a faithful render, a slight tint), and ascending it from blurred renders (the strict
+    verifier's typical failure: off-palette edges in the blob) must satisfy the strict verifier more than ascending
+    the plain dense verifier does. Would catch the tolerance ignored, applied inside it, or its gradient reversed."""
+    import torch.nn.functional as F
+
+    images, captions = scene_batch(seed=7, start=0, count=12, side=32, omit_prob=0.3)
+    faithful = torch.from_numpy(images)
+    soft, strict = build("compositional_soft"), build("compositional_soft_strict")
+    for x in (faithful, faithful * 0.9 + 0.05):  # the tint moves each pixel by at most 0.1 * sqrt(3) < 0.2
+        assert torch.equal(strict.score(x, captions), soft.score(x, captions))
+    kernel = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (kernel[:, None] * kernel[None] / 16).expand(3, 1, 3, 3)
+    blurred = F.conv2d(F.pad(faithful, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
+    assert float(strict.score(blurred, captions).mean()) < float(soft.score(blurred, captions).mean()) - 0.1
+
+    def strict_verdicts_after_ascending(tolerance) -> float:
+        verdicts = []
+        for image, caption in zip(blurred, captions):
+            scene, x = parse_caption(caption), image.clone().requires_grad_(True)
+            optimiser = torch.optim.Adam([x], lr=0.01)
+            for _ in range(60):
+                optimiser.zero_grad()
+                (-soft_verify(x, scene, tolerance=tolerance)).backward()
+                optimiser.step()
+            verdicts.append(verify(x.detach().clamp(0, 1).numpy(), scene, STRICT))
+        return float(np.mean(verdicts))
+
+    start = np.mean([verify(b.numpy(), parse_caption(c), STRICT) for b, c in zip(blurred, captions)])
+    plain, tolerant = strict_verdicts_after_ascending(None), strict_verdicts_after_ascending(STRICT.tolerance)
+    assert start < 0.2 and tolerant >= 0.65 and tolerant > plain + 0.1, (start, plain, tolerant)
 
 
 def test_the_exact_soft_verifier_charges_for_objects_the_caption_does_not_state():
@@ -539,3 +573,25 @@ def test_binding_scenes_state_two_colours_at_two_places_and_their_share_leaves_t
     assert all(bound(c) for c in scene_batch(3, 0, 50, 32, 0.3, binding_share=1.0)[1])
     part_images, part = scene_batch(3, 100, 50, 32, 0.3, binding_share=0.5)
     assert part == mixed[100:150] and np.array_equal(part_images, images[100:150])
+
+
+def test_strict_failures_reads_each_threshold_where_the_verifier_applies_it():
+    """benchmarks/strict_failures.py's table says which strict threshold a model fails (it chose the dense verifier's
+    tolerance): faithful renders pass every setting; blurred ones (off-palette edges) fail exactly the settings that
+    hold the tolerance, and pass once it alone is dropped. Would catch a setting wired to the wrong threshold."""
+    import sys
+    from pathlib import Path
+
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from strict_failures import verdicts
+
+    images, captions = scene_batch(seed=7, start=0, count=12, side=32, omit_prob=0.3)
+    assert all(v.mean() == 1.0 for v in verdicts(images, captions).values())
+    kernel = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (kernel[:, None] * kernel[None] / 16).expand(3, 1, 3, 3)
+    blurred = F.conv2d(F.pad(torch.from_numpy(images), (1, 1, 1, 1), mode="replicate"), kernel, groups=3).numpy()
+    means = {name: v.mean() for name, v in verdicts(blurred, captions).items()}
+    with_tolerance = {"tolerance only", "strict", "strict but purity", "strict but shape"}
+    assert max(means[n] for n in with_tolerance) < 0.5 < min(means[n] for n in set(means) - with_tolerance), means
