@@ -1,7 +1,7 @@
 """Which of the strict verifier's thresholds a model's samples fail: the verifier's score with each threshold alone,
 with all, and with all but one, on the held-out prompts.
 
-    python benchmarks/strict_failures.py [--init builtin:scenes-minilm-bind3 PATH ...] [--prompts 96] [--seeds 2]
+    python benchmarks/strict_failures.py [--init builtin:scenes-minilm-bind3 PATH ...] [--names base ...] [--prompts 96]
 
 The strict setting (rewards/compositional.py STRICT) differs from the lenient one in three thresholds: the purity of
 an object's blob (0.9 vs 0.75), the overlap with its shape's template (0.7 vs 0.6) and a colour tolerance (0.2 RGB:
@@ -46,6 +46,15 @@ def verdicts(images: np.ndarray, captions: list[str]) -> dict[str, np.ndarray]:
     return {name: np.array([verify(im, sc, t) for im, sc in zip(images, scenes)]) for name, t in SETTINGS.items()}
 
 
+def table(results: dict[str, dict[str, np.ndarray]], names: list[str], what: str) -> str:
+    """Markdown: one row per setting, one column per model (`names` in the order of `results`)."""
+    lines = [f"{what}: the verifier's mean score per setting, 95% bootstrap intervals over prompts", "",
+             "| setting | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---|" * len(names)]
+    for name in SETTINGS:
+        lines.append(f"| {name} | " + " | ".join(str(bootstrap_ci(scores[name])) for scores in results.values()) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--init", nargs="+", default=["builtin:scenes-minilm-bind3"],
@@ -53,8 +62,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=96, help="held-out prompts (GRPO's held-out set, seed 0)")
     parser.add_argument("--seeds", type=int, default=2, help="noise seeds per prompt")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--names", nargs="+", default=None, help="the table's column names, one per --init")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "strict_failures")
     args = parser.parse_args()
+    if args.names is not None and len(args.names) != len(args.init):
+        parser.error(f"--names takes one name per --init: {len(args.init)} inits, {len(args.names)} names")
 
     import torch
 
@@ -75,19 +87,14 @@ def main() -> None:
                 scores[name][:, s] = v
         results[init] = scores
         print(f"sampled {init}", file=sys.stderr, flush=True)
-    lines = [f"{len(prompts)} held-out prompts x {args.seeds} noise seeds (stochastic hybrid, {args.steps} steps): "
-             "the verifier's mean score per setting, 95% bootstrap intervals over prompts", "",
-             "| setting | " + " | ".join(f"`{i}`" for i in args.init) + " |",
-             "|---|" + "---|" * len(args.init)]
-    for name in SETTINGS:
-        cells = [bootstrap_ci(results[i][name]) for i in args.init]
-        lines.append(f"| {name} | " + " | ".join(map(str, cells)) + " |")
-    text = "\n".join(lines)
+    text = table(results, args.names or args.init, f"{len(prompts)} held-out prompts x {args.seeds} noise seeds "
+                 f"(stochastic hybrid, {args.steps} steps)")
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(text + "\n")
     (args.out / "scores.json").write_text(json.dumps(
         {"prompts": prompts, "layout": "[prompt][noise seed]",
+         "names": args.names or args.init,
          "scores": {i: {n: m.tolist() for n, m in s.items()} for i, s in results.items()}}) + "\n")
 
 

@@ -299,9 +299,9 @@ class GrpoConfig(Strict):
         "direct_steps sampler steps, replayed on the recorded trajectories (learner/direct_objective.py, DRaFT-K)",
     )
     direct_reward: str = Field(
-        "compositional_soft", description="objective direct: the reward whose pixel gradient trains the policy; it "
-        "must be differentiable (a RewardModel with differentiable = True). The `rewards` mix is still scored by the "
-        "reward actors, logged, and measured held out",
+        "compositional_soft_strict", description="objective direct: the reward whose pixel gradient trains the "
+        "policy; it must be differentiable (a RewardModel with differentiable = True). The `rewards` mix is still "
+        "scored by the reward actors, logged, and measured held out",
     )
     direct_steps: int = Field(
         1, ge=1, description="objective direct: sampler steps replayed with gradient, counted from the last (1 = the "

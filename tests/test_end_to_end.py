@@ -222,7 +222,8 @@ def test_the_defaults_direct_objective_trains_the_final_prox_through_the_whole_s
     exported weights must differ from the start. Catches a stack that wires only the policy gradient."""
     root, uri = store
     summary, tensors = grpo_watching_the_stream(pretrained, root, uri, "direct", "grpo.objective=direct",
-                                                "grpo.stochastic_steps=null", "grpo.direct_reward=compositional_soft")
+                                                "grpo.stochastic_steps=null",
+                                                "grpo.direct_reward=compositional_soft_strict")
     assert "states" in tensors  # y_N..y_1 of every rollout: the replay starts from them
     client = MlflowClient(uri)
     for metric in ("direct_reward", "kl"):
