@@ -242,9 +242,12 @@ def test_the_minilm_builtins_ship_only_their_unet_and_load_the_package_encoder(n
     assert all(torch.equal(ours[k], package[k]) for k in package)
 
 
-def test_convert_never_replaces_a_folder_that_is_not_a_checkpoint(tiny_model, tmp_path):
+def test_convert_never_replaces_a_folder_that_is_not_a_checkpoint(tiny_model, tmp_path, capsys):
     """The target is replaced whole: a parent folder given by mistake (holding the source, or other files) must be
-    refused with nothing deleted; an old checkpoint folder is replaced as documented."""
+    refused with nothing deleted; an old checkpoint folder is replaced as documented. (In process: the command's
+    exit status and the absence of a traceback are test_convert_refuses_a_broken_checkpoint_with_exit_2's.)"""
+    from proxmodel.convert import main
+
     parent = tmp_path / "models"
     source = save_model(tiny_model, parent / "src")
     (parent / "notes.txt").write_text("keep me")
@@ -253,16 +256,13 @@ def test_convert_never_replaces_a_folder_that_is_not_a_checkpoint(tiny_model, tm
     (other / "a.png").write_bytes(b"x")
     for target, fragment in [(parent, "is or contains the source"), (other, "holds files that are not a ProxRL"),
                              (other / "a.png", "is a file")]:
-        proc = subprocess.run([sys.executable, "-m", "proxmodel.convert", str(source), str(target)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert main([str(source), str(target)]) == 2
+        assert fragment in capsys.readouterr().err
     assert (parent / "notes.txt").read_text() == "keep me" and not missing_files(source)
     assert (other / "a.png").read_bytes() == b"x"
     old = save_model(tiny_model, tmp_path / "old")
     (old / "README.md").write_text("stale")
-    proc = subprocess.run([sys.executable, "-m", "proxmodel.convert", str(source), str(old)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "stale" not in (old / "README.md").read_text()
+    assert main([str(source), str(old)]) == 0 and "stale" not in (old / "README.md").read_text()
 
 
 def test_a_checkpoint_whose_encoder_folder_moved_says_which_path_to_fix(tiny_model_config, tmp_path):

@@ -207,6 +207,7 @@ def grpo_watching_the_stream(pretrained: dict, root: Path, uri: str, name: str, 
     return summary, tensors
 
 
+@pytest.mark.slow  # (the default suite runs the default objective's and the policy gradient's end to end)
 def test_forward_objective_runs_end_to_end_without_trajectories_on_the_wire(pretrained, store):
     root, uri = store
     summary, tensors = grpo_watching_the_stream(pretrained, root, uri, "forward", "grpo.objective=forward")
