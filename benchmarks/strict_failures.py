@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from learner import env  # noqa: E402,F401  (offline, no telemetry)
 from learner.bootstrap import bootstrap_ci  # noqa: E402
-from rewards.compositional import MIN_PURITY, MIN_SHAPE_IOU, STRICT, Thresholds  # noqa: E402
+from rewards.compositional import MIN_PURITY, MIN_SHAPE_IOU, STRICT, Thresholds, verify  # noqa: E402
+from rewards.scenes import parse_caption  # noqa: E402
 
 SETTINGS = {
     "lenient": Thresholds(),
@@ -39,9 +40,6 @@ SETTINGS = {
 
 def verdicts(images: np.ndarray, captions: list[str]) -> dict[str, np.ndarray]:
     """{setting: the verifier's score of each image [n]} for images [n, 3, H, W] in [0, 1]."""
-    from rewards.compositional import verify
-    from rewards.scenes import parse_caption
-
     scenes = [parse_caption(c) for c in captions]
     return {name: np.array([verify(im, sc, t) for im, sc in zip(images, scenes)]) for name, t in SETTINGS.items()}
 

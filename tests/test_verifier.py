@@ -215,21 +215,27 @@ def test_ascending_the_soft_verifiers_pixel_gradient_satisfies_the_verifier():
     assert np.mean(before) < 0.2 and np.mean(after) >= 0.75, (before, after)
 
 
+def blurred_renders() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(faithful renders, the same blurred by a 3x3 binomial kernel, their captions): the off-palette edges of the
+    strict verifier's typical failure."""
+    import torch.nn.functional as F
+
+    images, captions = scene_batch(seed=7, start=0, count=12, side=32, omit_prob=0.3)
+    faithful = torch.from_numpy(images)
+    kernel = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (kernel[:, None] * kernel[None] / 16).expand(3, 1, 3, 3)
+    return faithful, F.conv2d(F.pad(faithful, (1, 1, 1, 1), mode="replicate"), kernel, groups=3), captions
+
+
 def test_the_strict_soft_verifier_charges_off_palette_pixels_and_its_gradient_sharpens_blurred_edges():
     """compositional_soft_strict adds the strict verifier's colour tolerance to the dense one: pixels within it keep
     their credit exactly (a faithful render, a slight tint), and ascending it from blurred renders (the strict
     verifier's typical failure: off-palette edges in the blob) must satisfy the strict verifier more than ascending
     the plain dense verifier does. Would catch the tolerance ignored, applied inside it, or its gradient reversed."""
-    import torch.nn.functional as F
-
-    images, captions = scene_batch(seed=7, start=0, count=12, side=32, omit_prob=0.3)
-    faithful = torch.from_numpy(images)
+    faithful, blurred, captions = blurred_renders()
     soft, strict = build("compositional_soft"), build("compositional_soft_strict")
     for x in (faithful, faithful * 0.9 + 0.05):  # the tint moves each pixel by at most 0.1 * sqrt(3) < 0.2
         assert torch.equal(strict.score(x, captions), soft.score(x, captions))
-    kernel = torch.tensor([1.0, 2.0, 1.0])
-    kernel = (kernel[:, None] * kernel[None] / 16).expand(3, 1, 3, 3)
-    blurred = F.conv2d(F.pad(faithful, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
     assert float(strict.score(blurred, captions).mean()) < float(soft.score(blurred, captions).mean()) - 0.1
 
     def strict_verdicts_after_ascending(tolerance) -> float:
@@ -582,16 +588,11 @@ def test_strict_failures_reads_each_threshold_where_the_verifier_applies_it():
     import sys
     from pathlib import Path
 
-    import torch.nn.functional as F
-
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     from strict_failures import verdicts
 
-    images, captions = scene_batch(seed=7, start=0, count=12, side=32, omit_prob=0.3)
-    assert all(v.mean() == 1.0 for v in verdicts(images, captions).values())
-    kernel = torch.tensor([1.0, 2.0, 1.0])
-    kernel = (kernel[:, None] * kernel[None] / 16).expand(3, 1, 3, 3)
-    blurred = F.conv2d(F.pad(torch.from_numpy(images), (1, 1, 1, 1), mode="replicate"), kernel, groups=3).numpy()
-    means = {name: v.mean() for name, v in verdicts(blurred, captions).items()}
+    faithful, blurred, captions = blurred_renders()
+    assert all(v.mean() == 1.0 for v in verdicts(faithful.numpy(), captions).values())
+    means = {name: v.mean() for name, v in verdicts(blurred.numpy(), captions).items()}
     with_tolerance = {"tolerance only", "strict", "strict but purity", "strict but shape"}
     assert max(means[n] for n in with_tolerance) < 0.5 < min(means[n] for n in set(means) - with_tolerance), means
